@@ -1,0 +1,1 @@
+//! Configuration: TOML file plus command-line flags, merged into one validated `Config`.

@@ -1,0 +1,1 @@
+//! RTMPE at the door: runs the encrypted handshake and presents the client as plain RTMP.

@@ -1,0 +1,1 @@
+//! Tells RTMP, RTMPE, TLS and HTTP apart from the first bytes of a connection.

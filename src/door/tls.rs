@@ -1,0 +1,1 @@
+//! TLS server and client configuration (tokio-rustls), PEM loading, SNI certificates.

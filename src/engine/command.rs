@@ -1,0 +1,1 @@
+//! RTMP commands (connect, createStream, publish, play...) and the replies FMS clients expect.

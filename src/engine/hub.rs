@@ -1,0 +1,1 @@
+//! The hub of live streams: publishers, players, GOP cache and fan-out.

@@ -1,0 +1,1 @@
+//! One engine session per client stream: handshake, chunking, commands, media in and out.

@@ -1,0 +1,106 @@
+//! Every limit rtmpgate enforces, in one place, with its default.
+//!
+//! A limit is checked before memory is allocated for anything a peer declared. The config
+//! file's `[limits]` table maps onto this struct field by field.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Seconds a new connection may take to send its first bytes (sniffing, TLS handshake).
+    pub first_bytes_timeout_secs: u64,
+    /// Seconds a client may take to finish the RTMP (or RTMPE) handshake.
+    pub handshake_timeout_secs: u64,
+    /// Seconds without any byte from a client before its session is closed.
+    pub idle_timeout_secs: u64,
+    /// Connections accepted at once, over every listener.
+    pub max_connections: usize,
+    /// Connections accepted at once from one IP address.
+    pub max_connections_per_ip: usize,
+
+    /// Largest chunk size a peer may set (RTMP allows up to 2^31-1; 16 MiB is plenty).
+    pub max_chunk_size: u32,
+    /// Smallest chunk size a peer may set (below this, per-chunk work dominates).
+    pub min_chunk_size: u32,
+    /// Largest RTMP message a peer may declare, in bytes.
+    pub max_message_len: u32,
+    /// Chunk streams one connection may have open at once.
+    pub max_chunk_streams: usize,
+    /// Bytes of partially received messages buffered per connection.
+    pub max_partial_bytes: usize,
+    /// AMF nesting depth (objects, arrays) accepted when decoding.
+    pub max_amf_depth: usize,
+    /// Entries in one AMF object or array.
+    pub max_amf_entries: usize,
+    /// Bytes in one AMF string.
+    pub max_amf_string: usize,
+    /// Bytes in an app name, stream name or tcUrl.
+    pub max_name_len: usize,
+
+    /// RTMPT sessions open at once.
+    pub max_tunnel_sessions: usize,
+    /// Server-to-client bytes buffered per tunnel session before the producer waits.
+    pub max_tunnel_pending: usize,
+    /// Largest HTTP request body accepted by the tunnel.
+    pub max_http_body: usize,
+    /// Largest HTTP request head (request line and headers).
+    pub max_http_header: usize,
+    /// Seconds a client may take to send a whole HTTP request head (slowloris guard).
+    pub http_header_timeout_secs: u64,
+    /// Seconds without any request before a tunnel session is reaped.
+    pub tunnel_reap_secs: u64,
+    /// Milliseconds an idle request with nothing to send is held (long-poll).
+    pub tunnel_idle_hold_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            first_bytes_timeout_secs: 10,
+            handshake_timeout_secs: 10,
+            idle_timeout_secs: 60,
+            max_connections: 10_000,
+            max_connections_per_ip: 1_000,
+            max_chunk_size: 16 * 1024 * 1024,
+            min_chunk_size: 1,
+            max_message_len: 16 * 1024 * 1024,
+            max_chunk_streams: 64,
+            max_partial_bytes: 32 * 1024 * 1024,
+            max_amf_depth: 64,
+            max_amf_entries: 65_536,
+            max_amf_string: 1024 * 1024,
+            max_name_len: 1024,
+            max_tunnel_sessions: 10_000,
+            max_tunnel_pending: 1024 * 1024,
+            max_http_body: 4 * 1024 * 1024,
+            max_http_header: 16 * 1024,
+            http_header_timeout_secs: 10,
+            tunnel_reap_secs: 60,
+            tunnel_idle_hold_ms: 150,
+        }
+    }
+}
+
+impl Limits {
+    pub fn first_bytes_timeout(&self) -> Duration {
+        Duration::from_secs(self.first_bytes_timeout_secs)
+    }
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.handshake_timeout_secs)
+    }
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs)
+    }
+    pub fn http_header_timeout(&self) -> Duration {
+        Duration::from_secs(self.http_header_timeout_secs)
+    }
+    pub fn tunnel_reap(&self) -> Duration {
+        Duration::from_secs(self.tunnel_reap_secs)
+    }
+    pub fn tunnel_idle_hold(&self) -> Duration {
+        Duration::from_millis(self.tunnel_idle_hold_ms)
+    }
+}

@@ -1,0 +1,1 @@
+//! AMF0 values: decode and encode, with depth and size limits.

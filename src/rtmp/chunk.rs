@@ -1,0 +1,1 @@
+//! Chunk stream: splits messages into chunks and reassembles chunks into messages.

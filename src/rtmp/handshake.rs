@@ -1,0 +1,1 @@
+//! The RTMP handshake, server and client side: simple and digest ("complex").

@@ -1,0 +1,1 @@
+//! RTMP messages: types, protocol control messages and user control events.

@@ -1,0 +1,185 @@
+//! `ClientStream`: the one byte stream every transport becomes, plus what it came over.
+//!
+//! Everything after the front door (the upstream pump, the core engine) sees only this type,
+//! so it never needs to know about TLS, HTTP tunnels or RTMPE.
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// How a client reached us. Names follow the URL schemes clients use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// RTMP over plain TCP (`rtmp://`).
+    Rtmp,
+    /// RTMP inside TLS (`rtmps://`).
+    Rtmps,
+    /// RTMP tunnelled through HTTP POSTs (`rtmpt://`).
+    Rtmpt,
+    /// The HTTP tunnel inside TLS (`rtmpts://`).
+    Rtmpts,
+    /// RTMP with the legacy Diffie-Hellman/RC4 handshake (`rtmpe://`).
+    Rtmpe,
+    /// RTMPE inside the HTTP tunnel (`rtmpte://`).
+    Rtmpte,
+}
+
+impl Transport {
+    /// The URL scheme, as it appears in logs and configuration.
+    pub fn scheme(self) -> &'static str {
+        match self {
+            Transport::Rtmp => "rtmp",
+            Transport::Rtmps => "rtmps",
+            Transport::Rtmpt => "rtmpt",
+            Transport::Rtmpts => "rtmpts",
+            Transport::Rtmpe => "rtmpe",
+            Transport::Rtmpte => "rtmpte",
+        }
+    }
+
+    /// True when the bytes crossed the network inside TLS.
+    pub fn is_tls(self) -> bool {
+        matches!(self, Transport::Rtmps | Transport::Rtmpts)
+    }
+
+    /// True when the bytes came through the HTTP tunnel.
+    pub fn is_tunnel(self) -> bool {
+        matches!(
+            self,
+            Transport::Rtmpt | Transport::Rtmpts | Transport::Rtmpte
+        )
+    }
+
+    /// The RTMPE form of this transport, once an RTMPE handshake has been seen on it.
+    pub fn with_rtmpe(self) -> Transport {
+        if self.is_tunnel() {
+            Transport::Rtmpte
+        } else {
+            Transport::Rtmpe
+        }
+    }
+}
+
+impl fmt::Display for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.scheme())
+    }
+}
+
+/// Anything that can carry a client's bytes both ways.
+pub trait ByteStream: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> ByteStream for T {}
+
+/// One client's byte stream, whatever it came over.
+pub struct ClientStream {
+    io: Box<dyn ByteStream>,
+    /// The transport the client used.
+    pub transport: Transport,
+    /// The client's address as seen by the listener.
+    pub peer: SocketAddr,
+    /// The local address the client connected to.
+    pub local: SocketAddr,
+    /// For tunnels: a short, loggable prefix of the session id (never the whole id).
+    pub session: Option<String>,
+}
+
+impl ClientStream {
+    pub fn new(
+        io: Box<dyn ByteStream>,
+        transport: Transport,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Self {
+        ClientStream {
+            io,
+            transport,
+            peer,
+            local,
+            session: None,
+        }
+    }
+
+    /// Attach the loggable tunnel session label.
+    pub fn with_session(mut self, label: String) -> Self {
+        self.session = Some(label);
+        self
+    }
+
+    /// Replace the inner byte stream, keeping the labels (used by the RTMPE layer).
+    pub fn map_io(self, f: impl FnOnce(Box<dyn ByteStream>) -> Box<dyn ByteStream>) -> Self {
+        ClientStream {
+            io: f(self.io),
+            ..self
+        }
+    }
+
+    /// A label for log lines: `rtmpt 127.0.0.1:5000 [ab12cd34]`.
+    pub fn label(&self) -> String {
+        match &self.session {
+            Some(s) => format!("{} {} [{}]", self.transport, self.peer, s),
+            None => format!("{} {}", self.transport, self.peer),
+        }
+    }
+}
+
+impl fmt::Debug for ClientStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientStream")
+            .field("transport", &self.transport)
+            .field("peer", &self.peer)
+            .field("local", &self.local)
+            .field("session", &self.session)
+            .finish()
+    }
+}
+
+impl AsyncRead for ClientStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+/// What the front door hands each finished stream to: the upstream pump or the engine.
+/// The future runs in its own task and ends when the client's session is over.
+pub type StreamHandler =
+    Arc<dyn Fn(ClientStream) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
