@@ -54,6 +54,12 @@ pub struct Limits {
     pub tunnel_reap_secs: u64,
     /// Milliseconds an idle request with nothing to send is held (long-poll).
     pub tunnel_idle_hold_ms: u64,
+    /// Tunnel request bodies held per session while an earlier sequence number is missing
+    /// (also how far ahead of the next expected number a request may be).
+    pub max_tunnel_reorder: usize,
+    /// Milliseconds a tunnel request waits for its turn in sequence order (or for the
+    /// consumer to take its body) before it is answered anyway.
+    pub tunnel_order_wait_ms: u64,
 }
 
 impl Default for Limits {
@@ -80,6 +86,8 @@ impl Default for Limits {
             http_header_timeout_secs: 10,
             tunnel_reap_secs: 60,
             tunnel_idle_hold_ms: 150,
+            max_tunnel_reorder: 32,
+            tunnel_order_wait_ms: 5_000,
         }
     }
 }
@@ -102,5 +110,8 @@ impl Limits {
     }
     pub fn tunnel_idle_hold(&self) -> Duration {
         Duration::from_millis(self.tunnel_idle_hold_ms)
+    }
+    pub fn tunnel_order_wait(&self) -> Duration {
+        Duration::from_millis(self.tunnel_order_wait_ms)
     }
 }

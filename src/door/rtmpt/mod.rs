@@ -1,0 +1,530 @@
+//! RTMPT/RTMPTS: the HTTP tunnel (open, send, idle, close) turned into one byte stream per session.
+//!
+//! Served with hyper's HTTP/1 server, configured for what real clients need (see
+//! shared/protocol/RTMPT.md): `HTTP/1.1 200 OK`, Title-Case `Content-Length`, keep-alive,
+//! never chunked, never an empty send/idle body. A session lives in a table, not on a TCP
+//! connection: its requests may come over several connections, and their bodies are applied
+//! in sequence-number order. Each session becomes a [`ClientStream`] over a [`TunnelPipe`]
+//! handed to the stream handler, exactly like a raw RTMP connection.
+//!
+//! `pipeline_flush` is deliberately left off: with it, hyper does not flush a reply while a
+//! pipelined request is buffered, so librtmp's send reply would wait behind a held idle.
+
+pub mod path;
+mod session;
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use rand::RngCore;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use self::path::Command;
+pub use self::session::TunnelPipe;
+use self::session::{Bounds, Op, PlaceError, Placed, Session};
+use crate::limits::Limits;
+use crate::stream::{ByteStream, ClientStream, StreamHandler, Transport};
+
+/// The content type every RTMPT reply carries.
+const FCS: HeaderValue = HeaderValue::from_static("application/x-fcs");
+
+/// How long a connection may take to finish its current request after shutdown began.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+type Reply = Response<Full<Bytes>>;
+
+/// A table entry: the session and what is needed to log about it.
+struct Entry {
+    session: Arc<Session>,
+    label: String,
+    opened: Instant,
+}
+
+/// The RTMPT tunnel: the session table, the reaper, and the HTTP handling.
+pub struct Tunnel {
+    limits: Arc<Limits>,
+    handler: StreamHandler,
+    sessions: DashMap<String, Entry>,
+    shutting_down: AtomicBool,
+    shutdown_tx: watch::Sender<bool>,
+    reaper_stop: Notify,
+}
+
+impl Tunnel {
+    /// A tunnel handing each new session to `handler`. Starts the reaper, so it must be
+    /// called inside a tokio runtime; the reaper ends with [`Tunnel::shutdown`] or when the
+    /// last `Arc<Tunnel>` is dropped.
+    pub fn new(limits: Arc<Limits>, handler: StreamHandler) -> Arc<Tunnel> {
+        let (shutdown_tx, _) = watch::channel(false);
+        let tunnel = Arc::new(Tunnel {
+            limits,
+            handler,
+            sessions: DashMap::new(),
+            shutting_down: AtomicBool::new(false),
+            shutdown_tx,
+            reaper_stop: Notify::new(),
+        });
+        tokio::spawn(run_reaper(Arc::downgrade(&tunnel)));
+        tunnel
+    }
+
+    /// Sessions open right now.
+    pub fn sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Close every session (consumers see EOF), refuse new ones with 503, stop the reaper
+    /// and ask every connection to finish its current request and close.
+    pub fn shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        self.shutdown_tx.send_replace(true);
+        self.reaper_stop.notify_one();
+        let ids: Vec<String> = self.sessions.iter().map(|e| e.key().clone()).collect();
+        for id in ids {
+            self.end_session(&id, "gateway shutdown");
+        }
+    }
+
+    /// Serve one HTTP connection (plain, or already inside TLS when `tls`). `io` must
+    /// replay any bytes the sniffer read. Returns when the connection is closed.
+    pub async fn serve_connection<I: ByteStream + 'static>(
+        self: &Arc<Self>,
+        io: I,
+        peer: SocketAddr,
+        local: SocketAddr,
+        tls: bool,
+    ) {
+        let transport = if tls {
+            Transport::Rtmpts
+        } else {
+            Transport::Rtmpt
+        };
+        let this = Arc::clone(self);
+        let service = service_fn(move |req| {
+            let this = Arc::clone(&this);
+            async move { Ok::<_, Infallible>(this.handle(req, transport, peer, local).await) }
+        });
+        let mut builder = http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.limits.http_header_timeout())
+            .max_header_size(self.limits.max_http_header)
+            .title_case_headers(true)
+            .keep_alive(true);
+        let conn = builder.serve_connection(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        let mut shutdown = self.shutdown_tx.subscribe();
+        let result = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = async { drop(shutdown.wait_for(|down| *down).await) } => {
+                conn.as_mut().graceful_shutdown();
+                match tokio::time::timeout(SHUTDOWN_GRACE, conn.as_mut()).await {
+                    Ok(r) => r,
+                    Err(_) => Ok(()),
+                }
+            }
+        };
+        if let Err(e) = result {
+            debug!(%peer, %transport, "RTMPT connection ended with an HTTP error: {e}");
+        }
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        transport: Transport,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Reply {
+        let (parts, body) = req.into_parts();
+        if parts.method != Method::POST {
+            let mut r = text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "RTMPT requests must be POST\n",
+            );
+            r.headers_mut()
+                .insert(ALLOW, HeaderValue::from_static("POST"));
+            return r;
+        }
+        let command = match path::parse(parts.uri.path()) {
+            Ok(c) => c,
+            Err(e) => {
+                debug!(%peer, path = %short(parts.uri.path()), "RTMPT: {e}");
+                return text(StatusCode::NOT_FOUND, "not an RTMPT request\n");
+            }
+        };
+        // Checked before the body is read, from what the client declared.
+        let declared = parts
+            .headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > self.limits.max_http_body as u64) {
+            return too_large();
+        }
+        let body = match read_body(body, self.limits.max_http_body).await {
+            Ok(b) => b,
+            Err(BodyError::TooLarge) => return too_large(),
+            Err(BodyError::Http(e)) => {
+                debug!(%peer, "RTMPT request body could not be read: {e}");
+                return text(StatusCode::BAD_REQUEST, "request body could not be read\n");
+            }
+        };
+        match command {
+            // Red5 answers 404; clients ignore the answer and go on to /open/1.
+            Command::Ident => text(StatusCode::NOT_FOUND, "\n"),
+            Command::Open => self.open(transport, peer, local),
+            Command::Send { id, seq } => self.poll(id, seq, Op::Send(body), false).await,
+            Command::Idle { id, seq } => self.poll(id, seq, Op::Idle, true).await,
+            Command::Close { id, seq } => self.close(id, seq).await,
+        }
+    }
+
+    fn open(&self, transport: Transport, peer: SocketAddr, local: SocketAddr) -> Reply {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "gateway is shutting down\n",
+            );
+        }
+        if self.sessions.len() >= self.limits.max_tunnel_sessions {
+            warn!(
+                %peer,
+                limit = self.limits.max_tunnel_sessions,
+                "RTMPT session refused: too many tunnel sessions (raise limits.max_tunnel_sessions)"
+            );
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many tunnel sessions\n",
+            );
+        }
+        let id = new_session_id();
+        let label = id.chars().take(8).collect::<String>();
+        let session = Session::new(Bounds::from_limits(&self.limits));
+        let stream = ClientStream::new(Box::new(session.pipe()), transport, peer, local)
+            .with_session(label.clone());
+        self.sessions.insert(
+            id.clone(),
+            Entry {
+                session,
+                label: label.clone(),
+                opened: Instant::now(),
+            },
+        );
+        info!(%transport, %peer, session = %label, "RTMPT session opened");
+        tokio::spawn((self.handler)(stream));
+        let mut body = id;
+        body.push('\n');
+        fcs(Bytes::from(body))
+    }
+
+    fn find(&self, id: &str) -> Option<Arc<Session>> {
+        self.sessions.get(id).map(|e| Arc::clone(&e.session))
+    }
+
+    /// `/send` and `/idle`: place the body in order, then answer with the polling byte and
+    /// every pending server byte (holding an idle briefly when there is nothing yet).
+    async fn poll(&self, id: &str, seq: u64, op: Op, is_idle: bool) -> Reply {
+        let Some(session) = self.find(id) else {
+            return unknown_session();
+        };
+        let _active = Active::begin(&session);
+        let bounds = session.bounds;
+        let deadline = Instant::now() + self.limits.tunnel_order_wait();
+
+        let mut op = Some(op);
+        let placed = session
+            .wait_until(deadline, |st| {
+                if st.client_closed {
+                    return Some(Err(StatusCode::NOT_FOUND));
+                }
+                let this_op = op.take()?;
+                let r = match st.order.place(seq, this_op, &bounds) {
+                    Ok(p) => Ok(p),
+                    Err(PlaceError::Full(back)) => {
+                        op = Some(back);
+                        return None;
+                    }
+                    Err(PlaceError::TooFar { next }) => {
+                        debug!(seq, ?next, "RTMPT request out of the sequence window");
+                        Err(StatusCode::BAD_REQUEST)
+                    }
+                };
+                st.drain(&bounds);
+                Some(r)
+            })
+            .await;
+        session.notify();
+        match placed {
+            Some(Ok(Placed::Queued | Placed::Duplicate)) => {}
+            Some(Err(StatusCode::NOT_FOUND)) => return unknown_session(),
+            Some(Err(status)) => return text(status, "RTMPT sequence number out of range\n"),
+            None => {
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "RTMPT session is not taking data; retry later\n",
+                )
+            }
+        }
+
+        // Wait for our turn: this is the backpressure towards a fast client. A consumer
+        // blocked on a full reply queue must not wait for us, so that ends the wait too.
+        let our_turn = |st: &mut session::State| {
+            (st.order.applied(seq)
+                || st.client_closed
+                || st.backend_gone
+                || st.writer_blocked(&bounds))
+            .then_some(())
+        };
+        let grace = deadline.min(Instant::now() + self.limits.tunnel_idle_hold());
+        if session.wait_until(grace, our_turn).await.is_none() {
+            // Still waiting for sequence number 0 of a fresh session: start at 1.
+            {
+                let mut st = session.lock();
+                st.order.start_late();
+                st.drain(&bounds);
+            }
+            session.notify();
+            session.wait_until(deadline, our_turn).await;
+        }
+
+        if is_idle {
+            let hold = Instant::now() + self.limits.tunnel_idle_hold();
+            session
+                .wait_until(hold, |st| {
+                    (st.pending() > 0 || st.client_closed || st.backend_gone).then_some(())
+                })
+                .await;
+        }
+
+        let (reply, finished) = {
+            let mut st = session.lock();
+            if st.client_closed {
+                (None, false)
+            } else if st.backend_gone && st.pending() == 0 {
+                (None, true)
+            } else {
+                let body = st.take_reply();
+                // The backend's last bytes are out: the session ends with this reply.
+                (Some(body), st.backend_gone)
+            }
+        };
+        if finished {
+            self.end_session(id, "backend closed");
+        }
+        match reply {
+            Some(body) => fcs(body),
+            None => unknown_session(),
+        }
+    }
+
+    /// `/close`: apply it in order (bounded wait), end the session, answer one 0x00.
+    async fn close(&self, id: &str, seq: u64) -> Reply {
+        let Some(session) = self.find(id) else {
+            return unknown_session();
+        };
+        let _active = Active::begin(&session);
+        let bounds = session.bounds;
+        let deadline = Instant::now() + self.limits.tunnel_order_wait();
+        let mut op = Some(Op::Close);
+        session
+            .wait_until(deadline, |st| {
+                let this_op = op.take()?;
+                match st.order.place(seq, this_op, &bounds) {
+                    Err(PlaceError::Full(back)) => {
+                        op = Some(back);
+                        None
+                    }
+                    _ => {
+                        st.drain(&bounds);
+                        Some(())
+                    }
+                }
+            })
+            .await;
+        let grace = deadline.min(Instant::now() + self.limits.tunnel_idle_hold());
+        let applied = |st: &mut session::State| {
+            (st.order.applied(seq) || st.client_closed || st.backend_gone).then_some(())
+        };
+        if session.wait_until(grace, applied).await.is_none() {
+            {
+                let mut st = session.lock();
+                st.order.start_late();
+                st.drain(&bounds);
+            }
+            session.wait_until(deadline, applied).await;
+        }
+        self.end_session(id, "client closed");
+        fcs(Bytes::from_static(&[0]))
+    }
+
+    /// Remove a session from the table and end its client side. Safe to call twice.
+    fn end_session(&self, id: &str, why: &str) {
+        let Some((_, entry)) = self.sessions.remove(id) else {
+            return;
+        };
+        let (bytes_in, bytes_out) = {
+            let mut st = entry.session.lock();
+            st.close();
+            (st.bytes_in, st.bytes_out)
+        };
+        entry.session.notify();
+        info!(
+            session = %entry.label,
+            bytes_in,
+            bytes_out,
+            secs = entry.opened.elapsed().as_secs_f64(),
+            "RTMPT session ended: {why}"
+        );
+    }
+
+    /// Reap sessions that have had no request for `limits.tunnel_reap()`.
+    fn reap(&self) {
+        let now = Instant::now();
+        let max_idle = self.limits.tunnel_reap();
+        let stale: Vec<String> = self
+            .sessions
+            .iter()
+            .filter(|e| {
+                let st = e.session.lock();
+                st.active_requests == 0
+                    && now.saturating_duration_since(st.last_request) >= max_idle
+            })
+            .map(|e| e.key().clone())
+            .collect();
+        for id in stale {
+            self.end_session(
+                &id,
+                "no request within limits.tunnel_reap_secs (client gone?)",
+            );
+        }
+    }
+}
+
+async fn run_reaper(tunnel: Weak<Tunnel>) {
+    let every = match tunnel.upgrade() {
+        Some(t) => {
+            (t.limits.tunnel_reap() / 4).clamp(Duration::from_millis(100), Duration::from_secs(5))
+        }
+        None => return,
+    };
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let Some(t) = tunnel.upgrade() else {
+            return;
+        };
+        tokio::select! {
+            _ = tick.tick() => t.reap(),
+            _ = t.reaper_stop.notified() => return,
+        }
+    }
+}
+
+/// Marks a request in progress on a session (so the reaper leaves it alone), and records
+/// its start and end as activity.
+struct Active<'a>(&'a Session);
+
+impl<'a> Active<'a> {
+    fn begin(session: &'a Session) -> Self {
+        let mut st = session.lock();
+        st.active_requests = st.active_requests.saturating_add(1);
+        st.last_request = Instant::now();
+        Active(session)
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        st.active_requests = st.active_requests.saturating_sub(1);
+        st.last_request = Instant::now();
+    }
+}
+
+enum BodyError {
+    TooLarge,
+    Http(hyper::Error),
+}
+
+/// Read a request body as the frames hyper produced (no copy), at most `max` bytes.
+async fn read_body(mut body: Incoming, max: usize) -> Result<Vec<Bytes>, BodyError> {
+    let mut frames = Vec::new();
+    let mut total = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(BodyError::Http)?;
+        if let Ok(data) = frame.into_data() {
+            total = total.saturating_add(data.len());
+            if total > max {
+                return Err(BodyError::TooLarge);
+            }
+            frames.push(data);
+        }
+    }
+    Ok(frames)
+}
+
+/// 128 random bits from the OS-seeded CSPRNG, as 32 lowercase hex digits (URL-safe).
+fn new_session_id() -> String {
+    let mut raw = [0u8; 16];
+    rand::thread_rng().fill_bytes(&mut raw);
+    let mut id = String::with_capacity(32);
+    for b in raw {
+        let _ = write!(id, "{b:02x}");
+    }
+    id
+}
+
+fn fcs(body: Bytes) -> Reply {
+    let mut r = Response::new(Full::new(body));
+    r.headers_mut().insert(CONTENT_TYPE, FCS);
+    r.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
+}
+
+fn text(status: StatusCode, msg: &'static str) -> Reply {
+    let mut r = fcs(Bytes::from_static(msg.as_bytes()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r
+}
+
+fn unknown_session() -> Reply {
+    text(
+        StatusCode::NOT_FOUND,
+        "unknown or ended RTMPT session; open a new one with /open/1\n",
+    )
+}
+
+fn too_large() -> Reply {
+    text(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "RTMPT request body larger than limits.max_http_body\n",
+    )
+}
+
+/// A path shortened for a log line.
+fn short(p: &str) -> String {
+    p.chars().take(80).collect()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests;
