@@ -1,1 +1,1068 @@
 //! Chunk stream: splits messages into chunks and reassembles chunks into messages.
+//!
+//! [`ChunkDecoder`] is sans-IO: it is handed the bytes read so far and consumes whole
+//! chunk headers (never part of one) and whatever chunk payload has arrived, returning
+//! each message once its last byte is in. It applies Set Chunk Size and Abort itself,
+//! at the moment each completes, and still returns them.
+//!
+//! Hostile peers. Every declared length is checked against the limits before use, and
+//! nothing is allocated for what was declared: a message body grows only as its bytes
+//! arrive (doubling, capped at the declared length), so a 16 MiB message that is
+//! declared and never sent costs nothing. Work is linear in the bytes consumed: each
+//! chunk costs one header parse (at most 18 bytes) and one copy of its payload, with no
+//! per-chunk allocation or rescanning, so chunk size 1 costs at most a small constant
+//! factor (a 1-byte header per payload byte) over a large chunk size, and that factor
+//! is paid for in bytes the peer must send. [`ChunkDecoder::chunks_received`] lets a
+//! session apply a rate limit on chunks as well, and `limits.min_chunk_size` can raise
+//! the floor.
+//!
+//! Extended timestamps on fmt 3 chunks. ffmpeg (rtmppkt.c keeps the last 24-bit field
+//! per chunk stream and reads 4 more bytes whenever it is 0xFFFFFF) and librtmp 2.4
+//! (which stores 0xFFFFFF back into the channel header) send and expect the 4-byte
+//! extended timestamp again on every fmt 3 chunk of such a stream; librtmp 2.3 and some
+//! older servers omit it on continuation chunks. This decoder always reads it on a fmt 3
+//! chunk that starts a new message, and on a continuation chunk it consumes the 4 bytes
+//! only when they equal the extended timestamp of the message's first chunk (the
+//! approach SRS takes); otherwise they are payload. A continuation chunk whose payload
+//! happens to start with those same 4 bytes is misread; no rule can tell them apart.
+//! The encoder always repeats it, as ffmpeg and librtmp 2.4 do.
+//!
+//! A fmt 3 chunk that starts a new message reuses the previous timestamp field as a
+//! delta, even after a fmt 0 header (RTMP specification 5.3.1.2.4, ffmpeg, librtmp).
+//! nginx-rtmp instead adds 0 after a fmt 0, so the encoder never sends a fmt 3 header
+//! for a new message right after a fmt 0 one.
+
+use bytes::{Buf, BufMut, BytesMut};
+
+use crate::limits::Limits;
+use crate::rtmp::message::{self, Message, MessageError};
+
+/// Chunk size every RTMP connection starts with, in both directions.
+pub const DEFAULT_CHUNK_SIZE: u32 = 128;
+/// Lowest and highest chunk stream ids: 2 (protocol control) to 65599 (3-byte form).
+pub const MIN_CSID: u32 = 2;
+pub const MAX_CSID: u32 = 65599;
+/// Largest message length a chunk header can carry.
+pub const MAX_MESSAGE_LEN: u32 = 0xFF_FFFF;
+/// A 24-bit timestamp field with this value is followed by a 32-bit one.
+const EXTENDED: u32 = 0xFF_FFFF;
+
+/// Why the chunk stream was refused. After any error the decoder's state is undefined
+/// and the connection should be closed.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum ChunkError {
+    #[error("RTMP chunk stream {csid}: fmt {fmt} chunk on a chunk stream never opened with a fmt 0 header")]
+    UnopenedChunkStream { csid: u32, fmt: u8 },
+    #[error(
+        "RTMP chunk stream {csid}: more than {limit} chunk streams open (limits.max_chunk_streams)"
+    )]
+    TooManyChunkStreams { csid: u32, limit: usize },
+    #[error(
+        "RTMP chunk stream {csid}: message of {len} bytes exceeds limits.max_message_len ({limit})"
+    )]
+    MessageTooLong { csid: u32, len: u32, limit: u32 },
+    #[error("RTMP partially received messages exceed limits.max_partial_bytes ({limit} bytes)")]
+    PartialBytesExceeded { limit: usize },
+    #[error("RTMP peer set chunk size {size}, outside the accepted {min}..={max} (limits.min_chunk_size, limits.max_chunk_size)")]
+    ChunkSizeOutOfRange { size: u32, min: u32, max: u32 },
+    #[error("RTMP chunk stream {csid}: fmt {fmt} header in the middle of a {len}-byte message ({received} bytes received); only fmt 3 may continue a message")]
+    HeaderInsideMessage {
+        csid: u32,
+        fmt: u8,
+        len: u32,
+        received: usize,
+    },
+    #[error("RTMP protocol control message: {0}")]
+    BadControl(#[from] MessageError),
+}
+
+#[derive(Debug)]
+struct InStream {
+    csid: u32,
+    msg_type: u8,
+    stream_id: u32,
+    msg_len: u32,
+    /// Absolute timestamp of the message in progress, or of the last one.
+    timestamp: u32,
+    /// Last timestamp field (absolute after fmt 0, else a delta), reused by fmt 3.
+    ts_field: u32,
+    /// The last header that set `ts_field` used the 32-bit extended form.
+    extended: bool,
+    /// Body of the message in progress.
+    body: BytesMut,
+    in_progress: bool,
+}
+
+/// A fully available chunk header, parsed but not yet applied.
+struct Header {
+    len: usize,
+    fmt: u8,
+    csid: u32,
+    /// Index into `streams`, or None for a fmt 0 header opening a new chunk stream.
+    idx: Option<usize>,
+    ts_field: Option<u32>,
+    extended: bool,
+    msg_len: u32,
+    msg_type: u8,
+    stream_id: u32,
+}
+
+/// Reassembles messages from the chunks a peer sends.
+#[derive(Debug)]
+pub struct ChunkDecoder {
+    chunk_size: u32,
+    min_chunk_size: u32,
+    max_chunk_size: u32,
+    max_message_len: u32,
+    max_chunk_streams: usize,
+    max_partial_bytes: usize,
+    streams: Vec<InStream>,
+    /// Chunk whose payload is arriving: index into `streams`, payload bytes still due.
+    current: Option<(usize, u32)>,
+    partial_bytes: usize,
+    bytes_received: u64,
+    chunks_received: u64,
+}
+
+impl ChunkDecoder {
+    pub fn new(limits: &Limits) -> Self {
+        let min_chunk_size = limits.min_chunk_size.max(1);
+        ChunkDecoder {
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            min_chunk_size,
+            max_chunk_size: limits.max_chunk_size.max(min_chunk_size),
+            max_message_len: limits.max_message_len.min(MAX_MESSAGE_LEN),
+            max_chunk_streams: limits.max_chunk_streams,
+            max_partial_bytes: limits.max_partial_bytes,
+            streams: Vec::new(),
+            current: None,
+            partial_bytes: 0,
+            bytes_received: 0,
+            chunks_received: 0,
+        }
+    }
+
+    /// The peer's current chunk size.
+    pub fn chunk_size(&self) -> u32 {
+        self.chunk_size
+    }
+
+    /// Bytes consumed so far (chunk headers and payload), for Acknowledgements.
+    pub fn bytes_received(&self) -> u64 {
+        self.bytes_received
+    }
+
+    /// Chunk headers consumed so far.
+    pub fn chunks_received(&self) -> u64 {
+        self.chunks_received
+    }
+
+    /// Bytes of partially received messages held right now.
+    pub fn partial_bytes(&self) -> usize {
+        self.partial_bytes
+    }
+
+    /// Consumes complete chunk headers and available payload from `buf`; returns the
+    /// next complete message, or `None` when more bytes are needed.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Message>, ChunkError> {
+        loop {
+            if let Some((idx, left)) = self.current {
+                if buf.is_empty() {
+                    return Ok(None);
+                }
+                let n = (left as usize).min(buf.len());
+                let total = self.partial_bytes.saturating_add(n);
+                if total > self.max_partial_bytes {
+                    return Err(ChunkError::PartialBytesExceeded {
+                        limit: self.max_partial_bytes,
+                    });
+                }
+                let Some(s) = self.streams.get_mut(idx) else {
+                    // Unreachable: `current` always names an existing stream.
+                    self.current = None;
+                    continue;
+                };
+                append(&mut s.body, &buf[..n], s.msg_len);
+                buf.advance(n);
+                self.partial_bytes = total;
+                self.bytes_received = self.bytes_received.saturating_add(n as u64);
+                let left = left - n as u32;
+                if left > 0 {
+                    self.current = Some((idx, left));
+                    return Ok(None);
+                }
+                self.current = None;
+                if s.body.len() >= s.msg_len as usize {
+                    return self.complete(idx).map(Some);
+                }
+                continue;
+            }
+            let Some(h) = self.parse_header(buf)? else {
+                return Ok(None);
+            };
+            buf.advance(h.len);
+            self.bytes_received = self.bytes_received.saturating_add(h.len as u64);
+            self.chunks_received = self.chunks_received.saturating_add(1);
+            let idx = self.apply_header(h);
+            let Some(s) = self.streams.get(idx) else {
+                continue;
+            };
+            let due = (s.msg_len as usize).saturating_sub(s.body.len());
+            if due == 0 {
+                return self.complete(idx).map(Some);
+            }
+            let chunk = due.min(self.chunk_size as usize) as u32;
+            self.current = Some((idx, chunk));
+        }
+    }
+
+    fn parse_header(&self, buf: &[u8]) -> Result<Option<Header>, ChunkError> {
+        let Some(&b0) = buf.first() else {
+            return Ok(None);
+        };
+        let fmt = b0 >> 6;
+        let (basic, csid) = match b0 & 0x3f {
+            0 => match buf.get(1) {
+                Some(&b1) => (2, 64 + u32::from(b1)),
+                None => return Ok(None),
+            },
+            1 => match (buf.get(1), buf.get(2)) {
+                (Some(&b1), Some(&b2)) => (3, 64 + u32::from(b1) + 256 * u32::from(b2)),
+                _ => return Ok(None),
+            },
+            low => (1, u32::from(low)),
+        };
+        let mh = [11usize, 7, 3, 0][usize::from(fmt & 3)];
+        let Some(m) = buf.get(basic..basic + mh) else {
+            return Ok(None);
+        };
+        let idx = self.streams.iter().position(|s| s.csid == csid);
+        let stream = idx.and_then(|i| self.streams.get(i));
+        match (fmt, stream) {
+            (1..=3, None) => return Err(ChunkError::UnopenedChunkStream { csid, fmt }),
+            (0, None) if self.streams.len() >= self.max_chunk_streams => {
+                return Err(ChunkError::TooManyChunkStreams {
+                    csid,
+                    limit: self.max_chunk_streams,
+                })
+            }
+            (0..=2, Some(s)) if s.in_progress => {
+                return Err(ChunkError::HeaderInsideMessage {
+                    csid,
+                    fmt,
+                    len: s.msg_len,
+                    received: s.body.len(),
+                })
+            }
+            _ => {}
+        }
+        let be24 = |b: &[u8]| u32::from_be_bytes([0, b[0], b[1], b[2]]);
+        let mut h = Header {
+            len: basic + mh,
+            fmt,
+            csid,
+            idx,
+            ts_field: None,
+            extended: false,
+            msg_len: stream.map_or(0, |s| s.msg_len),
+            msg_type: stream.map_or(0, |s| s.msg_type),
+            stream_id: stream.map_or(0, |s| s.stream_id),
+        };
+        if fmt < 3 {
+            let field = be24(&m[0..3]);
+            h.extended = field == EXTENDED;
+            h.ts_field = Some(field);
+            if fmt < 2 {
+                h.msg_len = be24(&m[3..6]);
+                h.msg_type = m[6];
+                if h.msg_len > self.max_message_len {
+                    return Err(ChunkError::MessageTooLong {
+                        csid,
+                        len: h.msg_len,
+                        limit: self.max_message_len,
+                    });
+                }
+            }
+            if fmt == 0 {
+                h.stream_id = u32::from_le_bytes([m[7], m[8], m[9], m[10]]);
+            }
+        } else if let Some(s) = stream {
+            h.extended = s.extended;
+        }
+        if h.extended {
+            let Some(e) = buf.get(h.len..h.len + 4) else {
+                return Ok(None);
+            };
+            let ext = u32::from_be_bytes([e[0], e[1], e[2], e[3]]);
+            let continuation = stream.is_some_and(|s| s.in_progress);
+            if !continuation {
+                h.ts_field = Some(ext);
+                h.len += 4;
+            } else if stream.is_some_and(|s| s.ts_field == ext) {
+                h.len += 4;
+            }
+        }
+        Ok(Some(h))
+    }
+
+    /// Applies a parsed header to its chunk stream; returns the stream's index.
+    fn apply_header(&mut self, h: Header) -> usize {
+        let idx = match h.idx {
+            Some(i) => i,
+            None => {
+                self.streams.push(InStream {
+                    csid: h.csid,
+                    msg_type: 0,
+                    stream_id: 0,
+                    msg_len: 0,
+                    timestamp: 0,
+                    ts_field: 0,
+                    extended: false,
+                    body: BytesMut::new(),
+                    in_progress: false,
+                });
+                self.streams.len() - 1
+            }
+        };
+        let Some(s) = self.streams.get_mut(idx) else {
+            return idx;
+        };
+        if s.in_progress {
+            // A fmt 3 continuation: nothing in the header changes.
+            return idx;
+        }
+        s.msg_len = h.msg_len;
+        s.msg_type = h.msg_type;
+        s.stream_id = h.stream_id;
+        if h.fmt < 3 {
+            s.extended = h.extended;
+        }
+        let field = h.ts_field.unwrap_or(s.ts_field);
+        s.ts_field = field;
+        s.timestamp = if h.fmt == 0 {
+            field
+        } else {
+            s.timestamp.wrapping_add(field)
+        };
+        s.in_progress = true;
+        idx
+    }
+
+    /// Hands out the finished message on stream `idx`, applying Set Chunk Size and Abort.
+    fn complete(&mut self, idx: usize) -> Result<Message, ChunkError> {
+        let Some(s) = self.streams.get_mut(idx) else {
+            return Err(ChunkError::UnopenedChunkStream { csid: 0, fmt: 3 });
+        };
+        let payload = std::mem::take(&mut s.body).freeze();
+        s.in_progress = false;
+        self.partial_bytes = self.partial_bytes.saturating_sub(payload.len());
+        let msg = Message {
+            msg_type: s.msg_type,
+            timestamp: s.timestamp,
+            stream_id: s.stream_id,
+            payload,
+        };
+        match msg.msg_type {
+            message::SET_CHUNK_SIZE => {
+                let size = message::parse_set_chunk_size(&msg.payload)?;
+                if size < self.min_chunk_size || size > self.max_chunk_size {
+                    return Err(ChunkError::ChunkSizeOutOfRange {
+                        size,
+                        min: self.min_chunk_size,
+                        max: self.max_chunk_size,
+                    });
+                }
+                self.chunk_size = size;
+            }
+            message::ABORT => {
+                let csid = message::parse_abort(&msg.payload)?;
+                if let Some(s) = self.streams.iter_mut().find(|s| s.csid == csid) {
+                    if s.in_progress {
+                        self.partial_bytes = self.partial_bytes.saturating_sub(s.body.len());
+                        s.body = BytesMut::new();
+                        s.in_progress = false;
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(msg)
+    }
+}
+
+/// Appends chunk payload, growing the body geometrically but never past the declared
+/// length, so memory follows what arrived rather than what was announced.
+fn append(body: &mut BytesMut, data: &[u8], declared: u32) {
+    let spare = body.capacity() - body.len();
+    if spare < data.len() {
+        let due = (declared as usize).saturating_sub(body.len());
+        body.reserve(data.len().max(body.len().min(due)));
+    }
+    body.extend_from_slice(data);
+}
+
+#[derive(Debug, Clone, Copy)]
+struct OutStream {
+    csid: u32,
+    msg_type: u8,
+    stream_id: u32,
+    msg_len: u32,
+    timestamp: u32,
+    ts_field: u32,
+    /// The last header was fmt 0, whose field fmt 3 would reuse inconsistently.
+    after_fmt0: bool,
+}
+
+/// Splits messages into chunks, compressing headers per chunk stream.
+#[derive(Debug)]
+pub struct ChunkEncoder {
+    chunk_size: u32,
+    streams: Vec<OutStream>,
+}
+
+impl Default for ChunkEncoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ChunkEncoder {
+    pub fn new() -> Self {
+        ChunkEncoder {
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            streams: Vec::new(),
+        }
+    }
+
+    /// Sets the outgoing chunk size (clamped to 1..=2^31-1). [`ChunkEncoder::write`] does
+    /// this by itself after writing a Set Chunk Size message.
+    pub fn set_chunk_size(&mut self, n: u32) {
+        self.chunk_size = n.clamp(1, 0x7fff_ffff);
+    }
+
+    pub fn chunk_size(&self) -> u32 {
+        self.chunk_size
+    }
+
+    /// Chunks `msg` onto chunk stream `csid` (2..=65599; others are clamped), choosing
+    /// the smallest header the previous message on that chunk stream allows. Payloads
+    /// past 16 MiB - 1 bytes cannot be expressed and are cut.
+    pub fn write(&mut self, csid: u32, msg: &Message, out: &mut BytesMut) {
+        self.write_with(csid, msg, out, |_| {});
+    }
+
+    /// Like [`ChunkEncoder::write`], calling `chunk_end(offset)` after each chunk.
+    fn write_with(
+        &mut self,
+        csid: u32,
+        msg: &Message,
+        out: &mut BytesMut,
+        chunk_end: impl FnMut(usize),
+    ) {
+        let csid = clamp_csid(csid);
+        let len = msg.payload.len().min(MAX_MESSAGE_LEN as usize) as u32;
+        let prev = self.streams.iter().position(|s| s.csid == csid);
+        let (fmt, field) = match prev.and_then(|i| self.streams.get(i)) {
+            Some(p) if p.stream_id == msg.stream_id && msg.timestamp >= p.timestamp => {
+                let delta = msg.timestamp - p.timestamp;
+                if p.msg_type != msg.msg_type || p.msg_len != len {
+                    (1, delta)
+                } else if delta == p.ts_field && !p.after_fmt0 {
+                    (3, delta)
+                } else {
+                    (2, delta)
+                }
+            }
+            _ => (0, msg.timestamp),
+        };
+        write_chunks(
+            out,
+            csid,
+            fmt,
+            field,
+            msg,
+            &msg.payload[..len as usize],
+            self.chunk_size,
+            chunk_end,
+        );
+        let state = OutStream {
+            csid,
+            msg_type: msg.msg_type,
+            stream_id: msg.stream_id,
+            msg_len: len,
+            timestamp: msg.timestamp,
+            ts_field: field,
+            after_fmt0: fmt == 0,
+        };
+        match prev.and_then(|i| self.streams.get_mut(i)) {
+            Some(s) => *s = state,
+            None => self.streams.push(state),
+        }
+        if msg.msg_type == message::SET_CHUNK_SIZE {
+            if let Ok(n) = message::parse_set_chunk_size(&msg.payload) {
+                self.set_chunk_size(n);
+            }
+        }
+    }
+
+    /// Records that a fmt 0 chunking of `msg` (from [`encode_fmt0`]) was sent on `csid`,
+    /// so later compressed headers on that chunk stream stay consistent with it.
+    pub fn record_fmt0(&mut self, csid: u32, msg: &Message) {
+        let csid = clamp_csid(csid);
+        let state = OutStream {
+            csid,
+            msg_type: msg.msg_type,
+            stream_id: msg.stream_id,
+            msg_len: msg.payload.len().min(MAX_MESSAGE_LEN as usize) as u32,
+            timestamp: msg.timestamp,
+            ts_field: msg.timestamp,
+            after_fmt0: true,
+        };
+        match self.streams.iter_mut().find(|s| s.csid == csid) {
+            Some(s) => *s = state,
+            None => self.streams.push(state),
+        }
+    }
+}
+
+fn clamp_csid(csid: u32) -> u32 {
+    debug_assert!(
+        (MIN_CSID..=MAX_CSID).contains(&csid),
+        "csid {csid} out of range"
+    );
+    csid.clamp(MIN_CSID, MAX_CSID)
+}
+
+/// Basic header bytes for `fmt` and `csid` (1, 2 or 3 bytes).
+fn basic_header(fmt: u8, csid: u32) -> ([u8; 3], usize) {
+    let f = fmt << 6;
+    if csid < 64 {
+        ([f | csid as u8, 0, 0], 1)
+    } else if csid < 64 + 256 {
+        ([f, (csid - 64) as u8, 0], 2)
+    } else {
+        let c = csid - 64;
+        ([f | 1, c as u8, (c >> 8) as u8], 3)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_chunks(
+    out: &mut BytesMut,
+    csid: u32,
+    fmt: u8,
+    field: u32,
+    msg: &Message,
+    payload: &[u8],
+    chunk_size: u32,
+    mut chunk_end: impl FnMut(usize),
+) {
+    let chunk_size = (chunk_size as usize).max(1);
+    let extended = field >= EXTENDED;
+    let (basic, blen) = basic_header(fmt, csid);
+    // The fmt 3 header that precedes every continuation chunk, built once.
+    let (cont_basic, clen) = basic_header(3, csid);
+    let mut cont = [0u8; 7];
+    cont[..clen].copy_from_slice(&cont_basic[..clen]);
+    let mut cont_len = clen;
+    if extended {
+        cont[clen..clen + 4].copy_from_slice(&field.to_be_bytes());
+        cont_len += 4;
+    }
+    let mh = [11usize, 7, 3, 0][usize::from(fmt)];
+    let chunks = payload.len().div_ceil(chunk_size).max(1);
+    out.reserve(blen + mh + 4 + payload.len() + (chunks - 1) * cont_len);
+    out.put_slice(&basic[..blen]);
+    if fmt < 3 {
+        let f = field.min(EXTENDED).to_be_bytes();
+        out.put_slice(&f[1..]);
+        if fmt < 2 {
+            out.put_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+            out.put_u8(msg.msg_type);
+            if fmt == 0 {
+                out.put_u32_le(msg.stream_id);
+            }
+        }
+    }
+    if extended {
+        out.put_u32(field);
+    }
+    let mut first = true;
+    for c in payload.chunks(chunk_size) {
+        if !first {
+            out.put_slice(&cont[..cont_len]);
+        }
+        first = false;
+        out.put_slice(c);
+        chunk_end(out.len());
+    }
+    if payload.is_empty() {
+        chunk_end(out.len());
+    }
+}
+
+/// Chunks `msg` with a full fmt 0 header (absolute timestamp) and no per-connection
+/// state, so one media message can be chunked once and the resulting bytes shared by
+/// every player with the same chunk size. A session that also uses a [`ChunkEncoder`]
+/// on the same `csid` must call [`ChunkEncoder::record_fmt0`] after sending these bytes.
+pub fn encode_fmt0(csid: u32, msg: &Message, chunk_size: u32, out: &mut BytesMut) {
+    let len = msg.payload.len().min(MAX_MESSAGE_LEN as usize);
+    write_chunks(
+        out,
+        clamp_csid(csid),
+        0,
+        msg.timestamp,
+        msg,
+        &msg.payload[..len],
+        chunk_size,
+        |_| {},
+    );
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use proptest::prelude::*;
+
+    fn dec() -> ChunkDecoder {
+        ChunkDecoder::new(&Limits::default())
+    }
+
+    fn drain(d: &mut ChunkDecoder, buf: &mut BytesMut) -> Result<Vec<Message>, ChunkError> {
+        let mut v = Vec::new();
+        while let Some(m) = d.decode(buf)? {
+            v.push(m);
+        }
+        Ok(v)
+    }
+
+    fn msg(t: u8, ts: u32, sid: u32, p: &[u8]) -> Message {
+        Message::new(t, ts, sid, Bytes::copy_from_slice(p))
+    }
+
+    #[test]
+    fn fmt0_hand_checked() {
+        let mut out = BytesMut::new();
+        encode_fmt0(3, &msg(20, 0x010203, 1, b"abc"), 128, &mut out);
+        assert_eq!(
+            &out[..],
+            &[0x03, 1, 2, 3, 0, 0, 3, 20, 1, 0, 0, 0, b'a', b'b', b'c']
+        );
+        // Two chunks at chunk size 2, extended timestamp repeated on the continuation.
+        let mut out = BytesMut::new();
+        encode_fmt0(4, &msg(9, 0x0100_0000, 0, b"xyz"), 2, &mut out);
+        assert_eq!(
+            &out[..],
+            &[
+                0x04, 0xff, 0xff, 0xff, 0, 0, 3, 9, 0, 0, 0, 0, 1, 0, 0, 0, b'x', b'y', 0xc4, 1, 0,
+                0, 0, b'z'
+            ]
+        );
+        let mut d = dec();
+        d.chunk_size = 2;
+        let m = drain(&mut d, &mut out).unwrap();
+        assert_eq!(m, vec![msg(9, 0x0100_0000, 0, b"xyz")]);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn basic_header_forms() {
+        assert_eq!(basic_header(0, 63), ([63, 0, 0], 1));
+        assert_eq!(basic_header(1, 64), ([0x40, 0, 0], 2));
+        assert_eq!(basic_header(0, 319), ([0, 255, 0], 2));
+        assert_eq!(basic_header(3, 320), ([0xc1, 0, 1], 3));
+        assert_eq!(basic_header(0, 65599), ([1, 255, 255], 3));
+        // csid 65599 round-trips through the decoder.
+        let mut out = BytesMut::new();
+        let m = msg(8, 5, 1, &[7; 300]);
+        let mut e = ChunkEncoder::new();
+        e.write(65599, &m, &mut out);
+        e.write(65599, &m, &mut out);
+        assert_eq!(drain(&mut dec(), &mut out).unwrap(), vec![m.clone(), m]);
+    }
+
+    #[test]
+    fn header_compression() {
+        let mut e = ChunkEncoder::new();
+        let mut out = BytesMut::new();
+        e.write(6, &msg(9, 100, 1, b"aa"), &mut out);
+        assert_eq!(out[0] >> 6, 0);
+        out.clear();
+        e.write(6, &msg(9, 140, 1, b"bbb"), &mut out);
+        assert_eq!(out[0] >> 6, 1, "length changed");
+        out.clear();
+        e.write(6, &msg(9, 180, 1, b"ccc"), &mut out);
+        assert_eq!(out[0] >> 6, 3, "same delta, length, type");
+        out.clear();
+        e.write(6, &msg(9, 200, 1, b"ddd"), &mut out);
+        assert_eq!(
+            &out[..],
+            &[0x86, 0, 0, 20, b'd', b'd', b'd'],
+            "delta changed"
+        );
+        out.clear();
+        e.write(6, &msg(9, 100, 1, b"ddd"), &mut out);
+        assert_eq!(out[0] >> 6, 0, "timestamp went backwards");
+        out.clear();
+        e.write(6, &msg(9, 200, 2, b"ddd"), &mut out);
+        assert_eq!(out[0] >> 6, 0, "stream id changed");
+        out.clear();
+        e.write(6, &msg(9, 300, 2, b"ddd"), &mut out);
+        assert_eq!(out[0] >> 6, 2, "no fmt 3 right after fmt 0");
+    }
+
+    #[test]
+    fn fmt3_after_fmt0_adds_the_absolute_timestamp() {
+        // fmt 0 ts 10, then fmt 3 (new message): timestamp 20, as ffmpeg/librtmp decode.
+        let mut b = BytesMut::from(&[0x03, 0, 0, 10, 0, 0, 1, 8, 0, 0, 0, 0, b'a', 0xc3, b'b'][..]);
+        let m = drain(&mut dec(), &mut b).unwrap();
+        assert_eq!(m, vec![msg(8, 10, 0, b"a"), msg(8, 20, 0, b"b")]);
+    }
+
+    #[test]
+    fn unopened_chunk_stream_is_refused() {
+        for fmt in 1..=3u8 {
+            let mut b = BytesMut::from(&[(fmt << 6) | 5, 0, 0, 0, 0, 0, 1, 8, b'x'][..]);
+            let e = dec().decode(&mut b).unwrap_err();
+            assert_eq!(e, ChunkError::UnopenedChunkStream { csid: 5, fmt });
+        }
+    }
+
+    #[test]
+    fn partial_headers_are_not_consumed() {
+        let mut full = BytesMut::new();
+        let mut e = ChunkEncoder::new();
+        e.write(400, &msg(20, 0x0100_0000, 1, &[1; 200]), &mut full);
+        let mut d = dec();
+        // Offer every prefix shorter than the first header: nothing is consumed.
+        for n in 0..18 {
+            let mut b = BytesMut::from(&full[..n]);
+            assert_eq!(d.decode(&mut b).unwrap(), None);
+            assert_eq!(b.len(), n, "prefix {n}");
+        }
+        assert_eq!(d.bytes_received(), 0);
+        let got = drain(&mut d, &mut full).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(d.bytes_received(), 3 + 11 + 4 + 200 + 3 + 4);
+    }
+
+    #[test]
+    fn extended_timestamp_on_continuation_with_and_without_repeat() {
+        let body: Vec<u8> = (0..=255).collect();
+        let with = {
+            let mut b = BytesMut::new();
+            encode_fmt0(3, &msg(9, 0xff_ffff, 1, &body), 128, &mut b);
+            b
+        };
+        // The same message as librtmp 2.3 sends it: no repeat on the continuation.
+        let mut without = BytesMut::new();
+        without.extend_from_slice(&with[..12 + 4 + 128]);
+        without.put_u8(0xc3);
+        without.extend_from_slice(&body[128..]);
+        for mut b in [with, without] {
+            let m = drain(&mut dec(), &mut b).unwrap();
+            assert_eq!(m, vec![msg(9, 0xff_ffff, 1, &body)]);
+        }
+    }
+
+    #[test]
+    fn timestamp_deltas_wrap() {
+        let mut b = BytesMut::new();
+        b.put_slice(&[0x04, 0xff, 0xff, 0xff, 0, 0, 1, 8, 1, 0, 0, 0]);
+        b.put_u32(0xffff_fff0);
+        b.put_u8(b'a');
+        // fmt 2, delta 0x20 -> wraps to 0x10.
+        b.put_slice(&[0x84, 0, 0, 0x20, b'b']);
+        // fmt 2 with an extended delta of 0xffff_ffff -> 0x0f.
+        b.put_slice(&[0x84, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, b'c']);
+        // fmt 3 new message reuses the extended delta (4 bytes read again).
+        b.put_slice(&[0xc4, 0xff, 0xff, 0xff, 0xff, b'd']);
+        let m = drain(&mut dec(), &mut b).unwrap();
+        let ts: Vec<u32> = m.iter().map(|m| m.timestamp).collect();
+        assert_eq!(ts, vec![0xffff_fff0, 0x10, 0x0f, 0x0e]);
+        assert!(b.is_empty());
+    }
+
+    /// A 200-byte message on csid 4, its first 128-byte chunk, then Set Chunk Size
+    /// on csid 2, then the rest in chunks of the new size.
+    fn chunk_size_change_mid_message(new_size: u32) -> Vec<Message> {
+        let body = [0x5a; 200];
+        let mut b = BytesMut::new();
+        b.put_slice(&[0x04, 0, 0, 0, 0, 0, 200, 9, 1, 0, 0, 0]);
+        b.put_slice(&body[..128]);
+        encode_fmt0(2, &message::set_chunk_size(new_size), 128, &mut b);
+        for c in body[128..].chunks(new_size as usize) {
+            b.put_u8(0xc4);
+            b.put_slice(c);
+        }
+        let mut d = dec();
+        let v = drain(&mut d, &mut b).unwrap();
+        assert!(b.is_empty());
+        assert_eq!(d.chunk_size(), new_size);
+        assert_eq!(v[1], msg(9, 0, 1, &body));
+        v
+    }
+
+    #[test]
+    fn chunk_size_change_while_partial_message_buffered() {
+        for size in [1, 7, 64, 4096, 16 * 1024 * 1024] {
+            let v = chunk_size_change_mid_message(size);
+            assert_eq!(
+                v[0].msg_type,
+                message::SET_CHUNK_SIZE,
+                "returned to the caller"
+            );
+        }
+    }
+
+    #[test]
+    fn chunk_size_out_of_range() {
+        for size in [0, 16 * 1024 * 1024 + 1, 0x7fff_ffff] {
+            let mut b = BytesMut::new();
+            encode_fmt0(2, &message::set_chunk_size(size), 128, &mut b);
+            let e = dec().decode(&mut b).unwrap_err();
+            assert!(matches!(e, ChunkError::ChunkSizeOutOfRange { .. }), "{e}");
+        }
+    }
+
+    #[test]
+    fn abort_discards_partial_message() {
+        let mut b = BytesMut::new();
+        b.put_slice(&[0x05, 0, 0, 0, 0, 1, 0, 9, 1, 0, 0, 0]); // 256 bytes declared
+        b.put_slice(&[1; 128]);
+        encode_fmt0(2, &message::abort(5), 128, &mut b);
+        b.put_slice(&[0x05, 0, 0, 1, 0, 0, 1, 8, 1, 0, 0, 0, b'z']);
+        let mut d = dec();
+        let v = drain(&mut d, &mut b).unwrap();
+        assert_eq!(v.len(), 2);
+        assert_eq!(v[0].msg_type, message::ABORT);
+        assert_eq!(v[1], msg(8, 1, 1, b"z"));
+        assert_eq!(d.partial_bytes(), 0);
+    }
+
+    #[test]
+    fn declared_16mib_never_sent_allocates_nothing() {
+        let mut b = BytesMut::from(&[0x04, 0, 0, 0, 0xff, 0xff, 0xff, 9, 1, 0, 0, 0, 1, 2, 3][..]);
+        let mut d = dec();
+        assert_eq!(d.decode(&mut b).unwrap(), None);
+        let s = &d.streams[0];
+        assert_eq!(s.msg_len, 0xff_ffff);
+        assert!(s.body.capacity() < 1024, "capacity {}", s.body.capacity());
+        assert_eq!(d.partial_bytes(), 3);
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let limits = Limits {
+            max_message_len: 1000,
+            max_chunk_streams: 2,
+            max_partial_bytes: 300,
+            ..Limits::default()
+        };
+        let mut b = BytesMut::from(&[0x04, 0, 0, 0, 0, 0x03, 0xe9, 9, 1, 0, 0, 0][..]);
+        let e = ChunkDecoder::new(&limits).decode(&mut b).unwrap_err();
+        assert!(
+            matches!(e, ChunkError::MessageTooLong { len: 1001, .. }),
+            "{e}"
+        );
+        let mut b = BytesMut::new();
+        for csid in 3..6 {
+            b.put_slice(&[csid, 0, 0, 0, 0, 0, 200, 9, 1, 0, 0, 0]);
+            b.put_slice(&[0; 128]);
+        }
+        let mut d = ChunkDecoder::new(&Limits {
+            max_partial_bytes: 300,
+            ..Limits::default()
+        });
+        let e = drain(&mut d, &mut b).unwrap_err();
+        assert!(
+            matches!(e, ChunkError::PartialBytesExceeded { limit: 300 }),
+            "{e}"
+        );
+        let mut b = BytesMut::new();
+        for csid in 3..6 {
+            b.put_slice(&[csid, 0, 0, 0, 0, 0, 1, 9, 1, 0, 0, 0, 0]);
+        }
+        let e = drain(&mut ChunkDecoder::new(&limits), &mut b).unwrap_err();
+        assert!(
+            matches!(e, ChunkError::TooManyChunkStreams { csid: 5, .. }),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn new_header_inside_message_is_refused() {
+        let mut b = BytesMut::from(&[0x04, 0, 0, 0, 0, 1, 0, 9, 1, 0, 0, 0][..]);
+        b.put_slice(&[0; 128]);
+        b.put_slice(&[0x84, 0, 0, 0]);
+        let e = drain(&mut dec(), &mut b).unwrap_err();
+        assert!(matches!(e, ChunkError::HeaderInsideMessage { .. }), "{e}");
+    }
+
+    #[test]
+    fn zero_length_messages() {
+        let mut e = ChunkEncoder::new();
+        let mut b = BytesMut::new();
+        for ts in [0, 10, 20, 30] {
+            e.write(3, &msg(18, ts, 1, b""), &mut b);
+        }
+        let v = drain(&mut dec(), &mut b).unwrap();
+        assert_eq!(v.len(), 4);
+        assert_eq!(v[3].timestamp, 30);
+    }
+
+    #[test]
+    fn chunk_size_one_is_linear() {
+        // A 1 MiB message at chunk size 1: 2 MiB on the wire, one pass, one message.
+        let big = vec![9u8; 1 << 20];
+        let mut b = BytesMut::new();
+        encode_fmt0(2, &message::set_chunk_size(1), 128, &mut b);
+        encode_fmt0(4, &msg(9, 0, 1, &big), 1, &mut b);
+        let mut d = dec();
+        let v = drain(&mut d, &mut b).unwrap();
+        assert_eq!(v[1].payload.len(), 1 << 20);
+        assert_eq!(d.chunks_received(), 1 + (1 << 20));
+    }
+
+    // ---- property tests ----
+
+    #[derive(Debug, Clone)]
+    struct Case {
+        chunk_sizes: Vec<u32>,
+        rounds: Vec<Vec<(u32, Message)>>,
+        splits: Vec<usize>,
+        interleave_seed: u64,
+    }
+
+    fn arb_ts() -> impl Strategy<Value = u32> {
+        prop_oneof![
+            0u32..5000,
+            0xff_fff0u32..0x100_0010,
+            any::<u32>(),
+            Just(0xff_ffff),
+        ]
+    }
+
+    fn arb_msg() -> impl Strategy<Value = Message> {
+        (
+            prop::sample::select(vec![8u8, 9, 18, 20, 15]),
+            arb_ts(),
+            0u32..3,
+            prop::collection::vec(any::<u8>(), 0..600),
+        )
+            .prop_map(|(t, ts, sid, p)| Message::new(t, ts, sid, p))
+    }
+
+    fn arb_case() -> impl Strategy<Value = Case> {
+        let csid = prop::sample::select(vec![3u32, 4, 5, 63, 64, 319, 320, 65599]);
+        (
+            prop::collection::vec(1u32..700, 1..4),
+            prop::collection::vec(
+                prop::collection::btree_map(csid, arb_msg(), 1..4)
+                    .prop_map(|m| m.into_iter().collect::<Vec<_>>()),
+                1..6,
+            ),
+            prop::collection::vec(1usize..300, 0..40),
+            any::<u64>(),
+        )
+            .prop_map(|(chunk_sizes, rounds, splits, interleave_seed)| Case {
+                chunk_sizes,
+                rounds,
+                splits,
+                interleave_seed,
+            })
+    }
+
+    /// Encodes the case: per round, a Set Chunk Size, then the round's messages (on
+    /// distinct chunk streams) with their chunks interleaved pseudo-randomly.
+    fn encode_case(c: &Case) -> (Bytes, Vec<Message>) {
+        let mut enc = ChunkEncoder::new();
+        let mut out = BytesMut::new();
+        let mut expected = Vec::new();
+        let mut seed = c.interleave_seed | 1;
+        for (i, round) in c.rounds.iter().enumerate() {
+            let size = c.chunk_sizes[i % c.chunk_sizes.len()];
+            let scs = message::set_chunk_size(size);
+            enc.write(2, &scs, &mut out);
+            expected.push(scs);
+            // Each message's chunks, split at the encoder's chunk boundaries.
+            let mut lists: Vec<Vec<Bytes>> = Vec::new();
+            for (csid, m) in round {
+                let mut tmp = BytesMut::new();
+                let mut ends = Vec::new();
+                enc.write_with(*csid, m, &mut tmp, |e| ends.push(e));
+                let tmp = tmp.freeze();
+                let mut start = 0;
+                let mut pieces = Vec::new();
+                for e in ends {
+                    pieces.push(tmp.slice(start..e));
+                    start = e;
+                }
+                lists.push(pieces);
+            }
+            let mut pos = vec![0usize; lists.len()];
+            let mut done = vec![false; lists.len()];
+            while pos.iter().zip(&lists).any(|(p, l)| *p < l.len()) {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let live: Vec<usize> = (0..lists.len())
+                    .filter(|&k| pos[k] < lists[k].len())
+                    .collect();
+                let k = live[(seed % live.len() as u64) as usize];
+                out.put_slice(&lists[k][pos[k]]);
+                pos[k] += 1;
+                if pos[k] == lists[k].len() && !done[k] {
+                    done[k] = true;
+                    expected.push(round[k].1.clone());
+                }
+            }
+        }
+        (out.freeze(), expected)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        #[test]
+        fn chunk_roundtrip(c in arb_case()) {
+            let (bytes, expected) = encode_case(&c);
+            let mut d = dec();
+            let mut buf = BytesMut::new();
+            let mut got = Vec::new();
+            let mut at = 0;
+            let mut splits = c.splits.iter().cycle();
+            while at < bytes.len() {
+                let n = (*splits.next().unwrap_or(&bytes.len())).min(bytes.len() - at);
+                buf.put_slice(&bytes[at..at + n]);
+                at += n;
+                while let Some(m) = d.decode(&mut buf).unwrap() {
+                    got.push(m);
+                }
+            }
+            prop_assert!(buf.is_empty());
+            prop_assert_eq!(d.bytes_received(), bytes.len() as u64);
+            prop_assert_eq!(got, expected);
+            prop_assert_eq!(d.partial_bytes(), 0);
+        }
+
+        #[test]
+        fn fmt0_shared_bytes_decode(m in arb_msg(), size in 1u32..1000) {
+            let mut b = BytesMut::new();
+            encode_fmt0(2, &message::set_chunk_size(size), 128, &mut b);
+            encode_fmt0(6, &m, size, &mut b);
+            let v = drain(&mut dec(), &mut b).unwrap();
+            prop_assert_eq!(&v[1], &m);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(b in prop::collection::vec(any::<u8>(), 0..2048)) {
+            let limits = Limits { max_partial_bytes: 4096, ..Limits::default() };
+            let mut d = ChunkDecoder::new(&limits);
+            let mut buf = BytesMut::from(&b[..]);
+            while let Ok(Some(_)) = d.decode(&mut buf) {}
+        }
+    }
+}
