@@ -364,14 +364,17 @@ const BLOWFISH_KEYS: [[u8; 24]; 16] = [
     ],
 ];
 
-/// XTEA, 32 rounds, on one 8-byte block read and written as little-endian words.
+/// XTEA, 32 rounds, on one 8-byte block read and written as little-endian words, with the
+/// key's words big-endian.
 fn xtea_le_encipher(block: &mut [u8; 8], key: &[u8; 16]) {
     const DELTA: u32 = 0x9E37_79B9;
+    // The key table is written as bytes, but both clients read its words big-endian
+    // (librtmp declares them as u32 constants); only the data words are little-endian.
     let k = [
-        u32::from_le_bytes([key[0], key[1], key[2], key[3]]),
-        u32::from_le_bytes([key[4], key[5], key[6], key[7]]),
-        u32::from_le_bytes([key[8], key[9], key[10], key[11]]),
-        u32::from_le_bytes([key[12], key[13], key[14], key[15]]),
+        u32::from_be_bytes([key[0], key[1], key[2], key[3]]),
+        u32::from_be_bytes([key[4], key[5], key[6], key[7]]),
+        u32::from_be_bytes([key[8], key[9], key[10], key[11]]),
+        u32::from_be_bytes([key[12], key[13], key[14], key[15]]),
     ];
     let mut v0 = u32::from_le_bytes([block[0], block[1], block[2], block[3]]);
     let mut v1 = u32::from_le_bytes([block[4], block[5], block[6], block[7]]);
@@ -644,9 +647,9 @@ mod tests {
     #[test]
     fn xtea_matches_reference_vector() {
         // Reference XTEA vector (big-endian words): key 00010203 04050607 08090a0b 0c0d0e0f,
-        // plaintext 41424344 45464748, ciphertext 497df3d0 72612cb5. RTMPE reads words
-        // little-endian, so feed the same words byte-swapped.
-        let key = [3, 2, 1, 0, 7, 6, 5, 4, 11, 10, 9, 8, 15, 14, 13, 12];
+        // plaintext 41424344 45464748, ciphertext 497df3d0 72612cb5. RTMPE reads the data
+        // words little-endian (the key words big-endian), so feed the data byte-swapped.
+        let key = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15];
         let mut block = [0x44, 0x43, 0x42, 0x41, 0x48, 0x47, 0x46, 0x45];
         xtea_le_encipher(&mut block, &key);
         assert_eq!(block, [0xd0, 0xf3, 0x7d, 0x49, 0xb5, 0x2c, 0x61, 0x72]);
