@@ -16,11 +16,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rtmpgate::door::rtmpe::{accept_with, AnswerPolicy};
+use rtmpgate::door::rtmpt::Tunnel;
 use rtmpgate::limits::Limits;
 use rtmpgate::rtmp::handshake::{
     find_digest, fms_key_short, server_reply, ClientHandshake, HandshakeKind,
 };
-use rtmpgate::stream::{ClientStream, Prefixed, Transport};
+use rtmpgate::stream::{ClientStream, Prefixed, StreamHandler, Transport};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -536,4 +537,80 @@ async fn digest_handshake_both_sides_with_real_peers() {
     // does the simple handshake.
     assert_eq!(digest, if have_ff9 { 3 } else { 2 }, "{kinds:?}");
     assert!(kinds.contains(&HandshakeKind::Simple), "{kinds:?}");
+}
+
+/// The RTMPT tunnel's stream handler as the dispatcher will have it: a first byte of 6/8/9
+/// goes through the RTMPE door, then everything is pumped to the backend.
+fn tunnel_handler(backend: u16, seen: Arc<Mutex<Vec<Transport>>>) -> StreamHandler {
+    Arc::new(move |mut stream: ClientStream| {
+        let seen = seen.clone();
+        Box::pin(async move {
+            let mut first = [0u8; 1];
+            if stream.read_exact(&mut first).await.is_err() {
+                return;
+            }
+            let prefix = bytes::Bytes::copy_from_slice(&first);
+            let stream = stream.map_io(|io| Box::new(Prefixed::new(prefix, io)));
+            let mut stream = if matches!(first[0], 6 | 8 | 9) {
+                match rtmpgate::door::rtmpe::accept(stream, &Limits::default()).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        eprintln!("tunnel: {e}");
+                        return;
+                    }
+                }
+            } else {
+                stream
+            };
+            seen.lock().unwrap().push(stream.transport);
+            let Ok(mut up) = TcpStream::connect(("127.0.0.1", backend)).await else {
+                return;
+            };
+            let _ = tokio::io::copy_bidirectional(&mut stream, &mut up).await;
+        })
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtmpte_clients_through_tunnel_and_door_to_nginx() {
+    if peers_missing() {
+        return;
+    }
+    let have_ff9 = have_ffmpeg9();
+    let mut bench = Bench::start("rtmpte");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let tunnel = Tunnel::new(
+        Arc::new(Limits::default()),
+        tunnel_handler(bench.nginx_port, seen.clone()),
+    );
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let t = tunnel.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, peer)) = l.accept().await {
+            let local = tcp.local_addr().unwrap();
+            let t = t.clone();
+            tokio::spawn(async move { t.serve_connection(tcp, peer, local, false).await });
+        }
+    });
+
+    let url = format!("rtmpte://{addr}/live/a");
+    let mut players = vec![bench.rtmpdump("rtmpdump_rtmpte", &url)];
+    if have_ff9 {
+        players.push(bench.ffplay("ffmpeg9_rtmpte", FFMPEG9, &url));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let plain = format!("rtmp://127.0.0.1:{}/live/a", bench.nginx_port);
+    let publishers = vec![(bench.publish("publish_plain", FFMPEG, &plain), true)];
+    let _bench = bench.finish(publishers, players).await;
+    tunnel.shutdown();
+
+    let seen = seen.lock().unwrap().clone();
+    println!("tunnel sessions: {seen:?}");
+    let want = if have_ff9 { 2 } else { 1 };
+    assert_eq!(
+        seen.iter().filter(|t| **t == Transport::Rtmpte).count(),
+        want,
+        "{seen:?}"
+    );
 }

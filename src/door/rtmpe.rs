@@ -14,14 +14,16 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::OnceLock;
 use std::task::{Context, Poll, Waker};
 
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::Semaphore;
 
 use crate::limits::Limits;
 use crate::rtmp::handshake::{C0C1_LEN, PACKET_LEN, S0S1S2_LEN, VERSION_PLAIN};
-use crate::rtmp::rtmpe::{server_respond, Rc4Pair, RtmpeError as CryptoError};
+use crate::rtmp::rtmpe::{server_respond, Rc4Pair, RtmpeClient, RtmpeError as CryptoError};
 use crate::stream::ClientStream;
 
 pub use crate::rtmp::rtmpe::AnswerPolicy;
@@ -56,6 +58,14 @@ pub enum RtmpeError {
     },
 }
 
+/// Permits for the Diffie-Hellman work of server handshakes: one per core.
+fn dh_slots() -> &'static Semaphore {
+    static SLOTS: OnceLock<Semaphore> = OnceLock::new();
+    SLOTS.get_or_init(|| {
+        Semaphore::new(std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get))
+    })
+}
+
 /// Run the RTMPE handshake on `stream` (whose next byte is C0 = 6, 8 or 9) and return it as
 /// a plain-RTMP-looking stream. Bounded by `limits.handshake_timeout()`.
 pub async fn accept(stream: ClientStream, limits: &Limits) -> Result<ClientStream, RtmpeError> {
@@ -73,11 +83,15 @@ pub async fn accept_with(
     let handshake = async {
         let mut c0c1 = vec![0u8; C0C1_LEN];
         stream.read_exact(&mut c0c1).await.map_err(io_err)?;
-        // Two to four 1024-bit exponentiations: keep them off the executor threads.
+        // Two to four 1024-bit exponentiations: keep them off the executor threads, and at
+        // most one per core at once, so a flood of RTMPE hellos queues (within the handshake
+        // timeout) instead of starving everything else.
+        let slot = dh_slots().acquire().await.ok();
         let reply = tokio::task::spawn_blocking(move || server_respond(&c0c1, policy))
             .await
             .map_err(|source| RtmpeError::Worker { peer, source })?
             .map_err(|source| RtmpeError::Crypto { peer, source })?;
+        drop(slot);
         stream.write_all(&reply.s0s1s2).await.map_err(io_err)?;
         stream.flush().await.map_err(io_err)?;
         // C2 is read exactly, so an encrypted connect in the same segment stays in the socket
@@ -102,6 +116,43 @@ pub async fn accept_with(
     let mut stream = stream.map_io(|io| Box::new(RtmpeIo::new(io, keys)));
     stream.transport = stream.transport.with_rtmpe();
     Ok(stream)
+}
+
+/// The client side, for the load generator: run the RTMPE handshake with C0 = `c0` over
+/// `io` (to the server at `server`, named in errors) and return the RC4 stream on which the
+/// RTMP chunk stream (connect, play...) follows. No plain handshake comes after RTMPE's.
+pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
+    mut io: S,
+    server: std::net::SocketAddr,
+    c0: u8,
+    limit: std::time::Duration,
+) -> Result<RtmpeIo<S>, RtmpeError> {
+    let peer = server;
+    let io_err = |source| RtmpeError::Io { peer, source };
+    let crypto_err = |source| RtmpeError::Crypto { peer, source };
+    let handshake = async {
+        let client = tokio::task::spawn_blocking(move || RtmpeClient::new(c0))
+            .await
+            .map_err(|source| RtmpeError::Worker { peer, source })?;
+        io.write_all(&client.c0c1()).await.map_err(io_err)?;
+        io.flush().await.map_err(io_err)?;
+        let mut s0s1s2 = vec![0u8; S0S1S2_LEN];
+        io.read_exact(&mut s0s1s2).await.map_err(io_err)?;
+        let (c2, keys) = tokio::task::spawn_blocking(move || client.finish(&s0s1s2))
+            .await
+            .map_err(|source| RtmpeError::Worker { peer, source })?
+            .map_err(crypto_err)?;
+        io.write_all(&c2).await.map_err(io_err)?;
+        Ok::<_, RtmpeError>(keys)
+    };
+    let keys =
+        tokio::time::timeout(limit, handshake)
+            .await
+            .map_err(|_| RtmpeError::Timeout {
+                peer,
+                secs: limit.as_secs(),
+            })??;
+    Ok(RtmpeIo::encrypted(io, keys))
 }
 
 /// Where the read side is in presenting a plain handshake.
@@ -141,6 +192,20 @@ impl<S> RtmpeIo<S> {
             read_waker: None,
             swallowed: 0,
             s1: Some(Box::new([0u8; PACKET_LEN])),
+            out: Vec::new(),
+            out_pos: 0,
+        }
+    }
+
+    /// Wrap a stream that carries nothing but RC4 from now on (the client side).
+    pub fn encrypted(inner: S, keys: Rc4Pair) -> Self {
+        RtmpeIo {
+            inner,
+            keys,
+            read_phase: ReadPhase::Data,
+            read_waker: None,
+            swallowed: S0S1S2_LEN,
+            s1: None,
             out: Vec::new(),
             out_pos: 0,
         }
@@ -308,8 +373,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for RtmpeIo<S> {
 mod tests {
     use super::*;
     use crate::rtmp::handshake::server_reply;
-    use crate::rtmp::rtmpe::{RtmpeClient, TYPE_BLOWFISH, TYPE_PLAIN, TYPE_XTEA};
+    use crate::rtmp::rtmpe::{TYPE_BLOWFISH, TYPE_PLAIN, TYPE_XTEA};
     use crate::stream::Transport;
+    use std::time::Duration;
     use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt};
 
     fn addr() -> std::net::SocketAddr {
@@ -405,6 +471,36 @@ mod tests {
         assert_eq!(&c2[..PACKET_LEN], &reply.s0s1s2[1..1537]);
         assert_eq!(&c2[PACKET_LEN..], b"abc");
         assert_eq!(client.await.unwrap(), b"xyz");
+    }
+
+    #[tokio::test]
+    async fn async_client_meets_door() {
+        let (client_io, server_io) = duplex(300);
+        let client = tokio::spawn(async move {
+            let mut s = connect(client_io, addr(), TYPE_BLOWFISH, Duration::from_secs(10))
+                .await
+                .unwrap();
+            let msg: Vec<u8> = (0..10_000u32).map(|i| (i % 253) as u8).collect();
+            s.write_all(&msg).await.unwrap();
+            s.flush().await.unwrap();
+            let mut back = vec![0u8; 5];
+            s.read_exact(&mut back).await.unwrap();
+            back
+        });
+        let stream = ClientStream::new(Box::new(server_io), Transport::Rtmp, addr(), addr());
+        let mut s = accept(stream, &Limits::default()).await.unwrap();
+        let mut c0c1 = vec![0u8; C0C1_LEN];
+        s.read_exact(&mut c0c1).await.unwrap();
+        s.write_all(&server_reply(&c0c1).unwrap().s0s1s2)
+            .await
+            .unwrap();
+        let mut c2_and_msg = vec![0u8; PACKET_LEN + 10_000];
+        s.read_exact(&mut c2_and_msg).await.unwrap();
+        let want: Vec<u8> = (0..10_000u32).map(|i| (i % 253) as u8).collect();
+        assert_eq!(&c2_and_msg[PACKET_LEN..], &want[..]);
+        s.write_all(b"hello").await.unwrap();
+        s.flush().await.unwrap();
+        assert_eq!(client.await.unwrap(), b"hello");
     }
 
     #[tokio::test]
