@@ -1,1 +1,870 @@
 //! Configuration: TOML file plus command-line flags, merged into one validated `Config`.
+//!
+//! Every flag has a key in the file; a flag given on the command line wins over the file.
+//! Relative paths in the file are taken relative to the file's directory. Errors name the
+//! flag or key at fault and say how to fix it.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::door::proxy_protocol::ProxyVersion;
+use crate::door::tls::CertSource;
+use crate::limits::Limits;
+
+/// Listeners used when neither `--listen` nor `listen` in the file says otherwise.
+pub const DEFAULT_LISTEN: [&str; 3] = [
+    "rtmp://0.0.0.0:1935",
+    "rtmpt://0.0.0.0:8080",
+    "rtmps://0.0.0.0:8443",
+];
+
+const AFTER_HELP: &str = "\
+Every listener sniffs the first bytes of each connection, so one port serves several
+transports: a plain listener (rtmp://, rtmpt://) takes raw RTMP, RTMPE and the RTMPT HTTP
+tunnel; a TLS listener (rtmps://, rtmpts://) takes RTMPS and RTMPTS.
+
+Examples:
+  rtmpgate --upstream rtmp://127.0.0.1:1936
+  rtmpgate --listen rtmp://0.0.0.0:1935 --listen rtmps://0.0.0.0:443 \\
+           --tls-cert /etc/letsencrypt/live/example.com/fullchain.pem \\
+           --tls-key /etc/letsencrypt/live/example.com/privkey.pem \\
+           --upstream rtmp://127.0.0.1:1936
+  rtmpgate --config /etc/rtmpgate.toml --check-config
+
+With no arguments: rtmp://0.0.0.0:1935, rtmpt://0.0.0.0:8080 and rtmps://0.0.0.0:8443
+(also RTMPTS) with the dev certificate for localhost from certs/.";
+
+/// Command-line flags. Every one of them can also be set in the TOML file.
+#[derive(Parser, Debug, Default, Clone)]
+#[command(
+    name = "rtmpgate",
+    version,
+    about = "A front door for RTMP: accepts RTMP, RTMPS, RTMPT, RTMPTS and RTMPE on any port \
+             and forwards each client to a backend RTMP server (or the built-in engine).",
+    after_help = AFTER_HELP
+)]
+pub struct Cli {
+    /// TOML configuration file. Flags given on the command line override its values.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Address to accept clients on, repeatable: rtmp://HOST:PORT or rtmpt://HOST:PORT
+    /// (plain TCP) and rtmps://HOST:PORT or rtmpts://HOST:PORT (TLS). Use [::] for IPv6,
+    /// port 0 for any free port. Replaces the file's `listen` list.
+    #[arg(long, value_name = "URL")]
+    pub listen: Vec<String>,
+
+    /// PEM certificate chain for TLS listeners (leaf first, e.g. Let's Encrypt's
+    /// fullchain.pem). Without it, TLS listeners use the dev certificate from certs/.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key matching --tls-cert (e.g. Let's Encrypt's privkey.pem).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Backend RTMP server each client is forwarded to, byte for byte:
+    /// rtmp://HOST:PORT over TCP or rtmps://HOST:PORT over TLS (verified against the system
+    /// roots and --upstream-ca).
+    #[arg(long, value_name = "URL")]
+    pub upstream: Option<String>,
+
+    /// Extra PEM CA certificate(s) trusted when verifying an rtmps:// upstream (a private CA).
+    #[arg(long, value_name = "PEM")]
+    pub upstream_ca: Option<PathBuf>,
+
+    /// Send a PROXY protocol header (v1 text or v2 binary) to the upstream so it sees the
+    /// real client address (nginx-rtmp: `listen ... proxy_protocol`).
+    #[arg(long, value_name = "VERSION")]
+    pub upstream_proxy_protocol: Option<ProxyVersion>,
+
+    /// Seconds to wait for the upstream's TCP (and TLS) connect before giving up [default: 5].
+    #[arg(long, value_name = "SECS")]
+    pub upstream_timeout_secs: Option<u64>,
+
+    /// Expect a PROXY protocol header (v1 or v2) from a load balancer on every listener and
+    /// use the client address it carries. Connections without one are refused.
+    #[arg(long)]
+    pub accept_proxy_protocol: bool,
+
+    /// Refuse RTMPE (encrypted RTMP) handshakes instead of serving them.
+    #[arg(long)]
+    pub no_rtmpe: bool,
+
+    /// Seconds open sessions may run on after SIGINT/SIGTERM before they are closed
+    /// [default: 10].
+    #[arg(long, value_name = "SECS")]
+    pub drain_secs: Option<u64>,
+
+    /// Log filter: error, warn, info, debug, trace, or a tracing directive such as
+    /// "rtmpgate=debug". Overrides RUST_LOG and the file's log_level [default: info].
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+
+    /// Load and validate the configuration (including certificates and keys), print a
+    /// summary and exit: 0 if it is valid, 2 if not.
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+/// The TOML file, as written. Unknown keys are errors, so typos do not go unnoticed.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<Vec<String>>,
+    pub log_level: Option<String>,
+    pub drain_secs: Option<u64>,
+    pub rtmpe: Option<bool>,
+    pub accept_proxy_protocol: Option<bool>,
+    #[serde(default)]
+    pub tls: FileTls,
+    #[serde(default)]
+    pub upstream: FileUpstream,
+    pub limits: Option<Limits>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileTls {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    #[serde(default)]
+    pub certificates: Vec<FileSniCert>,
+}
+
+/// One `[[tls.certificates]]` entry: a chain served to clients asking for these names.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct FileSniCert {
+    pub server_names: Vec<String>,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileUpstream {
+    pub url: Option<String>,
+    pub ca: Option<PathBuf>,
+    pub proxy_protocol: Option<ProxyVersion>,
+    pub connect_timeout_secs: Option<u64>,
+}
+
+/// The transports a listener URL may name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListenScheme {
+    Rtmp,
+    Rtmpt,
+    Rtmps,
+    Rtmpts,
+}
+
+impl ListenScheme {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListenScheme::Rtmp => "rtmp",
+            ListenScheme::Rtmpt => "rtmpt",
+            ListenScheme::Rtmps => "rtmps",
+            ListenScheme::Rtmpts => "rtmpts",
+        }
+    }
+
+    /// TLS listeners run the TLS handshake before sniffing.
+    pub fn is_tls(self) -> bool {
+        matches!(self, ListenScheme::Rtmps | ListenScheme::Rtmpts)
+    }
+
+    fn default_port(self) -> u16 {
+        match self {
+            ListenScheme::Rtmp => 1935,
+            ListenScheme::Rtmpt => 80,
+            ListenScheme::Rtmps | ListenScheme::Rtmpts => 443,
+        }
+    }
+}
+
+/// A parsed `--listen` URL: scheme, host (IP literal or name) and port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenUrl {
+    pub scheme: ListenScheme,
+    pub host: String,
+    pub port: u16,
+}
+
+impl fmt::Display for ListenUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(
+                f,
+                "{}://[{}]:{}",
+                self.scheme.as_str(),
+                self.host,
+                self.port
+            )
+        } else {
+            write!(f, "{}://{}:{}", self.scheme.as_str(), self.host, self.port)
+        }
+    }
+}
+
+/// Upstream URL schemes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpstreamScheme {
+    Rtmp,
+    Rtmps,
+}
+
+/// A parsed `--upstream` URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    pub scheme: UpstreamScheme,
+    pub host: String,
+    pub port: u16,
+}
+
+impl fmt::Display for UpstreamUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = match self.scheme {
+            UpstreamScheme::Rtmp => "rtmp",
+            UpstreamScheme::Rtmps => "rtmps",
+        };
+        if self.host.contains(':') {
+            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{scheme}://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// A configuration mistake, naming the flag or key and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// An SNI certificate, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SniCert {
+    pub server_names: Vec<String>,
+    pub source: CertSource,
+}
+
+/// TLS settings for the TLS listeners.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// The certificate served when no SNI entry matches.
+    pub default: CertSource,
+    pub sni: Vec<SniCert>,
+}
+
+/// Upstream settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamSettings {
+    pub url: UpstreamUrl,
+    pub ca: Option<PathBuf>,
+    pub proxy_protocol: Option<ProxyVersion>,
+    pub connect_timeout: Duration,
+}
+
+/// The validated, merged configuration the program runs with.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: Vec<ListenUrl>,
+    /// Present whenever some listener uses TLS.
+    pub tls: Option<TlsSettings>,
+    pub upstream: Option<UpstreamSettings>,
+    /// A tracing filter directive, or None to use RUST_LOG (then "info").
+    pub log_level: Option<String>,
+    pub drain: Duration,
+    pub rtmpe: bool,
+    pub accept_proxy_protocol: bool,
+    pub limits: Limits,
+}
+
+/// Splits `scheme://host[:port][/]` into its parts; the host may be `[v6]`.
+fn split_url<'a>(key: &str, url: &'a str) -> Result<(&'a str, &'a str, Option<u16>), ConfigError> {
+    let (scheme, rest) = url.split_once("://").ok_or_else(|| {
+        invalid(
+            key,
+            format!(
+                "'{url}' is not a URL; write it as scheme://host:port, e.g. rtmp://0.0.0.0:1935"
+            ),
+        )
+    })?;
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.contains('/') || rest.contains('?') || rest.contains('@') {
+        return Err(invalid(
+            key,
+            format!("'{url}' has a path, query or user part; give only scheme://host:port (the client's app and stream names pass through unchanged)"),
+        ));
+    }
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        let (host, after) = v6.split_once(']').ok_or_else(|| {
+            invalid(
+                key,
+                format!("'{url}': IPv6 address is missing its closing ']'"),
+            )
+        })?;
+        let port = match after {
+            "" => None,
+            p => Some(
+                p.strip_prefix(':')
+                    .ok_or_else(|| invalid(key, format!("'{url}': expected ':PORT' after ']'")))?,
+            ),
+        };
+        (host, port)
+    } else if rest.matches(':').count() > 1 {
+        return Err(invalid(
+            key,
+            format!("'{url}': put an IPv6 address in brackets, e.g. rtmp://[::]:1935"),
+        ));
+    } else {
+        match rest.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (rest, None),
+        }
+    };
+    if host.is_empty() {
+        return Err(invalid(
+            key,
+            format!("'{url}' has no host; use 0.0.0.0 (all IPv4), [::] (all) or a name"),
+        ));
+    }
+    let port = match port {
+        None => None,
+        Some(p) => Some(p.parse::<u16>().map_err(|_| {
+            invalid(
+                key,
+                format!("'{url}': port '{p}' is not a number from 0 to 65535"),
+            )
+        })?),
+    };
+    Ok((scheme, host, port))
+}
+
+/// Parses one listener URL.
+pub fn parse_listen(key: &str, url: &str) -> Result<ListenUrl, ConfigError> {
+    let (scheme, host, port) = split_url(key, url)?;
+    let scheme = match scheme.to_ascii_lowercase().as_str() {
+        "rtmp" => ListenScheme::Rtmp,
+        "rtmpt" => ListenScheme::Rtmpt,
+        "rtmps" => ListenScheme::Rtmps,
+        "rtmpts" => ListenScheme::Rtmpts,
+        "rtmpe" | "rtmpte" => {
+            return Err(invalid(
+                key,
+                format!("'{url}': RTMPE is recognised on every rtmp:// and rtmpt:// listener; listen with rtmp:// instead"),
+            ))
+        }
+        other => {
+            return Err(invalid(
+                key,
+                format!("'{url}': unknown scheme '{other}'; use rtmp, rtmpt, rtmps or rtmpts"),
+            ))
+        }
+    };
+    Ok(ListenUrl {
+        scheme,
+        host: host.to_string(),
+        port: port.unwrap_or(scheme.default_port()),
+    })
+}
+
+/// Parses the upstream URL.
+pub fn parse_upstream(key: &str, url: &str) -> Result<UpstreamUrl, ConfigError> {
+    let (scheme, host, port) = split_url(key, url)?;
+    let (scheme, default_port) = match scheme.to_ascii_lowercase().as_str() {
+        "rtmp" => (UpstreamScheme::Rtmp, 1935),
+        "rtmps" => (UpstreamScheme::Rtmps, 443),
+        other => {
+            return Err(invalid(
+                key,
+                format!("'{url}': the upstream scheme must be rtmp or rtmps, not '{other}'"),
+            ))
+        }
+    };
+    let port = port.unwrap_or(default_port);
+    if port == 0 {
+        return Err(invalid(
+            key,
+            format!("'{url}': port 0 cannot be connected to"),
+        ));
+    }
+    Ok(UpstreamUrl {
+        scheme,
+        host: host.to_string(),
+        port,
+    })
+}
+
+/// Resolves a path from the file against the file's directory.
+fn relative_to(base: Option<&Path>, p: PathBuf) -> PathBuf {
+    match base {
+        Some(dir) if p.is_relative() => dir.join(p),
+        _ => p,
+    }
+}
+
+/// Where the dev certificate is on disk, if it is: certs/ under the current directory, or
+/// near the executable (target/debug/.. -> the source tree). None means use the built-in one.
+pub fn find_dev_cert() -> Option<CertSource> {
+    let mut dirs = vec![PathBuf::from("certs")];
+    if let Ok(exe) = std::env::current_exe() {
+        let mut dir = exe.parent().map(Path::to_path_buf);
+        for _ in 0..4 {
+            let Some(d) = dir else { break };
+            dirs.push(d.join("certs"));
+            dir = d.parent().map(Path::to_path_buf);
+        }
+    }
+    dirs.into_iter().find_map(|d| {
+        let cert = d.join("localhost.pem");
+        let key = d.join("localhost.key");
+        (cert.is_file() && key.is_file()).then_some(CertSource::Files { cert, key })
+    })
+}
+
+impl Config {
+    /// Reads the file named by `--config` (if any) and merges the flags over it.
+    pub fn load(cli: &Cli) -> Result<Config, ConfigError> {
+        let (file, base) = match &cli.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                (
+                    parse_file(&text, path)?,
+                    path.parent().map(Path::to_path_buf),
+                )
+            }
+            None => (FileConfig::default(), None),
+        };
+        Config::merge(cli, file, base.as_deref(), find_dev_cert)
+    }
+
+    /// Merges flags over the file. `dev_cert` locates the dev certificate (a parameter so
+    /// tests do not depend on the working directory).
+    pub fn merge(
+        cli: &Cli,
+        file: FileConfig,
+        base: Option<&Path>,
+        dev_cert: impl FnOnce() -> Option<CertSource>,
+    ) -> Result<Config, ConfigError> {
+        let rel = |p: PathBuf| relative_to(base, p);
+
+        // listen: flags replace the file's list; neither means the defaults.
+        let listen: Vec<ListenUrl> = if !cli.listen.is_empty() {
+            cli.listen
+                .iter()
+                .map(|u| parse_listen("--listen", u))
+                .collect::<Result<_, _>>()?
+        } else if let Some(list) = &file.listen {
+            if list.is_empty() {
+                return Err(invalid(
+                    "listen",
+                    "the list is empty; add at least one URL such as \"rtmp://0.0.0.0:1935\" or remove the key for the defaults",
+                ));
+            }
+            list.iter()
+                .enumerate()
+                .map(|(i, u)| parse_listen(&format!("listen[{i}]"), u))
+                .collect::<Result<_, _>>()?
+        } else {
+            DEFAULT_LISTEN
+                .iter()
+                .map(|u| parse_listen("default listener", u))
+                .collect::<Result<_, _>>()?
+        };
+        for (i, a) in listen.iter().enumerate() {
+            if a.port != 0
+                && listen[..i]
+                    .iter()
+                    .any(|b| b.host == a.host && b.port == a.port)
+            {
+                return Err(invalid(
+                    "listen",
+                    format!("{a} is listed twice (same host and port); one listener already serves every transport of its kind (plain or TLS)"),
+                ));
+            }
+        }
+
+        // TLS.
+        let default_cert = match (cli.tls_cert.clone(), cli.tls_key.clone()) {
+            (Some(cert), Some(key)) => Some(CertSource::Files { cert, key }),
+            (Some(_), None) => {
+                return Err(invalid("--tls-cert", "given without --tls-key; pass both"))
+            }
+            (None, Some(_)) => {
+                return Err(invalid("--tls-key", "given without --tls-cert; pass both"))
+            }
+            (None, None) => match (file.tls.cert, file.tls.key) {
+                (Some(cert), Some(key)) => Some(CertSource::Files {
+                    cert: rel(cert),
+                    key: rel(key),
+                }),
+                (Some(_), None) => {
+                    return Err(invalid(
+                        "tls.key",
+                        "tls.cert is set but tls.key is not; set both",
+                    ))
+                }
+                (None, Some(_)) => {
+                    return Err(invalid(
+                        "tls.cert",
+                        "tls.key is set but tls.cert is not; set both",
+                    ))
+                }
+                (None, None) => None,
+            },
+        };
+        let mut sni = Vec::with_capacity(file.tls.certificates.len());
+        for (i, c) in file.tls.certificates.into_iter().enumerate() {
+            if c.server_names.is_empty() || c.server_names.iter().any(|n| n.trim().is_empty()) {
+                return Err(invalid(
+                    format!("tls.certificates[{i}].server_names"),
+                    "must list at least one non-empty name, e.g. [\"live.example.com\"]",
+                ));
+            }
+            sni.push(SniCert {
+                server_names: c.server_names,
+                source: CertSource::Files {
+                    cert: rel(c.cert),
+                    key: rel(c.key),
+                },
+            });
+        }
+        let tls = if listen.iter().any(|l| l.scheme.is_tls()) {
+            let default = match default_cert {
+                Some(d) => d,
+                // No default given: the first SNI entry serves unknown names.
+                None => match sni.first() {
+                    Some(first) => first.source.clone(),
+                    None => dev_cert().unwrap_or(CertSource::EmbeddedDev),
+                },
+            };
+            Some(TlsSettings { default, sni })
+        } else {
+            None
+        };
+
+        // Upstream.
+        let upstream_url = match (&cli.upstream, &file.upstream.url) {
+            (Some(u), _) => Some(parse_upstream("--upstream", u)?),
+            (None, Some(u)) => Some(parse_upstream("upstream.url", u)?),
+            (None, None) => None,
+        };
+        let ca = cli
+            .upstream_ca
+            .clone()
+            .or_else(|| file.upstream.ca.map(&rel));
+        let proxy_protocol = cli.upstream_proxy_protocol.or(file.upstream.proxy_protocol);
+        let connect_secs = cli
+            .upstream_timeout_secs
+            .or(file.upstream.connect_timeout_secs)
+            .unwrap_or(5);
+        if connect_secs == 0 {
+            return Err(invalid(
+                "upstream.connect_timeout_secs",
+                "must be at least 1 second",
+            ));
+        }
+        let upstream = match upstream_url {
+            Some(url) => Some(UpstreamSettings {
+                url,
+                ca,
+                proxy_protocol,
+                connect_timeout: Duration::from_secs(connect_secs),
+            }),
+            None => {
+                if ca.is_some() || proxy_protocol.is_some() {
+                    return Err(invalid(
+                        "--upstream",
+                        "--upstream-ca / --upstream-proxy-protocol (upstream.ca / upstream.proxy_protocol) are set but no upstream URL is; add --upstream rtmp://HOST:PORT",
+                    ));
+                }
+                None
+            }
+        };
+
+        let limits = file.limits.unwrap_or_default();
+        if limits.first_bytes_timeout_secs == 0 {
+            return Err(invalid(
+                "limits.first_bytes_timeout_secs",
+                "must be at least 1 second",
+            ));
+        }
+        if limits.max_connections == 0 || limits.max_connections_per_ip == 0 {
+            return Err(invalid(
+                "limits.max_connections",
+                "max_connections and max_connections_per_ip must be at least 1",
+            ));
+        }
+
+        Ok(Config {
+            listen,
+            tls,
+            upstream,
+            log_level: cli.log_level.clone().or(file.log_level),
+            drain: Duration::from_secs(cli.drain_secs.or(file.drain_secs).unwrap_or(10)),
+            rtmpe: !cli.no_rtmpe && file.rtmpe.unwrap_or(true),
+            accept_proxy_protocol: cli.accept_proxy_protocol
+                || file.accept_proxy_protocol.unwrap_or(false),
+            limits,
+        })
+    }
+
+    /// The socket address to bind for a literal IP host, if the host is one.
+    pub fn literal_addr(url: &ListenUrl) -> Option<SocketAddr> {
+        url.host
+            .parse::<std::net::IpAddr>()
+            .ok()
+            .map(|ip| SocketAddr::new(ip, url.port))
+    }
+}
+
+/// Parses the TOML text of a config file.
+pub fn parse_file(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string().trim_end().replace('\n', "\n  "),
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        let mut all = vec!["rtmpgate"];
+        all.extend_from_slice(args);
+        Cli::try_parse_from(all).unwrap()
+    }
+
+    fn merge(args: &[&str], toml_text: &str) -> Result<Config, ConfigError> {
+        let file = parse_file(toml_text, Path::new("test.toml"))?;
+        Config::merge(&cli(args), file, Some(Path::new("/etc/rtmpgate")), || None)
+    }
+
+    #[test]
+    fn defaults() {
+        let c = merge(&[], "").unwrap();
+        let urls: Vec<String> = c.listen.iter().map(ToString::to_string).collect();
+        assert_eq!(urls, DEFAULT_LISTEN);
+        assert_eq!(c.tls.unwrap().default, CertSource::EmbeddedDev);
+        assert!(c.upstream.is_none());
+        assert!(c.rtmpe);
+        assert_eq!(c.drain, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn listen_urls() {
+        let l = parse_listen("k", "rtmps://[::1]:0").unwrap();
+        assert_eq!(l.scheme, ListenScheme::Rtmps);
+        assert_eq!(l.host, "::1");
+        assert_eq!(l.to_string(), "rtmps://[::1]:0");
+        assert_eq!(parse_listen("k", "rtmpt://0.0.0.0").unwrap().port, 80);
+        assert_eq!(parse_listen("k", "RTMP://localhost/").unwrap().port, 1935);
+        for bad in [
+            "0.0.0.0:1935",
+            "http://0.0.0.0:80",
+            "rtmp://::1:1935",
+            "rtmp://:1935",
+            "rtmp://0.0.0.0:99999",
+            "rtmp://0.0.0.0:1935/live",
+            "rtmpe://0.0.0.0:1935",
+        ] {
+            let err = parse_listen("--listen", bad).unwrap_err().to_string();
+            assert!(err.starts_with("--listen: "), "{err}");
+        }
+    }
+
+    #[test]
+    fn upstream_urls() {
+        let u = parse_upstream("k", "rtmps://backend.example.com").unwrap();
+        assert_eq!(u.scheme, UpstreamScheme::Rtmps);
+        assert_eq!(u.port, 443);
+        assert!(parse_upstream("k", "rtmpt://x:80").is_err());
+        assert!(parse_upstream("k", "rtmp://x:0").is_err());
+    }
+
+    #[test]
+    fn flags_win_over_file() {
+        let toml_text = r#"
+            listen = ["rtmp://127.0.0.1:1935"]
+            log_level = "debug"
+            drain_secs = 30
+            rtmpe = true
+            [upstream]
+            url = "rtmp://10.0.0.1:1935"
+            proxy_protocol = "v1"
+            [limits]
+            max_connections = 5
+        "#;
+        let c = merge(
+            &[
+                "--listen",
+                "rtmps://127.0.0.1:0",
+                "--upstream",
+                "rtmps://10.0.0.2",
+                "--upstream-proxy-protocol",
+                "v2",
+                "--drain-secs",
+                "3",
+                "--no-rtmpe",
+            ],
+            toml_text,
+        )
+        .unwrap();
+        assert_eq!(c.listen.len(), 1);
+        assert_eq!(c.listen[0].scheme, ListenScheme::Rtmps);
+        let up = c.upstream.unwrap();
+        assert_eq!(up.url.host, "10.0.0.2");
+        assert_eq!(up.proxy_protocol, Some(ProxyVersion::V2));
+        assert_eq!(c.drain, Duration::from_secs(3));
+        assert!(!c.rtmpe);
+        assert_eq!(c.log_level.as_deref(), Some("debug"));
+        assert_eq!(c.limits.max_connections, 5);
+        assert_eq!(
+            c.limits.max_connections_per_ip,
+            Limits::default().max_connections_per_ip
+        );
+    }
+
+    #[test]
+    fn file_only_and_relative_paths() {
+        let toml_text = r#"
+            listen = ["rtmps://0.0.0.0:443", "rtmp://0.0.0.0:1935"]
+            [tls]
+            cert = "fullchain.pem"
+            key = "/abs/privkey.pem"
+            [[tls.certificates]]
+            server_names = ["live.example.com", "*.cdn.example.com"]
+            cert = "live/fullchain.pem"
+            key = "live/privkey.pem"
+            [upstream]
+            url = "rtmp://127.0.0.1:1936"
+            ca = "ca.pem"
+        "#;
+        let c = merge(&[], toml_text).unwrap();
+        let tls = c.tls.unwrap();
+        assert_eq!(
+            tls.default,
+            CertSource::Files {
+                cert: "/etc/rtmpgate/fullchain.pem".into(),
+                key: "/abs/privkey.pem".into()
+            }
+        );
+        assert_eq!(tls.sni.len(), 1);
+        assert_eq!(tls.sni[0].server_names.len(), 2);
+        assert_eq!(
+            c.upstream.unwrap().ca,
+            Some(PathBuf::from("/etc/rtmpgate/ca.pem"))
+        );
+    }
+
+    #[test]
+    fn flag_cert_wins() {
+        let c = merge(
+            &[
+                "--listen",
+                "rtmps://0.0.0.0:0",
+                "--tls-cert",
+                "a.pem",
+                "--tls-key",
+                "b.pem",
+            ],
+            "[tls]\ncert = \"x.pem\"\nkey = \"y.pem\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.tls.unwrap().default,
+            CertSource::Files {
+                cert: "a.pem".into(),
+                key: "b.pem".into()
+            }
+        );
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = merge(&[], "listen = []").unwrap_err().to_string();
+        assert!(e.starts_with("listen: "), "{e}");
+        let e = merge(&[], "[tls]\ncert = \"a.pem\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("tls.key: "), "{e}");
+        let e = merge(&[], "listen = [\"rtmp://0.0.0.0:1935\", \"tcp://x\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("listen[1]: "), "{e}");
+        let e = merge(&[], "lisen = []").unwrap_err().to_string();
+        assert!(e.contains("lisen"), "{e}");
+        let e = merge(&[], "[limits]\nmax_conections = 1")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_conections"), "{e}");
+        let e = merge(&[], "[upstream]\nproxy_protocol = \"v3\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("v3") || e.contains("variant"), "{e}");
+        let e = merge(&["--upstream-ca", "ca.pem"], "")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("--upstream: "), "{e}");
+        let e = merge(
+            &[
+                "--listen",
+                "rtmp://0.0.0.0:1935",
+                "--listen",
+                "rtmps://0.0.0.0:1935",
+            ],
+            "",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("twice"), "{e}");
+        let e = merge(
+            &[],
+            "[[tls.certificates]]\nserver_names = []\ncert = \"a\"\nkey = \"b\"",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("tls.certificates[0].server_names"), "{e}");
+    }
+
+    #[test]
+    fn tls_only_when_needed() {
+        let c = merge(&["--listen", "rtmp://127.0.0.1:0"], "").unwrap();
+        assert!(c.tls.is_none());
+    }
+
+    #[test]
+    fn clap_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        assert!(Cli::try_parse_from(["rtmpgate", "--tls-cert", "a.pem"]).is_err());
+        assert!(Cli::try_parse_from(["rtmpgate", "--upstream-proxy-protocol", "v3"]).is_err());
+    }
+}

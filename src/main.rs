@@ -1,2 +1,235 @@
 //! Command-line entry point: parse flags and config, set up logging, run until a signal.
-fn main() {}
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use rtmpgate::config::{Cli, Config, TlsSettings};
+use rtmpgate::door::sessions::{self, Sessions};
+use rtmpgate::door::tls::{self, CertSource, SniResolver};
+use rtmpgate::door::{Door, DoorOptions};
+use rtmpgate::stream::StreamHandler;
+use rtmpgate::upstream::Upstream;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("rtmpgate: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = init_logging(&cli, &config) {
+        eprintln!("rtmpgate: {e:#}");
+        return ExitCode::from(2);
+    }
+    if cli.check_config {
+        return match check(&config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("rtmpgate: configuration error: {e:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("rtmpgate: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run(config));
+    // Sessions still open after the drain are dropped here, without waiting on them.
+    runtime.shutdown_background();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rtmpgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--log-level` wins, then RUST_LOG, then the file's `log_level`, then "info".
+fn init_logging(cli: &Cli, config: &Config) -> anyhow::Result<()> {
+    let filter = match (&cli.log_level, std::env::var("RUST_LOG")) {
+        (Some(level), _) => EnvFilter::try_new(level).with_context(|| {
+            format!(
+                "--log-level: '{level}' is not a log level; use error, warn, info, debug or trace"
+            )
+        })?,
+        (None, Ok(env)) if !env.trim().is_empty() => EnvFilter::try_new(&env)
+            .with_context(|| format!("RUST_LOG: '{env}' is not a valid filter"))?,
+        _ => {
+            let level = config.log_level.as_deref().unwrap_or("info");
+            EnvFilter::try_new(level).with_context(|| {
+                format!("log_level: '{level}' is not a log level; use error, warn, info, debug or trace")
+            })?
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    Ok(())
+}
+
+/// Loads the certificates, the key(s) and the upstream CA, as a start would, then reports.
+fn check(config: &Config) -> anyhow::Result<()> {
+    if let Some(tls) = &config.tls {
+        build_tls(tls)?;
+    }
+    match &config.upstream {
+        Some(up) => {
+            Upstream::new(up)?;
+        }
+        None => bail!(no_upstream_message()),
+    }
+    println!("configuration is valid");
+    for l in &config.listen {
+        println!("  listen   {l}");
+    }
+    if let Some(tls) = &config.tls {
+        println!("  tls      {}", tls.default);
+        for s in &tls.sni {
+            println!("  tls sni  {} -> {}", s.server_names.join(", "), s.source);
+        }
+    }
+    if let Some(up) = &config.upstream {
+        let pp = match up.proxy_protocol {
+            Some(v) => format!(", PROXY protocol {v:?}"),
+            None => String::new(),
+        };
+        println!("  upstream {}{pp}", up.url);
+    }
+    println!(
+        "  rtmpe {}, accept PROXY protocol {}, drain {} s",
+        if config.rtmpe { "on" } else { "off" },
+        if config.accept_proxy_protocol {
+            "yes"
+        } else {
+            "no"
+        },
+        config.drain.as_secs()
+    );
+    Ok(())
+}
+
+fn no_upstream_message() -> &'static str {
+    "no upstream given, and the built-in RTMP engine is not part of this version yet: \
+     rtmpgate needs a backend RTMP server. Run with --upstream rtmp://HOST:PORT \
+     (or set url in the [upstream] table of the config file)"
+}
+
+fn build_tls(settings: &TlsSettings) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let default = tls::load_certified_key(&settings.default)?;
+    let mut resolver = SniResolver::new(default);
+    for entry in &settings.sni {
+        let key = tls::load_certified_key(&entry.source)?;
+        for name in &entry.server_names {
+            resolver.add(name, key.clone());
+        }
+    }
+    Ok(tls::server_config(resolver)?)
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let limits = Arc::new(config.limits.clone());
+    let tls = match &config.tls {
+        Some(settings) => {
+            match &settings.default {
+                CertSource::EmbeddedDev => tracing::warn!(
+                    "TLS listeners use the built-in dev certificate for localhost; its key is \
+                     public, so use it for testing only (set --tls-cert and --tls-key)"
+                ),
+                CertSource::Files { cert, .. } if cert.ends_with("certs/localhost.pem") => {
+                    tracing::warn!(
+                        "TLS listeners use the dev certificate {}; its key is public, so use it \
+                         for testing only (set --tls-cert and --tls-key)",
+                        cert.display()
+                    )
+                }
+                CertSource::Files { .. } => {}
+            }
+            Some(build_tls(settings)?)
+        }
+        None => None,
+    };
+    let handler: StreamHandler = match &config.upstream {
+        Some(settings) => {
+            let upstream = Arc::new(Upstream::new(settings)?);
+            tracing::info!("forwarding every client to {}", upstream.url());
+            upstream.handler()
+        }
+        None => bail!(no_upstream_message()),
+    };
+    let sessions = Sessions::new();
+    let handler = sessions::accounted(handler, sessions.clone());
+    let door = Door::bind(
+        &config.listen,
+        DoorOptions {
+            limits,
+            tls,
+            rtmpe: config.rtmpe,
+            accept_proxy_protocol: config.accept_proxy_protocol,
+        },
+        handler,
+    )
+    .await?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let accept_loops = door.start(stop_rx);
+
+    let signal = wait_for_signal().await?;
+    tracing::info!(
+        "{signal}: no longer accepting; letting {} open session(s) finish for up to {} s",
+        sessions.active(),
+        config.drain.as_secs()
+    );
+    let _ = stop_tx.send(true);
+    for task in accept_loops {
+        let _ = task.await;
+    }
+    let left = tokio::select! {
+        left = sessions.wait_idle(config.drain) => left,
+        second = wait_for_signal() => {
+            tracing::info!("{}: closing now", second.unwrap_or("second signal"));
+            sessions.active()
+        }
+    };
+    if left > 0 {
+        tracing::info!("closing {left} session(s) still open after the drain");
+    }
+    tracing::info!("shut down after {} session(s) in total", sessions.opened());
+    Ok(())
+}
+
+/// Waits for SIGINT or SIGTERM; returns which.
+async fn wait_for_signal() -> anyhow::Result<&'static str> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        tokio::select! {
+            _ = term.recv() => Ok("SIGTERM"),
+            _ = int.recv() => Ok("SIGINT"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c()
+            .await
+            .context("installing the Ctrl-C handler")?;
+        Ok("Ctrl-C")
+    }
+}

@@ -1,6 +1,11 @@
 //! The front door: listeners, first-byte sniffing, TLS, the RTMPT tunnel and the RTMPE layer.
 
+pub mod listener;
+pub mod proxy_protocol;
 pub mod rtmpe;
 pub mod rtmpt;
+pub mod sessions;
 pub mod sniff;
 pub mod tls;
+
+pub use listener::{BindError, Door, DoorOptions};

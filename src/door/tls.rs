@@ -1,1 +1,411 @@
 //! TLS server and client configuration (tokio-rustls), PEM loading, SNI certificates.
+//!
+//! Only TLS 1.2 and 1.3 with the ring provider. Certificates and keys are read from PEM
+//! through rustls-pki-types; every error names the file and says what to do about it.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+/// The dev chain (leaf + CA) from `certs/`, built into the binary so `cargo run` works from
+/// any directory. Its private key is public: for testing only.
+pub const DEV_CERT_PEM: &[u8] = include_bytes!("../../certs/localhost.pem");
+/// The dev private key matching [`DEV_CERT_PEM`]. Public, testing only.
+pub const DEV_KEY_PEM: &[u8] = include_bytes!("../../certs/localhost.key");
+
+/// Why a certificate, key or CA file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {what} file {path}: {source}; check the path and its permissions")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{what} file {path} is not PEM ({detail}); expected '-----BEGIN ...-----' sections (convert DER with `openssl x509 -inform der -in FILE -out FILE.pem`)")]
+    NotPem {
+        what: &'static str,
+        path: PathBuf,
+        detail: String,
+    },
+    #[error("certificate file {path} holds no certificate (no '-----BEGIN CERTIFICATE-----' section); pass the certificate chain, for example Let's Encrypt's fullchain.pem")]
+    NoCertificate { path: PathBuf },
+    #[error("key file {path} holds no private key (no '-----BEGIN PRIVATE KEY-----', 'RSA PRIVATE KEY' or 'EC PRIVATE KEY' section); pass the private key, for example Let's Encrypt's privkey.pem")]
+    NoPrivateKey { path: PathBuf },
+    #[error("private key in {path} cannot be used: {detail}; use an RSA, ECDSA (P-256/P-384) or Ed25519 key")]
+    BadKey { path: PathBuf, detail: String },
+    #[error("certificate {path} cannot be parsed: {detail}")]
+    BadCertificate { path: PathBuf, detail: String },
+    #[error("private key {key} does not match the certificate {cert}; pass the key that belongs to the first certificate in the chain (fullchain.pem goes with privkey.pem)")]
+    KeyMismatch { cert: PathBuf, key: PathBuf },
+    #[error("CA file {path} holds no certificate usable as a trust anchor: {detail}")]
+    BadCa { path: PathBuf, detail: String },
+    #[error("TLS configuration failed: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+/// Where a certificate chain and its key come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CertSource {
+    /// PEM files on disk.
+    Files { cert: PathBuf, key: PathBuf },
+    /// The dev certificate built into the binary.
+    EmbeddedDev,
+}
+
+impl std::fmt::Display for CertSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CertSource::Files { cert, key } => {
+                write!(f, "{} (key {})", cert.display(), key.display())
+            }
+            CertSource::EmbeddedDev => f.write_str("the built-in dev certificate for localhost"),
+        }
+    }
+}
+
+/// The crypto provider used everywhere: ring.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn looks_like_pem(bytes: &[u8]) -> bool {
+    bytes.windows(11).any(|w| w == b"-----BEGIN ")
+}
+
+/// Parses every certificate in a PEM buffer; `path` only labels errors.
+pub fn certs_from_pem(bytes: &[u8], path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(bytes)
+        .collect::<Result<_, _>>()
+        .map_err(|e| TlsError::NotPem {
+            what: "certificate",
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        if looks_like_pem(bytes) {
+            return Err(TlsError::NoCertificate {
+                path: path.to_path_buf(),
+            });
+        }
+        return Err(TlsError::NotPem {
+            what: "certificate",
+            path: path.to_path_buf(),
+            detail: "no PEM section found".into(),
+        });
+    }
+    Ok(certs)
+}
+
+/// Parses the first private key in a PEM buffer; `path` only labels errors.
+pub fn key_from_pem(bytes: &[u8], path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    match PrivateKeyDer::from_pem_slice(bytes) {
+        Ok(key) => Ok(key),
+        Err(rustls_pki_types::pem::Error::NoItemsFound) if looks_like_pem(bytes) => {
+            Err(TlsError::NoPrivateKey {
+                path: path.to_path_buf(),
+            })
+        }
+        Err(rustls_pki_types::pem::Error::NoItemsFound) => Err(TlsError::NotPem {
+            what: "key",
+            path: path.to_path_buf(),
+            detail: "no PEM section found".into(),
+        }),
+        Err(e) => Err(TlsError::NotPem {
+            what: "key",
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        }),
+    }
+}
+
+/// Builds a chain + key pair from PEM bytes and checks that the key matches the leaf.
+pub fn certified_key_from_pem(
+    cert_pem: &[u8],
+    cert_path: &Path,
+    key_pem: &[u8],
+    key_path: &Path,
+) -> Result<Arc<CertifiedKey>, TlsError> {
+    let chain = certs_from_pem(cert_pem, cert_path)?;
+    let key = key_from_pem(key_pem, key_path)?;
+    let signing_key =
+        provider()
+            .key_provider
+            .load_private_key(key)
+            .map_err(|e| TlsError::BadKey {
+                path: key_path.to_path_buf(),
+                detail: e.to_string(),
+            })?;
+    let certified = CertifiedKey::new(chain, signing_key);
+    match certified.keys_match() {
+        Ok(()) => {}
+        // The provider could not derive a public key: nothing to compare, accept.
+        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
+        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
+            return Err(TlsError::KeyMismatch {
+                cert: cert_path.to_path_buf(),
+                key: key_path.to_path_buf(),
+            })
+        }
+        Err(e) => {
+            return Err(TlsError::BadCertificate {
+                path: cert_path.to_path_buf(),
+                detail: e.to_string(),
+            })
+        }
+    }
+    Ok(Arc::new(certified))
+}
+
+/// Loads a chain + key pair from wherever `source` says.
+pub fn load_certified_key(source: &CertSource) -> Result<Arc<CertifiedKey>, TlsError> {
+    match source {
+        CertSource::Files { cert, key } => {
+            let cert_pem = read_file("certificate", cert)?;
+            let key_pem = read_file("key", key)?;
+            certified_key_from_pem(&cert_pem, cert, &key_pem, key)
+        }
+        CertSource::EmbeddedDev => certified_key_from_pem(
+            DEV_CERT_PEM,
+            Path::new("<built-in certs/localhost.pem>"),
+            DEV_KEY_PEM,
+            Path::new("<built-in certs/localhost.key>"),
+        ),
+    }
+}
+
+/// Chooses a certificate by the SNI name the client asked for, or the default one.
+#[derive(Debug)]
+pub struct SniResolver {
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    /// `*.example.com` stored as `example.com`.
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+    default: Arc<CertifiedKey>,
+}
+
+impl SniResolver {
+    pub fn new(default: Arc<CertifiedKey>) -> Self {
+        SniResolver {
+            exact: HashMap::new(),
+            wildcard: HashMap::new(),
+            default,
+        }
+    }
+
+    /// Serves `key` to clients asking for `name` (`*.example.com` matches one label).
+    pub fn add(&mut self, name: &str, key: Arc<CertifiedKey>) {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        match name.strip_prefix("*.") {
+            Some(parent) => self.wildcard.insert(parent.to_string(), key),
+            None => self.exact.insert(name, key),
+        };
+    }
+
+    /// The certificate for a requested server name.
+    pub fn choose(&self, server_name: Option<&str>) -> Arc<CertifiedKey> {
+        let Some(name) = server_name else {
+            return self.default.clone();
+        };
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        if let Some(key) = self.exact.get(&name) {
+            return key.clone();
+        }
+        if let Some((_, parent)) = name.split_once('.') {
+            if let Some(key) = self.wildcard.get(parent) {
+                return key.clone();
+            }
+        }
+        self.default.clone()
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.choose(client_hello.server_name()))
+    }
+}
+
+/// A TLS server configuration (TLS 1.2 and 1.3) answering with certificates from `resolver`.
+pub fn server_config(resolver: SniResolver) -> Result<Arc<ServerConfig>, TlsError> {
+    let config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(resolver));
+    Ok(Arc::new(config))
+}
+
+/// A TLS client configuration trusting the system roots plus, optionally, the certificates
+/// in `extra_ca` (a private CA for the backend).
+pub fn client_config(extra_ca: Option<&Path>) -> Result<Arc<ClientConfig>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for err in &native.errors {
+        tracing::debug!("system CA store: {err}");
+    }
+    let (added, _ignored) = roots.add_parsable_certificates(native.certs);
+    tracing::debug!("loaded {added} system CA certificates");
+    if let Some(path) = extra_ca {
+        let pem = read_file("CA", path)?;
+        let certs = certs_from_pem(&pem, path)?;
+        for cert in certs {
+            roots.add(cert).map_err(|e| TlsError::BadCa {
+                path: path.to_path_buf(),
+                detail: e.to_string(),
+            })?;
+        }
+    }
+    if roots.is_empty() {
+        tracing::warn!(
+            "no trusted CA certificates (system store empty and no --upstream-ca); \
+             TLS connections to the upstream will fail verification"
+        );
+    }
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    const CA_PEM: &[u8] = include_bytes!("../../certs/ca.pem");
+    const CA_KEY: &[u8] = include_bytes!("../../certs/ca.key");
+
+    fn file(bytes: &[u8]) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(bytes).unwrap();
+        f
+    }
+
+    fn files(cert: &[u8], key: &[u8]) -> (tempfile::NamedTempFile, tempfile::NamedTempFile) {
+        (file(cert), file(key))
+    }
+
+    fn load(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsError> {
+        load_certified_key(&CertSource::Files {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+        })
+    }
+
+    #[test]
+    fn dev_pair_loads() {
+        let key = load_certified_key(&CertSource::EmbeddedDev).unwrap();
+        assert_eq!(key.cert.len(), 2, "leaf + CA");
+        let (c, k) = files(DEV_CERT_PEM, DEV_KEY_PEM);
+        load(c.path(), k.path()).unwrap();
+    }
+
+    #[test]
+    fn missing_file_names_it() {
+        let (_, k) = files(DEV_CERT_PEM, DEV_KEY_PEM);
+        let err = load(Path::new("/nonexistent/chain.pem"), k.path()).unwrap_err();
+        assert!(matches!(
+            err,
+            TlsError::Read {
+                what: "certificate",
+                ..
+            }
+        ));
+        let msg = err.to_string();
+        assert!(msg.contains("/nonexistent/chain.pem"), "{msg}");
+    }
+
+    #[test]
+    fn not_pem() {
+        let (c, k) = files(b"\x30\x82\x01\x0a binary DER", DEV_KEY_PEM);
+        let err = load(c.path(), k.path()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TlsError::NotPem {
+                    what: "certificate",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains(&c.path().display().to_string()));
+    }
+
+    #[test]
+    fn key_given_as_certificate() {
+        let (c, k) = files(DEV_KEY_PEM, DEV_KEY_PEM);
+        let err = load(c.path(), k.path()).unwrap_err();
+        assert!(matches!(err, TlsError::NoCertificate { .. }), "{err}");
+    }
+
+    #[test]
+    fn certificate_given_as_key() {
+        let (c, k) = files(DEV_CERT_PEM, DEV_CERT_PEM);
+        let err = load(c.path(), k.path()).unwrap_err();
+        assert!(matches!(err, TlsError::NoPrivateKey { .. }), "{err}");
+        assert!(err.to_string().contains(&k.path().display().to_string()));
+    }
+
+    #[test]
+    fn key_does_not_match() {
+        // The CA's key is a valid key, but not the leaf's.
+        let (c, k) = files(DEV_CERT_PEM, CA_KEY);
+        let err = load(c.path(), k.path()).unwrap_err();
+        assert!(matches!(err, TlsError::KeyMismatch { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains("does not match"), "{msg}");
+    }
+
+    #[test]
+    fn broken_base64() {
+        let (c, k) = files(
+            b"-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n",
+            DEV_KEY_PEM,
+        );
+        let err = load(c.path(), k.path()).unwrap_err();
+        assert!(matches!(err, TlsError::NotPem { .. }), "{err}");
+    }
+
+    #[test]
+    fn sni_choice() {
+        let dev = load_certified_key(&CertSource::EmbeddedDev).unwrap();
+        let ca =
+            certified_key_from_pem(CA_PEM, Path::new("ca"), CA_KEY, Path::new("ca.key")).unwrap();
+        let mut r = SniResolver::new(dev.clone());
+        r.add("Live.Example.com", ca.clone());
+        r.add("*.cdn.example.com", ca.clone());
+        assert!(Arc::ptr_eq(&r.choose(Some("live.example.com")), &ca));
+        assert!(Arc::ptr_eq(&r.choose(Some("LIVE.example.com.")), &ca));
+        assert!(Arc::ptr_eq(&r.choose(Some("a.cdn.example.com")), &ca));
+        assert!(Arc::ptr_eq(&r.choose(Some("a.b.cdn.example.com")), &dev));
+        assert!(Arc::ptr_eq(&r.choose(Some("other.org")), &dev));
+        assert!(Arc::ptr_eq(&r.choose(None), &dev));
+    }
+
+    #[test]
+    fn configs_build() {
+        let dev = load_certified_key(&CertSource::EmbeddedDev).unwrap();
+        server_config(SniResolver::new(dev)).unwrap();
+        let ca = file(CA_PEM);
+        client_config(Some(ca.path())).unwrap();
+        let not_ca = file(b"hello");
+        assert!(client_config(Some(not_ca.path())).is_err());
+    }
+}

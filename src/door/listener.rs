@@ -1,0 +1,467 @@
+//! Listeners: bind, accept, admit within the connection limits, sniff, and dispatch each
+//! connection to raw RTMP, RTMPE or the RTMPT tunnel, inside TLS on TLS listeners.
+//!
+//! The `listening on SCHEME://ADDR` line logged for each bound socket is an interface: tests
+//! bind port 0 and read the real port from it.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use dashmap::DashMap;
+use rustls::ServerConfig;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::{ListenScheme, ListenUrl};
+use crate::door::proxy_protocol;
+use crate::door::sniff::{self, short_hex, Kind};
+use crate::limits::Limits;
+use crate::stream::{ByteStream, ClientStream, Prefixed, StreamHandler, Transport};
+
+/// How the door treats connections, beyond the listener list.
+#[derive(Clone)]
+pub struct DoorOptions {
+    pub limits: Arc<Limits>,
+    /// Required when any listener is rtmps:// or rtmpts://.
+    pub tls: Option<Arc<ServerConfig>>,
+    /// Serve RTMPE handshakes (false: refuse them).
+    pub rtmpe: bool,
+    /// Expect a PROXY protocol header from a load balancer on every connection.
+    pub accept_proxy_protocol: bool,
+}
+
+/// Why a listener could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("cannot listen on {url}: {source}{hint}")]
+    Bind {
+        url: String,
+        source: io::Error,
+        hint: String,
+    },
+    #[error("cannot listen on {url}: host does not resolve ({source})")]
+    Resolve { url: String, source: io::Error },
+    #[error("cannot listen on {url}: TLS listener without a TLS configuration")]
+    NoTls { url: String },
+}
+
+fn bind_hint(e: &io::Error, addr: SocketAddr, scheme: ListenScheme) -> String {
+    match e.kind() {
+        io::ErrorKind::PermissionDenied => {
+            let alt = if scheme.is_tls() { 8443 } else { 8080 };
+            format!(
+                "; port {} needs privileges: run as root, grant CAP_NET_BIND_SERVICE \
+                 (sudo setcap cap_net_bind_service=+ep $(which rtmpgate)), or listen on {alt}",
+                addr.port()
+            )
+        }
+        io::ErrorKind::AddrInUse => format!(
+            "; another program (another rtmpgate, an RTMP or web server) already listens on port {}: \
+             stop it or pick another port",
+            addr.port()
+        ),
+        io::ErrorKind::AddrNotAvailable => format!(
+            "; no network interface here has the address {}: use 0.0.0.0, [::] or one of this host's addresses",
+            addr.ip()
+        ),
+        _ => String::new(),
+    }
+}
+
+/// Connections open now, in total and per client address.
+struct ConnLimiter {
+    total: AtomicUsize,
+    per_ip: DashMap<IpAddr, usize>,
+    max_total: usize,
+    max_per_ip: usize,
+}
+
+struct TotalGuard(Arc<ConnLimiter>);
+impl Drop for TotalGuard {
+    fn drop(&mut self) {
+        self.0.total.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+struct IpGuard(Arc<ConnLimiter>, IpAddr);
+impl Drop for IpGuard {
+    fn drop(&mut self) {
+        self.0.per_ip.remove_if_mut(&self.1, |_, n| {
+            *n = n.saturating_sub(1);
+            *n == 0
+        });
+    }
+}
+
+impl ConnLimiter {
+    fn admit_total(self: &Arc<Self>) -> Option<TotalGuard> {
+        let before = self.total.fetch_add(1, Ordering::AcqRel);
+        let guard = TotalGuard(self.clone());
+        (before < self.max_total).then_some(guard)
+    }
+
+    fn admit_ip(self: &Arc<Self>, ip: IpAddr) -> Option<IpGuard> {
+        let mut n = self.per_ip.entry(ip).or_insert(0);
+        if *n >= self.max_per_ip {
+            return None;
+        }
+        *n += 1;
+        drop(n);
+        Some(IpGuard(self.clone(), ip))
+    }
+}
+
+/// What every connection task shares.
+struct Ctx {
+    opts: DoorOptions,
+    handler: StreamHandler,
+    conns: Arc<ConnLimiter>,
+    tls: Option<TlsAcceptor>,
+}
+
+/// One bound socket and what it was asked to be.
+struct Bound {
+    scheme: ListenScheme,
+    listener: TcpListener,
+    local: SocketAddr,
+}
+
+/// The front door: bound listeners, ready to accept.
+pub struct Door {
+    bound: Vec<Bound>,
+    ctx: Arc<Ctx>,
+}
+
+impl Door {
+    /// Binds every listener (a host name binds each address it resolves to).
+    pub async fn bind(
+        urls: &[ListenUrl],
+        opts: DoorOptions,
+        handler: StreamHandler,
+    ) -> Result<Door, BindError> {
+        let mut bound = Vec::with_capacity(urls.len());
+        for url in urls {
+            if url.scheme.is_tls() && opts.tls.is_none() {
+                return Err(BindError::NoTls {
+                    url: url.to_string(),
+                });
+            }
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((url.host.as_str(), url.port))
+                .await
+                .map_err(|source| BindError::Resolve {
+                    url: url.to_string(),
+                    source,
+                })?
+                .collect();
+            for addr in addrs {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| BindError::Bind {
+                        url: url.to_string(),
+                        hint: bind_hint(&source, addr, url.scheme),
+                        source,
+                    })?;
+                let local = listener.local_addr().unwrap_or(addr);
+                bound.push(Bound {
+                    scheme: url.scheme,
+                    listener,
+                    local,
+                });
+            }
+        }
+        let conns = Arc::new(ConnLimiter {
+            total: AtomicUsize::new(0),
+            per_ip: DashMap::new(),
+            max_total: opts.limits.max_connections,
+            max_per_ip: opts.limits.max_connections_per_ip,
+        });
+        let tls = opts.tls.clone().map(TlsAcceptor::from);
+        Ok(Door {
+            bound,
+            ctx: Arc::new(Ctx {
+                opts,
+                handler,
+                conns,
+                tls,
+            }),
+        })
+    }
+
+    /// The bound addresses, in listener order.
+    pub fn local_addrs(&self) -> Vec<(ListenScheme, SocketAddr)> {
+        self.bound.iter().map(|b| (b.scheme, b.local)).collect()
+    }
+
+    /// Starts accepting. Each listener logs `listening on SCHEME://ADDR` and stops accepting
+    /// when `shutdown` turns true.
+    pub fn start(self, shutdown: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
+        self.bound
+            .into_iter()
+            .map(|b| {
+                let label: Arc<str> = format!("{}://{}", b.scheme.as_str(), b.local).into();
+                tracing::info!("listening on {label}");
+                tokio::spawn(accept_loop(self.ctx.clone(), b, label, shutdown.clone()))
+            })
+            .collect()
+    }
+}
+
+async fn accept_loop(
+    ctx: Arc<Ctx>,
+    bound: Bound,
+    label: Arc<str>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => break,
+            r = bound.listener.accept() => r,
+        };
+        match accepted {
+            Ok((tcp, peer)) => {
+                let local = tcp.local_addr().unwrap_or(bound.local);
+                tokio::spawn(handle(
+                    ctx.clone(),
+                    tcp,
+                    peer,
+                    local,
+                    bound.scheme,
+                    label.clone(),
+                ));
+            }
+            Err(e) => {
+                // Out of file descriptors and similar: back off instead of spinning.
+                tracing::warn!("accepting on {label} failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    tracing::info!("stopped accepting on {label}");
+}
+
+/// One connection, from accept to the end of its session.
+async fn handle(
+    ctx: Arc<Ctx>,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    scheme: ListenScheme,
+    label: Arc<str>,
+) {
+    let Some(_total) = ctx.conns.admit_total() else {
+        tracing::warn!(
+            "refusing {peer} on {label}: {} connections open (limits.max_connections)",
+            ctx.opts.limits.max_connections
+        );
+        return;
+    };
+    let _ = tcp.set_nodelay(true);
+    let first = ctx.opts.limits.first_bytes_timeout();
+
+    let (peer, head) = if ctx.opts.accept_proxy_protocol {
+        match tokio::time::timeout(first, proxy_protocol::read_header(&mut tcp)).await {
+            Ok(Ok((client, rest))) => (client.unwrap_or(peer), rest),
+            Ok(Err(e)) => {
+                tracing::info!("closing {peer} on {label}: {e}");
+                return;
+            }
+            Err(_) => {
+                tracing::info!(
+                    "dropping {peer} on {label}: no PROXY protocol header within {} s",
+                    first.as_secs()
+                );
+                return;
+            }
+        }
+    } else {
+        (peer, BytesMut::new())
+    };
+    let Some(_per_ip) = ctx.conns.admit_ip(peer.ip()) else {
+        tracing::warn!(
+            "refusing {peer} on {label}: {} connections from this address already open \
+             (limits.max_connections_per_ip)",
+            ctx.opts.limits.max_connections_per_ip
+        );
+        return;
+    };
+
+    let Some((kind, head)) = sniff_in_time(&mut tcp, head, first, peer, &label).await else {
+        return;
+    };
+    if kind == Kind::Unknown {
+        log_unknown(peer, &label, &head);
+        return;
+    }
+    if !scheme.is_tls() {
+        if kind == Kind::Tls {
+            tracing::info!(
+                "closing {peer} on {label}: a TLS handshake on a plain listener; TLS clients \
+                 (rtmps://, rtmpts://) need an rtmps:// listener"
+            );
+            return;
+        }
+        let io = Prefixed::new(head, tcp);
+        dispatch(&ctx, io, kind, peer, local, false, &label).await;
+        return;
+    }
+
+    if kind != Kind::Tls {
+        tracing::info!(
+            "closing {peer} on {label}: {} on a TLS listener (first bytes {}); connect with \
+             rtmps:// or rtmpts://, or add a plain rtmp:// listener",
+            describe(kind),
+            short_hex(&head)
+        );
+        return;
+    }
+    let Some(acceptor) = ctx.tls.clone() else {
+        return;
+    };
+    let mut tls = match tokio::time::timeout(first, acceptor.accept(Prefixed::new(head, tcp))).await
+    {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::info!("closing {peer} on {label}: TLS handshake failed: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(
+                "dropping {peer} on {label}: TLS handshake not finished within {} s",
+                first.as_secs()
+            );
+            return;
+        }
+    };
+    let Some((kind, head)) = sniff_in_time(&mut tls, BytesMut::new(), first, peer, &label).await
+    else {
+        return;
+    };
+    if kind == Kind::Unknown {
+        log_unknown(peer, &label, &head);
+        return;
+    }
+    let io = Prefixed::new(head, tls);
+    dispatch(&ctx, io, kind, peer, local, true, &label).await;
+}
+
+fn log_unknown(peer: SocketAddr, label: &str, head: &[u8]) {
+    tracing::info!(
+        "closing {peer} on {label}: neither RTMP nor HTTP (first bytes {})",
+        short_hex(head)
+    );
+}
+
+fn describe(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Rtmp => "plain RTMP",
+        Kind::Rtmpe => "RTMPE",
+        Kind::Tls => "TLS",
+        Kind::Http => "plain HTTP",
+        Kind::Unknown => "an unknown protocol",
+    }
+}
+
+/// Sniffs within the first-bytes timeout; logs and returns None when the peer sent nothing.
+async fn sniff_in_time<S: tokio::io::AsyncRead + Unpin>(
+    io: &mut S,
+    head: BytesMut,
+    limit: Duration,
+    peer: SocketAddr,
+    label: &str,
+) -> Option<(Kind, bytes::Bytes)> {
+    match tokio::time::timeout(limit, sniff::sniff_with(io, head)).await {
+        Ok(Ok((Kind::Unknown, head))) if head.is_empty() => {
+            tracing::debug!("{peer} on {label} closed without sending anything");
+            None
+        }
+        Ok(Ok(found)) => Some(found),
+        Ok(Err(e)) => {
+            tracing::info!("closing {peer} on {label}: reading its first bytes failed: {e}");
+            None
+        }
+        Err(_) => {
+            tracing::info!(
+                "dropping {peer} on {label}: sent nothing recognisable within {} s",
+                limit.as_secs()
+            );
+            None
+        }
+    }
+}
+
+/// Hands a sniffed connection to the right layer.
+async fn dispatch<I: ByteStream + 'static>(
+    ctx: &Arc<Ctx>,
+    io: I,
+    kind: Kind,
+    peer: SocketAddr,
+    local: SocketAddr,
+    tls: bool,
+    label: &str,
+) {
+    match kind {
+        Kind::Rtmp => {
+            let transport = if tls {
+                Transport::Rtmps
+            } else {
+                Transport::Rtmp
+            };
+            let stream = ClientStream::new(Box::new(io), transport, peer, local);
+            (ctx.handler)(stream).await;
+        }
+        Kind::Http => serve_tunnel(ctx, io, peer, local, tls, label).await,
+        Kind::Rtmpe if tls => {
+            tracing::info!(
+                "closing {peer} on {label}: RTMPE inside TLS is not supported; use rtmps:// or rtmpe:// on a plain listener"
+            );
+        }
+        Kind::Rtmpe if !ctx.opts.rtmpe => {
+            tracing::info!("refusing RTMPE from {peer} on {label}: RTMPE is disabled (--no-rtmpe / rtmpe = false)");
+        }
+        Kind::Rtmpe => serve_rtmpe(ctx, io, peer, local, label).await,
+        Kind::Tls => {
+            tracing::info!("closing {peer} on {label}: TLS inside TLS");
+        }
+        Kind::Unknown => {
+            tracing::info!("closing {peer} on {label}: neither RTMP nor HTTP");
+        }
+    }
+}
+
+/// The RTMPT tunnel. Until `crate::door::rtmpt::Tunnel` lands this answers 503 and closes.
+async fn serve_tunnel<I: ByteStream + 'static>(
+    _ctx: &Arc<Ctx>,
+    mut io: I,
+    peer: SocketAddr,
+    _local: SocketAddr,
+    _tls: bool,
+    label: &str,
+) {
+    tracing::info!("refusing RTMPT tunnel from {peer} on {label}: the tunnel is not built into this version yet");
+    let _ = io
+        .write_all(
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+    let _ = io.shutdown().await;
+}
+
+/// RTMPE. Until `crate::door::rtmpe::accept` lands this refuses with a log line.
+async fn serve_rtmpe<I: ByteStream + 'static>(
+    _ctx: &Arc<Ctx>,
+    _io: I,
+    peer: SocketAddr,
+    _local: SocketAddr,
+    label: &str,
+) {
+    tracing::info!(
+        "refusing RTMPE from {peer} on {label}: RTMPE is not built into this version yet"
+    );
+}
