@@ -23,6 +23,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use dashmap::DashMap;
 use http_body_util::{BodyExt, Full};
+use hyper::body::Body as _;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::server::conn::http1;
@@ -32,7 +33,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use rand::RngCore;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, trace, warn};
 
 use self::path::Command;
 pub use self::session::TunnelPipe;
@@ -151,6 +152,7 @@ impl Tunnel {
         peer: SocketAddr,
         local: SocketAddr,
     ) -> Reply {
+        let started = Instant::now();
         let (parts, body) = req.into_parts();
         if parts.method != Method::POST {
             let mut r = text(
@@ -185,14 +187,25 @@ impl Tunnel {
                 return text(StatusCode::BAD_REQUEST, "request body could not be read\n");
             }
         };
-        match command {
+        let body_read = Instant::now();
+        let reply = match command {
             // Red5 answers 404; clients ignore the answer and go on to /open/1.
             Command::Ident => text(StatusCode::NOT_FOUND, "\n"),
             Command::Open => self.open(transport, peer, local),
             Command::Send { id, seq } => self.poll(id, seq, Op::Send(body), false).await,
             Command::Idle { id, seq } => self.poll(id, seq, Op::Idle, true).await,
             Command::Close { id, seq } => self.close(id, seq).await,
-        }
+        };
+        trace!(
+            %peer,
+            path = %short(parts.uri.path()),
+            status = reply.status().as_u16(),
+            reply_len = reply.body().size_hint().exact().unwrap_or(0),
+            body_wait_us = body_read.saturating_duration_since(started).as_micros() as u64,
+            answer_us = body_read.elapsed().as_micros() as u64,
+            "RTMPT request"
+        );
+        reply
     }
 
     fn open(&self, transport: Transport, peer: SocketAddr, local: SocketAddr) -> Reply {
