@@ -200,6 +200,11 @@ impl<S> Prefixed<S> {
     pub fn into_inner(self) -> (bytes::Bytes, S) {
         (self.prefix, self.inner)
     }
+
+    /// The inner stream (for socket options; reading it directly would skip the prefix).
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {

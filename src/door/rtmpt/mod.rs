@@ -10,6 +10,7 @@
 //! `pipeline_flush` is deliberately left off: with it, hyper does not flush a reply while a
 //! pipelined request is buffered, so librtmp's send reply would wait behind a held idle.
 
+mod ack;
 pub mod path;
 mod session;
 
@@ -127,6 +128,10 @@ impl Tunnel {
             .max_header_size(self.limits.max_http_header)
             .title_case_headers(true)
             .keep_alive(true);
+        let io = ack::EagerAck::new(io);
+        if !io.has_socket() {
+            debug!(%peer, "RTMPT connection: TCP socket not reachable, ACKs stay delayed");
+        }
         let conn = builder.serve_connection(TokioIo::new(io), service);
         tokio::pin!(conn);
         let mut shutdown = self.shutdown_tx.subscribe();
