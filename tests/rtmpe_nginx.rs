@@ -333,33 +333,107 @@ async fn gateway(
     }
 }
 
-/// A plain RTMP "server" that does the handshake and keeps the first bytes after it.
-async fn recorder(listener: TcpListener, out: Arc<Mutex<Vec<u8>>>) {
+/// A minimal plain RTMP server for one publisher that never sends Set Chunk Size: it
+/// answers connect, createStream and publish, and writes the media it receives to `flv`.
+async fn publish_sink(listener: TcpListener, flv: PathBuf, connected: Arc<AtomicUsize>) {
+    use bytes::{BufMut, BytesMut};
+    use rtmpgate::rtmp::amf0::{decode_all, encode_all, Amf0Value, AmfLimits};
+    use rtmpgate::rtmp::chunk::{ChunkDecoder, ChunkEncoder};
+    use rtmpgate::rtmp::message::{Message, AUDIO, COMMAND_AMF0, DATA_AMF0, VIDEO};
+
     let Ok((mut tcp, _)) = listener.accept().await else {
         return;
     };
     let mut c0c1 = vec![0u8; 1537];
-    if tcp.read_exact(&mut c0c1).await.is_err() {
-        return;
-    }
-    let reply = server_reply(&c0c1).unwrap();
-    tcp.write_all(&reply.s0s1s2).await.unwrap();
+    tcp.read_exact(&mut c0c1).await.unwrap();
+    tcp.write_all(&server_reply(&c0c1).unwrap().s0s1s2)
+        .await
+        .unwrap();
     let mut c2 = vec![0u8; 1536];
-    if tcp.read_exact(&mut c2).await.is_err() {
-        return;
-    }
-    let mut buf = [0u8; 4096];
-    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf)).await {
-        if n == 0 {
-            break;
+    tcp.read_exact(&mut c2).await.unwrap();
+
+    let limits = Limits::default();
+    let mut dec = ChunkDecoder::new(&limits);
+    let mut enc = ChunkEncoder::new();
+    let mut inbuf = BytesMut::new();
+    let mut file = BytesMut::new();
+    file.put_slice(b"FLV\x01\x05\x00\x00\x00\x09\x00\x00\x00\x00");
+    let obj = |kv: &[(&str, &str)]| {
+        Amf0Value::object(kv.iter().map(|(k, v)| (*k, Amf0Value::string(*v))))
+    };
+    loop {
+        let mut buf = [0u8; 16384];
+        let n = match tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => break,
+        };
+        inbuf.extend_from_slice(&buf[..n]);
+        while let Some(msg) = dec.decode(&mut inbuf).unwrap() {
+            let mut out = BytesMut::new();
+            match msg.msg_type {
+                COMMAND_AMF0 => {
+                    let v = decode_all(&msg.payload, &AmfLimits::default()).unwrap();
+                    let name = v.first().and_then(Amf0Value::as_str).unwrap_or("");
+                    let txn = v.get(1).and_then(Amf0Value::as_f64).unwrap_or(0.0);
+                    let reply = match name {
+                        "connect" => {
+                            connected.fetch_add(1, Ordering::SeqCst);
+                            Some((
+                                0,
+                                vec![
+                                    Amf0Value::string("_result"),
+                                    Amf0Value::Number(txn),
+                                    obj(&[("fmsVer", "FMS/3,5,1,1")]),
+                                    obj(&[
+                                        ("level", "status"),
+                                        ("code", "NetConnection.Connect.Success"),
+                                    ]),
+                                ],
+                            ))
+                        }
+                        "createStream" => Some((
+                            0,
+                            vec![
+                                Amf0Value::string("_result"),
+                                Amf0Value::Number(txn),
+                                Amf0Value::Null,
+                                Amf0Value::Number(1.0),
+                            ],
+                        )),
+                        "publish" => Some((
+                            1,
+                            vec![
+                                Amf0Value::string("onStatus"),
+                                Amf0Value::Number(0.0),
+                                Amf0Value::Null,
+                                obj(&[("level", "status"), ("code", "NetStream.Publish.Start")]),
+                            ],
+                        )),
+                        _ => None,
+                    };
+                    if let Some((stream, values)) = reply {
+                        let m = Message::new(COMMAND_AMF0, 0, stream, encode_all(&values));
+                        enc.write(3, &m, &mut out);
+                    }
+                }
+                AUDIO | VIDEO | DATA_AMF0 => {
+                    let len = msg.payload.len() as u32;
+                    file.put_u8(msg.msg_type);
+                    file.put_slice(&len.to_be_bytes()[1..]);
+                    file.put_slice(&msg.timestamp.to_be_bytes()[1..]);
+                    file.put_u8((msg.timestamp >> 24) as u8);
+                    file.put_slice(&[0, 0, 0]);
+                    file.put_slice(&msg.payload);
+                    file.put_u32(len + 11);
+                }
+                _ => {}
+            }
+            if !out.is_empty() {
+                tcp.write_all(&out).await.unwrap();
+            }
         }
-        let mut got = out.lock().unwrap();
-        got.extend_from_slice(&buf[..n]);
-        let text = String::from_utf8_lossy(&got);
-        if text.contains("connect") && text.contains("rtmpe://") {
-            break;
-        }
     }
+    std::fs::write(&flv, &file).unwrap();
 }
 
 /// A plain handshake on both sides: `server_reply` with the client, `ClientHandshake`
@@ -446,19 +520,20 @@ async fn rtmpe_clients_through_door_to_nginx() {
     // ffmpeg 9 cannot publish over rtmpe to a server that sends Set Chunk Size (nginx-rtmp
     // does): its rtmpe_write encrypts the caller's buffer in place, and handle_chunk_size
     // echoes the packet before reading the size from it, so it reads ciphertext. Its
-    // publish goes to a recorder that checks the handshake and the decrypted connect.
-    let recorded = Arc::new(Mutex::new(Vec::new()));
-    let rec = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let rec_port = rec.local_addr().unwrap().port();
-    tokio::spawn(recorder(rec, recorded.clone()));
-    let rec_gw = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let rec_gw_addr = rec_gw.local_addr().unwrap();
-    let rec_seen = Arc::new(AtomicUsize::new(0));
+    // publish goes through the door to a minimal server that never sends one.
+    let sink = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sink_port = sink.local_addr().unwrap().port();
+    let sink_flv = bench.out("sink_ffmpeg9_rtmpe_publish");
+    let sink_connects = Arc::new(AtomicUsize::new(0));
+    let sink_task = tokio::spawn(publish_sink(sink, sink_flv.clone(), sink_connects.clone()));
+    let sink_gw = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sink_gw_addr = sink_gw.local_addr().unwrap();
+    let sink_seen = Arc::new(AtomicUsize::new(0));
     tokio::spawn(gateway(
-        rec_gw,
-        rec_port,
+        sink_gw,
+        sink_port,
         AnswerPolicy::Recommended,
-        rec_seen.clone(),
+        sink_seen.clone(),
     ));
 
     // Players first: nginx holds them until the publisher starts.
@@ -474,25 +549,21 @@ async fn rtmpe_clients_through_door_to_nginx() {
     let plain = format!("rtmp://127.0.0.1:{}/live/a", bench.nginx_port);
     let mut publishers = vec![(bench.publish("publish_plain", FFMPEG, &plain), true)];
     if have_ff9 {
-        let url = format!("rtmpe://{rec_gw_addr}/live/b");
-        // It fails once the recorder hangs up; only its handshake and connect matter.
-        publishers.push((bench.publish("publish_ffmpeg9_rtmpe", FFMPEG9, &url), false));
+        let url = format!("rtmpe://{sink_gw_addr}/live/b");
+        publishers.push((bench.publish("publish_ffmpeg9_rtmpe", FFMPEG9, &url), true));
     }
-    let _bench = bench.finish(publishers, players).await;
+    let bench = bench.finish(publishers, players).await;
 
     if have_ff9 {
-        let got = recorded.lock().unwrap().clone();
-        let text = String::from_utf8_lossy(&got);
-        println!(
-            "ffmpeg 9 rtmpe publish: {} decrypted bytes after the handshake, connect seen: {}",
-            got.len(),
-            text.contains("connect")
+        sink_task.await.unwrap();
+        assert_eq!(sink_seen.load(Ordering::SeqCst), 1);
+        assert_eq!(sink_connects.load(Ordering::SeqCst), 1);
+        check_frames(
+            "ffmpeg 9 rtmpe publish (to a sink)",
+            &bench.src_hashes,
+            &video_hashes(&sink_flv),
+            0.95,
         );
-        assert!(
-            text.contains("connect") && text.contains("rtmpe://") && text.contains("live"),
-            "ffmpeg 9 rtmpe publish: no decryptable connect reached the backend"
-        );
-        assert_eq!(rec_seen.load(Ordering::SeqCst), 1);
     }
     for (name, _, seen) in &gw {
         let n = seen.load(Ordering::SeqCst);
@@ -594,6 +665,27 @@ async fn rtmpte_clients_through_tunnel_and_door_to_nginx() {
         }
     });
 
+    // ffmpeg 9 publishing over rtmpte goes to a sink (see the rtmpe test for why).
+    let sink = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sink_port = sink.local_addr().unwrap().port();
+    let sink_flv = bench.out("sink_ffmpeg9_rtmpte_publish");
+    let sink_connects = Arc::new(AtomicUsize::new(0));
+    let sink_task = tokio::spawn(publish_sink(sink, sink_flv.clone(), sink_connects.clone()));
+    let sink_tunnel = Tunnel::new(
+        Arc::new(Limits::default()),
+        tunnel_handler(sink_port, seen.clone()),
+    );
+    let sl = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sink_addr = sl.local_addr().unwrap();
+    let t = sink_tunnel.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, peer)) = sl.accept().await {
+            let local = tcp.local_addr().unwrap();
+            let t = t.clone();
+            tokio::spawn(async move { t.serve_connection(tcp, peer, local, false).await });
+        }
+    });
+
     let url = format!("rtmpte://{addr}/live/a");
     let mut players = vec![bench.rtmpdump("rtmpdump_rtmpte", &url)];
     if have_ff9 {
@@ -601,13 +693,30 @@ async fn rtmpte_clients_through_tunnel_and_door_to_nginx() {
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let plain = format!("rtmp://127.0.0.1:{}/live/a", bench.nginx_port);
-    let publishers = vec![(bench.publish("publish_plain", FFMPEG, &plain), true)];
-    let _bench = bench.finish(publishers, players).await;
+    let mut publishers = vec![(bench.publish("publish_plain", FFMPEG, &plain), true)];
+    if have_ff9 {
+        let url = format!("rtmpte://{sink_addr}/live/b");
+        publishers.push((bench.publish("publish_ffmpeg9_rtmpte", FFMPEG9, &url), true));
+    }
+    let bench = bench.finish(publishers, players).await;
     tunnel.shutdown();
+    if have_ff9 {
+        sink_task.await.unwrap();
+        sink_tunnel.shutdown();
+        assert_eq!(sink_connects.load(Ordering::SeqCst), 1);
+        check_frames(
+            "ffmpeg 9 rtmpte publish (to a sink)",
+            &bench.src_hashes,
+            &video_hashes(&sink_flv),
+            0.95,
+        );
+    } else {
+        sink_task.abort();
+    }
 
     let seen = seen.lock().unwrap().clone();
     println!("tunnel sessions: {seen:?}");
-    let want = if have_ff9 { 2 } else { 1 };
+    let want = if have_ff9 { 3 } else { 1 };
     assert_eq!(
         seen.iter().filter(|t| **t == Transport::Rtmpte).count(),
         want,
