@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The project's one test command (README, CI): installs the real peers if missing, then
+# checks formatting, builds, runs clippy with warnings as errors, and runs every unit and
+# integration test. Every step runs even when an earlier one failed (except tests after a
+# failed build), and a summary at the end says which failed. Exit status 0 only if all passed.
+#
+# Environment:
+#   RTMPGATE_TEST_TIMEOUT  bound on the `cargo test` step, in minutes (default 45)
+#   Anything after `--` is passed to `cargo test` (e.g. scripts/test.sh -- --test transports).
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+
+extra=()
+if [ "${1:-}" = "--" ]; then
+    shift
+    extra=("$@")
+fi
+
+names=()
+results=()
+times=()
+start_all=$(date +%s)
+
+# run NAME COMMAND...: runs one step, records its result and duration.
+run() {
+    local name=$1
+    shift
+    local t0 rc
+    t0=$(date +%s)
+    printf '\n==> %s: %s\n' "$name" "$*"
+    "$@"
+    rc=$?
+    names+=("$name")
+    times+=($(($(date +%s) - t0)))
+    if [ $rc -eq 0 ]; then
+        results+=("ok")
+    else
+        results+=("FAILED (exit $rc)")
+    fi
+    return $rc
+}
+
+skip() {
+    names+=("$1")
+    times+=(0)
+    results+=("skipped ($2)")
+}
+
+peers_ok=1
+run "install peers" scripts/install-peers.sh || peers_ok=0
+run "cargo fmt --check" cargo fmt --all -- --check
+build_ok=1
+run "cargo build" cargo build || build_ok=0
+run "cargo clippy" cargo clippy --all-targets -- -D warnings
+if [ $build_ok -eq 1 ]; then
+    if [ $peers_ok -eq 0 ]; then
+        echo "warning: peers are missing; integration tests that need them will fail" >&2
+    fi
+    minutes=${RTMPGATE_TEST_TIMEOUT:-45}
+    run "cargo test" timeout --kill-after=30s "${minutes}m" \
+        cargo test --all-targets "${extra[@]}"
+else
+    skip "cargo test" "build failed"
+fi
+
+failed=0
+printf '\n==== rtmpgate test summary (%ss total) ====\n' $(($(date +%s) - start_all))
+for i in "${!names[@]}"; do
+    printf '  %-20s %-24s %4ss\n' "${names[$i]}" "${results[$i]}" "${times[$i]}"
+    [ "${results[$i]}" = ok ] || failed=1
+done
+if [ $failed -eq 0 ]; then
+    echo "ALL PASSED"
+else
+    echo "SOME STEPS FAILED (see the output above each step)"
+fi
+exit $failed
