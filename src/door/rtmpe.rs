@@ -167,6 +167,9 @@ enum ReadPhase {
 }
 
 /// The encrypted byte stream, presented as plain RTMP.
+///
+/// Writes are encrypted into a buffer of at most 32 KiB and sent from there; a write waits
+/// only while that buffer is still full. Held bytes go out on the next write, flush or read.
 pub struct RtmpeIo<S> {
     inner: S,
     keys: Rc4Pair,
@@ -237,13 +240,19 @@ impl<S> RtmpeIo<S> {
 /// Zeros for the synthetic C1 (time 0, version 0, zero "random" bytes).
 static ZEROS: [u8; PACKET_LEN] = [0u8; PACKET_LEN];
 
-impl<S: AsyncRead + Unpin> AsyncRead for RtmpeIo<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for RtmpeIo<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        // A consumer that writes and then only reads (no flush, as is common over TCP)
+        // must not leave held bytes behind: reading moves them on too. A write error shows
+        // up on the next write or flush.
+        if this.out_pos < this.out.len() {
+            let _ = this.poll_drain(cx);
+        }
         loop {
             match this.read_phase {
                 ReadPhase::C0C1(served) => {
@@ -501,6 +510,41 @@ mod tests {
         s.write_all(b"hello").await.unwrap();
         s.flush().await.unwrap();
         assert_eq!(client.await.unwrap(), b"hello");
+    }
+
+    #[tokio::test]
+    async fn held_bytes_move_on_while_the_consumer_only_reads() {
+        // A tiny pipe, so most of the reply is held in our buffer when write returns.
+        let (client_io, server_io) = duplex(64);
+        let client = tokio::spawn(async move {
+            let mut s = connect(client_io, addr(), TYPE_PLAIN, Duration::from_secs(10))
+                .await
+                .unwrap();
+            let mut got = vec![0u8; 3000];
+            s.read_exact(&mut got).await.unwrap();
+            s.write_all(b"ack").await.unwrap();
+            s.flush().await.unwrap();
+            got
+        });
+        let stream = ClientStream::new(Box::new(server_io), Transport::Rtmp, addr(), addr());
+        let mut s = accept(stream, &Limits::default()).await.unwrap();
+        let mut c0c1 = vec![0u8; C0C1_LEN];
+        s.read_exact(&mut c0c1).await.unwrap();
+        s.write_all(&server_reply(&c0c1).unwrap().s0s1s2)
+            .await
+            .unwrap();
+        let mut c2 = vec![0u8; PACKET_LEN];
+        s.read_exact(&mut c2).await.unwrap();
+        let reply = vec![0x5a; 3000];
+        s.write_all(&reply).await.unwrap();
+        // No flush: the ack only comes once every byte has reached the client.
+        let mut ack = [0u8; 3];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut ack))
+            .await
+            .expect("held bytes must move on while the consumer reads")
+            .unwrap();
+        assert_eq!(&ack, b"ack");
+        assert_eq!(client.await.unwrap(), reply);
     }
 
     #[tokio::test]
