@@ -221,3 +221,92 @@ async fn manual_gateway() {
     );
     tokio::time::sleep(Duration::from_secs(secs)).await;
 }
+
+/// Faults: a backend that refuses, a backend that dies mid-stream. The client gets an error
+/// promptly, and no session or task is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_down_or_dying_ends_the_client_promptly_and_leaves_nothing() {
+    if !have(&["nginx", "ffmpeg"]) {
+        return;
+    }
+    let _turn = serial().await;
+    init_log();
+    let dir = tempfile::tempdir().unwrap();
+    let src = make_source(dir.path(), 6).await;
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let tasks_before = metrics.num_alive_tasks();
+
+    // Nothing listens on the backend port.
+    {
+        let gw = Gateway::start(free_port(), Limits::default()).await;
+        let started = Instant::now();
+        let (ok, err) = run(
+            Command::new("ffmpeg")
+                .args(["-v", "error", "-re", "-i"])
+                .arg(&src)
+                .args(["-c", "copy", "-f", "flv", &gw.url("down")]),
+            Duration::from_secs(20),
+        )
+        .await;
+        let took = started.elapsed();
+        println!(
+            "backend down: ffmpeg failed={} in {took:?}: {}",
+            !ok,
+            err.trim()
+        );
+        assert!(!ok, "publishing to a dead backend must fail");
+        assert!(
+            took < Duration::from_secs(10),
+            "client not told promptly: {took:?}"
+        );
+        assert_eq!(gw.wait_no_sessions(Duration::from_secs(5)).await, 0);
+    }
+
+    // The backend dies two seconds into a publish.
+    {
+        let nginx = Nginx::start().await;
+        let gw = Gateway::start(nginx.port, Limits::default()).await;
+        let publisher = Command::new("ffmpeg")
+            .args(["-v", "error", "-re", "-stream_loop", "-1", "-i"])
+            .arg(&src)
+            .args(["-c", "copy", "-f", "flv", &gw.url("dies")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(gw.tunnel.sessions(), 1);
+        let started = Instant::now();
+        drop(nginx);
+        let exited = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut p = publisher;
+            p.wait().await
+        })
+        .await;
+        println!(
+            "backend died: ffmpeg exited {:?} after {:?}",
+            exited.as_ref().map(|r| r.as_ref().map(|s| s.code())),
+            started.elapsed()
+        );
+        assert!(
+            exited.is_ok(),
+            "publisher still running 10 s after the backend died"
+        );
+        assert_eq!(gw.wait_no_sessions(Duration::from_secs(5)).await, 0);
+    }
+
+    // Every connection and session task is gone (allow the runtime a moment to reap).
+    let mut tasks_after = metrics.num_alive_tasks();
+    for _ in 0..50 {
+        if tasks_after <= tasks_before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        tasks_after = metrics.num_alive_tasks();
+    }
+    assert!(
+        tasks_after <= tasks_before,
+        "tasks left behind: {tasks_before} before, {tasks_after} after"
+    );
+}

@@ -69,7 +69,7 @@ impl Nginx {
         let d = dir.path().display();
         let conf = format!(
             "load_module /usr/lib/nginx/modules/ngx_rtmp_module.so;\n\
-             worker_processes 1; daemon off; error_log {d}/error.log warn; pid {d}/nginx.pid;\n\
+             master_process off; worker_processes 1; daemon off; error_log {d}/error.log warn; pid {d}/nginx.pid;\n\
              events {{ worker_connections 1024; }}\n\
              rtmp {{ server {{ listen 127.0.0.1:{port}; chunk_size 4096;\n\
                application live {{ live on; record off; }} }} }}\n"

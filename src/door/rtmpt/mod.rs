@@ -171,7 +171,7 @@ impl Tunnel {
         let command = match path::parse(parts.uri.path()) {
             Ok(c) => c,
             Err(e) => {
-                debug!(%peer, path = %short(parts.uri.path()), "RTMPT: {e}");
+                debug!(%peer, path = %short(parts.uri.path()), "RTMPT request refused: {e}");
                 return text(StatusCode::NOT_FOUND, "not an RTMPT request\n");
             }
         };
@@ -203,7 +203,7 @@ impl Tunnel {
         };
         trace!(
             %peer,
-            path = %short(parts.uri.path()),
+            request = %loggable(command),
             status = reply.status().as_u16(),
             reply_len = reply.body().size_hint().exact().unwrap_or(0),
             body_wait_us = body_read.saturating_duration_since(started).as_micros() as u64,
@@ -538,9 +538,21 @@ fn too_large() -> Reply {
     )
 }
 
+/// A request for a log line, with only the loggable prefix of the session id.
+fn loggable(c: Command<'_>) -> String {
+    let label = |id: &str| id.chars().take(8).collect::<String>();
+    match c {
+        Command::Ident => "/fcs/ident2".to_string(),
+        Command::Open => "/open/1".to_string(),
+        Command::Send { id, seq } => format!("send [{}] {seq}", label(id)),
+        Command::Idle { id, seq } => format!("idle [{}] {seq}", label(id)),
+        Command::Close { id, seq } => format!("close [{}] {seq}", label(id)),
+    }
+}
+
 /// A path shortened for a log line.
 fn short(p: &str) -> String {
-    p.chars().take(80).collect()
+    p.chars().take(16).collect()
 }
 
 #[cfg(test)]

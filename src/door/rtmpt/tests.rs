@@ -433,3 +433,25 @@ fn session_ids_are_long_random_and_url_safe() {
 fn assert_serves<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(t: Arc<Tunnel>, s: S) {
     drop(t.serve_connection(s, addr(), addr(), true));
 }
+
+#[tokio::test(start_paused = true)]
+async fn refused_upstream_gives_the_client_an_http_error_not_a_hang() {
+    // The handler gives up at once, as a pump does when its backend refuses.
+    let h: StreamHandler = Arc::new(|s: ClientStream| Box::pin(async move { drop(s) }));
+    let t = Tunnel::new(limits(|_| {}), h);
+    let mut c = Conn::new(&t);
+    let id = c.open().await;
+    tokio::task::yield_now().await;
+    let start = Instant::now();
+    let mut statuses = Vec::new();
+    for seq in 0..3 {
+        let r = c.req(&format!("/idle/{id}/{seq}"), &[0]).await;
+        statuses.push(r.status());
+        if r.status() == 404 {
+            break;
+        }
+    }
+    assert_eq!(statuses.last(), Some(&404), "{statuses:?}");
+    assert!(start.elapsed() < Duration::from_secs(1));
+    assert_eq!(t.sessions(), 0);
+}
