@@ -186,6 +186,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         handler,
     )
     .await?;
+    let tunnel = door.tunnel();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let accept_loops = door.start(stop_rx);
 
@@ -208,6 +209,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
     };
     if left > 0 {
         tracing::info!("closing {left} session(s) still open after the drain");
+    }
+    // Tunnel clients get their EOF through the tunnel (a final poll answer), not a reset.
+    tunnel.shutdown();
+    if left > 0 {
+        sessions.wait_idle(std::time::Duration::from_secs(1)).await;
     }
     tracing::info!("shut down after {} session(s) in total", sessions.opened());
     Ok(())

@@ -13,7 +13,6 @@ use std::time::Duration;
 use bytes::BytesMut;
 use dashmap::DashMap;
 use rustls::ServerConfig;
-use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -21,6 +20,8 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::{ListenScheme, ListenUrl};
 use crate::door::proxy_protocol;
+use crate::door::rtmpe;
+use crate::door::rtmpt::Tunnel;
 use crate::door::sniff::{self, short_hex, Kind};
 use crate::limits::Limits;
 use crate::stream::{ByteStream, ClientStream, Prefixed, StreamHandler, Transport};
@@ -124,6 +125,7 @@ struct Ctx {
     handler: StreamHandler,
     conns: Arc<ConnLimiter>,
     tls: Option<TlsAcceptor>,
+    tunnel: Arc<Tunnel>,
 }
 
 /// One bound socket and what it was asked to be.
@@ -183,6 +185,8 @@ impl Door {
             max_per_ip: opts.limits.max_connections_per_ip,
         });
         let tls = opts.tls.clone().map(TlsAcceptor::from);
+        // One tunnel for every listener, so a session may move between connections.
+        let tunnel = Tunnel::new(opts.limits.clone(), handler.clone());
         Ok(Door {
             bound,
             ctx: Arc::new(Ctx {
@@ -190,8 +194,14 @@ impl Door {
                 handler,
                 conns,
                 tls,
+                tunnel,
             }),
         })
+    }
+
+    /// The RTMPT tunnel shared by the listeners (for its shutdown and session count).
+    pub fn tunnel(&self) -> Arc<Tunnel> {
+        self.ctx.tunnel.clone()
     }
 
     /// The bound addresses, in listener order.
@@ -416,7 +426,7 @@ async fn dispatch<I: ByteStream + 'static>(
             let stream = ClientStream::new(Box::new(io), transport, peer, local);
             (ctx.handler)(stream).await;
         }
-        Kind::Http => serve_tunnel(ctx, io, peer, local, tls, label).await,
+        Kind::Http => ctx.tunnel.serve_connection(io, peer, local, tls).await,
         Kind::Rtmpe if tls => {
             tracing::info!(
                 "closing {peer} on {label}: RTMPE inside TLS is not supported; use rtmps:// or rtmpe:// on a plain listener"
@@ -435,33 +445,17 @@ async fn dispatch<I: ByteStream + 'static>(
     }
 }
 
-/// The RTMPT tunnel. Until `crate::door::rtmpt::Tunnel` lands this answers 503 and closes.
-async fn serve_tunnel<I: ByteStream + 'static>(
-    _ctx: &Arc<Ctx>,
-    mut io: I,
-    peer: SocketAddr,
-    _local: SocketAddr,
-    _tls: bool,
-    label: &str,
-) {
-    tracing::info!("refusing RTMPT tunnel from {peer} on {label}: the tunnel is not built into this version yet");
-    let _ = io
-        .write_all(
-            b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-        )
-        .await;
-    let _ = io.shutdown().await;
-}
-
-/// RTMPE. Until `crate::door::rtmpe::accept` lands this refuses with a log line.
+/// RTMPE: the encrypted handshake, then the same handler as plain RTMP.
 async fn serve_rtmpe<I: ByteStream + 'static>(
-    _ctx: &Arc<Ctx>,
-    _io: I,
+    ctx: &Arc<Ctx>,
+    io: I,
     peer: SocketAddr,
-    _local: SocketAddr,
+    local: SocketAddr,
     label: &str,
 ) {
-    tracing::info!(
-        "refusing RTMPE from {peer} on {label}: RTMPE is not built into this version yet"
-    );
+    let stream = ClientStream::new(Box::new(io), Transport::Rtmpe, peer, local);
+    match rtmpe::accept(stream, &ctx.opts.limits).await {
+        Ok(stream) => (ctx.handler)(stream).await,
+        Err(e) => tracing::info!("closing {peer} on {label}: {e}"),
+    }
 }
