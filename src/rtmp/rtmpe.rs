@@ -784,6 +784,27 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        // Each case costs a few 1024-bit exponentiations; a handful covers the parsing.
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(12))]
+        #[test]
+        fn any_rtmpe_c1_is_answered_or_refused(
+            c0 in proptest::sample::select(vec![6u8, 8, 9]),
+            c1 in proptest::collection::vec(proptest::num::u8::ANY, PACKET_LEN),
+        ) {
+            let mut v = vec![c0];
+            v.extend_from_slice(&c1);
+            match server_respond(&v, AnswerPolicy::Mirror) {
+                Ok(r) => {
+                    proptest::prop_assert_eq!(r.s0s1s2.len(), S0S1S2_LEN);
+                    proptest::prop_assert_eq!(r.server_type, c0);
+                    proptest::prop_assert_eq!(r.client_layout, None);
+                }
+                Err(e) => proptest::prop_assert_eq!(e, RtmpeError::BadPeerKey),
+            }
+        }
+    }
+
     #[test]
     fn non_rtmpe_versions_are_refused() {
         let mut v = vec![3u8];
