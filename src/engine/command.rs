@@ -1,1 +1,315 @@
 //! RTMP commands (connect, createStream, publish, play...) and the replies FMS clients expect.
+//!
+//! Clients wait on specific replies before they go on: ffmpeg publishes after the `_result`
+//! of createStream and streams once it sees `NetStream.Publish.Start`; as a player it reads
+//! media once it sees `NetStream.Play.Start`, and stops at `NetStream.Play.UnpublishNotify`
+//! or `NetStream.Play.Stop`. librtmp (rtmpdump, OBS) starts on `Play.Start`/`Publish.Start`
+//! too and reads `_result` of createStream as `_result, txn, null, number`. An `onStatus`
+//! with level `error` makes both give up, so only refusals use it.
+
+use bytes::{Bytes, BytesMut};
+
+use crate::rtmp::amf0::Amf0Value;
+use crate::rtmp::message::{self, Message};
+
+/// What connect's `_result` announces; every client accepts these FMS 3.5 values.
+pub const FMS_VERSION: &str = "FMS/3,5,7,7009";
+pub const FMS_CAPABILITIES: f64 = 31.0;
+
+/// Chunk stream ids for protocol control and for commands.
+pub const CSID_CONTROL: u32 = 2;
+pub const CSID_COMMAND: u32 = 3;
+
+/// User control event types we send or answer.
+pub const UC_STREAM_BEGIN: u16 = 0;
+pub const UC_STREAM_EOF: u16 = 1;
+pub const UC_PING_REQUEST: u16 = 6;
+pub const UC_PING_RESPONSE: u16 = 7;
+
+fn s(v: &str) -> Amf0Value {
+    Amf0Value::String(v.to_owned())
+}
+
+fn obj(fields: Vec<(&str, Amf0Value)>) -> Amf0Value {
+    Amf0Value::Object(
+        fields
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
+    )
+}
+
+/// AMF0 values back to back: the body of a data message.
+fn amf(values: &[Amf0Value]) -> Bytes {
+    let mut out = BytesMut::new();
+    for v in values {
+        v.encode(&mut out);
+    }
+    out.freeze()
+}
+
+fn command(stream_id: u32, name: &str, txn: f64, values: Vec<Amf0Value>) -> Message {
+    Message {
+        msg_type: message::MSG_COMMAND_AMF0,
+        timestamp: 0,
+        stream_id,
+        payload: message::command_payload(name, txn, &values),
+    }
+}
+
+fn data(stream_id: u32, values: &[Amf0Value]) -> Message {
+    Message {
+        msg_type: message::MSG_DATA_AMF0,
+        timestamp: 0,
+        stream_id,
+        payload: amf(values),
+    }
+}
+
+/// `_result` of connect: FMS version and capabilities, then the Connect.Success info object.
+pub fn connect_result(txn: f64, object_encoding: f64) -> Message {
+    command(
+        0,
+        "_result",
+        txn,
+        vec![
+            obj(vec![
+                ("fmsVer", s(FMS_VERSION)),
+                ("capabilities", Amf0Value::Number(FMS_CAPABILITIES)),
+                ("mode", Amf0Value::Number(1.0)),
+            ]),
+            obj(vec![
+                ("level", s("status")),
+                ("code", s("NetConnection.Connect.Success")),
+                ("description", s("Connection succeeded.")),
+                ("objectEncoding", Amf0Value::Number(object_encoding)),
+            ]),
+        ],
+    )
+}
+
+/// FMS sends this after connect; ffmpeg answers with `_checkbw`, librtmp may too.
+pub fn on_bw_done() -> Message {
+    command(
+        0,
+        "onBWDone",
+        0.0,
+        vec![Amf0Value::Null, Amf0Value::Number(8192.0)],
+    )
+}
+
+/// `_result` with a null command object and the given values.
+pub fn result(txn: f64, values: Vec<Amf0Value>) -> Message {
+    let mut all = Vec::with_capacity(values.len().saturating_add(1));
+    all.push(Amf0Value::Null);
+    all.extend(values);
+    command(0, "_result", txn, all)
+}
+
+/// `_error` for a call we cannot serve; the connection stays up.
+pub fn call_failed(txn: f64, method: &str) -> Message {
+    command(
+        0,
+        "_error",
+        txn,
+        vec![
+            Amf0Value::Null,
+            obj(vec![
+                ("level", s("error")),
+                ("code", s("NetConnection.Call.Failed")),
+                ("description", s(&format!("Method not found ({method})."))),
+            ]),
+        ],
+    )
+}
+
+/// `onStatus` on a message stream.
+pub fn on_status(
+    stream_id: u32,
+    level: &str,
+    code: &str,
+    description: &str,
+    details: Option<&str>,
+) -> Message {
+    let mut info = vec![
+        ("level", s(level)),
+        ("code", s(code)),
+        ("description", s(description)),
+    ];
+    if let Some(d) = details {
+        info.push(("details", s(d)));
+        info.push(("clientid", Amf0Value::Number(1.0)));
+    }
+    command(stream_id, "onStatus", 0.0, vec![Amf0Value::Null, obj(info)])
+}
+
+/// `onFCPublish`, `onFCUnpublish`, `onFCSubscribe`: FMS's notices for the FC* calls.
+pub fn on_fc(name: &str, code: &str, description: &str) -> Message {
+    command(
+        0,
+        name,
+        0.0,
+        vec![
+            Amf0Value::Null,
+            obj(vec![("code", s(code)), ("description", s(description))]),
+        ],
+    )
+}
+
+/// `|RtmpSampleAccess`: lets a Flash player read the decoded audio and video.
+pub fn sample_access(stream_id: u32) -> Message {
+    data(
+        stream_id,
+        &[
+            s("|RtmpSampleAccess"),
+            Amf0Value::Boolean(true),
+            Amf0Value::Boolean(true),
+        ],
+    )
+}
+
+/// `onStatus` NetStream.Data.Start, sent as a data message like FMS does.
+pub fn data_start(stream_id: u32) -> Message {
+    data(
+        stream_id,
+        &[s("onStatus"), obj(vec![("code", s("NetStream.Data.Start"))])],
+    )
+}
+
+fn control(msg_type: u8, payload: Vec<u8>) -> Message {
+    Message {
+        msg_type,
+        timestamp: 0,
+        stream_id: 0,
+        payload: Bytes::from(payload),
+    }
+}
+
+pub fn set_chunk_size(size: u32) -> Message {
+    control(message::MSG_SET_CHUNK_SIZE, size.to_be_bytes().to_vec())
+}
+
+pub fn window_ack_size(size: u32) -> Message {
+    control(message::MSG_WINDOW_ACK_SIZE, size.to_be_bytes().to_vec())
+}
+
+/// Set Peer Bandwidth with limit type 2 (dynamic), as FMS and nginx-rtmp send it.
+pub fn set_peer_bandwidth(size: u32) -> Message {
+    let mut p = size.to_be_bytes().to_vec();
+    p.push(2);
+    control(message::MSG_SET_PEER_BANDWIDTH, p)
+}
+
+pub fn acknowledgement(sequence: u32) -> Message {
+    control(message::MSG_ACK, sequence.to_be_bytes().to_vec())
+}
+
+/// A user control event with one 32-bit argument (stream id, or ping timestamp).
+pub fn user_control(event: u16, value: u32) -> Message {
+    let mut p = event.to_be_bytes().to_vec();
+    p.extend_from_slice(&value.to_be_bytes());
+    control(message::MSG_USER_CONTROL, p)
+}
+
+/// A user control event as (type, first 32-bit argument), if the payload holds one.
+pub fn parse_user_control(payload: &[u8]) -> Option<(u16, u32)> {
+    let ev = u16::from_be_bytes([*payload.first()?, *payload.get(1)?]);
+    let v = u32::from_be_bytes([
+        *payload.get(2)?,
+        *payload.get(3)?,
+        *payload.get(4)?,
+        *payload.get(5)?,
+    ]);
+    Some((ev, v))
+}
+
+/// A 32-bit big-endian protocol control value (Set Chunk Size, Window Ack Size...).
+pub fn parse_u32(payload: &[u8]) -> Option<u32> {
+    Some(u32::from_be_bytes([
+        *payload.first()?,
+        *payload.get(1)?,
+        *payload.get(2)?,
+        *payload.get(3)?,
+    ]))
+}
+
+/// A field of an AMF0 object or ECMA array.
+pub fn field<'a>(v: &'a Amf0Value, key: &str) -> Option<&'a Amf0Value> {
+    match v {
+        Amf0Value::Object(fields) | Amf0Value::EcmaArray(fields) => {
+            fields.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+        }
+        _ => None,
+    }
+}
+
+pub fn as_str(v: &Amf0Value) -> Option<&str> {
+    match v {
+        Amf0Value::String(s) => Some(s),
+        _ => None,
+    }
+}
+
+pub fn as_f64(v: &Amf0Value) -> Option<f64> {
+    match v {
+        Amf0Value::Number(n) => Some(*n),
+        _ => None,
+    }
+}
+
+pub fn as_bool(v: &Amf0Value) -> Option<bool> {
+    match v {
+        Amf0Value::Boolean(b) => Some(*b),
+        Amf0Value::Number(n) => Some(*n != 0.0),
+        _ => None,
+    }
+}
+
+/// An app or stream name as a hub key: the part before any `?query` (tokens, auth), and
+/// only if it is non-empty, within `max_len` and free of control characters.
+pub fn clean_name(raw: &str, max_len: usize) -> Option<String> {
+    let name = raw.split('?').next().unwrap_or_default().trim_matches('/');
+    if name.is_empty() || name.len() > max_len || name.chars().any(char::is_control) {
+        return None;
+    }
+    Some(name.to_owned())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_drop_query_and_reject_junk() {
+        assert_eq!(clean_name("live?token=1", 64).as_deref(), Some("live"));
+        assert_eq!(clean_name("key", 64).as_deref(), Some("key"));
+        assert_eq!(clean_name("", 64), None);
+        assert_eq!(clean_name("?x", 64), None);
+        assert_eq!(clean_name("a\nb", 64), None);
+        assert_eq!(clean_name("abcdef", 3), None);
+    }
+
+    #[test]
+    fn user_control_round_trip() {
+        let m = user_control(UC_PING_REQUEST, 1234);
+        assert_eq!(parse_user_control(&m.payload), Some((UC_PING_REQUEST, 1234)));
+        assert_eq!(parse_user_control(&[0, 6, 1]), None);
+    }
+
+    #[test]
+    fn connect_result_carries_fms_fields() {
+        let m = connect_result(1.0, 0.0);
+        let text = String::from_utf8_lossy(&m.payload).into_owned();
+        for needle in [
+            "_result",
+            "fmsVer",
+            FMS_VERSION,
+            "capabilities",
+            "NetConnection.Connect.Success",
+            "objectEncoding",
+        ] {
+            assert!(text.contains(needle), "missing {needle}");
+        }
+    }
+}

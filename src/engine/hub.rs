@@ -1,1 +1,540 @@
-//! The hub of live streams: publishers, players, GOP cache and fan-out.
+//! The hub of live streams: one publisher and many players per (app, stream name), the codec
+//! headers and GOP cache a late player starts from, and the shared fan-out ring.
+//!
+//! Each media message is classified and chunked ONCE (fmt 0, absolute timestamp, the player
+//! stream id every player gets from its first createStream) into a `Bytes` that every player
+//! writes as is. The ring is a `tokio::sync::broadcast` channel: the publisher never waits for
+//! a player, memory is bounded by the ring whatever the number of players, and a player that
+//! falls behind the ring (or behind a byte bound) skips ahead to the next keyframe.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::broadcast;
+
+use crate::rtmp::chunk;
+use crate::rtmp::message::Message;
+
+/// RTMP message type ids the hub looks at.
+pub const MSG_AUDIO: u8 = 8;
+pub const MSG_VIDEO: u8 = 9;
+pub const MSG_DATA_AMF3: u8 = 15;
+pub const MSG_DATA_AMF0: u8 = 18;
+
+/// The message stream id of a player's first createStream: every frame is prechunked for it.
+pub const SHARED_STREAM_ID: u32 = 1;
+
+/// Chunk stream ids for media sent to players (commands use 3, protocol control 2).
+pub const CSID_DATA: u32 = 5;
+pub const CSID_AUDIO: u32 = 6;
+pub const CSID_VIDEO: u32 = 7;
+
+/// A stream's key: the application (connect's `app`, without query) and the stream name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct StreamKey {
+    pub app: String,
+    pub name: String,
+}
+
+impl StreamKey {
+    pub fn new(app: &str, name: &str) -> Self {
+        StreamKey {
+            app: app.to_owned(),
+            name: name.to_owned(),
+        }
+    }
+}
+
+impl fmt::Display for StreamKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.app, self.name)
+    }
+}
+
+/// What a media message is, as far as starting and skipping players is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrameKind {
+    Audio,
+    /// AAC AudioSpecificConfig, or an enhanced-RTMP audio sequence start.
+    AudioHeader,
+    /// An inter frame (or any video message that is neither header nor keyframe).
+    Video,
+    /// A keyframe: a player can start here.
+    VideoKey,
+    /// AVC/HEVC decoder configuration, or an enhanced-RTMP sequence start (HEVC, AV1, VP9).
+    VideoHeader,
+    /// `onMetaData`.
+    Meta,
+    /// Any other data message (cue points, text), forwarded live only.
+    Data,
+}
+
+impl FrameKind {
+    /// Headers and metadata are never skipped: a player needs them to decode what follows.
+    pub fn is_header(self) -> bool {
+        matches!(
+            self,
+            FrameKind::AudioHeader | FrameKind::VideoHeader | FrameKind::Meta
+        )
+    }
+}
+
+/// Classify a media or data message by its first bytes (FLV tag body layout).
+pub fn classify(msg_type: u8, payload: &[u8]) -> FrameKind {
+    match msg_type {
+        MSG_VIDEO => classify_video(payload),
+        MSG_AUDIO => classify_audio(payload),
+        _ => {
+            if leading_amf0_string(payload).map(|(s, _)| s) == Some("onMetaData") {
+                FrameKind::Meta
+            } else {
+                FrameKind::Data
+            }
+        }
+    }
+}
+
+fn classify_video(p: &[u8]) -> FrameKind {
+    let Some(&b0) = p.first() else {
+        return FrameKind::Video;
+    };
+    let frame_type = (b0 >> 4) & 0x07;
+    if b0 & 0x80 != 0 {
+        // Enhanced RTMP: low nibble is the packet type; 0 SequenceStart, 4 MPEG2TSSequenceStart.
+        return match b0 & 0x0f {
+            0 | 4 => FrameKind::VideoHeader,
+            _ if frame_type == 1 => FrameKind::VideoKey,
+            _ => FrameKind::Video,
+        };
+    }
+    let codec = b0 & 0x0f;
+    // AVC (7), and the legacy HEVC (12) / AV1 (13) ids some encoders use, carry a packet type.
+    if matches!(codec, 7 | 12 | 13) && p.get(1) == Some(&0) {
+        return FrameKind::VideoHeader;
+    }
+    if frame_type == 1 {
+        FrameKind::VideoKey
+    } else {
+        FrameKind::Video
+    }
+}
+
+fn classify_audio(p: &[u8]) -> FrameKind {
+    let Some(&b0) = p.first() else {
+        return FrameKind::Audio;
+    };
+    match b0 >> 4 {
+        // AAC: packet type 0 is the AudioSpecificConfig.
+        10 if p.get(1) == Some(&0) => FrameKind::AudioHeader,
+        // Enhanced RTMP audio (ExHeader): packet type 0 is SequenceStart.
+        9 if b0 & 0x0f == 0 => FrameKind::AudioHeader,
+        _ => FrameKind::Audio,
+    }
+}
+
+/// The AMF0 string a data or command payload starts with, and the bytes it took.
+pub fn leading_amf0_string(p: &[u8]) -> Option<(&str, usize)> {
+    if *p.first()? != 0x02 {
+        return None;
+    }
+    let len = usize::from(u16::from_be_bytes([*p.get(1)?, *p.get(2)?]));
+    let end = 3usize.checked_add(len)?;
+    let s = std::str::from_utf8(p.get(3..end)?).ok()?;
+    Some((s, end))
+}
+
+/// One media or data message as every player receives it.
+#[derive(Debug)]
+pub struct Frame {
+    pub kind: FrameKind,
+    pub msg_type: u8,
+    /// Timestamp on the stream's timeline (continuous across republishes).
+    pub timestamp: u32,
+    pub payload: Bytes,
+    /// The message chunked once (fmt 0) for message stream [`SHARED_STREAM_ID`].
+    pub chunked: Bytes,
+    /// Publisher bytes up to and including this frame: a player's lag is `total - offset`.
+    pub offset: u64,
+}
+
+impl Frame {
+    fn csid(&self) -> u32 {
+        match self.msg_type {
+            MSG_AUDIO => CSID_AUDIO,
+            MSG_VIDEO => CSID_VIDEO,
+            _ => CSID_DATA,
+        }
+    }
+
+    /// The chunks of this frame for a player on `stream_id` (shared bytes when possible).
+    pub fn chunks_for(&self, stream_id: u32, chunk_size: u32, shared_chunk_size: u32) -> Bytes {
+        if stream_id == SHARED_STREAM_ID && chunk_size == shared_chunk_size {
+            return self.chunked.clone();
+        }
+        let msg = Message {
+            msg_type: self.msg_type,
+            timestamp: self.timestamp,
+            stream_id,
+            payload: self.payload.clone(),
+        };
+        let mut out = BytesMut::new();
+        chunk::encode_fmt0(self.csid(), &msg, chunk_size, &mut out);
+        out.freeze()
+    }
+}
+
+/// What a player's ring carries.
+#[derive(Clone, Debug)]
+pub enum Event {
+    Frame(Arc<Frame>),
+    /// A publisher began on the key (players send StreamBegin; a republish after a gap).
+    Published,
+    /// The publisher left (players send UnpublishNotify and StreamEOF, then keep waiting).
+    Unpublished,
+}
+
+/// How the hub buffers.
+#[derive(Clone, Debug)]
+pub struct HubConfig {
+    /// Chunk size of the shared, prechunked frames (the chunk size we announce to players).
+    pub chunk_size: u32,
+    /// Messages in each stream's fan-out ring; a player further behind skips ahead.
+    pub queue_messages: usize,
+    /// Keep the frames since the last keyframe so a late player starts at once.
+    pub gop_cache: bool,
+    /// Bytes the GOP cache may hold; a longer GOP is not cached (players wait for a keyframe).
+    pub gop_max_bytes: usize,
+    /// Messages the GOP cache may hold.
+    pub gop_max_messages: usize,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig {
+            chunk_size: 4096,
+            queue_messages: 1024,
+            gop_cache: true,
+            gop_max_bytes: 16 * 1024 * 1024,
+            gop_max_messages: 4096,
+        }
+    }
+}
+
+/// Why a publish was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HubError {
+    #[error("stream {0} already has a publisher; pick another stream name or stop the other encoder")]
+    BadName(String),
+}
+
+#[derive(Default)]
+struct SlotState {
+    publisher: Option<u64>,
+    players: usize,
+    meta: Option<Arc<Frame>>,
+    video_header: Option<Arc<Frame>>,
+    audio_header: Option<Arc<Frame>>,
+    has_video: bool,
+    gop: Vec<Arc<Frame>>,
+    gop_bytes: usize,
+    /// True while `gop` starts at a keyframe and holds every frame since.
+    gop_valid: bool,
+    /// Added to the publisher's timestamps so a republish continues the timeline.
+    ts_base: u32,
+    /// First publisher timestamp of a republish (None: not seen yet, or first publish).
+    ts_first: Option<u32>,
+    rebase: bool,
+    last_out: Option<u32>,
+}
+
+impl SlotState {
+    fn map_ts(&mut self, ts: u32) -> u32 {
+        if !self.rebase {
+            return ts;
+        }
+        let first = *self.ts_first.get_or_insert(ts);
+        self.ts_base.wrapping_add(ts.saturating_sub(first))
+    }
+
+    fn clear_caches(&mut self) {
+        self.meta = None;
+        self.video_header = None;
+        self.audio_header = None;
+        self.has_video = false;
+        self.gop.clear();
+        self.gop_bytes = 0;
+        self.gop_valid = false;
+    }
+}
+
+struct Slot {
+    key: StreamKey,
+    tx: broadcast::Sender<Event>,
+    total: AtomicU64,
+    state: Mutex<SlotState>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding a hub lock leaves plain data behind, still usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The live streams of one engine.
+pub struct Hub {
+    cfg: HubConfig,
+    slots: Mutex<HashMap<StreamKey, Arc<Slot>>>,
+    next_id: AtomicU64,
+}
+
+impl Hub {
+    pub fn new(cfg: HubConfig) -> Arc<Hub> {
+        Arc::new(Hub {
+            cfg,
+            slots: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    pub fn config(&self) -> &HubConfig {
+        &self.cfg
+    }
+
+    /// Streams that have a publisher or players.
+    pub fn stream_count(&self) -> usize {
+        lock(&self.slots).len()
+    }
+
+    fn slot(&self, slots: &mut HashMap<StreamKey, Arc<Slot>>, key: &StreamKey) -> Arc<Slot> {
+        slots
+            .entry(key.clone())
+            .or_insert_with(|| {
+                let (tx, _) = broadcast::channel(self.cfg.queue_messages.max(16));
+                Arc::new(Slot {
+                    key: key.clone(),
+                    tx,
+                    total: AtomicU64::new(0),
+                    state: Mutex::new(SlotState::default()),
+                })
+            })
+            .clone()
+    }
+
+    /// Become the publisher of `key`, or learn it already has one.
+    pub fn publish(self: &Arc<Self>, key: &StreamKey) -> Result<Publisher, HubError> {
+        let mut slots = lock(&self.slots);
+        let slot = self.slot(&mut slots, key);
+        let mut st = lock(&slot.state);
+        if st.publisher.is_some() {
+            return Err(HubError::BadName(key.to_string()));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        st.publisher = Some(id);
+        st.clear_caches();
+        st.ts_first = None;
+        if let Some(last) = st.last_out {
+            // Continue after what players already saw, whatever the new encoder starts at.
+            st.rebase = true;
+            st.ts_base = last.wrapping_add(1);
+        }
+        // Nobody listening is fine: waiting players subscribe before the publisher arrives.
+        let _ = slot.tx.send(Event::Published);
+        drop(st);
+        drop(slots);
+        Ok(Publisher {
+            hub: self.clone(),
+            slot,
+            id,
+        })
+    }
+
+    /// Subscribe to `key`: the player gets the start frames (metadata, headers, GOP) and a
+    /// ring receiver that carries everything after them, with nothing lost in between.
+    pub fn play(self: &Arc<Self>, key: &StreamKey) -> Player {
+        let mut slots = lock(&self.slots);
+        let slot = self.slot(&mut slots, key);
+        let mut st = lock(&slot.state);
+        st.players = st.players.saturating_add(1);
+        let rx = slot.tx.subscribe();
+        let live = st.publisher.is_some();
+        let mut start = Vec::new();
+        let mut has_keyframe = false;
+        if live {
+            start.extend(st.meta.iter().cloned());
+            start.extend(st.video_header.iter().cloned());
+            start.extend(st.audio_header.iter().cloned());
+            if st.gop_valid {
+                start.extend(st.gop.iter().cloned());
+                has_keyframe = !st.gop.is_empty();
+            }
+        }
+        let has_video = st.has_video;
+        drop(st);
+        drop(slots);
+        Player {
+            hub: self.clone(),
+            slot,
+            rx,
+            start,
+            live,
+            has_video,
+            has_keyframe,
+        }
+    }
+
+    fn release(&self, slot: &Arc<Slot>) {
+        let mut slots = lock(&self.slots);
+        let st = lock(&slot.state);
+        if st.publisher.is_none() && st.players == 0 {
+            if let Some(cur) = slots.get(&slot.key) {
+                if Arc::ptr_eq(cur, slot) {
+                    drop(st);
+                    slots.remove(&slot.key);
+                }
+            }
+        }
+    }
+}
+
+/// The right to publish on a key; dropping it unpublishes.
+pub struct Publisher {
+    hub: Arc<Hub>,
+    slot: Arc<Slot>,
+    id: u64,
+}
+
+impl Publisher {
+    pub fn key(&self) -> &StreamKey {
+        &self.slot.key
+    }
+
+    /// Players currently subscribed to this stream.
+    pub fn players(&self) -> usize {
+        lock(&self.slot.state).players
+    }
+
+    /// Hand one audio, video or data message (metadata already as `onMetaData`) to players.
+    pub fn push(&self, msg_type: u8, timestamp: u32, payload: Bytes) {
+        let kind = classify(msg_type, &payload);
+        let len = u64::try_from(payload.len()).unwrap_or(u64::MAX);
+        let cfg = &self.hub.cfg;
+        let mut st = lock(&self.slot.state);
+        if st.publisher != Some(self.id) {
+            return;
+        }
+        let ts = st.map_ts(timestamp);
+        st.last_out = Some(ts);
+        let offset = self
+            .slot
+            .total
+            .fetch_add(len, Ordering::Relaxed)
+            .saturating_add(len);
+        let mut frame = Frame {
+            kind,
+            msg_type,
+            timestamp: ts,
+            payload,
+            chunked: Bytes::new(),
+            offset,
+        };
+        let msg = Message {
+            msg_type,
+            timestamp: ts,
+            stream_id: SHARED_STREAM_ID,
+            payload: frame.payload.clone(),
+        };
+        let mut out = BytesMut::new();
+        chunk::encode_fmt0(frame.csid(), &msg, cfg.chunk_size, &mut out);
+        frame.chunked = out.freeze();
+        let frame = Arc::new(frame);
+        match kind {
+            FrameKind::Meta => st.meta = Some(frame.clone()),
+            FrameKind::VideoHeader => {
+                st.has_video = true;
+                st.video_header = Some(frame.clone());
+            }
+            FrameKind::AudioHeader => st.audio_header = Some(frame.clone()),
+            FrameKind::VideoKey if cfg.gop_cache => {
+                st.has_video = true;
+                st.gop.clear();
+                st.gop.push(frame.clone());
+                st.gop_bytes = frame.payload.len();
+                st.gop_valid = true;
+            }
+            _ => {
+                if kind == FrameKind::Video || kind == FrameKind::VideoKey {
+                    st.has_video = true;
+                }
+                if st.gop_valid {
+                    let bytes = st.gop_bytes.saturating_add(frame.payload.len());
+                    if bytes > cfg.gop_max_bytes || st.gop.len() >= cfg.gop_max_messages {
+                        // Too long to keep: late players wait for the next keyframe instead.
+                        st.gop.clear();
+                        st.gop_bytes = 0;
+                        st.gop_valid = false;
+                    } else {
+                        st.gop.push(frame.clone());
+                        st.gop_bytes = bytes;
+                    }
+                }
+            }
+        }
+        let _ = self.slot.tx.send(Event::Frame(frame));
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        {
+            let mut st = lock(&self.slot.state);
+            if st.publisher == Some(self.id) {
+                st.publisher = None;
+                st.clear_caches();
+                let _ = self.slot.tx.send(Event::Unpublished);
+            }
+        }
+        self.hub.release(&self.slot);
+    }
+}
+
+/// A subscription to a key; dropping it unsubscribes.
+pub struct Player {
+    hub: Arc<Hub>,
+    slot: Arc<Slot>,
+    /// Everything published after the start frames, in order.
+    pub rx: broadcast::Receiver<Event>,
+    /// Metadata, sequence headers and the GOP since the last keyframe, to send first.
+    pub start: Vec<Arc<Frame>>,
+    /// A publisher was on the key when the player subscribed.
+    pub live: bool,
+    /// The stream carries video (so skipping ahead means waiting for a keyframe).
+    pub has_video: bool,
+    /// `start` ends with a GOP beginning at a keyframe (else wait for one).
+    pub has_keyframe: bool,
+}
+
+impl Player {
+    pub fn key(&self) -> &StreamKey {
+        &self.slot.key
+    }
+
+    /// Bytes published after `frame`: how far behind live a player writing it is.
+    pub fn lag_bytes(&self, frame: &Frame) -> u64 {
+        self.slot
+            .total
+            .load(Ordering::Relaxed)
+            .saturating_sub(frame.offset)
+    }
+}
+
+impl Drop for Player {
+    fn drop(&mut self) {
+        {
+            let mut st = lock(&self.slot.state);
+            st.players = st.players.saturating_sub(1);
+        }
+        self.hub.release(&self.slot);
+    }
+}

@@ -1,5 +1,122 @@
 //! The core RTMP engine: one session per client and a hub of live streams.
+//!
+//! The front door hands every finished client stream to [`Engine::handler`]; each one runs
+//! as its own task ([`session`]) and meets the others in the [`hub::Hub`], keyed by app and
+//! stream name.
 
 pub mod command;
 pub mod hub;
 pub mod session;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::limits::Limits;
+use crate::stream::{ClientStream, StreamHandler};
+
+/// How the engine serves publishers and players (protocol limits live in [`Limits`]).
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// How long a player waits for a publisher (before the first one, or after one leaves)
+    /// before it is told NetStream.Play.Stop and closed.
+    pub player_wait: Duration,
+    /// Messages in each stream's fan-out ring; a player further behind skips to a keyframe.
+    pub queue_messages: usize,
+    /// Bytes a player may fall behind live before it skips to the next keyframe.
+    pub max_lag_bytes: u64,
+    /// Keep the frames since the last keyframe so a late player starts at once.
+    pub gop_cache: bool,
+    /// Bytes and messages the GOP cache may hold.
+    pub gop_max_bytes: usize,
+    pub gop_max_messages: usize,
+    /// Chunk size we announce and send with (large: fewer chunk headers per frame).
+    pub chunk_size: u32,
+    /// Window Acknowledgement Size we announce (the peer acks after this many bytes).
+    pub window_ack_size: u32,
+    /// Set Peer Bandwidth we announce.
+    pub peer_bandwidth: u32,
+    /// How long a write to a client may make no progress before the client is dropped.
+    pub write_timeout: Duration,
+    /// Message streams (createStream) one connection may open.
+    pub max_streams_per_connection: u32,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            player_wait: Duration::from_secs(60),
+            queue_messages: 1024,
+            max_lag_bytes: 8 * 1024 * 1024,
+            gop_cache: true,
+            gop_max_bytes: 16 * 1024 * 1024,
+            gop_max_messages: 4096,
+            chunk_size: 4096,
+            window_ack_size: 5_000_000,
+            peer_bandwidth: 5_000_000,
+            write_timeout: Duration::from_secs(20),
+            max_streams_per_connection: 16,
+        }
+    }
+}
+
+impl EngineConfig {
+    fn hub_config(&self) -> hub::HubConfig {
+        hub::HubConfig {
+            chunk_size: self.chunk_size,
+            queue_messages: self.queue_messages,
+            gop_cache: self.gop_cache,
+            gop_max_bytes: self.gop_max_bytes,
+            gop_max_messages: self.gop_max_messages,
+        }
+    }
+}
+
+/// The core engine: configuration, limits and the hub every session shares.
+pub struct Engine {
+    limits: Limits,
+    cfg: EngineConfig,
+    hub: Arc<hub::Hub>,
+    next_session: AtomicU64,
+}
+
+impl Engine {
+    pub fn new(limits: Limits, mut cfg: EngineConfig) -> Arc<Engine> {
+        // A chunk size the peer would refuse, or that breaks the prechunked frames, is clamped.
+        cfg.chunk_size = cfg.chunk_size.clamp(128, 0x7fff_ffff);
+        let hub = hub::Hub::new(cfg.hub_config());
+        Arc::new(Engine {
+            limits,
+            cfg,
+            hub,
+            next_session: AtomicU64::new(1),
+        })
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    pub fn hub(&self) -> &Arc<hub::Hub> {
+        &self.hub
+    }
+
+    /// Serve one client stream until its session ends.
+    pub async fn serve(self: Arc<Self>, stream: ClientStream) {
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        session::run(self, stream, id).await;
+    }
+
+    /// The handler the front door calls for each client stream.
+    pub fn handler(self: &Arc<Self>) -> StreamHandler {
+        let engine = self.clone();
+        Arc::new(move |stream| {
+            let engine = engine.clone();
+            Box::pin(engine.serve(stream))
+        })
+    }
+}

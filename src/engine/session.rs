@@ -1,1 +1,778 @@
 //! One engine session per client stream: handshake, chunking, commands, media in and out.
+//!
+//! A session is a single task. It reads chunks and answers commands; as a publisher it hands
+//! media to the hub, as a player it drains its ring from the hub and writes the prechunked
+//! frames with vectored writes, in batches. Everything it sends goes through one ordered
+//! queue (`pending`), so replies such as Play.Start always precede the media they announce.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+use tracing::{debug, info, warn};
+
+use super::command::{self as cmd, CSID_COMMAND, CSID_CONTROL};
+use super::hub::{
+    leading_amf0_string, Event, Frame, Player, Publisher, StreamKey, MSG_AUDIO, MSG_DATA_AMF0,
+    MSG_DATA_AMF3, MSG_VIDEO,
+};
+use super::Engine;
+use crate::rtmp::amf0::Amf0Value;
+use crate::rtmp::chunk::{ChunkDecoder, ChunkEncoder};
+use crate::rtmp::handshake;
+use crate::rtmp::message::{self, Message};
+use crate::stream::ClientStream;
+
+/// C0+C1 and C2 sizes of the plain RTMP handshake.
+const C0C1_LEN: usize = 1537;
+const C2_LEN: usize = 1536;
+
+/// Events a player drains per wake-up, and bytes it queues, before writing them out.
+const BATCH_EVENTS: usize = 256;
+const BATCH_BYTES: usize = 1024 * 1024;
+/// Buffers handed to one vectored write.
+const IOV_MAX: usize = 64;
+/// Read buffer grows by this much when it runs out of room.
+const READ_RESERVE: usize = 64 * 1024;
+
+/// Why a session ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("connection error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the client did not finish the RTMP handshake within {0:?}")]
+    HandshakeTimeout(Duration),
+    #[error("RTMP handshake refused: {0}")]
+    Handshake(String),
+    #[error("bad chunk stream from the client: {0}")]
+    Chunk(String),
+    #[error("no byte either way for {0:?} (idle timeout)")]
+    Idle(Duration),
+    #[error("the client took no data for {0:?}; dropped as too slow")]
+    WriteStalled(Duration),
+    #[error("no publisher came within {0:?}")]
+    NoPublisher(Duration),
+    #[error("connect refused: {0}")]
+    Rejected(String),
+}
+
+/// A player's state on one message stream.
+struct PlayState {
+    stream_id: u32,
+    name: String,
+    player: Player,
+    /// A publisher is on the key.
+    live: bool,
+    saw_unpublish: bool,
+    /// Dropping media until a keyframe (lagged, paused, or joined without a GOP).
+    skipping: bool,
+    skips: u64,
+    has_video: bool,
+    paused: bool,
+    receive_audio: bool,
+    receive_video: bool,
+    wait_deadline: Option<Instant>,
+    play_at: Instant,
+    first_frame: bool,
+}
+
+struct PublishState {
+    stream_id: u32,
+    publisher: Publisher,
+}
+
+struct Session {
+    engine: Arc<Engine>,
+    id: u64,
+    label: String,
+    decoder: ChunkDecoder,
+    encoder: ChunkEncoder,
+    scratch: BytesMut,
+    pending: VecDeque<Bytes>,
+    pending_bytes: usize,
+    bytes_in: u64,
+    bytes_out: u64,
+    ack_window: u64,
+    last_ack: u64,
+    out_chunk_size: u32,
+    app: Option<String>,
+    streams_created: u32,
+    publishing: Option<PublishState>,
+    playing: Option<PlayState>,
+    /// What the session did, for the close line: "publish live/key".
+    role: String,
+}
+
+/// Serve one client stream, then log what happened.
+pub(crate) async fn run(engine: Arc<Engine>, mut io: ClientStream, id: u64) {
+    let started = Instant::now();
+    let label = io.label();
+    info!(session = id, "session open: {label}");
+    let mut s = Session::new(engine, id, label.clone());
+    let res = s.serve(&mut io).await;
+    // Let a well-behaved client see our last replies; never wait long for a broken one.
+    let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
+    drop(s.publishing.take());
+    drop(s.playing.take());
+    let secs = started.elapsed().as_secs_f64();
+    let how = match &res {
+        Ok(()) => "closed by client".to_owned(),
+        Err(e) => e.to_string(),
+    };
+    info!(
+        session = id,
+        "session close: {label} {} in={}B out={}B duration={secs:.1}s: {how}",
+        if s.role.is_empty() { "-" } else { &s.role },
+        s.bytes_in,
+        s.bytes_out,
+    );
+}
+
+async fn next_event(playing: &mut Option<PlayState>) -> Result<Event, RecvError> {
+    match playing {
+        Some(p) => p.player.rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Session {
+    fn new(engine: Arc<Engine>, id: u64, label: String) -> Session {
+        let decoder = ChunkDecoder::new(engine.limits());
+        let ack_window = u64::from(engine.config().window_ack_size);
+        Session {
+            engine,
+            id,
+            label,
+            decoder,
+            encoder: ChunkEncoder::new(),
+            scratch: BytesMut::new(),
+            pending: VecDeque::new(),
+            pending_bytes: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            ack_window,
+            last_ack: 0,
+            out_chunk_size: 128,
+            app: None,
+            streams_created: 0,
+            publishing: None,
+            playing: None,
+            role: String::new(),
+        }
+    }
+
+    async fn serve(&mut self, io: &mut ClientStream) -> Result<(), SessionError> {
+        let hs = self.engine.limits().handshake_timeout();
+        tokio::time::timeout(hs, self.handshake(io))
+            .await
+            .map_err(|_| SessionError::HandshakeTimeout(hs))??;
+        let idle = self.engine.limits().idle_timeout();
+        let mut rbuf = BytesMut::with_capacity(READ_RESERVE);
+        let mut last_activity = Instant::now();
+        loop {
+            if !self.pending.is_empty() {
+                self.flush(io).await?;
+                last_activity = Instant::now();
+            }
+            let idle_at = last_activity + idle;
+            let wait_at = self.playing.as_ref().and_then(|p| p.wait_deadline);
+            let deadline = wait_at.map_or(idle_at, |w| w.min(idle_at));
+            if rbuf.capacity() - rbuf.len() < 4096 {
+                rbuf.reserve(READ_RESERVE);
+            }
+            tokio::select! {
+                r = io.read_buf(&mut rbuf) => {
+                    let n = r?;
+                    if n == 0 {
+                        return Ok(());
+                    }
+                    self.bytes_in = self.bytes_in.saturating_add(n as u64);
+                    last_activity = Instant::now();
+                    self.on_bytes(&mut rbuf)?;
+                }
+                ev = next_event(&mut self.playing) => {
+                    self.on_event(ev);
+                    self.drain_events();
+                }
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    let now = Instant::now();
+                    if wait_at.is_some_and(|w| w <= now) {
+                        return self.stop_waiting(io).await;
+                    }
+                    if idle_at <= now {
+                        return Err(SessionError::Idle(idle));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn handshake(&mut self, io: &mut ClientStream) -> Result<(), SessionError> {
+        let mut c0c1 = vec![0u8; C0C1_LEN];
+        io.read_exact(&mut c0c1).await?;
+        let reply =
+            handshake::server_reply(&c0c1).map_err(|e| SessionError::Handshake(e.to_string()))?;
+        io.write_all(&reply.s0s1s2).await?;
+        io.flush().await?;
+        // C2 should echo S1, but Flash-era clients get it wrong often enough: never reject it.
+        let mut c2 = vec![0u8; C2_LEN];
+        io.read_exact(&mut c2).await?;
+        self.bytes_in = (C0C1_LEN + C2_LEN) as u64;
+        self.bytes_out = reply.s0s1s2.len() as u64;
+        Ok(())
+    }
+
+    /// A player waited `player_wait` with no publisher: tell it the play is over.
+    async fn stop_waiting(&mut self, io: &mut ClientStream) -> Result<(), SessionError> {
+        let wait = self.engine.config().player_wait;
+        if let Some(p) = self.playing.take() {
+            let m = cmd::on_status(
+                p.stream_id,
+                "status",
+                "NetStream.Play.Stop",
+                &format!("No publisher on {} within {wait:?}.", p.player.key()),
+                Some(&p.name),
+            );
+            self.send(CSID_COMMAND, &m);
+            self.flush(io).await?;
+        }
+        Err(SessionError::NoPublisher(wait))
+    }
+
+    /// Queue a message for the client, through the session's own chunk encoder.
+    fn send(&mut self, csid: u32, msg: &Message) {
+        self.encoder.write(csid, msg, &mut self.scratch);
+        let b = self.scratch.split().freeze();
+        self.push_bytes(b);
+    }
+
+    fn send_control(&mut self, msg: &Message) {
+        self.send(CSID_CONTROL, msg);
+    }
+
+    fn push_bytes(&mut self, b: Bytes) {
+        if b.is_empty() {
+            return;
+        }
+        self.pending_bytes = self.pending_bytes.saturating_add(b.len());
+        self.pending.push_back(b);
+    }
+
+    /// Write everything queued, in order, with vectored writes; a client that takes nothing
+    /// for `write_timeout` is dropped.
+    async fn flush(&mut self, io: &mut ClientStream) -> Result<(), SessionError> {
+        let limit = self.engine.config().write_timeout;
+        let vectored = AsyncWrite::is_write_vectored(&*io);
+        while !self.pending.is_empty() {
+            let n = if vectored {
+                let mut iov = [IoSlice::new(&[]); IOV_MAX];
+                let mut k = 0;
+                for (slot, b) in iov.iter_mut().zip(self.pending.iter()) {
+                    *slot = IoSlice::new(b);
+                    k += 1;
+                }
+                tokio::time::timeout(limit, io.write_vectored(&iov[..k])).await
+            } else {
+                let Some(front) = self.pending.front() else {
+                    break;
+                };
+                tokio::time::timeout(limit, io.write(front)).await
+            }
+            .map_err(|_| SessionError::WriteStalled(limit))??;
+            if n == 0 {
+                return Err(SessionError::Io(std::io::ErrorKind::WriteZero.into()));
+            }
+            self.bytes_out = self.bytes_out.saturating_add(n as u64);
+            self.pending_bytes = self.pending_bytes.saturating_sub(n);
+            let mut left = n;
+            while left > 0 {
+                let Some(front) = self.pending.front_mut() else {
+                    break;
+                };
+                if front.len() <= left {
+                    left -= front.len();
+                    self.pending.pop_front();
+                } else {
+                    let _ = front.split_to(left);
+                    left = 0;
+                }
+            }
+        }
+        tokio::time::timeout(limit, io.flush())
+            .await
+            .map_err(|_| SessionError::WriteStalled(limit))??;
+        Ok(())
+    }
+
+    fn on_bytes(&mut self, rbuf: &mut BytesMut) -> Result<(), SessionError> {
+        loop {
+            match self.decoder.decode(rbuf) {
+                Ok(Some(msg)) => self.on_message(msg)?,
+                Ok(None) => break,
+                Err(e) => return Err(SessionError::Chunk(e.to_string())),
+            }
+        }
+        // Acknowledge each window of bytes received, as the peer's Window Ack Size asks.
+        if self.ack_window > 0 && self.bytes_in.saturating_sub(self.last_ack) >= self.ack_window {
+            self.last_ack = self.bytes_in;
+            // The sequence number wraps at 32 bits by definition.
+            let seq = (self.bytes_in & 0xffff_ffff) as u32;
+            self.send_control(&cmd::acknowledgement(seq));
+        }
+        Ok(())
+    }
+
+    fn on_message(&mut self, msg: Message) -> Result<(), SessionError> {
+        match msg.msg_type {
+            MSG_AUDIO | MSG_VIDEO => {
+                if let Some(p) = &self.publishing {
+                    p.publisher.push(msg.msg_type, msg.timestamp, msg.payload);
+                }
+            }
+            MSG_DATA_AMF0 | MSG_DATA_AMF3 => self.on_data(msg),
+            message::MSG_COMMAND_AMF0 | message::MSG_COMMAND_AMF3 => {
+                match message::decode_command(&msg, self.engine.limits()) {
+                    Ok(c) => self.on_command(msg.stream_id, &c.name, c.txn, &c.args)?,
+                    Err(e) => warn!(session = self.id, "{}: undecodable command: {e}", self.label),
+                }
+            }
+            message::MSG_AGGREGATE => match message::split_aggregate(&msg) {
+                Ok(parts) => {
+                    for part in parts {
+                        if part.msg_type != message::MSG_AGGREGATE {
+                            self.on_message(part)?;
+                        }
+                    }
+                }
+                Err(e) => debug!(session = self.id, "bad aggregate message: {e}"),
+            },
+            message::MSG_WINDOW_ACK_SIZE => {
+                if let Some(w) = cmd::parse_u32(&msg.payload).filter(|w| *w > 0) {
+                    self.ack_window = u64::from(w);
+                }
+            }
+            message::MSG_USER_CONTROL => {
+                if let Some((cmd::UC_PING_REQUEST, t)) = cmd::parse_user_control(&msg.payload) {
+                    self.send_control(&cmd::user_control(cmd::UC_PING_RESPONSE, t));
+                }
+            }
+            // Set Chunk Size and Abort were applied by the decoder; acks need no answer.
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Data from a publisher: `@setDataFrame` metadata is stored as plain `onMetaData`.
+    fn on_data(&mut self, msg: Message) {
+        let Some(p) = &self.publishing else {
+            return;
+        };
+        let mut payload = msg.payload;
+        if msg.msg_type == MSG_DATA_AMF3 && payload.first() == Some(&0) {
+            // AMF3 data messages start with a 0 byte, then AMF0 values.
+            let _ = payload.split_to(1);
+        }
+        if let Some(("@setDataFrame", used)) = leading_amf0_string(&payload) {
+            let _ = payload.split_to(used);
+        }
+        p.publisher.push(MSG_DATA_AMF0, msg.timestamp, payload);
+    }
+
+    fn on_command(
+        &mut self,
+        stream_id: u32,
+        name: &str,
+        txn: f64,
+        args: &[Amf0Value],
+    ) -> Result<(), SessionError> {
+        // args[0] is the command object (null after connect); the call's own arguments follow.
+        let arg = |i: usize| args.get(i);
+        let arg_str = |i: usize| args.get(i).and_then(cmd::as_str).unwrap_or_default();
+        debug!(session = self.id, "{}: command {name} txn {txn}", self.label);
+        match name {
+            "connect" => self.on_connect(txn, arg(0))?,
+            "createStream" => {
+                if self.streams_created >= self.engine.config().max_streams_per_connection {
+                    self.send(CSID_COMMAND, &cmd::call_failed(txn, name));
+                } else {
+                    self.streams_created += 1;
+                    let id = f64::from(self.streams_created);
+                    self.send(CSID_COMMAND, &cmd::result(txn, vec![Amf0Value::Number(id)]));
+                }
+            }
+            "releaseStream" | "_checkbw" => {
+                self.send(CSID_COMMAND, &cmd::result(txn, vec![Amf0Value::Undefined]));
+            }
+            "FCPublish" => {
+                let m = cmd::on_fc("onFCPublish", "NetStream.Publish.Start", arg_str(1));
+                self.send(CSID_COMMAND, &m);
+                self.send(CSID_COMMAND, &cmd::result(txn, vec![Amf0Value::Undefined]));
+            }
+            "FCUnpublish" => {
+                let m = cmd::on_fc("onFCUnpublish", "NetStream.Unpublish.Success", arg_str(1));
+                self.send(CSID_COMMAND, &m);
+                self.send(CSID_COMMAND, &cmd::result(txn, vec![Amf0Value::Undefined]));
+            }
+            "FCSubscribe" => {
+                let m = cmd::on_fc("onFCSubscribe", "NetStream.Play.Start", arg_str(1));
+                self.send(CSID_COMMAND, &m);
+            }
+            "FCUnsubscribe" => {}
+            "publish" => self.on_publish(stream_id, arg_str(1)),
+            "play" => self.on_play(stream_id, arg_str(1)),
+            "play2" => {
+                // play2 switches renditions; on a live stream with one rendition, starting
+                // play when not yet playing is all that makes sense.
+                let name = arg(1)
+                    .and_then(|o| cmd::field(o, "streamName"))
+                    .and_then(cmd::as_str)
+                    .unwrap_or_default()
+                    .to_owned();
+                if self.playing.is_none() && !name.is_empty() {
+                    self.on_play(stream_id, &name);
+                }
+            }
+            "pause" | "pauseRaw" => {
+                let pause = arg(1).and_then(cmd::as_bool).unwrap_or(true);
+                self.on_pause(pause);
+            }
+            "seek" => {
+                if let Some(sid) = self.playing.as_ref().map(|p| p.stream_id) {
+                    let m = cmd::on_status(
+                        sid,
+                        "status",
+                        "NetStream.Seek.Notify",
+                        "Seeking is not possible on a live stream; playing on.",
+                        None,
+                    );
+                    self.send(CSID_COMMAND, &m);
+                }
+            }
+            "deleteStream" => {
+                let sid = arg(1).and_then(cmd::as_f64).unwrap_or(0.0);
+                self.close_stream(sid as u32);
+            }
+            "closeStream" => self.close_stream(stream_id),
+            "getStreamLength" => {
+                self.send(CSID_COMMAND, &cmd::result(txn, vec![Amf0Value::Number(0.0)]));
+            }
+            "receiveAudio" | "receiveVideo" => {
+                let on = arg(1).and_then(cmd::as_bool).unwrap_or(true);
+                if let Some(p) = &mut self.playing {
+                    if name == "receiveAudio" {
+                        p.receive_audio = on;
+                    } else {
+                        p.receive_video = on;
+                    }
+                }
+            }
+            // Replies to what we sent (onBWDone...), and FMS bandwidth-check chatter.
+            "_result" | "_error" | "onStatus" | "onBWDone" | "_onbwcheck" | "_onbwdone" => {}
+            _ => {
+                debug!(session = self.id, "{}: unknown command {name}", self.label);
+                self.send(CSID_COMMAND, &cmd::call_failed(txn, name));
+            }
+        }
+        Ok(())
+    }
+
+    fn on_connect(&mut self, txn: f64, object: Option<&Amf0Value>) -> Result<(), SessionError> {
+        let max = self.engine.limits().max_name_len;
+        let raw_app = object
+            .and_then(|o| cmd::field(o, "app"))
+            .and_then(cmd::as_str)
+            .unwrap_or_default();
+        let object_encoding = object
+            .and_then(|o| cmd::field(o, "objectEncoding"))
+            .and_then(cmd::as_f64)
+            .unwrap_or(0.0);
+        let Some(app) = cmd::clean_name(raw_app, max) else {
+            let m = cmd::on_status(
+                0,
+                "error",
+                "NetConnection.Connect.Rejected",
+                "connect needs an application name, as in rtmp://host/live/key.",
+                None,
+            );
+            self.send(CSID_COMMAND, &m);
+            return Err(SessionError::Rejected(format!("bad app name {raw_app:?}")));
+        };
+        let cfg = self.engine.config();
+        let (was, bw, cs) = (cfg.window_ack_size, cfg.peer_bandwidth, cfg.chunk_size);
+        self.send_control(&cmd::window_ack_size(was));
+        self.send_control(&cmd::set_peer_bandwidth(bw));
+        self.send_control(&cmd::set_chunk_size(cs));
+        self.encoder.set_chunk_size(cs);
+        self.out_chunk_size = cs;
+        self.send(CSID_COMMAND, &cmd::connect_result(txn, object_encoding));
+        self.send(CSID_COMMAND, &cmd::on_bw_done());
+        self.app = Some(app);
+        Ok(())
+    }
+
+    fn key_for(&self, raw: &str) -> Option<(StreamKey, String)> {
+        let app = self.app.as_deref()?;
+        let name = cmd::clean_name(raw, self.engine.limits().max_name_len)?;
+        Some((StreamKey::new(app, &name), name))
+    }
+
+    fn on_publish(&mut self, stream_id: u32, raw: &str) {
+        let Some((key, name)) = self.key_for(raw) else {
+            let m = cmd::on_status(
+                stream_id,
+                "error",
+                "NetStream.Publish.BadName",
+                "publish needs connect first and a stream name, as in rtmp://host/live/key.",
+                Some(raw),
+            );
+            self.send(CSID_COMMAND, &m);
+            return;
+        };
+        if self.publishing.is_some() {
+            let m = cmd::on_status(
+                stream_id,
+                "error",
+                "NetStream.Publish.BadName",
+                "This connection is already publishing.",
+                Some(&name),
+            );
+            self.send(CSID_COMMAND, &m);
+            return;
+        }
+        match self.engine.hub().publish(&key) {
+            Ok(publisher) => {
+                info!(session = self.id, "{}: publish {key}", self.label);
+                self.role = format!("publish {key}");
+                self.publishing = Some(PublishState {
+                    stream_id,
+                    publisher,
+                });
+                self.send_control(&cmd::user_control(cmd::UC_STREAM_BEGIN, stream_id));
+                let m = cmd::on_status(
+                    stream_id,
+                    "status",
+                    "NetStream.Publish.Start",
+                    &format!("{name} is now published."),
+                    Some(&name),
+                );
+                self.send(CSID_COMMAND, &m);
+            }
+            Err(e) => {
+                info!(session = self.id, "{}: publish {key} refused: {e}", self.label);
+                let m = cmd::on_status(
+                    stream_id,
+                    "error",
+                    "NetStream.Publish.BadName",
+                    &format!("{key} is already being published."),
+                    Some(&name),
+                );
+                self.send(CSID_COMMAND, &m);
+            }
+        }
+    }
+
+    fn on_play(&mut self, stream_id: u32, raw: &str) {
+        let Some((key, name)) = self.key_for(raw) else {
+            let m = cmd::on_status(
+                stream_id,
+                "error",
+                "NetStream.Play.StreamNotFound",
+                "play needs connect first and a stream name, as in rtmp://host/live/key.",
+                Some(raw),
+            );
+            self.send(CSID_COMMAND, &m);
+            return;
+        };
+        // A second play on the connection replaces the first.
+        self.playing = None;
+        let mut player = self.engine.hub().play(&key);
+        info!(
+            session = self.id,
+            "{}: play {key} ({})",
+            self.label,
+            if player.live { "live" } else { "waiting for a publisher" }
+        );
+        self.role = format!("play {key}");
+        self.send_control(&cmd::user_control(cmd::UC_STREAM_BEGIN, stream_id));
+        let desc = format!("Started playing {name}.");
+        for code in ["NetStream.Play.Reset", "NetStream.Play.Start"] {
+            let m = cmd::on_status(stream_id, "status", code, &desc, Some(&name));
+            self.send(CSID_COMMAND, &m);
+        }
+        self.send(CSID_COMMAND, &cmd::sample_access(stream_id));
+        self.send(CSID_COMMAND, &cmd::data_start(stream_id));
+        let now = Instant::now();
+        let start = std::mem::take(&mut player.start);
+        let mut p = PlayState {
+            stream_id,
+            name,
+            live: player.live,
+            // A late player without a cached GOP waits for the next keyframe.
+            skipping: player.live && player.has_video && !player.has_keyframe,
+            has_video: player.has_video,
+            player,
+            saw_unpublish: false,
+            skips: 0,
+            paused: false,
+            receive_audio: true,
+            receive_video: true,
+            wait_deadline: None,
+            play_at: now,
+            first_frame: false,
+        };
+        if !p.live {
+            p.wait_deadline = Some(now + self.engine.config().player_wait);
+        }
+        self.playing = Some(p);
+        for f in start {
+            self.send_frame(&f);
+        }
+    }
+
+    fn on_pause(&mut self, pause: bool) {
+        let Some(p) = &mut self.playing else {
+            return;
+        };
+        p.paused = pause;
+        // Resume on a keyframe, not in the middle of a GOP.
+        p.skipping = true;
+        let sid = p.stream_id;
+        let (code, desc) = if pause {
+            ("NetStream.Pause.Notify", "Paused live stream.")
+        } else {
+            ("NetStream.Unpause.Notify", "Unpaused live stream.")
+        };
+        let name = p.name.clone();
+        self.send(
+            CSID_COMMAND,
+            &cmd::on_status(sid, "status", code, desc, Some(&name)),
+        );
+    }
+
+    fn close_stream(&mut self, stream_id: u32) {
+        if self.publishing.as_ref().map(|p| p.stream_id) == Some(stream_id) {
+            self.publishing = None;
+        }
+        if self.playing.as_ref().map(|p| p.stream_id) == Some(stream_id) {
+            self.playing = None;
+        }
+    }
+
+    fn drain_events(&mut self) {
+        for _ in 0..BATCH_EVENTS {
+            if self.pending_bytes >= BATCH_BYTES {
+                return;
+            }
+            let Some(p) = &mut self.playing else {
+                return;
+            };
+            let ev = match p.player.rx.try_recv() {
+                Ok(ev) => Ok(ev),
+                Err(TryRecvError::Empty) | Err(TryRecvError::Closed) => return,
+                Err(TryRecvError::Lagged(n)) => Err(RecvError::Lagged(n)),
+            };
+            self.on_event(ev);
+        }
+    }
+
+    fn on_event(&mut self, ev: Result<Event, RecvError>) {
+        let Some(p) = &mut self.playing else {
+            return;
+        };
+        let sid = p.stream_id;
+        match ev {
+            Ok(Event::Frame(f)) => self.send_frame(&f),
+            Ok(Event::Published) => {
+                p.live = true;
+                p.wait_deadline = None;
+                p.skipping = false;
+                p.has_video = false;
+                let notify = p.saw_unpublish;
+                let name = p.name.clone();
+                self.send_control(&cmd::user_control(cmd::UC_STREAM_BEGIN, sid));
+                if notify {
+                    let m = cmd::on_status(
+                        sid,
+                        "status",
+                        "NetStream.Play.PublishNotify",
+                        &format!("{name} is now published."),
+                        Some(&name),
+                    );
+                    self.send(CSID_COMMAND, &m);
+                }
+            }
+            Ok(Event::Unpublished) => {
+                p.live = false;
+                p.saw_unpublish = true;
+                p.wait_deadline = Some(Instant::now() + self.engine.config().player_wait);
+                let name = p.name.clone();
+                let m = cmd::on_status(
+                    sid,
+                    "status",
+                    "NetStream.Play.UnpublishNotify",
+                    &format!("{name} is now unpublished."),
+                    Some(&name),
+                );
+                self.send(CSID_COMMAND, &m);
+                self.send_control(&cmd::user_control(cmd::UC_STREAM_EOF, sid));
+            }
+            Err(RecvError::Lagged(n)) => {
+                p.skipping = true;
+                p.skips = p.skips.saturating_add(1);
+                debug!(
+                    session = self.id,
+                    "{}: fell {n} messages behind; skipping to the next keyframe", self.label
+                );
+            }
+            Err(RecvError::Closed) => {}
+        }
+    }
+
+    fn send_frame(&mut self, f: &Arc<Frame>) {
+        let max_lag = self.engine.config().max_lag_bytes;
+        let shared_cs = self.engine.hub().config().chunk_size;
+        let Some(p) = &mut self.playing else {
+            return;
+        };
+        if f.msg_type == MSG_VIDEO {
+            p.has_video = true;
+        }
+        if !f.kind.is_header() {
+            if p.paused
+                || (f.msg_type == MSG_AUDIO && !p.receive_audio)
+                || (f.msg_type == MSG_VIDEO && !p.receive_video)
+            {
+                return;
+            }
+            if !p.skipping && p.player.lag_bytes(f) > max_lag {
+                p.skipping = true;
+                p.skips = p.skips.saturating_add(1);
+                debug!(session = self.id, "{}: too far behind; skipping", self.label);
+            }
+            if p.skipping {
+                let resume = f.kind == super::hub::FrameKind::VideoKey
+                    || (!p.has_video && f.msg_type == MSG_AUDIO);
+                if !resume || p.player.lag_bytes(f) > max_lag {
+                    return;
+                }
+                p.skipping = false;
+            }
+            if !p.first_frame && (f.msg_type == MSG_AUDIO || f.msg_type == MSG_VIDEO) {
+                p.first_frame = true;
+                info!(
+                    session = self.id,
+                    "{}: first frame of {} after {} ms (play to first frame)",
+                    self.label,
+                    p.player.key(),
+                    p.play_at.elapsed().as_millis()
+                );
+            }
+        }
+        let b = f.chunks_for(p.stream_id, self.out_chunk_size, shared_cs);
+        self.push_bytes(b);
+    }
+}

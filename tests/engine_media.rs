@@ -1,0 +1,135 @@
+//! End-to-end: ffmpeg and rtmpdump publish and play through the engine; frames compared with
+//! the source's, late joiners, key conflicts.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod engine_support;
+
+use std::time::{Duration, Instant};
+
+use engine_support::*;
+use rtmpgate::engine::EngineConfig;
+
+#[test]
+fn three_players_get_one_contiguous_run_of_the_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = source_flv(6);
+    let want = frames(&src);
+    let srv = Server::start(EngineConfig::default());
+    let url = srv.url("three");
+    // Players first: they wait for the publisher and must start with its first frames.
+    let outs: Vec<_> = (0..3)
+        .map(|i| dir.path().join(format!("p{i}.flv")))
+        .collect();
+    let mut players = vec![
+        ffmpeg_play(dir.path(), "ffmpeg-a", &url, &outs[0]),
+        ffmpeg_play(dir.path(), "ffmpeg-b", &url, &outs[1]),
+        rtmpdump_play(dir.path(), "rtmpdump", &url, &outs[2]),
+    ];
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut publisher = publish(dir.path(), "publisher", &src, &url);
+    let st = publisher
+        .wait_timeout(Duration::from_secs(30))
+        .expect("publisher did not finish in 30 s");
+    assert!(st.success(), "publisher failed: {}", publisher.stderr_text());
+    for p in &mut players {
+        if p.wait_timeout(Duration::from_secs(15)).is_none() {
+            panic!("{} did not stop after the publisher left", p.name);
+        }
+    }
+    for (p, out) in players.iter().zip(&outs) {
+        let got = frames(out);
+        eprintln!(
+            "{}: video {}/{} audio {}/{}",
+            p.name,
+            got.video.len(),
+            want.video.len(),
+            got.audio.len(),
+            want.audio.len()
+        );
+        let v = contiguous_run(&want.video, &got.video)
+            .unwrap_or_else(|e| panic!("{} video: {e}", p.name));
+        let a = contiguous_run(&want.audio, &got.audio)
+            .unwrap_or_else(|e| panic!("{} audio: {e}", p.name));
+        assert_eq!(v, 0, "{} joined before the publisher but missed video", p.name);
+        assert!(a <= 2, "{} missed the first {a} audio frames", p.name);
+        // ffmpeg stops at UnpublishNotify and drops what it buffered (~93% on nginx-rtmp).
+        assert!(
+            got.video.len() * 100 >= want.video.len() * 85,
+            "{} got only {} of {} video frames",
+            p.name,
+            got.video.len(),
+            want.video.len()
+        );
+    }
+}
+
+#[test]
+fn late_player_starts_on_a_keyframe_and_decodes_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = source_flv(8);
+    let want = frames(&src);
+    let srv = Server::start(EngineConfig::default());
+    let url = srv.url("late");
+    let mut publisher = publish(dir.path(), "publisher", &src, &url);
+    std::thread::sleep(Duration::from_millis(3500));
+    let out = dir.path().join("late.flv");
+    let started = Instant::now();
+    let mut player = ffmpeg_play(dir.path(), "late-ffmpeg", &url, &out);
+    assert!(publisher.wait_timeout(Duration::from_secs(30)).is_some());
+    assert!(
+        player.wait_timeout(Duration::from_secs(15)).is_some(),
+        "late player did not stop"
+    );
+    eprintln!("late player ran {:?}", started.elapsed());
+    let got = frames(&out);
+    let v = contiguous_run(&want.video, &got.video).unwrap();
+    assert!(v > 0, "late player should start mid-stream");
+    // The cache starts on a keyframe: the source has one every 30 frames.
+    assert_eq!(v % 30, 0, "late player started on frame {v}, not a keyframe");
+    let dec = std::process::Command::new("ffmpeg")
+        .args(["-v", "error", "-i"])
+        .arg(&out)
+        .args(["-f", "null", "-"])
+        .output()
+        .unwrap();
+    let errors = String::from_utf8_lossy(&dec.stderr);
+    assert!(
+        dec.status.success() && errors.trim().is_empty(),
+        "decoding errors: {errors}"
+    );
+    let lines = log_lines(&["first frame of live/late"]);
+    assert!(!lines.is_empty(), "no play-to-first-frame log line");
+    for l in lines {
+        println!("{l}");
+    }
+}
+
+#[test]
+fn second_publisher_on_a_key_gets_badname_and_the_first_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = source_flv(6);
+    let want = frames(&src);
+    let srv = Server::start(EngineConfig::default());
+    let url = srv.url("twice");
+    let out = dir.path().join("p.flv");
+    let mut player = rtmpdump_play(dir.path(), "rtmpdump", &url, &out);
+    std::thread::sleep(Duration::from_millis(1000));
+    let mut first = publish(dir.path(), "first", &src, &url);
+    std::thread::sleep(Duration::from_millis(2000));
+    let mut second = publish(dir.path(), "second", &src, &url);
+    let st = second
+        .wait_timeout(Duration::from_secs(15))
+        .expect("second publisher was not refused");
+    assert!(!st.success(), "second publisher should fail");
+    let err = second.stderr_text();
+    assert!(
+        err.contains("already being published"),
+        "second publisher stderr: {err}"
+    );
+    let st = first.wait_timeout(Duration::from_secs(30)).unwrap();
+    assert!(st.success(), "first publisher failed: {}", first.stderr_text());
+    assert!(player.wait_timeout(Duration::from_secs(15)).is_some());
+    let got = frames(&out);
+    assert_eq!(contiguous_run(&want.video, &got.video).unwrap(), 0);
+    assert!(got.video.len() * 100 >= want.video.len() * 85);
+}

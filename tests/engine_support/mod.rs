@@ -1,0 +1,288 @@
+//! Shared harness for the engine tests: an engine on a port bound to 0, real client
+//! processes that are always killed (Drop guard), bounded waits and frame-by-frame comparison.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use rtmpgate::engine::{Engine, EngineConfig};
+use rtmpgate::limits::Limits;
+use rtmpgate::stream::{ClientStream, Transport};
+
+/// Log lines of every engine in this test binary (tests use distinct stream names).
+pub fn logs() -> &'static Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let w = buf.clone();
+        let _ = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_env_filter("rtmpgate=info")
+            .with_writer(move || LogWriter(w.clone()))
+            .try_init();
+        buf
+    })
+}
+
+struct LogWriter(Arc<Mutex<Vec<u8>>>);
+impl Write for LogWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        std::io::stderr().write_all(b)?;
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Log lines containing every one of `needles`.
+pub fn log_lines(needles: &[&str]) -> Vec<String> {
+    let text = String::from_utf8_lossy(&logs().lock().unwrap()).into_owned();
+    text.lines()
+        .filter(|l| needles.iter().all(|n| l.contains(n)))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// An engine serving plain RTMP on 127.0.0.1, port chosen by the OS.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub engine: Arc<Engine>,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl Server {
+    pub fn start(cfg: EngineConfig) -> Server {
+        logs();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let engine = Engine::new(Limits::default(), cfg);
+        let handler = engine.handler();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        rt.spawn(async move {
+            while let Ok((tcp, peer)) = listener.accept().await {
+                let _ = tcp.set_nodelay(true);
+                let local = tcp.local_addr().unwrap_or(addr);
+                let stream = ClientStream::new(Box::new(tcp), Transport::Rtmp, peer, local);
+                tokio::spawn(handler(stream));
+            }
+        });
+        Server {
+            addr,
+            engine,
+            rt: Some(rt),
+        }
+    }
+
+    pub fn url(&self, key: &str) -> String {
+        format!("rtmp://{}/live/{key}", self.addr)
+    }
+
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.as_ref().unwrap().block_on(f)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_timeout(Duration::from_secs(2));
+        }
+    }
+}
+
+/// A child process that is killed and reaped when dropped, whatever happens in the test.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    pub stderr: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, dir: &Path, cmd: &mut Command) -> Proc {
+        let stderr = dir.join(format!("{name}.stderr"));
+        let f = std::fs::File::create(&stderr).unwrap();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(f)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc {
+            name: name.to_owned(),
+            child,
+            stderr,
+        }
+    }
+
+    /// Wait for the process to end, at most `limit`; None if it is still running.
+    pub fn wait_timeout(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let end = Instant::now() + limit;
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() >= end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn stderr_text(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A 640x360 H.264 + AAC FLV of `secs` seconds, keyframe every second, made once per binary.
+pub fn source_flv(secs: u32) -> PathBuf {
+    static SRC: OnceLock<Mutex<Vec<(u32, PathBuf)>>> = OnceLock::new();
+    let m = SRC.get_or_init(|| Mutex::new(Vec::new()));
+    let mut made = m.lock().unwrap();
+    if let Some((_, p)) = made.iter().find(|(s, _)| *s == secs) {
+        return p.clone();
+    }
+    let path = std::env::temp_dir().join(format!(
+        "rtmpgate-engine-src-{}-{secs}s.flv",
+        std::process::id()
+    ));
+    let st = Command::new("ffmpeg")
+        .args(["-v", "error", "-y", "-f", "lavfi", "-i"])
+        .arg("testsrc2=size=640x360:rate=30")
+        .args(["-f", "lavfi", "-i", "sine=frequency=440", "-t"])
+        .arg(secs.to_string())
+        .args(["-c:v", "libx264", "-preset", "veryfast", "-g", "30"])
+        .args(["-c:a", "aac", "-f", "flv"])
+        .arg(&path)
+        .status()
+        .expect("ffmpeg must be installed");
+    assert!(st.success(), "making the source FLV failed");
+    made.push((secs, path.clone()));
+    path
+}
+
+/// ffmpeg publishing `src` in real time to `url`.
+pub fn publish(dir: &Path, name: &str, src: &Path, url: &str) -> Proc {
+    Proc::spawn(
+        name,
+        dir,
+        Command::new("ffmpeg")
+            .args(["-v", "info", "-nostdin", "-re", "-i"])
+            .arg(src)
+            .args(["-c", "copy", "-f", "flv"])
+            .arg(url),
+    )
+}
+
+/// ffmpeg playing `url` into `out` (FLV, streams copied).
+pub fn ffmpeg_play(dir: &Path, name: &str, url: &str, out: &Path) -> Proc {
+    Proc::spawn(
+        name,
+        dir,
+        Command::new("ffmpeg")
+            .args(["-v", "info", "-nostdin", "-y", "-i"])
+            .arg(url)
+            .args(["-c", "copy", "-f", "flv"])
+            .arg(out),
+    )
+}
+
+/// rtmpdump playing live `url` into `out`.
+pub fn rtmpdump_play(dir: &Path, name: &str, url: &str, out: &Path) -> Proc {
+    Proc::spawn(
+        name,
+        dir,
+        Command::new("rtmpdump")
+            .args(["-v", "-r"])
+            .arg(url)
+            .arg("-o")
+            .arg(out),
+    )
+}
+
+/// Payload hashes per media type, in order, from `ffmpeg -f framemd5`.
+#[derive(Debug, Default)]
+pub struct Frames {
+    pub video: Vec<String>,
+    pub audio: Vec<String>,
+}
+
+pub fn frames(path: &Path) -> Frames {
+    let out = Command::new("ffmpeg")
+        .args(["-v", "error", "-i"])
+        .arg(path)
+        .args(["-c", "copy", "-f", "framemd5", "-"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut kinds = std::collections::HashMap::new();
+    let mut f = Frames::default();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("#media_type ") {
+            if let Some((idx, kind)) = rest.split_once(": ") {
+                kinds.insert(idx.trim().to_owned(), kind.trim().to_owned());
+            }
+            continue;
+        }
+        if line.starts_with('#') {
+            continue;
+        }
+        let cols: Vec<&str> = line.split(',').map(str::trim).collect();
+        if cols.len() < 6 {
+            continue;
+        }
+        let hash = cols[5].to_owned();
+        match kinds.get(cols[0]).map(String::as_str) {
+            Some("video") => f.video.push(hash),
+            Some("audio") => f.audio.push(hash),
+            _ => {}
+        }
+    }
+    f
+}
+
+/// Where `got` sits inside `src` as one contiguous run (its last packet may be cut short).
+pub fn contiguous_run(src: &[String], got: &[String]) -> Result<usize, String> {
+    if got.is_empty() {
+        return Err("no frames received".into());
+    }
+    let check = &got[..got.len() - 1];
+    if check.is_empty() {
+        return Ok(0);
+    }
+    for start in 0..src.len() {
+        if src[start] != check[0] {
+            continue;
+        }
+        if src.len() - start >= check.len() && src[start..start + check.len()] == *check {
+            return Ok(start);
+        }
+    }
+    Err(format!(
+        "the {} received frames are not one contiguous run of the {} source frames",
+        got.len(),
+        src.len()
+    ))
+}
