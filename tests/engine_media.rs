@@ -30,7 +30,11 @@ fn three_players_get_one_contiguous_run_of_the_source() {
     let st = publisher
         .wait_timeout(Duration::from_secs(30))
         .expect("publisher did not finish in 30 s");
-    assert!(st.success(), "publisher failed: {}", publisher.stderr_text());
+    assert!(
+        st.success(),
+        "publisher failed: {}",
+        publisher.stderr_text()
+    );
     for p in &mut players {
         if p.wait_timeout(Duration::from_secs(15)).is_none() {
             panic!("{} did not stop after the publisher left", p.name);
@@ -50,7 +54,11 @@ fn three_players_get_one_contiguous_run_of_the_source() {
             .unwrap_or_else(|e| panic!("{} video: {e}", p.name));
         let a = contiguous_run(&want.audio, &got.audio)
             .unwrap_or_else(|e| panic!("{} audio: {e}", p.name));
-        assert_eq!(v, 0, "{} joined before the publisher but missed video", p.name);
+        assert_eq!(
+            v, 0,
+            "{} joined before the publisher but missed video",
+            p.name
+        );
         assert!(a <= 2, "{} missed the first {a} audio frames", p.name);
         // ffmpeg stops at UnpublishNotify and drops what it buffered (~93% on nginx-rtmp).
         assert!(
@@ -85,7 +93,11 @@ fn late_player_starts_on_a_keyframe_and_decodes_cleanly() {
     let v = contiguous_run(&want.video, &got.video).unwrap();
     assert!(v > 0, "late player should start mid-stream");
     // The cache starts on a keyframe: the source has one every 30 frames.
-    assert_eq!(v % 30, 0, "late player started on frame {v}, not a keyframe");
+    assert_eq!(
+        v % 30,
+        0,
+        "late player started on frame {v}, not a keyframe"
+    );
     let dec = std::process::Command::new("ffmpeg")
         .args(["-v", "error", "-i"])
         .arg(&out)
@@ -127,7 +139,11 @@ fn second_publisher_on_a_key_gets_badname_and_the_first_goes_on() {
         "second publisher stderr: {err}"
     );
     let st = first.wait_timeout(Duration::from_secs(30)).unwrap();
-    assert!(st.success(), "first publisher failed: {}", first.stderr_text());
+    assert!(
+        st.success(),
+        "first publisher failed: {}",
+        first.stderr_text()
+    );
     assert!(player.wait_timeout(Duration::from_secs(15)).is_some());
     let got = frames(&out);
     assert_eq!(contiguous_run(&want.video, &got.video).unwrap(), 0);

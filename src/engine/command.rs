@@ -31,12 +31,7 @@ fn s(v: &str) -> Amf0Value {
 }
 
 fn obj(fields: Vec<(&str, Amf0Value)>) -> Amf0Value {
-    Amf0Value::Object(
-        fields
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v))
-            .collect(),
-    )
+    Amf0Value::Object(fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
 }
 
 /// AMF0 values back to back: the body of a data message.
@@ -172,7 +167,10 @@ pub fn sample_access(stream_id: u32) -> Message {
 pub fn data_start(stream_id: u32) -> Message {
     data(
         stream_id,
-        &[s("onStatus"), obj(vec![("code", s("NetStream.Data.Start"))])],
+        &[
+            s("onStatus"),
+            obj(vec![("code", s("NetStream.Data.Start"))]),
+        ],
     )
 }
 
@@ -293,7 +291,10 @@ mod tests {
     #[test]
     fn user_control_round_trip() {
         let m = user_control(UC_PING_REQUEST, 1234);
-        assert_eq!(parse_user_control(&m.payload), Some((UC_PING_REQUEST, 1234)));
+        assert_eq!(
+            parse_user_control(&m.payload),
+            Some((UC_PING_REQUEST, 1234))
+        );
         assert_eq!(parse_user_control(&[0, 6, 1]), None);
     }
 

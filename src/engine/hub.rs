@@ -226,7 +226,9 @@ impl Default for HubConfig {
 /// Why a publish was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum HubError {
-    #[error("stream {0} already has a publisher; pick another stream name or stop the other encoder")]
+    #[error(
+        "stream {0} already has a publisher; pick another stream name or stop the other encoder"
+    )]
     BadName(String),
 }
 
@@ -536,5 +538,216 @@ impl Drop for Player {
             st.players = st.players.saturating_sub(1);
         }
         self.hub.release(&self.slot);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    const AVC_HEADER: &[u8] = &[0x17, 0, 0, 0, 0, 1, 2];
+    const AVC_KEY: &[u8] = &[0x17, 1, 0, 0, 0, 9];
+    const AVC_INTER: &[u8] = &[0x27, 1, 0, 0, 0, 8];
+    const AAC_HEADER: &[u8] = &[0xaf, 0, 0x12, 0x10];
+    const AAC_RAW: &[u8] = &[0xaf, 1, 7, 7];
+
+    fn hub() -> Arc<Hub> {
+        Hub::new(HubConfig::default())
+    }
+
+    fn key(name: &str) -> StreamKey {
+        StreamKey::new("live", name)
+    }
+
+    fn frame(ev: Event) -> Arc<Frame> {
+        match ev {
+            Event::Frame(f) => f,
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn classifies_legacy_and_enhanced_rtmp() {
+        assert_eq!(classify(MSG_VIDEO, AVC_HEADER), FrameKind::VideoHeader);
+        assert_eq!(classify(MSG_VIDEO, AVC_KEY), FrameKind::VideoKey);
+        assert_eq!(classify(MSG_VIDEO, AVC_INTER), FrameKind::Video);
+        assert_eq!(classify(MSG_VIDEO, &[]), FrameKind::Video);
+        // Enhanced RTMP: IsExHeader | keyframe | SequenceStart, FourCC hvc1.
+        assert_eq!(
+            classify(MSG_VIDEO, &[0x90, b'h', b'v', b'c', b'1']),
+            FrameKind::VideoHeader
+        );
+        // Keyframe, CodedFrames (1), av01.
+        assert_eq!(
+            classify(MSG_VIDEO, &[0x91, b'a', b'v', b'0', b'1', 0]),
+            FrameKind::VideoKey
+        );
+        assert_eq!(
+            classify(MSG_VIDEO, &[0xa1, b'a', b'v', b'0', b'1', 0]),
+            FrameKind::Video
+        );
+        assert_eq!(classify(MSG_AUDIO, AAC_HEADER), FrameKind::AudioHeader);
+        assert_eq!(classify(MSG_AUDIO, AAC_RAW), FrameKind::Audio);
+        assert_eq!(classify(MSG_AUDIO, &[0x2f, 1]), FrameKind::Audio);
+        assert_eq!(
+            classify(MSG_AUDIO, &[0x90, b'O', b'p', b'u', b's']),
+            FrameKind::AudioHeader
+        );
+        let mut meta = vec![2, 0, 10];
+        meta.extend_from_slice(b"onMetaData");
+        meta.push(5);
+        assert_eq!(classify(MSG_DATA_AMF0, &meta), FrameKind::Meta);
+        assert_eq!(classify(MSG_DATA_AMF0, &[2, 0, 1, b'x']), FrameKind::Data);
+        assert_eq!(classify(MSG_DATA_AMF0, &[2, 0, 9, b'x']), FrameKind::Data);
+    }
+
+    #[test]
+    fn leading_string_is_bounds_checked() {
+        assert_eq!(
+            leading_amf0_string(&[2, 0, 2, b'h', b'i', 5]),
+            Some(("hi", 5))
+        );
+        assert_eq!(leading_amf0_string(&[2, 0, 9, b'h']), None);
+        assert_eq!(leading_amf0_string(&[2, 0]), None);
+        assert_eq!(leading_amf0_string(&[3]), None);
+        assert_eq!(leading_amf0_string(&[]), None);
+    }
+
+    #[test]
+    fn second_publisher_is_refused_until_the_first_leaves() {
+        let hub = hub();
+        let first = hub.publish(&key("a")).unwrap();
+        assert_eq!(
+            hub.publish(&key("a")).err(),
+            Some(HubError::BadName("live/a".into()))
+        );
+        assert!(hub.publish(&key("b")).is_ok());
+        drop(first);
+        assert!(hub.publish(&key("a")).is_ok());
+    }
+
+    #[test]
+    fn late_player_gets_headers_and_the_gop_from_the_last_keyframe() {
+        let hub = hub();
+        let p = hub.publish(&key("k")).unwrap();
+        p.push(MSG_VIDEO, 0, Bytes::from_static(AVC_HEADER));
+        p.push(MSG_AUDIO, 0, Bytes::from_static(AAC_HEADER));
+        p.push(MSG_VIDEO, 0, Bytes::from_static(AVC_KEY));
+        p.push(MSG_VIDEO, 33, Bytes::from_static(AVC_INTER));
+        p.push(MSG_VIDEO, 1000, Bytes::from_static(AVC_KEY));
+        p.push(MSG_AUDIO, 1010, Bytes::from_static(AAC_RAW));
+        p.push(MSG_VIDEO, 1033, Bytes::from_static(AVC_INTER));
+        let mut pl = hub.play(&key("k"));
+        assert!(pl.live && pl.has_video && pl.has_keyframe);
+        let kinds: Vec<_> = pl.start.iter().map(|f| (f.kind, f.timestamp)).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (FrameKind::VideoHeader, 0),
+                (FrameKind::AudioHeader, 0),
+                (FrameKind::VideoKey, 1000),
+                (FrameKind::Audio, 1010),
+                (FrameKind::Video, 1033),
+            ]
+        );
+        // Nothing is lost or repeated between the start frames and the ring.
+        p.push(MSG_VIDEO, 1066, Bytes::from_static(AVC_INTER));
+        let f = frame(pl.rx.try_recv().unwrap());
+        assert_eq!(f.timestamp, 1066);
+        assert!(pl.rx.try_recv().is_err());
+        assert_eq!(pl.lag_bytes(&f), 0);
+    }
+
+    #[test]
+    fn prechunked_frame_is_shared_and_rechunked_for_other_stream_ids() {
+        let hub = hub();
+        let p = hub.publish(&key("c")).unwrap();
+        let mut pl = hub.play(&key("c"));
+        assert!(matches!(pl.rx.try_recv(), Err(_)));
+        let payload = Bytes::from(vec![0x27u8; 10_000]);
+        p.push(MSG_VIDEO, 40, payload.clone());
+        let f = frame(pl.rx.try_recv().unwrap());
+        let shared = f.chunks_for(SHARED_STREAM_ID, 4096, 4096);
+        assert_eq!(
+            shared.as_ptr(),
+            f.chunked.as_ptr(),
+            "shared bytes, not a copy"
+        );
+        let msg = Message {
+            msg_type: MSG_VIDEO,
+            timestamp: 40,
+            stream_id: 5,
+            payload,
+        };
+        let mut want = BytesMut::new();
+        chunk::encode_fmt0(CSID_VIDEO, &msg, 4096, &mut want);
+        assert_eq!(f.chunks_for(5, 4096, 4096), want.freeze());
+    }
+
+    #[test]
+    fn waiting_player_sees_publish_unpublish_and_a_continuous_timeline() {
+        let hub = hub();
+        let mut pl = hub.play(&key("w"));
+        assert!(!pl.live && pl.start.is_empty());
+        let p = hub.publish(&key("w")).unwrap();
+        assert!(matches!(pl.rx.try_recv(), Ok(Event::Published)));
+        p.push(MSG_VIDEO, 500, Bytes::from_static(AVC_KEY));
+        assert_eq!(frame(pl.rx.try_recv().unwrap()).timestamp, 500);
+        drop(p);
+        assert!(matches!(pl.rx.try_recv(), Ok(Event::Unpublished)));
+        // The new encoder starts again at 0: players continue after 500.
+        let p = hub.publish(&key("w")).unwrap();
+        assert!(matches!(pl.rx.try_recv(), Ok(Event::Published)));
+        p.push(MSG_VIDEO, 0, Bytes::from_static(AVC_KEY));
+        p.push(MSG_VIDEO, 40, Bytes::from_static(AVC_INTER));
+        assert_eq!(frame(pl.rx.try_recv().unwrap()).timestamp, 501);
+        assert_eq!(frame(pl.rx.try_recv().unwrap()).timestamp, 541);
+    }
+
+    #[test]
+    fn slots_are_removed_when_nobody_is_left() {
+        let hub = hub();
+        let p = hub.publish(&key("x")).unwrap();
+        let pl = hub.play(&key("x"));
+        assert_eq!(hub.stream_count(), 1);
+        drop(p);
+        assert_eq!(hub.stream_count(), 1, "the player still waits");
+        drop(pl);
+        assert_eq!(hub.stream_count(), 0);
+    }
+
+    #[test]
+    fn a_slow_player_lags_in_a_bounded_ring() {
+        let hub = Hub::new(HubConfig {
+            queue_messages: 16,
+            ..HubConfig::default()
+        });
+        let p = hub.publish(&key("r")).unwrap();
+        let mut pl = hub.play(&key("r"));
+        for i in 0..100u32 {
+            p.push(MSG_VIDEO, i * 33, Bytes::from_static(AVC_INTER));
+        }
+        assert!(matches!(
+            pl.rx.try_recv(),
+            Err(broadcast::error::TryRecvError::Lagged(_))
+        ));
+        let f = frame(pl.rx.try_recv().unwrap());
+        assert!(pl.lag_bytes(&f) > 0);
+    }
+
+    #[test]
+    fn gop_cache_is_bounded() {
+        let hub = Hub::new(HubConfig {
+            gop_max_messages: 4,
+            ..HubConfig::default()
+        });
+        let p = hub.publish(&key("g")).unwrap();
+        p.push(MSG_VIDEO, 0, Bytes::from_static(AVC_KEY));
+        for i in 1..10u32 {
+            p.push(MSG_VIDEO, i * 33, Bytes::from_static(AVC_INTER));
+        }
+        let pl = hub.play(&key("g"));
+        assert!(pl.start.is_empty() && !pl.has_keyframe && pl.has_video);
     }
 }

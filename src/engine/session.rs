@@ -121,6 +121,15 @@ pub(crate) async fn run(engine: Arc<Engine>, mut io: ClientStream, id: u64) {
     let secs = started.elapsed().as_secs_f64();
     let how = match &res {
         Ok(()) => "closed by client".to_owned(),
+        // Players such as ffmpeg reset the connection instead of closing it: still a close.
+        Err(SessionError::Io(e))
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+            ) =>
+        {
+            "closed by client (reset)".to_owned()
+        }
         Err(e) => e.to_string(),
     };
     info!(
@@ -130,6 +139,13 @@ pub(crate) async fn run(engine: Arc<Engine>, mut io: ClientStream, id: u64) {
         s.bytes_in,
         s.bytes_out,
     );
+}
+
+/// `now + d`, or far in the future when a configured duration would overflow the clock.
+fn after(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365))
 }
 
 async fn next_event(playing: &mut Option<PlayState>) -> Result<Event, RecvError> {
@@ -178,7 +194,9 @@ impl Session {
                 self.flush(io).await?;
                 last_activity = Instant::now();
             }
-            let idle_at = last_activity + idle;
+            let idle_at = last_activity
+                .checked_add(idle)
+                .unwrap_or_else(|| after(idle));
             let wait_at = self.playing.as_ref().and_then(|p| p.wait_deadline);
             let deadline = wait_at.map_or(idle_at, |w| w.min(idle_at));
             if rbuf.capacity() - rbuf.len() < 4096 {
@@ -337,7 +355,10 @@ impl Session {
             message::MSG_COMMAND_AMF0 | message::MSG_COMMAND_AMF3 => {
                 match message::decode_command(&msg, self.engine.limits()) {
                     Ok(c) => self.on_command(msg.stream_id, &c.name, c.txn, &c.args)?,
-                    Err(e) => warn!(session = self.id, "{}: undecodable command: {e}", self.label),
+                    Err(e) => warn!(
+                        session = self.id,
+                        "{}: undecodable command: {e}", self.label
+                    ),
                 }
             }
             message::MSG_AGGREGATE => match message::split_aggregate(&msg) {
@@ -392,7 +413,10 @@ impl Session {
         // args[0] is the command object (null after connect); the call's own arguments follow.
         let arg = |i: usize| args.get(i);
         let arg_str = |i: usize| args.get(i).and_then(cmd::as_str).unwrap_or_default();
-        debug!(session = self.id, "{}: command {name} txn {txn}", self.label);
+        debug!(
+            session = self.id,
+            "{}: command {name} txn {txn}", self.label
+        );
         match name {
             "connect" => self.on_connect(txn, arg(0))?,
             "createStream" => {
@@ -458,7 +482,10 @@ impl Session {
             }
             "closeStream" => self.close_stream(stream_id),
             "getStreamLength" => {
-                self.send(CSID_COMMAND, &cmd::result(txn, vec![Amf0Value::Number(0.0)]));
+                self.send(
+                    CSID_COMMAND,
+                    &cmd::result(txn, vec![Amf0Value::Number(0.0)]),
+                );
             }
             "receiveAudio" | "receiveVideo" => {
                 let on = arg(1).and_then(cmd::as_bool).unwrap_or(true);
@@ -562,7 +589,10 @@ impl Session {
                 self.send(CSID_COMMAND, &m);
             }
             Err(e) => {
-                info!(session = self.id, "{}: publish {key} refused: {e}", self.label);
+                info!(
+                    session = self.id,
+                    "{}: publish {key} refused: {e}", self.label
+                );
                 let m = cmd::on_status(
                     stream_id,
                     "error",
@@ -594,7 +624,11 @@ impl Session {
             session = self.id,
             "{}: play {key} ({})",
             self.label,
-            if player.live { "live" } else { "waiting for a publisher" }
+            if player.live {
+                "live"
+            } else {
+                "waiting for a publisher"
+            }
         );
         self.role = format!("play {key}");
         self.send_control(&cmd::user_control(cmd::UC_STREAM_BEGIN, stream_id));
@@ -625,7 +659,7 @@ impl Session {
             first_frame: false,
         };
         if !p.live {
-            p.wait_deadline = Some(now + self.engine.config().player_wait);
+            p.wait_deadline = Some(after(self.engine.config().player_wait));
         }
         self.playing = Some(p);
         for f in start {
@@ -708,7 +742,7 @@ impl Session {
             Ok(Event::Unpublished) => {
                 p.live = false;
                 p.saw_unpublish = true;
-                p.wait_deadline = Some(Instant::now() + self.engine.config().player_wait);
+                p.wait_deadline = Some(after(self.engine.config().player_wait));
                 let name = p.name.clone();
                 let m = cmd::on_status(
                     sid,
@@ -751,7 +785,10 @@ impl Session {
             if !p.skipping && p.player.lag_bytes(f) > max_lag {
                 p.skipping = true;
                 p.skips = p.skips.saturating_add(1);
-                debug!(session = self.id, "{}: too far behind; skipping", self.label);
+                debug!(
+                    session = self.id,
+                    "{}: too far behind; skipping", self.label
+                );
             }
             if p.skipping {
                 let resume = f.kind == super::hub::FrameKind::VideoKey

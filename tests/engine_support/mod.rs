@@ -58,6 +58,12 @@ pub struct Server {
 
 impl Server {
     pub fn start(cfg: EngineConfig) -> Server {
+        Server::start_with(cfg, None)
+    }
+
+    /// Like `start`, with the send buffer of every accepted socket set to `sndbuf` bytes (so a
+    /// client that stops reading stalls the server's writes quickly).
+    pub fn start_with(cfg: EngineConfig, sndbuf: Option<usize>) -> Server {
         logs();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -73,6 +79,9 @@ impl Server {
         rt.spawn(async move {
             while let Ok((tcp, peer)) = listener.accept().await {
                 let _ = tcp.set_nodelay(true);
+                if let Some(n) = sndbuf {
+                    let _ = socket2::SockRef::from(&tcp).set_send_buffer_size(n);
+                }
                 let local = tcp.local_addr().unwrap_or(addr);
                 let stream = ClientStream::new(Box::new(tcp), Transport::Rtmp, peer, local);
                 tokio::spawn(handler(stream));
@@ -285,4 +294,83 @@ pub fn contiguous_run(src: &[String], got: &[String]) -> Result<usize, String> {
         got.len(),
         src.len()
     ))
+}
+
+/// AMF0 by hand, so the raw client below depends on nothing but the handshake.
+pub fn amf_str(out: &mut Vec<u8>, s: &str) {
+    out.push(0x02);
+    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+pub fn amf_num(out: &mut Vec<u8>, n: f64) {
+    out.push(0x00);
+    out.extend_from_slice(&n.to_be_bytes());
+}
+
+/// One message as fmt 0 + fmt 3 chunks of 128 bytes (the chunk size before any Set Chunk Size).
+pub fn chunk_message(csid: u8, msg_type: u8, stream_id: u32, payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![csid & 0x3f, 0, 0, 0];
+    let len = payload.len() as u32;
+    out.extend_from_slice(&len.to_be_bytes()[1..]);
+    out.push(msg_type);
+    out.extend_from_slice(&stream_id.to_le_bytes());
+    for (i, c) in payload.chunks(128).enumerate() {
+        if i > 0 {
+            out.push(0xc0 | (csid & 0x3f));
+        }
+        out.extend_from_slice(c);
+    }
+    out
+}
+
+/// A player that handshakes, connects and plays `app/key`, then never reads again; its
+/// receive buffer is made small so the server's writes stall quickly.
+pub fn stalled_player(addr: SocketAddr, app: &str, key: &str) -> std::net::TcpStream {
+    use std::io::Read;
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect_timeout(&addr.into(), Duration::from_secs(5))
+        .unwrap();
+    let mut tcp: std::net::TcpStream = sock.into();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let hs = rtmpgate::rtmp::handshake::ClientHandshake::new(false);
+    tcp.write_all(&hs.c0c1()).unwrap();
+    let mut s0s1s2 = vec![0u8; 3073];
+    tcp.read_exact(&mut s0s1s2).unwrap();
+    tcp.write_all(&hs.c2(&s0s1s2).unwrap()).unwrap();
+    let mut connect = Vec::new();
+    amf_str(&mut connect, "connect");
+    amf_num(&mut connect, 1.0);
+    connect.push(0x03);
+    for (k, v) in [("app", app), ("tcUrl", &format!("rtmp://{addr}/{app}"))] {
+        connect.extend_from_slice(&(k.len() as u16).to_be_bytes());
+        connect.extend_from_slice(k.as_bytes());
+        amf_str(&mut connect, v);
+    }
+    connect.extend_from_slice(&[0, 0, 9]);
+    let mut create = Vec::new();
+    amf_str(&mut create, "createStream");
+    amf_num(&mut create, 2.0);
+    create.push(0x05);
+    let mut play = Vec::new();
+    amf_str(&mut play, "play");
+    amf_num(&mut play, 0.0);
+    play.push(0x05);
+    amf_str(&mut play, key);
+    let mut bytes = chunk_message(3, 20, 0, &connect);
+    bytes.extend(chunk_message(3, 20, 0, &create));
+    bytes.extend(chunk_message(8, 20, 1, &play));
+    tcp.write_all(&bytes).unwrap();
+    tcp
+}
+
+/// Resident memory of this process, in KiB.
+pub fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
