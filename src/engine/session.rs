@@ -36,8 +36,9 @@ const BATCH_EVENTS: usize = 256;
 const BATCH_BYTES: usize = 1024 * 1024;
 /// Buffers handed to one vectored write.
 const IOV_MAX: usize = 64;
-/// Read buffer grows by this much when it runs out of room.
-const READ_RESERVE: usize = 64 * 1024;
+/// Read buffer room: small for players, grown (doubling) for publishers whose reads fill it.
+const READ_MIN: usize = 4 * 1024;
+const READ_MAX: usize = 64 * 1024;
 
 /// Why a session ended early.
 #[derive(Debug, thiserror::Error)]
@@ -187,26 +188,38 @@ impl Session {
             .await
             .map_err(|_| SessionError::HandshakeTimeout(hs))??;
         let idle = self.engine.limits().idle_timeout();
-        let mut rbuf = BytesMut::with_capacity(READ_RESERVE);
+        let mut rbuf = BytesMut::new();
+        // Players read little (commands, acks); publishers a lot: grow the buffer only when
+        // reads fill it, so a thousand idle players do not each hold 64 KiB.
+        let mut read_room = READ_MIN;
         let mut last_activity = Instant::now();
+        // One timer for the session, moved only when it fires early (a timer per wake-up
+        // would cost a timer-wheel insert per media message per player).
+        let timer = tokio::time::sleep_until(after(idle).into());
+        tokio::pin!(timer);
         loop {
             if !self.pending.is_empty() {
                 self.flush(io).await?;
                 last_activity = Instant::now();
             }
-            let idle_at = last_activity
-                .checked_add(idle)
-                .unwrap_or_else(|| after(idle));
             let wait_at = self.playing.as_ref().and_then(|p| p.wait_deadline);
-            let deadline = wait_at.map_or(idle_at, |w| w.min(idle_at));
-            if rbuf.capacity() - rbuf.len() < 4096 {
-                rbuf.reserve(READ_RESERVE);
+            if let Some(w) = wait_at {
+                if w < timer.deadline().into_std() {
+                    timer.as_mut().reset(w.into());
+                }
             }
+            if rbuf.capacity() - rbuf.len() < read_room / 2 {
+                rbuf.reserve(read_room);
+            }
+            let room = rbuf.capacity() - rbuf.len();
             tokio::select! {
                 r = io.read_buf(&mut rbuf) => {
                     let n = r?;
                     if n == 0 {
                         return Ok(());
+                    }
+                    if n >= room {
+                        read_room = (read_room * 2).min(READ_MAX);
                     }
                     self.bytes_in = self.bytes_in.saturating_add(n as u64);
                     last_activity = Instant::now();
@@ -216,14 +229,17 @@ impl Session {
                     self.on_event(ev);
                     self.drain_events();
                 }
-                _ = tokio::time::sleep_until(deadline.into()) => {
+                () = &mut timer => {
                     let now = Instant::now();
                     if wait_at.is_some_and(|w| w <= now) {
                         return self.stop_waiting(io).await;
                     }
+                    let idle_at = last_activity.checked_add(idle).unwrap_or_else(|| after(idle));
                     if idle_at <= now {
                         return Err(SessionError::Idle(idle));
                     }
+                    let next = wait_at.map_or(idle_at, |w| w.min(idle_at));
+                    timer.as_mut().reset(next.into());
                 }
             }
         }
