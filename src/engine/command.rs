@@ -7,9 +7,7 @@
 //! too and reads `_result` of createStream as `_result, txn, null, number`. An `onStatus`
 //! with level `error` makes both give up, so only refusals use it.
 
-use bytes::{Bytes, BytesMut};
-
-use crate::rtmp::amf0::Amf0Value;
+use crate::rtmp::amf0::{self, Amf0Value};
 use crate::rtmp::message::{self, Message};
 
 /// What connect's `_result` announces; every client accepts these FMS 3.5 values.
@@ -20,45 +18,20 @@ pub const FMS_CAPABILITIES: f64 = 31.0;
 pub const CSID_CONTROL: u32 = 2;
 pub const CSID_COMMAND: u32 = 3;
 
-/// User control event types we send or answer.
-pub const UC_STREAM_BEGIN: u16 = 0;
-pub const UC_STREAM_EOF: u16 = 1;
-pub const UC_PING_REQUEST: u16 = 6;
-pub const UC_PING_RESPONSE: u16 = 7;
-
 fn s(v: &str) -> Amf0Value {
-    Amf0Value::String(v.to_owned())
+    Amf0Value::string(v)
 }
 
 fn obj(fields: Vec<(&str, Amf0Value)>) -> Amf0Value {
-    Amf0Value::Object(fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
-}
-
-/// AMF0 values back to back: the body of a data message.
-fn amf(values: &[Amf0Value]) -> Bytes {
-    let mut out = BytesMut::new();
-    for v in values {
-        v.encode(&mut out);
-    }
-    out.freeze()
+    Amf0Value::object(fields)
 }
 
 fn command(stream_id: u32, name: &str, txn: f64, values: Vec<Amf0Value>) -> Message {
-    Message {
-        msg_type: message::MSG_COMMAND_AMF0,
-        timestamp: 0,
-        stream_id,
-        payload: message::command_payload(name, txn, &values),
-    }
+    message::command_message(stream_id, name, txn, &values)
 }
 
 fn data(stream_id: u32, values: &[Amf0Value]) -> Message {
-    Message {
-        msg_type: message::MSG_DATA_AMF0,
-        timestamp: 0,
-        stream_id,
-        payload: amf(values),
-    }
+    Message::new(message::DATA_AMF0, 0, stream_id, amf0::encode_all(values))
 }
 
 /// `_result` of connect: FMS version and capabilities, then the Connect.Success info object.
@@ -174,95 +147,6 @@ pub fn data_start(stream_id: u32) -> Message {
     )
 }
 
-fn control(msg_type: u8, payload: Vec<u8>) -> Message {
-    Message {
-        msg_type,
-        timestamp: 0,
-        stream_id: 0,
-        payload: Bytes::from(payload),
-    }
-}
-
-pub fn set_chunk_size(size: u32) -> Message {
-    control(message::MSG_SET_CHUNK_SIZE, size.to_be_bytes().to_vec())
-}
-
-pub fn window_ack_size(size: u32) -> Message {
-    control(message::MSG_WINDOW_ACK_SIZE, size.to_be_bytes().to_vec())
-}
-
-/// Set Peer Bandwidth with limit type 2 (dynamic), as FMS and nginx-rtmp send it.
-pub fn set_peer_bandwidth(size: u32) -> Message {
-    let mut p = size.to_be_bytes().to_vec();
-    p.push(2);
-    control(message::MSG_SET_PEER_BANDWIDTH, p)
-}
-
-pub fn acknowledgement(sequence: u32) -> Message {
-    control(message::MSG_ACK, sequence.to_be_bytes().to_vec())
-}
-
-/// A user control event with one 32-bit argument (stream id, or ping timestamp).
-pub fn user_control(event: u16, value: u32) -> Message {
-    let mut p = event.to_be_bytes().to_vec();
-    p.extend_from_slice(&value.to_be_bytes());
-    control(message::MSG_USER_CONTROL, p)
-}
-
-/// A user control event as (type, first 32-bit argument), if the payload holds one.
-pub fn parse_user_control(payload: &[u8]) -> Option<(u16, u32)> {
-    let ev = u16::from_be_bytes([*payload.first()?, *payload.get(1)?]);
-    let v = u32::from_be_bytes([
-        *payload.get(2)?,
-        *payload.get(3)?,
-        *payload.get(4)?,
-        *payload.get(5)?,
-    ]);
-    Some((ev, v))
-}
-
-/// A 32-bit big-endian protocol control value (Set Chunk Size, Window Ack Size...).
-pub fn parse_u32(payload: &[u8]) -> Option<u32> {
-    Some(u32::from_be_bytes([
-        *payload.first()?,
-        *payload.get(1)?,
-        *payload.get(2)?,
-        *payload.get(3)?,
-    ]))
-}
-
-/// A field of an AMF0 object or ECMA array.
-pub fn field<'a>(v: &'a Amf0Value, key: &str) -> Option<&'a Amf0Value> {
-    match v {
-        Amf0Value::Object(fields) | Amf0Value::EcmaArray(fields) => {
-            fields.iter().find(|(k, _)| k == key).map(|(_, v)| v)
-        }
-        _ => None,
-    }
-}
-
-pub fn as_str(v: &Amf0Value) -> Option<&str> {
-    match v {
-        Amf0Value::String(s) => Some(s),
-        _ => None,
-    }
-}
-
-pub fn as_f64(v: &Amf0Value) -> Option<f64> {
-    match v {
-        Amf0Value::Number(n) => Some(*n),
-        _ => None,
-    }
-}
-
-pub fn as_bool(v: &Amf0Value) -> Option<bool> {
-    match v {
-        Amf0Value::Boolean(b) => Some(*b),
-        Amf0Value::Number(n) => Some(*n != 0.0),
-        _ => None,
-    }
-}
-
 /// An app or stream name as a hub key: the part before any `?query` (tokens, auth), and
 /// only if it is non-empty, within `max_len` and free of control characters.
 pub fn clean_name(raw: &str, max_len: usize) -> Option<String> {
@@ -286,16 +170,6 @@ mod tests {
         assert_eq!(clean_name("?x", 64), None);
         assert_eq!(clean_name("a\nb", 64), None);
         assert_eq!(clean_name("abcdef", 3), None);
-    }
-
-    #[test]
-    fn user_control_round_trip() {
-        let m = user_control(UC_PING_REQUEST, 1234);
-        assert_eq!(
-            parse_user_control(&m.payload),
-            Some((UC_PING_REQUEST, 1234))
-        );
-        assert_eq!(parse_user_control(&[0, 6, 1]), None);
     }
 
     #[test]

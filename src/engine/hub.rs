@@ -16,13 +16,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::broadcast;
 
 use crate::rtmp::chunk;
-use crate::rtmp::message::Message;
-
-/// RTMP message type ids the hub looks at.
-pub const MSG_AUDIO: u8 = 8;
-pub const MSG_VIDEO: u8 = 9;
-pub const MSG_DATA_AMF3: u8 = 15;
-pub const MSG_DATA_AMF0: u8 = 18;
+use crate::rtmp::message::{Message, AUDIO, VIDEO};
 
 /// The message stream id of a player's first createStream: every frame is prechunked for it.
 pub const SHARED_STREAM_ID: u32 = 1;
@@ -85,8 +79,8 @@ impl FrameKind {
 /// Classify a media or data message by its first bytes (FLV tag body layout).
 pub fn classify(msg_type: u8, payload: &[u8]) -> FrameKind {
     match msg_type {
-        MSG_VIDEO => classify_video(payload),
-        MSG_AUDIO => classify_audio(payload),
+        VIDEO => classify_video(payload),
+        AUDIO => classify_audio(payload),
         _ => {
             if leading_amf0_string(payload).map(|(s, _)| s) == Some("onMetaData") {
                 FrameKind::Meta
@@ -163,8 +157,8 @@ pub struct Frame {
 impl Frame {
     fn csid(&self) -> u32 {
         match self.msg_type {
-            MSG_AUDIO => CSID_AUDIO,
-            MSG_VIDEO => CSID_VIDEO,
+            AUDIO => CSID_AUDIO,
+            VIDEO => CSID_VIDEO,
             _ => CSID_DATA,
         }
     }
@@ -545,6 +539,7 @@ impl Drop for Player {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use crate::rtmp::message::DATA_AMF0;
 
     const AVC_HEADER: &[u8] = &[0x17, 0, 0, 0, 0, 1, 2];
     const AVC_KEY: &[u8] = &[0x17, 1, 0, 0, 0, 9];
@@ -569,37 +564,37 @@ mod tests {
 
     #[test]
     fn classifies_legacy_and_enhanced_rtmp() {
-        assert_eq!(classify(MSG_VIDEO, AVC_HEADER), FrameKind::VideoHeader);
-        assert_eq!(classify(MSG_VIDEO, AVC_KEY), FrameKind::VideoKey);
-        assert_eq!(classify(MSG_VIDEO, AVC_INTER), FrameKind::Video);
-        assert_eq!(classify(MSG_VIDEO, &[]), FrameKind::Video);
+        assert_eq!(classify(VIDEO, AVC_HEADER), FrameKind::VideoHeader);
+        assert_eq!(classify(VIDEO, AVC_KEY), FrameKind::VideoKey);
+        assert_eq!(classify(VIDEO, AVC_INTER), FrameKind::Video);
+        assert_eq!(classify(VIDEO, &[]), FrameKind::Video);
         // Enhanced RTMP: IsExHeader | keyframe | SequenceStart, FourCC hvc1.
         assert_eq!(
-            classify(MSG_VIDEO, &[0x90, b'h', b'v', b'c', b'1']),
+            classify(VIDEO, &[0x90, b'h', b'v', b'c', b'1']),
             FrameKind::VideoHeader
         );
         // Keyframe, CodedFrames (1), av01.
         assert_eq!(
-            classify(MSG_VIDEO, &[0x91, b'a', b'v', b'0', b'1', 0]),
+            classify(VIDEO, &[0x91, b'a', b'v', b'0', b'1', 0]),
             FrameKind::VideoKey
         );
         assert_eq!(
-            classify(MSG_VIDEO, &[0xa1, b'a', b'v', b'0', b'1', 0]),
+            classify(VIDEO, &[0xa1, b'a', b'v', b'0', b'1', 0]),
             FrameKind::Video
         );
-        assert_eq!(classify(MSG_AUDIO, AAC_HEADER), FrameKind::AudioHeader);
-        assert_eq!(classify(MSG_AUDIO, AAC_RAW), FrameKind::Audio);
-        assert_eq!(classify(MSG_AUDIO, &[0x2f, 1]), FrameKind::Audio);
+        assert_eq!(classify(AUDIO, AAC_HEADER), FrameKind::AudioHeader);
+        assert_eq!(classify(AUDIO, AAC_RAW), FrameKind::Audio);
+        assert_eq!(classify(AUDIO, &[0x2f, 1]), FrameKind::Audio);
         assert_eq!(
-            classify(MSG_AUDIO, &[0x90, b'O', b'p', b'u', b's']),
+            classify(AUDIO, &[0x90, b'O', b'p', b'u', b's']),
             FrameKind::AudioHeader
         );
         let mut meta = vec![2, 0, 10];
         meta.extend_from_slice(b"onMetaData");
         meta.push(5);
-        assert_eq!(classify(MSG_DATA_AMF0, &meta), FrameKind::Meta);
-        assert_eq!(classify(MSG_DATA_AMF0, &[2, 0, 1, b'x']), FrameKind::Data);
-        assert_eq!(classify(MSG_DATA_AMF0, &[2, 0, 9, b'x']), FrameKind::Data);
+        assert_eq!(classify(DATA_AMF0, &meta), FrameKind::Meta);
+        assert_eq!(classify(DATA_AMF0, &[2, 0, 1, b'x']), FrameKind::Data);
+        assert_eq!(classify(DATA_AMF0, &[2, 0, 9, b'x']), FrameKind::Data);
     }
 
     #[test]
@@ -631,13 +626,13 @@ mod tests {
     fn late_player_gets_headers_and_the_gop_from_the_last_keyframe() {
         let hub = hub();
         let p = hub.publish(&key("k")).unwrap();
-        p.push(MSG_VIDEO, 0, Bytes::from_static(AVC_HEADER));
-        p.push(MSG_AUDIO, 0, Bytes::from_static(AAC_HEADER));
-        p.push(MSG_VIDEO, 0, Bytes::from_static(AVC_KEY));
-        p.push(MSG_VIDEO, 33, Bytes::from_static(AVC_INTER));
-        p.push(MSG_VIDEO, 1000, Bytes::from_static(AVC_KEY));
-        p.push(MSG_AUDIO, 1010, Bytes::from_static(AAC_RAW));
-        p.push(MSG_VIDEO, 1033, Bytes::from_static(AVC_INTER));
+        p.push(VIDEO, 0, Bytes::from_static(AVC_HEADER));
+        p.push(AUDIO, 0, Bytes::from_static(AAC_HEADER));
+        p.push(VIDEO, 0, Bytes::from_static(AVC_KEY));
+        p.push(VIDEO, 33, Bytes::from_static(AVC_INTER));
+        p.push(VIDEO, 1000, Bytes::from_static(AVC_KEY));
+        p.push(AUDIO, 1010, Bytes::from_static(AAC_RAW));
+        p.push(VIDEO, 1033, Bytes::from_static(AVC_INTER));
         let mut pl = hub.play(&key("k"));
         assert!(pl.live && pl.has_video && pl.has_keyframe);
         let kinds: Vec<_> = pl.start.iter().map(|f| (f.kind, f.timestamp)).collect();
@@ -652,7 +647,7 @@ mod tests {
             ]
         );
         // Nothing is lost or repeated between the start frames and the ring.
-        p.push(MSG_VIDEO, 1066, Bytes::from_static(AVC_INTER));
+        p.push(VIDEO, 1066, Bytes::from_static(AVC_INTER));
         let f = frame(pl.rx.try_recv().unwrap());
         assert_eq!(f.timestamp, 1066);
         assert!(pl.rx.try_recv().is_err());
@@ -666,7 +661,7 @@ mod tests {
         let mut pl = hub.play(&key("c"));
         assert!(pl.rx.try_recv().is_err());
         let payload = Bytes::from(vec![0x27u8; 10_000]);
-        p.push(MSG_VIDEO, 40, payload.clone());
+        p.push(VIDEO, 40, payload.clone());
         let f = frame(pl.rx.try_recv().unwrap());
         let shared = f.chunks_for(SHARED_STREAM_ID, 4096, 4096);
         assert_eq!(
@@ -675,7 +670,7 @@ mod tests {
             "shared bytes, not a copy"
         );
         let msg = Message {
-            msg_type: MSG_VIDEO,
+            msg_type: VIDEO,
             timestamp: 40,
             stream_id: 5,
             payload,
@@ -692,15 +687,15 @@ mod tests {
         assert!(!pl.live && pl.start.is_empty());
         let p = hub.publish(&key("w")).unwrap();
         assert!(matches!(pl.rx.try_recv(), Ok(Event::Published)));
-        p.push(MSG_VIDEO, 500, Bytes::from_static(AVC_KEY));
+        p.push(VIDEO, 500, Bytes::from_static(AVC_KEY));
         assert_eq!(frame(pl.rx.try_recv().unwrap()).timestamp, 500);
         drop(p);
         assert!(matches!(pl.rx.try_recv(), Ok(Event::Unpublished)));
         // The new encoder starts again at 0: players continue after 500.
         let p = hub.publish(&key("w")).unwrap();
         assert!(matches!(pl.rx.try_recv(), Ok(Event::Published)));
-        p.push(MSG_VIDEO, 0, Bytes::from_static(AVC_KEY));
-        p.push(MSG_VIDEO, 40, Bytes::from_static(AVC_INTER));
+        p.push(VIDEO, 0, Bytes::from_static(AVC_KEY));
+        p.push(VIDEO, 40, Bytes::from_static(AVC_INTER));
         assert_eq!(frame(pl.rx.try_recv().unwrap()).timestamp, 501);
         assert_eq!(frame(pl.rx.try_recv().unwrap()).timestamp, 541);
     }
@@ -726,7 +721,7 @@ mod tests {
         let p = hub.publish(&key("r")).unwrap();
         let mut pl = hub.play(&key("r"));
         for i in 0..100u32 {
-            p.push(MSG_VIDEO, i * 33, Bytes::from_static(AVC_INTER));
+            p.push(VIDEO, i * 33, Bytes::from_static(AVC_INTER));
         }
         assert!(matches!(
             pl.rx.try_recv(),
@@ -743,9 +738,9 @@ mod tests {
             ..HubConfig::default()
         });
         let p = hub.publish(&key("g")).unwrap();
-        p.push(MSG_VIDEO, 0, Bytes::from_static(AVC_KEY));
+        p.push(VIDEO, 0, Bytes::from_static(AVC_KEY));
         for i in 1..10u32 {
-            p.push(MSG_VIDEO, i * 33, Bytes::from_static(AVC_INTER));
+            p.push(VIDEO, i * 33, Bytes::from_static(AVC_INTER));
         }
         let pl = hub.play(&key("g"));
         assert!(pl.start.is_empty() && !pl.has_keyframe && pl.has_video);

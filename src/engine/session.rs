@@ -16,15 +16,14 @@ use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tracing::{debug, info, warn};
 
 use super::command::{self as cmd, CSID_COMMAND, CSID_CONTROL};
-use super::hub::{
-    leading_amf0_string, Event, Frame, Player, Publisher, StreamKey, MSG_AUDIO, MSG_DATA_AMF0,
-    MSG_DATA_AMF3, MSG_VIDEO,
-};
+use super::hub::{leading_amf0_string, Event, Frame, FrameKind, Player, Publisher, StreamKey};
 use super::Engine;
-use crate::rtmp::amf0::Amf0Value;
+use crate::rtmp::amf0::{Amf0Value, AmfLimits};
 use crate::rtmp::chunk::{ChunkDecoder, ChunkEncoder};
 use crate::rtmp::handshake;
-use crate::rtmp::message::{self, Message};
+use crate::rtmp::message::{
+    self, LimitType, Message, UserControl, AUDIO, DATA_AMF0, DATA_AMF3, VIDEO,
+};
 use crate::stream::ClientStream;
 
 /// C0+C1 and C2 sizes of the plain RTMP handshake.
@@ -91,6 +90,7 @@ struct Session {
     id: u64,
     label: String,
     decoder: ChunkDecoder,
+    amf_limits: AmfLimits,
     encoder: ChunkEncoder,
     scratch: BytesMut,
     pending: VecDeque<Bytes>,
@@ -159,12 +159,14 @@ async fn next_event(playing: &mut Option<PlayState>) -> Result<Event, RecvError>
 impl Session {
     fn new(engine: Arc<Engine>, id: u64, label: String) -> Session {
         let decoder = ChunkDecoder::new(engine.limits());
+        let amf_limits = AmfLimits::from(engine.limits());
         let ack_window = u64::from(engine.config().window_ack_size);
         Session {
             engine,
             id,
             label,
             decoder,
+            amf_limits,
             encoder: ChunkEncoder::new(),
             scratch: BytesMut::new(),
             pending: VecDeque::new(),
@@ -355,21 +357,21 @@ impl Session {
             self.last_ack = self.bytes_in;
             // The sequence number wraps at 32 bits by definition.
             let seq = (self.bytes_in & 0xffff_ffff) as u32;
-            self.send_control(&cmd::acknowledgement(seq));
+            self.send_control(&message::acknowledgement(seq));
         }
         Ok(())
     }
 
     fn on_message(&mut self, msg: Message) -> Result<(), SessionError> {
         match msg.msg_type {
-            MSG_AUDIO | MSG_VIDEO => {
+            AUDIO | VIDEO => {
                 if let Some(p) = &self.publishing {
                     p.publisher.push(msg.msg_type, msg.timestamp, msg.payload);
                 }
             }
-            MSG_DATA_AMF0 | MSG_DATA_AMF3 => self.on_data(msg),
-            message::MSG_COMMAND_AMF0 | message::MSG_COMMAND_AMF3 => {
-                match message::decode_command(&msg, self.engine.limits()) {
+            DATA_AMF0 | DATA_AMF3 => self.on_data(msg),
+            message::COMMAND_AMF0 | message::COMMAND_AMF3 => {
+                match message::decode_command(&msg, &self.amf_limits) {
                     Ok(c) => self.on_command(msg.stream_id, &c.name, c.txn, &c.args)?,
                     Err(e) => warn!(
                         session = self.id,
@@ -377,24 +379,26 @@ impl Session {
                     ),
                 }
             }
-            message::MSG_AGGREGATE => match message::split_aggregate(&msg) {
+            message::AGGREGATE => match message::split_aggregate(&msg) {
                 Ok(parts) => {
                     for part in parts {
-                        if part.msg_type != message::MSG_AGGREGATE {
+                        if part.msg_type != message::AGGREGATE {
                             self.on_message(part)?;
                         }
                     }
                 }
                 Err(e) => debug!(session = self.id, "bad aggregate message: {e}"),
             },
-            message::MSG_WINDOW_ACK_SIZE => {
-                if let Some(w) = cmd::parse_u32(&msg.payload).filter(|w| *w > 0) {
-                    self.ack_window = u64::from(w);
+            message::WINDOW_ACK_SIZE => {
+                if let Ok(w) = message::parse_window_ack_size(&msg.payload) {
+                    if w > 0 {
+                        self.ack_window = u64::from(w);
+                    }
                 }
             }
-            message::MSG_USER_CONTROL => {
-                if let Some((cmd::UC_PING_REQUEST, t)) = cmd::parse_user_control(&msg.payload) {
-                    self.send_control(&cmd::user_control(cmd::UC_PING_RESPONSE, t));
+            message::USER_CONTROL => {
+                if let Ok(UserControl::PingRequest(t)) = UserControl::decode(&msg.payload) {
+                    self.send_control(&UserControl::PingResponse(t).to_message());
                 }
             }
             // Set Chunk Size and Abort were applied by the decoder; acks need no answer.
@@ -409,14 +413,14 @@ impl Session {
             return;
         };
         let mut payload = msg.payload;
-        if msg.msg_type == MSG_DATA_AMF3 && payload.first() == Some(&0) {
+        if msg.msg_type == DATA_AMF3 && payload.first() == Some(&0) {
             // AMF3 data messages start with a 0 byte, then AMF0 values.
             let _ = payload.split_to(1);
         }
         if let Some(("@setDataFrame", used)) = leading_amf0_string(&payload) {
             let _ = payload.split_to(used);
         }
-        p.publisher.push(MSG_DATA_AMF0, msg.timestamp, payload);
+        p.publisher.push(DATA_AMF0, msg.timestamp, payload);
     }
 
     fn on_command(
@@ -428,7 +432,7 @@ impl Session {
     ) -> Result<(), SessionError> {
         // args[0] is the command object (null after connect); the call's own arguments follow.
         let arg = |i: usize| args.get(i);
-        let arg_str = |i: usize| args.get(i).and_then(cmd::as_str).unwrap_or_default();
+        let arg_str = |i: usize| args.get(i).and_then(Amf0Value::as_str).unwrap_or_default();
         debug!(
             session = self.id,
             "{}: command {name} txn {txn}", self.label
@@ -468,8 +472,8 @@ impl Session {
                 // play2 switches renditions; on a live stream with one rendition, starting
                 // play when not yet playing is all that makes sense.
                 let name = arg(1)
-                    .and_then(|o| cmd::field(o, "streamName"))
-                    .and_then(cmd::as_str)
+                    .and_then(|o| o.get("streamName"))
+                    .and_then(Amf0Value::as_str)
                     .unwrap_or_default()
                     .to_owned();
                 if self.playing.is_none() && !name.is_empty() {
@@ -477,7 +481,7 @@ impl Session {
                 }
             }
             "pause" | "pauseRaw" => {
-                let pause = arg(1).and_then(cmd::as_bool).unwrap_or(true);
+                let pause = arg(1).and_then(Amf0Value::as_bool).unwrap_or(true);
                 self.on_pause(pause);
             }
             "seek" => {
@@ -493,7 +497,7 @@ impl Session {
                 }
             }
             "deleteStream" => {
-                let sid = arg(1).and_then(cmd::as_f64).unwrap_or(0.0);
+                let sid = arg(1).and_then(Amf0Value::as_f64).unwrap_or(0.0);
                 self.close_stream(sid as u32);
             }
             "closeStream" => self.close_stream(stream_id),
@@ -504,7 +508,7 @@ impl Session {
                 );
             }
             "receiveAudio" | "receiveVideo" => {
-                let on = arg(1).and_then(cmd::as_bool).unwrap_or(true);
+                let on = arg(1).and_then(Amf0Value::as_bool).unwrap_or(true);
                 if let Some(p) = &mut self.playing {
                     if name == "receiveAudio" {
                         p.receive_audio = on;
@@ -526,12 +530,12 @@ impl Session {
     fn on_connect(&mut self, txn: f64, object: Option<&Amf0Value>) -> Result<(), SessionError> {
         let max = self.engine.limits().max_name_len;
         let raw_app = object
-            .and_then(|o| cmd::field(o, "app"))
-            .and_then(cmd::as_str)
+            .and_then(|o| o.get("app"))
+            .and_then(Amf0Value::as_str)
             .unwrap_or_default();
         let object_encoding = object
-            .and_then(|o| cmd::field(o, "objectEncoding"))
-            .and_then(cmd::as_f64)
+            .and_then(|o| o.get("objectEncoding"))
+            .and_then(Amf0Value::as_f64)
             .unwrap_or(0.0);
         let Some(app) = cmd::clean_name(raw_app, max) else {
             let m = cmd::on_status(
@@ -546,9 +550,9 @@ impl Session {
         };
         let cfg = self.engine.config();
         let (was, bw, cs) = (cfg.window_ack_size, cfg.peer_bandwidth, cfg.chunk_size);
-        self.send_control(&cmd::window_ack_size(was));
-        self.send_control(&cmd::set_peer_bandwidth(bw));
-        self.send_control(&cmd::set_chunk_size(cs));
+        self.send_control(&message::window_ack_size(was));
+        self.send_control(&message::set_peer_bandwidth(bw, LimitType::Dynamic));
+        self.send_control(&message::set_chunk_size(cs));
         self.encoder.set_chunk_size(cs);
         self.out_chunk_size = cs;
         self.send(CSID_COMMAND, &cmd::connect_result(txn, object_encoding));
@@ -594,7 +598,7 @@ impl Session {
                     stream_id,
                     publisher,
                 });
-                self.send_control(&cmd::user_control(cmd::UC_STREAM_BEGIN, stream_id));
+                self.send_control(&UserControl::StreamBegin(stream_id).to_message());
                 let m = cmd::on_status(
                     stream_id,
                     "status",
@@ -647,7 +651,7 @@ impl Session {
             }
         );
         self.role = format!("play {key}");
-        self.send_control(&cmd::user_control(cmd::UC_STREAM_BEGIN, stream_id));
+        self.send_control(&UserControl::StreamBegin(stream_id).to_message());
         let desc = format!("Started playing {name}.");
         for code in ["NetStream.Play.Reset", "NetStream.Play.Start"] {
             let m = cmd::on_status(stream_id, "status", code, &desc, Some(&name));
@@ -743,7 +747,7 @@ impl Session {
                 p.has_video = false;
                 let notify = p.saw_unpublish;
                 let name = p.name.clone();
-                self.send_control(&cmd::user_control(cmd::UC_STREAM_BEGIN, sid));
+                self.send_control(&UserControl::StreamBegin(sid).to_message());
                 if notify {
                     let m = cmd::on_status(
                         sid,
@@ -768,7 +772,7 @@ impl Session {
                     Some(&name),
                 );
                 self.send(CSID_COMMAND, &m);
-                self.send_control(&cmd::user_control(cmd::UC_STREAM_EOF, sid));
+                self.send_control(&UserControl::StreamEof(sid).to_message());
             }
             Err(RecvError::Lagged(n)) => {
                 p.skipping = true;
@@ -788,13 +792,13 @@ impl Session {
         let Some(p) = &mut self.playing else {
             return;
         };
-        if f.msg_type == MSG_VIDEO {
+        if f.msg_type == VIDEO {
             p.has_video = true;
         }
         if !f.kind.is_header() {
             if p.paused
-                || (f.msg_type == MSG_AUDIO && !p.receive_audio)
-                || (f.msg_type == MSG_VIDEO && !p.receive_video)
+                || (f.msg_type == AUDIO && !p.receive_audio)
+                || (f.msg_type == VIDEO && !p.receive_video)
             {
                 return;
             }
@@ -807,14 +811,13 @@ impl Session {
                 );
             }
             if p.skipping {
-                let resume = f.kind == super::hub::FrameKind::VideoKey
-                    || (!p.has_video && f.msg_type == MSG_AUDIO);
+                let resume = f.kind == FrameKind::VideoKey || (!p.has_video && f.msg_type == AUDIO);
                 if !resume || p.player.lag_bytes(f) > max_lag {
                     return;
                 }
                 p.skipping = false;
             }
-            if !p.first_frame && (f.msg_type == MSG_AUDIO || f.msg_type == MSG_VIDEO) {
+            if !p.first_frame && (f.msg_type == AUDIO || f.msg_type == VIDEO) {
                 p.first_frame = true;
                 info!(
                     session = self.id,
