@@ -243,6 +243,7 @@ struct SlotState {
     /// First publisher timestamp of a republish (None: not seen yet, or first publish).
     ts_first: Option<u32>,
     rebase: bool,
+    /// The largest timestamp players have been sent on this key.
     last_out: Option<u32>,
 }
 
@@ -421,7 +422,8 @@ impl Publisher {
             return;
         }
         let ts = st.map_ts(timestamp);
-        st.last_out = Some(ts);
+        // Audio and video interleave slightly out of order: continue after the largest.
+        st.last_out = Some(st.last_out.map_or(ts, |l| l.max(ts)));
         let offset = self
             .slot
             .total
