@@ -72,7 +72,7 @@ async fn ffmpeg_publishes_and_ffmpeg_and_rtmpdump_play_over_rtmpt() {
 
     // Give the players time to drain what nginx sent, then make them vanish without /close.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    finish(ffmpeg_player, Duration::from_secs(0)).await;
+    interrupt(ffmpeg_player, Duration::from_secs(5)).await;
     finish(rtmpdump, Duration::from_secs(0)).await;
 
     let src_frames = frames(&src).await;
@@ -309,4 +309,62 @@ async fn backend_down_or_dying_ends_the_client_promptly_and_leaves_nothing() {
         tasks_after <= tasks_before,
         "tasks left behind: {tasks_before} before, {tasks_after} after"
     );
+}
+
+/// RTMPTS: the same tunnel inside TLS. ffmpeg publishes and plays over rtmpts (rtmpdump
+/// 2.4 crashes in rtmpts mode, so it is not used here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ffmpeg_publishes_and_plays_over_rtmpts() {
+    if !have(&["nginx", "ffmpeg"]) {
+        return;
+    }
+    let _turn = serial().await;
+    init_log();
+    let dir = tempfile::tempdir().unwrap();
+    let src = make_source(dir.path(), 4).await;
+    let nginx = Nginx::start().await;
+    let limits = Limits {
+        tunnel_reap_secs: 3,
+        ..Limits::default()
+    };
+    let gw = Gateway::start_tls(nginx.port, limits).await;
+    let url = gw.url_tls("s");
+
+    let out = dir.path().join("play.flv");
+    let player = Command::new("ffmpeg")
+        .args(["-v", "error", "-y", "-i", &url, "-c", "copy", "-f", "flv"])
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        gw.tunnel.sessions(),
+        1,
+        "the player holds an rtmpts session"
+    );
+    let started = Instant::now();
+    let (ok, err) = run(
+        Command::new("ffmpeg")
+            .args(["-v", "error", "-re", "-i"])
+            .arg(&src)
+            .args(["-c", "copy", "-f", "flv", &url]),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(ok, "ffmpeg publishing over rtmpts failed: {err}");
+    println!(
+        "publish over rtmpts took {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    interrupt(player, Duration::from_secs(5)).await;
+    let (n, of) = check_contiguous(&frames(&src).await, &frames(&out).await, "rtmpts player");
+    println!("ffmpeg player over rtmpts: {n} of {of} video packets, contiguous");
+    assert!(
+        n * 100 >= of * 50,
+        "rtmpts player got too few packets: {n} of {of}"
+    );
+    assert_eq!(gw.wait_no_sessions(Duration::from_secs(10)).await, 0);
 }

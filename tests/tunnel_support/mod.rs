@@ -150,6 +150,49 @@ impl Gateway {
         }
     }
 
+    /// The tunnel behind TLS (the dev certificate), reached the way the door does it:
+    /// TLS handshake, sniff the first bytes, replay them in front of the TLS stream.
+    pub async fn start_tls(backend_port: u16, limits: Limits) -> Gateway {
+        use rtmpgate::door::{sniff, tls};
+        let backend = SocketAddr::from(([127, 0, 0, 1], backend_port));
+        let tunnel = Tunnel::new(Arc::new(limits), pump_to(backend));
+        let key = tls::load_certified_key(&tls::CertSource::EmbeddedDev).unwrap();
+        let config = tls::server_config(tls::SniResolver::new(key)).unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let t = Arc::clone(&tunnel);
+        let accept = tokio::spawn(async move {
+            while let Ok((tcp, peer)) = listener.accept().await {
+                let _ = tcp.set_nodelay(true);
+                let Ok(local) = tcp.local_addr() else {
+                    continue;
+                };
+                let t = Arc::clone(&t);
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let Ok((sniff::Kind::Http, head)) = sniff::sniff(&mut tls).await else {
+                        return;
+                    };
+                    let io = rtmpgate::stream::Prefixed::new(head, tls);
+                    t.serve_connection(io, peer, local, true).await
+                });
+            }
+        });
+        Gateway {
+            port,
+            tunnel,
+            accept,
+        }
+    }
+
+    pub fn url_tls(&self, stream: &str) -> String {
+        format!("rtmpts://127.0.0.1:{}/live/{stream}", self.port)
+    }
+
     pub fn url(&self, stream: &str) -> String {
         format!("rtmpt://127.0.0.1:{}/live/{stream}", self.port)
     }
@@ -199,6 +242,18 @@ pub async fn finish(mut child: Child, limit: Duration) -> bool {
             false
         }
     }
+}
+
+/// Stop a player the way a person would (SIGINT: ffmpeg writes out what it has), then
+/// kill it if it is still there after `grace`.
+pub async fn interrupt(child: Child, grace: Duration) -> bool {
+    if let Some(pid) = child.id() {
+        let _ = Command::new("kill")
+            .args(["-INT", &pid.to_string()])
+            .status()
+            .await;
+    }
+    finish(child, grace).await
 }
 
 /// The PEERS.md source: H.264 + AAC test pattern in FLV, `secs` long.
