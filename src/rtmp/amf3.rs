@@ -659,7 +659,8 @@ impl Amf3Value {
 
     /// The nearest AMF0 value, so command handling sees one model: numbers, strings,
     /// booleans, dates, arrays and objects convert; the rest stays wrapped in
-    /// [`Amf0Value::Amf3`].
+    /// [`Amf0Value::Amf3`]. A [`Amf3Value::Reference`] loses its meaning once taken out
+    /// of its payload: callers that re-encode should check [`Amf3Value::has_reference`].
     pub fn to_amf0(&self) -> Amf0Value {
         let props = |p: &[(String, Amf3Value)]| -> Vec<(String, Amf0Value)> {
             p.iter().map(|(k, v)| (k.clone(), v.to_amf0())).collect()
@@ -706,6 +707,29 @@ impl Amf3Value {
         match self {
             Amf3Value::String(s) => Some(s),
             _ => None,
+        }
+    }
+
+    /// Whether this value or anything inside it is an object-table reference, which
+    /// only means something next to the values it was decoded with.
+    pub fn has_reference(&self) -> bool {
+        match self {
+            Amf3Value::Reference { .. } => true,
+            Amf3Value::Array { assoc, dense } => {
+                assoc.iter().any(|(_, v)| v.has_reference())
+                    || dense.iter().any(Self::has_reference)
+            }
+            Amf3Value::Object(o) => o
+                .sealed
+                .iter()
+                .chain(&o.dynamic_props)
+                .any(|(_, v)| v.has_reference()),
+            Amf3Value::External { value, .. } => value.has_reference(),
+            Amf3Value::VectorObject { items, .. } => items.iter().any(Self::has_reference),
+            Amf3Value::Dictionary { entries, .. } => entries
+                .iter()
+                .any(|(k, v)| k.has_reference() || v.has_reference()),
+            _ => false,
         }
     }
 }

@@ -571,7 +571,8 @@ fn write_chunks(
     }
     let mh = [11usize, 7, 3, 0][usize::from(fmt)];
     let chunks = payload.len().div_ceil(chunk_size).max(1);
-    out.reserve(blen + mh + 4 + payload.len() + (chunks - 1) * cont_len);
+    let ext_len = if extended { 4 } else { 0 };
+    out.reserve(blen + mh + ext_len + payload.len() + (chunks - 1) * cont_len);
     out.put_slice(&basic[..blen]);
     if fmt < 3 {
         let f = field.min(EXTENDED).to_be_bytes();
@@ -617,6 +618,13 @@ pub fn encode_fmt0(csid: u32, msg: &Message, chunk_size: u32, out: &mut BytesMut
         chunk_size,
         |_| {},
     );
+}
+
+/// [`encode_fmt0`] into a fresh buffer sized exactly, ready to share between players.
+pub fn encode_fmt0_bytes(csid: u32, msg: &Message, chunk_size: u32) -> bytes::Bytes {
+    let mut out = BytesMut::new();
+    encode_fmt0(csid, msg, chunk_size, &mut out);
+    out.freeze()
 }
 
 #[cfg(test)]

@@ -321,9 +321,11 @@ pub fn command_message(stream_id: u32, name: &str, txn: f64, values: &[Amf0Value
     )
 }
 
+/// Converts a value behind the AMF3 switch to AMF0, unless it holds object references,
+/// which only resolve within the AMF3 value they came in.
 fn unwrap_amf3(v: Amf0Value) -> Amf0Value {
     match v {
-        Amf0Value::Amf3(a) => a.to_amf0(),
+        Amf0Value::Amf3(a) if !a.has_reference() => a.to_amf0(),
         other => other,
     }
 }
