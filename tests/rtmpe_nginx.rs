@@ -117,13 +117,14 @@ impl Bench {
         let src_hashes = video_hashes(&src);
         assert!(src_hashes.len() > 150);
 
+        // One process (no master/worker pair), so killing it leaves nothing behind.
         let nginx_port = free_port();
         let d = dir.display();
         std::fs::write(
             dir.join("nginx.conf"),
             format!(
                 "load_module {RTMP_MODULE};\n\
-                 worker_processes 1; daemon off; error_log {d}/error.log warn; pid {d}/nginx.pid;\n\
+                 master_process off; worker_processes 1; daemon off; error_log {d}/error.log warn; pid {d}/nginx.pid;\n\
                  events {{ worker_connections 256; }}\n\
                  rtmp {{ server {{ listen 127.0.0.1:{nginx_port}; chunk_size 4096;\n\
                  application live {{ live on; record off; }} }} }}\n"
