@@ -124,3 +124,94 @@ fn baseline_nginx_direct_players_are_stopped_promptly() {
     );
     assert!(t.elapsed() < Duration::from_secs(u64::from(SECONDS) + 10));
 }
+
+// ---- relay: rtmpgate in front of nginx-rtmp -------------------------------------------------
+
+const SCHEMES: [&str; 4] = ["rtmp", "rtmps", "rtmpt", "rtmpts"];
+
+/// rtmpgate with one listener per scheme (the plain and TLS listeners sniff, so each also
+/// serves its sibling) and the harness's dev certificate.
+fn gateway_args(extra: &[&str]) -> Vec<String> {
+    let c = dev_certs();
+    let mut args: Vec<String> = SCHEMES
+        .iter()
+        .flat_map(|s| ["--listen".to_string(), format!("{s}://127.0.0.1:0")])
+        .collect();
+    args.extend([
+        "--tls-cert".into(),
+        c.chain.display().to_string(),
+        "--tls-key".into(),
+        c.key.display().to_string(),
+    ]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// Seconds after which the test gateways reap a tunnel session without requests. Players
+/// stopped by a signal (ffmpeg, rtmpdump) never send /close, so their sessions end this way.
+const REAP_SECS: u64 = 2;
+
+fn start_gateway(extra: &[&str]) -> Gateway {
+    let args = gateway_args(extra);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    Gateway::builder()
+        .config(&format!("[limits]\ntunnel_reap_secs = {REAP_SECS}\n"))
+        .args(&refs)
+        .start()
+}
+
+/// ffmpeg publishes through rtmpgate over `over`; ffmpeg plays through every transport and
+/// rtmpdump over rtmp and rtmpt, all at once; every player's packets are an exact run of the
+/// source's. Then the gateway's fds return to where they were before the first client.
+fn relay_matrix(over: &str) {
+    let p = peers();
+    let nginx = Nginx::start();
+    let upstream = nginx.upstream();
+    let gw = start_gateway(&["--upstream", &upstream]);
+    let before = gw.usage();
+    let dir = temp_dir();
+    let src_file = source_flv(SECONDS);
+    let src = framemd5(&src_file);
+    let key = format!("live/relay-{over}");
+    let mut players: Vec<(PlayerKind, String)> = SCHEMES
+        .iter()
+        .map(|s| (PlayerKind::Ffmpeg, format!("{}/{key}", gw.url(s))))
+        .collect();
+    for s in ["rtmp", "rtmpt"] {
+        players.push((PlayerKind::Rtmpdump, format!("{}/{key}", gw.url(s))));
+    }
+    let publish_url = format!("{}/{key}", gw.url(over));
+    let got = publish_and_play(dir.path(), &p.ffmpeg, &publish_url, &src_file, &players);
+    for r in &got {
+        r.assert_run_of(&src);
+    }
+    let during = gw.usage();
+    eprintln!("rtmpgate before: {before:?}, after the run: {during:?}");
+    // Every client and every upstream leg is closed again (tunnel sessions once reaped).
+    gw.assert_fds_back_to(before.fds, Duration::from_secs(REAP_SECS + 10));
+    assert!(
+        wait_until(Duration::from_secs(10), || nginx.clients() == 0),
+        "nginx still has {} connections from the gateway after every client left",
+        nginx.clients()
+    );
+}
+
+#[test]
+fn relay_publish_over_rtmp_play_over_all() {
+    relay_matrix("rtmp");
+}
+
+#[test]
+fn relay_publish_over_rtmps_play_over_all() {
+    relay_matrix("rtmps");
+}
+
+#[test]
+fn relay_publish_over_rtmpt_play_over_all() {
+    relay_matrix("rtmpt");
+}
+
+#[test]
+fn relay_publish_over_rtmpts_play_over_all() {
+    relay_matrix("rtmpts");
+}

@@ -845,21 +845,76 @@ pub struct Usage {
     pub rss_kb: u64,
 }
 
-/// What each fd of a process points at, one per line (for failure messages).
+/// What each fd of a process points at, one per line, with TCP sockets resolved to their
+/// addresses and state (for failure messages).
 pub fn list_fds(pid: u32) -> String {
+    let sockets = tcp_sockets();
     let mut s = String::new();
     if let Ok(d) = fs::read_dir(format!("/proc/{pid}/fd")) {
         for e in d.flatten() {
             let target = fs::read_link(e.path()).unwrap_or_default();
+            let target = target.display().to_string();
+            let detail = target
+                .strip_prefix("socket:[")
+                .and_then(|t| t.strip_suffix(']'))
+                .and_then(|inode| sockets.get(inode))
+                .map(|d| format!(" ({d})"))
+                .unwrap_or_default();
             let _ = writeln!(
                 s,
-                "  {} -> {}",
-                e.file_name().to_string_lossy(),
-                target.display()
+                "  {} -> {target}{detail}",
+                e.file_name().to_string_lossy()
             );
         }
     }
     s
+}
+
+/// TCP sockets by inode: "127.0.0.1:1935 -> 127.0.0.1:40000 ESTABLISHED".
+fn tcp_sockets() -> BTreeMap<String, String> {
+    const STATES: [&str; 12] = [
+        "?",
+        "ESTABLISHED",
+        "SYN_SENT",
+        "SYN_RECV",
+        "FIN_WAIT1",
+        "FIN_WAIT2",
+        "TIME_WAIT",
+        "CLOSE",
+        "CLOSE_WAIT",
+        "LAST_ACK",
+        "LISTEN",
+        "CLOSING",
+    ];
+    let mut map = BTreeMap::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 10 {
+                continue;
+            }
+            let st = usize::from_str_radix(f[3], 16).unwrap_or(0);
+            let port = |a: &str| {
+                a.rsplit(':')
+                    .next()
+                    .and_then(|p| u16::from_str_radix(p, 16).ok())
+                    .unwrap_or(0)
+            };
+            map.insert(
+                f[9].to_string(),
+                format!(
+                    "tcp :{} -> :{} {}",
+                    port(f[1]),
+                    port(f[2]),
+                    STATES.get(st).unwrap_or(&"?")
+                ),
+            );
+        }
+    }
+    map
 }
 
 // ---------------------------------------------------------------------------------------------
