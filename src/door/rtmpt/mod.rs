@@ -184,10 +184,19 @@ impl Tunnel {
         if declared.is_some_and(|n| n > self.limits.max_http_body as u64) {
             return too_large();
         }
-        let body = match read_body(body, self.limits.max_http_body).await {
-            Ok(b) => b,
-            Err(BodyError::TooLarge) => return too_large(),
-            Err(BodyError::Http(e)) => {
+        // hyper's header timeout does not cover the body; a trickled body is cut off too.
+        let read = read_body(body, self.limits.max_http_body);
+        let body = match tokio::time::timeout(self.limits.idle_timeout(), read).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(BodyError::TooLarge)) => return too_large(),
+            Err(_) => {
+                debug!(%peer, "RTMPT request body not received within limits.idle_timeout_secs");
+                return text(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request body not received in time\n",
+                );
+            }
+            Ok(Err(BodyError::Http(e))) => {
                 debug!(%peer, "RTMPT request body could not be read: {e}");
                 return text(StatusCode::BAD_REQUEST, "request body could not be read\n");
             }
@@ -480,19 +489,41 @@ enum BodyError {
     Http(hyper::Error),
 }
 
-/// Read a request body as the frames hyper produced (no copy), at most `max` bytes.
+/// Frames kept as they are before a body is copied into one buffer: a normal body is one
+/// or a few frames, while a hostile chunked body of one-byte chunks must not become
+/// millions of `Bytes` handles.
+const MAX_BODY_FRAMES: usize = 16;
+
+/// Read a request body, at most `max` bytes: the frames hyper produced (no copy), or one
+/// buffer when there are many.
 async fn read_body(mut body: Incoming, max: usize) -> Result<Vec<Bytes>, BodyError> {
-    let mut frames = Vec::new();
+    let mut frames: Vec<Bytes> = Vec::new();
+    let mut joined: Option<bytes::BytesMut> = None;
     let mut total = 0usize;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(BodyError::Http)?;
-        if let Ok(data) = frame.into_data() {
-            total = total.saturating_add(data.len());
-            if total > max {
-                return Err(BodyError::TooLarge);
-            }
-            frames.push(data);
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        total = total.saturating_add(data.len());
+        if total > max {
+            return Err(BodyError::TooLarge);
         }
+        if let Some(buf) = joined.as_mut() {
+            buf.extend_from_slice(&data);
+        } else if frames.len() < MAX_BODY_FRAMES {
+            frames.push(data);
+        } else {
+            let mut buf = bytes::BytesMut::with_capacity(total);
+            for f in frames.drain(..) {
+                buf.extend_from_slice(&f);
+            }
+            buf.extend_from_slice(&data);
+            joined = Some(buf);
+        }
+    }
+    if let Some(buf) = joined {
+        frames.push(buf.freeze());
     }
     Ok(frames)
 }

@@ -455,3 +455,41 @@ async fn refused_upstream_gives_the_client_an_http_error_not_a_hang() {
     assert!(start.elapsed() < Duration::from_secs(1));
     assert_eq!(t.sessions(), 0);
 }
+
+#[tokio::test]
+async fn chunked_bodies_of_tiny_chunks_are_joined_and_applied_whole() {
+    let (h, mut rx) = recorder();
+    let t = Tunnel::new(limits(|_| {}), h);
+    let mut c = Conn::new(&t);
+    let id = c.open().await;
+    let mut req =
+        format!("POST /send/{id}/0 HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .into_bytes();
+    let payload: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
+    for b in &payload {
+        req.extend_from_slice(b"1\r\n");
+        req.push(*b);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    c.io.write_all(&req).await.unwrap();
+    assert_eq!(c.read().await.status(), 200);
+    assert_eq!(c.req(&format!("/close/{id}/1"), &[0]).await.status(), 200);
+    assert_eq!(rx.recv().await.unwrap(), payload);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_trickled_body_is_cut_off() {
+    let t = Tunnel::new(limits(|l| l.idle_timeout_secs = 5), echo());
+    let mut c = Conn::new(&t);
+    let id = c.open().await;
+    c.io.write_all(
+        format!("POST /send/{id}/0 HTTP/1.1\r\nContent-Length: 10\r\n\r\nab").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let start = Instant::now();
+    let r = c.read().await;
+    assert_eq!(r.status(), 408);
+    assert!(start.elapsed() >= Duration::from_secs(5));
+}
