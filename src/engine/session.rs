@@ -33,6 +33,8 @@ const C2_LEN: usize = 1536;
 /// Events a player drains per wake-up, and bytes it queues, before writing them out.
 const BATCH_EVENTS: usize = 256;
 const BATCH_BYTES: usize = 1024 * 1024;
+/// Bytes copied into one write for streams without vectored writes.
+const COALESCE_MAX: usize = 256 * 1024;
 /// Buffers handed to one vectored write.
 const IOV_MAX: usize = 64;
 /// Read buffer room: small for players, grown (doubling) for publishers whose reads fill it.
@@ -77,6 +79,8 @@ struct PlayState {
     receive_video: bool,
     wait_deadline: Option<Instant>,
     play_at: Instant,
+    /// The player waited for a publisher: `play_at` is when it arrived.
+    waited: bool,
     first_frame: bool,
 }
 
@@ -118,7 +122,7 @@ pub(crate) async fn run(engine: Arc<Engine>, mut io: ClientStream, id: u64) {
     // Let a well-behaved client see our last replies; never wait long for a broken one.
     let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
     drop(s.publishing.take());
-    drop(s.playing.take());
+    let skips = s.playing.take().map_or(0, |p| p.skips);
     let secs = started.elapsed().as_secs_f64();
     let how = match &res {
         Ok(()) => "closed by client".to_owned(),
@@ -135,7 +139,7 @@ pub(crate) async fn run(engine: Arc<Engine>, mut io: ClientStream, id: u64) {
     };
     info!(
         session = id,
-        "session close: {label} {} in={}B out={}B duration={secs:.1}s: {how}",
+        "session close: {label} {} in={}B out={}B duration={secs:.1}s skips={skips}: {how}",
         if s.role.is_empty() { "-" } else { &s.role },
         s.bytes_in,
         s.bytes_out,
@@ -303,6 +307,19 @@ impl Session {
     async fn flush(&mut self, io: &mut ClientStream) -> Result<(), SessionError> {
         let limit = self.engine.config().write_timeout;
         let vectored = AsyncWrite::is_write_vectored(&*io);
+        if !vectored && self.pending.len() > 1 {
+            // TLS and tunnel streams take one buffer per call: coalesce small messages so a
+            // batch costs one write (and one TLS record or tunnel chunk), not one per message.
+            let mut joined = BytesMut::with_capacity(self.pending_bytes.min(COALESCE_MAX));
+            while let Some(b) = self.pending.front() {
+                if !joined.is_empty() && joined.len().saturating_add(b.len()) > COALESCE_MAX {
+                    break;
+                }
+                joined.extend_from_slice(b);
+                self.pending.pop_front();
+            }
+            self.pending.push_front(joined.freeze());
+        }
         while !self.pending.is_empty() {
             let n = if vectored {
                 let mut iov = [IoSlice::new(&[]); IOV_MAX];
@@ -676,6 +693,7 @@ impl Session {
             receive_video: true,
             wait_deadline: None,
             play_at: now,
+            waited: false,
             first_frame: false,
         };
         if !p.live {
@@ -741,6 +759,11 @@ impl Session {
         match ev {
             Ok(Event::Frame(f)) => self.send_frame(&f),
             Ok(Event::Published) => {
+                if !p.first_frame {
+                    // A waiting player's first-frame time counts from the publisher's arrival.
+                    p.play_at = Instant::now();
+                    p.waited = true;
+                }
                 p.live = true;
                 p.wait_deadline = None;
                 p.skipping = false;
@@ -821,10 +844,11 @@ impl Session {
                 p.first_frame = true;
                 info!(
                     session = self.id,
-                    "{}: first frame of {} after {} ms (play to first frame)",
+                    "{}: first frame of {} after {} ms ({} to first frame)",
                     self.label,
                     p.player.key(),
-                    p.play_at.elapsed().as_millis()
+                    p.play_at.elapsed().as_millis(),
+                    if p.waited { "publish" } else { "play" }
                 );
             }
         }
