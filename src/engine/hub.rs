@@ -12,7 +12,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::sync::broadcast;
 
 use crate::rtmp::chunk;
@@ -174,9 +174,7 @@ impl Frame {
             stream_id,
             payload: self.payload.clone(),
         };
-        let mut out = BytesMut::new();
-        chunk::encode_fmt0(self.csid(), &msg, chunk_size, &mut out);
-        out.freeze()
+        chunk::encode_fmt0_bytes(self.csid(), &msg, chunk_size)
     }
 }
 
@@ -443,9 +441,7 @@ impl Publisher {
             stream_id: SHARED_STREAM_ID,
             payload: frame.payload.clone(),
         };
-        let mut out = BytesMut::new();
-        chunk::encode_fmt0(frame.csid(), &msg, cfg.chunk_size, &mut out);
-        frame.chunked = out.freeze();
+        frame.chunked = chunk::encode_fmt0_bytes(frame.csid(), &msg, cfg.chunk_size);
         let frame = Arc::new(frame);
         match kind {
             FrameKind::Meta => st.meta = Some(frame.clone()),
@@ -542,6 +538,7 @@ impl Drop for Player {
 mod tests {
     use super::*;
     use crate::rtmp::message::DATA_AMF0;
+    use bytes::BytesMut;
 
     const AVC_HEADER: &[u8] = &[0x17, 0, 0, 0, 0, 1, 2];
     const AVC_KEY: &[u8] = &[0x17, 1, 0, 0, 0, 9];
