@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::fs;
 use std::time::Duration;
 
 use common::*;
@@ -214,4 +215,265 @@ fn relay_publish_over_rtmpt_play_over_all() {
 #[test]
 fn relay_publish_over_rtmpts_play_over_all() {
     relay_matrix("rtmpts");
+}
+
+// ---- faults ---------------------------------------------------------------------------------
+
+/// A client of rtmpgate whose upstream refuses connections is closed at once, over every
+/// transport, with a log line naming the upstream; nothing is left behind.
+#[test]
+fn fault_upstream_down_closes_clients_promptly() {
+    let dead = format!("rtmp://127.0.0.1:{}", free_port());
+    let gw = start_gateway(&["--upstream", &dead]);
+    let before = gw.usage();
+    let dir = temp_dir();
+    for (i, scheme) in SCHEMES.iter().enumerate() {
+        let url = format!("{}/live/down", gw.url(scheme));
+        let t = std::time::Instant::now();
+        let mut player = PlayerKind::Ffmpeg.start(&url, &dir.path().join(format!("{i}.flv")));
+        let status = player.wait_timeout(Duration::from_secs(8));
+        eprintln!(
+            "ffmpeg over {scheme} with the upstream down: {status:?} after {:.2} s",
+            t.elapsed().as_secs_f64()
+        );
+        assert!(
+            status.is_some_and(|s| !s.success()),
+            "ffmpeg over {scheme} was not turned away within 8 s (status {status:?})"
+        );
+    }
+    assert!(
+        gw.log_contains(&format!("cannot connect to upstream {dead}")),
+        "no log line names the refused upstream {dead}"
+    );
+    gw.assert_fds_back_to(before.fds, Duration::from_secs(REAP_SECS + 10));
+}
+
+/// The backend dies mid-stream: the publisher and players over every transport are closed
+/// promptly, nothing is left behind, and once the backend is back new sessions work without
+/// restarting rtmpgate.
+#[test]
+fn fault_upstream_dies_mid_stream_then_restarts() {
+    let p = peers();
+    let mut nginx = Nginx::start();
+    let port = nginx.port();
+    let gw = start_gateway(&["--upstream", &nginx.upstream()]);
+    let before = gw.usage();
+    let dir = temp_dir();
+    let src_file = source_flv(SECONDS);
+    let key = "live/dies";
+    let mut players: Vec<Proc> = SCHEMES
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let url = format!("{}/{key}", gw.url(s));
+            PlayerKind::Ffmpeg.start(&url, &dir.path().join(format!("p{i}.flv")))
+        })
+        .collect();
+    players.push(PlayerKind::Rtmpdump.start(
+        &format!("{}/{key}", gw.url("rtmpt")),
+        &dir.path().join("rd.flv"),
+    ));
+    let mut publisher = publish(&p.ffmpeg, &format!("{}/{key}", gw.url("rtmps")), &src_file);
+    assert!(
+        wait_until(Duration::from_secs(10), || fs::metadata(
+            dir.path().join("rd.flv")
+        )
+        .is_ok_and(|m| m.len() > 100_000)),
+        "the stream did not reach rtmpdump through the gateway"
+    );
+    nginx.kill();
+    let t = std::time::Instant::now();
+    assert!(
+        publisher.wait_timeout(Duration::from_secs(10)).is_some(),
+        "the publisher was not closed within 10 s of the backend dying"
+    );
+    for pl in players.iter_mut() {
+        assert!(
+            pl.wait_timeout(Duration::from_secs(15)).is_some(),
+            "{} still running 15 s after the backend died",
+            pl.name()
+        );
+    }
+    eprintln!(
+        "every client closed {:.2} s after the backend died",
+        t.elapsed().as_secs_f64()
+    );
+    gw.assert_fds_back_to(before.fds, Duration::from_secs(REAP_SECS + 10));
+
+    // The backend comes back on the same port: new sessions work at once.
+    let nginx = Nginx::start_on_port(port);
+    let src = framemd5(&src_file);
+    let url = |s: &str| format!("{}/live/back", gw.url(s));
+    let got = publish_and_play(
+        dir.path(),
+        &p.ffmpeg,
+        &url("rtmpt"),
+        &src_file,
+        &[
+            (PlayerKind::Rtmpdump, url("rtmp")),
+            (PlayerKind::Ffmpeg, url("rtmps")),
+        ],
+    );
+    for r in &got {
+        r.assert_run_of(&src);
+    }
+    drop(nginx);
+}
+
+/// A tunnel client that opens a session, starts a handshake and vanishes without /close: the
+/// session is reaped after the configured time, its upstream connection closed, and a late
+/// request for it gets 404. Over rtmpt and rtmpts (curl).
+#[test]
+fn fault_tunnel_client_vanishes_session_reaped() {
+    let nginx = Nginx::start();
+    let gw = start_gateway(&["--upstream", &nginx.upstream()]);
+    let before = gw.usage();
+    for scheme in ["rtmpt", "rtmpts"] {
+        let base =
+            gw.url(scheme)
+                .replacen(scheme, if scheme == "rtmpt" { "http" } else { "https" }, 1);
+        let open = curl_post(&format!("{base}/open/1"), &[0]).expect("no reply to /open/1");
+        assert_eq!(open.status, 200, "/open/1 over {scheme}: {open:?}");
+        let id = String::from_utf8_lossy(&open.body).trim().to_string();
+        assert!(id.len() >= 16, "session id '{id}' too short");
+        let mut c0c1 = vec![3u8];
+        c0c1.extend((0..1536u32).map(|i| (i * 7 % 251) as u8));
+        let send = curl_post(&format!("{base}/send/{id}/0"), &c0c1).expect("no reply to /send");
+        assert_eq!(send.status, 200, "/send over {scheme}: {send:?}");
+        assert!(
+            wait_until(Duration::from_secs(5), || nginx.clients() == 1),
+            "the tunnel session over {scheme} has no upstream connection"
+        );
+        // Now the client is gone: no /idle, no /close.
+        let t = std::time::Instant::now();
+        assert!(
+            wait_until(Duration::from_secs(REAP_SECS + 10), || nginx.clients() == 0),
+            "the abandoned {scheme} session still holds its upstream connection {:?} later",
+            t.elapsed()
+        );
+        eprintln!(
+            "abandoned {scheme} session reaped, upstream closed {:.2} s after its last request \
+             (reap time {REAP_SECS} s)",
+            t.elapsed().as_secs_f64()
+        );
+        let late = curl_post(&format!("{base}/idle/{id}/1"), &[0]).expect("no reply to /idle");
+        assert_eq!(late.status, 404, "idle on a reaped session over {scheme}");
+    }
+    gw.assert_fds_back_to(before.fds, Duration::from_secs(10));
+}
+
+/// examples/curl-walkthrough.sh through rtmpgate to nginx-rtmp: open, C0+C1, idle until
+/// S0+S1+S2, close; every step answered.
+#[test]
+fn curl_walkthrough_through_the_gateway() {
+    let nginx = Nginx::start();
+    let gw = start_gateway(&["--upstream", &nginx.upstream()]);
+    let base = gw.url("rtmpt").replacen("rtmpt", "http", 1);
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/curl-walkthrough.sh");
+    let mut cmd = std::process::Command::new("bash");
+    cmd.arg(&script).arg(&base);
+    let out = String::from_utf8_lossy(&run_ok(&mut cmd, Duration::from_secs(60))).into_owned();
+    eprintln!("{out}");
+    assert!(out.contains("session id"), "no session id in:\n{out}");
+    assert!(
+        out.contains("server bytes so far: 3073") || out.contains("handshake answered"),
+        "the handshake did not come back through the tunnel:\n{out}"
+    );
+    assert!(
+        out.contains("-> HTTP 404"),
+        "the closed session was not gone:\n{out}"
+    );
+}
+
+/// `--upstream rtmps://` to nginx-rtmp behind stunnel, trusted through `--upstream-ca`.
+#[test]
+fn relay_to_an_rtmps_upstream_through_stunnel() {
+    let p = peers();
+    let nginx = Nginx::start();
+    let tls = Stunnel::start(nginx.addr(), TlsMode::Server);
+    let upstream = format!("rtmps://127.0.0.1:{}", tls.port());
+    let ca = dev_certs().ca.display().to_string();
+    let gw = start_gateway(&["--upstream", &upstream, "--upstream-ca", &ca]);
+    let dir = temp_dir();
+    let src_file = source_flv(SECONDS);
+    let src = framemd5(&src_file);
+    let url = |s: &str| format!("{}/live/tls-upstream", gw.url(s));
+    let got = publish_and_play(
+        dir.path(),
+        &p.ffmpeg,
+        &url("rtmp"),
+        &src_file,
+        &[
+            (PlayerKind::Rtmpdump, url("rtmpt")),
+            (PlayerKind::Ffmpeg, url("rtmps")),
+        ],
+    );
+    for r in &got {
+        r.assert_run_of(&src);
+    }
+}
+
+/// An upstream whose certificate is not trusted is refused (no --upstream-ca): the client is
+/// closed and the log says the TLS handshake failed and what to do.
+#[test]
+fn fault_rtmps_upstream_untrusted_is_refused() {
+    let nginx = Nginx::start();
+    let tls = Stunnel::start(nginx.addr(), TlsMode::Server);
+    let upstream = format!("rtmps://127.0.0.1:{}", tls.port());
+    let gw = start_gateway(&["--upstream", &upstream]);
+    let dir = temp_dir();
+    let mut player = PlayerKind::Ffmpeg.start(
+        &format!("{}/live/x", gw.url("rtmp")),
+        &dir.path().join("x.flv"),
+    );
+    assert!(
+        player.wait_timeout(Duration::from_secs(10)).is_some(),
+        "the client of an untrusted upstream was not closed"
+    );
+    assert!(
+        gw.wait_log("--upstream-ca", Duration::from_secs(5)),
+        "the log does not point at --upstream-ca"
+    );
+    assert_eq!(nginx.clients(), 0);
+}
+
+/// SIGTERM with sessions open: rtmpgate stops accepting, lets them run for the drain time,
+/// then closes them and exits 0.
+#[test]
+fn sigterm_drains_then_exits_zero() {
+    let p = peers();
+    let nginx = Nginx::start();
+    let mut gw = start_gateway(&["--upstream", &nginx.upstream(), "--drain-secs", "2"]);
+    let dir = temp_dir();
+    let src_file = source_flv(SECONDS);
+    let key = "live/drain";
+    let mut player = PlayerKind::Rtmpdump.start(
+        &format!("{}/{key}", gw.url("rtmpt")),
+        &dir.path().join("rd.flv"),
+    );
+    let _publisher = publish(&p.ffmpeg, &format!("{}/{key}", gw.url("rtmp")), &src_file);
+    assert!(
+        wait_until(Duration::from_secs(10), || fs::metadata(
+            dir.path().join("rd.flv")
+        )
+        .is_ok_and(|m| m.len() > 50_000)),
+        "the stream did not start"
+    );
+    let addr = gw.addr("rtmp");
+    let t = std::time::Instant::now();
+    let status = gw.terminate(Duration::from_secs(15));
+    eprintln!(
+        "rtmpgate exited {status:?} {:.2} s after SIGTERM (drain 2 s)",
+        t.elapsed().as_secs_f64()
+    );
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "rtmpgate did not exit 0 after SIGTERM and a 2 s drain: {status:?}"
+    );
+    assert!(!accepts(addr), "rtmpgate still accepts after SIGTERM");
+    assert!(
+        player.wait_timeout(Duration::from_secs(10)).is_some(),
+        "the player was not closed when rtmpgate exited"
+    );
 }

@@ -936,12 +936,21 @@ impl Nginx {
 
     /// With extra parameters on its `listen` line, e.g. "proxy_protocol".
     pub fn start_with_listen_options(options: &str) -> Nginx {
+        Nginx::launch(None, options)
+    }
+
+    /// On a given port (a backend restarting where it was).
+    pub fn start_on_port(port: u16) -> Nginx {
+        Nginx::launch(Some(port), "")
+    }
+
+    fn launch(fixed_port: Option<u16>, options: &str) -> Nginx {
         let p = peers();
         let mut last = String::new();
         // Another test may grab the port between free_port() and nginx's bind: retry.
         for _ in 0..4 {
             let dir = temp_dir();
-            let port = free_port();
+            let port = fixed_port.unwrap_or_else(free_port);
             let d = dir.path().display();
             let conf = format!(
                 "load_module {module};\n\
