@@ -7,8 +7,23 @@
 //! in sequence-number order. Each session becomes a [`ClientStream`] over a [`TunnelPipe`]
 //! handed to the stream handler, exactly like a raw RTMP connection.
 //!
+//! A session ends in one of four ways, each giving the consumer EOF (and failing its
+//! writes): the client's `/close` (applied in sequence order), the reaper (no request for
+//! `limits.tunnel_reap_secs`; ffmpeg killed by a signal never sends `/close`), the consumer
+//! closing (its last bytes still go out on the next poll, then 404), or [`Tunnel::shutdown`].
+//!
+//! Bounds, all from [`Limits`]: sessions (`max_tunnel_sessions`, then 503), bytes queued each
+//! way per session (`max_tunnel_pending`; a full reply queue makes the consumer's writes
+//! wait, a full inbound queue delays the `/send` reply), out-of-order bodies held
+//! (`max_tunnel_reorder` bodies, `max_http_body` bytes), request head (`max_http_header`,
+//! `http_header_timeout_secs`) and body (`max_http_body` then 413, `idle_timeout_secs`
+//! then 408), the idle long-poll (`tunnel_idle_hold_ms`) and the wait for a request's turn
+//! in sequence order (`tunnel_order_wait_ms`).
+//!
 //! `pipeline_flush` is deliberately left off: with it, hyper does not flush a reply while a
 //! pipelined request is buffered, so librtmp's send reply would wait behind a held idle.
+//! TCP_QUICKACK is set after each read (see `ack`): without it every ffmpeg request waits
+//! ~40 ms for its body.
 
 mod ack;
 pub mod path;
@@ -64,7 +79,7 @@ pub struct Tunnel {
     sessions: DashMap<String, Entry>,
     shutting_down: AtomicBool,
     shutdown_tx: watch::Sender<bool>,
-    reaper_stop: Notify,
+    reaper_stop: Arc<Notify>,
 }
 
 impl Tunnel {
@@ -79,9 +94,15 @@ impl Tunnel {
             sessions: DashMap::new(),
             shutting_down: AtomicBool::new(false),
             shutdown_tx,
-            reaper_stop: Notify::new(),
+            reaper_stop: Arc::new(Notify::new()),
         });
-        tokio::spawn(run_reaper(Arc::downgrade(&tunnel)));
+        let every = (tunnel.limits.tunnel_reap() / 4)
+            .clamp(Duration::from_millis(100), Duration::from_secs(5));
+        tokio::spawn(run_reaper(
+            Arc::downgrade(&tunnel),
+            Arc::clone(&tunnel.reaper_stop),
+            every,
+        ));
         tunnel
     }
 
@@ -443,22 +464,19 @@ impl Tunnel {
     }
 }
 
-async fn run_reaper(tunnel: Weak<Tunnel>) {
-    let every = match tunnel.upgrade() {
-        Some(t) => {
-            (t.limits.tunnel_reap() / 4).clamp(Duration::from_millis(100), Duration::from_secs(5))
-        }
-        None => return,
-    };
+/// Sweeps the table every `every`. Holds the tunnel only during a sweep, so dropping the
+/// last `Arc<Tunnel>` ends it too.
+async fn run_reaper(tunnel: Weak<Tunnel>, stop: Arc<Notify>, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let Some(t) = tunnel.upgrade() else {
-            return;
-        };
         tokio::select! {
-            _ = tick.tick() => t.reap(),
-            _ = t.reaper_stop.notified() => return,
+            _ = tick.tick() => {}
+            _ = stop.notified() => return,
+        }
+        match tunnel.upgrade() {
+            Some(t) => t.reap(),
+            None => return,
         }
     }
 }

@@ -493,3 +493,24 @@ async fn a_trickled_body_is_cut_off() {
     assert_eq!(r.status(), 408);
     assert!(start.elapsed() >= Duration::from_secs(5));
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_reaper_ends_with_the_tunnel() {
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let before = metrics.num_alive_tasks();
+    let t = Tunnel::new(limits(|_| {}), echo());
+    assert_eq!(metrics.num_alive_tasks(), before + 1);
+    let weak = Arc::downgrade(&t);
+    drop(t);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert!(
+        weak.upgrade().is_none(),
+        "the reaper keeps the tunnel alive"
+    );
+    assert_eq!(metrics.num_alive_tasks(), before);
+
+    let t = Tunnel::new(limits(|_| {}), echo());
+    t.shutdown();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(metrics.num_alive_tasks(), before);
+}
