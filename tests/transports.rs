@@ -477,3 +477,33 @@ fn sigterm_drains_then_exits_zero() {
         "the player was not closed when rtmpgate exited"
     );
 }
+
+/// RTMPE through rtmpgate to nginx-rtmp (which does not know it): rtmpdump and the static
+/// ffmpeg play over rtmpe while Debian's ffmpeg publishes over rtmp. (ffmpeg cannot publish
+/// over rtmpe to a server that sends Set Chunk Size, as nginx-rtmp does: it encrypts the
+/// packet it echoes in place, then reads the size from the ciphertext. See rtmpe_nginx.rs.)
+#[test]
+fn relay_rtmpe() {
+    let p = peers();
+    let nginx = Nginx::start();
+    let gw = start_gateway(&["--upstream", &nginx.upstream()]);
+    let before = gw.usage();
+    let dir = temp_dir();
+    let src_file = source_flv(SECONDS);
+    let src = framemd5(&src_file);
+    let url = |s: &str| format!("{}/live/encrypted", gw.url(s));
+    let got = publish_and_play(
+        dir.path(),
+        &p.ffmpeg,
+        &url("rtmp"),
+        &src_file,
+        &[
+            (PlayerKind::Rtmpdump, url("rtmpe")),
+            (PlayerKind::StaticFfmpeg, url("rtmpe")),
+        ],
+    );
+    for r in &got {
+        r.assert_run_of(&src);
+    }
+    gw.assert_fds_back_to(before.fds, Duration::from_secs(REAP_SECS + 10));
+}
