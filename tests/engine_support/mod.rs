@@ -377,3 +377,81 @@ pub fn rss_kib() -> u64 {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
+
+/// The engine behind the real front door: one listener per scheme given, on ports bound to 0.
+pub struct DoorServer {
+    pub addrs: Vec<(String, SocketAddr)>,
+    pub engine: Arc<Engine>,
+    _shutdown: tokio::sync::watch::Sender<bool>,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl DoorServer {
+    pub fn start(cfg: EngineConfig, schemes: &[&str]) -> DoorServer {
+        use rtmpgate::config::parse_listen;
+        use rtmpgate::door::listener::{Door, DoorOptions};
+        use rtmpgate::door::tls::{self, CertSource, SniResolver};
+        logs();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let limits = Arc::new(Limits::default());
+        let engine = Engine::new((*limits).clone(), cfg);
+        let key = tls::load_certified_key(&CertSource::EmbeddedDev).unwrap();
+        let tls = tls::server_config(SniResolver::new(key)).unwrap();
+        let urls: Vec<_> = schemes
+            .iter()
+            .map(|s| parse_listen("listen", &format!("{s}://127.0.0.1:0")).unwrap())
+            .collect();
+        let opts = DoorOptions {
+            limits,
+            tls: Some(tls),
+            rtmpe: true,
+            accept_proxy_protocol: false,
+        };
+        let door = rt
+            .block_on(Door::bind(&urls, opts, engine.handler()))
+            .unwrap();
+        let addrs = door
+            .local_addrs()
+            .into_iter()
+            .map(|(s, a)| (s.as_str().to_owned(), a))
+            .collect();
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let _guard = rt.enter();
+        door.start(rx);
+        DoorServer {
+            addrs,
+            engine,
+            _shutdown: tx,
+            rt: Some(rt),
+        }
+    }
+
+    /// `scheme://127.0.0.1:PORT/live/KEY` on the listener for `scheme` (rtmpe rides on rtmp,
+    /// rtmpte on rtmpt).
+    pub fn url(&self, scheme: &str, key: &str) -> String {
+        let listener = match scheme {
+            "rtmpe" => "rtmp",
+            "rtmpte" => "rtmpt",
+            s => s,
+        };
+        let addr = self
+            .addrs
+            .iter()
+            .find(|(s, _)| s == listener)
+            .map(|(_, a)| *a)
+            .unwrap_or_else(|| panic!("no {listener} listener"));
+        format!("{scheme}://{addr}/live/{key}")
+    }
+}
+
+impl Drop for DoorServer {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_timeout(Duration::from_secs(2));
+        }
+    }
+}
