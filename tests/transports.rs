@@ -507,3 +507,53 @@ fn relay_rtmpe() {
     }
     gw.assert_fds_back_to(before.fds, Duration::from_secs(REAP_SECS + 10));
 }
+
+// ---- the README stays accurate --------------------------------------------------------------
+
+/// Every command-line flag (from `rtmpgate --help`) and every `[limits]` key (from
+/// src/limits.rs) appears in README.md's configuration reference.
+#[test]
+fn readme_documents_every_flag_and_limit() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = fs::read_to_string(root.join("README.md")).expect("README.md");
+    let mut help = std::process::Command::new(env!("CARGO_BIN_EXE_rtmpgate"));
+    help.arg("--help");
+    let help = String::from_utf8_lossy(&run_ok(&mut help, Duration::from_secs(10))).into_owned();
+    let mut missing = Vec::new();
+    for word in help.split(|c: char| c.is_whitespace() || c == ',' || c == '[' || c == ']') {
+        let flag = word.trim_end_matches(['.', ':', ')', '=']);
+        let Some(name) = flag.strip_prefix("--") else {
+            continue;
+        };
+        if name.is_empty()
+            || !name.chars().all(|c| c.is_ascii_lowercase() || c == '-')
+            || ["help", "version"].contains(&name)
+        {
+            continue;
+        }
+        if !readme.contains(flag) && !missing.contains(&flag.to_string()) {
+            missing.push(flag.to_string());
+        }
+    }
+    let limits = fs::read_to_string(root.join("src/limits.rs")).expect("src/limits.rs");
+    let body = limits
+        .split("pub struct Limits")
+        .nth(1)
+        .and_then(|s| s.split("\n}").next())
+        .unwrap_or_default();
+    for line in body.lines() {
+        if let Some(field) = line
+            .trim()
+            .strip_prefix("pub ")
+            .and_then(|f| f.split(':').next())
+        {
+            if !readme.contains(&format!("`{field}`")) {
+                missing.push(format!("limits.{field}"));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "README.md's configuration reference does not mention: {missing:?}"
+    );
+}
