@@ -941,6 +941,7 @@ async fn run(args: Args) -> Result<()> {
     let m1 = snap(c, secs());
     let h1 = ctx.stats.latency.snapshot();
     let lost_at_end = c.frames_lost.load(Ordering::Relaxed);
+    let players_live_at_end = c.players_live.load(Ordering::Relaxed);
     let _ = stop_tx.send(true);
     for h in player_handles {
         let _ = tokio::time::timeout(Duration::from_secs(5), h).await;
@@ -1006,7 +1007,7 @@ async fn run(args: Args) -> Result<()> {
         json_num(pct(&mut from_play, 0.5)),
         json_num(pct(&mut from_play, 0.99)),
         json_num(pct(&mut from_play, 1.0)),
-        c.players_live.load(Ordering::Relaxed),
+        players_live_at_end,
         c.connect_errors.load(Ordering::Relaxed),
         c.disconnects.load(Ordering::Relaxed),
     );

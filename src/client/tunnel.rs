@@ -193,3 +193,63 @@ async fn pump(
     let _ = http.post(&format!("/close/{id}/{seq}"), &[0]).await;
     Ok(())
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::sync::Arc;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+    use crate::door::rtmpt::Tunnel;
+    use crate::limits::Limits;
+    use crate::stream::{ClientStream, StreamHandler};
+
+    /// The project's tunnel server on a loopback port, echoing every session's bytes.
+    async fn echo_tunnel() -> u16 {
+        let echo: StreamHandler = Arc::new(|client: ClientStream| {
+            Box::pin(async move {
+                let (mut r, mut w) = tokio::io::split(client);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            })
+        });
+        let tunnel = Tunnel::new(Arc::new(Limits::default()), echo);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((tcp, peer)) = listener.accept().await {
+                let local = tcp.local_addr().unwrap();
+                let t = Arc::clone(&tunnel);
+                tokio::spawn(async move { t.serve_connection(tcp, peer, local, false).await });
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn bytes_cross_the_tunnel_both_ways_in_order() {
+        let port = echo_tunnel().await;
+        let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let hint = PollHint::default();
+        hint.set_eager(true);
+        let pipe = open(Box::new(tcp), format!("127.0.0.1:{port}"), hint)
+            .await
+            .unwrap();
+        let (mut r, mut w) = tokio::io::split(pipe);
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            w.write_all(&sent).await.unwrap();
+            w
+        });
+        let mut got = vec![0u8; data.len()];
+        tokio::time::timeout(Duration::from_secs(20), r.read_exact(&mut got))
+            .await
+            .expect("echo within 20 s")
+            .unwrap();
+        assert!(got == data, "echoed bytes differ");
+        drop(writer.await.unwrap());
+    }
+}
