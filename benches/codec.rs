@@ -5,6 +5,7 @@
 
 use bytes::{Bytes, BytesMut};
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use rtmpgate::engine::hub::{Event, Hub, HubConfig, StreamKey, SHARED_STREAM_ID};
 use rtmpgate::limits::Limits;
 use rtmpgate::rtmp::amf0::{Amf0Value, AmfLimits};
 use rtmpgate::rtmp::chunk::{encode_fmt0, ChunkDecoder, ChunkEncoder};
@@ -97,10 +98,38 @@ fn amf0_decode(c: &mut Criterion) {
     g.finish();
 }
 
-/// The engine's fan-out API had not landed when this was written, so this measures what it
-/// is built from: chunk the message once with `encode_fmt0`, then one `Bytes` clone per
-/// player pushed into a bounded tokio mpsc channel (and popped, as the player's writer
-/// would).
+/// The engine's own fan-out: the publisher pushes one 4 KB video message into the hub
+/// (classified and chunked once), and each of 1,000 subscribed players takes it off its
+/// ring and gets the bytes to write (`chunks_for`, a shared `Bytes` clone).
+fn hub_fanout(c: &mut Criterion) {
+    const PLAYERS: usize = 1000;
+    let mut g = c.benchmark_group("fanout");
+    g.throughput(Throughput::Elements(PLAYERS as u64));
+    let hub = Hub::new(HubConfig::default());
+    let key = StreamKey::new("live", "bench");
+    let Ok(publisher) = hub.publish(&key) else {
+        return;
+    };
+    let mut players: Vec<_> = (0..PLAYERS).map(|_| hub.play(&key)).collect();
+    let payload = video(0).payload;
+    let chunk_size = hub.config().chunk_size;
+    let mut ts = 0u32;
+    g.bench_function("hub_push_to_1000_players", |b| {
+        b.iter(|| {
+            ts = ts.wrapping_add(33);
+            publisher.push(message::VIDEO, ts, payload.clone());
+            for p in players.iter_mut() {
+                if let Ok(Event::Frame(f)) = p.rx.try_recv() {
+                    black_box(f.chunks_for(SHARED_STREAM_ID, chunk_size, chunk_size));
+                }
+            }
+        })
+    });
+    g.finish();
+}
+
+/// The same with no hub: chunk the message once with `encode_fmt0`, then one `Bytes`
+/// clone per player through a bounded tokio mpsc channel (pushed and popped), as a floor.
 fn fanout(c: &mut Criterion) {
     const PLAYERS: usize = 1000;
     let mut g = c.benchmark_group("fanout");
@@ -125,5 +154,12 @@ fn fanout(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, chunk_encode, chunk_decode, amf0_decode, fanout);
+criterion_group!(
+    benches,
+    chunk_encode,
+    chunk_decode,
+    amf0_decode,
+    hub_fanout,
+    fanout
+);
 criterion_main!(benches);

@@ -508,11 +508,9 @@ async fn publish_flv(
     let mut stop = ctx.stop.clone();
     let mut out_counted = conn.bytes_out;
     for round in 0u32.. {
-        for (i, tag) in tags.iter().enumerate() {
+        for tag in tags {
             // Codec headers and metadata once, at the start.
-            let header = tag.msg_type == message::DATA_AMF0
-                || tag.payload.get(1) == Some(&0) && tag.msg_type != message::DATA_AMF0;
-            if round > 0 && header && i < 8 {
+            if round > 0 && is_flv_header(tag) {
                 continue;
             }
             let ts = tag.timestamp.wrapping_add(round.wrapping_mul(span));
@@ -546,6 +544,17 @@ async fn publish_flv(
         }
     }
     Ok(())
+}
+
+/// Metadata and codec configuration (AVC/HEVC sequence header, AAC config): sent once.
+fn is_flv_header(tag: &Message) -> bool {
+    let p = &tag.payload;
+    match tag.msg_type {
+        message::DATA_AMF0 => true,
+        message::VIDEO => matches!(p.first(), Some(b) if b & 0x0f >= 7) && p.get(1) == Some(&0),
+        message::AUDIO => matches!(p.first(), Some(b) if b >> 4 == 10) && p.get(1) == Some(&0),
+        _ => false,
+    }
 }
 
 async fn open_and_connect(
