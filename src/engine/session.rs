@@ -119,10 +119,16 @@ pub(crate) async fn run(engine: Arc<Engine>, mut io: ClientStream, id: u64) {
     info!(session = id, "session open: {label}");
     let mut s = Session::new(engine, id, label.clone());
     let res = s.serve(&mut io).await;
-    // Let a well-behaved client see our last replies; never wait long for a broken one.
-    let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
+    // Players learn at once that their publisher left, before any wait on this socket.
     drop(s.publishing.take());
     let skips = s.playing.take().map_or(0, |p| p.skips);
+    // Let a well-behaved client see our last replies (a refusal, Play.Stop); never wait long
+    // for a broken one.
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = s.flush(&mut io).await;
+        let _ = io.shutdown().await;
+    })
+    .await;
     let secs = started.elapsed().as_secs_f64();
     let how = match &res {
         Ok(()) => "closed by client".to_owned(),

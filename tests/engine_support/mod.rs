@@ -455,3 +455,115 @@ impl Drop for DoorServer {
         }
     }
 }
+
+/// A scripted RTMP client built on the crate's codec: commands out, messages in.
+pub struct RawClient {
+    pub tcp: std::net::TcpStream,
+    enc: rtmpgate::rtmp::chunk::ChunkEncoder,
+    dec: rtmpgate::rtmp::chunk::ChunkDecoder,
+    buf: bytes::BytesMut,
+}
+
+impl RawClient {
+    /// TCP connect and the plain handshake.
+    pub fn connect(addr: SocketAddr) -> RawClient {
+        use std::io::Read;
+        let mut tcp = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let hs = rtmpgate::rtmp::handshake::ClientHandshake::new(true);
+        tcp.write_all(&hs.c0c1()).unwrap();
+        let mut s0s1s2 = vec![0u8; 3073];
+        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        tcp.read_exact(&mut s0s1s2).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        tcp.write_all(&hs.c2(&s0s1s2).unwrap()).unwrap();
+        RawClient {
+            tcp,
+            enc: rtmpgate::rtmp::chunk::ChunkEncoder::new(),
+            dec: rtmpgate::rtmp::chunk::ChunkDecoder::new(&Limits::default()),
+            buf: bytes::BytesMut::new(),
+        }
+    }
+
+    pub fn send(&mut self, csid: u32, msg: &rtmpgate::rtmp::message::Message) {
+        let mut out = bytes::BytesMut::new();
+        self.enc.write(csid, msg, &mut out);
+        self.tcp.write_all(&out).unwrap();
+    }
+
+    pub fn command(
+        &mut self,
+        stream_id: u32,
+        name: &str,
+        txn: f64,
+        values: &[rtmpgate::rtmp::amf0::Amf0Value],
+    ) {
+        let m = rtmpgate::rtmp::message::command_message(stream_id, name, txn, values);
+        self.send(3, &m);
+    }
+
+    /// Messages until `done` says stop (given everything so far), at most `limit`.
+    pub fn recv_until(
+        &mut self,
+        limit: Duration,
+        done: impl Fn(&[rtmpgate::rtmp::message::Message]) -> bool,
+    ) -> Vec<rtmpgate::rtmp::message::Message> {
+        use std::io::Read;
+        let end = Instant::now() + limit;
+        let mut got = Vec::new();
+        let mut tmp = vec![0u8; 65536];
+        loop {
+            while let Some(m) = self.dec.decode(&mut self.buf).unwrap() {
+                got.push(m);
+            }
+            if done(&got) {
+                return got;
+            }
+            assert!(
+                Instant::now() < end,
+                "timed out after {limit:?}; got {:?}",
+                got.iter().map(describe).collect::<Vec<_>>()
+            );
+            match self.tcp.read(&mut tmp) {
+                Ok(0) => panic!(
+                    "server closed; got {:?}",
+                    got.iter().map(describe).collect::<Vec<_>>()
+                ),
+                Ok(n) => self.buf.extend_from_slice(&tmp[..n]),
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+/// A command or data message as (name, values), for assertions.
+pub fn amf_values(
+    m: &rtmpgate::rtmp::message::Message,
+) -> Option<Vec<rtmpgate::rtmp::amf0::Amf0Value>> {
+    use rtmpgate::rtmp::message;
+    if !matches!(m.msg_type, message::COMMAND_AMF0 | message::DATA_AMF0) {
+        return None;
+    }
+    message::decode_amf_payload(m, &Default::default()).ok()
+}
+
+/// `name`, or `name code` for onStatus, or the message type: short, for assertions.
+pub fn describe(m: &rtmpgate::rtmp::message::Message) -> String {
+    use rtmpgate::rtmp::message::UserControl;
+    if let Some(v) = amf_values(m) {
+        let name = v.first().and_then(|n| n.as_str()).unwrap_or("?").to_owned();
+        let code = v
+            .iter()
+            .find_map(|x| x.get("code").and_then(|c| c.as_str()).map(str::to_owned));
+        return match code {
+            Some(c) => format!("{name} {c}"),
+            None => name,
+        };
+    }
+    match m.msg_type {
+        4 => format!("{:?}", UserControl::decode(&m.payload)),
+        t => format!("type {t}"),
+    }
+}
