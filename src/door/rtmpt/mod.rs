@@ -60,6 +60,14 @@ use crate::stream::{ByteStream, ClientStream, StreamHandler, Transport};
 /// The content type every RTMPT reply carries.
 const FCS: HeaderValue = HeaderValue::from_static("application/x-fcs");
 
+/// A `/send` body this small is command traffic (handshake, connect, play), not media.
+const SMALL_SEND: usize = 4096;
+
+/// How long a small `/send` with nothing to return waits for the backend's answer, so the
+/// answer rides on the send reply: ffmpeg sleeps 50 ms before polling after an empty reply,
+/// which cost ~200 ms per connect. Capped by `limits.tunnel_idle_hold_ms`.
+const SEND_HOLD: Duration = Duration::from_millis(20);
+
 /// How long a connection may take to finish its current request after shutdown began.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
@@ -227,8 +235,19 @@ impl Tunnel {
             // Red5 answers 404; clients ignore the answer and go on to /open/1.
             Command::Ident => text(StatusCode::NOT_FOUND, "\n"),
             Command::Open => self.open(transport, peer, local),
-            Command::Send { id, seq } => self.poll(id, seq, Op::Send(body), false).await,
-            Command::Idle { id, seq } => self.poll(id, seq, Op::Idle, true).await,
+            Command::Send { id, seq } => {
+                let len: usize = body.iter().map(Bytes::len).sum();
+                let hold = if len <= SMALL_SEND {
+                    SEND_HOLD.min(self.limits.tunnel_idle_hold())
+                } else {
+                    Duration::ZERO
+                };
+                self.poll(id, seq, Op::Send(body), hold).await
+            }
+            Command::Idle { id, seq } => {
+                let hold = self.limits.tunnel_idle_hold();
+                self.poll(id, seq, Op::Idle, hold).await
+            }
             Command::Close { id, seq } => self.close(id, seq).await,
         };
         trace!(
@@ -286,8 +305,8 @@ impl Tunnel {
     }
 
     /// `/send` and `/idle`: place the body in order, then answer with the polling byte and
-    /// every pending server byte (holding an idle briefly when there is nothing yet).
-    async fn poll(&self, id: &str, seq: u64, op: Op, is_idle: bool) -> Reply {
+    /// every pending server byte, waiting up to `hold` when there is nothing yet.
+    async fn poll(&self, id: &str, seq: u64, op: Op, hold: Duration) -> Reply {
         let Some(session) = self.find(id) else {
             return unknown_session();
         };
@@ -351,8 +370,8 @@ impl Tunnel {
             session.wait_until(deadline, our_turn).await;
         }
 
-        if is_idle {
-            let hold = Instant::now() + self.limits.tunnel_idle_hold();
+        if !hold.is_zero() {
+            let hold = Instant::now() + hold;
             session
                 .wait_until(hold, |st| {
                     (st.pending() > 0 || st.client_closed || st.backend_gone).then_some(())

@@ -264,10 +264,23 @@ async fn idle_with_nothing_pending_is_held_then_answered() {
     assert_eq!(r.body, [1]);
     assert!(held >= Duration::from_millis(150), "{held:?}");
     assert!(held < Duration::from_millis(300), "{held:?}");
-    // A send is answered at once.
+    // A small send waits at most SEND_HOLD for an answer, which it carries.
     let start = Instant::now();
-    c.req(&format!("/send/{id}/1"), b"x").await;
-    assert!(start.elapsed() < Duration::from_millis(50));
+    let r = c.req(&format!("/send/{id}/1"), b"x").await;
+    assert_eq!(r.body, b"\x01x");
+    assert!(start.elapsed() < SEND_HOLD);
+    // A large send (media) is answered at once even with nothing to return.
+    let t = Tunnel::new(limits(|_| {}), recorder().0);
+    let mut c = Conn::new(&t);
+    let id = c.open().await;
+    let start = Instant::now();
+    let r = c.req(&format!("/send/{id}/0"), &[7; SMALL_SEND + 1]).await;
+    assert_eq!(r.body, [1]);
+    assert!(start.elapsed() < Duration::from_millis(1));
+    let start = Instant::now();
+    let r = c.req(&format!("/send/{id}/1"), &[7; 10]).await;
+    assert_eq!(r.body, [1]);
+    assert!(start.elapsed() >= SEND_HOLD);
 }
 
 #[tokio::test(start_paused = true)]
