@@ -25,14 +25,14 @@ fn main() -> ExitCode {
         }
     };
     if let Err(e) = init_logging(&cli, &config) {
-        eprintln!("rtmpgate: {e:#}");
+        eprintln!("rtmpgate: {}", report(&e));
         return ExitCode::from(2);
     }
     if cli.check_config {
         return match check(&config) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("rtmpgate: configuration error: {e:#}");
+                eprintln!("rtmpgate: configuration error: {}", report(&e));
                 ExitCode::from(2)
             }
         };
@@ -53,10 +53,27 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("rtmpgate: {e:#}");
+            eprintln!("rtmpgate: {}", report(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, skipping a cause its parent's message already
+/// quotes (most of ours name their source in their own message).
+fn report(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 /// `--log-level` wins, then RUST_LOG, then the file's `log_level`, then "info".
