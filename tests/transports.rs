@@ -320,46 +320,83 @@ fn fault_upstream_dies_mid_stream_then_restarts() {
     drop(nginx);
 }
 
-/// A tunnel client that opens a session, starts a handshake and vanishes without /close: the
-/// session is reaped after the configured time, its upstream connection closed, and a late
-/// request for it gets 404. Over rtmpt and rtmpts (curl).
+/// Tunnel clients that open a session, start a handshake and vanish without /close, over
+/// rtmpt and rtmpts (curl): each session is reaped after the configured time, its upstream
+/// connection closed, and a late request for it gets 404; meanwhile a stream through the same
+/// gateway carries on undisturbed.
 #[test]
 fn fault_tunnel_client_vanishes_session_reaped() {
+    let p = peers();
     let nginx = Nginx::start();
     let gw = start_gateway(&["--upstream", &nginx.upstream()]);
     let before = gw.usage();
+    let reaped = "no request within limits.tunnel_reap_secs";
+    let mut abandoned = Vec::new();
     for scheme in ["rtmpt", "rtmpts"] {
-        let base =
-            gw.url(scheme)
-                .replacen(scheme, if scheme == "rtmpt" { "http" } else { "https" }, 1);
+        let web = if scheme == "rtmpt" { "http" } else { "https" };
+        let base = gw.url(scheme).replacen(scheme, web, 1);
         let open = curl_post(&format!("{base}/open/1"), &[0]).expect("no reply to /open/1");
         assert_eq!(open.status, 200, "/open/1 over {scheme}: {open:?}");
         let id = String::from_utf8_lossy(&open.body).trim().to_string();
-        assert!(id.len() >= 16, "session id '{id}' too short");
+        assert!(
+            id.len() >= 32,
+            "session id '{id}' is shorter than 128 bits of hex"
+        );
         let mut c0c1 = vec![3u8];
         c0c1.extend((0..1536u32).map(|i| (i * 7 % 251) as u8));
         let send = curl_post(&format!("{base}/send/{id}/0"), &c0c1).expect("no reply to /send");
         assert_eq!(send.status, 200, "/send over {scheme}: {send:?}");
+        abandoned.push((scheme, base, id));
+    }
+    assert!(
+        wait_until(Duration::from_secs(5), || nginx.clients() == 2),
+        "the two tunnel sessions do not have their upstream connections ({} open)",
+        nginx.clients()
+    );
+    // Now those clients are gone: no /idle, no /close. A stream runs meanwhile.
+    let t = std::time::Instant::now();
+    let dir = temp_dir();
+    let src_file = source_flv(SECONDS);
+    let url = |s: &str| format!("{}/live/carries-on", gw.url(s));
+    let got = std::thread::scope(|scope| {
+        let stream = scope.spawn(|| {
+            publish_and_play(
+                dir.path(),
+                &p.ffmpeg,
+                &url("rtmpt"),
+                &src_file,
+                &[(PlayerKind::Rtmpdump, url("rtmp"))],
+            )
+        });
+        let ok = wait_until(Duration::from_secs(REAP_SECS + 10), || {
+            gw.count_log(reaped) >= 2
+        });
         assert!(
-            wait_until(Duration::from_secs(5), || nginx.clients() == 1),
-            "the tunnel session over {scheme} has no upstream connection"
-        );
-        // Now the client is gone: no /idle, no /close.
-        let t = std::time::Instant::now();
-        assert!(
-            wait_until(Duration::from_secs(REAP_SECS + 10), || nginx.clients() == 0),
-            "the abandoned {scheme} session still holds its upstream connection {:?} later",
+            ok,
+            "the abandoned sessions were not both reaped within {:?}",
             t.elapsed()
         );
         eprintln!(
-            "abandoned {scheme} session reaped, upstream closed {:.2} s after its last request \
+            "abandoned rtmpt and rtmpts sessions reaped {:.2} s after their last request \
              (reap time {REAP_SECS} s)",
             t.elapsed().as_secs_f64()
         );
+        stream.join().expect("the stream's thread panicked")
+    });
+    let src = framemd5(&src_file);
+    for r in &got {
+        r.assert_run_of(&src);
+    }
+    for (scheme, base, id) in &abandoned {
         let late = curl_post(&format!("{base}/idle/{id}/1"), &[0]).expect("no reply to /idle");
         assert_eq!(late.status, 404, "idle on a reaped session over {scheme}");
     }
-    gw.assert_fds_back_to(before.fds, Duration::from_secs(10));
+    assert!(
+        wait_until(Duration::from_secs(REAP_SECS + 10), || nginx.clients() == 0),
+        "nginx still has {} connections from the gateway",
+        nginx.clients()
+    );
+    gw.assert_fds_back_to(before.fds, Duration::from_secs(REAP_SECS + 10));
 }
 
 /// examples/curl-walkthrough.sh through rtmpgate to nginx-rtmp: open, C0+C1, idle until
