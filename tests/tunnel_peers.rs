@@ -368,3 +368,148 @@ async fn ffmpeg_publishes_and_plays_over_rtmpts() {
     );
     assert_eq!(gw.wait_no_sessions(Duration::from_secs(10)).await, 0);
 }
+
+/// The tunnel's own ceiling, one session, without ffmpeg or nginx in the way: a raw
+/// HTTP/1.1 client posting 256 KiB /send bodies to a handler that discards them, then
+/// idling to drain what a handler writes as fast as it can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtmpt_tunnel_ceiling_each_way() {
+    use rtmpgate::door::rtmpt::Tunnel;
+    use rtmpgate::stream::{ClientStream, StreamHandler};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const TOTAL: usize = 256 * 1024 * 1024;
+    let _turn = serial().await;
+    let handler: StreamHandler = Arc::new(|mut s: ClientStream| {
+        Box::pin(async move {
+            // The first byte says which way: 'u' = sink everything, 'd' = send TOTAL bytes.
+            let mut way = [0u8; 1];
+            if s.read_exact(&mut way).await.is_err() {
+                return;
+            }
+            if way[0] == b'u' {
+                let _ = tokio::io::copy(&mut s, &mut tokio::io::sink()).await;
+            } else {
+                let chunk = vec![0x5a; 64 * 1024];
+                for _ in 0..TOTAL / chunk.len() {
+                    if s.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = s.shutdown().await;
+            }
+        })
+    });
+    let tunnel = Tunnel::new(Arc::new(Limits::default()), handler);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let t = Arc::clone(&tunnel);
+    let accept = tokio::spawn(async move {
+        while let Ok((tcp, peer)) = listener.accept().await {
+            let _ = tcp.set_nodelay(true);
+            let t = Arc::clone(&t);
+            tokio::spawn(async move { t.serve_connection(tcp, peer, addr, false).await });
+        }
+    });
+
+    struct C {
+        tcp: tokio::net::TcpStream,
+        buf: Vec<u8>,
+    }
+    impl C {
+        async fn open(&mut self) -> String {
+            let head = "POST /open/1 HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n\0";
+            self.tcp.write_all(head.as_bytes()).await.unwrap();
+            let mut b = vec![0u8; 4096];
+            let mut got = Vec::new();
+            while !got.ends_with(b"\n") || !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = self.tcp.read(&mut b).await.unwrap();
+                assert!(n > 0);
+                got.extend_from_slice(&b[..n]);
+            }
+            let text = String::from_utf8(got).unwrap();
+            text.rsplit("\r\n\r\n").next().unwrap().trim().to_string()
+        }
+
+        async fn post(&mut self, path: &str, body: &[u8]) -> (u16, usize) {
+            let head = format!(
+                "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            self.tcp.write_all(head.as_bytes()).await.unwrap();
+            self.tcp.write_all(body).await.unwrap();
+            let end = loop {
+                if let Some(p) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break p + 4;
+                }
+                let mut b = [0u8; 65536];
+                let n = self.tcp.read(&mut b).await.unwrap();
+                assert!(n > 0);
+                self.buf.extend_from_slice(&b[..n]);
+            };
+            let head = String::from_utf8_lossy(&self.buf[..end]).into_owned();
+            let status: u16 = head[9..12].parse().unwrap();
+            let len: usize = head
+                .split("\r\n")
+                .find_map(|l| l.strip_prefix("Content-Length: "))
+                .unwrap()
+                .parse()
+                .unwrap();
+            self.buf.drain(..end);
+            while self.buf.len() < len {
+                let mut b = vec![0u8; 1 << 20];
+                let n = self.tcp.read(&mut b).await.unwrap();
+                assert!(n > 0);
+                self.buf.extend_from_slice(&b[..n]);
+            }
+            self.buf.drain(..len);
+            (status, len)
+        }
+    }
+    let mut c = C {
+        tcp: tokio::net::TcpStream::connect(addr).await.unwrap(),
+        buf: Vec::new(),
+    };
+    c.tcp.set_nodelay(true).unwrap();
+
+    // Upload.
+    let id = c.open().await;
+    let body = vec![0xa5u8; 256 * 1024];
+    let started = Instant::now();
+    let (status, _) = c.post(&format!("/send/{id}/0"), b"u").await;
+    assert_eq!(status, 200);
+    let mut seq = 1;
+    let mut sent = 0;
+    while sent < TOTAL {
+        assert_eq!(c.post(&format!("/send/{id}/{seq}"), &body).await.0, 200);
+        sent += body.len();
+        seq += 1;
+    }
+    let up = sent as f64 * 8.0 / started.elapsed().as_secs_f64() / 1e6;
+    c.post(&format!("/close/{id}/{seq}"), &[0]).await;
+
+    // Download.
+    let id = c.open().await;
+    let started = Instant::now();
+    let (_, first) = c.post(&format!("/send/{id}/0"), b"d").await;
+    let mut received = first - 1;
+    let mut seq = 1;
+    loop {
+        let (status, len) = c.post(&format!("/idle/{id}/{seq}"), &[0]).await;
+        seq += 1;
+        if status == 404 {
+            break;
+        }
+        received += len - 1;
+    }
+    let down = received as f64 * 8.0 / started.elapsed().as_secs_f64() / 1e6;
+    assert_eq!(received, TOTAL);
+    println!(
+        "tunnel ceiling, one session, {} MiB each way: client-to-server {up:.0} Mb/s \
+         (256 KiB /send bodies), server-to-client {down:.0} Mb/s ({seq} polls)",
+        TOTAL >> 20
+    );
+    accept.abort();
+    tunnel.shutdown();
+}
