@@ -176,6 +176,24 @@ impl Frame {
         };
         chunk::encode_fmt0_bytes(self.csid(), &msg, chunk_size)
     }
+
+    /// This frame moved to `timestamp` (a header sent to a late player at its start time).
+    fn retimed(&self, timestamp: u32, chunk_size: u32) -> Frame {
+        let msg = Message {
+            msg_type: self.msg_type,
+            timestamp,
+            stream_id: SHARED_STREAM_ID,
+            payload: self.payload.clone(),
+        };
+        Frame {
+            kind: self.kind,
+            msg_type: self.msg_type,
+            timestamp,
+            payload: self.payload.clone(),
+            chunked: chunk::encode_fmt0_bytes(self.csid(), &msg, chunk_size),
+            offset: self.offset,
+        }
+    }
 }
 
 /// What a player's ring carries.
@@ -357,9 +375,18 @@ impl Hub {
         let mut start = Vec::new();
         let mut has_keyframe = false;
         if live {
-            start.extend(st.meta.iter().cloned());
-            start.extend(st.video_header.iter().cloned());
-            start.extend(st.audio_header.iter().cloned());
+            // Headers keep the timestamp they were published at (often 0); a late player
+            // gets them at its own start instead, so its timeline does not jump forward.
+            let gop_start = st.gop.first().filter(|_| st.gop_valid).map(|f| f.timestamp);
+            let start_ts = gop_start.or(st.last_out).unwrap_or(0);
+            let headers = [&st.meta, &st.video_header, &st.audio_header];
+            for h in headers.into_iter().flatten() {
+                if h.timestamp < start_ts {
+                    start.push(Arc::new(h.retimed(start_ts, self.cfg.chunk_size)));
+                } else {
+                    start.push(h.clone());
+                }
+            }
             if st.gop_valid {
                 start.extend(st.gop.iter().cloned());
                 has_keyframe = !st.gop.is_empty();
@@ -635,16 +662,26 @@ mod tests {
         let mut pl = hub.play(&key("k"));
         assert!(pl.live && pl.has_video && pl.has_keyframe);
         let kinds: Vec<_> = pl.start.iter().map(|f| (f.kind, f.timestamp)).collect();
+        // Headers published at 0 come at the GOP's start, rechunked with that timestamp.
         assert_eq!(
             kinds,
             vec![
-                (FrameKind::VideoHeader, 0),
-                (FrameKind::AudioHeader, 0),
+                (FrameKind::VideoHeader, 1000),
+                (FrameKind::AudioHeader, 1000),
                 (FrameKind::VideoKey, 1000),
                 (FrameKind::Audio, 1010),
                 (FrameKind::Video, 1033),
             ]
         );
+        let mut want = BytesMut::new();
+        let header = Message::new(
+            VIDEO,
+            1000,
+            SHARED_STREAM_ID,
+            Bytes::from_static(AVC_HEADER),
+        );
+        chunk::encode_fmt0(CSID_VIDEO, &header, 4096, &mut want);
+        assert_eq!(pl.start[0].chunked, want.freeze());
         // Nothing is lost or repeated between the start frames and the ring.
         p.push(VIDEO, 1066, Bytes::from_static(AVC_INTER));
         let f = frame(pl.rx.try_recv().unwrap());
