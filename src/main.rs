@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
@@ -12,6 +12,7 @@ use rtmpgate::config::{Cli, Config, TlsSettings};
 use rtmpgate::door::sessions::{self, Sessions};
 use rtmpgate::door::tls::{self, CertSource, SniResolver};
 use rtmpgate::door::{Door, DoorOptions};
+use rtmpgate::engine::{Engine, EngineConfig};
 use rtmpgate::stream::StreamHandler;
 use rtmpgate::upstream::Upstream;
 
@@ -48,8 +49,9 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(run(config));
-    // Sessions still open after the drain are dropped here, without waiting on them.
-    runtime.shutdown_background();
+    // Sessions still open after the drain are dropped here (their close lines are logged);
+    // blocking work gets a moment, not a wait.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -106,11 +108,8 @@ fn check(config: &Config) -> anyhow::Result<()> {
     if let Some(tls) = &config.tls {
         build_tls(tls)?;
     }
-    match &config.upstream {
-        Some(up) => {
-            Upstream::new(up)?;
-        }
-        None => bail!(no_upstream_message()),
+    if let Some(up) = &config.upstream {
+        Upstream::new(up)?;
     }
     println!("configuration is valid");
     for l in &config.listen {
@@ -128,6 +127,8 @@ fn check(config: &Config) -> anyhow::Result<()> {
             None => String::new(),
         };
         println!("  upstream {}{pp}", up.url);
+    } else {
+        println!("  engine   built-in (no upstream)");
     }
     println!(
         "  rtmpe {}, accept PROXY protocol {}, drain {} s",
@@ -140,12 +141,6 @@ fn check(config: &Config) -> anyhow::Result<()> {
         config.drain.as_secs()
     );
     Ok(())
-}
-
-fn no_upstream_message() -> &'static str {
-    "no upstream given, and the built-in RTMP engine is not part of this version yet: \
-     rtmpgate needs a backend RTMP server. Run with --upstream rtmp://HOST:PORT \
-     (or set url in the [upstream] table of the config file)"
 }
 
 fn build_tls(settings: &TlsSettings) -> anyhow::Result<Arc<rustls::ServerConfig>> {
@@ -188,7 +183,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
             tracing::info!("forwarding every client to {}", upstream.url());
             upstream.handler()
         }
-        None => bail!(no_upstream_message()),
+        None => {
+            tracing::info!("serving clients with the built-in RTMP engine (no --upstream)");
+            Engine::new(config.limits.clone(), EngineConfig::default()).handler()
+        }
     };
     let sessions = Sessions::new();
     let handler = sessions::accounted(handler, sessions.clone());

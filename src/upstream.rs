@@ -172,7 +172,7 @@ impl Upstream {
         let Some(mut tcp) = tcp else {
             return Err(last.unwrap_or_else(|| UpstreamError::NoAddress(self.url.host.clone())));
         };
-        let _ = tcp.set_nodelay(true);
+        crate::door::listener::tune_socket(&tcp);
         if let Some(version) = self.proxy_protocol {
             // The header goes outside TLS, as PROXY-aware servers read it before the handshake.
             let header = proxy_protocol::encode(version, peer, local);

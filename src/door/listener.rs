@@ -272,7 +272,7 @@ async fn handle(
         );
         return;
     };
-    let _ = tcp.set_nodelay(true);
+    tune_socket(&tcp);
     let first = ctx.opts.limits.first_bytes_timeout();
 
     let (peer, head) = if ctx.opts.accept_proxy_protocol {
@@ -368,6 +368,19 @@ fn log_unknown(peer: SocketAddr, label: &str, head: &[u8]) {
     );
 }
 
+/// TCP_NODELAY (RTMP writes whole messages; waiting for more only adds latency) and TCP
+/// keepalive, so a client that vanished without a FIN is noticed within about 90 s even when
+/// nothing is being sent to it.
+pub fn tune_socket(tcp: &TcpStream) {
+    let _ = tcp.set_nodelay(true);
+    let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
+    #[cfg(target_os = "linux")]
+    let keepalive = keepalive
+        .with_interval(Duration::from_secs(10))
+        .with_retries(3);
+    let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&keepalive);
+}
+
 fn describe(kind: Kind) -> &'static str {
     match kind {
         Kind::Rtmp => "plain RTMP",
@@ -457,5 +470,189 @@ async fn serve_rtmpe<I: ByteStream + 'static>(
     match rtmpe::accept(stream, &ctx.opts.limits).await {
         Ok(stream) => (ctx.handler)(stream).await,
         Err(e) => tracing::info!("closing {peer} on {label}: {e}"),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::config::parse_listen;
+    use crate::door::tls::{self as dtls, CertSource, SniResolver};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::sync::mpsc;
+
+    /// A handler that reports each stream's transport and peer, echoes its first 4 bytes,
+    /// then holds the connection until the client closes.
+    fn echo_handler(seen: mpsc::UnboundedSender<(Transport, SocketAddr)>) -> StreamHandler {
+        Arc::new(move |mut s: ClientStream| {
+            let seen = seen.clone();
+            Box::pin(async move {
+                let _ = seen.send((s.transport, s.peer));
+                let mut head = [0u8; 4];
+                if s.read_exact(&mut head).await.is_ok() {
+                    let _ = s.write_all(&head).await;
+                    let mut rest = Vec::new();
+                    let _ = s.read_to_end(&mut rest).await;
+                }
+            })
+        })
+    }
+
+    async fn door(
+        urls: &[&str],
+        limits: Limits,
+        accept_proxy_protocol: bool,
+    ) -> (
+        Vec<(ListenScheme, SocketAddr)>,
+        mpsc::UnboundedReceiver<(Transport, SocketAddr)>,
+        watch::Sender<bool>,
+    ) {
+        let urls: Vec<ListenUrl> = urls.iter().map(|u| parse_listen("t", u).unwrap()).collect();
+        let key = dtls::load_certified_key(&CertSource::EmbeddedDev).unwrap();
+        let tls = dtls::server_config(SniResolver::new(key)).unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let door = Door::bind(
+            &urls,
+            DoorOptions {
+                limits: Arc::new(limits),
+                tls: Some(tls),
+                rtmpe: true,
+                accept_proxy_protocol,
+            },
+            echo_handler(tx),
+        )
+        .await
+        .unwrap();
+        let addrs = door.local_addrs();
+        let (stop, stop_rx) = watch::channel(false);
+        door.start(stop_rx);
+        (addrs, rx, stop)
+    }
+
+    #[tokio::test]
+    async fn plain_rtmp_is_replayed_from_its_first_byte() {
+        let (addrs, mut seen, _stop) =
+            door(&["rtmp://127.0.0.1:0"], Limits::default(), false).await;
+        let mut c = TcpStream::connect(addrs[0].1).await.unwrap();
+        c.write_all(&[3, 1, 2, 3]).await.unwrap();
+        let mut back = [0u8; 4];
+        c.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, [3, 1, 2, 3]);
+        let (transport, peer) = seen.recv().await.unwrap();
+        assert_eq!(transport, Transport::Rtmp);
+        assert_eq!(peer, c.local_addr().unwrap());
+    }
+
+    #[tokio::test]
+    async fn rtmps_after_the_tls_handshake() {
+        let (addrs, mut seen, _stop) =
+            door(&["rtmps://127.0.0.1:0"], Limits::default(), false).await;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in dtls::certs_from_pem(
+            include_bytes!("../../certs/ca.pem"),
+            std::path::Path::new("ca.pem"),
+        )
+        .unwrap()
+        {
+            roots.add(cert).unwrap();
+        }
+        let config = rustls::ClientConfig::builder_with_provider(dtls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let tcp = TcpStream::connect(addrs[0].1).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let mut c = connector.connect(name, tcp).await.unwrap();
+        c.write_all(&[3, 9, 8, 7]).await.unwrap();
+        let mut back = [0u8; 4];
+        c.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, [3, 9, 8, 7]);
+        assert_eq!(seen.recv().await.unwrap().0, Transport::Rtmps);
+    }
+
+    #[tokio::test]
+    async fn per_ip_limit_refuses_the_extra_connection() {
+        let limits = Limits {
+            max_connections_per_ip: 1,
+            ..Limits::default()
+        };
+        let (addrs, mut seen, _stop) = door(&["rtmp://127.0.0.1:0"], limits, false).await;
+        let mut first = TcpStream::connect(addrs[0].1).await.unwrap();
+        first.write_all(&[3, 0, 0, 0]).await.unwrap();
+        let mut back = [0u8; 4];
+        first.read_exact(&mut back).await.unwrap();
+        seen.recv().await.unwrap();
+        let mut second = TcpStream::connect(addrs[0].1).await.unwrap();
+        let _ = second.write_all(&[3, 0, 0, 0]).await;
+        let mut buf = [0u8; 4];
+        let n = tokio::time::timeout(Duration::from_secs(5), second.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap_or(0);
+        assert_eq!(n, 0, "the second connection from one IP is closed");
+        // Once the first is gone, the address may connect again.
+        drop(first);
+        let ok = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let mut c = TcpStream::connect(addrs[0].1).await.unwrap();
+                let _ = c.write_all(&[3, 0, 0, 0]).await;
+                if c.read_exact(&mut buf).await.is_ok() {
+                    return;
+                }
+            }
+        })
+        .await;
+        assert!(ok.is_ok());
+    }
+
+    #[tokio::test]
+    async fn proxy_header_sets_the_peer() {
+        let (addrs, mut seen, _stop) = door(&["rtmp://127.0.0.1:0"], Limits::default(), true).await;
+        let mut c = TcpStream::connect(addrs[0].1).await.unwrap();
+        let mut bytes = proxy_protocol::encode(
+            proxy_protocol::ProxyVersion::V2,
+            "[2001:db8::7]:4242".parse().unwrap(),
+            "[2001:db8::1]:1935".parse().unwrap(),
+        );
+        bytes.extend_from_slice(&[3, 4, 5, 6]);
+        c.write_all(&bytes).await.unwrap();
+        let mut back = [0u8; 4];
+        c.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, [3, 4, 5, 6]);
+        let (_, peer) = seen.recv().await.unwrap();
+        assert_eq!(peer, "[2001:db8::7]:4242".parse::<SocketAddr>().unwrap());
+    }
+
+    #[tokio::test]
+    async fn stops_accepting_on_shutdown() {
+        let (addrs, _seen, stop) = door(&["rtmp://127.0.0.1:0"], Limits::default(), false).await;
+        stop.send(true).unwrap();
+        let refused = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                if TcpStream::connect(addrs[0].1).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(refused.is_ok(), "the listener is closed after shutdown");
+    }
+
+    #[test]
+    fn bind_hints() {
+        let addr: SocketAddr = "0.0.0.0:443".parse().unwrap();
+        let denied = io::Error::from(io::ErrorKind::PermissionDenied);
+        let hint = bind_hint(&denied, addr, ListenScheme::Rtmps);
+        assert!(
+            hint.contains("CAP_NET_BIND_SERVICE") && hint.contains("8443"),
+            "{hint}"
+        );
+        let used = io::Error::from(io::ErrorKind::AddrInUse);
+        assert!(bind_hint(&used, addr, ListenScheme::Rtmp).contains("port 443"));
     }
 }
