@@ -594,3 +594,64 @@ fn readme_documents_every_flag_and_limit() {
         "README.md's configuration reference does not mention: {missing:?}"
     );
 }
+
+/// A publisher killed mid-stream over each transport at once (four keys): the gateway closes
+/// each one's upstream leg (tunnel sessions once reaped) while the players stay connected,
+/// and when the players leave too every fd is released.
+#[test]
+fn fault_publishers_killed_mid_stream_over_each_transport() {
+    let p = peers();
+    let nginx = Nginx::start();
+    let gw = start_gateway(&["--upstream", &nginx.upstream()]);
+    let before = gw.usage();
+    let dir = temp_dir();
+    let src_file = source_flv(SECONDS);
+    let mut players = Vec::new();
+    let mut publishers = Vec::new();
+    for s in SCHEMES {
+        let url = format!("{}/live/killed-{s}", gw.url("rtmp"));
+        let out = dir.path().join(format!("{s}.flv"));
+        players.push((PlayerKind::Rtmpdump.start(&url, &out), out));
+    }
+    for (pl, _) in players.iter_mut() {
+        assert!(wait_until(START_TIMEOUT, || pl
+            .log_tail()
+            .contains("Starting Live Stream")));
+    }
+    for s in SCHEMES {
+        let url = format!("{}/live/killed-{s}", gw.url(s));
+        publishers.push(publish(&p.ffmpeg, &url, &src_file));
+    }
+    let flowing = wait_until(Duration::from_secs(10), || {
+        players
+            .iter()
+            .all(|(_, out)| fs::metadata(out).is_ok_and(|m| m.len() > 50_000))
+    });
+    assert!(flowing, "not every stream reached its player");
+    assert_eq!(
+        nginx.clients(),
+        8,
+        "4 publishers and 4 players through the gateway"
+    );
+    for pb in publishers.iter_mut() {
+        pb.kill();
+    }
+    let t = std::time::Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(REAP_SECS + 8), || nginx.clients() == 4),
+        "the killed publishers' upstream legs are still open: {} connections to nginx",
+        nginx.clients()
+    );
+    eprintln!(
+        "the killed publishers' upstream legs closed within {:.2} s (tunnels reap after {REAP_SECS} s)",
+        t.elapsed().as_secs_f64()
+    );
+    for (pl, _) in players.iter_mut() {
+        assert!(
+            pl.is_running(),
+            "a player was dropped with its publisher's leg"
+        );
+        pl.kill();
+    }
+    gw.assert_fds_back_to(before.fds, Duration::from_secs(REAP_SECS + 10));
+}
