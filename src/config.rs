@@ -29,6 +29,7 @@ transports: a plain listener (rtmp://, rtmpt://) takes raw RTMP, RTMPE and the R
 tunnel; a TLS listener (rtmps://, rtmpts://) takes RTMPS and RTMPTS.
 
 Examples:
+  rtmpgate
   rtmpgate --upstream rtmp://127.0.0.1:1936
   rtmpgate --listen rtmp://0.0.0.0:1935 --listen rtmps://0.0.0.0:443 \\
            --tls-cert /etc/letsencrypt/live/example.com/fullchain.pem \\
@@ -36,8 +37,8 @@ Examples:
            --upstream rtmp://127.0.0.1:1936
   rtmpgate --config /etc/rtmpgate.toml --check-config
 
-With no arguments: rtmp://0.0.0.0:1935, rtmpt://0.0.0.0:8080 and rtmps://0.0.0.0:8443
-(also RTMPTS) with the dev certificate for localhost from certs/.";
+With no arguments: the built-in engine on rtmp://0.0.0.0:1935, rtmpt://0.0.0.0:8080 and
+rtmps://0.0.0.0:8443 (also RTMPTS) with the dev certificate for localhost from certs/.";
 
 /// Command-line flags. Every one of them can also be set in the TOML file.
 #[derive(Parser, Debug, Default, Clone)]
@@ -45,7 +46,8 @@ With no arguments: rtmp://0.0.0.0:1935, rtmpt://0.0.0.0:8080 and rtmps://0.0.0.0
     name = "rtmpgate",
     version,
     about = "A front door for RTMP: accepts RTMP, RTMPS, RTMPT, RTMPTS and RTMPE on any port \
-             and forwards each client to a backend RTMP server (or the built-in engine).",
+             and serves each client with the built-in RTMP engine, or forwards it byte for byte \
+             to a backend RTMP server (--upstream).",
     after_help = AFTER_HELP
 )]
 pub struct Cli {
@@ -70,7 +72,7 @@ pub struct Cli {
 
     /// Backend RTMP server each client is forwarded to, byte for byte:
     /// rtmp://HOST:PORT over TCP or rtmps://HOST:PORT over TLS (verified against the system
-    /// roots and --upstream-ca).
+    /// roots and --upstream-ca). Without it the built-in RTMP engine serves the clients.
     #[arg(long, value_name = "URL")]
     pub upstream: Option<String>,
 

@@ -23,8 +23,12 @@ use crate::door::proxy_protocol::{self, ProxyVersion};
 use crate::door::tls::{self, TlsError};
 use crate::stream::{ClientStream, StreamHandler};
 
-/// Bytes buffered per direction. Large enough that a video frame usually moves in one read.
-const PUMP_BUF: usize = 64 * 1024;
+/// Each direction starts with a small buffer (a player's side only ever carries acks) and
+/// doubles it, up to [`PUMP_BUF_MAX`], whenever a read fills it (a media stream), so ten
+/// thousand idle players cost little and a busy stream moves a video frame in one read.
+const PUMP_BUF_MIN: usize = 4 * 1024;
+/// Largest buffer per direction.
+const PUMP_BUF_MAX: usize = 64 * 1024;
 /// How long the other direction may run on after one side has closed.
 const LINGER: Duration = Duration::from_secs(5);
 
@@ -202,6 +206,8 @@ impl Upstream {
 /// One direction of the copy: a fixed buffer and where it stands.
 struct OneWay {
     buf: Box<[u8]>,
+    /// The last read filled the buffer: enlarge it once it has been written out.
+    grow: bool,
     start: usize,
     end: usize,
     read_done: bool,
@@ -212,7 +218,8 @@ struct OneWay {
 impl OneWay {
     fn new() -> Self {
         OneWay {
-            buf: vec![0u8; PUMP_BUF].into_boxed_slice(),
+            grow: false,
+            buf: vec![0u8; PUMP_BUF_MIN].into_boxed_slice(),
             start: 0,
             end: 0,
             read_done: false,
@@ -234,6 +241,11 @@ impl OneWay {
     {
         loop {
             if self.start == self.end && !self.read_done {
+                if self.grow {
+                    let len = self.buf.len().saturating_mul(2).min(PUMP_BUF_MAX);
+                    self.buf = vec![0u8; len].into_boxed_slice();
+                    self.grow = false;
+                }
                 let mut rb = ReadBuf::new(&mut self.buf);
                 match r.as_mut().poll_read(cx, &mut rb) {
                     Poll::Pending => {
@@ -256,6 +268,7 @@ impl OneWay {
                         } else {
                             self.start = 0;
                             self.end = n;
+                            self.grow = n == self.buf.len() && n < PUMP_BUF_MAX;
                         }
                     }
                 }
