@@ -655,3 +655,135 @@ fn fault_publishers_killed_mid_stream_over_each_transport() {
     }
     gw.assert_fds_back_to(before.fds, Duration::from_secs(REAP_SECS + 10));
 }
+
+// ---- the built-in engine (no --upstream) ----------------------------------------------------
+
+/// ffmpeg publishes to rtmpgate's own engine over `over`; three players at once over other
+/// transports receive an exact run of the source's packets; nothing is left behind.
+fn engine_matrix(over: &str, players: &[(PlayerKind, &str)]) {
+    let p = peers();
+    let gw = start_gateway(&[]);
+    let before = gw.usage();
+    let dir = temp_dir();
+    let src_file = source_flv(SECONDS);
+    let src = framemd5(&src_file);
+    let key = format!("live/engine-{over}");
+    let players: Vec<(PlayerKind, String)> = players
+        .iter()
+        .map(|(k, s)| (*k, format!("{}/{key}", gw.url(s))))
+        .collect();
+    let publish_url = format!("{}/{key}", gw.url(over));
+    let got = publish_and_play(dir.path(), &p.ffmpeg, &publish_url, &src_file, &players);
+    // Players that were waiting when the publisher began get the whole stream from the engine
+    // (it flushes their queues before the unpublish notice), every packet of it.
+    for r in &got {
+        assert_contiguous_run(&r.label, &src, &r.frames, 1.0);
+    }
+    eprintln!(
+        "rtmpgate before: {before:?}, after the run: {:?}",
+        gw.usage()
+    );
+    gw.assert_fds_back_to(before.fds, Duration::from_secs(REAP_SECS + 10));
+}
+
+#[test]
+fn engine_publish_over_rtmp() {
+    engine_matrix(
+        "rtmp",
+        &[
+            (PlayerKind::Ffmpeg, "rtmps"),
+            (PlayerKind::Ffmpeg, "rtmpts"),
+            (PlayerKind::Rtmpdump, "rtmpt"),
+        ],
+    );
+}
+
+#[test]
+fn engine_publish_over_rtmps() {
+    engine_matrix(
+        "rtmps",
+        &[
+            (PlayerKind::Ffmpeg, "rtmp"),
+            (PlayerKind::Ffmpeg, "rtmpt"),
+            (PlayerKind::Rtmpdump, "rtmpe"),
+        ],
+    );
+}
+
+#[test]
+fn engine_publish_over_rtmpt() {
+    engine_matrix(
+        "rtmpt",
+        &[
+            (PlayerKind::Ffmpeg, "rtmps"),
+            (PlayerKind::Ffmpeg, "rtmp"),
+            (PlayerKind::Rtmpdump, "rtmp"),
+        ],
+    );
+}
+
+#[test]
+fn engine_publish_over_rtmpts() {
+    engine_matrix(
+        "rtmpts",
+        &[
+            (PlayerKind::Ffmpeg, "rtmpt"),
+            (PlayerKind::Rtmpdump, "rtmpt"),
+            (PlayerKind::StaticFfmpeg, "rtmpe"),
+        ],
+    );
+}
+
+/// The README's first command: with no arguments rtmpgate serves RTMP and RTMPT on 1935 and
+/// 8080 and RTMPS and RTMPTS on 8443 (dev certificate), from its own engine. Uses those fixed
+/// ports, so it fails if something else holds them.
+#[test]
+fn default_run_serves_every_transport_on_its_ports() {
+    let p = peers();
+    let gw = Gateway::builder()
+        .config(&format!("[limits]\ntunnel_reap_secs = {REAP_SECS}\n"))
+        .start();
+    let ports: Vec<(String, u16)> = gw
+        .listeners()
+        .iter()
+        .map(|(s, a)| (s.clone(), a.port()))
+        .collect();
+    assert_eq!(
+        ports,
+        [
+            ("rtmp".to_string(), 1935),
+            ("rtmpt".to_string(), 8080),
+            ("rtmps".to_string(), 8443)
+        ]
+    );
+    let dir = temp_dir();
+    let src_file = source_flv(SECONDS);
+    let src = framemd5(&src_file);
+    let got = publish_and_play(
+        dir.path(),
+        &p.ffmpeg,
+        "rtmp://127.0.0.1:1935/live/test",
+        &src_file,
+        &[
+            (
+                PlayerKind::Ffmpeg,
+                "rtmpt://127.0.0.1:8080/live/test".into(),
+            ),
+            (
+                PlayerKind::Ffmpeg,
+                "rtmps://127.0.0.1:8443/live/test".into(),
+            ),
+            (
+                PlayerKind::Ffmpeg,
+                "rtmpts://127.0.0.1:8443/live/test".into(),
+            ),
+            (
+                PlayerKind::Rtmpdump,
+                "rtmp://127.0.0.1:1935/live/test".into(),
+            ),
+        ],
+    );
+    for r in &got {
+        assert_contiguous_run(&r.label, &src, &r.frames, 1.0);
+    }
+}
