@@ -787,3 +787,70 @@ fn default_run_serves_every_transport_on_its_ports() {
         assert_contiguous_run(&r.label, &src, &r.frames, 1.0);
     }
 }
+
+/// Through the engine: a publisher killed mid-stream over each transport at once; each key's
+/// player is told and ends promptly (tunnel publishers once their session is reaped), while
+/// an untouched stream on the same gateway carries on to the last packet; nothing is left
+/// behind.
+#[test]
+fn engine_publishers_killed_mid_stream_others_carry_on() {
+    let p = peers();
+    let gw = start_gateway(&[]);
+    let before = gw.usage();
+    let dir = temp_dir();
+    let src_file = source_flv(SECONDS);
+    let src = framemd5(&src_file);
+    let healthy = format!("{}/live/healthy", gw.url("rtmp"));
+    let got = std::thread::scope(|scope| {
+        let stream = scope.spawn(|| {
+            let out = dir.path().join("healthy");
+            fs::create_dir_all(&out).expect("dir");
+            publish_and_play(
+                &out,
+                &p.ffmpeg,
+                &healthy,
+                &src_file,
+                &[(PlayerKind::Rtmpdump, healthy.clone())],
+            )
+        });
+        let mut players = Vec::new();
+        for s in SCHEMES {
+            let url = format!("{}/live/killed-{s}", gw.url("rtmp"));
+            let out = dir.path().join(format!("{s}.flv"));
+            players.push((s, PlayerKind::Rtmpdump.start(&url, &out), out));
+        }
+        let publishers: Vec<Proc> = SCHEMES
+            .iter()
+            .map(|s| {
+                let url = format!("{}/live/killed-{s}", gw.url(s));
+                publish(&p.ffmpeg, &url, &src_file)
+            })
+            .collect();
+        let flowing = wait_until(Duration::from_secs(10), || {
+            players
+                .iter()
+                .all(|(_, _, out)| fs::metadata(out).is_ok_and(|m| m.len() > 50_000))
+        });
+        assert!(flowing, "not every stream reached its player");
+        drop(publishers); // SIGKILL, mid-stream
+        let t = std::time::Instant::now();
+        for (s, pl, _) in players.iter_mut() {
+            let ended = pl
+                .wait_timeout(Duration::from_secs(REAP_SECS + 8))
+                .is_some();
+            assert!(
+                ended,
+                "the player of the publisher killed over {s} was not told"
+            );
+            eprintln!(
+                "player of the publisher killed over {s} ended {:.2} s after the kill",
+                t.elapsed().as_secs_f64()
+            );
+        }
+        stream.join().expect("the healthy stream's thread panicked")
+    });
+    for r in &got {
+        assert_contiguous_run(&r.label, &src, &r.frames, 1.0);
+    }
+    gw.assert_fds_back_to(before.fds, Duration::from_secs(REAP_SECS + 10));
+}
