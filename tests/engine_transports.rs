@@ -111,7 +111,6 @@ fn publish_over_rtmp_play_over_rtmpe() {
 }
 
 #[test]
-#[ignore = "door: C0 = 6 inside the RTMPT tunnel reaches the engine without the RTMPE layer"]
 fn publish_over_rtmp_play_over_rtmpte() {
     publish_and_play("via-rtmpte", "rtmp", &[(Tool::Rtmpdump, "rtmpte")]);
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use dashmap::DashMap;
 use rustls::ServerConfig;
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -186,7 +187,10 @@ impl Door {
         });
         let tls = opts.tls.clone().map(TlsAcceptor::from);
         // One tunnel for every listener, so a session may move between connections.
-        let tunnel = Tunnel::new(opts.limits.clone(), handler.clone());
+        let tunnel = Tunnel::new(
+            opts.limits.clone(),
+            tunnel_sessions(handler.clone(), opts.limits.clone(), opts.rtmpe),
+        );
         Ok(Door {
             bound,
             ctx: Arc::new(Ctx {
@@ -456,6 +460,48 @@ async fn dispatch<I: ByteStream + 'static>(
             tracing::info!("closing {peer} on {label}: neither RTMP nor HTTP");
         }
     }
+}
+
+/// What a tunnel session's byte stream goes through before the handler: its first byte
+/// (C0, in the first /send) says plain RTMP or RTMPTE, exactly as on a raw socket.
+fn tunnel_sessions(
+    handler: StreamHandler,
+    limits: Arc<Limits>,
+    rtmpe_allowed: bool,
+) -> StreamHandler {
+    Arc::new(move |mut stream: ClientStream| {
+        let handler = handler.clone();
+        let limits = limits.clone();
+        Box::pin(async move {
+            let mut c0 = [0u8; 1];
+            let label = stream.label();
+            match tokio::time::timeout(limits.handshake_timeout(), stream.read_exact(&mut c0)).await
+            {
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    tracing::info!(
+                        "closing {label}: no RTMP handshake within {:?}",
+                        limits.handshake_timeout()
+                    );
+                    return;
+                }
+            }
+            let prefix = bytes::Bytes::copy_from_slice(&c0);
+            let stream = stream.map_io(|io| Box::new(Prefixed::new(prefix, io)));
+            let is_rtmpe = sniff::classify(&c0) == sniff::Verdict::Is(Kind::Rtmpe);
+            match is_rtmpe {
+                true if !rtmpe_allowed => {
+                    tracing::info!("refusing RTMPTE from {label}: RTMPE is disabled (--no-rtmpe / rtmpe = false)");
+                }
+                true => match rtmpe::accept(stream, &limits).await {
+                    Ok(stream) => handler(stream).await,
+                    Err(e) => tracing::info!("closing {label}: {e}"),
+                },
+                false => handler(stream).await,
+            }
+        })
+    })
 }
 
 /// RTMPE: the encrypted handshake, then the same handler as plain RTMP.

@@ -24,7 +24,7 @@ use crate::rtmp::handshake;
 use crate::rtmp::message::{
     self, LimitType, Message, UserControl, AUDIO, DATA_AMF0, DATA_AMF3, VIDEO,
 };
-use crate::stream::ClientStream;
+use crate::stream::{ClientStream, Transport};
 
 /// C0+C1 and C2 sizes of the plain RTMP handshake.
 const C0C1_LEN: usize = 1537;
@@ -110,6 +110,8 @@ struct Session {
     playing: Option<PlayState>,
     /// What the session did, for the close line: "publish live/key".
     role: String,
+    /// The client came over RTMPE/RTMPTE: see [`Session::raise_chunk_size`].
+    rtmpe: bool,
 }
 
 /// Serve one client stream, then log what happened.
@@ -118,6 +120,7 @@ pub(crate) async fn run(engine: Arc<Engine>, mut io: ClientStream, id: u64) {
     let label = io.label();
     info!(session = id, "session open: {label}");
     let mut s = Session::new(engine, id, label.clone());
+    s.rtmpe = matches!(io.transport, Transport::Rtmpe | Transport::Rtmpte);
     let res = s.serve(&mut io).await;
     // Players learn at once that their publisher left, before any wait on this socket.
     drop(s.publishing.take());
@@ -191,6 +194,7 @@ impl Session {
             publishing: None,
             playing: None,
             role: String::new(),
+            rtmpe: false,
         }
     }
 
@@ -572,16 +576,30 @@ impl Session {
             return Err(SessionError::Rejected(format!("bad app name {raw_app:?}")));
         };
         let cfg = self.engine.config();
-        let (was, bw, cs) = (cfg.window_ack_size, cfg.peer_bandwidth, cfg.chunk_size);
+        let (was, bw) = (cfg.window_ack_size, cfg.peer_bandwidth);
         self.send_control(&message::window_ack_size(was));
         self.send_control(&message::set_peer_bandwidth(bw, LimitType::Dynamic));
-        self.send_control(&message::set_chunk_size(cs));
-        self.encoder.set_chunk_size(cs);
-        self.out_chunk_size = cs;
+        if !self.rtmpe {
+            self.raise_chunk_size();
+        }
         self.send(CSID_COMMAND, &cmd::connect_result(txn, object_encoding));
         self.send(CSID_COMMAND, &cmd::on_bw_done());
         self.app = Some(app);
         Ok(())
+    }
+
+    /// Announce our large outgoing chunk size. Over RTMPE this waits until the client plays:
+    /// ffmpeg's RTMPE writer encrypts its buffer in place, and when publishing it echoes a
+    /// Set Chunk Size and then reads the new size from the now-encrypted bytes ("Incorrect
+    /// chunk size"), so an RTMPE publisher must never be sent one.
+    fn raise_chunk_size(&mut self) {
+        let cs = self.engine.config().chunk_size;
+        if self.out_chunk_size == cs {
+            return;
+        }
+        self.send_control(&message::set_chunk_size(cs));
+        self.encoder.set_chunk_size(cs);
+        self.out_chunk_size = cs;
     }
 
     fn key_for(&self, raw: &str) -> Option<(StreamKey, String)> {
@@ -662,6 +680,7 @@ impl Session {
         };
         // A second play on the connection replaces the first.
         self.playing = None;
+        self.raise_chunk_size();
         let mut player = self.engine.hub().play(&key);
         info!(
             session = self.id,
