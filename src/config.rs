@@ -14,6 +14,7 @@ use serde::Deserialize;
 
 use crate::door::proxy_protocol::ProxyVersion;
 use crate::door::tls::CertSource;
+use crate::engine::EngineConfig;
 use crate::limits::Limits;
 
 /// Listeners used when neither `--listen` nor `listen` in the file says otherwise.
@@ -128,6 +129,103 @@ pub struct FileConfig {
     #[serde(default)]
     pub upstream: FileUpstream,
     pub limits: Option<Limits>,
+    #[serde(default)]
+    pub engine: FileEngine,
+}
+
+/// `[engine]`: how the built-in engine serves clients (ignored with an upstream). Each key
+/// maps onto a field of [`EngineConfig`]; absent keys keep the engine's defaults.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileEngine {
+    pub player_wait_secs: Option<u64>,
+    pub queue_messages: Option<usize>,
+    pub max_lag_bytes: Option<u64>,
+    pub gop_cache: Option<bool>,
+    pub gop_max_bytes: Option<usize>,
+    pub gop_max_messages: Option<usize>,
+    pub chunk_size: Option<u32>,
+    pub window_ack_size: Option<u32>,
+    pub peer_bandwidth: Option<u32>,
+    pub write_timeout_secs: Option<u64>,
+    pub max_streams_per_connection: Option<u32>,
+}
+
+impl FileEngine {
+    fn is_set(&self) -> bool {
+        self.player_wait_secs.is_some()
+            || self.queue_messages.is_some()
+            || self.max_lag_bytes.is_some()
+            || self.gop_cache.is_some()
+            || self.gop_max_bytes.is_some()
+            || self.gop_max_messages.is_some()
+            || self.chunk_size.is_some()
+            || self.window_ack_size.is_some()
+            || self.peer_bandwidth.is_some()
+            || self.write_timeout_secs.is_some()
+            || self.max_streams_per_connection.is_some()
+    }
+
+    /// The engine's configuration with these keys applied, checked.
+    fn apply(&self, mut cfg: EngineConfig) -> Result<EngineConfig, ConfigError> {
+        fn at_least<T: PartialOrd + fmt::Display + Copy>(
+            key: &str,
+            v: Option<T>,
+            min: T,
+        ) -> Result<Option<T>, ConfigError> {
+            match v {
+                Some(v) if v < min => Err(invalid(
+                    format!("engine.{key}"),
+                    format!("{v} is too small; use at least {min}"),
+                )),
+                v => Ok(v),
+            }
+        }
+        if let Some(v) = at_least("player_wait_secs", self.player_wait_secs, 0)? {
+            cfg.player_wait = Duration::from_secs(v);
+        }
+        if let Some(v) = at_least("queue_messages", self.queue_messages, 16)? {
+            cfg.queue_messages = v;
+        }
+        if let Some(v) = at_least("max_lag_bytes", self.max_lag_bytes, 65_536)? {
+            cfg.max_lag_bytes = v;
+        }
+        if let Some(v) = self.gop_cache {
+            cfg.gop_cache = v;
+        }
+        if let Some(v) = self.gop_max_bytes {
+            cfg.gop_max_bytes = v;
+        }
+        if let Some(v) = self.gop_max_messages {
+            cfg.gop_max_messages = v;
+        }
+        if let Some(v) = at_least("chunk_size", self.chunk_size, 128)? {
+            if v > 0x00ff_ffff {
+                return Err(invalid(
+                    "engine.chunk_size",
+                    format!("{v} is larger than clients accept; use at most 16777215 (4096 to 65536 is usual)"),
+                ));
+            }
+            cfg.chunk_size = v;
+        }
+        if let Some(v) = at_least("window_ack_size", self.window_ack_size, 4096)? {
+            cfg.window_ack_size = v;
+        }
+        if let Some(v) = at_least("peer_bandwidth", self.peer_bandwidth, 4096)? {
+            cfg.peer_bandwidth = v;
+        }
+        if let Some(v) = at_least("write_timeout_secs", self.write_timeout_secs, 1)? {
+            cfg.write_timeout = Duration::from_secs(v);
+        }
+        if let Some(v) = at_least(
+            "max_streams_per_connection",
+            self.max_streams_per_connection,
+            1,
+        )? {
+            cfg.max_streams_per_connection = v;
+        }
+        Ok(cfg)
+    }
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -301,6 +399,10 @@ pub struct Config {
     pub rtmpe: bool,
     pub accept_proxy_protocol: bool,
     pub limits: Limits,
+    /// The built-in engine's settings (used when there is no upstream).
+    pub engine: EngineConfig,
+    /// Settings that are valid but probably not what was meant (logged at start).
+    pub warnings: Vec<String>,
 }
 
 /// Splits `scheme://host[:port][/]` into its parts; the host may be `[v6]`.
@@ -609,6 +711,11 @@ impl Config {
             }
         };
 
+        let mut warnings = Vec::new();
+        if upstream.is_some() && file.engine.is_set() {
+            warnings.push("the [engine] table is ignored: clients go to the upstream".to_string());
+        }
+        let engine = file.engine.apply(EngineConfig::default())?;
         let limits = file.limits.unwrap_or_default();
         if limits.first_bytes_timeout_secs == 0 {
             return Err(invalid(
@@ -633,6 +740,8 @@ impl Config {
             accept_proxy_protocol: cli.accept_proxy_protocol
                 || file.accept_proxy_protocol.unwrap_or(false),
             limits,
+            engine,
+            warnings,
         })
     }
 
@@ -854,6 +963,28 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.starts_with("tls.certificates[0].server_names"), "{e}");
+    }
+
+    #[test]
+    fn engine_table() {
+        let c = merge(
+            &[],
+            "[engine]\nplayer_wait_secs = 5\ngop_cache = false\nchunk_size = 60000\n",
+        )
+        .unwrap();
+        assert_eq!(c.engine.player_wait, Duration::from_secs(5));
+        assert!(!c.engine.gop_cache);
+        assert_eq!(c.engine.chunk_size, 60000);
+        assert_eq!(
+            c.engine.queue_messages,
+            EngineConfig::default().queue_messages
+        );
+        let e = merge(&[], "[engine]\nchunk_size = 64\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("engine.chunk_size: "), "{e}");
+        let e = merge(&[], "[engine]\ngop = 1\n").unwrap_err().to_string();
+        assert!(e.contains("gop"), "{e}");
     }
 
     #[test]

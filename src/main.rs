@@ -12,7 +12,7 @@ use rtmpgate::config::{Cli, Config, TlsSettings};
 use rtmpgate::door::sessions::{self, Sessions};
 use rtmpgate::door::tls::{self, CertSource, SniResolver};
 use rtmpgate::door::{Door, DoorOptions};
-use rtmpgate::engine::{Engine, EngineConfig};
+use rtmpgate::engine::Engine;
 use rtmpgate::stream::StreamHandler;
 use rtmpgate::upstream::Upstream;
 
@@ -28,6 +28,9 @@ fn main() -> ExitCode {
     if let Err(e) = init_logging(&cli, &config) {
         eprintln!("rtmpgate: {}", report(&e));
         return ExitCode::from(2);
+    }
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
     }
     if cli.check_config {
         return match check(&config) {
@@ -185,7 +188,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
         None => {
             tracing::info!("serving clients with the built-in RTMP engine (no --upstream)");
-            Engine::new(config.limits.clone(), EngineConfig::default()).handler()
+            Engine::new(config.limits.clone(), config.engine.clone()).handler()
         }
     };
     let sessions = Sessions::new();
