@@ -117,6 +117,33 @@ def save(kind, data):
         f.write(data)
 
 
+def tls_client_hello():
+    import ssl
+    ctx = ssl.create_default_context()
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(inc, out, server_hostname="localhost")
+    try:
+        obj.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return out.read()
+
+
+STATIC_SEEDS = [
+    ("sniff", b"POST /open/1 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1\r\n\r\n\x00"),
+    ("sniff", b"POST /fcs/ident2 HTTP/1.1\r\n\r\n"),
+    ("sniff", b"GET / HTTP/1.0\r\n\r\n"),
+    ("sniff", b"PROXY TCP4 127.0.0.1 127.0.0.2 5000 1935\r\n\x03"),
+    ("sniff", b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c\x7f\x00\x00\x01\x7f\x00\x00\x01\x13\x88\x07\x8f\x03"),
+    ("sniff", bytes([6]) + bytes(63)),
+    ("rtmpt_path", b"/open/1"),
+    ("rtmpt_path", b"/fcs/ident2"),
+    ("rtmpt_path", b"/send/Ab3_-x9/1"),
+    ("rtmpt_path", b"/idle/Ab3_-x9/12"),
+    ("rtmpt_path", b"/close/Ab3_-x9/4294967296"),
+]
+
+
 def main():
     nginx_port, proxy_port = free_port(), free_port()
     tmp = tempfile.mkdtemp(prefix="rtmpgate-capture-")
@@ -162,6 +189,13 @@ rtmp {{ server {{ listen 127.0.0.1:{nginx_port}; chunk_size 4000;
             p.wait(timeout=5)
     counts = {}
     for c2s, s2c in captures:
+        # Handshake target: first byte selects the path (0: plain server side,
+        # 4: plain digest client side), the rest is what the peer sent.
+        save("handshake", bytes([0]) + bytes(c2s[:1537]))
+        save("handshake", bytes([4]) + bytes(s2c[:3073]))
+        save("sniff", bytes(c2s[:64]))
+        # RTMPE target: a real C1 presented with C0 = 6.
+        save("rtmpe", bytes([0, 6]) + bytes(c2s[1:1537]))
         for stream in (bytes(c2s), bytes(s2c)):
             body = stream[HANDSHAKE:]
             if not body:
@@ -178,6 +212,9 @@ rtmp {{ server {{ listen 127.0.0.1:{nginx_port}; chunk_size 4000;
                         counts["command"] = counts.get("command", 0) + 1
                 elif t in (15, 17) and payload:
                     save("amf3", payload[1:])
+    for seed in STATIC_SEEDS:
+        save(*seed)
+    save("sniff", tls_client_hello())
     print(f"{len(captures)} connections captured; corpora in {CORPUS}; {counts}")
     return 0 if captures else 1
 
