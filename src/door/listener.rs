@@ -150,6 +150,15 @@ impl Door {
         handler: StreamHandler,
     ) -> Result<Door, BindError> {
         let mut bound = Vec::with_capacity(urls.len());
+        // An IPv6 wildcard listener is dual-stack by default on Linux, which would collide
+        // with an IPv4 listener on the same port; when the list has both, the IPv6 one takes
+        // IPv6 only (as nginx does).
+        let v4_ports: Vec<u16> = urls
+            .iter()
+            .filter(|u| u.host.parse::<std::net::Ipv4Addr>().is_ok())
+            .map(|u| u.port)
+            .filter(|p| *p != 0)
+            .collect();
         for url in urls {
             if url.scheme.is_tls() && opts.tls.is_none() {
                 return Err(BindError::NoTls {
@@ -164,13 +173,12 @@ impl Door {
                 })?
                 .collect();
             for addr in addrs {
-                let listener = TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| BindError::Bind {
-                        url: url.to_string(),
-                        hint: bind_hint(&source, addr, url.scheme),
-                        source,
-                    })?;
+                let v6_only = addr.is_ipv6() && v4_ports.contains(&addr.port());
+                let listener = bind_tcp(addr, v6_only).map_err(|source| BindError::Bind {
+                    url: url.to_string(),
+                    hint: bind_hint(&source, addr, url.scheme),
+                    source,
+                })?;
                 let local = listener.local_addr().unwrap_or(addr);
                 bound.push(Bound {
                     scheme: url.scheme,
@@ -370,6 +378,22 @@ fn log_unknown(peer: SocketAddr, label: &str, head: &[u8]) {
         "closing {peer} on {label}: neither RTMP nor HTTP (first bytes {})",
         short_hex(head)
     );
+}
+
+/// A listening socket with SO_REUSEADDR (restarts do not wait for TIME_WAIT) and, when asked,
+/// IPV6_V6ONLY.
+fn bind_tcp(addr: SocketAddr, v6_only: bool) -> io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(v6_only)?;
+    }
+    #[cfg(unix)]
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
 }
 
 /// TCP_NODELAY (RTMP writes whole messages; waiting for more only adds latency) and TCP
@@ -687,6 +711,33 @@ mod tests {
         })
         .await;
         assert!(refused.is_ok(), "the listener is closed after shutdown");
+    }
+
+    #[tokio::test]
+    async fn ipv4_and_ipv6_wildcards_share_a_port() {
+        // Find a port free on both families, then bind it twice.
+        let probe = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+        let port = probe.local_addr().unwrap().port();
+        drop(probe);
+        let urls = [
+            parse_listen("t", &format!("rtmp://0.0.0.0:{port}")).unwrap(),
+            parse_listen("t", &format!("rtmp://[::]:{port}")).unwrap(),
+        ];
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let opts = DoorOptions {
+            limits: Arc::new(Limits::default()),
+            tls: None,
+            rtmpe: true,
+            accept_proxy_protocol: false,
+        };
+        match Door::bind(&urls, opts, echo_handler(tx)).await {
+            Ok(door) => assert_eq!(door.local_addrs().len(), 2),
+            // A host without IPv6 cannot bind [::]; that is not what this test is about.
+            Err(BindError::Bind { source, .. })
+                if source.kind() == io::ErrorKind::AddrNotAvailable
+                    || source.raw_os_error() == Some(97) => {}
+            Err(e) => panic!("{e}"),
+        }
     }
 
     #[test]
