@@ -83,6 +83,41 @@ struct ConnLimiter {
     per_ip: DashMap<IpAddr, usize>,
     max_total: usize,
     max_per_ip: usize,
+    refusals: LogThrottle,
+}
+
+/// At most one refusal line per second, so a flood does not become a flood of log lines.
+#[derive(Default)]
+struct LogThrottle {
+    /// Seconds since `epoch` of the last line written.
+    last: std::sync::atomic::AtomicU64,
+    suppressed: std::sync::atomic::AtomicU64,
+    epoch: std::sync::OnceLock<std::time::Instant>,
+}
+
+impl LogThrottle {
+    /// Some(suffix) when a line may be written now; the suffix counts the lines skipped.
+    fn should_log(&self) -> Option<String> {
+        let epoch = *self.epoch.get_or_init(std::time::Instant::now);
+        // +1 so the first refusal (second 0) is never mistaken for "just logged".
+        let now = epoch.elapsed().as_secs().saturating_add(1);
+        let last = self.last.load(Ordering::Relaxed);
+        if now > last
+            && self
+                .last
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let skipped = self.suppressed.swap(0, Ordering::Relaxed);
+            return Some(if skipped > 0 {
+                format!(" ({skipped} more refused in the last seconds)")
+            } else {
+                String::new()
+            });
+        }
+        self.suppressed.fetch_add(1, Ordering::Relaxed);
+        None
+    }
 }
 
 struct TotalGuard(Arc<ConnLimiter>);
@@ -192,6 +227,7 @@ impl Door {
             per_ip: DashMap::new(),
             max_total: opts.limits.max_connections,
             max_per_ip: opts.limits.max_connections_per_ip,
+            refusals: LogThrottle::default(),
         });
         let tls = opts.tls.clone().map(TlsAcceptor::from);
         // One tunnel for every listener, so a session may move between connections.
@@ -278,10 +314,12 @@ async fn handle(
     label: Arc<str>,
 ) {
     let Some(_total) = ctx.conns.admit_total() else {
-        tracing::warn!(
-            "refusing {peer} on {label}: {} connections open (limits.max_connections)",
-            ctx.opts.limits.max_connections
-        );
+        if let Some(also) = ctx.conns.refusals.should_log() {
+            tracing::warn!(
+                "refusing {peer} on {label}: {} connections open (limits.max_connections){also}",
+                ctx.opts.limits.max_connections
+            );
+        }
         return;
     };
     tune_socket(&tcp);
@@ -306,11 +344,13 @@ async fn handle(
         (peer, BytesMut::new())
     };
     let Some(_per_ip) = ctx.conns.admit_ip(peer.ip()) else {
-        tracing::warn!(
-            "refusing {peer} on {label}: {} connections from this address already open \
-             (limits.max_connections_per_ip)",
-            ctx.opts.limits.max_connections_per_ip
-        );
+        if let Some(also) = ctx.conns.refusals.should_log() {
+            tracing::warn!(
+                "refusing {peer} on {label}: {} connections from this address already open \
+                 (limits.max_connections_per_ip){also}",
+                ctx.opts.limits.max_connections_per_ip
+            );
+        }
         return;
     };
 
@@ -738,6 +778,14 @@ mod tests {
                     || source.raw_os_error() == Some(97) => {}
             Err(e) => panic!("{e}"),
         }
+    }
+
+    #[test]
+    fn refusal_lines_are_throttled() {
+        let t = LogThrottle::default();
+        assert_eq!(t.should_log().as_deref(), Some(""));
+        assert!(t.should_log().is_none());
+        assert!(t.should_log().is_none());
     }
 
     #[test]
