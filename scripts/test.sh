@@ -58,6 +58,8 @@ if [ $build_ok -eq 1 ]; then
         echo "warning: peers are missing; integration tests that need them will fail" >&2
     fi
     minutes=${RTMPGATE_TEST_TIMEOUT:-45}
+    # Most tests wait on real-time media, not the CPU: run more of them at once.
+    export RUST_TEST_THREADS=${RUST_TEST_THREADS:-4}
     run "cargo test" timeout --kill-after=30s "${minutes}m" \
         cargo test --all-targets "${extra[@]}"
 else

@@ -854,3 +854,60 @@ fn engine_publishers_killed_mid_stream_others_carry_on() {
     }
     gw.assert_fds_back_to(before.fds, Duration::from_secs(REAP_SECS + 10));
 }
+
+/// RTMPTE (RTMPE inside the HTTP tunnel) through rtmpgate to nginx-rtmp: rtmpdump and the
+/// static ffmpeg play over rtmpte while Debian's ffmpeg publishes over rtmpt.
+#[test]
+fn relay_rtmpte() {
+    let p = peers();
+    let nginx = Nginx::start();
+    let gw = start_gateway(&["--upstream", &nginx.upstream()]);
+    let before = gw.usage();
+    let dir = temp_dir();
+    let src_file = source_flv(SECONDS);
+    let src = framemd5(&src_file);
+    let url = |s: &str| format!("{}/live/encrypted-tunnel", gw.url(s));
+    let got = publish_and_play(
+        dir.path(),
+        &p.ffmpeg,
+        &url("rtmpt"),
+        &src_file,
+        &[
+            (PlayerKind::Rtmpdump, url("rtmpte")),
+            (PlayerKind::StaticFfmpeg, url("rtmpte")),
+        ],
+    );
+    for r in &got {
+        r.assert_run_of(&src);
+    }
+    gw.assert_fds_back_to(before.fds, Duration::from_secs(REAP_SECS + 10));
+}
+
+/// Through the engine: the static ffmpeg publishes over rtmpe (the engine sends no Set Chunk
+/// Size to RTMPE publishers); rtmpdump and the static ffmpeg play over rtmpte, rtmpdump over
+/// rtmpe, all at once, every packet.
+#[test]
+fn engine_rtmpe_publish_rtmpte_and_rtmpe_play() {
+    let p = peers();
+    let gw = start_gateway(&[]);
+    let before = gw.usage();
+    let dir = temp_dir();
+    let src_file = source_flv(SECONDS);
+    let src = framemd5(&src_file);
+    let url = |s: &str| format!("{}/live/engine-encrypted", gw.url(s));
+    let got = publish_and_play(
+        dir.path(),
+        &p.static_ffmpeg,
+        &url("rtmpe"),
+        &src_file,
+        &[
+            (PlayerKind::Rtmpdump, url("rtmpte")),
+            (PlayerKind::StaticFfmpeg, url("rtmpte")),
+            (PlayerKind::Rtmpdump, url("rtmpe")),
+        ],
+    );
+    for r in &got {
+        assert_contiguous_run(&r.label, &src, &r.frames, 1.0);
+    }
+    gw.assert_fds_back_to(before.fds, Duration::from_secs(REAP_SECS + 10));
+}
