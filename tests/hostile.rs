@@ -159,12 +159,17 @@ fn chunk_size_change_mid_message(t: &Target, ip: Ipv4Addr) -> Outcome {
         .command(&mut tcp, "_result", Duration::from_secs(5))
         .is_none()
     {
-        return Err(format!("no _result to a connect split across a chunk size change ({peer})"));
+        return Err(format!(
+            "no _result to a connect split across a chunk size change ({peer})"
+        ));
     }
     if !inbox.pong(&mut tcp, 1, Duration::from_secs(3)) {
         return Err("no ping response afterwards".into());
     }
-    Ok(format!("connect answered, session alive (payload {} B)", payload.len()))
+    Ok(format!(
+        "connect answered, session alive (payload {} B)",
+        payload.len()
+    ))
 }
 
 /// nginx-rtmp's truncated-AMF crash: a real connect cut at every byte position, as the last
@@ -194,7 +199,9 @@ fn truncated_connect(t: &Target, ip: Ipv4Addr) -> Outcome {
             .command(&mut tcp, "_result", Duration::from_secs(3))
             .is_some();
         if !answered && !inbox.closed {
-            return Err(format!("AMF cut at {k}: {peer} neither answered nor closed"));
+            return Err(format!(
+                "AMF cut at {k}: {peer} neither answered nor closed"
+            ));
         }
         if !answered {
             refused += 1;
@@ -272,8 +279,12 @@ fn huge_stream_name(t: &Target, ip: Ipv4Addr) -> Outcome {
     inbox
         .command(&mut tcp, "_result", Duration::from_secs(5))
         .ok_or("connect not answered")?;
-    tcp.write_all(&chunked(3, &command(0, "createStream", 2.0, &[Amf0Value::Null]), 128))
-        .map_err(|e| e.to_string())?;
+    tcp.write_all(&chunked(
+        3,
+        &command(0, "createStream", 2.0, &[Amf0Value::Null]),
+        128,
+    ))
+    .map_err(|e| e.to_string())?;
     inbox
         .command(&mut tcp, "_result", Duration::from_secs(5))
         .ok_or("createStream not answered")?;
@@ -420,7 +431,10 @@ fn csid_65599_and_too_many(t: &Target, ip: Ipv4Addr) -> Outcome {
     let ping = rtmpgate::rtmp::message::UserControl::PingRequest(99).to_message();
     let on_max = chunked(65599, &ping, 128);
     if on_max.first().map(|b| b & 0x3F) != Some(1) {
-        return Err(format!("encoder did not use a 3-byte header: {:02x?}", &on_max[..3]));
+        return Err(format!(
+            "encoder did not use a 3-byte header: {:02x?}",
+            &on_max[..3]
+        ));
     }
     tcp.write_all(&on_max).map_err(|e| e.to_string())?;
     let mut inbox = Inbox::default();
@@ -495,12 +509,15 @@ fn c0_then_silence(t: &Target, ip: Ipv4Addr) -> Outcome {
     }
     let took = started.elapsed().as_secs_f64();
     let line = wait_until(Duration::from_secs(3), || {
-        t.lines_for(&peer).iter().any(|l| {
-            l.contains("handshake") || l.contains("first bytes") || l.contains("within")
-        })
+        t.lines_for(&peer)
+            .iter()
+            .any(|l| l.contains("handshake") || l.contains("first bytes") || l.contains("within"))
     });
     if !line {
-        return Err(format!("no log line about {peer}: {:?}", t.lines_for(&peer)));
+        return Err(format!(
+            "no log line about {peer}: {:?}",
+            t.lines_for(&peer)
+        ));
     }
     let l = t
         .lines_for(&peer)
@@ -525,11 +542,10 @@ fn too_many_from_one_ip(t: &Target, ip: Ipv4Addr) -> Outcome {
         .map(|c| closed_within(c, Duration::from_millis(50)))
         .filter(|closed| *closed)
         .count();
-    let line = t
-        .gw
-        .log()
-        .lines()
-        .any(|l| l.contains(&ip.to_string()) && l.contains("max_connections_per_ip"));
+    let line =
+        t.gw.log()
+            .lines()
+            .any(|l| l.contains(&ip.to_string()) && l.contains("max_connections_per_ip"));
     drop(conns);
     if refused != 5 {
         return Err(format!(
@@ -557,7 +573,10 @@ fn too_many_from_one_ip(t: &Target, ip: Ipv4Addr) -> Outcome {
             "{refused_again} refused after the first batch closed: slots leaked"
         ));
     }
-    Ok(format!("5 of {} refused with a line naming the limit; slots released on close", PER_IP + 5))
+    Ok(format!(
+        "5 of {} refused with a line naming the limit; slots released on close",
+        PER_IP + 5
+    ))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -615,7 +634,11 @@ fn rtmpt_cases(t: &Target, ip: Ipv4Addr) -> Outcome {
     let limit = Duration::from_secs(8);
 
     let mut c = fresh()?;
-    let r = http_raw(&mut c, &post("/send/0123456789abcdef0123456789abcdef/1", b"x"), limit);
+    let r = http_raw(
+        &mut c,
+        &post("/send/0123456789abcdef0123456789abcdef/1", b"x"),
+        limit,
+    );
     expect(&mut found, "unknown session", r, &[404])?;
 
     // A real session: open, then sequence numbers repeated and far ahead.
@@ -624,7 +647,9 @@ fn rtmpt_cases(t: &Target, ip: Ipv4Addr) -> Outcome {
     if status != 200 {
         return Err(format!("/open/1 answered {status}"));
     }
-    let id = String::from_utf8_lossy(http_body(&reply)).trim().to_string();
+    let id = String::from_utf8_lossy(http_body(&reply))
+        .trim()
+        .to_string();
     let hs = rtmpgate::rtmp::handshake::ClientHandshake::new(false);
     let r = http_raw(&mut c, &post(&format!("/send/{id}/1"), &hs.c0c1()), limit);
     expect(&mut found, "send seq 1", r, &[200])?;
@@ -677,7 +702,11 @@ fn rtmpt_cases(t: &Target, ip: Ipv4Addr) -> Outcome {
     }
     // No Content-Length and no body framing: an empty body.
     let mut c = fresh()?;
-    let r = http_raw(&mut c, b"POST /fcs/ident2 HTTP/1.1\r\nHost: x\r\n\r\n", limit);
+    let r = http_raw(
+        &mut c,
+        b"POST /fcs/ident2 HTTP/1.1\r\nHost: x\r\n\r\n",
+        limit,
+    );
     expect(&mut found, "no Content-Length", r, &[404, 200, 411])?;
     // GET instead of POST.
     let mut c = fresh()?;
@@ -752,15 +781,24 @@ fn hostile_peers_are_dropped_and_a_healthy_session_carries_on() {
     // Groups run side by side (each from its own address); cases in a group run in turn.
     let groups: Vec<Vec<(&str, Case)>> = vec![
         vec![
-            ("chunk size change mid-message", chunk_size_change_mid_message),
+            (
+                "chunk size change mid-message",
+                chunk_size_change_mid_message,
+            ),
             ("70,000 nested AMF0 arrays", nested_amf0),
             ("70,000 nested AMF3 arrays (type 17)", nested_amf3),
             ("AMF3 unknown references", amf3_unknown_references),
             ("1 MB stream name", huge_stream_name),
             ("fmt 1-3 on a never-opened csid", fmt123_never_opened),
             ("overflowing timestamp deltas", overflowing_deltas),
-            ("extended timestamp on continuations", extended_timestamp_continuations),
-            ("csid 65599, then 100 chunk streams", csid_65599_and_too_many),
+            (
+                "extended timestamp on continuations",
+                extended_timestamp_continuations,
+            ),
+            (
+                "csid 65599, then 100 chunk streams",
+                csid_65599_and_too_many,
+            ),
             ("chunk size 1, 1 MiB message", chunk_size_one),
         ],
         vec![("truncated connect at every byte", truncated_connect)],
@@ -769,7 +807,10 @@ fn hostile_peers_are_dropped_and_a_healthy_session_carries_on() {
             ("C0 only, then silence", c0_then_silence),
         ],
         vec![
-            ("garbage after the TLS ClientHello", garbage_after_client_hello),
+            (
+                "garbage after the TLS ClientHello",
+                garbage_after_client_hello,
+            ),
             ("RTMPT abuse", rtmpt_cases),
         ],
         vec![("too many connections from one IP", too_many_from_one_ip)],
@@ -777,8 +818,14 @@ fn hostile_peers_are_dropped_and_a_healthy_session_carries_on() {
 
     let healthy_key = "live/healthy";
     let players = vec![
-        (PlayerKind::Ffmpeg, format!("{}/{healthy_key}", gw.url("rtmpt"))),
-        (PlayerKind::Rtmpdump, format!("{}/{healthy_key}", gw.url("rtmp"))),
+        (
+            PlayerKind::Ffmpeg,
+            format!("{}/{healthy_key}", gw.url("rtmpt")),
+        ),
+        (
+            PlayerKind::Rtmpdump,
+            format!("{}/{healthy_key}", gw.url("rtmp")),
+        ),
     ];
     let publish_url = format!("{}/{healthy_key}", gw.url("rtmp"));
 
@@ -786,7 +833,9 @@ fn hostile_peers_are_dropped_and_a_healthy_session_carries_on() {
         let healthy =
             s.spawn(|| publish_and_play(dir.path(), &p.ffmpeg, &publish_url, &src_file, &players));
         // Let the healthy session get going before the attacks start.
-        wait_until(Duration::from_secs(20), || gw.log_contains("publish live/healthy"));
+        wait_until(Duration::from_secs(20), || {
+            gw.log_contains("publish live/healthy")
+        });
         thread::sleep(Duration::from_secs(2));
         let handles: Vec<_> = groups
             .iter()
@@ -809,7 +858,10 @@ fn hostile_peers_are_dropped_and_a_healthy_session_carries_on() {
             .into_iter()
             .flat_map(|h| h.join().expect("a case panicked"))
             .collect();
-        (healthy.join().expect("the healthy session panicked"), results)
+        (
+            healthy.join().expect("the healthy session panicked"),
+            results,
+        )
     });
 
     eprintln!("---- hostile cases ----");
@@ -840,5 +892,10 @@ fn hostile_peers_are_dropped_and_a_healthy_session_carries_on() {
         baseline.threads,
         end.threads
     );
-    assert!(failed.is_empty(), "{} case(s) failed:\n{}", failed.len(), failed.join("\n"));
+    assert!(
+        failed.is_empty(),
+        "{} case(s) failed:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
 }

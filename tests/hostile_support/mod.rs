@@ -76,7 +76,10 @@ pub fn connect_msg(addr: SocketAddr, app: &str) -> Message {
     let obj = Amf0Value::Object(vec![
         ("app".into(), Amf0Value::String(app.into())),
         ("flashVer".into(), Amf0Value::String("FMLE/3.0".into())),
-        ("tcUrl".into(), Amf0Value::String(format!("rtmp://{addr}/{app}"))),
+        (
+            "tcUrl".into(),
+            Amf0Value::String(format!("rtmp://{addr}/{app}")),
+        ),
         ("fpad".into(), Amf0Value::Boolean(false)),
         ("capabilities".into(), Amf0Value::Number(15.0)),
         ("audioCodecs".into(), Amf0Value::Number(4071.0)),
@@ -142,7 +145,13 @@ impl Inbox {
     }
 
     /// Like `pong`, with the ping sent at the chunk size the client has set.
-    pub fn pong_at(&mut self, tcp: &mut TcpStream, t: u32, chunk_size: u32, limit: Duration) -> bool {
+    pub fn pong_at(
+        &mut self,
+        tcp: &mut TcpStream,
+        t: u32,
+        chunk_size: u32,
+        limit: Duration,
+    ) -> bool {
         let ping = chunked(2, &UserControl::PingRequest(t).to_message(), chunk_size);
         if tcp.write_all(&ping).is_err() {
             return false;
