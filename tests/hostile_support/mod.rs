@@ -96,8 +96,10 @@ pub fn ping(t: u32) -> Vec<u8> {
 
 /// Messages the server sent, decoded as they arrive.
 pub struct Inbox {
-    dec: ChunkDecoder,
-    buf: BytesMut,
+    /// The decoder and the bytes not yet decoded: a caller that goes on reading the
+    /// connection itself must carry on with these.
+    pub dec: ChunkDecoder,
+    pub buf: BytesMut,
     pub closed: bool,
 }
 
@@ -127,14 +129,23 @@ impl Inbox {
                     return Some(m);
                 }
             }
-            if self.closed || Instant::now() >= end {
+            if self.closed {
                 return None;
             }
+            // Read at least once, even with no time left (a zero limit drains what is there).
             match tcp.read(&mut tmp) {
                 Ok(0) => self.closed = true,
                 Ok(n) => self.buf.extend_from_slice(&tmp[..n]),
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
                 Err(_) => self.closed = true,
+            }
+            if Instant::now() >= end {
+                while let Ok(Some(m)) = self.dec.decode(&mut self.buf) {
+                    if want(&m) {
+                        return Some(m);
+                    }
+                }
+                return None;
             }
         }
     }
