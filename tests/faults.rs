@@ -352,5 +352,10 @@ fn missing_tls_file_fails_at_start_naming_it() {
             "missing {which}: the error does not name {missing}:\n{log}"
         );
         assert!(!log.contains("listening on"), "it started listening anyway");
+        assert_eq!(
+            log.matches("No such file").count(),
+            1,
+            "missing {which}: the OS error should be said once:\n{log}"
+        );
     }
 }

@@ -148,7 +148,12 @@ fn raw_publisher(addr: SocketAddr, key: &str, secs: u32) -> Result<u32, String> 
     }
     let _ = tcp.write_all(&chunked(
         3,
-        &command(1, "deleteStream", 4.0, &[Amf0Value::Null, Amf0Value::Number(1.0)]),
+        &command(
+            1,
+            "deleteStream",
+            4.0,
+            &[Amf0Value::Null, Amf0Value::Number(1.0)],
+        ),
         128,
     ));
     thread::sleep(Duration::from_millis(200));
@@ -227,7 +232,12 @@ fn raw_player(addr: SocketAddr, key: &str, limit: Duration) -> Result<Seen, Stri
                     }
                     last_ts[k] = Some(m.timestamp);
                     if m.msg_type == message::AUDIO && m.payload.len() == 200 {
-                        let n = u32::from_be_bytes([m.payload[2], m.payload[3], m.payload[4], m.payload[5]]);
+                        let n = u32::from_be_bytes([
+                            m.payload[2],
+                            m.payload[3],
+                            m.payload[4],
+                            m.payload[5],
+                        ]);
                         if seen.last.is_some_and(|l| n != l + 1) {
                             seen.breaks += 1;
                         }
@@ -309,7 +319,11 @@ fn soak(gw: &Gateway, size: Size, label: &str) {
         }
         let sent: Vec<u32> = publishers
             .into_iter()
-            .map(|h| h.join().unwrap().unwrap_or_else(|e| panic!("{label}: raw publisher: {e}")))
+            .map(|h| {
+                h.join()
+                    .unwrap()
+                    .unwrap_or_else(|e| panic!("{label}: raw publisher: {e}"))
+            })
             .collect();
         let mut short = 0;
         for (i, h) in on_raw {
@@ -323,7 +337,10 @@ fn soak(gw: &Gateway, size: Size, label: &str) {
             // Players start before their publisher: they should see nearly everything.
             if f64::from(got) < f64::from(sent[i]) * 0.95 {
                 short += 1;
-                eprintln!("{label}: soak-raw-{i} player got {got} of {}: {seen:?}", sent[i]);
+                eprintln!(
+                    "{label}: soak-raw-{i} player got {got} of {}: {seen:?}",
+                    sent[i]
+                );
             }
         }
         assert_eq!(short, 0, "{label}: {short} raw player(s) missed messages");
@@ -337,13 +354,19 @@ fn soak(gw: &Gateway, size: Size, label: &str) {
             media.push(seen.media);
         }
         let want = src.len() as u64;
-        let low = media.iter().filter(|&&m| (m as f64) < want as f64 * 0.8).count();
+        let low = media
+            .iter()
+            .filter(|&&m| (m as f64) < want as f64 * 0.8)
+            .count();
         eprintln!(
             "{label}: raw players of the ffmpeg stream got {:?}..{:?} of {want} packets",
             media.iter().min(),
             media.iter().max()
         );
-        assert_eq!(low, 0, "{label}: {low} raw player(s) got under 80% of the source");
+        assert_eq!(
+            low, 0,
+            "{label}: {low} raw player(s) got under 80% of the source"
+        );
         peak_fds.store(u64::MAX, Ordering::Relaxed);
         sampler.join().unwrap();
     });

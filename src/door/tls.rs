@@ -23,11 +23,13 @@ pub const DEV_KEY_PEM: &[u8] = include_bytes!("../../certs/localhost.key");
 /// Why a certificate, key or CA file could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read {what} file {path}: {source}; check the path and its permissions")]
+    // Not a `source` field: the message already carries the OS error, and a chained
+    // source would repeat it in `{:#}` output ("...: No such file...: No such file...").
+    #[error("cannot read {what} file {path}: {error}; check the path and its permissions")]
     Read {
         what: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{what} file {path} is not PEM ({detail}); expected '-----BEGIN ...-----' sections (convert DER with `openssl x509 -inform der -in FILE -out FILE.pem`)")]
     NotPem {
@@ -77,10 +79,10 @@ pub fn provider() -> Arc<CryptoProvider> {
 }
 
 fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
+    std::fs::read(path).map_err(|error| TlsError::Read {
         what,
         path: path.to_path_buf(),
-        source,
+        error,
     })
 }
 

@@ -1274,6 +1274,25 @@ pub fn play_rtmpdump(url: &str, out: &Path) -> Proc {
     Proc::spawn(&format!("rtmpdump player of {url}"), cmd)
 }
 
+/// The duration of a media file in seconds (ffprobe), if it can be read.
+pub fn media_seconds(file: &Path) -> Option<f64> {
+    let mut cmd = Command::new(&peers().ffprobe);
+    cmd.args([
+        "-v",
+        "error",
+        "-show_entries",
+        "format=duration",
+        "-of",
+        "csv=p=0",
+    ])
+    .arg(file);
+    let (status, out, _) = run_capture(&mut cmd, Duration::from_secs(20));
+    if !status.is_some_and(|s| s.success()) {
+        return None;
+    }
+    String::from_utf8_lossy(&out).trim().parse().ok()
+}
+
 /// One packet of a media file, as `ffmpeg -f framemd5` lists it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Frame {
@@ -1676,7 +1695,11 @@ pub fn publish_and_play(
     thread::sleep(Duration::from_millis(300));
     let started = Instant::now();
     let mut publ = publish(publisher, publish_url, source);
-    let status = publ.wait_timeout(Duration::from_secs(60));
+    // Real time: the media's length, plus room for a loaded machine.
+    let limit = media_seconds(source).map_or(Duration::from_secs(60), |s| {
+        Duration::from_secs(60).max(Duration::from_secs_f64(s + 30.0))
+    });
+    let status = publ.wait_timeout(limit);
     assert!(
         status.is_some_and(|s| s.success()),
         "publisher to {publish_url} ended with {status:?}; its output:\n{}",
