@@ -611,6 +611,43 @@ fn garbage_after_client_hello(t: &Target, ip: Ipv4Addr) -> Outcome {
     Ok(format!("dropped: {}", tail(&t.lines_for(&peer)[0])))
 }
 
+/// TLS 1.0 and 1.1 are refused; 1.2 and 1.3 are accepted (openssl s_client, with the
+/// security level lowered so it offers the old versions at all).
+fn old_tls_versions_refused(t: &Target, _ip: Ipv4Addr) -> Outcome {
+    let mut found = Vec::new();
+    for (flag, want_ok) in [
+        ("-tls1", false),
+        ("-tls1_1", false),
+        ("-tls1_2", true),
+        ("-tls1_3", true),
+    ] {
+        let mut cmd = std::process::Command::new(&peers().openssl);
+        cmd.args(["s_client", "-connect", &t.rtmps.to_string(), flag])
+            .args(["-cipher", "DEFAULT:@SECLEVEL=0"]);
+        let (_, out, err) = run_capture(&mut cmd, Duration::from_secs(10));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out),
+            String::from_utf8_lossy(&err)
+        );
+        let negotiated = text.contains("New, TLSv1.");
+        if negotiated != want_ok {
+            return Err(format!(
+                "openssl s_client {flag}: negotiated={negotiated}, expected {want_ok}: {}",
+                text.lines()
+                    .filter(|l| l.contains("New,") || l.contains("error"))
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            ));
+        }
+        found.push(format!(
+            "{flag}: {}",
+            if negotiated { "accepted" } else { "refused" }
+        ));
+    }
+    Ok(found.join("; "))
+}
+
 /// RTMPT requests no client should send. Each gets an HTTP error (or the connection is
 /// closed) promptly; none hangs.
 fn rtmpt_cases(t: &Target, ip: Ipv4Addr) -> Outcome {
@@ -810,6 +847,10 @@ fn hostile_peers_are_dropped_and_a_healthy_session_carries_on() {
             (
                 "garbage after the TLS ClientHello",
                 garbage_after_client_hello,
+            ),
+            (
+                "TLS 1.0/1.1 refused, 1.2/1.3 accepted",
+                old_tls_versions_refused,
             ),
             ("RTMPT abuse", rtmpt_cases),
         ],
