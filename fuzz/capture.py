@@ -112,6 +112,8 @@ def messages(stream):
 def save(kind, data):
     d = os.path.join(CORPUS, kind)
     os.makedirs(d, exist_ok=True)
+    if not data:
+        return
     name = hashlib.sha1(data).hexdigest()[:16]
     with open(os.path.join(d, name), "wb") as f:
         f.write(data)
@@ -188,6 +190,14 @@ rtmp {{ server {{ listen 127.0.0.1:{nginx_port}; chunk_size 4000;
             p.kill()
             p.wait(timeout=5)
     counts = {}
+    # Stable names for the unit tests in src/rtmp/chunk.rs: the publisher (ffmpeg,
+    # first connection) and the first player (rtmpdump) as nginx-rtmp chunks to it.
+    os.makedirs(os.path.join(CORPUS, "chunk"), exist_ok=True)
+    if len(captures) >= 2:
+        for name, data in (("ffmpeg-publish-c2s", captures[0][0]),
+                           ("nginx-to-rtmpdump-s2c", captures[1][1])):
+            with open(os.path.join(CORPUS, "chunk", name), "wb") as f:
+                f.write(bytes(data[HANDSHAKE:HANDSHAKE + 8192]))
     for c2s, s2c in captures:
         # Handshake target: first byte selects the path (0: plain server side,
         # 4: plain digest client side), the rest is what the peer sent.

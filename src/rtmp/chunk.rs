@@ -631,6 +631,7 @@ pub fn encode_fmt0_bytes(csid: u32, msg: &Message, chunk_size: u32) -> bytes::By
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use crate::rtmp::message::Control;
     use bytes::Bytes;
     use proptest::prelude::*;
 
@@ -932,6 +933,89 @@ mod tests {
         let v = drain(&mut d, &mut b).unwrap();
         assert_eq!(v[1].payload.len(), 1 << 20);
         assert_eq!(d.chunks_received(), 1 + (1 << 20));
+    }
+
+    /// Decodes a captured chunk stream in pieces of every size from 1 to 64 bytes and
+    /// checks that each split yields the same messages as decoding it whole.
+    fn decode_capture(bytes: &[u8]) -> Vec<Message> {
+        let mut whole = BytesMut::from(bytes);
+        let mut d = dec();
+        let msgs = drain(&mut d, &mut whole).unwrap();
+        for step in 1..=64 {
+            let mut d = dec();
+            let mut buf = BytesMut::new();
+            let mut got = Vec::new();
+            for piece in bytes.chunks(step) {
+                buf.extend_from_slice(piece);
+                got.extend(drain(&mut d, &mut buf).unwrap());
+            }
+            assert_eq!(got, msgs, "step {step}");
+        }
+        msgs
+    }
+
+    #[test]
+    fn captured_ffmpeg_publish() {
+        // ffmpeg 5.1 publishing to nginx-rtmp: the first 8 KiB after the handshake.
+        let msgs = decode_capture(include_bytes!("../../fuzz/corpus/chunk/ffmpeg-publish-c2s"));
+        let limits = crate::rtmp::amf0::AmfLimits::default();
+        let names: Vec<String> = msgs
+            .iter()
+            .filter_map(|m| message::decode_command(m, &limits).ok())
+            .map(|c| c.name)
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "connect",
+                "releaseStream",
+                "FCPublish",
+                "createStream",
+                "publish"
+            ]
+        );
+        assert!(msgs.iter().any(|m| m.msg_type == message::SET_CHUNK_SIZE));
+        let meta = msgs
+            .iter()
+            .find(|m| m.msg_type == message::DATA_AMF0)
+            .unwrap();
+        let v = message::decode_amf_payload(meta, &limits).unwrap();
+        assert_eq!(v[0].as_str(), Some("@setDataFrame"));
+        assert_eq!(v[1].as_str(), Some("onMetaData"));
+        assert!(msgs
+            .iter()
+            .any(|m| m.msg_type == message::VIDEO && m.stream_id == 1));
+    }
+
+    #[test]
+    fn captured_nginx_play() {
+        // nginx-rtmp answering and streaming to rtmpdump (chunk size 4000 on its side).
+        let msgs = decode_capture(include_bytes!(
+            "../../fuzz/corpus/chunk/nginx-to-rtmpdump-s2c"
+        ));
+        let limits = crate::rtmp::amf0::AmfLimits::default();
+        let codes: Vec<String> = msgs
+            .iter()
+            .filter_map(|m| message::decode_command(m, &limits).ok())
+            .filter_map(|c| {
+                c.arg(0)
+                    .and_then(|a| a.get("code"))
+                    .and_then(|c| c.as_str())
+                    .map(str::to_owned)
+            })
+            .collect();
+        assert!(
+            codes.iter().any(|c| c == "NetConnection.Connect.Success"),
+            "{codes:?}"
+        );
+        assert!(
+            codes.iter().any(|c| c == "NetStream.Play.Start"),
+            "{codes:?}"
+        );
+        assert!(msgs.iter().any(|m| Control::decode(m)
+            == Ok(Some(Control::UserControl(
+                message::UserControl::StreamBegin(1)
+            )))));
     }
 
     // ---- property tests ----
