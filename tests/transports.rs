@@ -911,3 +911,41 @@ fn engine_rtmpe_publish_rtmpte_and_rtmpe_play() {
     }
     gw.assert_fds_back_to(before.fds, Duration::from_secs(REAP_SECS + 10));
 }
+
+/// IPv6: listeners on [::1] (plain and TLS), publish and play over every transport through
+/// the engine. ffmpeg only: rtmpdump 2.4 cannot parse an IPv6 literal in its URL.
+#[test]
+fn ipv6_listeners_serve_every_transport() {
+    let p = peers();
+    let c = dev_certs();
+    let (chain, key) = (c.chain.display().to_string(), c.key.display().to_string());
+    let gw = Gateway::start(&[
+        "--listen",
+        "rtmp://[::1]:0",
+        "--listen",
+        "rtmps://[::1]:0",
+        "--tls-cert",
+        &chain,
+        "--tls-key",
+        &key,
+    ]);
+    assert!(gw.addr("rtmp").is_ipv6() && gw.addr("rtmps").is_ipv6());
+    let dir = temp_dir();
+    let src_file = source_flv(SECONDS);
+    let src = framemd5(&src_file);
+    let url = |s: &str| format!("{}/live/v6", gw.url(s));
+    let got = publish_and_play(
+        dir.path(),
+        &p.ffmpeg,
+        &url("rtmpts"),
+        &src_file,
+        &[
+            (PlayerKind::Ffmpeg, url("rtmp")),
+            (PlayerKind::Ffmpeg, url("rtmps")),
+            (PlayerKind::Ffmpeg, url("rtmpt")),
+        ],
+    );
+    for r in &got {
+        assert_contiguous_run(&r.label, &src, &r.frames, 1.0);
+    }
+}
