@@ -10,7 +10,7 @@ use tracing_subscriber::EnvFilter;
 
 use rtmpgate::config::{Cli, Config, TlsSettings};
 use rtmpgate::door::sessions::{self, Sessions};
-use rtmpgate::door::tls::{self, CertSource, SniResolver};
+use rtmpgate::door::tls::{self, CertSource, Reloadable, SniResolver};
 use rtmpgate::door::{Door, DoorOptions};
 use rtmpgate::engine::Engine;
 use rtmpgate::stream::StreamHandler;
@@ -109,7 +109,7 @@ fn init_logging(cli: &Cli, config: &Config) -> anyhow::Result<()> {
 /// Loads the certificates, the key(s) and the upstream CA, as a start would, then reports.
 fn check(config: &Config) -> anyhow::Result<()> {
     if let Some(tls) = &config.tls {
-        build_tls(tls)?;
+        build_resolver(tls)?;
     }
     if let Some(up) = &config.upstream {
         Upstream::new(up)?;
@@ -146,7 +146,8 @@ fn check(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn build_tls(settings: &TlsSettings) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+/// Loads every certificate and key the TLS settings name.
+fn build_resolver(settings: &TlsSettings) -> anyhow::Result<SniResolver> {
     let default = tls::load_certified_key(&settings.default)?;
     let mut resolver = SniResolver::new(default);
     for entry in &settings.sni {
@@ -155,7 +156,32 @@ fn build_tls(settings: &TlsSettings) -> anyhow::Result<Arc<rustls::ServerConfig>
             resolver.add(name, key.clone());
         }
     }
-    Ok(tls::server_config(resolver)?)
+    Ok(resolver)
+}
+
+/// On SIGHUP, reads the certificates and keys again (after a Let's Encrypt renewal, say) and
+/// serves them to new handshakes; on any error the current ones stay.
+#[cfg(unix)]
+fn reload_on_sighup(settings: TlsSettings, resolver: Arc<Reloadable>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            let s = settings.clone();
+            match tokio::task::spawn_blocking(move || build_resolver(&s)).await {
+                Ok(Ok(fresh)) => {
+                    resolver.replace(fresh);
+                    tracing::info!("SIGHUP: reloaded TLS certificates ({})", settings.default);
+                }
+                Ok(Err(e)) => tracing::error!(
+                    "SIGHUP: keeping the current TLS certificates: {}",
+                    report(&e)
+                ),
+                Err(e) => tracing::error!("SIGHUP: certificate reload failed: {e}"),
+            }
+        }
+    });
+    Ok(())
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
@@ -176,7 +202,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 }
                 CertSource::Files { .. } => {}
             }
-            Some(build_tls(settings)?)
+            let resolver = Reloadable::new(build_resolver(settings)?);
+            #[cfg(unix)]
+            reload_on_sighup(settings.clone(), resolver.clone())?;
+            Some(tls::server_config_with(resolver)?)
         }
         None => None,
     };

@@ -425,3 +425,61 @@ fn check_config_bind_errors_and_shutdown() {
         gw.log()
     );
 }
+
+/// The issuer line of the certificate a TLS listener serves, as openssl s_client prints it.
+fn served_issuer(addr: SocketAddr) -> String {
+    let mut cmd = std::process::Command::new(&peers().openssl);
+    cmd.args([
+        "s_client",
+        "-connect",
+        &addr.to_string(),
+        "-servername",
+        "localhost",
+    ]);
+    let (_, out, _) = run_capture(&mut cmd, Duration::from_secs(10));
+    String::from_utf8_lossy(&out)
+        .lines()
+        .find(|l| l.starts_with("issuer="))
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn sighup_reloads_the_certificates() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = temp_dir();
+    let cert = dir.path().join("fullchain.pem");
+    let key = dir.path().join("privkey.pem");
+    std::fs::copy(root.join("certs/localhost.pem"), &cert).unwrap();
+    std::fs::copy(root.join("certs/localhost.key"), &key).unwrap();
+    let gw = Gateway::start(&[
+        "--listen",
+        "rtmps://127.0.0.1:0",
+        "--upstream",
+        &format!("rtmp://127.0.0.1:{}", free_port()),
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ]);
+    let before = served_issuer(gw.addr("rtmps"));
+    assert!(before.contains("rtmpgate dev CA"), "{before}");
+
+    // A broken renewal: the old certificates stay.
+    std::fs::write(&key, "not a key").unwrap();
+    gw.signal("HUP");
+    assert!(gw.wait_log(
+        "keeping the current TLS certificates",
+        Duration::from_secs(5)
+    ));
+    assert_eq!(served_issuer(gw.addr("rtmps")), before);
+
+    // A good one: new handshakes get the new chain.
+    let certs = dev_certs();
+    std::fs::copy(&certs.chain, &cert).unwrap();
+    std::fs::copy(&certs.key, &key).unwrap();
+    gw.signal("HUP");
+    assert!(gw.wait_log("reloaded TLS certificates", Duration::from_secs(5)));
+    let after = served_issuer(gw.addr("rtmps"));
+    assert!(after.contains("rtmpgate test CA"), "{after}");
+}

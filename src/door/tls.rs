@@ -242,12 +242,55 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
+/// An [`SniResolver`] that can be replaced while running, so renewed certificates are picked
+/// up (on SIGHUP) without dropping a single connection. Handshakes in flight keep the
+/// certificates they started with.
+#[derive(Debug)]
+pub struct Reloadable {
+    current: std::sync::RwLock<Arc<SniResolver>>,
+}
+
+impl Reloadable {
+    pub fn new(resolver: SniResolver) -> Arc<Reloadable> {
+        Arc::new(Reloadable {
+            current: std::sync::RwLock::new(Arc::new(resolver)),
+        })
+    }
+
+    /// Serves `resolver`'s certificates to every handshake from now on.
+    pub fn replace(&self, resolver: SniResolver) {
+        let mut slot = self.current.write().unwrap_or_else(|e| e.into_inner());
+        *slot = Arc::new(resolver);
+    }
+
+    fn get(&self) -> Arc<SniResolver> {
+        // A panic elsewhere while holding the lock leaves a valid resolver behind: use it.
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+impl ResolvesServerCert for Reloadable {
+    fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.get().choose(client_hello.server_name()))
+    }
+}
+
 /// A TLS server configuration (TLS 1.2 and 1.3) answering with certificates from `resolver`.
 pub fn server_config(resolver: SniResolver) -> Result<Arc<ServerConfig>, TlsError> {
+    server_config_with(Arc::new(resolver))
+}
+
+/// [`server_config`] with any resolver, e.g. a [`Reloadable`] one.
+pub fn server_config_with(
+    resolver: Arc<dyn ResolvesServerCert>,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(resolver));
+        .with_cert_resolver(resolver);
     Ok(Arc::new(config))
 }
 
@@ -399,6 +442,18 @@ mod tests {
         assert!(Arc::ptr_eq(&r.choose(Some("a.b.cdn.example.com")), &dev));
         assert!(Arc::ptr_eq(&r.choose(Some("other.org")), &dev));
         assert!(Arc::ptr_eq(&r.choose(None), &dev));
+    }
+
+    #[test]
+    fn reloadable_switches_certificates() {
+        let dev = load_certified_key(&CertSource::EmbeddedDev).unwrap();
+        let ca =
+            certified_key_from_pem(CA_PEM, Path::new("ca"), CA_KEY, Path::new("ca.key")).unwrap();
+        let r = Reloadable::new(SniResolver::new(dev.clone()));
+        assert!(Arc::ptr_eq(&r.get().choose(None), &dev));
+        r.replace(SniResolver::new(ca.clone()));
+        assert!(Arc::ptr_eq(&r.get().choose(None), &ca));
+        server_config_with(r).unwrap();
     }
 
     #[test]
