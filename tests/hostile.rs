@@ -527,6 +527,39 @@ fn c0_then_silence(t: &Target, ip: Ipv4Addr) -> Outcome {
     Ok(format!("dropped after {took:.1} s: {}", tail(&l)))
 }
 
+/// RTMPE (C0 = 0x06): silence after C0, and a C1 of garbage with no digest to find. Each is
+/// dropped (at the handshake timeout at the latest) with a line naming the peer.
+fn rtmpe_silence_and_garbage(t: &Target, ip: Ipv4Addr) -> Outcome {
+    let mut found = Vec::new();
+    for (what, bytes) in [
+        ("C0 only", vec![6u8]),
+        (
+            "C0 + garbage C1",
+            std::iter::once(6u8)
+                .chain((0..1536u32).map(|i| (i * 31 % 253) as u8))
+                .collect(),
+        ),
+    ] {
+        let mut tcp = connect_from(ip, t.rtmp).map_err(|e| e.to_string())?;
+        let peer = peer_label(&tcp);
+        tcp.write_all(&bytes).map_err(|e| e.to_string())?;
+        let started = Instant::now();
+        if !closed_within(&mut tcp, Duration::from_secs(HANDSHAKE_SECS + 5)) {
+            return Err(format!("RTMPE {what}: {peer} not dropped"));
+        }
+        let took = started.elapsed().as_secs_f64();
+        if !wait_until(Duration::from_secs(3), || !t.lines_for(&peer).is_empty()) {
+            return Err(format!("RTMPE {what}: no log line names {peer}"));
+        }
+        let line = t.lines_for(&peer).pop().unwrap_or_default();
+        found.push(format!(
+            "{what}: dropped after {took:.1} s: {}",
+            tail(&line)
+        ));
+    }
+    Ok(found.join("; "))
+}
+
 /// More connections from one address than limits.max_connections_per_ip: the extra ones are
 /// refused at once with a line naming the limit; another address is still served.
 fn too_many_from_one_ip(t: &Target, ip: Ipv4Addr) -> Outcome {
@@ -847,6 +880,7 @@ fn hostile_peers_are_dropped_and_a_healthy_session_carries_on() {
         vec![
             ("16 MiB declared, never sent", declared_never_sent),
             ("C0 only, then silence", c0_then_silence),
+            ("RTMPE: C0 only; garbage C1", rtmpe_silence_and_garbage),
         ],
         vec![
             (
