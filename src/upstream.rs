@@ -278,7 +278,9 @@ impl OneWay {
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
-                self.start += n;
+                // An AsyncWrite never reports more than it was given; do not trust it with
+                // the slice bounds anyway.
+                self.start = self.start.saturating_add(n).min(self.end);
                 self.total += n as u64;
                 self.need_flush = true;
             }

@@ -42,7 +42,11 @@ impl Sessions {
 
     /// Waits until no session is running, or `limit` has passed. Returns how many are left.
     pub async fn wait_idle(&self, limit: Duration) -> usize {
-        let deadline = tokio::time::Instant::now() + limit;
+        let now = tokio::time::Instant::now();
+        // A drain time too large to add means "wait for the sessions".
+        let deadline = now
+            .checked_add(limit)
+            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600));
         loop {
             let notified = self.idle.notified();
             let n = self.active();
