@@ -23,7 +23,8 @@
 //! older servers omit it on continuation chunks. This decoder always reads it on a fmt 3
 //! chunk that starts a new message, and on a continuation chunk it consumes the 4 bytes
 //! only when they equal the extended timestamp of the message's first chunk (the
-//! approach SRS takes); otherwise they are payload. A continuation chunk whose payload
+//! approach SRS takes); otherwise they are payload. It waits for more input only while
+//! the bytes in hand are a prefix of that timestamp. A continuation chunk whose payload
 //! happens to start with those same 4 bytes is misread; no rule can tell them apart.
 //! The encoder always repeats it, as ffmpeg and librtmp 2.4 do.
 //!
@@ -290,17 +291,27 @@ impl ChunkDecoder {
             h.extended = s.extended;
         }
         if h.extended {
+            if let Some(s) = stream.filter(|s| s.in_progress) {
+                // A continuation: consume 4 bytes only if they repeat the extended
+                // timestamp. Bytes that already differ from it settle the question
+                // without waiting for all 4.
+                let want = s.ts_field.to_be_bytes();
+                let have = buf.get(h.len..).unwrap_or_default();
+                let n = have.len().min(4);
+                if have[..n] == want[..n] {
+                    if n < 4 {
+                        return Ok(None);
+                    }
+                    h.len += 4;
+                }
+                return Ok(Some(h));
+            }
             let Some(e) = buf.get(h.len..h.len + 4) else {
                 return Ok(None);
             };
             let ext = u32::from_be_bytes([e[0], e[1], e[2], e[3]]);
-            let continuation = stream.is_some_and(|s| s.in_progress);
-            if !continuation {
-                h.ts_field = Some(ext);
-                h.len += 4;
-            } else if stream.is_some_and(|s| s.ts_field == ext) {
-                h.len += 4;
-            }
+            h.ts_field = Some(ext);
+            h.len += 4;
         }
         Ok(Some(h))
     }
@@ -1147,6 +1158,53 @@ mod tests {
             encode_fmt0(6, &m, size, &mut b);
             let v = drain(&mut dec(), &mut b).unwrap();
             prop_assert_eq!(&v[1], &m);
+        }
+
+        /// Extended timestamps with and without the 4 bytes repeated on continuation
+        /// chunks (librtmp 2.3 style) decode the same, whatever the split points.
+        #[test]
+        fn extended_timestamp_without_repeat(
+            ts in 0xff_ffffu32..,
+            payload in prop::collection::vec(any::<u8>(), 1..1000),
+            size in 1u32..300,
+            step in 1usize..50,
+        ) {
+            let ext = ts.to_be_bytes();
+            // A continuation whose next 4 bytes equal the timestamp itself is ambiguous.
+            let m = Message::new(9, ts, 1, payload.clone());
+            let mut with = BytesMut::new();
+            encode_fmt0(2, &message::set_chunk_size(size), 128, &mut with);
+            let mut without = with.clone();
+            encode_fmt0(5, &m, size, &mut with);
+            without.put_slice(&[0x05, 0xff, 0xff, 0xff]);
+            without.put_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+            without.put_slice(&[9, 1, 0, 0, 0]);
+            without.put_slice(&ext);
+            let mut after_headers = Vec::new();
+            for (i, c) in payload.chunks(size as usize).enumerate() {
+                if i > 0 {
+                    without.put_u8(0xc5);
+                    after_headers.push(without.len());
+                }
+                without.put_slice(c);
+            }
+            // A short message on another chunk stream follows, as media would.
+            let next = Message::new(8, 0, 1, vec![0xaf]);
+            encode_fmt0(7, &next, size, &mut with);
+            encode_fmt0(7, &next, size, &mut without);
+            prop_assume!(after_headers.iter().all(|&at| without[at..].get(..4) != Some(&ext[..])));
+            for bytes in [with, without] {
+                let mut d = dec();
+                let mut buf = BytesMut::new();
+                let mut got = Vec::new();
+                for piece in bytes.chunks(step) {
+                    buf.put_slice(piece);
+                    got.extend(drain(&mut d, &mut buf).unwrap());
+                }
+                prop_assert_eq!(got.len(), 3);
+                prop_assert_eq!(&got[1], &m);
+                prop_assert_eq!(&got[2], &next);
+            }
         }
 
         #[test]
