@@ -6,6 +6,8 @@
 #
 # Environment:
 #   RTMPGATE_TEST_TIMEOUT  bound on the `cargo test` step, in minutes (default 45)
+#   RUST_TEST_THREADS      tests run at once per test binary (cargo's default: one per core;
+#                          most tests wait on real-time media, so 4 is faster and usually fine)
 #   Anything after `--` is passed to `cargo test` (e.g. scripts/test.sh -- --test transports).
 set -uo pipefail
 
@@ -58,8 +60,6 @@ if [ $build_ok -eq 1 ]; then
         echo "warning: peers are missing; integration tests that need them will fail" >&2
     fi
     minutes=${RTMPGATE_TEST_TIMEOUT:-45}
-    # Most tests wait on real-time media, not the CPU: run more of them at once.
-    export RUST_TEST_THREADS=${RUST_TEST_THREADS:-4}
     run "cargo test" timeout --kill-after=30s "${minutes}m" \
         cargo test --all-targets "${extra[@]}"
 else

@@ -766,7 +766,15 @@ impl Gateway {
         wait_until(timeout, || self.proc.log.contains(needle))
     }
 
-    /// How many log lines contain `needle`.
+    /// Waits up to `timeout` until at least `n` log lines contain `needle`; true if they do.
+    /// Prefer it to [`Gateway::count_log`] right after an event: the log is read from the
+    /// gateway's stderr by another thread, so a line may arrive a moment after the client
+    /// saw its effect.
+    pub fn wait_log_count(&self, needle: &str, n: usize, timeout: Duration) -> bool {
+        wait_until(timeout, || self.count_log(needle) >= n)
+    }
+
+    /// How many log lines contain `needle` so far (see [`Gateway::wait_log_count`]).
     pub fn count_log(&self, needle: &str) -> usize {
         self.proc
             .log
