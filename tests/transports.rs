@@ -673,7 +673,16 @@ fn engine_matrix(over: &str, players: &[(PlayerKind, &str)]) {
         .map(|(k, s)| (*k, format!("{}/{key}", gw.url(s))))
         .collect();
     let publish_url = format!("{}/{key}", gw.url(over));
-    let got = publish_and_play(dir.path(), &p.ffmpeg, &publish_url, &src_file, &players);
+    let n = players.len();
+    let plays = format!(": play {key}");
+    let got = publish_and_play_when(
+        dir.path(),
+        &p.ffmpeg,
+        &publish_url,
+        &src_file,
+        &players,
+        || gw.count_log(&plays) >= n,
+    );
     // Players that were waiting when the publisher began get the whole stream from the engine
     // (it flushes their queues before the unpublish notice), every packet of it.
     for r in &got {
@@ -759,7 +768,7 @@ fn default_run_serves_every_transport_on_its_ports() {
     let dir = temp_dir();
     let src_file = source_flv(SECONDS);
     let src = framemd5(&src_file);
-    let got = publish_and_play(
+    let got = publish_and_play_when(
         dir.path(),
         &p.ffmpeg,
         "rtmp://127.0.0.1:1935/live/test",
@@ -782,6 +791,7 @@ fn default_run_serves_every_transport_on_its_ports() {
                 "rtmp://127.0.0.1:1935/live/test".into(),
             ),
         ],
+        || gw.count_log(": play live/test") >= 4,
     );
     for r in &got {
         assert_contiguous_run(&r.label, &src, &r.frames, 1.0);
@@ -805,12 +815,13 @@ fn engine_publishers_killed_mid_stream_others_carry_on() {
         let stream = scope.spawn(|| {
             let out = dir.path().join("healthy");
             fs::create_dir_all(&out).expect("dir");
-            publish_and_play(
+            publish_and_play_when(
                 &out,
                 &p.ffmpeg,
                 &healthy,
                 &src_file,
                 &[(PlayerKind::Rtmpdump, healthy.clone())],
+                || gw.count_log(": play live/healthy") >= 1,
             )
         });
         let mut players = Vec::new();
@@ -895,7 +906,7 @@ fn engine_rtmpe_publish_rtmpte_and_rtmpe_play() {
     let src_file = source_flv(SECONDS);
     let src = framemd5(&src_file);
     let url = |s: &str| format!("{}/live/engine-encrypted", gw.url(s));
-    let got = publish_and_play(
+    let got = publish_and_play_when(
         dir.path(),
         &p.static_ffmpeg,
         &url("rtmpe"),
@@ -905,6 +916,7 @@ fn engine_rtmpe_publish_rtmpte_and_rtmpe_play() {
             (PlayerKind::StaticFfmpeg, url("rtmpte")),
             (PlayerKind::Rtmpdump, url("rtmpe")),
         ],
+        || gw.count_log(": play live/engine-encrypted") >= 3,
     );
     for r in &got {
         assert_contiguous_run(&r.label, &src, &r.frames, 1.0);
@@ -934,7 +946,7 @@ fn ipv6_listeners_serve_every_transport() {
     let src_file = source_flv(SECONDS);
     let src = framemd5(&src_file);
     let url = |s: &str| format!("{}/live/v6", gw.url(s));
-    let got = publish_and_play(
+    let got = publish_and_play_when(
         dir.path(),
         &p.ffmpeg,
         &url("rtmpts"),
@@ -944,6 +956,7 @@ fn ipv6_listeners_serve_every_transport() {
             (PlayerKind::Ffmpeg, url("rtmps")),
             (PlayerKind::Ffmpeg, url("rtmpt")),
         ],
+        || gw.count_log(": play live/v6") >= 3,
     );
     for r in &got {
         assert_contiguous_run(&r.label, &src, &r.frames, 1.0);

@@ -1677,6 +1677,20 @@ pub fn publish_and_play(
     source: &Path,
     players: &[(PlayerKind, String)],
 ) -> Vec<Received> {
+    publish_and_play_when(dir, publisher, publish_url, source, players, || true)
+}
+
+/// [`publish_and_play`], with one more condition before the publisher starts: `server_ready`
+/// must hold (polled up to [`START_TIMEOUT`]), e.g. the server has logged every player's play
+/// command, so no player can miss the start on a loaded machine.
+pub fn publish_and_play_when(
+    dir: &Path,
+    publisher: &Path,
+    publish_url: &str,
+    source: &Path,
+    players: &[(PlayerKind, String)],
+    server_ready: impl FnMut() -> bool,
+) -> Vec<Received> {
     let mut running: Vec<(PlayerKind, String, PathBuf, Proc)> = players
         .iter()
         .enumerate()
@@ -1699,7 +1713,11 @@ pub fn publish_and_play(
             proc.log()
         );
     }
-    // The play command still has to travel through the gateway to the server.
+    assert!(
+        wait_until(START_TIMEOUT, server_ready),
+        "the server was not ready for the publisher within {START_TIMEOUT:?}"
+    );
+    // The play command may still have to travel through the gateway to the server.
     thread::sleep(Duration::from_millis(300));
     let started = Instant::now();
     let mut publ = publish(publisher, publish_url, source);
