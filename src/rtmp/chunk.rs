@@ -89,8 +89,8 @@ struct InStream {
     ts_field: u32,
     /// The last header that set `ts_field` used the 32-bit extended form.
     extended: bool,
-    /// Body of the message in progress.
-    body: BytesMut,
+    /// Body of the message in progress. A Vec, for exact control of its capacity.
+    body: Vec<u8>,
     in_progress: bool,
 }
 
@@ -329,7 +329,7 @@ impl ChunkDecoder {
                     timestamp: 0,
                     ts_field: 0,
                     extended: false,
-                    body: BytesMut::new(),
+                    body: Vec::new(),
                     in_progress: false,
                 });
                 self.streams.len() - 1
@@ -364,7 +364,7 @@ impl ChunkDecoder {
         let Some(s) = self.streams.get_mut(idx) else {
             return Err(ChunkError::UnopenedChunkStream { csid: 0, fmt: 3 });
         };
-        let payload = std::mem::take(&mut s.body).freeze();
+        let payload = bytes::Bytes::from(std::mem::take(&mut s.body));
         s.in_progress = false;
         self.partial_bytes = self.partial_bytes.saturating_sub(payload.len());
         let msg = Message {
@@ -390,7 +390,7 @@ impl ChunkDecoder {
                 if let Some(s) = self.streams.iter_mut().find(|s| s.csid == csid) {
                     if s.in_progress {
                         self.partial_bytes = self.partial_bytes.saturating_sub(s.body.len());
-                        s.body = BytesMut::new();
+                        s.body = Vec::new();
                         s.in_progress = false;
                     }
                 }
@@ -401,13 +401,14 @@ impl ChunkDecoder {
     }
 }
 
-/// Appends chunk payload, growing the body geometrically but never past the declared
-/// length, so memory follows what arrived rather than what was announced.
-fn append(body: &mut BytesMut, data: &[u8], declared: u32) {
+/// Appends chunk payload, growing the body geometrically (amortised copying) but never
+/// past the declared length, so memory follows what arrived rather than what was
+/// announced, and a finished body is never larger than its message.
+fn append(body: &mut Vec<u8>, data: &[u8], declared: u32) {
     let spare = body.capacity() - body.len();
     if spare < data.len() {
         let due = (declared as usize).saturating_sub(body.len());
-        body.reserve(data.len().max(body.len().min(due)));
+        body.reserve_exact(data.len().max(body.len().min(due)));
     }
     body.extend_from_slice(data);
 }
@@ -919,6 +920,24 @@ mod tests {
         b.put_slice(&[0x84, 0, 0, 0]);
         let e = drain(&mut dec(), &mut b).unwrap_err();
         assert!(matches!(e, ChunkError::HeaderInsideMessage { .. }), "{e}");
+    }
+
+    #[test]
+    fn body_capacity_never_exceeds_declared_length() {
+        for len in [1usize, 127, 128, 129, 1000, 100_000, 1 << 20] {
+            let mut body = Vec::new();
+            let data = vec![1u8; len];
+            for c in data.chunks(128) {
+                append(&mut body, c, len as u32);
+                assert!(
+                    body.capacity() <= len,
+                    "len {len}: capacity {}",
+                    body.capacity()
+                );
+                assert!(body.capacity() <= 2 * body.len().max(128), "len {len}");
+            }
+            assert_eq!(body.len(), len);
+        }
     }
 
     #[test]
