@@ -16,6 +16,10 @@ pub struct Limits {
     pub handshake_timeout_secs: u64,
     /// Seconds without any byte from a client before its session is closed.
     pub idle_timeout_secs: u64,
+    /// Seconds without a byte either way before a relayed (`--upstream`) session is closed;
+    /// 0 turns it off. Longer than nginx-rtmp's 60 s ping, so a player waiting for a stream
+    /// on the backend is kept.
+    pub relay_idle_timeout_secs: u64,
     /// Connections accepted at once, over every listener.
     pub max_connections: usize,
     /// Connections accepted at once from one IP address.
@@ -68,6 +72,7 @@ impl Default for Limits {
             first_bytes_timeout_secs: 10,
             handshake_timeout_secs: 10,
             idle_timeout_secs: 60,
+            relay_idle_timeout_secs: 180,
             max_connections: 10_000,
             max_connections_per_ip: 1_000,
             max_chunk_size: 16 * 1024 * 1024,
@@ -101,6 +106,11 @@ impl Limits {
     }
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_secs(self.idle_timeout_secs)
+    }
+    /// None when the relay idle timeout is off.
+    pub fn relay_idle_timeout(&self) -> Option<Duration> {
+        (self.relay_idle_timeout_secs > 0)
+            .then(|| Duration::from_secs(self.relay_idle_timeout_secs))
     }
     pub fn http_header_timeout(&self) -> Duration {
         Duration::from_secs(self.http_header_timeout_secs)

@@ -112,7 +112,7 @@ fn check(config: &Config) -> anyhow::Result<()> {
         build_resolver(tls)?;
     }
     if let Some(up) = &config.upstream {
-        Upstream::new(up)?;
+        Upstream::new(up, &config.limits)?;
     }
     println!("configuration is valid");
     for l in &config.listen {
@@ -211,7 +211,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     };
     let handler: StreamHandler = match &config.upstream {
         Some(settings) => {
-            let upstream = Arc::new(Upstream::new(settings)?);
+            let upstream = Arc::new(Upstream::new(settings, &config.limits)?);
             tracing::info!("forwarding every client to {}", upstream.url());
             upstream.handler()
         }

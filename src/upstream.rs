@@ -5,7 +5,7 @@
 //! other is flushed and shut down; the remaining direction gets a short grace period to
 //! deliver what is in flight, then both are closed.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -21,6 +21,7 @@ use tokio_rustls::TlsConnector;
 use crate::config::{UpstreamScheme, UpstreamSettings, UpstreamUrl};
 use crate::door::proxy_protocol::{self, ProxyVersion};
 use crate::door::tls::{self, TlsError};
+use crate::limits::Limits;
 use crate::stream::{ClientStream, StreamHandler};
 
 /// Each direction starts with a small buffer (a player's side only ever carries acks) and
@@ -63,6 +64,8 @@ pub struct Upstream {
     tls: Option<(TlsConnector, ServerName<'static>)>,
     proxy_protocol: Option<ProxyVersion>,
     connect_timeout: Duration,
+    /// Close a relayed session after this long without a byte either way (None: never).
+    idle_timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -83,7 +86,7 @@ enum Leg {
 
 impl Upstream {
     /// Prepares the connector; for rtmps:// this loads the trusted roots (and the extra CA).
-    pub fn new(settings: &UpstreamSettings) -> Result<Upstream, UpstreamError> {
+    pub fn new(settings: &UpstreamSettings, limits: &Limits) -> Result<Upstream, UpstreamError> {
         let tls = match settings.url.scheme {
             UpstreamScheme::Rtmp => None,
             UpstreamScheme::Rtmps => {
@@ -98,6 +101,7 @@ impl Upstream {
             tls,
             proxy_protocol: settings.proxy_protocol,
             connect_timeout: settings.connect_timeout,
+            idle_timeout: limits.relay_idle_timeout(),
         })
     }
 
@@ -139,8 +143,8 @@ impl Upstream {
             }
         };
         let result = match leg {
-            Leg::Tcp(mut up) => pump(&mut client, &mut up).await,
-            Leg::Tls(mut up) => pump(&mut client, &mut *up).await,
+            Leg::Tcp(mut up) => pump(&mut client, &mut up, self.idle_timeout).await,
+            Leg::Tls(mut up) => pump(&mut client, &mut *up, self.idle_timeout).await,
         };
         if let Err(e) = result {
             tracing::debug!("{label}: forwarding to {} ended: {e}", self.url);
@@ -294,9 +298,9 @@ impl OneWay {
 }
 
 /// Copies both ways between `a` (the client) and `b` (the backend) until both are done, one
-/// fails, or one is done and the other has not finished within [`LINGER`].
-/// Returns (bytes a->b, bytes b->a).
-pub async fn pump<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
+/// fails, one is done and the other has not finished within [`LINGER`], or (with `idle`)
+/// no byte has moved either way for that long. Returns (bytes a->b, bytes b->a).
+pub async fn pump<A, B>(a: &mut A, b: &mut B, idle: Option<Duration>) -> io::Result<(u64, u64)>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -305,6 +309,9 @@ where
     let mut b_to_a = OneWay::new();
     let mut ab_done = false;
     let mut ba_done = false;
+    // Bytes moved either way so far, for the idle check.
+    // (An atomic only because the future must be Sync; it is never contended.)
+    let moved = std::sync::atomic::AtomicU64::new(0);
     // Polls each unfinished direction; Ready(true) once both are done, Ready(false) once
     // at least one is.
     let mut step = |cx: &mut Context<'_>| -> Poll<io::Result<bool>> {
@@ -320,14 +327,46 @@ where
                 ba_done = true;
             }
         }
+        moved.store(
+            a_to_b.total.wrapping_add(b_to_a.total),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         if ab_done || ba_done {
             Poll::Ready(Ok(ab_done && ba_done))
         } else {
             Poll::Pending
         }
     };
-    // Until one side finishes...
-    let both = poll_fn(&mut step).await?;
+    // Until one side finishes (or the session goes idle)...
+    let both = match idle {
+        None => poll_fn(&mut step).await?,
+        Some(idle) => {
+            // The timer is re-armed only when it fires and bytes have moved since the last
+            // time, so a busy stream pays nothing per read.
+            let mut timer = Box::pin(tokio::time::sleep(idle));
+            let mut seen = 0u64;
+            poll_fn(|cx| {
+                if let Poll::Ready(r) = step(cx) {
+                    return Poll::Ready(r);
+                }
+                while timer.as_mut().poll(cx).is_ready() {
+                    let now = moved.load(std::sync::atomic::Ordering::Relaxed);
+                    if now == seen {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!(
+                                "no byte either way for {idle:?} (limits.relay_idle_timeout_secs)"
+                            ),
+                        )));
+                    }
+                    seen = now;
+                    timer.as_mut().reset(tokio::time::Instant::now() + idle);
+                }
+                Poll::Pending
+            })
+            .await?
+        }
+    };
     // ...then the other may run on briefly.
     if !both {
         let rest = tokio::time::timeout(
@@ -360,7 +399,7 @@ mod tests {
         let (mut client, mut gw_client) = tokio::io::duplex(1024);
         let (mut gw_backend, mut backend) = tokio::io::duplex(1024);
         let task =
-            tokio::spawn(async move { pump(&mut gw_client, &mut gw_backend).await.unwrap() });
+            tokio::spawn(async move { pump(&mut gw_client, &mut gw_backend, None).await.unwrap() });
         let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
         let send = big.clone();
         let writer = tokio::spawn(async move {
@@ -380,11 +419,40 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn pump_closes_a_session_idle_both_ways() {
+        let (mut client, mut gw_client) = tokio::io::duplex(1024);
+        let (mut gw_backend, mut backend) = tokio::io::duplex(1024);
+        let idle = Duration::from_secs(180);
+        let started = tokio::time::Instant::now();
+        let task =
+            tokio::spawn(async move { pump(&mut gw_client, &mut gw_backend, Some(idle)).await });
+        // Traffic every 100 s keeps it open past one idle period...
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_secs(100)).await;
+            client.write_all(b"ping").await.unwrap();
+            let mut got = [0u8; 4];
+            backend.read_exact(&mut got).await.unwrap();
+        }
+        // ...then silence closes it within two idle periods of the last byte.
+        let err = task.await.unwrap().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_secs(300 + 180),
+            "closed too early: {took:?}"
+        );
+        assert!(
+            took <= Duration::from_secs(300 + 2 * 180),
+            "closed too late: {took:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn pump_gives_up_on_a_side_that_never_closes() {
         let (client, mut gw_client) = tokio::io::duplex(1024);
         let (mut gw_backend, _backend) = tokio::io::duplex(1024);
         drop(client);
-        let r = pump(&mut gw_client, &mut gw_backend).await.unwrap();
+        let r = pump(&mut gw_client, &mut gw_backend, None).await.unwrap();
         assert_eq!(r, (0, 0));
     }
 }

@@ -118,7 +118,9 @@ struct Session {
 pub(crate) async fn run(engine: Arc<Engine>, mut io: ClientStream, id: u64) {
     let started = Instant::now();
     let label = io.label();
-    info!(session = id, "session open: {label}");
+    // The door logs every session's open and close line with its bytes; the engine adds
+    // what the session did (its role) and why it ended.
+    debug!(session = id, "engine session open: {label}");
     let mut s = Session::new(engine, id, label.clone());
     s.rtmpe = matches!(io.transport, Transport::Rtmpe | Transport::Rtmpte);
     let res = s.serve(&mut io).await;
