@@ -53,6 +53,8 @@ pub struct Peers {
     /// nginx's RTMP module (libnginx-mod-rtmp), loaded by the generated config.
     pub nginx_rtmp_module: PathBuf,
     pub stunnel: PathBuf,
+    /// haproxy, the L4 proxy users would pick (PROXY protocol tests, benchmarks).
+    pub haproxy: PathBuf,
     pub curl: PathBuf,
     pub openssl: PathBuf,
     /// The static ffmpeg from the imageio-ffmpeg wheel: all six schemes, rtmpe and rtmpte too.
@@ -84,6 +86,7 @@ impl Peers {
         let rtmpdump = get("rtmpdump", "rtmpdump");
         let nginx = get("nginx", "nginx");
         let stunnel = get("stunnel4", "stunnel4");
+        let haproxy = get("haproxy", "haproxy");
         let curl = get("curl", "curl");
         let openssl = get("openssl", "openssl");
         let nginx_rtmp_module = [
@@ -117,6 +120,7 @@ impl Peers {
             nginx,
             nginx_rtmp_module: nginx_rtmp_module.unwrap_or_default(),
             stunnel,
+            haproxy,
             curl,
             openssl,
             static_ffmpeg: static_ffmpeg.unwrap_or_default(),
