@@ -27,7 +27,9 @@ pub struct Limits {
 
     /// Largest chunk size a peer may set (RTMP allows up to 2^31-1; 16 MiB is plenty).
     pub max_chunk_size: u32,
-    /// Smallest chunk size a peer may set (below this, per-chunk work dominates).
+    /// Smallest chunk size a peer may set. 128 (RTMP's initial size, SRS's floor): no real
+    /// client goes below it, and smaller chunks multiply the per-chunk work a peer can cause
+    /// per byte sent (Red5's chunk-size-1 CPU burn).
     pub min_chunk_size: u32,
     /// Largest RTMP message a peer may declare, in bytes.
     pub max_message_len: u32,
@@ -76,7 +78,7 @@ impl Default for Limits {
             max_connections: 10_000,
             max_connections_per_ip: 1_000,
             max_chunk_size: 16 * 1024 * 1024,
-            min_chunk_size: 1,
+            min_chunk_size: 128,
             max_message_len: 16 * 1024 * 1024,
             max_chunk_streams: 64,
             max_partial_bytes: 32 * 1024 * 1024,

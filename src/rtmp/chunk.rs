@@ -12,9 +12,9 @@
 //! chunk costs one header parse (at most 18 bytes) and one copy of its payload, with no
 //! per-chunk allocation or rescanning, so chunk size 1 costs at most a small constant
 //! factor (a 1-byte header per payload byte) over a large chunk size, and that factor
-//! is paid for in bytes the peer must send. [`ChunkDecoder::chunks_received`] lets a
-//! session apply a rate limit on chunks as well, and `limits.min_chunk_size` can raise
-//! the floor.
+//! is paid for in bytes the peer must send. `limits.min_chunk_size` (default 128, RTMP's
+//! initial size) keeps that factor small; [`ChunkDecoder::chunks_received`] lets a session
+//! apply a rate limit on chunks as well.
 //!
 //! Extended timestamps on fmt 3 chunks. ffmpeg (rtmppkt.c keeps the last 24-bit field
 //! per chunk stream and reads 4 more bytes whenever it is 0xFFFFFF) and librtmp 2.4
@@ -643,12 +643,21 @@ pub fn encode_fmt0_bytes(csid: u32, msg: &Message, chunk_size: u32) -> bytes::By
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    /// The defaults, but accepting any chunk size: these tests exercise sizes below the
+    /// default floor of 128 on purpose.
+    fn small_chunks() -> Limits {
+        Limits {
+            min_chunk_size: 1,
+            ..Limits::default()
+        }
+    }
     use crate::rtmp::message::Control;
     use bytes::Bytes;
     use proptest::prelude::*;
 
     fn dec() -> ChunkDecoder {
-        ChunkDecoder::new(&Limits::default())
+        ChunkDecoder::new(&small_chunks())
     }
 
     fn drain(d: &mut ChunkDecoder, buf: &mut BytesMut) -> Result<Vec<Message>, ChunkError> {
@@ -880,7 +889,7 @@ mod tests {
             max_message_len: 1000,
             max_chunk_streams: 2,
             max_partial_bytes: 300,
-            ..Limits::default()
+            ..small_chunks()
         };
         let mut b = BytesMut::from(&[0x04, 0, 0, 0, 0, 0x03, 0xe9, 9, 1, 0, 0, 0][..]);
         let e = ChunkDecoder::new(&limits).decode(&mut b).unwrap_err();
@@ -895,7 +904,7 @@ mod tests {
         }
         let mut d = ChunkDecoder::new(&Limits {
             max_partial_bytes: 300,
-            ..Limits::default()
+            ..small_chunks()
         });
         let e = drain(&mut d, &mut b).unwrap_err();
         assert!(
@@ -1228,7 +1237,7 @@ mod tests {
 
         #[test]
         fn arbitrary_bytes_never_panic(b in prop::collection::vec(any::<u8>(), 0..2048)) {
-            let limits = Limits { max_partial_bytes: 4096, ..Limits::default() };
+            let limits = Limits { max_partial_bytes: 4096, ..small_chunks() };
             let mut d = ChunkDecoder::new(&limits);
             let mut buf = BytesMut::from(&b[..]);
             while let Ok(Some(_)) = d.decode(&mut buf) {}
