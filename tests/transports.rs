@@ -603,6 +603,55 @@ fn readme_documents_every_flag_and_limit() {
         missing.is_empty(),
         "README.md's configuration reference does not mention: {missing:?}"
     );
+
+    // And each limit's default in the README is the one in `impl Default for Limits`.
+    let defaults = limits
+        .split("impl Default for Limits")
+        .nth(1)
+        .and_then(|s| s.split("\n}").next())
+        .unwrap_or_default();
+    let mut wrong = Vec::new();
+    for line in defaults.lines() {
+        let Some((field, expr)) = line.trim().trim_end_matches(',').split_once(": ") else {
+            continue;
+        };
+        let Some(code) = product(expr) else {
+            continue;
+        };
+        let row = readme
+            .lines()
+            .find(|l| l.starts_with(&format!("| `{field}` |")));
+        let doc = row
+            .and_then(|r| r.split('|').nth(2))
+            .map(str::trim)
+            .unwrap_or_default();
+        if readme_size(doc) != Some(code) {
+            wrong.push(format!("{field}: code {code}, README '{doc}'"));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "README.md's limit defaults are stale: {wrong:?}"
+    );
+}
+
+/// `16 * 1024 * 1024` or `10_000` as a number.
+fn product(expr: &str) -> Option<u64> {
+    expr.split('*')
+        .map(|f| f.trim().replace('_', "").parse::<u64>().ok())
+        .try_fold(1u64, |acc, f| f.and_then(|f| acc.checked_mul(f)))
+}
+
+/// `16 MiB`, `16 KiB` or `10000` as a number.
+fn readme_size(doc: &str) -> Option<u64> {
+    let (n, unit) = doc.split_once(' ').unwrap_or((doc, ""));
+    let n: u64 = n.parse().ok()?;
+    match unit {
+        "" => Some(n),
+        "KiB" => n.checked_mul(1024),
+        "MiB" => n.checked_mul(1024 * 1024),
+        _ => None,
+    }
 }
 
 /// A publisher killed mid-stream over each transport at once (four keys): the gateway closes
