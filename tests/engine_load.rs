@@ -1,7 +1,7 @@
 //! Fan-out load, run by hand: one ffmpeg publisher at about 3 Mb/s, N rtmpdump players, the
 //! engine's CPU (this process) measured from /proc while they play.
 //!
-//! `ENGINE_LOAD_PLAYERS=100 cargo test --release --test engine_load -- --ignored --nocapture`
+//! `ENGINE_LOAD_PLAYERS=100 ENGINE_WRITE_BATCH_MS=40 cargo test --release --test engine_load -- --ignored --nocapture`
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod engine_support;
@@ -44,7 +44,14 @@ fn fan_out_to_n_players() {
         .unwrap();
     assert!(st.success());
     let src_len = std::fs::metadata(&src).unwrap().len();
-    let srv = Server::start(EngineConfig::default());
+    let batch_ms: u64 = std::env::var("ENGINE_WRITE_BATCH_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40);
+    let srv = Server::start(EngineConfig {
+        write_batch: Duration::from_millis(batch_ms),
+        ..EngineConfig::default()
+    });
     let url = srv.url("load");
     let mut players: Vec<Proc> = (0..n)
         .map(|i| {
@@ -75,7 +82,7 @@ fn fan_out_to_n_players() {
         }
     }
     println!(
-        "engine fan-out: {n} players, source {:.2} Mb/s, engine CPU {cpu:.1}% of a core, \
+        "engine fan-out: {n} players, write batch {batch_ms} ms, source {:.2} Mb/s, engine CPU {cpu:.1}% of a core, \
          {complete}/{n} players got >= 97% of the source bytes (smallest {smallest} of {src_len})",
         src_len as f64 * 8.0 / f64::from(secs) / 1e6
     );

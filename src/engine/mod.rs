@@ -38,6 +38,9 @@ pub struct EngineConfig {
     pub peer_bandwidth: u32,
     /// How long a write to a client may make no progress before the client is dropped.
     pub write_timeout: Duration,
+    /// A player writes at most once per this interval, gathering the frames in between into
+    /// one write (zero: write each frame as it comes). Adds at most this much latency.
+    pub write_batch: Duration,
     /// Message streams (createStream) one connection may open.
     pub max_streams_per_connection: u32,
 }
@@ -55,6 +58,7 @@ impl Default for EngineConfig {
             window_ack_size: 5_000_000,
             peer_bandwidth: 5_000_000,
             write_timeout: Duration::from_secs(20),
+            write_batch: Duration::from_millis(40),
             max_streams_per_connection: 16,
         }
     }
