@@ -1,7 +1,7 @@
 //! Fan-out load, run by hand: one ffmpeg publisher at about 3 Mb/s, N rtmpdump players, the
 //! engine's CPU (this process) measured from /proc while they play.
 //!
-//! `ENGINE_LOAD_PLAYERS=100 ENGINE_WRITE_BATCH_MS=40 cargo test --release --test engine_load -- --ignored --nocapture`
+//! `ENGINE_LOAD_PLAYERS=100 ENGINE_WRITE_BATCH_MS=0 cargo test --release --test engine_load -- --ignored --nocapture`
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod engine_support;
@@ -47,7 +47,7 @@ fn fan_out_to_n_players() {
     let batch_ms: u64 = std::env::var("ENGINE_WRITE_BATCH_MS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(40);
+        .unwrap_or(0);
     let srv = Server::start(EngineConfig {
         write_batch: Duration::from_millis(batch_ms),
         ..EngineConfig::default()

@@ -39,7 +39,9 @@ pub struct EngineConfig {
     /// How long a write to a client may make no progress before the client is dropped.
     pub write_timeout: Duration,
     /// A player writes at most once per this interval, gathering the frames in between into
-    /// one write (zero: write each frame as it comes). Adds at most this much latency.
+    /// one write (zero: write each frame as it comes). Adds at most this much latency. Off by
+    /// default: at 100-200 loopback players 40 ms measured no CPU gain (the timer wake costs
+    /// about what the saved writes did).
     pub write_batch: Duration,
     /// Message streams (createStream) one connection may open.
     pub max_streams_per_connection: u32,
@@ -58,7 +60,7 @@ impl Default for EngineConfig {
             window_ack_size: 5_000_000,
             peer_bandwidth: 5_000_000,
             write_timeout: Duration::from_secs(20),
-            write_batch: Duration::from_millis(40),
+            write_batch: Duration::ZERO,
             max_streams_per_connection: 16,
         }
     }

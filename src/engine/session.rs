@@ -219,11 +219,9 @@ impl Session {
         let mut last_flush = Instant::now();
         loop {
             if !self.pending.is_empty() {
-                // A player writes at most once per `write_batch`: on loopback and LANs the
-                // cost is per write (syscall, segment, waking the reader), not per byte, so
-                // gathering the frames of a few milliseconds into one write cuts the server's
-                // CPU several-fold for a few milliseconds of latency.
-                if self.playing.is_some() && self.pending_bytes < BATCH_BYTES {
+                // With `write_batch`, a player writes at most once per interval, so the frames
+                // of a few milliseconds share one write (one syscall, one wake of the reader).
+                if !batch.is_zero() && self.playing.is_some() && self.pending_bytes < BATCH_BYTES {
                     if let Some(due) = last_flush.checked_add(batch) {
                         if due > Instant::now() {
                             tokio::time::sleep_until(due.into()).await;
