@@ -176,21 +176,28 @@ pub fn source_flv(secs: u32) -> PathBuf {
     if let Some((_, p)) = made.iter().find(|(s, _)| *s == secs) {
         return p.clone();
     }
-    let path = std::env::temp_dir().join(format!(
-        "rtmpgate-engine-src-{}-{secs}s.flv",
-        std::process::id()
-    ));
-    let st = Command::new("ffmpeg")
-        .args(["-v", "error", "-y", "-f", "lavfi", "-i"])
-        .arg("testsrc2=size=640x360:rate=30")
-        .args(["-f", "lavfi", "-i", "sine=frequency=440", "-t"])
-        .arg(secs.to_string())
-        .args(["-c:v", "libx264", "-preset", "veryfast", "-g", "30"])
-        .args(["-c:a", "aac", "-f", "flv"])
-        .arg(&path)
-        .status()
-        .expect("ffmpeg must be installed");
-    assert!(st.success(), "making the source FLV failed");
+    // One file per duration shared by every run (the recipe is fixed), written under a
+    // temporary name and renamed, so concurrent runs never read a half-written file and
+    // runs do not pile files up in /tmp.
+    let path = std::env::temp_dir().join(format!("rtmpgate-engine-src-{secs}s.flv"));
+    if !path.is_file() {
+        let tmp = std::env::temp_dir().join(format!(
+            "rtmpgate-engine-src-{secs}s.{}.tmp.flv",
+            std::process::id()
+        ));
+        let st = Command::new("ffmpeg")
+            .args(["-v", "error", "-y", "-f", "lavfi", "-i"])
+            .arg("testsrc2=size=640x360:rate=30")
+            .args(["-f", "lavfi", "-i", "sine=frequency=440", "-t"])
+            .arg(secs.to_string())
+            .args(["-c:v", "libx264", "-preset", "veryfast", "-g", "30"])
+            .args(["-c:a", "aac", "-f", "flv"])
+            .arg(&tmp)
+            .status()
+            .expect("ffmpeg must be installed");
+        assert!(st.success(), "making the source FLV failed");
+        std::fs::rename(&tmp, &path).unwrap();
+    }
     made.push((secs, path.clone()));
     path
 }
