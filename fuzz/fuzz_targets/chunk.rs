@@ -17,6 +17,8 @@ fuzz_target!(|data: &[u8]| {
     let limits = Limits {
         max_partial_bytes: 1 << 20,
         max_message_len: 1 << 20,
+        // The codec itself must handle every chunk size; the default floor of 128 is policy.
+        min_chunk_size: 1,
         ..Limits::default()
     };
     let amf = AmfLimits::from(&limits);
