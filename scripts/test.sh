@@ -2,7 +2,8 @@
 # The project's one test command (README, CI): installs the real peers if missing, then
 # checks formatting, builds, runs clippy with warnings as errors, and runs every unit and
 # integration test. Every step runs even when an earlier one failed (except tests after a
-# failed build), and a summary at the end says which failed. Exit status 0 only if all passed.
+# failed build; every test binary runs even if one fails), and a summary at the end says which
+# steps and tests failed. Exit status 0 only if all passed.
 #
 # Environment:
 #   RTMPGATE_TEST_TIMEOUT  bound on the `cargo test` step, in minutes (default 45)
@@ -43,6 +44,13 @@ run() {
     return $rc
 }
 
+# The test step, its output also kept in target/test-output.log for the summary.
+run_tests() {
+    mkdir -p target
+    timeout --kill-after=30s "${1}m" cargo test --all-targets --no-fail-fast "${extra[@]}" 2>&1 |
+        tee target/test-output.log
+}
+
 skip() {
     names+=("$1")
     times+=(0)
@@ -60,8 +68,7 @@ if [ $build_ok -eq 1 ]; then
         echo "warning: peers are missing; integration tests that need them will fail" >&2
     fi
     minutes=${RTMPGATE_TEST_TIMEOUT:-45}
-    run "cargo test" timeout --kill-after=30s "${minutes}m" \
-        cargo test --all-targets "${extra[@]}"
+    run "cargo test" run_tests "$minutes"
 else
     skip "cargo test" "build failed"
 fi
@@ -72,6 +79,13 @@ for i in "${!names[@]}"; do
     printf '  %-20s %-24s %4ss\n' "${names[$i]}" "${results[$i]}" "${times[$i]}"
     [ "${results[$i]}" = ok ] || failed=1
 done
+if [ -f target/test-output.log ] && [ "${results[${#results[@]}-1]}" != "skipped (build failed)" ]; then
+    # "test result: ok. 19 passed; 0 failed; 1 ignored; ..." once per test binary.
+    awk '/^test result:/ { p += $4; f += $6; i += $8; n++ }
+         END { printf "  tests: %d passed, %d failed, %d ignored, in %d test binaries\n", p, f, i, n }' \
+        target/test-output.log
+    grep -a -E '^test .* \.\.\. FAILED$' target/test-output.log | sed 's/^test /  FAILED: /; s/ \.\.\. FAILED$//'
+fi
 if [ $failed -eq 0 ]; then
     echo "ALL PASSED"
 else
