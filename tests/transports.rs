@@ -1022,3 +1022,36 @@ fn ipv6_listeners_serve_every_transport() {
         assert_contiguous_run(&r.label, &src, &r.frames, 1.0);
     }
 }
+
+/// A plain client reaching a TLS listener through stunnel in client mode (what a user with an
+/// RTMP-only client would do): rtmpdump plays over rtmp into stunnel, which speaks TLS to
+/// rtmpgate's rtmps listener; ffmpeg publishes over rtmp; engine. (rtmpdump's own rtmps
+/// fails its RTMP handshake even against stunnel in front of nginx-rtmp, so it is not used.)
+#[test]
+fn plain_client_through_stunnel_into_the_rtmps_listener() {
+    let p = peers();
+    let gw = start_gateway(&[]);
+    let tls = Stunnel::start(gw.addr("rtmps"), TlsMode::Client);
+    let dir = temp_dir();
+    let src_file = source_flv(SECONDS);
+    let src = framemd5(&src_file);
+    let key = "live/tls-clients";
+    let got = publish_and_play_when(
+        dir.path(),
+        &p.ffmpeg,
+        &format!("{}/{key}", gw.url("rtmp")),
+        &src_file,
+        &[(
+            PlayerKind::Rtmpdump,
+            format!("rtmp://127.0.0.1:{}/{key}", tls.port()),
+        )],
+        || gw.count_log(&format!(": play {key}")) >= 1,
+    );
+    for r in &got {
+        assert_contiguous_run(&r.label, &src, &r.frames, 1.0);
+    }
+    assert!(
+        gw.log_contains("rtmps 127.0.0.1"),
+        "the player did not arrive over rtmps"
+    );
+}
