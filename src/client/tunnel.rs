@@ -24,6 +24,11 @@ const MAX_REPLY_HEAD: usize = 16 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// A lazily polling client (a streaming publisher) still asks this often.
 const LAZY_POLL: Duration = Duration::from_secs(1);
+/// After a `/send`, how long to wait for more outgoing bytes before polling with `/idle`.
+/// The RTMP side usually answers within a millisecond (C2 after S0S1S2, the next command
+/// after a reply), and an idle sent first would be held by the server while those bytes
+/// wait behind it on this one connection.
+const LINGER_AFTER_SEND: Duration = Duration::from_millis(5);
 
 /// One HTTP/1.1 connection carrying the tunnel's requests in turn.
 struct Http {
@@ -157,14 +162,24 @@ async fn pump(
     let mut out = vec![0u8; MAX_SEND];
     let mut seq: u64 = 0;
     let mut last_had_data = true;
+    let mut last_was_send = false;
     loop {
         let mut n = match rd.read(&mut out).now_or_never() {
             Some(Ok(0)) | Some(Err(_)) => break,
             Some(Ok(n)) => n,
             None => 0,
         };
-        if n == 0 && !last_had_data && !hint.eager() {
-            match timeout(LAZY_POLL, rd.read(&mut out)).await {
+        let wait = if n > 0 {
+            None
+        } else if !last_had_data && !hint.eager() {
+            Some(LAZY_POLL)
+        } else if last_was_send {
+            Some(LINGER_AFTER_SEND)
+        } else {
+            None
+        };
+        if let Some(wait) = wait {
+            match timeout(wait, rd.read(&mut out)).await {
                 Ok(Ok(0)) | Ok(Err(_)) => break,
                 Ok(Ok(k)) => n = k,
                 Err(_) => {}
@@ -176,6 +191,7 @@ async fn pump(
             (format!("/idle/{id}/{seq}"), &[0u8][..])
         };
         seq = seq.wrapping_add(1);
+        last_was_send = n > 0;
         let (status, mut reply) = http.post(&path, body).await?;
         if status != 200 {
             // 404: the session ended on the server; the RTMP side sees end of stream.
