@@ -4,11 +4,13 @@
 //! `ENGINE_LOAD_PLAYERS=100 ENGINE_WRITE_BATCH_MS=0 cargo test --release --test engine_load -- --ignored --nocapture`
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
 mod engine_support;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::*;
 use engine_support::*;
 use rtmpgate::engine::EngineConfig;
 
@@ -56,11 +58,11 @@ fn fan_out_to_n_players() {
     let mut players: Vec<Proc> = (0..n)
         .map(|i| {
             let out = dir.path().join(format!("p{i}.flv"));
-            rtmpdump_play(dir.path(), &format!("p{i}"), &url, &out)
+            play_rtmpdump(&url, &out)
         })
         .collect();
     std::thread::sleep(Duration::from_secs(2));
-    let mut publisher = publish(dir.path(), "publisher", &src, &url);
+    let mut publisher = publish(&peers().ffmpeg, &url, &src);
     std::thread::sleep(Duration::from_secs(5));
     let (t0, c0) = (Instant::now(), cpu_ticks());
     std::thread::sleep(Duration::from_secs(10));

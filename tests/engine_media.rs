@@ -2,10 +2,12 @@
 //! the source's, late joiners, key conflicts.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
 mod engine_support;
 
 use std::time::{Duration, Instant};
 
+use common::*;
 use engine_support::*;
 use rtmpgate::engine::EngineConfig;
 
@@ -13,7 +15,7 @@ use rtmpgate::engine::EngineConfig;
 fn three_players_get_one_contiguous_run_of_the_source() {
     let dir = tempfile::tempdir().unwrap();
     let src = source_flv(6);
-    let want = frames(&src);
+    let want = framemd5(&src);
     let srv = Server::start(EngineConfig::default());
     let url = srv.url("three");
     // Players first: they wait for the publisher and must start with its first frames.
@@ -21,52 +23,40 @@ fn three_players_get_one_contiguous_run_of_the_source() {
         .map(|i| dir.path().join(format!("p{i}.flv")))
         .collect();
     let mut players = vec![
-        ffmpeg_play(dir.path(), "ffmpeg-a", &url, &outs[0]),
-        ffmpeg_play(dir.path(), "ffmpeg-b", &url, &outs[1]),
-        rtmpdump_play(dir.path(), "rtmpdump", &url, &outs[2]),
+        play_ffmpeg(&url, &outs[0]),
+        play_ffmpeg(&url, &outs[1]),
+        play_rtmpdump(&url, &outs[2]),
     ];
     std::thread::sleep(Duration::from_millis(1500));
-    let mut publisher = publish(dir.path(), "publisher", &src, &url);
+    let mut publisher = publish(&peers().ffmpeg, &url, &src);
     let st = publisher
         .wait_timeout(Duration::from_secs(30))
         .expect("publisher did not finish in 30 s");
-    assert!(
-        st.success(),
-        "publisher failed: {}",
-        publisher.stderr_text()
-    );
+    assert!(st.success(), "publisher failed: {}", publisher.log());
     for p in &mut players {
         if p.wait_timeout(Duration::from_secs(15)).is_none() {
-            panic!("{} did not stop after the publisher left", p.name);
+            panic!("{} did not stop after the publisher left", p.name());
         }
     }
     for (p, out) in players.iter().zip(&outs) {
-        let got = frames(out);
-        eprintln!(
-            "{}: video {}/{} audio {}/{}",
-            p.name,
-            got.video.len(),
-            want.video.len(),
-            got.audio.len(),
-            want.audio.len()
-        );
-        let v = contiguous_run(&want.video, &got.video)
-            .unwrap_or_else(|e| panic!("{} video: {e}", p.name));
-        let a = contiguous_run(&want.audio, &got.audio)
-            .unwrap_or_else(|e| panic!("{} audio: {e}", p.name));
+        let got = framemd5(out);
+        let (got_video, want_video) = (count_media(&got, "video"), count_media(&want, "video"));
+        let run = contiguous_run(&want, &got).unwrap_or_else(|e| panic!("{}: {e}", p.name()));
+        eprintln!("{}: {run}", p.name());
+        let v = run.start("video").unwrap_or_default();
+        let a = run.start("audio").unwrap_or_default();
         assert_eq!(
-            v, 0,
+            v,
+            0,
             "{} joined before the publisher but missed video",
-            p.name
+            p.name()
         );
-        assert!(a <= 2, "{} missed the first {a} audio frames", p.name);
+        assert!(a <= 2, "{} missed the first {a} audio frames", p.name());
         // ffmpeg stops at UnpublishNotify and drops what it buffered (~93% on nginx-rtmp).
         assert!(
-            got.video.len() * 100 >= want.video.len() * 85,
-            "{} got only {} of {} video frames",
-            p.name,
-            got.video.len(),
-            want.video.len()
+            got_video * 100 >= want_video * 85,
+            "{} got only {got_video} of {want_video} video frames",
+            p.name()
         );
     }
 }
@@ -75,22 +65,25 @@ fn three_players_get_one_contiguous_run_of_the_source() {
 fn late_player_starts_on_a_keyframe_and_decodes_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let src = source_flv(8);
-    let want = frames(&src);
+    let want = framemd5(&src);
     let srv = Server::start(EngineConfig::default());
     let url = srv.url("late");
-    let mut publisher = publish(dir.path(), "publisher", &src, &url);
+    let mut publisher = publish(&peers().ffmpeg, &url, &src);
     std::thread::sleep(Duration::from_millis(3500));
     let out = dir.path().join("late.flv");
     let started = Instant::now();
-    let mut player = ffmpeg_play(dir.path(), "late-ffmpeg", &url, &out);
+    let mut player = play_ffmpeg(&url, &out);
     assert!(publisher.wait_timeout(Duration::from_secs(30)).is_some());
     assert!(
         player.wait_timeout(Duration::from_secs(15)).is_some(),
         "late player did not stop"
     );
     eprintln!("late player ran {:?}", started.elapsed());
-    let got = frames(&out);
-    let v = contiguous_run(&want.video, &got.video).unwrap();
+    let got = framemd5(&out);
+    let v = contiguous_run(&want, &got)
+        .unwrap()
+        .start("video")
+        .unwrap_or_default();
     assert!(v > 0, "late player should start mid-stream");
     // The cache starts on a keyframe: the source has one every 30 frames.
     assert_eq!(
@@ -126,32 +119,29 @@ fn late_player_starts_on_a_keyframe_and_decodes_cleanly() {
 fn second_publisher_on_a_key_gets_badname_and_the_first_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let src = source_flv(6);
-    let want = frames(&src);
+    let want = framemd5(&src);
     let srv = Server::start(EngineConfig::default());
     let url = srv.url("twice");
     let out = dir.path().join("p.flv");
-    let mut player = rtmpdump_play(dir.path(), "rtmpdump", &url, &out);
+    let mut player = play_rtmpdump(&url, &out);
     std::thread::sleep(Duration::from_millis(1000));
-    let mut first = publish(dir.path(), "first", &src, &url);
+    let mut first = publish(&peers().ffmpeg, &url, &src);
     std::thread::sleep(Duration::from_millis(2000));
-    let mut second = publish(dir.path(), "second", &src, &url);
+    let mut second = publish(&peers().ffmpeg, &url, &src);
     let st = second
         .wait_timeout(Duration::from_secs(15))
         .expect("second publisher was not refused");
     assert!(!st.success(), "second publisher should fail");
-    let err = second.stderr_text();
+    let err = second.log();
     assert!(
         err.contains("already being published"),
         "second publisher stderr: {err}"
     );
     let st = first.wait_timeout(Duration::from_secs(30)).unwrap();
-    assert!(
-        st.success(),
-        "first publisher failed: {}",
-        first.stderr_text()
-    );
+    assert!(st.success(), "first publisher failed: {}", first.log());
     assert!(player.wait_timeout(Duration::from_secs(15)).is_some());
-    let got = frames(&out);
-    assert_eq!(contiguous_run(&want.video, &got.video).unwrap(), 0);
-    assert!(got.video.len() * 100 >= want.video.len() * 85);
+    let got = framemd5(&out);
+    let run = contiguous_run(&want, &got).unwrap();
+    assert_eq!(run.start("video"), Some(0));
+    assert!(count_media(&got, "video") * 100 >= count_media(&want, "video") * 85);
 }

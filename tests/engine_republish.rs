@@ -3,12 +3,14 @@
 //! continue after what it already had.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
 mod engine_support;
 
 use std::io::Read;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use common::*;
 use engine_support::*;
 use rtmpgate::engine::EngineConfig;
 use rtmpgate::limits::Limits;
@@ -34,7 +36,6 @@ fn status_code(msg: &Message) -> Option<String> {
 
 #[test]
 fn a_waiting_player_continues_across_a_republish() {
-    let dir = tempfile::tempdir().unwrap();
     let src = source_flv(3);
     let srv = Server::start(EngineConfig::default());
     let url = srv.url("again");
@@ -80,7 +81,7 @@ fn a_waiting_player_continues_across_a_republish() {
         &has("NetStream.Play.Start"),
         Duration::from_secs(5),
     );
-    let mut first = publish(dir.path(), "first", &src, &url);
+    let mut first = publish(&peers().ffmpeg, &url, &src);
     read_until(
         &mut seen,
         &has("NetStream.Play.UnpublishNotify"),
@@ -104,7 +105,7 @@ fn a_waiting_player_continues_across_a_republish() {
         .max()
         .expect("media from the first publisher");
     let before = seen.len();
-    let mut second = publish(dir.path(), "second", &src, &url);
+    let mut second = publish(&peers().ffmpeg, &url, &src);
     read_until(
         &mut seen,
         &|s| {

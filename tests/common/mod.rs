@@ -590,6 +590,24 @@ impl GatewayBuilder {
         self
     }
 
+    /// An rtmp and an rtmps listener on ports bound to 0 (each also serves its tunnel
+    /// sibling), with the harness's dev certificate.
+    pub fn rtmp_and_rtmps(self) -> Self {
+        let c = dev_certs();
+        let chain = c.chain.display().to_string();
+        let key = c.key.display().to_string();
+        self.args(&[
+            "--listen",
+            "rtmp://127.0.0.1:0",
+            "--listen",
+            "rtmps://127.0.0.1:0",
+            "--tls-cert",
+            &chain,
+            "--tls-key",
+            &key,
+        ])
+    }
+
     /// A TOML config file with this text, passed as `--config FILE` (flags still win).
     pub fn config(mut self, toml: &str) -> Self {
         self.config = Some(toml.to_string());
@@ -1400,6 +1418,18 @@ impl std::fmt::Display for RunReport {
         }
         Ok(())
     }
+}
+
+impl RunReport {
+    /// The index in the source where the received `media` ("video", "audio") packets start.
+    pub fn start(&self, media: &str) -> Option<usize> {
+        self.streams.get(media).map(|s| s.2)
+    }
+}
+
+/// How many of `frames` are `media` ("video", "audio") packets.
+pub fn count_media(frames: &[Frame], media: &str) -> usize {
+    frames.iter().filter(|f| f.media == media).count()
 }
 
 /// Asserts that, for each stream, the received packets are one contiguous run of the source's

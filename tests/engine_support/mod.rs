@@ -1,11 +1,10 @@
-//! Shared harness for the engine tests: an engine on a port bound to 0, real client
-//! processes that are always killed (Drop guard), bounded waits and frame-by-frame comparison.
+//! Engine-only pieces of the engine tests: the engine in-process on a port bound to 0 (alone or
+//! behind the real front door), its log lines, and raw RTMP clients. Peers, processes, media and
+//! frame comparison come from tests/common, which every engine test also includes.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -114,198 +113,6 @@ impl Drop for Server {
     }
 }
 
-/// A child process that is killed and reaped when dropped, whatever happens in the test.
-pub struct Proc {
-    pub name: String,
-    child: Child,
-    pub stderr: PathBuf,
-}
-
-impl Proc {
-    pub fn spawn(name: &str, dir: &Path, cmd: &mut Command) -> Proc {
-        let stderr = dir.join(format!("{name}.stderr"));
-        let f = std::fs::File::create(&stderr).unwrap();
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(f)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Proc {
-            name: name.to_owned(),
-            child,
-            stderr,
-        }
-    }
-
-    /// Wait for the process to end, at most `limit`; None if it is still running.
-    pub fn wait_timeout(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let end = Instant::now() + limit;
-        loop {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                return Some(st);
-            }
-            if Instant::now() >= end {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    pub fn stderr_text(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// A 640x360 H.264 + AAC FLV of `secs` seconds, keyframe every second, made once per binary.
-pub fn source_flv(secs: u32) -> PathBuf {
-    static SRC: OnceLock<Mutex<Vec<(u32, PathBuf)>>> = OnceLock::new();
-    let m = SRC.get_or_init(|| Mutex::new(Vec::new()));
-    let mut made = m.lock().unwrap();
-    if let Some((_, p)) = made.iter().find(|(s, _)| *s == secs) {
-        return p.clone();
-    }
-    // One file per duration shared by every run (the recipe is fixed), written under a
-    // temporary name and renamed, so concurrent runs never read a half-written file and
-    // runs do not pile files up in /tmp.
-    let path = std::env::temp_dir().join(format!("rtmpgate-engine-src-{secs}s.flv"));
-    if !path.is_file() {
-        let tmp = std::env::temp_dir().join(format!(
-            "rtmpgate-engine-src-{secs}s.{}.tmp.flv",
-            std::process::id()
-        ));
-        let st = Command::new("ffmpeg")
-            .args(["-v", "error", "-y", "-f", "lavfi", "-i"])
-            .arg("testsrc2=size=640x360:rate=30")
-            .args(["-f", "lavfi", "-i", "sine=frequency=440", "-t"])
-            .arg(secs.to_string())
-            .args(["-c:v", "libx264", "-preset", "veryfast", "-g", "30"])
-            .args(["-c:a", "aac", "-f", "flv"])
-            .arg(&tmp)
-            .status()
-            .expect("ffmpeg must be installed");
-        assert!(st.success(), "making the source FLV failed");
-        std::fs::rename(&tmp, &path).unwrap();
-    }
-    made.push((secs, path.clone()));
-    path
-}
-
-/// ffmpeg publishing `src` in real time to `url`.
-pub fn publish(dir: &Path, name: &str, src: &Path, url: &str) -> Proc {
-    Proc::spawn(
-        name,
-        dir,
-        Command::new("ffmpeg")
-            .args(["-v", "info", "-nostdin", "-re", "-i"])
-            .arg(src)
-            .args(["-c", "copy", "-f", "flv"])
-            .arg(url),
-    )
-}
-
-/// ffmpeg playing `url` into `out` (FLV, streams copied).
-pub fn ffmpeg_play(dir: &Path, name: &str, url: &str, out: &Path) -> Proc {
-    Proc::spawn(
-        name,
-        dir,
-        Command::new("ffmpeg")
-            .args(["-v", "info", "-nostdin", "-y", "-i"])
-            .arg(url)
-            .args(["-c", "copy", "-f", "flv"])
-            .arg(out),
-    )
-}
-
-/// rtmpdump playing live `url` into `out`.
-pub fn rtmpdump_play(dir: &Path, name: &str, url: &str, out: &Path) -> Proc {
-    Proc::spawn(
-        name,
-        dir,
-        Command::new("rtmpdump")
-            .args(["-v", "-r"])
-            .arg(url)
-            .arg("-o")
-            .arg(out),
-    )
-}
-
-/// Payload hashes per media type, in order, from `ffmpeg -f framemd5`.
-#[derive(Debug, Default)]
-pub struct Frames {
-    pub video: Vec<String>,
-    pub audio: Vec<String>,
-}
-
-pub fn frames(path: &Path) -> Frames {
-    let out = Command::new("ffmpeg")
-        .args(["-v", "error", "-i"])
-        .arg(path)
-        .args(["-c", "copy", "-f", "framemd5", "-"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut kinds = std::collections::HashMap::new();
-    let mut f = Frames::default();
-    for line in text.lines() {
-        if let Some(rest) = line.strip_prefix("#media_type ") {
-            if let Some((idx, kind)) = rest.split_once(": ") {
-                kinds.insert(idx.trim().to_owned(), kind.trim().to_owned());
-            }
-            continue;
-        }
-        if line.starts_with('#') {
-            continue;
-        }
-        let cols: Vec<&str> = line.split(',').map(str::trim).collect();
-        if cols.len() < 6 {
-            continue;
-        }
-        let hash = cols[5].to_owned();
-        match kinds.get(cols[0]).map(String::as_str) {
-            Some("video") => f.video.push(hash),
-            Some("audio") => f.audio.push(hash),
-            _ => {}
-        }
-    }
-    f
-}
-
-/// Where `got` sits inside `src` as one contiguous run (its last packet may be cut short).
-pub fn contiguous_run(src: &[String], got: &[String]) -> Result<usize, String> {
-    if got.is_empty() {
-        return Err("no frames received".into());
-    }
-    let check = &got[..got.len() - 1];
-    if check.is_empty() {
-        return Ok(0);
-    }
-    for start in 0..src.len() {
-        if src[start] != check[0] {
-            continue;
-        }
-        if src.len() - start >= check.len() && src[start..start + check.len()] == *check {
-            return Ok(start);
-        }
-    }
-    Err(format!(
-        "the {} received frames are not one contiguous run of the {} source frames",
-        got.len(),
-        src.len()
-    ))
-}
-
 /// AMF0 by hand, so the raw client below depends on nothing but the handshake.
 pub fn amf_str(out: &mut Vec<u8>, s: &str) {
     out.push(0x02);
@@ -373,16 +180,6 @@ pub fn stalled_player(addr: SocketAddr, app: &str, key: &str) -> std::net::TcpSt
     bytes.extend(chunk_message(8, 20, 1, &play));
     tcp.write_all(&bytes).unwrap();
     tcp
-}
-
-/// Resident memory of this process, in KiB.
-pub fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 /// The engine behind the real front door: one listener per scheme given, on ports bound to 0.
