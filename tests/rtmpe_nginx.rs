@@ -4,13 +4,14 @@
 //! to nginx); rtmpdump 2.4 and the static ffmpeg 9 play over rtmpe:// through it. A second
 //! test puts `handshake::server_reply` in front of clients and `ClientHandshake` in front of
 //! nginx. Received media is compared frame by frame (video packet hashes from
-//! `ffmpeg -f framemd5`) with the source. A test passes with a note when a peer binary is
-//! missing, and fails on anything else. `RTMPE_TEST_KEEP=DIR` keeps logs and recordings.
+//! `ffmpeg -f framemd5`) with the source. Peers, nginx, processes and the frame comparison come
+//! from tests/common (a missing peer fails the test). `RTMPE_TEST_KEEP=DIR` keeps recordings.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,123 +26,36 @@ use rtmpgate::stream::{ClientStream, Prefixed, StreamHandler, Transport};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-const NGINX: &str = "/usr/sbin/nginx";
-const RTMP_MODULE: &str = "/usr/lib/nginx/modules/ngx_rtmp_module.so";
-const RTMPDUMP: &str = "/usr/bin/rtmpdump";
-const FFMPEG: &str = "/usr/bin/ffmpeg";
-const FFMPEG9: &str = "/opt/imageio-venv/lib/python3.11/site-packages/imageio_ffmpeg/binaries/ffmpeg-linux-x86_64-v9.0.2";
+use common::*;
 
-/// Children killed (by their own pid) when the test ends, however it ends.
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Procs {
-    fn spawn(&mut self, name: &str, dir: &Path, prog: &str, args: &[&str]) -> usize {
-        let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-        let child = Command::new(prog)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {prog}: {e}"));
-        self.0.push(child);
-        self.0.len() - 1
-    }
-
-    /// Wait for child `i` until `deadline`, then kill it. Its exit status if it ended alone.
-    fn wait(&mut self, i: usize, deadline: Instant) -> Option<std::process::ExitStatus> {
-        let c = &mut self.0[i];
-        loop {
-            if let Some(st) = c.try_wait().unwrap() {
-                return Some(st);
-            }
-            if Instant::now() >= deadline {
-                let _ = c.kill();
-                let _ = c.wait();
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-/// A source file, nginx-rtmp on a port of its own, and the processes to clean up.
+/// A source file, nginx-rtmp, and the processes to clean up.
 struct Bench {
-    _tmp: tempfile::TempDir,
+    _tmp: TempDir,
     dir: PathBuf,
-    procs: Procs,
+    procs: Vec<Proc>,
     src: PathBuf,
-    src_hashes: Vec<String>,
-    nginx_port: u16,
+    src_video: Vec<Frame>,
+    nginx: Nginx,
 }
 
 impl Bench {
     fn start(name: &str) -> Bench {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = temp_dir();
         let dir = match std::env::var_os("RTMPE_TEST_KEEP") {
             Some(k) => PathBuf::from(k).join(name),
             None => tmp.path().to_path_buf(),
         };
         std::fs::create_dir_all(&dir).unwrap();
-        let mut procs = Procs(Vec::new());
-
-        // 8 s of H.264 + AAC.
-        let src = dir.join("src.flv");
-        let st = Command::new(FFMPEG)
-            .args(["-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i"])
-            .arg("testsrc2=size=320x240:rate=25")
-            .args(["-f", "lavfi", "-i", "sine", "-t", "8", "-c:v", "libx264"])
-            .args([
-                "-preset",
-                "ultrafast",
-                "-g",
-                "25",
-                "-c:a",
-                "aac",
-                "-f",
-                "flv",
-            ])
-            .arg(&src)
-            .status()
-            .unwrap();
-        assert!(st.success(), "making the source failed");
-        let src_hashes = video_hashes(&src);
-        assert!(src_hashes.len() > 150);
-
-        // One process (no master/worker pair), so killing it leaves nothing behind.
-        let nginx_port = free_port();
-        let d = dir.display();
-        std::fs::write(
-            dir.join("nginx.conf"),
-            format!(
-                "load_module {RTMP_MODULE};\n\
-                 master_process off; worker_processes 1; daemon off; error_log {d}/error.log warn; pid {d}/nginx.pid;\n\
-                 events {{ worker_connections 256; }}\n\
-                 rtmp {{ server {{ listen 127.0.0.1:{nginx_port}; chunk_size 4096;\n\
-                 application live {{ live on; record off; }} }} }}\n"
-            ),
-        )
-        .unwrap();
-        let dstr = dir.to_str().unwrap().to_string();
-        let conf = format!("{dstr}/nginx.conf");
-        procs.spawn("nginx", &dir, NGINX, &["-c", &conf, "-p", &dstr]);
-        wait_for_port(nginx_port);
+        let src = source_flv(8);
+        let src_video = video_frames(&src);
+        assert!(src_video.len() > 150);
         Bench {
             _tmp: tmp,
             dir,
-            procs,
+            procs: Vec::new(),
             src,
-            src_hashes,
-            nginx_port,
+            src_video,
+            nginx: Nginx::start(),
         }
     }
 
@@ -151,38 +65,19 @@ impl Bench {
 
     fn rtmpdump(&mut self, name: &str, url: &str) -> (String, usize, PathBuf) {
         let out = self.out(name);
-        let i = self.procs.spawn(
-            name,
-            &self.dir.clone(),
-            RTMPDUMP,
-            &["-v", "-m", "20", "-r", url, "-o", out.to_str().unwrap()],
-        );
-        (name.to_string(), i, out)
+        self.procs.push(play_rtmpdump(url, &out));
+        (name.to_string(), self.procs.len() - 1, out)
     }
 
-    fn ffplay(&mut self, name: &str, ffmpeg: &str, url: &str) -> (String, usize, PathBuf) {
+    fn ffplay(&mut self, name: &str, ffmpeg: &Path, url: &str) -> (String, usize, PathBuf) {
         let out = self.out(name);
-        let args = ["-hide_banner", "-y", "-rw_timeout", "20000000", "-i", url];
-        let mut args: Vec<&str> = args.to_vec();
-        args.extend(["-c", "copy", "-f", "flv", out.to_str().unwrap()]);
-        let i = self.procs.spawn(name, &self.dir.clone(), ffmpeg, &args);
-        (name.to_string(), i, out)
+        self.procs.push(play_ffmpeg_with(ffmpeg, url, &out));
+        (name.to_string(), self.procs.len() - 1, out)
     }
 
-    fn publish(&mut self, name: &str, ffmpeg: &str, url: &str) -> usize {
-        let src = self.src.to_str().unwrap().to_string();
-        let args = [
-            "-hide_banner",
-            "-re",
-            "-i",
-            &src,
-            "-c",
-            "copy",
-            "-f",
-            "flv",
-            url,
-        ];
-        self.procs.spawn(name, &self.dir.clone(), ffmpeg, &args)
+    fn publish(&mut self, ffmpeg: &Path, url: &str) -> usize {
+        self.procs.push(publish(ffmpeg, url, &self.src));
+        self.procs.len() - 1
     }
 
     /// Wait for the publishers (they must succeed unless listed in `may_fail`), then give
@@ -196,7 +91,9 @@ impl Bench {
             let mut bench = self;
             let deadline = Instant::now() + Duration::from_secs(40);
             for (i, must_succeed) in publishers {
-                let st = bench.procs.wait(i, deadline);
+                let p = &mut bench.procs[i];
+                p.wait_or_kill(deadline.saturating_duration_since(Instant::now()));
+                let st = p.try_status();
                 if must_succeed {
                     assert!(
                         st.is_some_and(|s| s.success()),
@@ -207,11 +104,13 @@ impl Bench {
             // Live players end when the publisher leaves, or are stopped here.
             let drain = Instant::now() + Duration::from_secs(4);
             for (name, i, _) in &players {
-                println!("{name}: exit {:?}", bench.procs.wait(*i, drain));
+                let p = &mut bench.procs[*i];
+                let alone = p.wait_or_kill(drain.saturating_duration_since(Instant::now()));
+                println!("{name}: exit {:?} (ended alone: {alone})", p.try_status());
             }
             for (name, _, out) in &players {
                 // Baselines from PEERS.md: ffmpeg players lose ~7% at the end.
-                check_frames(name, &bench.src_hashes, &video_hashes(out), 0.7);
+                check_frames(name, &bench.src_video, &video_frames(out), 0.7);
             }
             bench
         })
@@ -221,73 +120,17 @@ impl Bench {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_for_port(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nginx did not listen on {port}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Video packet hashes of an FLV, in order.
-fn video_hashes(flv: &Path) -> Vec<String> {
-    let out = Command::new(FFMPEG)
-        .args(["-hide_banner", "-loglevel", "error", "-i"])
-        .arg(flv)
-        .args(["-c", "copy", "-f", "framemd5", "-"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let video: Vec<String> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("#media_type "))
-        .filter(|l| l.ends_with(": video"))
-        .filter_map(|l| l.split(':').next().map(|s| s.trim().to_string()))
-        .collect();
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(',').map(str::trim).collect();
-            (f.len() == 6 && video.iter().any(|v| v == f[0])).then(|| f[5].to_string())
-        })
+/// The video packets of an FLV, in order (the checks here are on video).
+fn video_frames(flv: &Path) -> Vec<Frame> {
+    framemd5(flv)
+        .into_iter()
+        .filter(|f| f.media == "video")
         .collect()
 }
 
 /// Received video must be one contiguous run of the source's (the last packet may be cut).
-fn check_frames(name: &str, src: &[String], got: &[String], min_fraction: f64) {
-    assert!(!got.is_empty(), "{name}: no video received");
-    let start = src
-        .iter()
-        .position(|h| *h == got[0])
-        .unwrap_or_else(|| panic!("{name}: first received frame is not in the source"));
-    let usable = got.len().saturating_sub(1).max(1);
-    for (i, h) in got[..usable].iter().enumerate() {
-        assert_eq!(
-            Some(h),
-            src.get(start + i),
-            "{name}: frame {i} differs from the source's frame {}",
-            start + i
-        );
-    }
-    println!(
-        "{name}: {} of {} source video frames, contiguous from {start}",
-        got.len(),
-        src.len()
-    );
-    let fraction = got.len() as f64 / src.len() as f64;
-    assert!(
-        fraction >= min_fraction,
-        "{name}: only {:.0}% of the frames arrived",
-        fraction * 100.0
-    );
+fn check_frames(name: &str, src: &[Frame], got: &[Frame], min_fraction: f64) {
+    assert_contiguous_run(name, src, got, min_fraction);
 }
 
 /// The gateway under test: a first byte of 6/8/9 goes through the RTMPE door, anything else
@@ -474,34 +317,10 @@ async fn bridge(listener: TcpListener, backend: u16, kinds: Arc<Mutex<Vec<Handsh
     }
 }
 
-fn peers_missing() -> bool {
-    if let Some(p) = [NGINX, RTMP_MODULE, RTMPDUMP, FFMPEG]
-        .iter()
-        .find(|p| !Path::new(p).exists())
-    {
-        println!(
-            "SKIP: {p} is not installed (apt-get install nginx libnginx-mod-rtmp rtmpdump ffmpeg)"
-        );
-        return true;
-    }
-    false
-}
-
-fn have_ffmpeg9() -> bool {
-    let have = Path::new(FFMPEG9).exists();
-    if !have {
-        println!("note: {FFMPEG9} absent (pip install imageio-ffmpeg); its cases are skipped");
-    }
-    have
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rtmpe_clients_through_door_to_nginx() {
-    if peers_missing() {
-        return;
-    }
-    let have_ff9 = have_ffmpeg9();
     let mut bench = Bench::start("rtmpe");
+    let ff9 = &peers().static_ffmpeg;
 
     // One gateway listener per S0 policy: recommended (6 for 6), and 8 and 9 forced so the
     // clients check our XTEA and Blowfish signatures.
@@ -514,7 +333,7 @@ async fn rtmpe_clients_through_door_to_nginx() {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let seen = Arc::new(AtomicUsize::new(0));
-        tokio::spawn(gateway(l, bench.nginx_port, policy, seen.clone()));
+        tokio::spawn(gateway(l, bench.nginx.port(), policy, seen.clone()));
         gw.push((name, addr, seen));
     }
 
@@ -542,61 +361,50 @@ async fn rtmpe_clients_through_door_to_nginx() {
     for (name, addr, _) in &gw {
         let url = format!("rtmpe://{addr}/live/a");
         players.push(bench.rtmpdump(&format!("rtmpdump_rtmpe_{name}"), &url));
-        if have_ff9 {
-            players.push(bench.ffplay(&format!("ffmpeg9_rtmpe_{name}"), FFMPEG9, &url));
-        }
+        players.push(bench.ffplay(&format!("ffmpeg9_rtmpe_{name}"), ff9, &url));
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let plain = format!("rtmp://127.0.0.1:{}/live/a", bench.nginx_port);
-    let mut publishers = vec![(bench.publish("publish_plain", FFMPEG, &plain), true)];
-    if have_ff9 {
-        let url = format!("rtmpe://{sink_gw_addr}/live/b");
-        publishers.push((bench.publish("publish_ffmpeg9_rtmpe", FFMPEG9, &url), true));
-    }
+    let plain = format!("rtmp://127.0.0.1:{}/live/a", bench.nginx.port());
+    let sink_url = format!("rtmpe://{sink_gw_addr}/live/b");
+    let publishers = vec![
+        (bench.publish(&peers().ffmpeg, &plain), true),
+        (bench.publish(ff9, &sink_url), true),
+    ];
     let bench = bench.finish(publishers, players).await;
 
-    if have_ff9 {
-        sink_task.await.unwrap();
-        assert_eq!(sink_seen.load(Ordering::SeqCst), 1);
-        assert_eq!(sink_connects.load(Ordering::SeqCst), 1);
-        check_frames(
-            "ffmpeg 9 rtmpe publish (to a sink)",
-            &bench.src_hashes,
-            &video_hashes(&sink_flv),
-            0.95,
-        );
-    }
+    sink_task.await.unwrap();
+    assert_eq!(sink_seen.load(Ordering::SeqCst), 1);
+    assert_eq!(sink_connects.load(Ordering::SeqCst), 1);
+    check_frames(
+        "ffmpeg 9 rtmpe publish (to a sink)",
+        &bench.src_video,
+        &video_frames(&sink_flv),
+        0.95,
+    );
     for (name, _, seen) in &gw {
         let n = seen.load(Ordering::SeqCst);
-        let want = if have_ff9 { 2 } else { 1 };
         println!("gateway {name}: {n} rtmpe handshakes");
-        assert_eq!(n, want, "gateway {name}: rtmpe handshakes");
+        assert_eq!(n, 2, "gateway {name}: rtmpe handshakes");
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn digest_handshake_both_sides_with_real_peers() {
-    if peers_missing() {
-        return;
-    }
-    let have_ff9 = have_ffmpeg9();
     let mut bench = Bench::start("digest");
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let kinds = Arc::new(Mutex::new(Vec::new()));
-    tokio::spawn(bridge(l, bench.nginx_port, kinds.clone()));
+    tokio::spawn(bridge(l, bench.nginx.port(), kinds.clone()));
 
     let url = format!("rtmp://{addr}/live/a");
-    let mut players = vec![
+    let players = vec![
         bench.rtmpdump("rtmpdump_plain", &url),
         // ffmpeg checks our S1 digest and S2 signature when playing (S1 version >= 3).
-        bench.ffplay("ffmpeg5_plain", FFMPEG, &url),
+        bench.ffplay("ffmpeg5_plain", &peers().ffmpeg, &url),
+        bench.ffplay("ffmpeg9_plain", &peers().static_ffmpeg, &url),
     ];
-    if have_ff9 {
-        players.push(bench.ffplay("ffmpeg9_plain", FFMPEG9, &url));
-    }
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let publishers = vec![(bench.publish("publish_via_bridge", FFMPEG, &url), true)];
+    let publishers = vec![(bench.publish(&peers().ffmpeg, &url), true)];
     let _bench = bench.finish(publishers, players).await;
 
     let kinds = kinds.lock().unwrap().clone();
@@ -607,7 +415,7 @@ async fn digest_handshake_both_sides_with_real_peers() {
         .count();
     // ffmpeg (both builds, play and publish) signs C1; rtmpdump without SWF verification
     // does the simple handshake.
-    assert_eq!(digest, if have_ff9 { 3 } else { 2 }, "{kinds:?}");
+    assert_eq!(digest, 3, "{kinds:?}");
     assert!(kinds.contains(&HandshakeKind::Simple), "{kinds:?}");
 }
 
@@ -645,15 +453,11 @@ fn tunnel_handler(backend: u16, seen: Arc<Mutex<Vec<Transport>>>) -> StreamHandl
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rtmpte_clients_through_tunnel_and_door_to_nginx() {
-    if peers_missing() {
-        return;
-    }
-    let have_ff9 = have_ffmpeg9();
     let mut bench = Bench::start("rtmpte");
     let seen = Arc::new(Mutex::new(Vec::new()));
     let tunnel = Tunnel::new(
         Arc::new(Limits::default()),
-        tunnel_handler(bench.nginx_port, seen.clone()),
+        tunnel_handler(bench.nginx.port(), seen.clone()),
     );
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -688,36 +492,32 @@ async fn rtmpte_clients_through_tunnel_and_door_to_nginx() {
     });
 
     let url = format!("rtmpte://{addr}/live/a");
-    let mut players = vec![bench.rtmpdump("rtmpdump_rtmpte", &url)];
-    if have_ff9 {
-        players.push(bench.ffplay("ffmpeg9_rtmpte", FFMPEG9, &url));
-    }
+    let players = vec![
+        bench.rtmpdump("rtmpdump_rtmpte", &url),
+        bench.ffplay("ffmpeg9_rtmpte", &peers().static_ffmpeg, &url),
+    ];
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let plain = format!("rtmp://127.0.0.1:{}/live/a", bench.nginx_port);
-    let mut publishers = vec![(bench.publish("publish_plain", FFMPEG, &plain), true)];
-    if have_ff9 {
-        let url = format!("rtmpte://{sink_addr}/live/b");
-        publishers.push((bench.publish("publish_ffmpeg9_rtmpte", FFMPEG9, &url), true));
-    }
+    let plain = format!("rtmp://127.0.0.1:{}/live/a", bench.nginx.port());
+    let sink_url = format!("rtmpte://{sink_addr}/live/b");
+    let publishers = vec![
+        (bench.publish(&peers().ffmpeg, &plain), true),
+        (bench.publish(&peers().static_ffmpeg, &sink_url), true),
+    ];
     let bench = bench.finish(publishers, players).await;
     tunnel.shutdown();
-    if have_ff9 {
-        sink_task.await.unwrap();
-        sink_tunnel.shutdown();
-        assert_eq!(sink_connects.load(Ordering::SeqCst), 1);
-        check_frames(
-            "ffmpeg 9 rtmpte publish (to a sink)",
-            &bench.src_hashes,
-            &video_hashes(&sink_flv),
-            0.95,
-        );
-    } else {
-        sink_task.abort();
-    }
+    sink_task.await.unwrap();
+    sink_tunnel.shutdown();
+    assert_eq!(sink_connects.load(Ordering::SeqCst), 1);
+    check_frames(
+        "ffmpeg 9 rtmpte publish (to a sink)",
+        &bench.src_video,
+        &video_frames(&sink_flv),
+        0.95,
+    );
 
     let seen = seen.lock().unwrap().clone();
     println!("tunnel sessions: {seen:?}");
-    let want = if have_ff9 { 3 } else { 1 };
+    let want = 3;
     assert_eq!(
         seen.iter().filter(|t| **t == Transport::Rtmpte).count(),
         want,
