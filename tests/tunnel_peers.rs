@@ -1,33 +1,32 @@
 //! The RTMPT tunnel against real clients and a real backend: ffmpeg publishes and plays,
 //! rtmpdump plays, curl walks a session, all through `Tunnel` in front of nginx-rtmp.
-//! Frames are compared with `ffmpeg -f framemd5`. Skipped when a peer is not installed.
+//! Frames are compared with `ffmpeg -f framemd5`. A missing peer fails the test (tests/common).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
 mod tunnel_support;
 
 use std::time::{Duration, Instant};
 
 use rtmpgate::limits::Limits;
+use common::{framemd5, free_port, source_flv, Nginx};
 use tokio::process::Command;
 use tunnel_support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ffmpeg_publishes_and_ffmpeg_and_rtmpdump_play_over_rtmpt() {
-    if !have(&["nginx", "ffmpeg", "rtmpdump"]) {
-        return;
-    }
     let _turn = serial().await;
     init_log();
     let dir = tempfile::tempdir().unwrap();
-    let src = make_source(dir.path(), 6).await;
-    let nginx = Nginx::start().await;
+    let src = source_flv(6);
+    let nginx = Nginx::start();
     // Players do not leave by themselves after the unpublish notice (not even straight to
     // nginx), and killed clients never send /close: a short reap clears them.
     let limits = Limits {
         tunnel_reap_secs: 3,
         ..Limits::default()
     };
-    let gw = Gateway::start(nginx.port, limits).await;
+    let gw = Gateway::start(nginx.port(), limits).await;
     let url = gw.url("x");
 
     let ff_out = dir.path().join("ffplay.flv");
@@ -75,14 +74,14 @@ async fn ffmpeg_publishes_and_ffmpeg_and_rtmpdump_play_over_rtmpt() {
     interrupt(ffmpeg_player, Duration::from_secs(5)).await;
     finish(rtmpdump, Duration::from_secs(0)).await;
 
-    let src_frames = frames(&src).await;
-    let (n, of) = check_contiguous(&src_frames, &frames(&ff_out).await, "ffmpeg player");
+    let src_frames = framemd5(&src);
+    let (n, of) = check_contiguous(&src_frames, &framemd5(&ff_out), "ffmpeg player");
     println!("ffmpeg player over rtmpt: {n} of {of} video packets, contiguous");
     assert!(
         n * 100 >= of * 70,
         "ffmpeg player got too few packets: {n} of {of}"
     );
-    let (n, of) = check_contiguous(&src_frames, &frames(&rd_out).await, "rtmpdump");
+    let (n, of) = check_contiguous(&src_frames, &framemd5(&rd_out), "rtmpdump");
     println!("rtmpdump over rtmpt: {n} of {of} video packets, contiguous");
     assert!(
         n * 100 >= of * 80,
@@ -95,13 +94,10 @@ async fn ffmpeg_publishes_and_ffmpeg_and_rtmpdump_play_over_rtmpt() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_walkthrough_completes_a_handshake() {
-    if !have(&["nginx", "curl"]) {
-        return;
-    }
     let _turn = serial().await;
     init_log();
-    let nginx = Nginx::start().await;
-    let gw = Gateway::start(nginx.port, Limits::default()).await;
+    let nginx = Nginx::start();
+    let gw = Gateway::start(nginx.port(), Limits::default()).await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/curl-walkthrough.sh");
     let out = Command::new("bash")
         .arg(script)
@@ -130,9 +126,6 @@ async fn curl_walkthrough_completes_a_handshake() {
 /// through the tunnel; the same file straight to nginx gives the baseline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rtmpt_session_throughput() {
-    if !have(&["nginx", "ffmpeg"]) {
-        return;
-    }
     let _turn = serial().await;
     init_log();
     let dir = tempfile::tempdir().unwrap();
@@ -167,8 +160,8 @@ async fn rtmpt_session_throughput() {
     .await;
     assert!(ok, "could not make the high-bitrate file: {err}");
     let bytes = std::fs::metadata(&big).unwrap().len();
-    let nginx = Nginx::start().await;
-    let gw = Gateway::start(nginx.port, Limits::default()).await;
+    let nginx = Nginx::start();
+    let gw = Gateway::start(nginx.port(), Limits::default()).await;
 
     let rate = |url: String| {
         let big = big.clone();
@@ -187,7 +180,7 @@ async fn rtmpt_session_throughput() {
             (secs, bytes as f64 * 8.0 / secs / 1e6)
         }
     };
-    let (t_direct, direct) = rate(format!("rtmp://127.0.0.1:{}/live/direct", nginx.port)).await;
+    let (t_direct, direct) = rate(format!("rtmp://127.0.0.1:{}/live/direct", nginx.port())).await;
     let (t_tunnel, tunnel) = rate(gw.url("tunnel")).await;
     println!(
         "throughput, one session, {:.1} MB file: rtmpt through the tunnel {tunnel:.0} Mb/s \
@@ -212,11 +205,11 @@ async fn manual_gateway() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(60);
-    let nginx = Nginx::start().await;
-    let gw = Gateway::start(nginx.port, Limits::default()).await;
+    let nginx = Nginx::start();
+    let gw = Gateway::start(nginx.port(), Limits::default()).await;
     println!(
         "MANUAL nginx rtmp://127.0.0.1:{}/live  tunnel {}",
-        nginx.port,
+        nginx.port(),
         gw.url("x")
     );
     tokio::time::sleep(Duration::from_secs(secs)).await;
@@ -226,13 +219,9 @@ async fn manual_gateway() {
 /// promptly, and no session or task is left behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_down_or_dying_ends_the_client_promptly_and_leaves_nothing() {
-    if !have(&["nginx", "ffmpeg"]) {
-        return;
-    }
     let _turn = serial().await;
     init_log();
-    let dir = tempfile::tempdir().unwrap();
-    let src = make_source(dir.path(), 6).await;
+    let src = source_flv(6);
     let metrics = tokio::runtime::Handle::current().metrics();
     let tasks_before = metrics.num_alive_tasks();
 
@@ -264,8 +253,8 @@ async fn backend_down_or_dying_ends_the_client_promptly_and_leaves_nothing() {
 
     // The backend dies two seconds into a publish.
     {
-        let nginx = Nginx::start().await;
-        let gw = Gateway::start(nginx.port, Limits::default()).await;
+        let nginx = Nginx::start();
+        let gw = Gateway::start(nginx.port(), Limits::default()).await;
         let publisher = Command::new("ffmpeg")
             .args(["-v", "error", "-re", "-stream_loop", "-1", "-i"])
             .arg(&src)
@@ -315,19 +304,16 @@ async fn backend_down_or_dying_ends_the_client_promptly_and_leaves_nothing() {
 /// 2.4 crashes in rtmpts mode, so it is not used here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ffmpeg_publishes_and_plays_over_rtmpts() {
-    if !have(&["nginx", "ffmpeg"]) {
-        return;
-    }
     let _turn = serial().await;
     init_log();
     let dir = tempfile::tempdir().unwrap();
-    let src = make_source(dir.path(), 4).await;
-    let nginx = Nginx::start().await;
+    let src = source_flv(4);
+    let nginx = Nginx::start();
     let limits = Limits {
         tunnel_reap_secs: 3,
         ..Limits::default()
     };
-    let gw = Gateway::start_tls(nginx.port, limits).await;
+    let gw = Gateway::start_tls(nginx.port(), limits).await;
     let url = gw.url_tls("s");
 
     let out = dir.path().join("play.flv");
@@ -360,7 +346,7 @@ async fn ffmpeg_publishes_and_plays_over_rtmpts() {
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
     interrupt(player, Duration::from_secs(5)).await;
-    let (n, of) = check_contiguous(&frames(&src).await, &frames(&out).await, "rtmpts player");
+    let (n, of) = check_contiguous(&framemd5(&src), &framemd5(&out), "rtmpts player");
     println!("ffmpeg player over rtmpts: {n} of {of} video packets, contiguous");
     assert!(
         n * 100 >= of * 50,

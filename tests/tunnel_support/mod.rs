@@ -1,9 +1,9 @@
-//! Shared pieces for the RTMPT tests against real peers: nginx-rtmp as the backend, the
-//! tunnel on a loopback listener with a byte pump to nginx, media files and frame checks.
+//! The RTMPT tests' own pieces: the tunnel on a loopback listener (plain or behind TLS) with a
+//! byte pump to a backend, and async process helpers. nginx, peers, media and frame
+//! comparison come from tests/common, which the test file also includes.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,90 +14,12 @@ use rtmpgate::stream::{ClientStream, StreamHandler};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
 
+use crate::common::{contiguous_run, count_media, Frame};
+
 /// Tests that run real encoders and servers take turns: the machine is small.
 pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     LOCK.lock().await
-}
-
-/// True if every named program is on PATH; otherwise prints why the test is skipped.
-pub fn have(programs: &[&str]) -> bool {
-    for p in programs {
-        let found = std::env::var_os("PATH")
-            .map(|paths| std::env::split_paths(&paths).any(|d| d.join(p).is_file()))
-            .unwrap_or(false);
-        if !found {
-            eprintln!("SKIPPED: {p} is not installed");
-            return false;
-        }
-    }
-    if !Path::new("/usr/lib/nginx/modules/ngx_rtmp_module.so").exists() {
-        eprintln!("SKIPPED: libnginx-mod-rtmp is not installed");
-        return false;
-    }
-    true
-}
-
-/// A free loopback port (bound, then released for the peer to take).
-pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
-/// Wait until something accepts TCP connections on `port`.
-pub async fn wait_port(port: u16) {
-    for _ in 0..100 {
-        if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("nothing listens on port {port} after 5 s");
-}
-
-/// nginx with the RTMP module, app `live`, on a loopback port.
-pub struct Nginx {
-    pub port: u16,
-    child: Child,
-    _dir: tempfile::TempDir,
-}
-
-impl Nginx {
-    pub async fn start() -> Nginx {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let d = dir.path().display();
-        let conf = format!(
-            "load_module /usr/lib/nginx/modules/ngx_rtmp_module.so;\n\
-             master_process off; worker_processes 1; daemon off; error_log {d}/error.log warn; pid {d}/nginx.pid;\n\
-             events {{ worker_connections 1024; }}\n\
-             rtmp {{ server {{ listen 127.0.0.1:{port}; chunk_size 4096;\n\
-               application live {{ live on; record off; }} }} }}\n"
-        );
-        std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
-        let child = Command::new("nginx")
-            .arg("-c")
-            .arg(dir.path().join("nginx.conf"))
-            .arg("-p")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        wait_port(port).await;
-        Nginx {
-            port,
-            child,
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-    }
 }
 
 /// A handler that connects each session to `backend` and copies bytes both ways.
@@ -256,113 +178,13 @@ pub async fn interrupt(child: Child, grace: Duration) -> bool {
     finish(child, grace).await
 }
 
-/// The PEERS.md source: H.264 + AAC test pattern in FLV, `secs` long.
-pub async fn make_source(dir: &Path, secs: u32) -> PathBuf {
-    let out = dir.join("src.flv");
-    let (ok, err) = run(
-        Command::new("ffmpeg")
-            .args([
-                "-v",
-                "error",
-                "-y",
-                "-f",
-                "lavfi",
-                "-i",
-                "testsrc2=size=640x360:rate=30",
-                "-f",
-                "lavfi",
-                "-i",
-                "sine",
-                "-t",
-                &secs.to_string(),
-                "-c:v",
-                "libx264",
-                "-preset",
-                "veryfast",
-                "-g",
-                "30",
-                "-c:a",
-                "aac",
-                "-f",
-                "flv",
-            ])
-            .arg(&out),
-        Duration::from_secs(120),
-    )
-    .await;
-    assert!(ok, "could not make the test source: {err}");
-    out
-}
-
-/// One packet as `ffmpeg -f framemd5` sees it: stream index, size, payload hash.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Frame {
-    pub stream: String,
-    pub size: String,
-    pub md5: String,
-}
-
-pub async fn frames(file: &Path) -> Vec<Frame> {
-    let out = Command::new("ffmpeg")
-        .args(["-v", "error", "-i"])
-        .arg(file)
-        .args(["-c", "copy", "-f", "framemd5", "-"])
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), out)
-        .await
-        .expect("framemd5 timed out")
-        .expect("ffmpeg framemd5 failed to run");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(',').map(str::trim).collect();
-            Some(Frame {
-                stream: f.first()?.to_string(),
-                size: f.get(4)?.to_string(),
-                md5: f.get(5)?.to_string(),
-            })
-        })
-        .collect()
-}
-
-/// Check that each stream of `got` is one contiguous run of the same stream of `src`
-/// (the last packet may be cut short). Returns (received, source) video packet counts.
+/// Checks that `got` is one contiguous run of `src` (tests/common's comparison, the last
+/// packet may be cut short). Returns (received, source) video packet counts.
 pub fn check_contiguous(src: &[Frame], got: &[Frame], what: &str) -> (usize, usize) {
-    assert!(!got.is_empty(), "{what}: no frames received");
-    let mut streams: Vec<&str> = got.iter().map(|f| f.stream.as_str()).collect();
-    streams.sort_unstable();
-    streams.dedup();
-    let mut video = (0, 0);
-    for s in streams {
-        let recv: Vec<&Frame> = got.iter().filter(|f| f.stream == s).collect();
-        // Find the source stream holding the first received packet (indexes may differ).
-        let first = recv[0];
-        let src_pos = src
-            .iter()
-            .position(|f| f.md5 == first.md5)
-            .unwrap_or_else(|| panic!("{what}: first packet of stream {s} is not in the source"));
-        let src_stream = &src[src_pos].stream;
-        let srcs: Vec<&Frame> = src.iter().filter(|f| &f.stream == src_stream).collect();
-        let start = srcs.iter().position(|f| f.md5 == first.md5).unwrap();
-        for (i, r) in recv.iter().enumerate() {
-            let last = i + 1 == recv.len();
-            match srcs.get(start + i) {
-                Some(sf) if sf.md5 == r.md5 => {}
-                Some(_) if last => {} // cut short
-                other => panic!(
-                    "{what}: stream {s} packet {i} differs from source packet {}: {other:?} vs {r:?}",
-                    start + i
-                ),
-            }
-        }
-        if src_stream == "0" {
-            video = (recv.len(), srcs.len());
-        }
+    if let Err(e) = contiguous_run(src, got) {
+        panic!("{what}: {e}");
     }
-    video
+    (count_media(got, "video"), count_media(src, "video"))
 }
 
 /// Log lines from the library in test output (`RUST_LOG` overrides the default).
