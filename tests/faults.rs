@@ -20,25 +20,12 @@ const REAP_SECS: u64 = 2;
 /// rtmpgate with an rtmp and an rtmps listener (each also serves its tunnel sibling), the
 /// harness's dev certificate, a short tunnel reap time, and `extra` arguments.
 fn gateway(config: &str, extra: &[&str]) -> Gateway {
-    let c = dev_certs();
-    let chain = c.chain.display().to_string();
-    let key = c.key.display().to_string();
-    let mut args = vec![
-        "--listen",
-        "rtmp://127.0.0.1:0",
-        "--listen",
-        "rtmps://127.0.0.1:0",
-        "--tls-cert",
-        &chain,
-        "--tls-key",
-        &key,
-    ];
-    args.extend_from_slice(extra);
     Gateway::builder()
         .config(&format!(
             "{config}\n[limits]\ntunnel_reap_secs = {REAP_SECS}\n"
         ))
-        .args(&args)
+        .rtmp_and_rtmps()
+        .args(extra)
         .start()
 }
 

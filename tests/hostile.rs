@@ -274,20 +274,7 @@ fn amf3_unknown_references(t: &Target, ip: Ipv4Addr) -> Outcome {
 fn huge_stream_name(t: &Target, ip: Ipv4Addr) -> Outcome {
     let (mut tcp, peer) = t.rtmp_client(ip)?;
     let mut inbox = Inbox::default();
-    tcp.write_all(&chunked(3, &connect_msg(t.rtmp, "live"), 128))
-        .map_err(|e| e.to_string())?;
-    inbox
-        .command(&mut tcp, "_result", Duration::from_secs(5))
-        .ok_or("connect not answered")?;
-    tcp.write_all(&chunked(
-        3,
-        &command(0, "createStream", 2.0, &[Amf0Value::Null]),
-        128,
-    ))
-    .map_err(|e| e.to_string())?;
-    inbox
-        .command(&mut tcp, "_result", Duration::from_secs(5))
-        .ok_or("createStream not answered")?;
+    connect_and_create_stream(&mut tcp, &mut inbox, t.rtmp, Duration::from_secs(5))?;
     let name = "n".repeat(1_000_000);
     let publish = command(
         1,
@@ -826,22 +813,7 @@ type Case = fn(&Target, Ipv4Addr) -> Outcome;
 #[test]
 fn hostile_peers_are_dropped_and_a_healthy_session_carries_on() {
     let p = peers();
-    let c = dev_certs();
-    let chain = c.chain.display().to_string();
-    let key = c.key.display().to_string();
-    let gw = Gateway::builder()
-        .config(LIMITS)
-        .args(&[
-            "--listen",
-            "rtmp://127.0.0.1:0",
-            "--listen",
-            "rtmps://127.0.0.1:0",
-            "--tls-cert",
-            &chain,
-            "--tls-key",
-            &key,
-        ])
-        .start();
+    let gw = Gateway::builder().config(LIMITS).rtmp_and_rtmps().start();
     let gw = Arc::new(gw);
     let t = Target {
         rtmp: gw.addr("rtmp"),

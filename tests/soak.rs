@@ -83,20 +83,7 @@ fn raw_session(addr: SocketAddr) -> Result<(TcpStream, Inbox), String> {
     let mut tcp = connect_from(Ipv4Addr::LOCALHOST, addr).map_err(|e| format!("connect: {e}"))?;
     handshake(&mut tcp).map_err(|e| format!("handshake: {e}"))?;
     let mut inbox = Inbox::default();
-    tcp.write_all(&chunked(3, &connect_msg(addr, "live"), 128))
-        .map_err(|e| e.to_string())?;
-    inbox
-        .command(&mut tcp, "_result", Duration::from_secs(15))
-        .ok_or("connect not answered")?;
-    tcp.write_all(&chunked(
-        3,
-        &command(0, "createStream", 2.0, &[Amf0Value::Null]),
-        128,
-    ))
-    .map_err(|e| e.to_string())?;
-    inbox
-        .command(&mut tcp, "_result", Duration::from_secs(15))
-        .ok_or("createStream not answered")?;
+    connect_and_create_stream(&mut tcp, &mut inbox, addr, Duration::from_secs(15))?;
     Ok((tcp, inbox))
 }
 
@@ -391,23 +378,10 @@ fn soak(gw: &Gateway, size: Size, label: &str) {
 }
 
 fn gateway(extra: &[&str]) -> Gateway {
-    let c = dev_certs();
-    let chain = c.chain.display().to_string();
-    let key = c.key.display().to_string();
-    let mut args = vec![
-        "--listen",
-        "rtmp://127.0.0.1:0",
-        "--listen",
-        "rtmps://127.0.0.1:0",
-        "--tls-cert",
-        &chain,
-        "--tls-key",
-        &key,
-    ];
-    args.extend_from_slice(extra);
     Gateway::builder()
         .config(&format!("[limits]\ntunnel_reap_secs = {REAP_SECS}\n"))
-        .args(&args)
+        .rtmp_and_rtmps()
+        .args(extra)
         .start()
 }
 

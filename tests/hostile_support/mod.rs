@@ -89,6 +89,31 @@ pub fn connect_msg(addr: SocketAddr, app: &str) -> Message {
     command(0, "connect", 1.0, &[obj])
 }
 
+/// Sends connect (app `live`, tcUrl at `addr`) and createStream on a connection past its
+/// handshake, waiting up to `limit` for each `_result`: the client then owns stream id 1.
+pub fn connect_and_create_stream(
+    tcp: &mut TcpStream,
+    inbox: &mut Inbox,
+    addr: SocketAddr,
+    limit: Duration,
+) -> Result<(), String> {
+    tcp.write_all(&chunked(3, &connect_msg(addr, "live"), 128))
+        .map_err(|e| e.to_string())?;
+    inbox
+        .command(tcp, "_result", limit)
+        .ok_or("connect not answered")?;
+    tcp.write_all(&chunked(
+        3,
+        &command(0, "createStream", 2.0, &[Amf0Value::Null]),
+        128,
+    ))
+    .map_err(|e| e.to_string())?;
+    inbox
+        .command(tcp, "_result", limit)
+        .ok_or("createStream not answered")?;
+    Ok(())
+}
+
 /// A Ping Request (User Control 6) the server must answer with a Ping Response.
 pub fn ping(t: u32) -> Vec<u8> {
     chunked(2, &UserControl::PingRequest(t).to_message(), 128)
