@@ -8,8 +8,8 @@ mod tunnel_support;
 
 use std::time::{Duration, Instant};
 
-use rtmpgate::limits::Limits;
 use common::{framemd5, free_port, source_flv, Nginx};
+use rtmpgate::limits::Limits;
 use tokio::process::Command;
 use tunnel_support::*;
 
@@ -30,13 +30,7 @@ async fn ffmpeg_publishes_and_ffmpeg_and_rtmpdump_play_over_rtmpt() {
     let url = gw.url("x");
 
     let ff_out = dir.path().join("ffplay.flv");
-    let ffmpeg_player = Command::new("ffmpeg")
-        .args(["-v", "error", "-y", "-i", &url, "-c", "copy", "-f", "flv"])
-        .arg(&ff_out)
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let ffmpeg_player = ffmpeg_player(&url, &ff_out);
     let rd_out = dir.path().join("rtmpdump.flv");
     let rtmpdump = Command::new("rtmpdump")
         .args(["-q", "-v", "-r", &url, "-o"])
@@ -55,14 +49,7 @@ async fn ffmpeg_publishes_and_ffmpeg_and_rtmpdump_play_over_rtmpt() {
     );
 
     let started = Instant::now();
-    let (ok, err) = run(
-        Command::new("ffmpeg")
-            .args(["-v", "error", "-re", "-i"])
-            .arg(&src)
-            .args(["-c", "copy", "-f", "flv", &url]),
-        Duration::from_secs(60),
-    )
-    .await;
+    let (ok, err) = publish_realtime(&src, &url, Duration::from_secs(60)).await;
     assert!(ok, "ffmpeg publishing over rtmpt failed: {err}");
     println!(
         "publish over rtmpt took {:.1} s",
@@ -229,14 +216,7 @@ async fn backend_down_or_dying_ends_the_client_promptly_and_leaves_nothing() {
     {
         let gw = Gateway::start(free_port(), Limits::default()).await;
         let started = Instant::now();
-        let (ok, err) = run(
-            Command::new("ffmpeg")
-                .args(["-v", "error", "-re", "-i"])
-                .arg(&src)
-                .args(["-c", "copy", "-f", "flv", &gw.url("down")]),
-            Duration::from_secs(20),
-        )
-        .await;
+        let (ok, err) = publish_realtime(&src, &gw.url("down"), Duration::from_secs(20)).await;
         let took = started.elapsed();
         println!(
             "backend down: ffmpeg failed={} in {took:?}: {}",
@@ -317,13 +297,7 @@ async fn ffmpeg_publishes_and_plays_over_rtmpts() {
     let url = gw.url_tls("s");
 
     let out = dir.path().join("play.flv");
-    let player = Command::new("ffmpeg")
-        .args(["-v", "error", "-y", "-i", &url, "-c", "copy", "-f", "flv"])
-        .arg(&out)
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let player = ffmpeg_player(&url, &out);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(
         gw.tunnel.sessions(),
@@ -331,14 +305,7 @@ async fn ffmpeg_publishes_and_plays_over_rtmpts() {
         "the player holds an rtmpts session"
     );
     let started = Instant::now();
-    let (ok, err) = run(
-        Command::new("ffmpeg")
-            .args(["-v", "error", "-re", "-i"])
-            .arg(&src)
-            .args(["-c", "copy", "-f", "flv", &url]),
-        Duration::from_secs(60),
-    )
-    .await;
+    let (ok, err) = publish_realtime(&src, &url, Duration::from_secs(60)).await;
     assert!(ok, "ffmpeg publishing over rtmpts failed: {err}");
     println!(
         "publish over rtmpts took {:.1} s",

@@ -51,6 +51,17 @@ pub fn log_lines(needles: &[&str]) -> Vec<String> {
         .collect()
 }
 
+/// The runtime an in-process engine runs on (two workers, as on the test machine), with the
+/// log capture installed.
+fn runtime() -> tokio::runtime::Runtime {
+    logs();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// An engine serving plain RTMP on 127.0.0.1, port chosen by the OS.
 pub struct Server {
     pub addr: SocketAddr,
@@ -66,12 +77,7 @@ impl Server {
     /// Like `start`, with the send buffer of every accepted socket set to `sndbuf` bytes (so a
     /// client that stops reading stalls the server's writes quickly).
     pub fn start_with(cfg: EngineConfig, sndbuf: Option<usize>) -> Server {
-        logs();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = runtime();
         let engine = Engine::new(Limits::default(), cfg);
         let handler = engine.handler();
         let listener = rt
@@ -195,12 +201,7 @@ impl DoorServer {
         use rtmpgate::config::parse_listen;
         use rtmpgate::door::listener::{Door, DoorOptions};
         use rtmpgate::door::tls::{self, CertSource, SniResolver};
-        logs();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = runtime();
         let limits = Arc::new(Limits::default());
         let engine = Engine::new((*limits).clone(), cfg);
         let key = tls::load_certified_key(&CertSource::EmbeddedDev).unwrap();

@@ -4,6 +4,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
@@ -153,6 +154,29 @@ pub async fn run(cmd: &mut Command, limit: Duration) -> (bool, String) {
         Ok(Err(e)) => (false, e.to_string()),
         Err(_) => (false, format!("timed out after {limit:?}")),
     }
+}
+
+/// ffmpeg playing `url` into `out` (FLV, packets copied); killed if dropped.
+pub fn ffmpeg_player(url: &str, out: &Path) -> Child {
+    Command::new("ffmpeg")
+        .args(["-v", "error", "-y", "-i", url, "-c", "copy", "-f", "flv"])
+        .arg(out)
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+/// ffmpeg publishing `src` to `url` in real time (`-re`), within `limit`: (success, stderr).
+pub async fn publish_realtime(src: &Path, url: &str, limit: Duration) -> (bool, String) {
+    run(
+        Command::new("ffmpeg")
+            .args(["-v", "error", "-re", "-i"])
+            .arg(src)
+            .args(["-c", "copy", "-f", "flv", url]),
+        limit,
+    )
+    .await
 }
 
 /// Wait for a spawned child within `limit`, killing it if it overstays.
