@@ -232,6 +232,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
             let n = self.prefix.len().min(buf.remaining());
             let head = self.prefix.split_to(n);
             buf.put_slice(&head);
+            if self.prefix.is_empty() {
+                // An empty slice of the sniff buffer would still keep its whole allocation
+                // (4 KiB) alive for the rest of the connection.
+                self.prefix = bytes::Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)

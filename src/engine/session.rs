@@ -37,8 +37,10 @@ const BATCH_BYTES: usize = 1024 * 1024;
 const COALESCE_MAX: usize = 256 * 1024;
 /// Buffers handed to one vectored write.
 const IOV_MAX: usize = 64;
-/// Read buffer room: small for players, grown (doubling) for publishers whose reads fill it.
-const READ_MIN: usize = 4 * 1024;
+/// Read buffer room: small for players (their commands and acks are a few hundred bytes;
+/// this is most of an idle connection's memory), grown (doubling) for publishers whose
+/// reads fill it.
+const READ_MIN: usize = 1024;
 const READ_MAX: usize = 64 * 1024;
 
 /// Why a session ended early.
