@@ -383,6 +383,23 @@ async fn handle(
         );
         return;
     }
+    // The TLS path (and below, the tunnel and RTMPE paths) runs in its own boxed future:
+    // an async fn's state is as large as its largest branch and is held for the whole
+    // connection, so inlining them would cost every plain RTMP connection several KiB.
+    Box::pin(serve_tls(&ctx, tcp, head, peer, local, first, &label)).await;
+}
+
+/// A connection on a TLS listener: the TLS handshake, then the same sniff and dispatch as a
+/// plain one.
+async fn serve_tls(
+    ctx: &Arc<Ctx>,
+    tcp: TcpStream,
+    head: bytes::Bytes,
+    peer: SocketAddr,
+    local: SocketAddr,
+    first: Duration,
+    label: &str,
+) {
     let Some(acceptor) = ctx.tls.clone() else {
         return;
     };
@@ -401,16 +418,16 @@ async fn handle(
             return;
         }
     };
-    let Some((kind, head)) = sniff_in_time(&mut tls, BytesMut::new(), first, peer, &label).await
+    let Some((kind, head)) = sniff_in_time(&mut tls, BytesMut::new(), first, peer, label).await
     else {
         return;
     };
     if kind == Kind::Unknown {
-        log_unknown(peer, &label, &head);
+        log_unknown(peer, label, &head);
         return;
     }
     let io = Prefixed::new(head, tls);
-    dispatch(&ctx, io, kind, peer, local, true, &label).await;
+    dispatch(ctx, io, kind, peer, local, true, label).await;
 }
 
 fn log_unknown(peer: SocketAddr, label: &str, head: &[u8]) {
@@ -507,7 +524,7 @@ async fn dispatch<I: ByteStream + 'static>(
             let stream = ClientStream::new(Box::new(io), transport, peer, local);
             (ctx.handler)(stream).await;
         }
-        Kind::Http => ctx.tunnel.serve_connection(io, peer, local, tls).await,
+        Kind::Http => Box::pin(ctx.tunnel.serve_connection(io, peer, local, tls)).await,
         Kind::Rtmpe if tls => {
             tracing::info!(
                 "closing {peer} on {label}: RTMPE inside TLS is not supported; use rtmps:// or rtmpe:// on a plain listener"
@@ -516,7 +533,7 @@ async fn dispatch<I: ByteStream + 'static>(
         Kind::Rtmpe if !ctx.opts.rtmpe => {
             tracing::info!("refusing RTMPE from {peer} on {label}: RTMPE is disabled (--no-rtmpe / rtmpe = false)");
         }
-        Kind::Rtmpe => serve_rtmpe(ctx, io, peer, local, label).await,
+        Kind::Rtmpe => Box::pin(serve_rtmpe(ctx, io, peer, local, label)).await,
         Kind::Tls => {
             tracing::info!("closing {peer} on {label}: TLS inside TLS");
         }
