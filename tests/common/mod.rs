@@ -243,6 +243,17 @@ pub fn rss_kb(pid: u32) -> u64 {
     proc_status(pid, "VmRSS").unwrap_or(0)
 }
 
+/// CPU time (user + system) a process has used, in clock ticks (1/100 s on Linux).
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after ')'.
+    let get = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    get(11) + get(12)
+}
+
 /// Established TCP connections on loopback whose local port is `port` (the server side of
 /// connections to a listener on that port), from /proc/net/tcp and tcp6.
 pub fn established_on(port: u16) -> usize {

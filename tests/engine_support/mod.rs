@@ -105,10 +105,6 @@ impl Server {
     pub fn url(&self, key: &str) -> String {
         format!("rtmp://{}/live/{key}", self.addr)
     }
-
-    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
-        self.rt.as_ref().unwrap().block_on(f)
-    }
 }
 
 impl Drop for Server {

@@ -227,17 +227,6 @@ pub fn closed_within(tcp: &mut TcpStream, limit: Duration) -> bool {
     }
 }
 
-/// CPU time (user + system) a process has used, in clock ticks (1/100 s on Linux).
-pub fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after ')'.
-    let get = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    get(11) + get(12)
-}
-
 /// A raw HTTP/1.x exchange: writes `request` and reads the reply head and what follows
 /// until the connection closes or `limit` passes. Returns (status code or 0, all bytes).
 pub fn http_raw(tcp: &mut TcpStream, request: &[u8], limit: Duration) -> (u16, Vec<u8>) {
