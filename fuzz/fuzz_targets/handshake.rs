@@ -7,17 +7,9 @@
 use libfuzzer_sys::fuzz_target;
 use rtmpgate::rtmp::handshake::{self, ClientHandshake};
 
-const C0C1: usize = 1 + 1536;
-const S0S1S2: usize = 1 + 2 * 1536;
-
-/// `rest` cut or zero-padded to `N` bytes, with its version byte set to `first`.
-fn padded<const N: usize>(first: u8, rest: &[u8]) -> Vec<u8> {
-    let mut v = vec![0u8; N];
-    let n = rest.len().min(N);
-    v[..n].copy_from_slice(&rest[..n]);
-    v[0] = first;
-    v
-}
+#[path = "../handshake_input.rs"]
+mod handshake_input;
+use handshake_input::{padded, C0C1, S0S1S2};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&sel, rest)) = data.split_first() else {
