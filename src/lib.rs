@@ -2,6 +2,7 @@
 //! RTMPTE) is accepted, identified from its first bytes and turned into one
 //! [`stream::ClientStream`], which is handed to the core engine or to a backend server.
 
+pub mod budget;
 pub mod client;
 pub mod config;
 pub mod door;

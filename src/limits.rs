@@ -66,6 +66,11 @@ pub struct Limits {
     /// Milliseconds a tunnel request waits for its turn in sequence order (or for the
     /// consumer to take its body) before it is answered anyway.
     pub tunnel_order_wait_ms: u64,
+
+    /// Bytes the whole process may hold on behalf of peers (partial messages, tunnel buffers,
+    /// fan-out rings, GOP caches); past it new allocations from peers are refused and the
+    /// offending connection closed. 0: half of the machine's (or cgroup's) memory.
+    pub max_memory: u64,
 }
 
 impl Default for Limits {
@@ -95,6 +100,7 @@ impl Default for Limits {
             tunnel_idle_hold_ms: 150,
             max_tunnel_reorder: 32,
             tunnel_order_wait_ms: 5_000,
+            max_memory: 0,
         }
     }
 }
@@ -125,5 +131,12 @@ impl Limits {
     }
     pub fn tunnel_order_wait(&self) -> Duration {
         Duration::from_millis(self.tunnel_order_wait_ms)
+    }
+    /// The process-wide memory budget in bytes (`max_memory`, or the machine's default).
+    pub fn memory_budget(&self) -> usize {
+        match self.max_memory {
+            0 => crate::budget::default_limit(),
+            n => usize::try_from(n).unwrap_or(usize::MAX),
+        }
     }
 }

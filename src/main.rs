@@ -186,6 +186,12 @@ fn reload_on_sighup(settings: TlsSettings, resolver: Arc<Reloadable>) -> anyhow:
 
 async fn run(config: Config) -> anyhow::Result<()> {
     let limits = Arc::new(config.limits.clone());
+    let budget = config.limits.memory_budget();
+    rtmpgate::budget::global().set_limit(budget);
+    tracing::info!(
+        "memory budget for peers' data: {} MiB (limits.max_memory)",
+        budget >> 20
+    );
     let tls = match &config.tls {
         Some(settings) => {
             match &settings.default {
