@@ -1,6 +1,47 @@
 //! rtmpgate: a front door for RTMP. Every transport (RTMP, RTMPS, RTMPT, RTMPTS, RTMPE,
 //! RTMPTE) is accepted, identified from its first bytes and turned into one
 //! [`stream::ClientStream`], which is handed to the core engine or to a backend server.
+//!
+//! # Layout
+//!
+//! From the bottom layer up. The aim is that a module imports only from layers below it;
+//! the imports that still run the other way are listed in `CONTRIBUTING.md` until they are
+//! removed.
+//!
+//! | module | role |
+//! | --- | --- |
+//! | [`rtmp`] | the sans-IO protocol core: handshake (plain, digest, RTMPE crypto), chunk stream, AMF0/AMF3, messages. No tokio, no sockets: fed bytes, returns bytes. Fuzzed. |
+//! | [`limits`], [`budget`] | every limit with its default, and the process-wide memory budget that peers' buffers are charged to |
+//! | [`stream`] | [`stream::ClientStream`]: the one byte stream every transport becomes, and [`stream::Transport`] |
+//! | [`door`] | listeners, first-byte sniffing, TLS, PROXY protocol, the RTMPT tunnel (hyper), the RTMPE layer, session accounting |
+//! | [`engine`] | the built-in live server: one session task per client over the codec, and the hub (publish, play, GOP cache, fan-out ring) |
+//! | [`upstream`] | the relay: one connection to the backend per client and a byte pump |
+//! | [`client`] | a small RTMP client (rtmp, rtmps, rtmpt, rtmpts) for the load generator and tests |
+//! | [`config`] | TOML file + flags -> one validated `Config` |
+//!
+//! `main.rs` parses the command line, sets up logging, binds the door and runs until a
+//! signal, then drains.
+//!
+//! # The data path
+//!
+//! ```text
+//! TCP accept -> limits per address -> sniff first bytes
+//!     0x16             -> TLS (tokio-rustls) -> sniff again
+//!     0x03             -> raw RTMP ------------------------------+
+//!     0x06 / 0x08 / 0x09 -> RTMPE (decrypting adapter) ----------+
+//!     "POST ..."       -> RTMPT tunnel (hyper): /open /send       |
+//!                         /idle /close, one session = one pipe --+
+//!                                                                v
+//!                     ClientStream (bytes + transport + peer + session label)
+//!                                   |
+//!              +--------------------+--------------------+
+//!              v                                         v
+//!     upstream: connect to the backend,        engine: handshake, chunks, commands;
+//!     PROXY header, copy both ways             hub: publisher -> prechunked frames ->
+//!                                              bounded ring -> players
+//! ```
+//!
+//! Everything after `ClientStream` is transport-blind: a new transport touches only `door`.
 
 pub mod budget;
 pub mod client;

@@ -1,7 +1,7 @@
 //! RTMPT/RTMPTS: the HTTP tunnel (open, send, idle, close) turned into one byte stream per session.
 //!
-//! Served with hyper's HTTP/1 server, configured for what real clients need (see
-//! shared/protocol/RTMPT.md): `HTTP/1.1 200 OK`, Title-Case `Content-Length`, keep-alive,
+//! Served with hyper's HTTP/1 server, configured for what real clients need (read from
+//! ffmpeg's rtmphttp.c and librtmp's rtmp.c, and checked against both): `HTTP/1.1 200 OK`, Title-Case `Content-Length`, keep-alive,
 //! never chunked, never an empty send/idle body. A session lives in a table, not on a TCP
 //! connection: its requests may come over several connections, and their bodies are applied
 //! in sequence-number order. Each session becomes a [`ClientStream`] over a [`TunnelPipe`]
