@@ -28,8 +28,12 @@ pub use tempfile::TempDir;
 pub const START_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a player may run on after its publisher finished, before it is killed.
 pub const PLAYER_TAIL: Duration = Duration::from_secs(20);
-/// Seconds of silence after which an ffmpeg or rtmpdump player gives up on its own.
-pub const PLAYER_IDLE_SECS: u64 = 10;
+/// Seconds of silence after which an ffmpeg or rtmpdump player gives up on its own. Far
+/// longer than any bound a test asserts (closing a client takes well under 5 s): when a
+/// test waits for a player to be closed, only the gateway can end it in time, never the
+/// player's own give-up. Players of a healthy stream are stopped by the harness
+/// ([`PLAYER_QUIET`]), so this costs nothing when things work.
+pub const PLAYER_IDLE_SECS: u64 = 60;
 /// How long a player's output may stay the same size, after its publisher finished, before the
 /// harness decides the stream is over and stops it.
 pub const PLAYER_QUIET: Duration = Duration::from_secs(2);
@@ -872,6 +876,11 @@ impl Gateway {
         self.proc.signal(sig);
     }
 
+    /// Waits up to `timeout` for it to exit (after a signal sent with [`Gateway::signal`]).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        self.proc.wait_timeout(timeout)
+    }
+
     /// The exit status if it has exited.
     pub fn try_status(&mut self) -> Option<ExitStatus> {
         self.proc.try_status()
@@ -1642,7 +1651,7 @@ pub enum PlayerKind {
 
 impl PlayerKind {
     /// The share of a 5 s source this player is expected to receive when it starts before the
-    /// publisher. The baselines (straight from nginx-rtmp, see PEERS.md and the
+    /// publisher. The baselines (straight from nginx-rtmp: the
     /// `baseline_nginx_direct` test) are lower for ffmpeg, which drops what it had buffered
     /// when the publisher leaves; these floors leave room for a loaded machine.
     pub fn min_fraction(self) -> f64 {
