@@ -574,7 +574,10 @@ fn sigterm_drains_then_exits_zero() {
          signal, {mid_drain} bytes {:.2} s later)",
         t.elapsed().as_secs_f64()
     );
-    assert!(publisher.is_running(), "the publisher was cut during the drain");
+    assert!(
+        publisher.is_running(),
+        "the publisher was cut during the drain"
+    );
     let status = gw.wait_exit(DRAIN + Duration::from_secs(5));
     let took = t.elapsed();
     eprintln!(
@@ -991,9 +994,7 @@ fn engine_publishers_killed_mid_stream_others_carry_on() {
             } else {
                 CLOSE_BOUND
             };
-            let ended = pl
-                .wait_timeout(bound.saturating_sub(t.elapsed()))
-                .is_some();
+            let ended = pl.wait_timeout(bound.saturating_sub(t.elapsed())).is_some();
             assert!(
                 ended,
                 "the player of the publisher killed over {s} was not told within {bound:?}"
