@@ -109,6 +109,11 @@ pub struct Cli {
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
 
+    /// Log lines as plain text or as JSON objects, one a line (timestamp, level, target,
+    /// fields) [default: text].
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+
     /// Load and validate the configuration (including certificates and keys), print a
     /// summary and exit: 0 if it is valid, 2 if not.
     #[arg(long)]
@@ -121,6 +126,7 @@ pub struct Cli {
 pub struct FileConfig {
     pub listen: Option<Vec<String>>,
     pub log_level: Option<String>,
+    pub log_format: Option<LogFormat>,
     pub drain_secs: Option<u64>,
     pub rtmpe: Option<bool>,
     pub accept_proxy_protocol: Option<bool>,
@@ -387,6 +393,17 @@ pub struct UpstreamSettings {
 }
 
 /// The validated, merged configuration the program runs with.
+/// How log lines are written (`--log-format`, `log_format`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub listen: Vec<ListenUrl>,
@@ -395,6 +412,7 @@ pub struct Config {
     pub upstream: Option<UpstreamSettings>,
     /// A tracing filter directive, or None to use RUST_LOG (then "info").
     pub log_level: Option<String>,
+    pub log_format: LogFormat,
     pub drain: Duration,
     pub rtmpe: bool,
     pub accept_proxy_protocol: bool,
@@ -735,6 +753,7 @@ impl Config {
             tls,
             upstream,
             log_level: cli.log_level.clone().or(file.log_level),
+            log_format: cli.log_format.or(file.log_format).unwrap_or_default(),
             drain: Duration::from_secs(cli.drain_secs.or(file.drain_secs).unwrap_or(10)),
             rtmpe: !cli.no_rtmpe && file.rtmpe.unwrap_or(true),
             accept_proxy_protocol: cli.accept_proxy_protocol

@@ -51,4 +51,5 @@ pub mod engine;
 pub mod limits;
 pub mod rtmp;
 pub mod stream;
+pub mod throttle;
 pub mod upstream;

@@ -45,6 +45,13 @@ pub struct Limits {
     pub max_amf_string: usize,
     /// Bytes in an app name, stream name or tcUrl.
     pub max_name_len: usize,
+    /// Malformed messages (undecodable commands, bad aggregates) one connection may send
+    /// before it is closed; each costs a log line (rate-limited) and decoding work.
+    pub max_protocol_errors: u32,
+    /// RTMP messages a connection may send per second (burst: one second's worth); a peer
+    /// past it is paused, not closed. Zero-length messages count. 0 turns it off. ffmpeg
+    /// publishing 3 Mb/s 60 fps video with 48 kHz AAC sends about 110 a second.
+    pub max_messages_per_sec: u32,
 
     /// RTMPT sessions open at once.
     pub max_tunnel_sessions: usize,
@@ -91,6 +98,8 @@ impl Default for Limits {
             max_amf_entries: 65_536,
             max_amf_string: 1024 * 1024,
             max_name_len: 1024,
+            max_protocol_errors: 10,
+            max_messages_per_sec: 2_000,
             max_tunnel_sessions: 10_000,
             max_tunnel_pending: 1024 * 1024,
             max_http_body: 4 * 1024 * 1024,

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use rtmpgate::config::{Cli, Config, TlsSettings};
+use rtmpgate::config::{Cli, Config, LogFormat, TlsSettings};
 use rtmpgate::door::sessions::{self, Sessions};
 use rtmpgate::door::tls::{self, CertSource, Reloadable, SniResolver};
 use rtmpgate::door::{Door, DoorOptions};
@@ -25,10 +25,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Err(e) = init_logging(&cli, &config) {
-        eprintln!("rtmpgate: {}", report(&e));
-        return ExitCode::from(2);
-    }
+    // Held to the end: dropping it writes out the lines still queued.
+    let _log_guard = match init_logging(&cli, &config) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("rtmpgate: {}", report(&e));
+            return ExitCode::from(2);
+        }
+    };
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
@@ -81,8 +85,22 @@ fn report(e: &anyhow::Error) -> String {
     out
 }
 
+/// Log lines queued for the writer thread; past it lines are dropped (and counted), never
+/// waited for. About 3 MiB at a few hundred bytes a line.
+const LOG_QUEUE_LINES: usize = 16_384;
+/// How often dropped log lines are reported.
+const LOG_DROP_REPORT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// `--log-level` wins, then RUST_LOG, then the file's `log_level`, then "info".
-fn init_logging(cli: &Cli, config: &Config) -> anyhow::Result<()> {
+///
+/// Lines go to stderr through a writer thread with a bounded queue, so a slow log sink
+/// (a full pipe, a stalled journald) never blocks the runtime's threads: when the queue
+/// is full, lines are dropped and counted, and the count is logged every
+/// [`LOG_DROP_REPORT`].
+fn init_logging(
+    cli: &Cli,
+    config: &Config,
+) -> anyhow::Result<tracing_appender::non_blocking::WorkerGuard> {
     let filter = match (&cli.log_level, std::env::var("RUST_LOG")) {
         (Some(level), _) => EnvFilter::try_new(level).with_context(|| {
             format!(
@@ -98,12 +116,40 @@ fn init_logging(cli: &Cli, config: &Config) -> anyhow::Result<()> {
             })?
         }
     };
-    tracing_subscriber::fmt()
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .thread_name("rtmpgate-log")
+        .finish(std::io::stderr());
+    let dropped = writer.error_counter();
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-    Ok(())
+        .with_writer(writer);
+    match config.log_format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    std::thread::Builder::new()
+        .name("rtmpgate-log-drops".into())
+        .spawn(move || {
+            let mut reported = 0;
+            loop {
+                std::thread::sleep(LOG_DROP_REPORT);
+                let now = dropped.dropped_lines();
+                if now > reported {
+                    tracing::warn!(
+                        "log: {} lines dropped in the last {} s ({now} since start): stderr \
+                         took lines more slowly than they came; lines are dropped rather than \
+                         stalling clients",
+                        now - reported,
+                        LOG_DROP_REPORT.as_secs()
+                    );
+                    reported = now;
+                }
+            }
+        })
+        .context("starting the log-drop reporter thread")?;
+    Ok(guard)
 }
 
 /// Loads the certificates, the key(s) and the upstream CA, as a start would, then reports.

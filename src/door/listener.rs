@@ -26,6 +26,7 @@ use crate::door::rtmpt::Tunnel;
 use crate::door::sniff::{self, short_hex, Kind};
 use crate::limits::Limits;
 use crate::stream::{ByteStream, ClientStream, Prefixed, StreamHandler, Transport};
+use crate::throttle::LogThrottle;
 
 /// How the door treats connections, beyond the listener list.
 #[derive(Clone)]
@@ -83,41 +84,8 @@ struct ConnLimiter {
     per_ip: DashMap<IpAddr, usize>,
     max_total: usize,
     max_per_ip: usize,
+    /// At most one refusal line per second, so a flood does not become a flood of lines.
     refusals: LogThrottle,
-}
-
-/// At most one refusal line per second, so a flood does not become a flood of log lines.
-#[derive(Default)]
-struct LogThrottle {
-    /// Seconds since `epoch` of the last line written.
-    last: std::sync::atomic::AtomicU64,
-    suppressed: std::sync::atomic::AtomicU64,
-    epoch: std::sync::OnceLock<std::time::Instant>,
-}
-
-impl LogThrottle {
-    /// Some(suffix) when a line may be written now; the suffix counts the lines skipped.
-    fn should_log(&self) -> Option<String> {
-        let epoch = *self.epoch.get_or_init(std::time::Instant::now);
-        // +1 so the first refusal (second 0) is never mistaken for "just logged".
-        let now = epoch.elapsed().as_secs().saturating_add(1);
-        let last = self.last.load(Ordering::Relaxed);
-        if now > last
-            && self
-                .last
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            let skipped = self.suppressed.swap(0, Ordering::Relaxed);
-            return Some(if skipped > 0 {
-                format!(" ({skipped} more refused in the last seconds)")
-            } else {
-                String::new()
-            });
-        }
-        self.suppressed.fetch_add(1, Ordering::Relaxed);
-        None
-    }
 }
 
 struct TotalGuard(Arc<ConnLimiter>);
@@ -314,7 +282,7 @@ async fn handle(
     label: Arc<str>,
 ) {
     let Some(_total) = ctx.conns.admit_total() else {
-        if let Some(also) = ctx.conns.refusals.should_log() {
+        if let Some(also) = ctx.conns.refusals.should_log("refused") {
             tracing::warn!(
                 "refusing {peer} on {label}: {} connections open (limits.max_connections){also}",
                 ctx.opts.limits.max_connections
@@ -344,7 +312,7 @@ async fn handle(
         (peer, BytesMut::new())
     };
     let Some(_per_ip) = ctx.conns.admit_ip(peer.ip()) else {
-        if let Some(also) = ctx.conns.refusals.should_log() {
+        if let Some(also) = ctx.conns.refusals.should_log("refused") {
             tracing::warn!(
                 "refusing {peer} on {label}: {} connections from this address already open \
                  (limits.max_connections_per_ip){also}",
@@ -800,9 +768,9 @@ mod tests {
     #[test]
     fn refusal_lines_are_throttled() {
         let t = LogThrottle::default();
-        assert_eq!(t.should_log().as_deref(), Some(""));
-        assert!(t.should_log().is_none());
-        assert!(t.should_log().is_none());
+        assert_eq!(t.should_log("refused").as_deref(), Some(""));
+        assert!(t.should_log("refused").is_none());
+        assert!(t.should_log("refused").is_none());
     }
 
     #[test]

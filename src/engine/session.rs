@@ -25,6 +25,7 @@ use crate::rtmp::message::{
     self, LimitType, Message, UserControl, AUDIO, DATA_AMF0, DATA_AMF3, VIDEO,
 };
 use crate::stream::{ClientStream, Transport};
+use crate::throttle::{LogThrottle, RateLimit};
 
 /// C0+C1 and C2 sizes of the plain RTMP handshake.
 const C0C1_LEN: usize = 1537;
@@ -62,6 +63,10 @@ pub enum SessionError {
     NoPublisher(Duration),
     #[error("connect refused: {0}")]
     Rejected(String),
+    #[error(
+        "closed after {count} malformed messages (limits.max_protocol_errors); the last: {last}"
+    )]
+    ProtocolErrors { count: u32, last: String },
 }
 
 /// A player's state on one message stream.
@@ -114,6 +119,12 @@ struct Session {
     role: String,
     /// The client came over RTMPE/RTMPTE: see [`Session::raise_chunk_size`].
     rtmpe: bool,
+    /// Malformed messages so far (limits.max_protocol_errors).
+    protocol_errors: u32,
+    /// Messages per second (limits.max_messages_per_sec).
+    rate: RateLimit,
+    /// The warnings this peer can cause, at most one a second.
+    warnings: LogThrottle,
 }
 
 /// Serve one client stream, then log what happened.
@@ -178,6 +189,7 @@ impl Session {
         let decoder = ChunkDecoder::new(engine.limits());
         let amf_limits = AmfLimits::from(engine.limits());
         let ack_window = u64::from(engine.config().window_ack_size);
+        let max_rate = engine.limits().max_messages_per_sec;
         Session {
             engine,
             id,
@@ -199,6 +211,9 @@ impl Session {
             playing: None,
             role: String::new(),
             rtmpe: false,
+            protocol_errors: 0,
+            rate: RateLimit::per_second(max_rate, Instant::now()),
+            warnings: LogThrottle::new(),
         }
     }
 
@@ -256,7 +271,13 @@ impl Session {
                     }
                     self.bytes_in = self.bytes_in.saturating_add(n as u64);
                     last_activity = Instant::now();
-                    self.on_bytes(&mut rbuf)?;
+                    let mut paused = self.on_bytes(&mut rbuf)?;
+                    while let Some(wait) = paused {
+                        // Past limits.max_messages_per_sec: the rest waits in the buffer
+                        // (and the kernel's) until the bucket has refilled.
+                        tokio::time::sleep(wait).await;
+                        paused = self.on_bytes(&mut rbuf)?;
+                    }
                 }
                 ev = next_event(&mut self.playing) => {
                     self.on_event(ev);
@@ -388,10 +409,21 @@ impl Session {
         Ok(())
     }
 
-    fn on_bytes(&mut self, rbuf: &mut BytesMut) -> Result<(), SessionError> {
+    /// Handles the complete messages in `rbuf`; `Some(wait)` when the message rate limit
+    /// stopped it with bytes left, to be called again after `wait`.
+    fn on_bytes(&mut self, rbuf: &mut BytesMut) -> Result<Option<Duration>, SessionError> {
+        let now = Instant::now();
+        let mut paused = None;
         loop {
+            if let Err(wait) = self.rate.ready(now) {
+                paused = Some(wait);
+                break;
+            }
             match self.decoder.decode(rbuf) {
-                Ok(Some(msg)) => self.on_message(msg)?,
+                Ok(Some(msg)) => {
+                    self.rate.spend();
+                    self.on_message(msg)?;
+                }
                 Ok(None) => break,
                 Err(e) => return Err(SessionError::Chunk(e.to_string())),
             }
@@ -402,6 +434,22 @@ impl Session {
             // The sequence number wraps at 32 bits by definition.
             let seq = (self.bytes_in & 0xffff_ffff) as u32;
             self.send_control(&message::acknowledgement(seq));
+        }
+        Ok(paused)
+    }
+
+    /// A malformed message: logged (at most a line a second), and past
+    /// `limits.max_protocol_errors` the end of the session.
+    fn protocol_error(&mut self, what: String) -> Result<(), SessionError> {
+        self.protocol_errors = self.protocol_errors.saturating_add(1);
+        if self.protocol_errors > self.engine.limits().max_protocol_errors {
+            return Err(SessionError::ProtocolErrors {
+                count: self.protocol_errors,
+                last: what,
+            });
+        }
+        if let Some(also) = self.warnings.should_log("malformed messages") {
+            warn!(session = self.id, "{}: {what}{also}", self.label);
         }
         Ok(())
     }
@@ -417,10 +465,7 @@ impl Session {
             message::COMMAND_AMF0 | message::COMMAND_AMF3 => {
                 match message::decode_command(&msg, &self.amf_limits) {
                     Ok(c) => self.on_command(msg.stream_id, &c.name, c.txn, &c.args)?,
-                    Err(e) => warn!(
-                        session = self.id,
-                        "{}: undecodable command: {e}", self.label
-                    ),
+                    Err(e) => self.protocol_error(format!("undecodable command: {e}"))?,
                 }
             }
             message::AGGREGATE => match message::split_aggregate(&msg) {
@@ -431,7 +476,7 @@ impl Session {
                         }
                     }
                 }
-                Err(e) => debug!(session = self.id, "bad aggregate message: {e}"),
+                Err(e) => self.protocol_error(format!("bad aggregate message: {e}"))?,
             },
             message::WINDOW_ACK_SIZE => {
                 if let Ok(w) = message::parse_window_ack_size(&msg.payload) {
