@@ -831,6 +831,16 @@ mod tests {
     }
 
     #[test]
+    fn log_format_from_file_and_flag() {
+        let c = merge(&[], "log_format = \"json\"").unwrap();
+        assert_eq!(c.log_format, LogFormat::Json);
+        let c = merge(&["--log-format", "text"], "log_format = \"json\"").unwrap();
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(merge(&[], "").unwrap().log_format, LogFormat::Text);
+        assert!(merge(&[], "log_format = \"xml\"").is_err());
+    }
+
+    #[test]
     fn upstream_urls() {
         let u = parse_upstream("k", "rtmps://backend.example.com").unwrap();
         assert_eq!(u.scheme, UpstreamScheme::Rtmps);

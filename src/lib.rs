@@ -12,6 +12,7 @@
 //! | --- | --- |
 //! | [`rtmp`] | the sans-IO protocol core: handshake (plain, digest, RTMPE crypto), chunk stream, AMF0/AMF3, messages. No tokio, no sockets: fed bytes, returns bytes. Fuzzed. |
 //! | [`limits`], [`budget`] | every limit with its default, and the process-wide memory budget that peers' buffers are charged to |
+//! | [`throttle`] | what a peer can make us do per second: log lines ([`throttle::LogThrottle`]) and messages ([`throttle::RateLimit`]) |
 //! | [`stream`] | [`stream::ClientStream`]: the one byte stream every transport becomes, and [`stream::Transport`] |
 //! | [`door`] | listeners, first-byte sniffing, TLS, PROXY protocol, the RTMPT tunnel (hyper), the RTMPE layer, session accounting |
 //! | [`engine`] | the built-in live server: one session task per client over the codec, and the hub (publish, play, GOP cache, fan-out ring) |
