@@ -253,13 +253,16 @@ impl<'l> Budget<'l> {
         Ok(s)
     }
     /// Checks a declared element count against the input, given the smallest encoding of
-    /// one element, so a declared count never sizes an allocation by itself.
+    /// one element; returns how many entries to reserve up front: at most
+    /// [`PREALLOC_ENTRIES`], so a declared count never sizes an allocation (nested arrays
+    /// each declaring 65,536 entries reserved 330 MB from a 66 KB message). The vector grows
+    /// as entries really arrive.
     pub(crate) fn count(
         &self,
         r: &Reader<'_>,
         count: usize,
         min_each: usize,
-    ) -> Result<(), AmfError> {
+    ) -> Result<usize, AmfError> {
         if count.saturating_mul(min_each) > r.remaining() {
             return Err(AmfError::CountExceedsInput {
                 count,
@@ -272,9 +275,12 @@ impl<'l> Budget<'l> {
                 limit: self.limits.max_entries,
             });
         }
-        Ok(())
+        Ok(count.min(PREALLOC_ENTRIES))
     }
 }
+
+/// Entries reserved up front for a container's declared count (the rest as they arrive).
+pub(crate) const PREALLOC_ENTRIES: usize = 64;
 
 struct Decoder<'a, 'l> {
     r: Reader<'a>,
@@ -370,8 +376,8 @@ impl Decoder<'_, '_> {
                 self.budget.depth(depth, at)?;
                 self.complex = self.complex.saturating_add(1);
                 let count = self.r.u32()? as usize;
-                self.budget.count(&self.r, count, 1)?;
-                let mut items = Vec::with_capacity(count);
+                let reserve = self.budget.count(&self.r, count, 1)?;
+                let mut items = Vec::with_capacity(reserve);
                 for _ in 0..count {
                     items.push(self.value(depth + 1)?);
                 }

@@ -300,8 +300,8 @@ impl Decoder<'_, '_, '_, '_> {
                             }
                             assoc.push((key, self.value(depth + 1)?));
                         }
-                        self.budget.count(self.r, count, 1)?;
-                        let mut dense = Vec::with_capacity(count);
+                        let reserve = self.budget.count(self.r, count, 1)?;
+                        let mut dense = Vec::with_capacity(reserve);
                         for _ in 0..count {
                             dense.push(self.value(depth + 1)?);
                         }
@@ -319,7 +319,8 @@ impl Decoder<'_, '_, '_, '_> {
                     Ok(count) => {
                         let fixed = self.r.u8()? != 0;
                         let each = if m == marker::VECTOR_DOUBLE { 8 } else { 4 };
-                        self.budget.count(self.r, count, each)?;
+                        // Collected from the bytes in hand, so sized by what arrived.
+                        let _ = self.budget.count(self.r, count, each)?;
                         let raw = self.r.take(count.saturating_mul(each))?;
                         match m {
                             marker::VECTOR_INT => Amf3Value::VectorInt {
@@ -358,8 +359,8 @@ impl Decoder<'_, '_, '_, '_> {
                     Ok(count) => {
                         let fixed = self.r.u8()? != 0;
                         let type_name = self.string()?;
-                        self.budget.count(self.r, count, 1)?;
-                        let mut items = Vec::with_capacity(count);
+                        let reserve = self.budget.count(self.r, count, 1)?;
+                        let mut items = Vec::with_capacity(reserve);
                         for _ in 0..count {
                             items.push(self.value(depth + 1)?);
                         }
@@ -377,8 +378,8 @@ impl Decoder<'_, '_, '_, '_> {
                     Err(r) => r,
                     Ok(count) => {
                         let weak_keys = self.r.u8()? != 0;
-                        self.budget.count(self.r, count, 2)?;
-                        let mut entries = Vec::with_capacity(count);
+                        let reserve = self.budget.count(self.r, count, 2)?;
+                        let mut entries = Vec::with_capacity(reserve);
                         for _ in 0..count {
                             let k = self.value(depth + 1)?;
                             let v = self.value(depth + 1)?;
@@ -435,8 +436,8 @@ impl Decoder<'_, '_, '_, '_> {
             let dynamic = u & 8 != 0;
             let count = (u >> 4) as usize;
             let class_name = self.string()?;
-            self.budget.count(self.r, count, 1)?;
-            let mut sealed = Vec::with_capacity(count);
+            let reserve = self.budget.count(self.r, count, 1)?;
+            let mut sealed = Vec::with_capacity(reserve);
             for _ in 0..count {
                 sealed.push(self.string()?);
             }
