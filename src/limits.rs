@@ -22,8 +22,11 @@ pub struct Limits {
     pub relay_idle_timeout_secs: u64,
     /// Connections accepted at once, over every listener.
     pub max_connections: usize,
-    /// Connections accepted at once from one IP address.
+    /// Connections accepted at once from one IP address (tunnel sessions count too).
     pub max_connections_per_ip: usize,
+    /// IPv6 clients are counted per network of this prefix length (64: one subscriber's
+    /// /64 is one address for `max_connections_per_ip`; 128: each address apart).
+    pub ipv6_prefix_len: u8,
 
     /// Largest chunk size a peer may set (RTMP allows up to 2^31-1; 16 MiB is plenty).
     pub max_chunk_size: u32,
@@ -70,6 +73,8 @@ pub struct Limits {
     /// Tunnel request bodies held per session while an earlier sequence number is missing
     /// (also how far ahead of the next expected number a request may be).
     pub max_tunnel_reorder: usize,
+    /// Bytes in those held bodies, per session (the body that fills the gap is always taken).
+    pub max_tunnel_reorder_bytes: usize,
     /// Milliseconds a tunnel request waits for its turn in sequence order (or for the
     /// consumer to take its body) before it is answered anyway.
     pub tunnel_order_wait_ms: u64,
@@ -89,6 +94,7 @@ impl Default for Limits {
             relay_idle_timeout_secs: 180,
             max_connections: 10_000,
             max_connections_per_ip: 1_000,
+            ipv6_prefix_len: 64,
             max_chunk_size: 16 * 1024 * 1024,
             min_chunk_size: 128,
             max_message_len: 16 * 1024 * 1024,
@@ -108,6 +114,7 @@ impl Default for Limits {
             tunnel_reap_secs: 60,
             tunnel_idle_hold_ms: 150,
             max_tunnel_reorder: 32,
+            max_tunnel_reorder_bytes: 256 * 1024,
             tunnel_order_wait_ms: 5_000,
             max_memory: 0,
         }

@@ -5,13 +5,11 @@
 //! bind port 0 and read the real port from it.
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use dashmap::DashMap;
 use rustls::ServerConfig;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -20,13 +18,13 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{ListenScheme, ListenUrl};
+use crate::door::admit::ConnLimiter;
 use crate::door::proxy_protocol;
 use crate::door::rtmpe;
 use crate::door::rtmpt::Tunnel;
 use crate::door::sniff::{self, short_hex, Kind};
 use crate::limits::Limits;
 use crate::stream::{ByteStream, ClientStream, Prefixed, StreamHandler, Transport};
-use crate::throttle::LogThrottle;
 
 /// How the door treats connections, beyond the listener list.
 #[derive(Clone)]
@@ -75,51 +73,6 @@ fn bind_hint(e: &io::Error, addr: SocketAddr, scheme: ListenScheme) -> String {
             addr.ip()
         ),
         _ => String::new(),
-    }
-}
-
-/// Connections open now, in total and per client address.
-struct ConnLimiter {
-    total: AtomicUsize,
-    per_ip: DashMap<IpAddr, usize>,
-    max_total: usize,
-    max_per_ip: usize,
-    /// At most one refusal line per second, so a flood does not become a flood of lines.
-    refusals: LogThrottle,
-}
-
-struct TotalGuard(Arc<ConnLimiter>);
-impl Drop for TotalGuard {
-    fn drop(&mut self) {
-        self.0.total.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-struct IpGuard(Arc<ConnLimiter>, IpAddr);
-impl Drop for IpGuard {
-    fn drop(&mut self) {
-        self.0.per_ip.remove_if_mut(&self.1, |_, n| {
-            *n = n.saturating_sub(1);
-            *n == 0
-        });
-    }
-}
-
-impl ConnLimiter {
-    fn admit_total(self: &Arc<Self>) -> Option<TotalGuard> {
-        let before = self.total.fetch_add(1, Ordering::AcqRel);
-        let guard = TotalGuard(self.clone());
-        (before < self.max_total).then_some(guard)
-    }
-
-    fn admit_ip(self: &Arc<Self>, ip: IpAddr) -> Option<IpGuard> {
-        let mut n = self.per_ip.entry(ip).or_insert(0);
-        if *n >= self.max_per_ip {
-            return None;
-        }
-        *n += 1;
-        drop(n);
-        Some(IpGuard(self.clone(), ip))
     }
 }
 
@@ -190,18 +143,14 @@ impl Door {
                 });
             }
         }
-        let conns = Arc::new(ConnLimiter {
-            total: AtomicUsize::new(0),
-            per_ip: DashMap::new(),
-            max_total: opts.limits.max_connections,
-            max_per_ip: opts.limits.max_connections_per_ip,
-            refusals: LogThrottle::default(),
-        });
+        // Shared with the tunnel: its sessions count against the same limits.
+        let conns = ConnLimiter::new(&opts.limits);
         let tls = opts.tls.clone().map(TlsAcceptor::from);
         // One tunnel for every listener, so a session may move between connections.
-        let tunnel = Tunnel::new(
+        let tunnel = Tunnel::with_limiter(
             opts.limits.clone(),
             tunnel_sessions(handler.clone(), opts.limits.clone(), opts.rtmpe),
+            conns.clone(),
         );
         Ok(Door {
             bound,
@@ -763,14 +712,6 @@ mod tests {
                     || source.raw_os_error() == Some(97) => {}
             Err(e) => panic!("{e}"),
         }
-    }
-
-    #[test]
-    fn refusal_lines_are_throttled() {
-        let t = LogThrottle::default();
-        assert_eq!(t.should_log("refused").as_deref(), Some(""));
-        assert!(t.should_log("refused").is_none());
-        assert!(t.should_log("refused").is_none());
     }
 
     #[test]

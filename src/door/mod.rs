@@ -1,5 +1,6 @@
 //! The front door: listeners, first-byte sniffing, TLS, the RTMPT tunnel and the RTMPE layer.
 
+pub mod admit;
 pub mod listener;
 pub mod proxy_protocol;
 pub mod rtmpe;

@@ -54,6 +54,8 @@ use tracing::{debug, info, trace, warn};
 use self::path::Command;
 pub use self::session::TunnelPipe;
 use self::session::{Bounds, Op, PlaceError, Placed, Session};
+use crate::budget::{self, Charge};
+use crate::door::admit::{Admission, ConnLimiter};
 use crate::limits::Limits;
 use crate::stream::{ByteStream, ClientStream, StreamHandler, Transport};
 
@@ -71,6 +73,10 @@ const SEND_HOLD: Duration = Duration::from_millis(20);
 /// How long a connection may take to finish its current request after shutdown began.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
+/// How long a session whose consumer has ended keeps its last server bytes for the
+/// client's next poll (a polling client asks within a second) before it is removed.
+const LEFTOVER_GRACE: Duration = Duration::from_secs(2);
+
 type Reply = Response<Full<Bytes>>;
 
 /// A table entry: the session and what is needed to log about it.
@@ -78,12 +84,17 @@ struct Entry {
     session: Arc<Session>,
     label: String,
     opened: Instant,
+    /// The session's place in the connection limits, shared with its handler task: it is
+    /// released when both the table entry and the handler are gone.
+    _admission: Arc<Admission>,
 }
 
 /// The RTMPT tunnel: the session table, the reaper, and the HTTP handling.
 pub struct Tunnel {
     limits: Arc<Limits>,
     handler: StreamHandler,
+    /// Connections and sessions per address and in total, shared with the listeners.
+    conns: Arc<ConnLimiter>,
     sessions: DashMap<String, Entry>,
     shutting_down: AtomicBool,
     shutdown_tx: watch::Sender<bool>,
@@ -95,17 +106,34 @@ impl Tunnel {
     /// called inside a tokio runtime; the reaper ends with [`Tunnel::shutdown`] or when the
     /// last `Arc<Tunnel>` is dropped.
     pub fn new(limits: Arc<Limits>, handler: StreamHandler) -> Arc<Tunnel> {
+        let conns = ConnLimiter::new(&limits);
+        Tunnel::with_limiter(limits, handler, conns)
+    }
+
+    /// A tunnel whose sessions count against `conns`, the listeners' connection limits
+    /// (each session takes one place for its opening client's address).
+    pub fn with_limiter(
+        limits: Arc<Limits>,
+        handler: StreamHandler,
+        conns: Arc<ConnLimiter>,
+    ) -> Arc<Tunnel> {
         let (shutdown_tx, _) = watch::channel(false);
         let tunnel = Arc::new(Tunnel {
             limits,
             handler,
+            conns,
             sessions: DashMap::new(),
             shutting_down: AtomicBool::new(false),
             shutdown_tx,
             reaper_stop: Arc::new(Notify::new()),
         });
-        let every = (tunnel.limits.tunnel_reap() / 4)
-            .clamp(Duration::from_millis(100), Duration::from_secs(5));
+        let every = (tunnel
+            .limits
+            .tunnel_reap()
+            .min(tunnel.limits.handshake_timeout())
+            .min(LEFTOVER_GRACE)
+            / 4)
+        .clamp(Duration::from_millis(100), Duration::from_secs(5));
         tokio::spawn(run_reaper(
             Arc::downgrade(&tunnel),
             Arc::clone(&tunnel.reaper_stop),
@@ -214,10 +242,21 @@ impl Tunnel {
             return too_large();
         }
         // hyper's header timeout does not cover the body; a trickled body is cut off too.
-        let read = read_body(body, self.limits.max_http_body);
+        // The body is charged to the memory budget as it arrives, until it is answered.
+        let mut body_charge = Charge::global();
+        let read = read_body(body, self.limits.max_http_body, &mut body_charge);
         let body = match tokio::time::timeout(self.limits.idle_timeout(), read).await {
             Ok(Ok(b)) => b,
             Ok(Err(BodyError::TooLarge)) => return too_large(),
+            Ok(Err(BodyError::OverBudget(e))) => {
+                if let Some(also) = self.conns.refusals.should_log("refused") {
+                    warn!(%peer, "RTMPT request refused: {e}{also}");
+                }
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "gateway memory budget spent; retry later\n",
+                );
+            }
             Err(_) => {
                 debug!(%peer, "RTMPT request body not received within limits.idle_timeout_secs");
                 return text(
@@ -250,6 +289,7 @@ impl Tunnel {
             }
             Command::Close { id, seq } => self.close(id, seq).await,
         };
+        drop(body_charge);
         trace!(
             %peer,
             request = %loggable(command),
@@ -262,7 +302,7 @@ impl Tunnel {
         reply
     }
 
-    fn open(&self, transport: Transport, peer: SocketAddr, local: SocketAddr) -> Reply {
+    fn open(self: &Arc<Self>, transport: Transport, peer: SocketAddr, local: SocketAddr) -> Reply {
         if self.shutting_down.load(Ordering::SeqCst) {
             return text(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -270,16 +310,31 @@ impl Tunnel {
             );
         }
         if self.sessions.len() >= self.limits.max_tunnel_sessions {
-            warn!(
-                %peer,
-                limit = self.limits.max_tunnel_sessions,
-                "RTMPT session refused: too many tunnel sessions (raise limits.max_tunnel_sessions)"
-            );
+            if let Some(also) = self.conns.refusals.should_log("refused") {
+                warn!(
+                    %peer,
+                    limit = self.limits.max_tunnel_sessions,
+                    "RTMPT session refused: too many tunnel sessions (raise limits.max_tunnel_sessions){also}"
+                );
+            }
             return text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "too many tunnel sessions\n",
             );
         }
+        // A session is a client like a connection: it takes a place for its address.
+        let admission = match self.conns.admit(peer.ip()) {
+            Ok(a) => Arc::new(a),
+            Err(why) => {
+                if let Some(also) = self.conns.refusals.should_log("refused") {
+                    warn!(%peer, "RTMPT session refused: {}{also}", why.describe(&self.limits));
+                }
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too many connections and tunnel sessions from this address\n",
+                );
+            }
+        };
         let id = new_session_id();
         let label = id.chars().take(8).collect::<String>();
         let session = Session::new(Bounds::from_limits(&self.limits));
@@ -291,10 +346,21 @@ impl Tunnel {
                 session,
                 label: label.clone(),
                 opened: Instant::now(),
+                _admission: Arc::clone(&admission),
             },
         );
         info!(%transport, %peer, session = %label, "RTMPT session opened");
-        tokio::spawn((self.handler)(stream));
+        let handler = (self.handler)(stream);
+        let tunnel = Arc::downgrade(self);
+        let key = id.clone();
+        tokio::spawn(async move {
+            handler.await;
+            // The consumer (and any backend connection) is gone: the session goes with it.
+            if let Some(t) = tunnel.upgrade() {
+                t.handler_ended(&key);
+            }
+            drop(admission);
+        });
         let mut body = id;
         body.push('\n');
         fcs(Bytes::from(body))
@@ -315,6 +381,7 @@ impl Tunnel {
         let deadline = Instant::now() + self.limits.tunnel_order_wait();
 
         let mut op = Some(op);
+        let mut over_budget = None;
         let placed = session
             .wait_until(deadline, |st| {
                 if st.client_closed {
@@ -322,7 +389,13 @@ impl Tunnel {
                 }
                 let this_op = op.take()?;
                 let r = match st.order.place(seq, this_op, &bounds) {
-                    Ok(p) => Ok(p),
+                    Ok(p) => match st.account() {
+                        Ok(()) => Ok(p),
+                        Err(e) => {
+                            over_budget = Some(e);
+                            Err(StatusCode::SERVICE_UNAVAILABLE)
+                        }
+                    },
                     Err(PlaceError::Full(back)) => {
                         op = Some(back);
                         return None;
@@ -337,6 +410,13 @@ impl Tunnel {
             })
             .await;
         session.notify();
+        if let Some(e) = over_budget {
+            self.end_session(id, &format!("request body refused: {e}"));
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "gateway memory budget spent; session closed\n",
+            );
+        }
         match placed {
             Some(Ok(Placed::Queued | Placed::Duplicate)) => {}
             Some(Err(StatusCode::NOT_FOUND)) => return unknown_session(),
@@ -387,6 +467,7 @@ impl Tunnel {
                 (None, true)
             } else {
                 let body = st.take_reply();
+                st.release();
                 // The backend's last bytes are out: the session ends with this reply.
                 (Some(body), st.backend_gone)
             }
@@ -460,26 +541,57 @@ impl Tunnel {
         );
     }
 
-    /// Reap sessions that have had no request for `limits.tunnel_reap()`.
+    /// The session's handler returned: remove the session now, unless its last server
+    /// bytes still wait for the client's next poll (then the poll or the reaper, after
+    /// `LEFTOVER_GRACE`, removes it).
+    fn handler_ended(&self, id: &str) {
+        let leftover = self
+            .sessions
+            .get(id)
+            .is_some_and(|e| e.session.lock().pending() > 0);
+        if !leftover {
+            self.end_session(id, "session ended");
+        }
+    }
+
+    /// Reap sessions that have had no request for `limits.tunnel_reap()`, that have not
+    /// completed the RTMP handshake within `limits.handshake_timeout()`, or whose
+    /// consumer ended and whose client did not come for the last bytes.
     fn reap(&self) {
         let now = Instant::now();
         let max_idle = self.limits.tunnel_reap();
-        let stale: Vec<String> = self
+        let handshake = self.limits.handshake_timeout();
+        let stale: Vec<(String, &'static str)> = self
             .sessions
             .iter()
-            .filter(|e| {
+            .filter_map(|e| {
                 let st = e.session.lock();
-                st.active_requests == 0
-                    && now.saturating_duration_since(st.last_request) >= max_idle
+                let quiet = now.saturating_duration_since(st.last_request);
+                let why = if !st.handshake_done()
+                    && now.saturating_duration_since(e.opened) >= handshake
+                {
+                    "no RTMP handshake within limits.handshake_timeout_secs"
+                } else if st.active_requests > 0 {
+                    return None;
+                } else if quiet >= max_idle {
+                    "no request within limits.tunnel_reap_secs (client gone?)"
+                } else if st.backend_gone && quiet >= LEFTOVER_GRACE {
+                    "session ended (last bytes not collected)"
+                } else {
+                    return None;
+                };
+                Some((e.key().clone(), why))
             })
-            .map(|e| e.key().clone())
             .collect();
-        for id in stale {
-            self.end_session(
-                &id,
-                "no request within limits.tunnel_reap_secs (client gone?)",
-            );
+        for (id, why) in stale {
+            self.end_session(&id, why);
         }
+    }
+
+    /// Places in the connection limits held now by `ip`'s address group (connections and
+    /// tunnel sessions together).
+    pub fn held_by(&self, ip: std::net::IpAddr) -> usize {
+        self.conns.held_by(ip)
     }
 }
 
@@ -523,6 +635,7 @@ impl Drop for Active<'_> {
 
 enum BodyError {
     TooLarge,
+    OverBudget(budget::OverBudget),
     Http(hyper::Error),
 }
 
@@ -533,7 +646,11 @@ const MAX_BODY_FRAMES: usize = 16;
 
 /// Read a request body, at most `max` bytes: the frames hyper produced (no copy), or one
 /// buffer when there are many.
-async fn read_body(mut body: Incoming, max: usize) -> Result<Vec<Bytes>, BodyError> {
+async fn read_body(
+    mut body: Incoming,
+    max: usize,
+    charge: &mut Charge,
+) -> Result<Vec<Bytes>, BodyError> {
     let mut frames: Vec<Bytes> = Vec::new();
     let mut joined: Option<bytes::BytesMut> = None;
     let mut total = 0usize;
@@ -546,6 +663,7 @@ async fn read_body(mut body: Incoming, max: usize) -> Result<Vec<Bytes>, BodyErr
         if total > max {
             return Err(BodyError::TooLarge);
         }
+        charge.try_grow(data.len()).map_err(BodyError::OverBudget)?;
         if let Some(buf) = joined.as_mut() {
             buf.extend_from_slice(&data);
         } else if frames.len() < MAX_BODY_FRAMES {

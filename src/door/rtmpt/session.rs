@@ -16,6 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::budget::{Charge, OverBudget};
 use crate::limits::Limits;
 
 /// Polling byte values, as Red5 sends them: 1 while data flows, growing after runs of
@@ -24,6 +25,10 @@ const POLL_DELAYS: [u8; 6] = [1, 3, 5, 9, 17, 33];
 
 /// Empty replies in a row before the polling byte steps up.
 const EMPTY_RUN: u32 = 10;
+
+/// Bytes each way of a complete RTMP (or RTMPE) handshake: C0/S0, then C1/S1 and C2/S2 of
+/// 1536 bytes each. A session that has not moved this much both ways has not finished it.
+const HANDSHAKE_BYTES: u64 = 1 + 1536 + 1536;
 
 /// The per-session bounds, copied out of [`Limits`] once.
 #[derive(Clone, Copy, Debug)]
@@ -42,7 +47,10 @@ impl Bounds {
         Bounds {
             pending: limits.max_tunnel_pending.max(1),
             reorder: limits.max_tunnel_reorder.max(1),
-            reorder_bytes: limits.max_http_body.max(1),
+            reorder_bytes: limits
+                .max_tunnel_reorder_bytes
+                .min(limits.max_http_body)
+                .max(1),
         }
     }
 }
@@ -215,6 +223,8 @@ pub(crate) struct State {
     pub(crate) active_requests: usize,
     pub(crate) bytes_in: u64,
     pub(crate) bytes_out: u64,
+    /// What the buffers above hold, charged to the process's memory budget.
+    charge: Charge,
 }
 
 impl State {
@@ -233,7 +243,36 @@ impl State {
             active_requests: 0,
             bytes_in: 0,
             bytes_out: 0,
+            charge: Charge::global(),
         }
+    }
+
+    /// Bytes buffered in this session: unread inbound, held out-of-order bodies, and
+    /// server bytes waiting for a reply.
+    fn buffered(&self) -> usize {
+        self.inbound_len
+            .saturating_add(self.order.held_bytes)
+            .saturating_add(self.outbound.len())
+    }
+
+    /// Charges what the session buffers now; refused when the budget is spent (the caller
+    /// ends the session).
+    pub(crate) fn account(&mut self) -> Result<(), OverBudget> {
+        let b = self.buffered();
+        self.charge.try_set(b)
+    }
+
+    /// Returns to the budget what the buffers no longer hold (never refused).
+    pub(crate) fn release(&mut self) {
+        let b = self.buffered();
+        if b < self.charge.bytes() {
+            self.charge.shrink(self.charge.bytes() - b);
+        }
+    }
+
+    /// True once the client sent and was sent a whole handshake's worth of bytes.
+    pub(crate) fn handshake_done(&self) -> bool {
+        self.bytes_in >= HANDSHAKE_BYTES && self.bytes_out >= HANDSHAKE_BYTES
     }
 
     /// Server bytes waiting for a reply.
@@ -390,6 +429,7 @@ impl TunnelPipe {
             st.inbound_len = 0;
             let bounds = self.session.bounds;
             st.drain(&bounds);
+            st.release();
         }
         self.session.notify();
     }
@@ -423,6 +463,7 @@ impl AsyncRead for TunnelPipe {
         }
         // Room may have opened for bodies that were waiting.
         st.drain(&bounds);
+        st.release();
         drop(st);
         self.session.notify();
         Poll::Ready(Ok(()))
@@ -449,6 +490,16 @@ impl TunnelPipe {
             return Poll::Pending;
         }
         let n = room.min(total);
+        let grown = st
+            .buffered()
+            .saturating_add(n)
+            .saturating_add(usize::from(st.outbound.is_empty()));
+        if let Err(e) = st.charge.try_set(grown) {
+            // The consumer ends on this error, and the session with it.
+            return Poll::Ready(Err(io::Error::other(format!(
+                "RTMPT session's reply not queued: {e}"
+            ))));
+        }
         if st.outbound.is_empty() {
             st.outbound.reserve(n.saturating_add(1));
             st.outbound.put_u8(0);

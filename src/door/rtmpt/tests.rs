@@ -527,3 +527,85 @@ async fn the_reaper_ends_with_the_tunnel() {
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert_eq!(metrics.num_alive_tasks(), before);
 }
+
+#[tokio::test]
+async fn sessions_count_against_the_per_address_limit() {
+    let t = Tunnel::new(limits(|l| l.max_connections_per_ip = 3), echo());
+    let mut c = Conn::new(&t);
+    let ids = [c.open().await, c.open().await, c.open().await];
+    let r = c.req("/open/1", &[0]).await;
+    assert_eq!(r.status(), 503, "a fourth session from one address");
+    assert_eq!(t.sessions(), 3);
+    assert_eq!(t.held_by(addr().ip()), 3);
+    // A session that ends gives its place back.
+    let r = c.req(&format!("/close/{}/0", ids[0]), &[0]).await;
+    assert_eq!(r.status(), 200);
+    let _ = c.open().await;
+}
+
+#[tokio::test]
+async fn a_session_whose_handler_ended_is_removed_at_once() {
+    let h: StreamHandler = Arc::new(|_s: ClientStream| Box::pin(async {}));
+    let t = Tunnel::new(limits(|_| {}), h);
+    let mut c = Conn::new(&t);
+    let _ = c.open().await;
+    let gone = tokio::time::timeout(Duration::from_secs(5), async {
+        while t.sessions() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(gone.is_ok(), "the session outlived its handler");
+    assert_eq!(t.held_by(addr().ip()), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn sessions_without_a_whole_handshake_are_reaped() {
+    let (h, mut rx) = recorder();
+    let t = Tunnel::new(limits(|l| l.handshake_timeout_secs = 2), h);
+    let mut c = Conn::new(&t);
+    let id = c.open().await;
+    // C0 and part of C1, then requests keep coming but the handshake never completes.
+    assert_eq!(
+        c.req(&format!("/send/{id}/0"), &[3; 100]).await.status(),
+        200
+    );
+    for seq in 1..4 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let _ = c.req(&format!("/idle/{id}/{seq}"), &[0]).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        t.sessions(),
+        0,
+        "reaped after limits.handshake_timeout_secs"
+    );
+    assert_eq!(rx.recv().await.unwrap().len(), 100);
+}
+
+#[tokio::test]
+async fn held_out_of_order_bytes_are_bounded_by_max_tunnel_reorder_bytes() {
+    let (h, mut rx) = recorder();
+    let t = Tunnel::new(
+        limits(|l| {
+            l.max_tunnel_reorder_bytes = 1000;
+            l.tunnel_order_wait_ms = 300;
+        }),
+        h,
+    );
+    let mut a = Conn::new(&t);
+    let id = a.open().await;
+    let mut b = Conn::new(&t);
+    let mut c = Conn::new(&t);
+    assert_eq!(a.req(&format!("/send/{id}/0"), b"x").await.status(), 200);
+    // 2 is held (800 bytes) while 1 is missing; 3 would take the hold past 1000 bytes: it
+    // waits, then is answered 503 without being kept.
+    b.write(&format!("/send/{id}/2"), &[2; 800]).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let r = c.req(&format!("/send/{id}/3"), &[3; 800]).await;
+    assert_eq!(r.status(), 503, "{}", r.head);
+    assert_eq!(a.req(&format!("/send/{id}/1"), b"y").await.status(), 200);
+    assert_eq!(b.read().await.status(), 200);
+    assert_eq!(a.req(&format!("/close/{id}/3"), &[0]).await.status(), 200);
+    assert_eq!(rx.recv().await.unwrap().len(), 802);
+}

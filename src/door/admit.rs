@@ -1,0 +1,190 @@
+//! Admission: connections and tunnel sessions open at once, in total and per client address,
+//! and the throttle that keeps refusal lines from becoming a flood of their own.
+//!
+//! A raw connection and an RTMPT session are both "one client" here: a session counts
+//! against its opening client's address (or the PROXY-protocol address) exactly like a
+//! connection, so pipelining `/open` requests over one keep-alive connection cannot hold
+//! more than `max_connections_per_ip` of them. IPv6 addresses are grouped by their
+//! `ipv6_prefix_len` prefix (a /64 is one subscriber's network; counting each of its 2^64
+//! addresses apart would make the per-address limit meaningless).
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use dashmap::DashMap;
+
+use crate::limits::Limits;
+pub use crate::throttle::LogThrottle;
+
+/// Connections (and tunnel sessions) open now, in total and per address group.
+pub struct ConnLimiter {
+    total: AtomicUsize,
+    per_ip: DashMap<IpAddr, usize>,
+    max_total: usize,
+    max_per_ip: usize,
+    v6_prefix: u8,
+    /// One refusal line per second at most.
+    pub refusals: LogThrottle,
+}
+
+/// Why a client was not admitted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// `limits.max_connections` reached.
+    Total,
+    /// `limits.max_connections_per_ip` reached for this address group.
+    PerAddress,
+}
+
+impl Refused {
+    /// What was exceeded, for a log line.
+    pub fn describe(self, limits: &Limits) -> String {
+        match self {
+            Refused::Total => format!(
+                "{} connections and tunnel sessions open (limits.max_connections)",
+                limits.max_connections
+            ),
+            Refused::PerAddress => format!(
+                "{} connections and tunnel sessions from this address already open \
+                 (limits.max_connections_per_ip)",
+                limits.max_connections_per_ip
+            ),
+        }
+    }
+}
+
+/// Holds one place in the total count; released on drop.
+pub struct TotalGuard(Arc<ConnLimiter>);
+
+impl Drop for TotalGuard {
+    fn drop(&mut self) {
+        self.0.total.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Holds one place in an address group's count; released on drop.
+pub struct IpGuard(Arc<ConnLimiter>, IpAddr);
+
+impl Drop for IpGuard {
+    fn drop(&mut self) {
+        self.0.per_ip.remove_if_mut(&self.1, |_, n| {
+            *n = n.saturating_sub(1);
+            *n == 0
+        });
+    }
+}
+
+/// Both places: what a tunnel session holds for its whole life.
+pub struct Admission {
+    _total: TotalGuard,
+    _ip: IpGuard,
+}
+
+impl ConnLimiter {
+    pub fn new(limits: &Limits) -> Arc<Self> {
+        Arc::new(ConnLimiter {
+            total: AtomicUsize::new(0),
+            per_ip: DashMap::new(),
+            max_total: limits.max_connections,
+            max_per_ip: limits.max_connections_per_ip,
+            v6_prefix: limits.ipv6_prefix_len.min(128),
+            refusals: LogThrottle::default(),
+        })
+    }
+
+    /// Takes a place in the total count, or None when it is full.
+    pub fn admit_total(self: &Arc<Self>) -> Option<TotalGuard> {
+        let before = self.total.fetch_add(1, Ordering::AcqRel);
+        let guard = TotalGuard(self.clone());
+        (before < self.max_total).then_some(guard)
+    }
+
+    /// Takes a place in `ip`'s address group, or None when it is full.
+    pub fn admit_ip(self: &Arc<Self>, ip: IpAddr) -> Option<IpGuard> {
+        let key = group(ip, self.v6_prefix);
+        let mut n = self.per_ip.entry(key).or_insert(0);
+        if *n >= self.max_per_ip {
+            return None;
+        }
+        *n += 1;
+        drop(n);
+        Some(IpGuard(self.clone(), key))
+    }
+
+    /// Both places at once (a tunnel session).
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admission, Refused> {
+        let total = self.admit_total().ok_or(Refused::Total)?;
+        let ip = self.admit_ip(ip).ok_or(Refused::PerAddress)?;
+        Ok(Admission {
+            _total: total,
+            _ip: ip,
+        })
+    }
+
+    /// Places held by `ip`'s address group now.
+    pub fn held_by(&self, ip: IpAddr) -> usize {
+        self.per_ip
+            .get(&group(ip, self.v6_prefix))
+            .map_or(0, |n| *n)
+    }
+
+    /// Places held in total now.
+    pub fn held(&self) -> usize {
+        self.total.load(Ordering::Acquire)
+    }
+}
+
+/// The key an address is counted under: IPv4 as it is (an IPv4-mapped IPv6 address too),
+/// IPv6 cut to its first `v6_prefix` bits.
+pub fn group(ip: IpAddr, v6_prefix: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return IpAddr::V4(v4);
+            }
+            let bits = u32::from(v6_prefix.min(128));
+            let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+            IpAddr::V6((u128::from(v6) & mask).into())
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_is_grouped_by_prefix_and_mapped_ipv4_is_ipv4() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(group(a, 64), group(b, 64));
+        assert_ne!(group(a, 64), group(c, 64));
+        assert_eq!(group(a, 128), a);
+        assert_eq!(group(a, 0), "::".parse::<IpAddr>().unwrap());
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        assert_eq!(group(mapped, 64), "192.0.2.7".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn one_64_shares_one_per_address_count() {
+        let limits = Limits {
+            max_connections_per_ip: 2,
+            ..Limits::default()
+        };
+        let l = ConnLimiter::new(&limits);
+        let a = l.admit("2001:db8::1".parse().unwrap()).unwrap();
+        let _b = l.admit("2001:db8::2".parse().unwrap()).unwrap();
+        assert_eq!(
+            l.admit("2001:db8::3".parse().unwrap()).err(),
+            Some(Refused::PerAddress)
+        );
+        assert!(l.admit("2001:db8:0:1::3".parse().unwrap()).is_ok());
+        drop(a);
+        assert!(l.admit("2001:db8::3".parse().unwrap()).is_ok());
+        assert_eq!(l.held(), 1, "only _b is still held");
+    }
+}
