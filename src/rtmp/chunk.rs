@@ -12,7 +12,9 @@
 //! chunk costs one header parse (at most 18 bytes) and one copy of its payload, with no
 //! per-chunk allocation or rescanning, so chunk size 1 costs at most a small constant
 //! factor (a 1-byte header per payload byte) over a large chunk size, and that factor
-//! is paid for in bytes the peer must send. `limits.min_chunk_size` (default 128, RTMP's
+//! is paid for in bytes the peer must send. The bodies of messages in progress are
+//! charged to the process-wide memory budget ([`crate::budget`]) before they grow; a
+//! refused charge is a decode error ([`ChunkError::OverBudget`]), so the session closes. `limits.min_chunk_size` (default 128, RTMP's
 //! initial size) keeps that factor small; [`ChunkDecoder::chunks_received`] lets a session
 //! apply a rate limit on chunks as well.
 //!
@@ -35,6 +37,7 @@
 
 use bytes::{Buf, BufMut, BytesMut};
 
+use crate::budget::{Charge, MemoryBudget, OverBudget};
 use crate::limits::Limits;
 use crate::rtmp::message::{self, Message, MessageError};
 
@@ -75,6 +78,12 @@ pub enum ChunkError {
     },
     #[error("RTMP protocol control message: {0}")]
     BadControl(#[from] MessageError),
+    #[error("RTMP chunk stream {csid}: no memory for the rest of a {len}-byte message: {budget}")]
+    OverBudget {
+        csid: u32,
+        len: u32,
+        budget: OverBudget,
+    },
 }
 
 #[derive(Debug)]
@@ -121,12 +130,20 @@ pub struct ChunkDecoder {
     /// Chunk whose payload is arriving: index into `streams`, payload bytes still due.
     current: Option<(usize, u32)>,
     partial_bytes: usize,
+    /// The capacity of every body in progress, held from the memory budget.
+    charge: Charge,
     bytes_received: u64,
     chunks_received: u64,
 }
 
 impl ChunkDecoder {
+    /// A decoder whose partial messages are charged to the process's budget.
     pub fn new(limits: &Limits) -> Self {
+        Self::with_budget(limits, crate::budget::global())
+    }
+
+    /// A decoder charging its partial messages to `budget`.
+    pub fn with_budget(limits: &Limits, budget: &'static MemoryBudget) -> Self {
         let min_chunk_size = limits.min_chunk_size.max(1);
         ChunkDecoder {
             chunk_size: DEFAULT_CHUNK_SIZE,
@@ -138,6 +155,7 @@ impl ChunkDecoder {
             streams: Vec::new(),
             current: None,
             partial_bytes: 0,
+            charge: budget.empty(),
             bytes_received: 0,
             chunks_received: 0,
         }
@@ -183,7 +201,13 @@ impl ChunkDecoder {
                     self.current = None;
                     continue;
                 };
-                append(&mut s.body, &buf[..n], s.msg_len);
+                if let Err(budget) = append(&mut s.body, &buf[..n], s.msg_len, &mut self.charge) {
+                    return Err(ChunkError::OverBudget {
+                        csid: s.csid,
+                        len: s.msg_len,
+                        budget,
+                    });
+                }
                 buf.advance(n);
                 self.partial_bytes = total;
                 self.bytes_received = self.bytes_received.saturating_add(n as u64);
@@ -364,7 +388,10 @@ impl ChunkDecoder {
         let Some(s) = self.streams.get_mut(idx) else {
             return Err(ChunkError::UnopenedChunkStream { csid: 0, fmt: 3 });
         };
-        let payload = bytes::Bytes::from(std::mem::take(&mut s.body));
+        let body = std::mem::take(&mut s.body);
+        // The body leaves the decoder: whoever keeps it charges it (the hub's ring, say).
+        self.charge.shrink(body.capacity());
+        let payload = bytes::Bytes::from(body);
         s.in_progress = false;
         self.partial_bytes = self.partial_bytes.saturating_sub(payload.len());
         let msg = Message {
@@ -390,6 +417,7 @@ impl ChunkDecoder {
                 if let Some(s) = self.streams.iter_mut().find(|s| s.csid == csid) {
                     if s.in_progress {
                         self.partial_bytes = self.partial_bytes.saturating_sub(s.body.len());
+                        self.charge.shrink(s.body.capacity());
                         s.body = Vec::new();
                         s.in_progress = false;
                     }
@@ -403,14 +431,25 @@ impl ChunkDecoder {
 
 /// Appends chunk payload, growing the body geometrically (amortised copying) but never
 /// past the declared length, so memory follows what arrived rather than what was
-/// announced, and a finished body is never larger than its message.
-fn append(body: &mut Vec<u8>, data: &[u8], declared: u32) {
+/// announced, and a finished body is never larger than its message. Growth is charged to
+/// `charge` first; refused, nothing is appended.
+fn append(
+    body: &mut Vec<u8>,
+    data: &[u8],
+    declared: u32,
+    charge: &mut Charge,
+) -> Result<(), OverBudget> {
     let spare = body.capacity() - body.len();
     if spare < data.len() {
         let due = (declared as usize).saturating_sub(body.len());
-        body.reserve_exact(data.len().max(body.len().min(due)));
+        let extra = data.len().max(body.len().min(due));
+        // reserve_exact makes the capacity exactly len + extra (a Vec never reports an
+        // allocator's rounding), which is what the charge tracks.
+        charge.try_grow((body.len() + extra).saturating_sub(body.capacity()))?;
+        body.reserve_exact(extra);
     }
     body.extend_from_slice(data);
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -670,6 +709,68 @@ mod tests {
 
     fn msg(t: u8, ts: u32, sid: u32, p: &[u8]) -> Message {
         Message::new(t, ts, sid, Bytes::copy_from_slice(p))
+    }
+
+    /// A budget of its own for one test (the global one is shared by every test).
+    fn budget(limit: usize) -> &'static MemoryBudget {
+        Box::leak(Box::new(MemoryBudget::new(limit)))
+    }
+
+    #[test]
+    fn partial_messages_are_charged_and_refused_past_the_budget() {
+        let b = budget(10_000);
+        let mut d = ChunkDecoder::with_budget(&Limits::default(), b);
+        // A 6,000-byte message, half sent: its body is charged while it is in progress.
+        let whole = encode_fmt0_bytes(4, &msg(9, 0, 1, &[7u8; 6000]), 128);
+        let mut first = BytesMut::from(&whole[..3100]);
+        assert_eq!(drain(&mut d, &mut first).unwrap(), vec![]);
+        let held = b.used();
+        assert!((3000..=6000).contains(&held), "{held}");
+        assert_eq!(held, d.charge.bytes());
+        // The rest completes it; the body leaves the decoder and the charge is returned.
+        let mut rest = BytesMut::from(&whole[3100..]);
+        assert_eq!(drain(&mut d, &mut rest).unwrap().len(), 1);
+        assert_eq!(b.used(), 0);
+
+        // Two messages in progress on two chunk streams, 6,000 bytes each: the second one's
+        // growth is refused with a clear error, and nothing is held once the decoder goes.
+        // (Cut at a chunk boundary: a 12-byte header and 128 bytes, then 1 + 128 each.)
+        let cut = 140 + 129 * 40;
+        let other = encode_fmt0_bytes(5, &msg(8, 0, 1, &[1u8; 6000]), 128);
+        let mut buf = BytesMut::from(&whole[..cut]);
+        assert_eq!(drain(&mut d, &mut buf).unwrap(), vec![]);
+        let mut buf = BytesMut::from(&other[..cut]);
+        let err = drain(&mut d, &mut buf).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ChunkError::OverBudget {
+                    csid: 5,
+                    len: 6000,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let text = err.to_string();
+        assert!(text.contains("limits.max_memory"), "{text}");
+        assert!(b.refused() >= 1);
+        drop(d);
+        assert_eq!(b.used(), 0);
+    }
+
+    #[test]
+    fn abort_returns_the_charge() {
+        let b = budget(1 << 20);
+        let mut d = ChunkDecoder::with_budget(&Limits::default(), b);
+        let whole = encode_fmt0_bytes(4, &msg(9, 0, 1, &[7u8; 6000]), 128);
+        let mut buf = BytesMut::from(&whole[..140 + 129 * 6]);
+        assert_eq!(drain(&mut d, &mut buf).unwrap(), vec![]);
+        assert!(b.used() > 0);
+        let mut buf =
+            BytesMut::from(&encode_fmt0_bytes(2, &Control::Abort(4).to_message(), 128)[..]);
+        drain(&mut d, &mut buf).unwrap();
+        assert_eq!(b.used(), 0);
     }
 
     #[test]
@@ -935,9 +1036,11 @@ mod tests {
     fn body_capacity_never_exceeds_declared_length() {
         for len in [1usize, 127, 128, 129, 1000, 100_000, 1 << 20] {
             let mut body = Vec::new();
+            let mut charge = budget(usize::MAX).empty();
             let data = vec![1u8; len];
             for c in data.chunks(128) {
-                append(&mut body, c, len as u32);
+                append(&mut body, c, len as u32, &mut charge).unwrap();
+                assert_eq!(charge.bytes(), body.capacity());
                 assert!(
                     body.capacity() <= len,
                     "len {len}: capacity {}",
