@@ -49,6 +49,7 @@ checks=(
     "curl:curl"
     "openssl:openssl"
     "python3:python3"
+    "chromium:chromium"
 )
 missing=()
 for pair in "${checks[@]}"; do
@@ -79,6 +80,13 @@ if find_bin python3 >/dev/null && ! python3 -c 'import ensurepip' 2>/dev/null; t
     missing+=(python3-venv)
 elif ! find_bin python3 >/dev/null; then
     missing+=(python3-venv)
+fi
+
+# The status page test renders text in headless Chromium: it needs a font (installed with
+# --no-install-recommends, chromium brings none).
+if [ ! -d /usr/share/fonts/truetype/dejavu ] && [ ! -d /usr/share/fonts/truetype/liberation ]; then
+    log "missing a font for headless Chromium (package fonts-dejavu-core)"
+    missing+=(fonts-dejavu-core)
 fi
 
 if [ ${#missing[@]} -gt 0 ]; then

@@ -118,6 +118,21 @@ pub struct Cli {
     /// summary and exit: 0 if it is valid, 2 if not.
     #[arg(long)]
     pub check_config: bool,
+
+    /// Admin listener (metrics, health, JSON API, status page): HOST:PORT or off
+    /// [default: 127.0.0.1:9935]. Any address but loopback needs a token.
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<String>,
+
+    /// Bearer token for the admin listener's /metrics and /api/ (prefer the environment
+    /// variable or the file: a flag shows in the process list).
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "RTMPGATE_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    pub admin_token: Option<String>,
 }
 
 /// The TOML file, as written. Unknown keys are errors, so typos do not go unnoticed.
@@ -137,6 +152,8 @@ pub struct FileConfig {
     pub limits: Option<Limits>,
     #[serde(default)]
     pub engine: FileEngine,
+    #[serde(default)]
+    pub admin: crate::admin::FileAdmin,
 }
 
 /// `[engine]`: how the built-in engine serves clients (ignored with an upstream). Each key
@@ -421,6 +438,8 @@ pub struct Config {
     pub engine: EngineConfig,
     /// Settings that are valid but probably not what was meant (logged at start).
     pub warnings: Vec<String>,
+    /// The admin listener (metrics, health, API, status page).
+    pub admin: crate::admin::AdminSettings,
 }
 
 /// Splits `scheme://host[:port][/]` into its parts; the host may be `[v6]`.
@@ -729,6 +748,12 @@ impl Config {
             }
         };
 
+        let admin = crate::admin::AdminSettings::merge(
+            cli.admin.as_deref(),
+            cli.admin_token.clone(),
+            file.admin,
+            base,
+        )?;
         let mut warnings = Vec::new();
         if upstream.is_some() && file.engine.is_set() {
             warnings.push("the [engine] table is ignored: clients go to the upstream".to_string());
@@ -761,6 +786,7 @@ impl Config {
             limits,
             engine,
             warnings,
+            admin,
         })
     }
 

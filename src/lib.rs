@@ -44,12 +44,14 @@
 //!
 //! Everything after `ClientStream` is transport-blind: a new transport touches only `door`.
 
+pub mod admin;
 pub mod budget;
 pub mod client;
 pub mod config;
 pub mod door;
 pub mod engine;
 pub mod limits;
+pub mod metrics;
 pub mod rtmp;
 pub mod stream;
 pub mod throttle;

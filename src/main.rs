@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
+use rtmpgate::admin;
 use rtmpgate::config::{Cli, Config, LogFormat, TlsSettings};
 use rtmpgate::door::sessions::{self, Sessions};
 use rtmpgate::door::tls::{self, CertSource, Reloadable, SniResolver};
@@ -261,19 +262,27 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let handler: StreamHandler = match &config.upstream {
+    let (handler, engine): (StreamHandler, _) = match &config.upstream {
         Some(settings) => {
             let upstream = Arc::new(Upstream::new(settings, &config.limits)?);
             tracing::info!("forwarding every client to {}", upstream.url());
-            upstream.handler()
+            (upstream.handler(), None)
         }
         None => {
             tracing::info!("serving clients with the built-in RTMP engine (no --upstream)");
-            Engine::new(config.limits.clone(), config.engine.clone()).handler()
+            let engine = Engine::new(config.limits.clone(), config.engine.clone());
+            (engine.handler(), Some(engine))
         }
     };
     let sessions = Sessions::new();
     let handler = sessions::accounted(handler, sessions.clone());
+    let admin = admin::State::new(
+        sessions.clone(),
+        engine,
+        config.upstream.clone(),
+        config.admin.token.clone(),
+    );
+    admin::start(&config.admin, admin.clone())?;
     let door = Door::bind(
         &config.listen,
         DoorOptions {
@@ -286,10 +295,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
     )
     .await?;
     let tunnel = door.tunnel();
+    admin.set_bound(tunnel.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let accept_loops = door.start(stop_rx);
 
     let signal = wait_for_signal().await?;
+    admin.set_draining();
     tracing::info!(
         "{signal}: no longer accepting; letting {} open session(s) finish for up to {} s",
         sessions.active(),

@@ -120,12 +120,19 @@ impl Upstream {
     /// Forwards one client until either side is done. Failures are logged here.
     pub async fn serve(&self, mut client: ClientStream) {
         let label = client.label();
-        let leg = match tokio::time::timeout(
+        let url = self.url.to_string();
+        crate::door::sessions::tag_current(|t| {
+            t.role = Some(crate::door::sessions::Role::Relay);
+            t.upstream = Some(url);
+        });
+        let began = std::time::Instant::now();
+        let connected = tokio::time::timeout(
             self.connect_timeout,
             self.connect(client.peer, client.local),
         )
-        .await
-        {
+        .await;
+        crate::metrics::global().upstream_connect(began.elapsed(), matches!(connected, Ok(Ok(_))));
+        let leg = match connected {
             Ok(Ok(leg)) => leg,
             Ok(Err(e)) => {
                 tracing::warn!("{label}: closing client, {e}");

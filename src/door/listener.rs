@@ -24,6 +24,7 @@ use crate::door::rtmpe;
 use crate::door::rtmpt::Tunnel;
 use crate::door::sniff::{self, short_hex, Kind};
 use crate::limits::Limits;
+use crate::metrics::{self, Refusal};
 use crate::stream::{ByteStream, ClientStream, Prefixed, StreamHandler, Transport};
 
 /// How the door treats connections, beyond the listener list.
@@ -230,7 +231,9 @@ async fn handle(
     scheme: ListenScheme,
     label: Arc<str>,
 ) {
+    let _open = metrics::global().connection();
     let Some(_total) = ctx.conns.admit_total() else {
+        metrics::refused(Refusal::MaxConnections);
         if let Some(also) = ctx.conns.refusals.should_log("refused") {
             tracing::warn!(
                 "refusing {peer} on {label}: {} connections open (limits.max_connections){also}",
@@ -246,10 +249,12 @@ async fn handle(
         match tokio::time::timeout(first, proxy_protocol::read_header(&mut tcp)).await {
             Ok(Ok((client, rest))) => (client.unwrap_or(peer), rest),
             Ok(Err(e)) => {
+                metrics::refused(Refusal::ProxyProtocol);
                 tracing::info!("closing {peer} on {label}: {e}");
                 return;
             }
             Err(_) => {
+                metrics::refused(Refusal::ProxyProtocol);
                 tracing::info!(
                     "dropping {peer} on {label}: no PROXY protocol header within {} s",
                     first.as_secs()
@@ -261,6 +266,7 @@ async fn handle(
         (peer, BytesMut::new())
     };
     let Some(_per_ip) = ctx.conns.admit_ip(peer.ip()) else {
+        metrics::refused(Refusal::MaxConnectionsPerIp);
         if let Some(also) = ctx.conns.refusals.should_log("refused") {
             tracing::warn!(
                 "refusing {peer} on {label}: {} connections from this address already open \
@@ -280,6 +286,7 @@ async fn handle(
     }
     if !scheme.is_tls() {
         if kind == Kind::Tls {
+            metrics::refused(Refusal::WrongListener);
             tracing::info!(
                 "closing {peer} on {label}: a TLS handshake on a plain listener; TLS clients \
                  (rtmps://, rtmpts://) need an rtmps:// listener"
@@ -292,6 +299,7 @@ async fn handle(
     }
 
     if kind != Kind::Tls {
+        metrics::refused(Refusal::WrongListener);
         tracing::info!(
             "closing {peer} on {label}: {} on a TLS listener (first bytes {}); connect with \
              rtmps:// or rtmpts://, or add a plain rtmp:// listener",
@@ -322,12 +330,17 @@ async fn serve_tls(
     };
     let mut tls = match tokio::time::timeout(first, acceptor.accept(Prefixed::new(head, tcp))).await
     {
-        Ok(Ok(tls)) => tls,
+        Ok(Ok(tls)) => {
+            metrics::global().tls_handshake(true);
+            tls
+        }
         Ok(Err(e)) => {
+            metrics::global().tls_handshake(false);
             tracing::info!("closing {peer} on {label}: TLS handshake failed: {e}");
             return;
         }
         Err(_) => {
+            metrics::global().tls_handshake(false);
             tracing::info!(
                 "dropping {peer} on {label}: TLS handshake not finished within {} s",
                 first.as_secs()
@@ -348,6 +361,7 @@ async fn serve_tls(
 }
 
 fn log_unknown(peer: SocketAddr, label: &str, head: &[u8]) {
+    metrics::refused(Refusal::UnknownProtocol);
     tracing::info!(
         "closing {peer} on {label}: neither RTMP nor HTTP (first bytes {})",
         short_hex(head)
@@ -412,6 +426,7 @@ async fn sniff_in_time<S: tokio::io::AsyncRead + Unpin>(
             None
         }
         Err(_) => {
+            metrics::refused(Refusal::FirstBytesTimeout);
             tracing::info!(
                 "dropping {peer} on {label}: sent nothing recognisable within {} s",
                 limit.as_secs()
@@ -443,11 +458,13 @@ async fn dispatch<I: ByteStream + 'static>(
         }
         Kind::Http => Box::pin(ctx.tunnel.serve_connection(io, peer, local, tls)).await,
         Kind::Rtmpe if tls => {
+            metrics::refused(Refusal::WrongListener);
             tracing::info!(
                 "closing {peer} on {label}: RTMPE inside TLS is not supported; use rtmps:// or rtmpe:// on a plain listener"
             );
         }
         Kind::Rtmpe if !ctx.opts.rtmpe => {
+            metrics::refused(Refusal::RtmpeDisabled);
             tracing::info!("refusing RTMPE from {peer} on {label}: RTMPE is disabled (--no-rtmpe / rtmpe = false)");
         }
         Kind::Rtmpe => Box::pin(serve_rtmpe(ctx, io, peer, local, label)).await,
@@ -478,6 +495,7 @@ fn tunnel_sessions(
                 Ok(Ok(_)) => {}
                 Ok(Err(_)) => return,
                 Err(_) => {
+                    metrics::refused(Refusal::HandshakeTimeout);
                     tracing::info!(
                         "closing {label}: no RTMP handshake within {:?}",
                         limits.handshake_timeout()
@@ -490,11 +508,18 @@ fn tunnel_sessions(
             let is_rtmpe = sniff::classify(&c0) == sniff::Verdict::Is(Kind::Rtmpe);
             match is_rtmpe {
                 true if !rtmpe_allowed => {
+                    metrics::refused(Refusal::RtmpeDisabled);
                     tracing::info!("refusing RTMPTE from {label}: RTMPE is disabled (--no-rtmpe / rtmpe = false)");
                 }
                 true => match rtmpe::accept(stream, &limits).await {
-                    Ok(stream) => handler(stream).await,
-                    Err(e) => tracing::info!("closing {label}: {e}"),
+                    Ok(stream) => {
+                        metrics::global().rtmpe_handshake(true);
+                        handler(stream).await
+                    }
+                    Err(e) => {
+                        metrics::global().rtmpe_handshake(false);
+                        tracing::info!("closing {label}: {e}")
+                    }
                 },
                 false => handler(stream).await,
             }
@@ -512,8 +537,14 @@ async fn serve_rtmpe<I: ByteStream + 'static>(
 ) {
     let stream = ClientStream::new(Box::new(io), Transport::Rtmpe, peer, local);
     match rtmpe::accept(stream, &ctx.opts.limits).await {
-        Ok(stream) => (ctx.handler)(stream).await,
-        Err(e) => tracing::info!("closing {peer} on {label}: {e}"),
+        Ok(stream) => {
+            metrics::global().rtmpe_handshake(true);
+            (ctx.handler)(stream).await
+        }
+        Err(e) => {
+            metrics::global().rtmpe_handshake(false);
+            tracing::info!("closing {peer} on {label}: {e}")
+        }
     }
 }
 

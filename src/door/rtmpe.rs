@@ -87,10 +87,16 @@ pub async fn accept_with(
         // most one per core at once, so a flood of RTMPE hellos queues (within the handshake
         // timeout) instead of starving everything else.
         let slot = dh_slots().acquire().await.ok();
-        let reply = tokio::task::spawn_blocking(move || server_respond(&c0c1, policy))
-            .await
-            .map_err(|source| RtmpeError::Worker { peer, source })?
-            .map_err(|source| RtmpeError::Crypto { peer, source })?;
+        let reply = tokio::task::spawn_blocking(move || {
+            // On a blocking-pool thread of its own, so wall time here is CPU time.
+            let began = std::time::Instant::now();
+            let reply = server_respond(&c0c1, policy);
+            crate::metrics::global().rtmpe_cpu(began.elapsed());
+            reply
+        })
+        .await
+        .map_err(|source| RtmpeError::Worker { peer, source })?
+        .map_err(|source| RtmpeError::Crypto { peer, source })?;
         drop(slot);
         stream.write_all(&reply.s0s1s2).await.map_err(io_err)?;
         stream.flush().await.map_err(io_err)?;

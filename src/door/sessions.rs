@@ -4,25 +4,113 @@
 //!
 //! It wraps the handler rather than the listeners so tunnels, whose sessions span many TCP
 //! connections, are counted exactly like raw connections.
+//!
+//! It also keeps the table of open sessions the admin API lists and kicks (one entry per
+//! session, touched at open and close, never per byte), and feeds the per-transport counters
+//! of [`crate::metrics`] (one relaxed atomic add per read or write).
 
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
+use dashmap::DashMap;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 
-use crate::stream::{ByteStream, ClientStream, StreamHandler};
+use crate::metrics::{self, PerTransport};
+use crate::stream::{ByteStream, ClientStream, StreamHandler, Transport};
 
-/// Live session count, shared by the wrapper and the shutdown code.
+/// Live session count and table, shared by the wrapper, the shutdown code and the admin API.
 #[derive(Debug, Default)]
 pub struct Sessions {
     active: AtomicUsize,
     opened: AtomicU64,
     idle: Notify,
+    table: DashMap<u64, Arc<Live>>,
+}
+
+/// What a session is doing, as far as the engine or the relay has told (admin API).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Publisher,
+    Player,
+    Relay,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Publisher => "publisher",
+            Role::Player => "player",
+            Role::Relay => "relay",
+        }
+    }
+}
+
+/// Details the handler learns after the session opened (app and stream name, role, upstream).
+#[derive(Clone, Debug, Default)]
+pub struct Tag {
+    pub role: Option<Role>,
+    pub app: Option<String>,
+    pub name: Option<String>,
+    pub upstream: Option<String>,
+    /// When the role began (publish or play accepted).
+    pub since: Option<Instant>,
+}
+
+/// One open session, as the admin API shows it.
+#[derive(Debug)]
+pub struct Live {
+    pub id: u64,
+    pub transport: Transport,
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    pub started: Instant,
+    pub started_at: SystemTime,
+    counters: Arc<Counters>,
+    kick: Notify,
+    tag: Mutex<Tag>,
+}
+
+impl Live {
+    /// Bytes read from the client so far.
+    pub fn bytes_received(&self) -> u64 {
+        self.counters.from_client.load(Ordering::Relaxed)
+    }
+
+    /// Bytes written to the client so far.
+    pub fn bytes_sent(&self) -> u64 {
+        self.counters.to_client.load(Ordering::Relaxed)
+    }
+
+    pub fn tag(&self) -> Tag {
+        self.tag.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+tokio::task_local! {
+    /// The session the current task serves (set by [`accounted`]), so the engine and the
+    /// relay can describe it without a handle being threaded through them.
+    static CURRENT: Arc<Live>;
+}
+
+/// Records that the current task's session publishes or plays `key` (called by the engine).
+pub fn tag_stream(role: Role, key: &crate::engine::hub::StreamKey) {
+    tag_current(|t| {
+        t.role = Some(role);
+        t.app = Some(key.app.clone());
+        t.name = Some(key.name.clone());
+        t.since = Some(Instant::now());
+    });
+}
+
+/// Updates the current task's session details (no-op outside an accounted session).
+pub fn tag_current(f: impl FnOnce(&mut Tag)) {
+    let _ = CURRENT.try_with(|live| f(&mut live.tag.lock().unwrap_or_else(|e| e.into_inner())));
 }
 
 impl Sessions {
@@ -38,6 +126,41 @@ impl Sessions {
     /// Sessions opened since start.
     pub fn opened(&self) -> u64 {
         self.opened.load(Ordering::Relaxed)
+    }
+
+    /// Up to `limit` open sessions with an id above `after`, lowest id first (a cursor that
+    /// stays valid while sessions come and go), and how many are open in total.
+    pub fn list(&self, after: u64, limit: usize) -> (Vec<Arc<Live>>, usize) {
+        let mut ids: Vec<u64> = self
+            .table
+            .iter()
+            .map(|e| *e.key())
+            .filter(|id| *id > after)
+            .collect();
+        ids.sort_unstable();
+        let page = ids
+            .into_iter()
+            .filter_map(|id| self.table.get(&id).map(|e| e.value().clone()))
+            .take(limit)
+            .collect();
+        (page, self.table.len())
+    }
+
+    /// Every open session (for per-stream and per-transport summaries).
+    pub fn all(&self) -> Vec<Arc<Live>> {
+        self.table.iter().map(|e| e.value().clone()).collect()
+    }
+
+    /// Closes session `id` (its handler is dropped, which closes the client's connection).
+    /// Returns false if no such session is open.
+    pub fn kick(&self, id: u64) -> bool {
+        match self.table.get(&id) {
+            Some(live) => {
+                live.kick.notify_one();
+                true
+            }
+            None => false,
+        }
     }
 
     /// Waits until no session is running, or `limit` has passed. Returns how many are left.
@@ -60,11 +183,34 @@ impl Sessions {
     }
 }
 
-/// Bytes seen by one session, updated as they flow.
-#[derive(Debug, Default)]
+/// Bytes seen by one session, updated as they flow, and its transport's totals.
+#[derive(Debug)]
 struct Counters {
     from_client: AtomicU64,
     to_client: AtomicU64,
+    transport: &'static PerTransport,
+}
+
+impl Counters {
+    fn received(&self, n: usize) {
+        self.from_client.fetch_add(n as u64, Ordering::Relaxed);
+        self.transport
+            .bytes_received
+            .fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    fn sent(&self, n: usize) {
+        self.to_client.fetch_add(n as u64, Ordering::Relaxed);
+        self.transport
+            .bytes_sent
+            .fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+impl std::fmt::Debug for PerTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PerTransport")
+    }
 }
 
 /// The client's byte stream with its traffic counted.
@@ -83,9 +229,7 @@ impl AsyncRead for Counted {
         let res = Pin::new(&mut self.io).poll_read(cx, buf);
         let n = buf.filled().len().saturating_sub(before);
         if n > 0 {
-            self.counters
-                .from_client
-                .fetch_add(n as u64, Ordering::Relaxed);
+            self.counters.received(n);
         }
         res
     }
@@ -99,9 +243,7 @@ impl AsyncWrite for Counted {
     ) -> Poll<io::Result<usize>> {
         let res = Pin::new(&mut self.io).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = res {
-            self.counters
-                .to_client
-                .fetch_add(n as u64, Ordering::Relaxed);
+            self.counters.sent(n);
         }
         res
     }
@@ -113,9 +255,7 @@ impl AsyncWrite for Counted {
     ) -> Poll<io::Result<usize>> {
         let res = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = res {
-            self.counters
-                .to_client
-                .fetch_add(n as u64, Ordering::Relaxed);
+            self.counters.sent(n);
         }
         res
     }
@@ -137,20 +277,25 @@ impl AsyncWrite for Counted {
 /// (at the end of a shutdown drain).
 struct OpenSession {
     label: String,
-    started: Instant,
-    counters: Arc<Counters>,
+    live: Arc<Live>,
     sessions: Arc<Sessions>,
 }
 
 impl Drop for OpenSession {
     fn drop(&mut self) {
-        let secs = self.started.elapsed().as_secs_f64();
+        let live = &self.live;
+        let secs = live.started.elapsed().as_secs_f64();
         tracing::info!(
             "session closed: {}, {} bytes in, {} bytes out, {secs:.1} s",
             self.label,
-            self.counters.from_client.load(Ordering::Relaxed),
-            self.counters.to_client.load(Ordering::Relaxed),
+            live.bytes_received(),
+            live.bytes_sent(),
         );
+        self.sessions.table.remove(&live.id);
+        live.counters
+            .transport
+            .sessions_open
+            .fetch_sub(1, Ordering::Relaxed);
         if self.sessions.active.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.sessions.idle.notify_waiters();
         }
@@ -161,23 +306,45 @@ impl Drop for OpenSession {
 pub fn accounted(inner: StreamHandler, sessions: Arc<Sessions>) -> StreamHandler {
     Arc::new(move |stream: ClientStream| {
         let label = stream.label();
-        let counters = Arc::new(Counters::default());
-        let c = counters.clone();
-        let stream = stream.map_io(move |io| Box::new(Counted { io, counters: c }));
+        let per_transport = metrics::global().transport(stream.transport);
+        let counters = Arc::new(Counters {
+            from_client: AtomicU64::new(0),
+            to_client: AtomicU64::new(0),
+            transport: per_transport,
+        });
+        let id = sessions.opened.fetch_add(1, Ordering::Relaxed) + 1;
+        let live = Arc::new(Live {
+            id,
+            transport: stream.transport,
+            peer: stream.peer,
+            local: stream.local,
+            started: Instant::now(),
+            started_at: SystemTime::now(),
+            counters: counters.clone(),
+            kick: Notify::new(),
+            tag: Mutex::new(Tag::default()),
+        });
+        let stream = stream.map_io(move |io| Box::new(Counted { io, counters }));
         sessions.active.fetch_add(1, Ordering::AcqRel);
-        sessions.opened.fetch_add(1, Ordering::Relaxed);
-        tracing::info!("session opened: {label}");
+        sessions.table.insert(id, live.clone());
+        per_transport.sessions_open.fetch_add(1, Ordering::Relaxed);
+        per_transport.sessions_total.fetch_add(1, Ordering::Relaxed);
+        tracing::info!("session opened: {label} (id {id})");
         let guard = OpenSession {
             label,
-            started: Instant::now(),
-            counters,
+            live: live.clone(),
             sessions: sessions.clone(),
         };
         let fut = inner(stream);
-        Box::pin(async move {
-            fut.await;
+        Box::pin(CURRENT.scope(live.clone(), async move {
+            tokio::select! {
+                _ = fut => {}
+                _ = live.kick.notified() => {
+                    tracing::info!("session {id} closed: kicked through the admin API");
+                }
+            }
             drop(guard);
-        })
+        }))
     })
 }
 

@@ -295,6 +295,21 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// One stream as [`Hub::snapshot`] saw it.
+#[derive(Clone, Debug)]
+pub struct StreamInfo {
+    pub key: StreamKey,
+    pub publishing: bool,
+    pub players: usize,
+    /// Media payload bytes published on the key since it was created.
+    pub bytes_in: u64,
+    /// The sequence headers (codec configuration), as sent.
+    pub video_header: Option<Bytes>,
+    pub audio_header: Option<Bytes>,
+    /// Bytes held by the GOP cache.
+    pub gop_bytes: usize,
+}
+
 /// The live streams of one engine.
 pub struct Hub {
     cfg: HubConfig,
@@ -318,6 +333,27 @@ impl Hub {
     /// Streams that have a publisher or players.
     pub fn stream_count(&self) -> usize {
         lock(&self.slots).len()
+    }
+
+    /// Every stream's state, for the admin API and metrics (a short lock per stream, off
+    /// the data path: called on a scrape or an API request).
+    pub fn snapshot(&self) -> Vec<StreamInfo> {
+        let slots: Vec<Arc<Slot>> = lock(&self.slots).values().cloned().collect();
+        slots
+            .iter()
+            .map(|slot| {
+                let st = lock(&slot.state);
+                StreamInfo {
+                    key: slot.key.clone(),
+                    publishing: st.publisher.is_some(),
+                    players: st.players,
+                    bytes_in: slot.total.load(Ordering::Relaxed),
+                    video_header: st.video_header.as_ref().map(|f| f.payload.clone()),
+                    audio_header: st.audio_header.as_ref().map(|f| f.payload.clone()),
+                    gop_bytes: st.gop_bytes,
+                }
+            })
+            .collect()
     }
 
     fn slot(&self, slots: &mut HashMap<StreamKey, Arc<Slot>>, key: &StreamKey) -> Arc<Slot> {

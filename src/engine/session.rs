@@ -696,6 +696,7 @@ impl Session {
         match self.engine.hub().publish(&key) {
             Ok(publisher) => {
                 info!(session = self.id, "{}: publish {key}", self.label);
+                crate::door::sessions::tag_stream(crate::door::sessions::Role::Publisher, &key);
                 self.role = format!("publish {key}");
                 self.publishing = Some(PublishState {
                     stream_id,
@@ -755,6 +756,7 @@ impl Session {
             }
         );
         self.role = format!("play {key}");
+        crate::door::sessions::tag_stream(crate::door::sessions::Role::Player, &key);
         self.send_control(&UserControl::StreamBegin(stream_id).to_message());
         let desc = format!("Started playing {name}.");
         for code in ["NetStream.Play.Reset", "NetStream.Play.Start"] {
@@ -887,6 +889,7 @@ impl Session {
             Err(RecvError::Lagged(n)) => {
                 p.skipping = true;
                 p.skips = p.skips.saturating_add(1);
+                crate::metrics::global().player_skipped();
                 debug!(
                     session = self.id,
                     "{}: fell {n} messages behind; skipping to the next keyframe", self.label
@@ -915,6 +918,7 @@ impl Session {
             if !p.skipping && p.player.lag_bytes(f) > max_lag {
                 p.skipping = true;
                 p.skips = p.skips.saturating_add(1);
+                crate::metrics::global().player_skipped();
                 debug!(
                     session = self.id,
                     "{}: too far behind; skipping", self.label

@@ -310,6 +310,7 @@ impl Tunnel {
             );
         }
         if self.sessions.len() >= self.limits.max_tunnel_sessions {
+            crate::metrics::refused(crate::metrics::Refusal::MaxTunnelSessions);
             if let Some(also) = self.conns.refusals.should_log("refused") {
                 warn!(
                     %peer,
@@ -326,6 +327,12 @@ impl Tunnel {
         let admission = match self.conns.admit(peer.ip()) {
             Ok(a) => Arc::new(a),
             Err(why) => {
+                crate::metrics::refused(match why {
+                    crate::door::admit::Refused::Total => crate::metrics::Refusal::MaxConnections,
+                    crate::door::admit::Refused::PerAddress => {
+                        crate::metrics::Refusal::MaxConnectionsPerIp
+                    }
+                });
                 if let Some(also) = self.conns.refusals.should_log("refused") {
                     warn!(%peer, "RTMPT session refused: {}{also}", why.describe(&self.limits));
                 }
@@ -350,6 +357,9 @@ impl Tunnel {
             },
         );
         info!(%transport, %peer, session = %label, "RTMPT session opened");
+        crate::metrics::global()
+            .rtmpt_opened
+            .fetch_add(1, Ordering::Relaxed);
         let handler = (self.handler)(stream);
         let tunnel = Arc::downgrade(self);
         let key = id.clone();
@@ -584,6 +594,9 @@ impl Tunnel {
             })
             .collect();
         for (id, why) in stale {
+            crate::metrics::global()
+                .rtmpt_reaped
+                .fetch_add(1, Ordering::Relaxed);
             self.end_session(&id, why);
         }
     }
@@ -711,6 +724,9 @@ fn text(status: StatusCode, msg: &'static str) -> Reply {
 }
 
 fn unknown_session() -> Reply {
+    crate::metrics::global()
+        .rtmpt_not_found
+        .fetch_add(1, Ordering::Relaxed);
     text(
         StatusCode::NOT_FOUND,
         "unknown or ended RTMPT session; open a new one with /open/1\n",

@@ -1,0 +1,417 @@
+//! The admin listener: Prometheus `/metrics`, `/healthz`, `/readyz`, the JSON API under
+//! `/api/v1/` and the status page at `/`, served with hyper.
+//!
+//! It runs on a thread and runtime of its own, with its own socket, so a flood of clients on
+//! the client listeners (which keeps the main runtime's workers busy) cannot starve the
+//! operator's view of it. Every connection is bounded: at most [`MAX_CONNECTIONS`] at once,
+//! request heads of at most [`MAX_HEAD`] bytes within [`HEAD_TIMEOUT`], no request bodies
+//! read. A bearer token, when set, guards `/metrics` and `/api/`; the page, `/healthz` and
+//! `/readyz` stay open (load balancers probe them, and the page holds no data: it asks for
+//! the token and sends it with its API calls).
+
+pub mod api;
+pub mod prom;
+mod settings;
+
+pub use settings::{AdminSettings, FileAdmin, DEFAULT_ADMIN};
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::UpstreamSettings;
+use crate::door::rtmpt::Tunnel;
+use crate::door::sessions::Sessions;
+use crate::door::tls::{self, SniResolver};
+use crate::engine::Engine;
+
+/// Admin connections served at once; more wait in the kernel's backlog.
+pub const MAX_CONNECTIONS: usize = 32;
+/// Largest request head (request line and headers) read from an admin client.
+pub const MAX_HEAD: usize = 16 * 1024;
+/// Time an admin client has to send its request head (and its TLS handshake).
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the admin listener reports on: shared with the gateway, read on each request.
+pub struct State {
+    pub sessions: Arc<Sessions>,
+    pub engine: Option<Arc<Engine>>,
+    pub upstream: Option<UpstreamSettings>,
+    tunnel: OnceLock<Arc<Tunnel>>,
+    draining: AtomicBool,
+    token: Option<String>,
+    started: Instant,
+    /// The previous sample per stream, for bitrates (touched by API requests only).
+    rates: Mutex<HashMap<(String, String), api::RateSample>>,
+}
+
+impl State {
+    pub fn new(
+        sessions: Arc<Sessions>,
+        engine: Option<Arc<Engine>>,
+        upstream: Option<UpstreamSettings>,
+        token: Option<String>,
+    ) -> Arc<State> {
+        Arc::new(State {
+            sessions,
+            engine,
+            upstream,
+            tunnel: OnceLock::new(),
+            draining: AtomicBool::new(false),
+            token,
+            started: Instant::now(),
+            rates: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Every client listener is bound (the gateway can take clients from now on).
+    pub fn set_bound(&self, tunnel: Arc<Tunnel>) {
+        let _ = self.tunnel.set(tunnel);
+    }
+
+    /// Shutdown began: no new clients, `/readyz` answers 503 from now on.
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    pub fn tunnel(&self) -> Option<&Arc<Tunnel>> {
+        self.tunnel.get()
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Ok when the gateway should get clients, or why not.
+    pub fn readiness(&self) -> Result<(), &'static str> {
+        if self.draining() {
+            return Err("draining: shutting down, not accepting new clients");
+        }
+        if self.tunnel.get().is_none() {
+            return Err("client listeners not bound yet");
+        }
+        if self.upstream.is_some()
+            && crate::metrics::global().upstream_up.load(Ordering::Relaxed) == 0
+        {
+            return Err("upstream unreachable at the last connect");
+        }
+        Ok(())
+    }
+}
+
+/// The running admin listener.
+#[derive(Debug)]
+pub struct Admin {
+    pub addr: SocketAddr,
+}
+
+/// Binds and starts the admin listener on its own thread. Ok(None) when it is off, or when
+/// the *default* address is taken (logged as a warning: a second gateway on one machine, or
+/// tests running in parallel, should not fail to start over an optional listener). A bind
+/// failure on a configured address is an error.
+pub fn start(settings: &AdminSettings, state: Arc<State>) -> anyhow::Result<Option<Admin>> {
+    let Some(want) = settings.listen else {
+        tracing::info!("admin listener off");
+        return Ok(None);
+    };
+    let tls = match &settings.tls {
+        Some(source) => {
+            let key = tls::load_certified_key(source)
+                .with_context(|| format!("admin listener certificate ({source})"))?;
+            Some(TlsAcceptor::from(tls::server_config(SniResolver::new(
+                key,
+            ))?))
+        }
+        None => None,
+    };
+    let listener = match bind(want) {
+        Ok(l) => l,
+        Err(e) if !settings.explicit && e.kind() == std::io::ErrorKind::AddrInUse => {
+            tracing::warn!(
+                "admin listener not started: {want} is already in use (another rtmpgate?); \
+                 set --admin ADDR or [admin] listen to another port, or --admin off"
+            );
+            return Ok(None);
+        }
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!("cannot bind the admin listener on {want} (--admin / [admin] listen; use another port, or off)")
+            })
+        }
+    };
+    let addr = listener.local_addr().unwrap_or(want);
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(
+        "admin listener on {scheme}://{addr}: status page /, /metrics, /healthz, /readyz, /api/v1/{}",
+        if settings.token.is_some() {
+            " (bearer token required on /metrics and /api/)"
+        } else {
+            ""
+        }
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the admin listener's runtime")?;
+    std::thread::Builder::new()
+        .name("rtmpgate-admin".into())
+        .spawn(move || runtime.block_on(serve(listener, tls, state)))
+        .context("cannot start the admin listener's thread")?;
+    Ok(Some(Admin { addr }))
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    #[cfg(unix)]
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(128)?;
+    Ok(socket.into())
+}
+
+async fn serve(listener: std::net::TcpListener, tls: Option<TlsAcceptor>, state: Arc<State>) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("admin listener stopped: {e}");
+            return;
+        }
+    };
+    if let Some(up) = state.upstream.clone() {
+        tokio::spawn(probe_upstream(up));
+    }
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let registry = Arc::new(prom::registry(state.clone()));
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("admin listener: accepting failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let state = state.clone();
+        let registry = registry.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let service = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                let registry = registry.clone();
+                async move { Ok::<_, Infallible>(route(req, &state, &registry, peer)) }
+            });
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(TokioTimer::new())
+                .header_read_timeout(HEAD_TIMEOUT)
+                .max_buf_size(MAX_HEAD);
+            let result = match tls {
+                None => http.serve_connection(TokioIo::new(tcp), service).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(HEAD_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            http.serve_connection(TokioIo::new(stream), service).await
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(
+                                "admin listener: TLS handshake with {peer} failed: {e}"
+                            );
+                            return;
+                        }
+                        Err(_) => return,
+                    }
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!("admin listener: connection from {peer} ended: {e}");
+            }
+        });
+    }
+}
+
+/// While the last upstream connect failed, tries a TCP connect every [`PROBE_EVERY`], so
+/// `/readyz` recovers when the backend is back even if no client comes (a load balancer
+/// that took the gateway out of rotation sends none).
+async fn probe_upstream(up: UpstreamSettings) {
+    let up_flag = &crate::metrics::global().upstream_up;
+    let mut tick = tokio::time::interval(PROBE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if up_flag.load(Ordering::Relaxed) != 0 {
+            continue;
+        }
+        let target = (up.url.host.as_str(), up.url.port);
+        let ok = matches!(
+            tokio::time::timeout(up.connect_timeout, tokio::net::TcpStream::connect(target)).await,
+            Ok(Ok(_))
+        );
+        if ok {
+            up_flag.store(1, Ordering::Relaxed);
+            tracing::info!("upstream {} reachable again (admin probe)", up.url);
+        }
+    }
+}
+
+/// How often an unreachable upstream is probed.
+pub const PROBE_EVERY: Duration = Duration::from_secs(2);
+
+/// A response body.
+pub type Reply = Response<Full<Bytes>>;
+
+fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Reply {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// A JSON answer.
+pub fn json(status: StatusCode, value: &serde_json::Value) -> Reply {
+    reply(status, "application/json", value.to_string())
+}
+
+fn error(status: StatusCode, message: &str) -> Reply {
+    json(status, &serde_json::json!({ "error": message }))
+}
+
+/// The status page: one file, no external resources.
+const STATUS_PAGE: &str = include_str!("status.html");
+
+fn route(
+    req: Request<Incoming>,
+    state: &State,
+    registry: &prom::Registry,
+    peer: SocketAddr,
+) -> Reply {
+    let path = req.uri().path();
+    let method = req.method();
+    let open = matches!(path, "/" | "/healthz" | "/readyz");
+    if !open && !authorized(&req, state.token.as_deref()) {
+        let mut r = error(
+            StatusCode::UNAUTHORIZED,
+            "this admin listener needs its token: send `Authorization: Bearer TOKEN` ([admin] token)",
+        );
+        r.headers_mut()
+            .insert("www-authenticate", HeaderValue::from_static("Bearer"));
+        return r;
+    }
+    if method == Method::DELETE {
+        if let Some(id) = path.strip_prefix("/api/v1/sessions/") {
+            return api::kick(state, id, peer);
+        }
+    }
+    match (method, path) {
+        (&Method::GET, "/") => {
+            let mut r = reply(StatusCode::OK, "text/html; charset=utf-8", STATUS_PAGE);
+            r.headers_mut().insert(
+                "content-security-policy",
+                HeaderValue::from_static(
+                    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                     connect-src 'self'; img-src data:",
+                ),
+            );
+            r
+        }
+        (&Method::GET, "/healthz") => json(StatusCode::OK, &serde_json::json!({"status": "alive"})),
+        (&Method::GET, "/readyz") => match state.readiness() {
+            Ok(()) => json(StatusCode::OK, &serde_json::json!({"ready": true})),
+            Err(why) => json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &serde_json::json!({"ready": false, "reason": why}),
+            ),
+        },
+        (&Method::GET, "/metrics") => match prom::encode(registry) {
+            Ok(text) => reply(StatusCode::OK, prom::CONTENT_TYPE, text),
+            Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "encoding the metrics failed"),
+        },
+        (&Method::GET, "/api/v1/summary") => json(StatusCode::OK, &api::summary(state)),
+        (&Method::GET, "/api/v1/sessions") => {
+            json(StatusCode::OK, &api::sessions(state, req.uri().query()))
+        }
+        (&Method::GET, "/api/v1/streams") => json(StatusCode::OK, &api::streams(state)),
+        (_, "/" | "/healthz" | "/readyz" | "/metrics" | "/api/v1/summary" | "/api/v1/streams") => {
+            error(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here")
+        }
+        _ => error(
+            StatusCode::NOT_FOUND,
+            "no such admin endpoint; see /, /metrics, /healthz, /readyz, /api/v1/sessions, /api/v1/streams",
+        ),
+    }
+}
+
+/// True when no token is set, or the request carries it as a bearer token.
+fn authorized<B>(req: &Request<B>, token: Option<&str>) -> bool {
+    let Some(token) = token else {
+        return true;
+    };
+    let Some(given) = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    constant_time_eq(given.trim().as_bytes(), token.as_bytes())
+}
+
+/// Compares without an early exit, so response timing does not reveal how much matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for (i, x) in a.iter().enumerate() {
+        let y = b.get(i % b.len().max(1)).copied().unwrap_or(0);
+        diff |= usize::from(x ^ y);
+    }
+    diff == 0
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_check() {
+        let req = |auth: Option<&str>| {
+            let mut b = Request::builder().uri("/metrics");
+            if let Some(a) = auth {
+                b = b.header(AUTHORIZATION, a);
+            }
+            b.body(()).unwrap()
+        };
+        assert!(authorized(&req(None), None));
+        assert!(!authorized(&req(None), Some("abc")));
+        assert!(!authorized(&req(Some("Bearer abd")), Some("abc")));
+        assert!(!authorized(&req(Some("Bearer ab")), Some("abc")));
+        assert!(!authorized(&req(Some("Basic abc")), Some("abc")));
+        assert!(authorized(&req(Some("Bearer abc")), Some("abc")));
+        assert!(constant_time_eq(b"", b""));
+        assert!(!constant_time_eq(b"a", b""));
+    }
+}
