@@ -1282,6 +1282,34 @@ pub fn source_flv(seconds: u32) -> PathBuf {
     })
 }
 
+/// A heavy FLV source of `seconds` seconds: random noise at 320x240, 30 fps, H.264 at a low
+/// quantiser (about 22 Mb/s, 2.7 MB a second: no encoder can shrink noise), a keyframe every
+/// 30 frames, and a sine tone. For bounds that an unbounded queue must visibly break.
+pub fn noise_source_flv(seconds: u32) -> PathBuf {
+    let dest = media_dir().join(format!("noise-{seconds}s.flv"));
+    cached(&dest, |staging| {
+        let mut cmd = Command::new(&peers().ffmpeg);
+        cmd.args(["-nostdin", "-hide_banner", "-loglevel", "error", "-y"])
+            .args(["-f", "lavfi", "-i"])
+            .arg("nullsrc=s=320x240:r=30,geq=lum='random(1)*255':cb=128:cr=128")
+            .args(["-f", "lavfi", "-i", "sine"])
+            .args(["-t", &seconds.to_string()])
+            .args([
+                "-c:v",
+                "libx264",
+                "-preset",
+                "ultrafast",
+                "-qp",
+                "12",
+                "-g",
+                "30",
+            ])
+            .args(["-c:a", "aac", "-f", "flv"])
+            .arg(staging);
+        run_ok(&mut cmd, Duration::from_secs(120));
+    })
+}
+
 /// Publishes `file` in real time with `ffmpeg -re -i FILE -c copy -f flv URL`; `ffmpeg` is
 /// `&peers().ffmpeg` or `&peers().static_ffmpeg`.
 pub fn publish(ffmpeg: &Path, url: &str, file: &Path) -> Proc {
