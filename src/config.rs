@@ -15,7 +15,7 @@ use serde::Deserialize;
 use crate::door::proxy_protocol::ProxyVersion;
 use crate::door::tls::CertSource;
 use crate::engine::EngineConfig;
-use crate::limits::Limits;
+use crate::limits::{Limits, MAX_DURATION_SECS};
 
 /// Listeners used when neither `--listen` nor `listen` in the file says otherwise.
 pub const DEFAULT_LISTEN: [&str; 3] = [
@@ -724,6 +724,10 @@ impl Config {
             .upstream_timeout_secs
             .or(file.upstream.connect_timeout_secs)
             .unwrap_or(5);
+        check_duration("--upstream-timeout-secs", connect_secs)?;
+        if let Some(d) = cli.drain_secs {
+            check_duration("--drain-secs", d)?;
+        }
         if connect_secs == 0 {
             return Err(invalid(
                 "upstream.connect_timeout_secs",
@@ -766,6 +770,12 @@ impl Config {
                 "must be at least 1 second",
             ));
         }
+        if limits.ipv6_prefix_len > 128 {
+            return Err(invalid(
+                "limits.ipv6_prefix_len",
+                "an IPv6 prefix is 0 to 128 bits long (64: one subscriber's network)",
+            ));
+        }
         if limits.max_connections == 0 || limits.max_connections_per_ip == 0 {
             return Err(invalid(
                 "limits.max_connections",
@@ -801,10 +811,56 @@ impl Config {
 
 /// Parses the TOML text of a config file.
 pub fn parse_file(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
-    toml::from_str(text).map_err(|e| ConfigError::Parse {
+    let parse_error = |e: toml::de::Error| ConfigError::Parse {
         path: path.to_path_buf(),
         message: e.to_string().trim_end().replace('\n', "\n  "),
-    })
+    };
+    let file: FileConfig = toml::from_str(text).map_err(parse_error)?;
+    let table: toml::Table = toml::from_str(text).map_err(parse_error)?;
+    check_durations("", &table)?;
+    Ok(file)
+}
+
+/// Every `*_secs` and `*_ms` key, at any depth, is at most [`MAX_DURATION_SECS`]: a
+/// deadline computed as now + a huge duration would overflow the clock and panic.
+fn check_durations(prefix: &str, table: &toml::Table) -> Result<(), ConfigError> {
+    for (key, value) in table {
+        let name = format!("{prefix}{key}");
+        match value {
+            toml::Value::Table(t) => check_durations(&format!("{name}."), t)?,
+            toml::Value::Array(items) => {
+                for t in items.iter().filter_map(toml::Value::as_table) {
+                    check_durations(&format!("{name}."), t)?;
+                }
+            }
+            toml::Value::Integer(n) => {
+                let secs = if key.ends_with("_secs") {
+                    *n
+                } else if key.ends_with("_ms") {
+                    n / 1000
+                } else {
+                    continue;
+                };
+                check_duration(&name, u64::try_from(secs).unwrap_or(0))?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// A duration setting of `secs` seconds is at most [`MAX_DURATION_SECS`].
+fn check_duration(key: &str, secs: u64) -> Result<(), ConfigError> {
+    if secs > MAX_DURATION_SECS {
+        return Err(invalid(
+            key,
+            format!(
+                "{secs} seconds is too long: durations are at most {MAX_DURATION_SECS} \
+                 (one year); use a smaller value (0 where the key allows it turns it off)"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1046,6 +1102,39 @@ mod tests {
     fn tls_only_when_needed() {
         let c = merge(&["--listen", "rtmp://127.0.0.1:0"], "").unwrap();
         assert!(c.tls.is_none());
+    }
+
+    #[test]
+    fn huge_durations_are_refused_naming_the_key() {
+        for (toml_text, key) in [
+            (
+                "[limits]\nidle_timeout_secs = 9223372036854775807\n",
+                "limits.idle_timeout_secs",
+            ),
+            (
+                "[limits]\ntunnel_order_wait_ms = 9223372036854775807\n",
+                "limits.tunnel_order_wait_ms",
+            ),
+            ("drain_secs = 100000000000\n", "drain_secs"),
+            (
+                "[engine]\nplayer_wait_secs = 18446744073\n",
+                "engine.player_wait_secs",
+            ),
+            (
+                "[upstream]\nconnect_timeout_secs = 40000000\n",
+                "upstream.connect_timeout_secs",
+            ),
+        ] {
+            let e = merge(&[], toml_text).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("{key}: ")), "{e}");
+            assert!(e.contains("at most 31536000"), "{e}");
+        }
+        let e = merge(&["--drain-secs", "99999999999"], "").unwrap_err();
+        assert!(e.to_string().starts_with("--drain-secs: "), "{e}");
+        // One year is still accepted.
+        assert!(merge(&[], "[limits]\nidle_timeout_secs = 31536000\n").is_ok());
+        let e = merge(&[], "[limits]\nipv6_prefix_len = 129\n").unwrap_err();
+        assert!(e.to_string().starts_with("limits.ipv6_prefix_len: "), "{e}");
     }
 
     #[test]

@@ -7,6 +7,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+/// The longest duration any `*_secs` or `*_ms` setting may have (one year): deadlines are
+/// computed as now + duration, which must not overflow the clock.
+pub const MAX_DURATION_SECS: u64 = 365 * 24 * 3600;
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {

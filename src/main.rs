@@ -193,6 +193,46 @@ fn check(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Raises the soft file-descriptor limit to the hard one and says, with the numbers, when
+/// the connection limits may need more than that.
+fn check_fd_limit(config: &Config) {
+    use rtmpgate::door::fdlimit;
+    let nofile = match fdlimit::raise() {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!("could not raise the open-file limit (RLIMIT_NOFILE): {e}");
+            return;
+        }
+    };
+    tracing::info!(
+        "open-file limit: soft {} (was {}), hard {}",
+        nofile.soft,
+        nofile.soft_before,
+        nofile.hard
+    );
+    let upstream = config.upstream.is_some();
+    let needed = fdlimit::needed(&config.limits, upstream);
+    if needed > nofile.soft {
+        tracing::warn!(
+            "limits.max_connections = {} may need {needed} file descriptors ({} per connection{} \
+             + {} for the process) but the open-file limit is {}: past it new connections \
+             fail to be accepted. Raise the hard limit (ulimit -Hn, LimitNOFILE= in a systemd \
+             unit) or lower limits.max_connections to {}",
+            config.limits.max_connections,
+            fdlimit::fds_per_connection(upstream),
+            if upstream {
+                " with the upstream leg"
+            } else {
+                ""
+            },
+            fdlimit::RESERVED_FDS,
+            nofile.soft,
+            nofile.soft.saturating_sub(fdlimit::RESERVED_FDS)
+                / fdlimit::fds_per_connection(upstream)
+        );
+    }
+}
+
 /// Loads every certificate and key the TLS settings name.
 fn build_resolver(settings: &TlsSettings) -> anyhow::Result<SniResolver> {
     let default = tls::load_certified_key(&settings.default)?;
@@ -232,6 +272,7 @@ fn reload_on_sighup(settings: TlsSettings, resolver: Arc<Reloadable>) -> anyhow:
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
+    check_fd_limit(&config);
     let limits = Arc::new(config.limits.clone());
     let budget = config.limits.memory_budget();
     rtmpgate::budget::global().set_limit(budget);

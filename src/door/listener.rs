@@ -189,12 +189,18 @@ impl Door {
     }
 }
 
+/// Shortest and longest pause after a failed `accept` (out of file descriptors, most often).
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_millis(100);
+
 async fn accept_loop(
     ctx: Arc<Ctx>,
     bound: Bound,
     label: Arc<str>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut backoff = ACCEPT_BACKOFF_MIN;
+    let failures = crate::throttle::LogThrottle::new();
     loop {
         let accepted = tokio::select! {
             _ = shutdown.wait_for(|stop| *stop) => break,
@@ -202,6 +208,7 @@ async fn accept_loop(
         };
         match accepted {
             Ok((tcp, peer)) => {
+                backoff = ACCEPT_BACKOFF_MIN;
                 let local = tcp.local_addr().unwrap_or(bound.local);
                 tokio::spawn(handle(
                     ctx.clone(),
@@ -212,10 +219,30 @@ async fn accept_loop(
                     label.clone(),
                 ));
             }
+            // The client gave up before we took it: nothing to wait for.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
             Err(e) => {
-                // Out of file descriptors and similar: back off instead of spinning.
-                tracing::warn!("accepting on {label} failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // EMFILE/ENFILE and the like: the pending connection stays in the backlog, so
+                // retrying at once would spin. Back off (10 ms doubling to 100 ms) until an
+                // accept succeeds, with one log line a second at most.
+                if let Some(also) = failures.should_log("failures") {
+                    let hint = match e.raw_os_error() {
+                        Some(code) if code == libc::EMFILE || code == libc::ENFILE => {
+                            "; out of file descriptors: raise the open-file limit \
+                             (ulimit -n, LimitNOFILE=) or lower limits.max_connections"
+                        }
+                        _ => "",
+                    };
+                    tracing::warn!(
+                        "accepting on {label} failed: {e}{hint}; retrying in {} ms{also}",
+                        backoff.as_millis()
+                    );
+                }
+                tokio::select! {
+                    _ = shutdown.wait_for(|stop| *stop) => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
             }
         }
     }

@@ -1,6 +1,7 @@
 //! The front door: listeners, first-byte sniffing, TLS, the RTMPT tunnel and the RTMPE layer.
 
 pub mod admit;
+pub mod fdlimit;
 pub mod listener;
 pub mod proxy_protocol;
 pub mod rtmpe;
