@@ -732,3 +732,89 @@ fn status_page_shows_the_stream_and_its_players_in_chromium() {
         p.kill();
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The API with many sessions open
+// ---------------------------------------------------------------------------------------------
+
+/// GET with curl, returning (status, seconds curl measured for the transfer, body length).
+fn timed_get(url: &str) -> (u16, f64, usize) {
+    let mut cmd = Command::new(&peers().curl);
+    cmd.args(["-s", "--max-time", "5", "-o", "/dev/null"])
+        .args(["-w", "%{http_code} %{time_total} %{size_download}", url]);
+    let (_, out, _) = run_capture(&mut cmd, Duration::from_secs(10));
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let mut parts = text.split_whitespace();
+    let code = parts.next().and_then(|c| c.parse().ok()).unwrap_or(0);
+    let secs = parts
+        .next()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(f64::MAX);
+    let len = parts.next().and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, secs, len)
+}
+
+#[test]
+fn api_answers_within_100_ms_with_2000_sessions_open() {
+    const N: usize = 2000;
+    let gw = Gateway::builder()
+        .args(&["--listen", "rtmp://127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .config("[limits]\nmax_connections_per_ip = 5000\n")
+        .env(
+            "RUST_LOG",
+            "info,rtmpgate::door::sessions=warn,rtmpgate::engine=warn",
+        )
+        .start();
+    let admin = admin_addr(&gw);
+    let addr = gw.addr("rtmp");
+    // 2,000 RTMP clients through the handshake, then quiet (the engine waits for connect).
+    let mut conns = Vec::with_capacity(N);
+    for _ in 0..N {
+        let mut t = TcpStream::connect(addr).unwrap();
+        t.write_all(&c0c1()).unwrap();
+        conns.push(t);
+    }
+    let mut s0s1s2 = vec![0u8; 3073];
+    for t in &mut conns {
+        t.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        t.read_exact(&mut s0s1s2).unwrap();
+        t.write_all(&s0s1s2[1..1537]).unwrap();
+    }
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            get_json(admin, "/api/v1/sessions?limit=1")["total"] == N
+        }),
+        "the API never listed {N} sessions"
+    );
+    for path in [
+        "/api/v1/sessions",
+        "/api/v1/sessions?limit=500",
+        "/api/v1/summary",
+        "/api/v1/streams",
+        "/metrics",
+    ] {
+        // The best of three, so one scheduling hiccup on a loaded machine is not a failure
+        // while a slow endpoint still is.
+        let runs: Vec<(u16, f64, usize)> = (0..3)
+            .map(|_| timed_get(&format!("http://{admin}{path}")))
+            .collect();
+        let best = runs.iter().map(|r| r.1).fold(f64::MAX, f64::min);
+        println!(
+            "{path} with {N} sessions: best {:.1} ms of {:?}, {} bytes",
+            best * 1000.0,
+            runs.iter()
+                .map(|r| (r.1 * 1000.0).round())
+                .collect::<Vec<_>>(),
+            runs[0].2
+        );
+        assert!(runs.iter().all(|r| r.0 == 200), "{path}: {runs:?}");
+        assert!(
+            best < 0.100,
+            "{path} took {:.1} ms with {N} sessions open",
+            best * 1000.0
+        );
+    }
+    let m = Metrics::scrape(admin);
+    assert_eq!(m.by_transport("rtmpgate_sessions_open", "rtmp"), N as u64);
+    drop(conns);
+}

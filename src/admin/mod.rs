@@ -296,6 +296,17 @@ pub fn json(status: StatusCode, value: &serde_json::Value) -> Reply {
     reply(status, "application/json", value.to_string())
 }
 
+/// A JSON answer already serialized.
+pub fn json_bytes(status: StatusCode, body: serde_json::Result<Vec<u8>>) -> Reply {
+    match body {
+        Ok(b) => reply(status, "application/json", b),
+        Err(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "encoding the answer failed",
+        ),
+    }
+}
+
 fn error(status: StatusCode, message: &str) -> Reply {
     json(status, &serde_json::json!({ "error": message }))
 }
@@ -351,9 +362,7 @@ fn route(
             Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "encoding the metrics failed"),
         },
         (&Method::GET, "/api/v1/summary") => json(StatusCode::OK, &api::summary(state)),
-        (&Method::GET, "/api/v1/sessions") => {
-            json(StatusCode::OK, &api::sessions(state, req.uri().query()))
-        }
+        (&Method::GET, "/api/v1/sessions") => api::sessions(state, req.uri().query()),
         (&Method::GET, "/api/v1/streams") => json(StatusCode::OK, &api::streams(state)),
         (_, "/" | "/healthz" | "/readyz" | "/metrics" | "/api/v1/summary" | "/api/v1/streams") => {
             error(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here")
