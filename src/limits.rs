@@ -32,6 +32,10 @@ pub struct Limits {
     /// /64 is one address for `max_connections_per_ip`; 128: each address apart).
     pub ipv6_prefix_len: u8,
 
+    /// RTMPE (and RTMPTE) handshakes a second from one address (a token bucket with one
+    /// second's worth as burst); each costs about 1 ms of CPU in Diffie-Hellman. 0: no limit.
+    pub rtmpe_handshakes_per_ip_per_sec: u32,
+
     /// Largest chunk size a peer may set (RTMP allows up to 2^31-1; 16 MiB is plenty).
     pub max_chunk_size: u32,
     /// Smallest chunk size a peer may set. 128 (RTMP's initial size, SRS's floor): no real
@@ -99,6 +103,7 @@ impl Default for Limits {
             max_connections: 10_000,
             max_connections_per_ip: 1_000,
             ipv6_prefix_len: 64,
+            rtmpe_handshakes_per_ip_per_sec: 20,
             max_chunk_size: 16 * 1024 * 1024,
             min_chunk_size: 128,
             max_message_len: 16 * 1024 * 1024,

@@ -84,6 +84,8 @@ struct Ctx {
     conns: Arc<ConnLimiter>,
     tls: Option<TlsAcceptor>,
     tunnel: Arc<Tunnel>,
+    /// RTMPE handshakes per second per address, shared with the tunnel's RTMPTE sessions.
+    rtmpe_rates: Arc<rtmpe::HandshakeRates>,
 }
 
 /// One bound socket and what it was asked to be.
@@ -146,11 +148,17 @@ impl Door {
         }
         // Shared with the tunnel: its sessions count against the same limits.
         let conns = ConnLimiter::new(&opts.limits);
+        let rtmpe_rates = Arc::new(rtmpe::HandshakeRates::new(&opts.limits));
         let tls = opts.tls.clone().map(TlsAcceptor::from);
         // One tunnel for every listener, so a session may move between connections.
         let tunnel = Tunnel::with_limiter(
             opts.limits.clone(),
-            tunnel_sessions(handler.clone(), opts.limits.clone(), opts.rtmpe),
+            tunnel_sessions(
+                handler.clone(),
+                opts.limits.clone(),
+                opts.rtmpe,
+                rtmpe_rates.clone(),
+            ),
             conns.clone(),
         );
         Ok(Door {
@@ -161,6 +169,7 @@ impl Door {
                 conns,
                 tls,
                 tunnel,
+                rtmpe_rates,
             }),
         })
     }
@@ -510,10 +519,12 @@ fn tunnel_sessions(
     handler: StreamHandler,
     limits: Arc<Limits>,
     rtmpe_allowed: bool,
+    rtmpe_rates: Arc<rtmpe::HandshakeRates>,
 ) -> StreamHandler {
     Arc::new(move |mut stream: ClientStream| {
         let handler = handler.clone();
         let limits = limits.clone();
+        let rates = rtmpe_rates.clone();
         Box::pin(async move {
             let mut c0 = [0u8; 1];
             let label = stream.label();
@@ -538,15 +549,12 @@ fn tunnel_sessions(
                     metrics::refused(Refusal::RtmpeDisabled);
                     tracing::info!("refusing RTMPTE from {label}: RTMPE is disabled (--no-rtmpe / rtmpe = false)");
                 }
-                true => match rtmpe::accept(stream, &limits).await {
+                true => match rtmpe::accept_rated(stream, &limits, &rates).await {
                     Ok(stream) => {
                         metrics::global().rtmpe_handshake(true);
                         handler(stream).await
                     }
-                    Err(e) => {
-                        metrics::global().rtmpe_handshake(false);
-                        tracing::info!("closing {label}: {e}")
-                    }
+                    Err(e) => rtmpe_failed(&e, &label, &rates),
                 },
                 false => handler(stream).await,
             }
@@ -563,15 +571,26 @@ async fn serve_rtmpe<I: ByteStream + 'static>(
     label: &str,
 ) {
     let stream = ClientStream::new(Box::new(io), Transport::Rtmpe, peer, local);
-    match rtmpe::accept(stream, &ctx.opts.limits).await {
+    match rtmpe::accept_rated(stream, &ctx.opts.limits, &ctx.rtmpe_rates).await {
         Ok(stream) => {
             metrics::global().rtmpe_handshake(true);
             (ctx.handler)(stream).await
         }
-        Err(e) => {
-            metrics::global().rtmpe_handshake(false);
-            tracing::info!("closing {peer} on {label}: {e}")
+        Err(e) => rtmpe_failed(&e, &format!("{peer} on {label}"), &ctx.rtmpe_rates),
+    }
+}
+
+/// Counts and logs a failed or refused RTMPE handshake; refusals over the rate limit are
+/// logged once a second at most (a flood of them is the attack the limit answers).
+fn rtmpe_failed(e: &rtmpe::RtmpeError, who: &str, rates: &rtmpe::HandshakeRates) {
+    metrics::global().rtmpe_handshake(false);
+    if matches!(e, rtmpe::RtmpeError::RateLimited { .. }) {
+        metrics::refused(Refusal::RtmpeHandshake);
+        if let Some(also) = rates.refusals.should_log("refused") {
+            tracing::warn!("closing {who}: {e}{also}");
         }
+    } else {
+        tracing::info!("closing {who}: {e}");
     }
 }
 
