@@ -133,6 +133,11 @@ pub struct Cli {
         hide_env_values = true
     )]
     pub admin_token: Option<String>,
+
+    /// Access log: one JSON line per session close, appended to this file (reopened on
+    /// SIGHUP, for logrotate).
+    #[arg(long, value_name = "PATH")]
+    pub access_log: Option<PathBuf>,
 }
 
 /// The TOML file, as written. Unknown keys are errors, so typos do not go unnoticed.
@@ -154,6 +159,15 @@ pub struct FileConfig {
     pub engine: FileEngine,
     #[serde(default)]
     pub admin: crate::admin::FileAdmin,
+    #[serde(default)]
+    pub log: FileLog,
+}
+
+/// `[log]`: the access log.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileLog {
+    pub access: Option<PathBuf>,
 }
 
 /// `[engine]`: how the built-in engine serves clients (ignored with an upstream). Each key
@@ -440,6 +454,8 @@ pub struct Config {
     pub warnings: Vec<String>,
     /// The admin listener (metrics, health, API, status page).
     pub admin: crate::admin::AdminSettings,
+    /// The access log file, if any.
+    pub access_log: Option<PathBuf>,
 }
 
 /// Splits `scheme://host[:port][/]` into its parts; the host may be `[v6]`.
@@ -797,6 +813,7 @@ impl Config {
             engine,
             warnings,
             admin,
+            access_log: cli.access_log.clone().or(file.log.access.map(&rel)),
         })
     }
 

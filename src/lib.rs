@@ -44,6 +44,7 @@
 //!
 //! Everything after `ClientStream` is transport-blind: a new transport touches only `door`.
 
+pub mod access;
 pub mod admin;
 pub mod budget;
 pub mod client;

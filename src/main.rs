@@ -317,6 +317,20 @@ async fn run(config: Config) -> anyhow::Result<()> {
     };
     let sessions = Sessions::new();
     let handler = sessions::accounted(handler, sessions.clone());
+    if let Some(path) = &config.access_log {
+        rtmpgate::access::open(path)?;
+        tracing::info!("access log: {}", path.display());
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    rtmpgate::access::reopen();
+                }
+            });
+        }
+    }
     let admin = admin::State::new(
         sessions.clone(),
         engine,

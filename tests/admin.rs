@@ -818,3 +818,84 @@ fn api_answers_within_100_ms_with_2000_sessions_open() {
     assert_eq!(m.by_transport("rtmpgate_sessions_open", "rtmp"), N as u64);
     drop(conns);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The access log
+// ---------------------------------------------------------------------------------------------
+
+/// Opens an RTMP session (handshake only) and returns the connection.
+fn rtmp_handshake(addr: SocketAddr) -> TcpStream {
+    let mut t = TcpStream::connect(addr).unwrap();
+    t.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    t.write_all(&c0c1()).unwrap();
+    let mut s0s1s2 = vec![0u8; 3073];
+    t.read_exact(&mut s0s1s2).unwrap();
+    t
+}
+
+fn json_lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+#[test]
+fn access_log_has_a_line_per_session_and_reopens_on_sighup() {
+    let dir = temp_dir();
+    let log = dir.path().join("access.log");
+    let gw = Gateway::builder()
+        .args(&["--listen", "rtmp://127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .config(&format!("[log]\naccess = \"{}\"\n", log.display()))
+        .start();
+    let admin = admin_addr(&gw);
+    drop(rtmp_handshake(gw.addr("rtmp")));
+    assert!(
+        wait_until(Duration::from_secs(5), || json_lines(&log).len() == 1),
+        "no access log line after the first session: {:?}",
+        std::fs::read_to_string(&log)
+    );
+    let first = &json_lines(&log)[0];
+    assert_eq!(first["transport"], "rtmp");
+    assert_eq!(first["end"], "closed");
+    assert_eq!(first["bytes_received"], 1537, "{first}");
+    assert_eq!(first["bytes_sent"], 3073, "{first}");
+    assert!(first["time"].as_str().unwrap().ends_with('Z'), "{first}");
+
+    // logrotate: move the file, SIGHUP, and the next line goes to a new file.
+    let rotated = dir.path().join("access.log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    gw.signal("HUP");
+    assert!(gw.wait_log("access log", Duration::from_secs(5)));
+    assert!(
+        wait_until(Duration::from_secs(5), || gw.log_contains("reopened")),
+        "{}",
+        gw.log()
+    );
+    let held = rtmp_handshake(gw.addr("rtmp"));
+    let id = get_json(admin, "/api/v1/sessions")["sessions"][0]["id"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        http(
+            "DELETE",
+            &format!("http://{admin}/api/v1/sessions/{id}"),
+            None
+        )
+        .0,
+        200
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || json_lines(&log).len() == 1),
+        "no line in the reopened access log"
+    );
+    assert_eq!(json_lines(&log)[0]["end"], "kicked");
+    assert_eq!(json_lines(&log)[0]["id"], id);
+    assert_eq!(
+        json_lines(&rotated).len(),
+        1,
+        "the rotated file got more lines"
+    );
+    drop(held);
+}

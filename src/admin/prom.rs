@@ -312,6 +312,12 @@ impl Collector for Gateway {
             "Charges refused because the memory budget was spent (each closed a connection).",
             budget.refused(),
         )?;
+        counter(
+            &mut e,
+            "rtmpgate_access_log_dropped",
+            "Access log lines dropped because the writer fell behind.",
+            crate::access::dropped(),
+        )?;
         gauge(
             &mut e,
             "rtmpgate_draining",

@@ -279,6 +279,7 @@ struct OpenSession {
     label: String,
     live: Arc<Live>,
     sessions: Arc<Sessions>,
+    kicked: bool,
 }
 
 impl Drop for OpenSession {
@@ -291,6 +292,25 @@ impl Drop for OpenSession {
             live.bytes_received(),
             live.bytes_sent(),
         );
+        if crate::access::enabled() {
+            let tag = live.tag();
+            crate::access::record(crate::access::Entry {
+                time: crate::access::rfc3339(SystemTime::now()),
+                id: live.id,
+                transport: live.transport.scheme(),
+                peer: live.peer.to_string(),
+                listener: live.local.to_string(),
+                app: tag.app.as_deref(),
+                name: tag.name.as_deref(),
+                role: tag.role.map(Role::as_str),
+                upstream: tag.upstream.as_deref(),
+                bytes_received: live.bytes_received(),
+                bytes_sent: live.bytes_sent(),
+                duration_secs: (secs * 1000.0).round() / 1000.0,
+                end: if self.kicked { "kicked" } else { "closed" },
+                dropped_before: None,
+            });
+        }
         self.sessions.table.remove(&live.id);
         live.counters
             .transport
@@ -330,16 +350,18 @@ pub fn accounted(inner: StreamHandler, sessions: Arc<Sessions>) -> StreamHandler
         per_transport.sessions_open.fetch_add(1, Ordering::Relaxed);
         per_transport.sessions_total.fetch_add(1, Ordering::Relaxed);
         tracing::info!("session opened: {label} (id {id})");
-        let guard = OpenSession {
+        let mut guard = OpenSession {
             label,
             live: live.clone(),
             sessions: sessions.clone(),
+            kicked: false,
         };
         let fut = inner(stream);
         Box::pin(CURRENT.scope(live.clone(), async move {
             tokio::select! {
                 _ = fut => {}
                 _ = live.kick.notified() => {
+                    guard.kicked = true;
                     tracing::info!("session {id} closed: kicked through the admin API");
                 }
             }
