@@ -66,6 +66,8 @@ pub struct Upstream {
     connect_timeout: Duration,
     /// Close a relayed session after this long without a byte either way (None: never).
     idle_timeout: Option<Duration>,
+    /// Backend unreachable: every client would log a line; at most one a second.
+    connect_failures: crate::throttle::LogThrottle,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -102,6 +104,7 @@ impl Upstream {
             proxy_protocol: settings.proxy_protocol,
             connect_timeout: settings.connect_timeout,
             idle_timeout: limits.relay_idle_timeout(),
+            connect_failures: crate::throttle::LogThrottle::new(),
         })
     }
 
@@ -135,7 +138,9 @@ impl Upstream {
         let leg = match connected {
             Ok(Ok(leg)) => leg,
             Ok(Err(e)) => {
-                tracing::warn!("{label}: closing client, {e}");
+                if let Some(also) = self.connect_failures.should_log("clients closed so") {
+                    tracing::warn!("{label}: closing client, {e}{also}");
+                }
                 let _ = client.shutdown().await;
                 return;
             }
@@ -144,7 +149,9 @@ impl Upstream {
                     url: self.url.clone(),
                     secs: self.connect_timeout.as_secs(),
                 };
-                tracing::warn!("{label}: closing client, {e}");
+                if let Some(also) = self.connect_failures.should_log("clients closed so") {
+                    tracing::warn!("{label}: closing client, {e}{also}");
+                }
                 let _ = client.shutdown().await;
                 return;
             }
