@@ -157,3 +157,104 @@ fn one_log_line_per_attacker_byte_is_gone_and_a_normal_stream_is_served() {
         r.assert_run_of(&src);
     }
 }
+
+/// A child process killed when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A log sink that takes nothing (stderr a pipe nobody reads, as with a stalled journald)
+/// must not stall the runtime: with debug logging, a client sending 30,000 commands (one
+/// debug line each) fills the pipe, yet another client's handshake and ping are answered at
+/// once; once the pipe is read again the gateway reports how many lines it dropped.
+/// With a blocking writer the worker threads hang in write(2) and the ping never comes back.
+#[test]
+fn a_stalled_log_sink_does_not_stall_clients() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+
+    let dir = temp_dir();
+    let config = dir.path().join("rtmpgate.toml");
+    // No pacing: the flood should be as fast as the gateway can log.
+    std::fs::write(&config, "[limits]\nmax_messages_per_sec = 0\n").unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rtmpgate"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args([
+            "--listen",
+            "rtmp://127.0.0.1:0",
+            "--log-level",
+            "debug",
+            "--config",
+        ])
+        .arg(&config)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("rtmpgate starts");
+    let mut stderr = std::io::BufReader::new(child.stderr.take().expect("piped"));
+    let _gw = Killed(child);
+    // Read only up to the listening line.
+    let mut addr = None;
+    let mut line = String::new();
+    while addr.is_none() {
+        line.clear();
+        let n = stderr.read_line(&mut line).expect("gateway stderr");
+        assert!(n > 0, "rtmpgate exited before listening");
+        addr = parse_listening(&[line.clone()]).first().map(|(_, a)| *a);
+    }
+    let addr = addr.unwrap();
+
+    // The flood: 30,000 `_result` commands (no reply, one debug line each, ~2.4 MB of log).
+    let cmd = chunked(3, &command(0, "_result", 1.0, &[]), 128);
+    let flood: Vec<u8> = std::iter::repeat_n(&cmd[..], 30_000)
+        .flatten()
+        .copied()
+        .collect();
+    let mut f = connect_from(Ipv4Addr::new(127, 0, 0, 41), addr).unwrap();
+    handshake(&mut f).unwrap();
+    f.write_all(&flood).expect("the flood was not taken");
+    // A ping after the flood is answered once every command before it was handled (and
+    // logged, into a full pipe and then a full queue).
+    let mut flood_inbox = Inbox::default();
+    assert!(
+        flood_inbox.pong(&mut f, 8, Duration::from_secs(30)),
+        "the flood's own ping was not answered within 30 s"
+    );
+
+    // Meanwhile another client is served at once.
+    let started = Instant::now();
+    let mut probe = connect_from(Ipv4Addr::new(127, 0, 0, 42), addr).unwrap();
+    handshake(&mut probe).expect("handshake while the log sink is stalled");
+    let mut inbox = Inbox::default();
+    assert!(
+        inbox.pong(&mut probe, 9, Duration::from_secs(5)),
+        "no ping answer within 5 s while the log sink was stalled"
+    );
+    eprintln!(
+        "with stderr unread: handshake and ping answered in {:.3} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // Read the log again: the drop report comes within its 10 s period (with a margin).
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let mut l = String::new();
+        while stderr.read_line(&mut l).is_ok_and(|n| n > 0) {
+            if l.contains("lines dropped") {
+                let _ = tx.send(l.clone());
+            }
+            l.clear();
+        }
+    });
+    let report = rx
+        .recv_timeout(Duration::from_secs(25))
+        .expect("no 'lines dropped' report within 25 s");
+    eprintln!("{}", report.trim());
+}
