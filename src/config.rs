@@ -5,7 +5,7 @@
 //! flag or key at fault and say how to fix it.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -95,6 +95,12 @@ pub struct Cli {
     #[arg(long)]
     pub accept_proxy_protocol: bool,
 
+    /// With --accept-proxy-protocol: the load balancers' addresses (CIDR, e.g. 10.0.0.0/8 or
+    /// 192.0.2.7); a connection from anywhere else is refused. Repeat for several; replaces
+    /// the file's `trusted_proxies`. Unset: any source is trusted (a warning says so).
+    #[arg(long = "trusted-proxy", value_name = "CIDR")]
+    pub trusted_proxies: Vec<String>,
+
     /// Refuse RTMPE (encrypted RTMP) handshakes instead of serving them.
     #[arg(long)]
     pub no_rtmpe: bool,
@@ -150,6 +156,7 @@ pub struct FileConfig {
     pub drain_secs: Option<u64>,
     pub rtmpe: Option<bool>,
     pub accept_proxy_protocol: Option<bool>,
+    pub trusted_proxies: Option<Vec<String>>,
     #[serde(default)]
     pub tls: FileTls,
     #[serde(default)]
@@ -447,6 +454,8 @@ pub struct Config {
     pub drain: Duration,
     pub rtmpe: bool,
     pub accept_proxy_protocol: bool,
+    /// Where PROXY headers may come from; empty: anywhere.
+    pub trusted_proxies: Vec<Cidr>,
     pub limits: Limits,
     /// The built-in engine's settings (used when there is no upstream).
     pub engine: EngineConfig,
@@ -799,6 +808,36 @@ impl Config {
             ));
         }
 
+        let accept_proxy_protocol =
+            cli.accept_proxy_protocol || file.accept_proxy_protocol.unwrap_or(false);
+        let trusted_proxies: Vec<Cidr> = if !cli.trusted_proxies.is_empty() {
+            cli.trusted_proxies
+                .iter()
+                .map(|c| Cidr::parse("--trusted-proxy", c))
+                .collect::<Result<_, _>>()?
+        } else {
+            file.trusted_proxies
+                .unwrap_or_default()
+                .iter()
+                .enumerate()
+                .map(|(i, c)| Cidr::parse(&format!("trusted_proxies[{i}]"), c))
+                .collect::<Result<_, _>>()?
+        };
+        if accept_proxy_protocol && trusted_proxies.is_empty() {
+            warnings.push(
+                "accept_proxy_protocol trusts a PROXY header from any address: anyone who can \
+                 reach a listener can claim any client address; list the load balancers in \
+                 trusted_proxies (--trusted-proxy CIDR)"
+                    .to_string(),
+            );
+        }
+        if !accept_proxy_protocol && !trusted_proxies.is_empty() {
+            warnings.push(
+                "trusted_proxies is set but accept_proxy_protocol is off: the list is unused"
+                    .to_string(),
+            );
+        }
+
         Ok(Config {
             listen,
             tls,
@@ -807,8 +846,8 @@ impl Config {
             log_format: cli.log_format.or(file.log_format).unwrap_or_default(),
             drain: Duration::from_secs(cli.drain_secs.or(file.drain_secs).unwrap_or(10)),
             rtmpe: !cli.no_rtmpe && file.rtmpe.unwrap_or(true),
-            accept_proxy_protocol: cli.accept_proxy_protocol
-                || file.accept_proxy_protocol.unwrap_or(false),
+            accept_proxy_protocol,
+            trusted_proxies,
             limits,
             engine,
             warnings,
@@ -823,6 +862,76 @@ impl Config {
             .parse::<std::net::IpAddr>()
             .ok()
             .map(|ip| SocketAddr::new(ip, url.port))
+    }
+}
+
+/// An address range: `10.0.0.0/8`, `2001:db8::/32`, or one address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    net: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Parses `ADDR/PREFIX` or `ADDR`; `key` names the setting in the error.
+    pub fn parse(key: &str, text: &str) -> Result<Cidr, ConfigError> {
+        let bad = |why: &str| {
+            invalid(
+                key,
+                format!("{text:?} {why}; write an address range such as 10.0.0.0/8, 2001:db8::/32 or 192.0.2.7"),
+            )
+        };
+        let (addr, prefix) = match text.trim().split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (text.trim(), None),
+        };
+        let net: IpAddr = addr.parse().map_err(|_| bad("is not an IP address"))?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| bad(&format!("has a prefix length that is not 0 to {max}")))?,
+            None => max,
+        };
+        Ok(Cidr {
+            net: mask(net, prefix),
+            prefix,
+        })
+    }
+
+    /// True when `ip` is in the range (an IPv4-mapped IPv6 address counts as IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        ip.is_ipv4() == self.net.is_ipv4() && mask(ip, self.prefix) == self.net
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.net, self.prefix)
+    }
+}
+
+/// `ip` with all but its first `prefix` bits cleared.
+fn mask(ip: IpAddr, prefix: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => {
+            let m = u32::MAX
+                .checked_shl(32 - u32::from(prefix.min(32)))
+                .unwrap_or(0);
+            IpAddr::V4((u32::from(v4) & m).into())
+        }
+        IpAddr::V6(v6) => {
+            let m = u128::MAX
+                .checked_shl(128 - u32::from(prefix.min(128)))
+                .unwrap_or(0);
+            IpAddr::V6((u128::from(v6) & m).into())
+        }
     }
 }
 
@@ -1152,6 +1261,38 @@ mod tests {
         assert!(merge(&[], "[limits]\nidle_timeout_secs = 31536000\n").is_ok());
         let e = merge(&[], "[limits]\nipv6_prefix_len = 129\n").unwrap_err();
         assert!(e.to_string().starts_with("limits.ipv6_prefix_len: "), "{e}");
+    }
+
+    #[test]
+    fn trusted_proxies_are_cidr_ranges() {
+        let c = merge(
+            &["--accept-proxy-protocol"],
+            "trusted_proxies = [\"10.0.0.0/8\", \"2001:db8::/32\", \"192.0.2.7\"]\n",
+        )
+        .unwrap();
+        let t = &c.trusted_proxies;
+        let has = |ip: &str| t.iter().any(|c| c.contains(ip.parse().unwrap()));
+        assert!(has("10.200.3.4") && has("::ffff:10.0.0.1") && has("192.0.2.7"));
+        assert!(has("2001:db8:ffff::1"));
+        assert!(!has("11.0.0.1") && !has("192.0.2.8") && !has("2001:db9::1"));
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        // Flags replace the file's list.
+        let c = merge(
+            &["--accept-proxy-protocol", "--trusted-proxy", "127.0.0.1"],
+            "trusted_proxies = [\"10.0.0.0/8\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.trusted_proxies.len(), 1);
+        assert_eq!(c.trusted_proxies[0].to_string(), "127.0.0.1/32");
+        // No list: trusted from anywhere, with a warning.
+        let c = merge(&["--accept-proxy-protocol"], "").unwrap();
+        assert!(c.warnings.iter().any(|w| w.contains("trusted_proxies")));
+        for bad in ["10.0.0.0/33", "banana", "::/129", "10.0.0.0/x"] {
+            let e = merge(&[], &format!("trusted_proxies = [\"{bad}\"]\n")).unwrap_err();
+            assert!(e.to_string().starts_with("trusted_proxies[0]: "), "{e}");
+        }
+        let e = merge(&["--trusted-proxy", "10.1.2.3/40"], "").unwrap_err();
+        assert!(e.to_string().starts_with("--trusted-proxy: "), "{e}");
     }
 
     #[test]

@@ -183,10 +183,19 @@ fn check(config: &Config) -> anyhow::Result<()> {
     println!(
         "  rtmpe {}, accept PROXY protocol {}, drain {} s",
         if config.rtmpe { "on" } else { "off" },
-        if config.accept_proxy_protocol {
-            "yes"
-        } else {
-            "no"
+        match (
+            config.accept_proxy_protocol,
+            config.trusted_proxies.as_slice()
+        ) {
+            (false, _) => "no".to_string(),
+            (true, []) => "yes, from any address".to_string(),
+            (true, list) => format!(
+                "yes, from {}",
+                list.iter()
+                    .map(|c| c.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
         },
         config.drain.as_secs()
     );
@@ -345,6 +354,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             tls,
             rtmpe: config.rtmpe,
             accept_proxy_protocol: config.accept_proxy_protocol,
+            trusted_proxies: config.trusted_proxies.clone(),
         },
         handler,
     )

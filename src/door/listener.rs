@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::{ListenScheme, ListenUrl};
+use crate::config::{Cidr, ListenScheme, ListenUrl};
 use crate::door::admit::ConnLimiter;
 use crate::door::proxy_protocol;
 use crate::door::rtmpe;
@@ -37,6 +37,9 @@ pub struct DoorOptions {
     pub rtmpe: bool,
     /// Expect a PROXY protocol header from a load balancer on every connection.
     pub accept_proxy_protocol: bool,
+    /// With `accept_proxy_protocol`: the only sources allowed to connect (and so to name a
+    /// client address); empty: any.
+    pub trusted_proxies: Vec<Cidr>,
 }
 
 /// Why a listener could not be opened.
@@ -282,6 +285,20 @@ async fn handle(
     let first = ctx.opts.limits.first_bytes_timeout();
 
     let (peer, head) = if ctx.opts.accept_proxy_protocol {
+        let trusted = &ctx.opts.trusted_proxies;
+        if !trusted.is_empty() && !trusted.iter().any(|c| c.contains(peer.ip())) {
+            // Only a load balancer may say who the client is; anyone else could claim any
+            // address (and with it another address's limits).
+            metrics::refused(Refusal::ProxyProtocol);
+            if let Some(also) = ctx.conns.refusals.should_log("refused") {
+                tracing::warn!(
+                    "refusing {peer} on {label}: not a trusted proxy (trusted_proxies); with \
+                     accept_proxy_protocol every connection must come through a listed load \
+                     balancer{also}"
+                );
+            }
+            return;
+        }
         match tokio::time::timeout(first, proxy_protocol::read_header(&mut tcp)).await {
             Ok(Ok((client, rest))) => (client.unwrap_or(peer), rest),
             Ok(Err(e)) => {
@@ -640,6 +657,7 @@ mod tests {
                 tls: Some(tls),
                 rtmpe: true,
                 accept_proxy_protocol,
+                trusted_proxies: Vec::new(),
             },
             echo_handler(tx),
         )
@@ -780,6 +798,7 @@ mod tests {
             tls: None,
             rtmpe: true,
             accept_proxy_protocol: false,
+            trusted_proxies: Vec::new(),
         };
         match Door::bind(&urls, opts, echo_handler(tx)).await {
             Ok(door) => assert_eq!(door.local_addrs().len(), 2),

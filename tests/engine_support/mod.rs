@@ -211,6 +211,7 @@ impl DoorServer {
             tls: Some(tls),
             rtmpe: true,
             accept_proxy_protocol: false,
+            trusted_proxies: Vec::new(),
         };
         let door = rt
             .block_on(Door::bind(&urls, opts, engine.handler()))
