@@ -50,7 +50,15 @@ impl Target {
         self.gw
             .log()
             .lines()
-            .filter(|l| l.contains(peer))
+            // The whole address: "127.0.0.5:4321" must not match a line for port 43210.
+            .filter(|l| {
+                l.match_indices(peer).any(|(i, _)| {
+                    !l[i + peer.len()..]
+                        .chars()
+                        .next()
+                        .is_some_and(|c| c.is_ascii_digit())
+                })
+            })
             .map(str::to_owned)
             .collect()
     }

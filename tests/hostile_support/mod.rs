@@ -227,8 +227,13 @@ pub fn closed_within(tcp: &mut TcpStream, limit: Duration) -> bool {
     }
 }
 
+/// The status [`http_raw`] reports when `limit` passed with the connection still open and no
+/// reply head: a hang. No case accepts it (0 means the server closed without a reply).
+pub const HUNG: u16 = 1;
+
 /// A raw HTTP/1.x exchange: writes `request` and reads the reply head and what follows
-/// until the connection closes or `limit` passes. Returns (status code or 0, all bytes).
+/// until the connection closes or `limit` passes. Returns (status code, all bytes): 0 if the
+/// server closed without a reply, [`HUNG`] if it neither answered nor closed in time.
 pub fn http_raw(tcp: &mut TcpStream, request: &[u8], limit: Duration) -> (u16, Vec<u8>) {
     let _ = tcp.write_all(request);
     let end = Instant::now() + limit;
@@ -245,6 +250,10 @@ pub fn http_raw(tcp: &mut TcpStream, request: &[u8], limit: Duration) -> (u16, V
             Err(_) => break,
         }
         if Instant::now() >= end {
+            // Still open: a whole reply head is an answer, anything less is a hang.
+            if !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                return (HUNG, got);
+            }
             break;
         }
     }
