@@ -101,16 +101,34 @@ impl Bench {
                     );
                 }
             }
-            // Live players end when the publisher leaves, or are stopped here.
+            // Live players end when the publisher leaves, or are stopped here the way the
+            // common harness stops them (SIGINT, on which both finish their file; a second
+            // one for ffmpeg in a blocking read), so their shortfall is the baseline's.
             let drain = Instant::now() + Duration::from_secs(4);
             for (name, i, _) in &players {
                 let p = &mut bench.procs[*i];
-                let alone = p.wait_or_kill(drain.saturating_duration_since(Instant::now()));
+                let alone = p
+                    .wait_timeout(drain.saturating_duration_since(Instant::now()))
+                    .is_some();
+                if !alone {
+                    p.signal("INT");
+                    if p.wait_timeout(Duration::from_millis(300)).is_none() {
+                        p.signal("INT");
+                    }
+                    p.wait_or_kill(Duration::from_secs(5));
+                }
                 println!("{name}: exit {:?} (ended alone: {alone})", p.try_status());
             }
             for (name, _, out) in &players {
-                // Baselines from PEERS.md: ffmpeg players lose ~7% at the end.
-                check_frames(name, &bench.src_video, &video_frames(out), 0.7);
+                // Started before the publisher: from the first packet, and to within the
+                // player's shortfall straight from nginx-rtmp (ffmpeg drops what it still
+                // had buffered when it is stopped).
+                let max_tail = if name.starts_with("rtmpdump") {
+                    PlayerKind::Rtmpdump.max_tail_ms()
+                } else {
+                    FFMPEG_TAIL_MS
+                };
+                check_frames(name, &bench.src_video, &video_frames(out), max_tail);
             }
             bench
         })
@@ -128,9 +146,16 @@ fn video_frames(flv: &Path) -> Vec<Frame> {
         .collect()
 }
 
-/// Received video must be one contiguous run of the source's (the last packet may be cut).
-fn check_frames(name: &str, src: &[Frame], got: &[Frame], min_fraction: f64) {
-    assert_contiguous_run(name, src, got, min_fraction);
+/// How far before the source's end an ffmpeg player stopped by this harness may stop: in
+/// every run measured, ffmpeg 5.1 straight from nginx-rtmp (`ffmpeg5_plain` in
+/// `digest_handshake_both_sides_with_real_peers`, the same run's baseline) and the static
+/// ffmpeg through rtmpgate both end exactly 1100 ms short of this 8 s source; 200 ms margin.
+const FFMPEG_TAIL_MS: i64 = 1300;
+
+/// Received video must be one contiguous run of the source's from its first packet, ending at
+/// most `max_tail_ms` before its end (the last packet may be cut).
+fn check_frames(name: &str, src: &[Frame], got: &[Frame], max_tail_ms: i64) {
+    assert_whole_run(name, src, got, max_tail_ms);
 }
 
 /// The gateway under test: a first byte of 6/8/9 goes through the RTMPE door, anything else
@@ -379,7 +404,7 @@ async fn rtmpe_clients_through_door_to_nginx() {
         "ffmpeg 9 rtmpe publish (to a sink)",
         &bench.src_video,
         &video_frames(&sink_flv),
-        0.95,
+        PlayerKind::Rtmpdump.max_tail_ms(),
     );
     for (name, _, seen) in &gw {
         let n = seen.load(Ordering::SeqCst);
@@ -512,7 +537,7 @@ async fn rtmpte_clients_through_tunnel_and_door_to_nginx() {
         "ffmpeg 9 rtmpte publish (to a sink)",
         &bench.src_video,
         &video_frames(&sink_flv),
-        0.95,
+        PlayerKind::Rtmpdump.max_tail_ms(),
     );
 
     let seen = seen.lock().unwrap().clone();
