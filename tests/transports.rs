@@ -1142,3 +1142,74 @@ fn plain_client_through_stunnel_into_the_rtmps_listener() {
         "the player did not arrive over rtmps"
     );
 }
+
+/// The table's "fails" and "crashes" cells, kept honest: each client failure the README
+/// names is reproduced here with a stream running that a fixed client would receive, so
+/// the day a client is fixed this test fails and the cell must change. rtmpdump 2.4's own
+/// rtmps fails its RTMP handshake even against stunnel in front of nginx-rtmp (no rtmpgate);
+/// rtmpdump 2.4 in rtmpts mode crashes (SIGSEGV) against rtmpgate's rtmpts listener; the
+/// static ffmpeg cannot publish over rtmpe through rtmpgate to nginx-rtmp, which sends Set
+/// Chunk Size (ffmpeg decrypts it in place and reads a garbage size: "Incorrect chunk size",
+/// or a reset once the garbage desynchronises the stream).
+#[test]
+fn client_failures_named_in_the_readme_still_happen() {
+    use std::os::unix::process::ExitStatusExt;
+    let p = peers();
+    let nginx = Nginx::start();
+    let gw = start_gateway(&["--upstream", &nginx.upstream()]);
+    let tls = Stunnel::start(nginx.addr(), TlsMode::Server);
+    let dir = temp_dir();
+    let src_file = source_flv(SECONDS);
+    let key = "live/known-failures";
+    let rtmps_out = dir.path().join("rtmps.flv");
+    let rtmpts_out = dir.path().join("rtmpts.flv");
+    let mut rtmps = PlayerKind::Rtmpdump.start(
+        &format!("rtmps://127.0.0.1:{}/{key}", tls.port()),
+        &rtmps_out,
+    );
+    let mut rtmpts =
+        PlayerKind::Rtmpdump.start(&format!("{}/{key}", gw.url("rtmpts")), &rtmpts_out);
+    let mut publisher = publish(&p.ffmpeg, &nginx.url(key), &src_file);
+    let mut rtmpe_pub = publish(
+        &p.static_ffmpeg,
+        &format!("rtmpe://{}/live/known-failures-rtmpe", gw.addr("rtmp")),
+        &src_file,
+    );
+    let bound = Duration::from_secs(15);
+
+    let st = rtmps.wait_timeout(bound);
+    assert!(
+        st.is_some_and(|s| !s.success()) && rtmps.log().contains("handshake failed"),
+        "rtmpdump's own rtmps no longer fails its handshake against stunnel + nginx-rtmp \
+         ({st:?}): update the README's rtmpdump rtmps cell; its output:\n{}",
+        rtmps.log()
+    );
+    let st = rtmpts.wait_timeout(bound);
+    assert!(
+        st.is_some_and(|s| s.signal() == Some(11)),
+        "rtmpdump in rtmpts mode no longer crashes with SIGSEGV ({st:?}): update the README's \
+         rtmpdump rtmpts cell; its output:\n{}",
+        rtmpts.log()
+    );
+    let st = rtmpe_pub.wait_timeout(bound);
+    assert!(
+        st.is_some_and(|s| !s.success()),
+        "the static ffmpeg no longer fails to publish over rtmpe to nginx-rtmp ({st:?}): \
+         update the README's cell; its output:\n{}",
+        rtmpe_pub.log()
+    );
+    // The stream was there to be had: the plain publisher ran to its end.
+    let st = publisher.wait_timeout(Duration::from_secs(u64::from(SECONDS) + 20));
+    assert!(
+        st.is_some_and(|s| s.success()),
+        "the plain publisher to nginx-rtmp failed: {}",
+        publisher.log()
+    );
+    for out in [&rtmps_out, &rtmpts_out] {
+        assert!(
+            framemd5(out).is_empty(),
+            "{} received packets after all",
+            out.display()
+        );
+    }
+}

@@ -1463,7 +1463,10 @@ impl std::fmt::Display for RunReport {
         write!(f, "{:.1}% of the source", self.fraction * 100.0)?;
         for (media, (got, of, start)) in &self.streams {
             let tail = self.tail_ms.get(media).copied().unwrap_or(0);
-            write!(f, "; {media} {got}/{of} from #{start}, {tail} ms short of the end")?;
+            write!(
+                f,
+                "; {media} {got}/{of} from #{start}, {tail} ms short of the end"
+            )?;
         }
         if self.cut_last {
             write!(f, "; last packet cut short")?;
