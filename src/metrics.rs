@@ -56,6 +56,8 @@ pub enum Refusal {
     RtmpeDisabled,
     /// The RTMPE handshake failed or timed out.
     RtmpeHandshake,
+    /// RTMPE hellos from one address faster than `limits.rtmpe_handshakes_per_ip_per_sec`.
+    RtmpeRateLimit,
     /// A tunnel session sent no RTMP handshake in time.
     HandshakeTimeout,
     /// A missing or malformed PROXY protocol header.
@@ -63,7 +65,7 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 11] = [
+    pub const ALL: [Refusal; 12] = [
         Refusal::MaxConnections,
         Refusal::MaxConnectionsPerIp,
         Refusal::MaxTunnelSessions,
@@ -73,6 +75,7 @@ impl Refusal {
         Refusal::TlsHandshake,
         Refusal::RtmpeDisabled,
         Refusal::RtmpeHandshake,
+        Refusal::RtmpeRateLimit,
         Refusal::HandshakeTimeout,
         Refusal::ProxyProtocol,
     ];
@@ -89,6 +92,7 @@ impl Refusal {
             Refusal::TlsHandshake => "tls_handshake",
             Refusal::RtmpeDisabled => "rtmpe_disabled",
             Refusal::RtmpeHandshake => "rtmpe_handshake",
+            Refusal::RtmpeRateLimit => "rtmpe_rate_limit",
             Refusal::HandshakeTimeout => "handshake_timeout",
             Refusal::ProxyProtocol => "proxy_protocol",
         }

@@ -600,13 +600,13 @@ async fn serve_rtmpe<I: ByteStream + 'static>(
 /// Counts and logs a failed or refused RTMPE handshake; refusals over the rate limit are
 /// logged once a second at most (a flood of them is the attack the limit answers).
 fn rtmpe_failed(e: &rtmpe::RtmpeError, who: &str, rates: &rtmpe::HandshakeRates) {
-    metrics::global().rtmpe_handshake(false);
     if matches!(e, rtmpe::RtmpeError::RateLimited { .. }) {
-        metrics::refused(Refusal::RtmpeHandshake);
+        metrics::refused(Refusal::RtmpeRateLimit);
         if let Some(also) = rates.refusals.should_log("refused") {
             tracing::warn!("closing {who}: {e}{also}");
         }
     } else {
+        metrics::global().rtmpe_handshake(false);
         tracing::info!("closing {who}: {e}");
     }
 }
