@@ -56,7 +56,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(run(config));
+    let result = runtime.block_on(run(cli, config));
     // Sessions still open after the drain are dropped here (their close lines are logged);
     // blocking work gets a moment, not a wait.
     runtime.shutdown_timeout(std::time::Duration::from_millis(500));
@@ -255,32 +255,97 @@ fn build_resolver(settings: &TlsSettings) -> anyhow::Result<SniResolver> {
     Ok(resolver)
 }
 
-/// On SIGHUP, reads the certificates and keys again (after a Let's Encrypt renewal, say) and
-/// serves them to new handshakes; on any error the current ones stay.
+/// Re-reads the configuration (SIGHUP, `POST /api/v1/reload`) and applies what changes
+/// without a restart: the TLS certificates and keys (after a Let's Encrypt renewal, say) and
+/// the access log file (reopened, for logrotate). A configuration that does not validate, or
+/// certificates that do not load, are refused whole and the running ones kept; changed
+/// settings that only a restart applies are named in the log and the answer.
+struct Reloader {
+    cli: Cli,
+    running: Config,
+    resolver: Option<Arc<Reloadable>>,
+}
+
+impl Reloader {
+    fn reload(&self, via: &str) -> Result<serde_json::Value, String> {
+        let mut applied = Vec::new();
+        if self.running.access_log.is_some() {
+            rtmpgate::access::reopen();
+            applied.push("access log reopened");
+        }
+        let fresh = Config::load(&self.cli).map_err(|e| {
+            tracing::error!("{via}: keeping the current configuration and TLS certificates: {e}");
+            e.to_string()
+        })?;
+        if let (Some(resolver), Some(settings)) = (&self.resolver, &fresh.tls) {
+            match build_resolver(settings) {
+                Ok(r) => {
+                    resolver.replace(r);
+                    tracing::info!("{via}: reloaded TLS certificates ({})", settings.default);
+                    applied.push("tls certificates");
+                }
+                Err(e) => {
+                    let why = report(&e);
+                    tracing::error!("{via}: keeping the current TLS certificates: {why}");
+                    return Err(why);
+                }
+            }
+        }
+        let restart = needs_restart(&self.running, &fresh);
+        if !restart.is_empty() {
+            tracing::warn!(
+                "{via}: changed settings that take effect at the next restart only: {}",
+                restart.join(", ")
+            );
+        }
+        Ok(serde_json::json!({"applied": applied, "restart_needed": restart}))
+    }
+}
+
+/// The settings that differ between two configurations and are not applied by a reload.
+fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
+    let differ =
+        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+    let mut out = Vec::new();
+    let checks: [(&'static str, bool); 11] = [
+        ("listen", differ(&old.listen, &new.listen)),
+        ("upstream", differ(&old.upstream, &new.upstream)),
+        ("limits", differ(&old.limits, &new.limits)),
+        ("engine", differ(&old.engine, &new.engine)),
+        ("admin", differ(&old.admin, &new.admin)),
+        ("rtmpe", old.rtmpe != new.rtmpe),
+        (
+            "accept_proxy_protocol",
+            old.accept_proxy_protocol != new.accept_proxy_protocol,
+        ),
+        ("drain_secs", old.drain != new.drain),
+        ("log_level", old.log_level != new.log_level),
+        ("log_format", differ(&old.log_format, &new.log_format)),
+        ("log.access", old.access_log != new.access_log),
+    ];
+    for (name, changed) in checks {
+        if changed {
+            out.push(name);
+        }
+    }
+    out
+}
+
+/// SIGHUP runs the reload (off the executor threads: it reads files).
 #[cfg(unix)]
-fn reload_on_sighup(settings: TlsSettings, resolver: Arc<Reloadable>) -> anyhow::Result<()> {
+fn reload_on_sighup(reloader: Arc<Reloader>) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
-            let s = settings.clone();
-            match tokio::task::spawn_blocking(move || build_resolver(&s)).await {
-                Ok(Ok(fresh)) => {
-                    resolver.replace(fresh);
-                    tracing::info!("SIGHUP: reloaded TLS certificates ({})", settings.default);
-                }
-                Ok(Err(e)) => tracing::error!(
-                    "SIGHUP: keeping the current TLS certificates: {}",
-                    report(&e)
-                ),
-                Err(e) => tracing::error!("SIGHUP: certificate reload failed: {e}"),
-            }
+            let r = reloader.clone();
+            let _ = tokio::task::spawn_blocking(move || r.reload("SIGHUP")).await;
         }
     });
     Ok(())
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     check_fd_limit(&config);
     let limits = Arc::new(config.limits.clone());
     let budget = config.limits.memory_budget();
@@ -306,12 +371,21 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 CertSource::Files { .. } => {}
             }
             let resolver = Reloadable::new(build_resolver(settings)?);
-            #[cfg(unix)]
-            reload_on_sighup(settings.clone(), resolver.clone())?;
-            Some(tls::server_config_with(resolver)?)
+            Some((tls::server_config_with(resolver.clone())?, resolver))
         }
         None => None,
     };
+    let (tls, resolver) = match tls {
+        Some((config, resolver)) => (Some(config), Some(resolver)),
+        None => (None, None),
+    };
+    let reloader = Arc::new(Reloader {
+        cli,
+        running: config.clone(),
+        resolver,
+    });
+    #[cfg(unix)]
+    reload_on_sighup(reloader.clone())?;
     let (handler, engine): (StreamHandler, _) = match &config.upstream {
         Some(settings) => {
             let upstream = Arc::new(Upstream::new(settings, &config.limits)?);
@@ -329,16 +403,6 @@ async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(path) = &config.access_log {
         rtmpgate::access::open(path)?;
         tracing::info!("access log: {}", path.display());
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{signal, SignalKind};
-            let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-            tokio::spawn(async move {
-                while hup.recv().await.is_some() {
-                    rtmpgate::access::reopen();
-                }
-            });
-        }
     }
     let admin = admin::State::new(
         sessions.clone(),
@@ -346,6 +410,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         config.upstream.clone(),
         config.admin.token.clone(),
     );
+    let r = reloader.clone();
+    admin.set_reloader(Box::new(move |via: &str| r.reload(via)));
     admin::start(&config.admin, admin.clone())?;
     let door = Door::bind(
         &config.listen,

@@ -899,3 +899,71 @@ fn access_log_has_a_line_per_session_and_reopens_on_sighup() {
     );
     drop(held);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Reload
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn reload_through_the_api_applies_certificates_and_refuses_a_bad_file() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = temp_dir();
+    let cert = dir.path().join("fullchain.pem");
+    let key = dir.path().join("privkey.pem");
+    std::fs::copy(root.join("certs/localhost.pem"), &cert).unwrap();
+    std::fs::copy(root.join("certs/localhost.key"), &key).unwrap();
+    let config = dir.path().join("rtmpgate.toml");
+    let text = format!(
+        "listen = [\"rtmps://127.0.0.1:0\"]\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+        cert.display(),
+        key.display()
+    );
+    std::fs::write(&config, &text).unwrap();
+    let gw = Gateway::builder()
+        .args(&["--config", config.to_str().unwrap()])
+        .listeners(1)
+        .start();
+    let admin = admin_addr(&gw);
+    let reload = || http("POST", &format!("http://{admin}/api/v1/reload"), None);
+
+    let (code, body) = reload();
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["applied"], serde_json::json!(["tls certificates"]), "{v}");
+    assert_eq!(v["restart_needed"], serde_json::json!([]), "{v}");
+    assert!(gw.wait_log("reloaded TLS certificates", Duration::from_secs(5)));
+
+    // A file that does not parse is refused whole, with the reason.
+    std::fs::write(&config, "listen = [\n").unwrap();
+    let (code, body) = reload();
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("rtmpgate.toml"), "{body}");
+    assert!(gw.wait_log("keeping the current configuration", Duration::from_secs(5)));
+
+    // A changed limit is valid but needs a restart: said so.
+    std::fs::write(
+        &config,
+        format!("{text}[limits]\nmax_connections_per_ip = 7\n"),
+    )
+    .unwrap();
+    let (code, body) = reload();
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"restart_needed\":[\"limits\"]"), "{body}");
+
+    // Still serving TLS after all that.
+    let mut cmd = Command::new(&peers().openssl);
+    cmd.args([
+        "s_client",
+        "-connect",
+        &gw.addr("rtmps").to_string(),
+        "-brief",
+    ])
+    .stdin(std::process::Stdio::null());
+    let (_, out, err) = run_capture(&mut cmd, Duration::from_secs(10));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out),
+        String::from_utf8_lossy(&err)
+    );
+    assert!(text.contains("CONNECTION ESTABLISHED"), "{text}");
+}

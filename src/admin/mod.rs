@@ -54,6 +54,7 @@ pub struct State {
     draining: AtomicBool,
     token: Option<String>,
     started: Instant,
+    reloader: OnceLock<Reload>,
     /// The previous sample per stream, for bitrates (touched by API requests only).
     rates: Mutex<HashMap<(String, String), api::RateSample>>,
 }
@@ -70,6 +71,7 @@ impl State {
             engine,
             upstream,
             tunnel: OnceLock::new(),
+            reloader: OnceLock::new(),
             draining: AtomicBool::new(false),
             token,
             started: Instant::now(),
@@ -80,6 +82,11 @@ impl State {
     /// Every client listener is bound (the gateway can take clients from now on).
     pub fn set_bound(&self, tunnel: Arc<Tunnel>) {
         let _ = self.tunnel.set(tunnel);
+    }
+
+    /// What `POST /api/v1/reload` runs (the same as SIGHUP); its argument names who asked.
+    pub fn set_reloader(&self, reload: Reload) {
+        let _ = self.reloader.set(reload);
     }
 
     /// Shutdown began: no new clients, `/readyz` answers 503 from now on.
@@ -115,6 +122,9 @@ impl State {
         Ok(())
     }
 }
+
+/// Re-reads and applies the configuration: Ok(what was applied), Err(why it was refused).
+pub type Reload = Box<dyn Fn(&str) -> Result<serde_json::Value, String> + Send + Sync>;
 
 /// The running admin listener.
 #[derive(Debug)]
@@ -331,6 +341,18 @@ fn route(
         r.headers_mut()
             .insert("www-authenticate", HeaderValue::from_static("Bearer"));
         return r;
+    }
+    if method == Method::POST && path == "/api/v1/reload" {
+        let Some(reload) = state.reloader.get() else {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "reload is not available");
+        };
+        return match reload(&format!("reload requested through the admin API by {peer}")) {
+            Ok(v) => json(StatusCode::OK, &v),
+            Err(why) => json(
+                StatusCode::BAD_REQUEST,
+                &serde_json::json!({"error": why, "kept": "the running configuration"}),
+            ),
+        };
     }
     if method == Method::DELETE {
         if let Some(id) = path.strip_prefix("/api/v1/sessions/") {
