@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use hostile_support::*;
+use rtmpgate::rtmp::amf0::Amf0Value;
 
 /// Bytes of 0xC3 after the zero-length message: the 100 KB.
 const ATTACK_BYTES: usize = 100_000;
@@ -25,6 +26,8 @@ const MAX_ATTACK_LINES: usize = 20;
 /// The message rate set for the pacing case, and the zero-length messages it sends.
 const PACED_RATE: u32 = 1_000;
 const PACED_MESSAGES: usize = 5_000;
+/// Play commands sent in one write by one connection.
+const PLAYS: usize = 1_000;
 
 /// A fmt 0 header on chunk stream 3 for a message of `msg_type` with no payload, then
 /// `repeat` fmt 3 headers on the same chunk stream (0xC3): each completes another empty
@@ -68,48 +71,97 @@ fn one_log_line_per_attacker_byte_is_gone_and_a_normal_stream_is_served() {
     let players = vec![(PlayerKind::Ffmpeg, format!("{}/{key}", gw.url("rtmp")))];
     let publish_url = format!("{}/{key}", gw.url("rtmp"));
 
-    let (received, (peer, closed, attack_took), (paced_took, paced_peer)) = thread::scope(|s| {
-        let normal =
-            s.spawn(|| publish_and_play(dir.path(), &p.ffmpeg, &publish_url, &src_file, &players));
-        assert!(
-            wait_until(Duration::from_secs(30), || gw
-                .log_contains("publish live/normal")),
-            "the normal publisher never started; log:\n{}",
-            gw.log()
-        );
-        // 1. A zero-length command message, then 0xC3 repeated: one empty (undecodable)
-        // command per byte.
-        let attacker = s.spawn(|| {
-            let started = Instant::now();
-            let mut tcp = attack(
-                addr,
-                Ipv4Addr::new(127, 0, 0, 21),
-                &zero_length_messages(20, ATTACK_BYTES),
+    let (received, (peer, closed, attack_took), (paced_took, paced_peer), plays_peer) =
+        thread::scope(|s| {
+            let normal = s.spawn(|| {
+                publish_and_play(dir.path(), &p.ffmpeg, &publish_url, &src_file, &players)
+            });
+            assert!(
+                wait_until(Duration::from_secs(30), || gw
+                    .log_contains("publish live/normal")),
+                "the normal publisher never started; log:\n{}",
+                gw.log()
             );
-            let peer = peer_label(&tcp);
-            let closed = closed_within(&mut tcp, Duration::from_secs(15));
-            (peer, closed, started.elapsed())
+            // 1. A zero-length command message, then 0xC3 repeated: one empty (undecodable)
+            // command per byte.
+            let attacker = s.spawn(|| {
+                let started = Instant::now();
+                let mut tcp = attack(
+                    addr,
+                    Ipv4Addr::new(127, 0, 0, 21),
+                    &zero_length_messages(20, ATTACK_BYTES),
+                );
+                let peer = peer_label(&tcp);
+                let closed = closed_within(&mut tcp, Duration::from_secs(15));
+                (peer, closed, started.elapsed())
+            });
+            // 2. Zero-length audio messages are legal, but each is a message: they are paced.
+            let paced = s.spawn(|| {
+                let mut tcp = attack(
+                    addr,
+                    Ipv4Addr::new(127, 0, 0, 22),
+                    &zero_length_messages(8, PACED_MESSAGES - 1),
+                );
+                let peer = peer_label(&tcp);
+                let started = Instant::now();
+                let mut inbox = Inbox::default();
+                let answered = inbox.pong(&mut tcp, 7, Duration::from_secs(40));
+                assert!(answered, "the paced connection never answered its ping");
+                (started.elapsed(), peer)
+            });
+            // 3. A thousand play commands in one write (each would be a line).
+            let plays = s.spawn(|| {
+                let mut tcp = connect_from(Ipv4Addr::new(127, 0, 0, 23), addr).unwrap();
+                handshake(&mut tcp).unwrap();
+                let mut inbox = Inbox::default();
+                connect_and_create_stream(&mut tcp, &mut inbox, addr, Duration::from_secs(10))
+                    .unwrap();
+                let play = chunked(
+                    8,
+                    &command(
+                        1,
+                        "play",
+                        0.0,
+                        &[Amf0Value::Null, Amf0Value::String("nobody".into())],
+                    ),
+                    128,
+                );
+                let burst: Vec<u8> = std::iter::repeat_n(&play[..], PLAYS)
+                    .flatten()
+                    .copied()
+                    .collect();
+                tcp.write_all(&burst).unwrap();
+                assert!(
+                    inbox.pong(&mut tcp, 3, Duration::from_secs(20)),
+                    "plays not handled"
+                );
+                peer_label(&tcp)
+            });
+            (
+                normal.join().expect("normal session"),
+                attacker.join().expect("attacker"),
+                paced.join().expect("paced"),
+                plays.join().expect("plays"),
+            )
         });
-        // 2. Zero-length audio messages are legal, but each is a message: they are paced.
-        let paced = s.spawn(|| {
-            let mut tcp = attack(
-                addr,
-                Ipv4Addr::new(127, 0, 0, 22),
-                &zero_length_messages(8, PACED_MESSAGES - 1),
-            );
-            let peer = peer_label(&tcp);
-            let started = Instant::now();
-            let mut inbox = Inbox::default();
-            let answered = inbox.pong(&mut tcp, 7, Duration::from_secs(40));
-            assert!(answered, "the paced connection never answered its ping");
-            (started.elapsed(), peer)
-        });
-        (
-            normal.join().expect("normal session"),
-            attacker.join().expect("attacker"),
-            paced.join().expect("paced"),
-        )
-    });
+    // The play connection has closed (dropped in its thread): its close lines are in.
+    assert!(wait_until(Duration::from_secs(10), || lines_about(
+        &gw,
+        &plays_peer
+    )
+    .iter()
+    .any(|l| l.contains("session closed"))));
+    let about_plays = lines_about(&gw, &plays_peer);
+    eprintln!(
+        "{PLAYS} play commands from {plays_peer}: {} log line(s):\n{}",
+        about_plays.len(),
+        about_plays.join("\n")
+    );
+    assert!(
+        about_plays.len() <= MAX_ATTACK_LINES,
+        "{} log lines for {PLAYS} play commands (at most {MAX_ATTACK_LINES})",
+        about_plays.len()
+    );
 
     let about = lines_about(&gw, &peer);
     eprintln!(

@@ -123,7 +123,8 @@ struct Session {
     protocol_errors: u32,
     /// Messages per second (limits.max_messages_per_sec).
     rate: RateLimit,
-    /// The warnings this peer can cause, at most one a second.
+    /// The lines this peer can cause by repeating itself (malformed messages, play,
+    /// refused publish), at most one a second.
     warnings: LogThrottle,
 }
 
@@ -713,10 +714,13 @@ impl Session {
                 self.send(CSID_COMMAND, &m);
             }
             Err(e) => {
-                info!(
-                    session = self.id,
-                    "{}: publish {key} refused: {e}", self.label
-                );
+                // A peer can repeat the command: its lines share the session's throttle.
+                if let Some(also) = self.warnings.should_log("lines") {
+                    info!(
+                        session = self.id,
+                        "{}: publish {key} refused: {e}{also}", self.label
+                    );
+                }
                 let m = cmd::on_status(
                     stream_id,
                     "error",
@@ -745,16 +749,19 @@ impl Session {
         self.playing = None;
         self.raise_chunk_size();
         let mut player = self.engine.hub().play(&key);
-        info!(
-            session = self.id,
-            "{}: play {key} ({})",
-            self.label,
-            if player.live {
-                "live"
-            } else {
-                "waiting for a publisher"
-            }
-        );
+        // A peer can repeat play: its lines share the session's throttle.
+        if let Some(also) = self.warnings.should_log("lines") {
+            info!(
+                session = self.id,
+                "{}: play {key} ({}){also}",
+                self.label,
+                if player.live {
+                    "live"
+                } else {
+                    "waiting for a publisher"
+                }
+            );
+        }
         self.role = format!("play {key}");
         crate::door::sessions::tag_stream(crate::door::sessions::Role::Player, &key);
         self.send_control(&UserControl::StreamBegin(stream_id).to_message());
