@@ -967,3 +967,65 @@ fn reload_through_the_api_applies_certificates_and_refuses_a_bad_file() {
     );
     assert!(text.contains("CONNECTION ESTABLISHED"), "{text}");
 }
+
+#[test]
+fn reloads_under_load_lose_no_packet_on_any_transport() {
+    let gw = Gateway::builder()
+        .rtmp_and_rtmps()
+        .args(&["--admin", "127.0.0.1:0"])
+        .start();
+    let admin = admin_addr(&gw);
+    let pid = gw.pid();
+    let dir = temp_dir();
+    let src_file = source_flv(5);
+    let src = framemd5(&src_file);
+    let key = "reload-under-load";
+    let players: Vec<(PlayerKind, String)> = ["rtmp", "rtmps", "rtmpt", "rtmpts"]
+        .iter()
+        .map(|s| (PlayerKind::Ffmpeg, format!("{}/live/{key}", gw.url(s))))
+        .collect();
+    // Reloads every 300 ms while the media flows, through the API and SIGHUP in turn.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reloads = {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            let (mut ok, mut failed) = (0, Vec::new());
+            let mut i = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                if i % 2 == 0 {
+                    let (code, body) = http("POST", &format!("http://{admin}/api/v1/reload"), None);
+                    if code == 200 {
+                        ok += 1;
+                    } else {
+                        failed.push(format!("{code} {body}"));
+                    }
+                } else {
+                    signal(pid, "HUP");
+                }
+                i += 1;
+                thread::sleep(Duration::from_millis(300));
+            }
+            (ok, i, failed)
+        })
+    };
+    let got = publish_and_play_when(
+        dir.path(),
+        &peers().ffmpeg,
+        &format!("{}/live/{key}", gw.url("rtmp")),
+        &src_file,
+        &players,
+        || gw.count_log(&format!(": play live/{key}")) >= 4,
+    );
+    stop.store(true, Ordering::Relaxed);
+    let (ok, total, failed) = reloads.join().unwrap();
+    assert!(failed.is_empty(), "reloads refused: {failed:?}");
+    let logged = gw.count_log("reloaded TLS certificates");
+    println!("{total} reloads ({ok} through the API), {logged} logged");
+    assert!(
+        ok >= 4 && logged >= total as usize - 1,
+        "too few reloads ran: {ok} API, {logged} logged"
+    );
+    for r in &got {
+        r.assert_run_of(&src);
+    }
+}
