@@ -51,6 +51,12 @@ impl Conn {
     /// Pipelines `n` `POST /open/1` requests (written by a second thread while the replies
     /// are read, so neither side's buffers stall) and returns (opened, refused).
     fn open_burst(&mut self, n: usize) -> (usize, usize) {
+        let (ids, refused) = self.open_ids(n);
+        (ids.len(), refused)
+    }
+
+    /// Like `open_burst`, returning the ids of the sessions opened.
+    fn open_ids(&mut self, n: usize) -> (Vec<String>, usize) {
         let req = b"POST /open/1 HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-fcs\r\n\
                     Content-Length: 1\r\n\r\n\0";
         let mut w = self.write.try_clone().unwrap();
@@ -69,21 +75,34 @@ impl Conn {
                 left -= k;
             }
         });
-        let (mut ok, mut refused) = (0, 0);
+        let (mut ids, mut refused) = (Vec::new(), 0);
         for _ in 0..n {
             match self.response() {
-                Some(200) => ok += 1,
-                Some(503) => refused += 1,
-                Some(other) => panic!("unexpected status {other} to /open/1"),
+                Some((200, body)) => ids.push(String::from_utf8(body).unwrap().trim().to_string()),
+                Some((503, _)) => refused += 1,
+                Some((other, _)) => panic!("unexpected status {other} to /open/1"),
                 None => panic!("the gateway closed the flooding connection"),
             }
         }
         writer.join().unwrap();
-        (ok, refused)
+        (ids, refused)
     }
 
-    /// Reads one response; Some(status).
-    fn response(&mut self) -> Option<u16> {
+    /// One request with a body; the reply's status.
+    fn post(&mut self, path: &str, body: &[u8]) -> Option<u16> {
+        let mut req = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-fcs\r\n\
+             Content-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        req.extend_from_slice(body);
+        self.write.write_all(&req).ok()?;
+        self.response().map(|(status, _)| status)
+    }
+
+    /// Reads one response: (status, body).
+    fn response(&mut self) -> Option<(u16, Vec<u8>)> {
         let mut line = String::new();
         self.read.read_line(&mut line).ok()?;
         let status = line.get(9..12)?.parse().ok()?;
@@ -102,7 +121,7 @@ impl Conn {
         }
         let mut body = vec![0u8; len];
         self.read.read_exact(&mut body).ok()?;
-        Some(status)
+        Some((status, body))
     }
 }
 
@@ -233,4 +252,51 @@ fn pipelined_open_flood_is_capped_per_address_and_rtmpt_clients_are_served() {
         reaped_all,
         "only {reaped} of {all} handshake-less sessions were reaped"
     );
+}
+
+/// With `--upstream`, every tunnel session that sends C0 opens a backend connection: the
+/// flood from one address gets at most its per-address share of them, and they close when
+/// the sessions are reaped for not finishing the handshake.
+#[test]
+fn open_flood_with_upstream_opens_at_most_the_cap_of_backend_connections() {
+    let nginx = Nginx::start();
+    let gw = Gateway::builder()
+        .args(&["--listen", "rtmp://127.0.0.1:0", "--upstream", &nginx.upstream()])
+        .config(&format!(
+            "[limits]\nmax_connections_per_ip = {PER_IP}\nhandshake_timeout_secs = {HANDSHAKE_SECS}\n"
+        ))
+        .start();
+    let addr = gw.addr("rtmpt");
+    let backend_before = established_on(nginx.port());
+    let mut flood = Conn::open(addr, "127.0.0.2".parse().unwrap());
+    let (ids, refused) = flood.open_ids(2_000);
+    let mut c0c1 = vec![3u8];
+    c0c1.extend((0..1536).map(|i| (i % 251) as u8));
+    for id in &ids {
+        assert_eq!(flood.post(&format!("/send/{id}/0"), &c0c1), Some(200));
+    }
+    // Each C0 makes the gateway dial the backend: count them at their peak.
+    let mut peak = 0;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        peak = peak.max(established_on(nginx.port()).saturating_sub(backend_before));
+        thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "2,000 /open/1 from 127.0.0.2 with --upstream: {} opened, {refused} refused; \
+         backend connections at the peak: {peak}",
+        ids.len()
+    );
+    assert_eq!(ids.len(), PER_IP - 1);
+    assert!(peak < PER_IP, "{peak} backend connections for one address");
+    // None of them finished the handshake: reaped, and their backend legs closed.
+    let closed = wait_until(Duration::from_secs(HANDSHAKE_SECS + 10), || {
+        established_on(nginx.port()) <= backend_before
+    });
+    assert!(
+        closed,
+        "{} backend connections still open after the handshake timeout",
+        established_on(nginx.port())
+    );
+    drop(flood);
 }
