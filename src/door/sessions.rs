@@ -286,14 +286,21 @@ impl Drop for OpenSession {
     fn drop(&mut self) {
         let live = &self.live;
         let secs = live.started.elapsed().as_secs_f64();
+        let tag = live.tag();
+        // What the session was for, where the engine or the relay said.
+        let what = match (&tag.role, &tag.app, &tag.name, &tag.upstream) {
+            (Some(role), Some(app), Some(name), _) => format!(", {} {app}/{name}", role.as_str()),
+            (_, _, _, Some(up)) => format!(", relay to {up}"),
+            _ => String::new(),
+        };
         tracing::info!(
-            "session closed: {}, {} bytes in, {} bytes out, {secs:.1} s",
+            session = live.id,
+            "session closed: {}, {} bytes in, {} bytes out, {secs:.1} s{what}",
             self.label,
             live.bytes_received(),
             live.bytes_sent(),
         );
         if crate::access::enabled() {
-            let tag = live.tag();
             crate::access::record(crate::access::Entry {
                 time: crate::access::rfc3339(SystemTime::now()),
                 id: live.id,
