@@ -63,6 +63,9 @@ pub struct Limits {
     /// past it is paused, not closed. Zero-length messages count. 0 turns it off. ffmpeg
     /// publishing 3 Mb/s 60 fps video with 48 kHz AAC sends about 110 a second.
     pub max_messages_per_sec: u32,
+    /// Bytes of replies (command results, status messages, pongs) queued for one client;
+    /// past it the engine decodes no more of the client's messages until they are written.
+    pub max_reply_queue: usize,
 
     /// RTMPT sessions open at once.
     pub max_tunnel_sessions: usize,
@@ -115,6 +118,7 @@ impl Default for Limits {
             max_name_len: 1024,
             max_protocol_errors: 10,
             max_messages_per_sec: 2_000,
+            max_reply_queue: 64 * 1024,
             max_tunnel_sessions: 10_000,
             max_tunnel_pending: 1024 * 1024,
             max_http_body: 4 * 1024 * 1024,

@@ -154,6 +154,19 @@ pub struct Frame {
     pub offset: u64,
 }
 
+/// Bytes of a fmt 0 first-chunk header on chunk streams 2-63 (basic header, message header,
+/// extended timestamp): the only part of a chunked message that names the message stream.
+fn fmt0_head_len(timestamp: u32) -> usize {
+    if timestamp >= 0xFF_FFFF {
+        16
+    } else {
+        12
+    }
+}
+
+/// Where the message stream id (4 bytes, little-endian) sits in a fmt 0 first-chunk header.
+const HEAD_STREAM_ID_AT: usize = 8;
+
 impl Frame {
     fn csid(&self) -> u32 {
         match self.msg_type {
@@ -163,10 +176,28 @@ impl Frame {
         }
     }
 
-    /// The chunks of this frame for a player on `stream_id` (shared bytes when possible).
-    pub fn chunks_for(&self, stream_id: u32, chunk_size: u32, shared_chunk_size: u32) -> Bytes {
-        if stream_id == SHARED_STREAM_ID && chunk_size == shared_chunk_size {
-            return self.chunked.clone();
+    /// The chunks of this frame for a player on `stream_id`: an optional first-chunk header of
+    /// its own, then shared bytes. Only the first header names the message stream, so a player
+    /// on any stream id shares the payload chunks; only a player with another chunk size (none
+    /// today: every player gets ours) costs a copy.
+    pub fn chunks_for(
+        &self,
+        stream_id: u32,
+        chunk_size: u32,
+        shared_chunk_size: u32,
+    ) -> (Option<Bytes>, Bytes) {
+        if chunk_size == shared_chunk_size {
+            if stream_id == SHARED_STREAM_ID {
+                return (None, self.chunked.clone());
+            }
+            let head_len = fmt0_head_len(self.timestamp);
+            if let Some(head) = self.chunked.get(..head_len) {
+                let mut own = head.to_vec();
+                if let Some(sid) = own.get_mut(HEAD_STREAM_ID_AT..HEAD_STREAM_ID_AT + 4) {
+                    sid.copy_from_slice(&stream_id.to_le_bytes());
+                    return (Some(Bytes::from(own)), self.chunked.slice(head_len..));
+                }
+            }
         }
         let msg = Message {
             msg_type: self.msg_type,
@@ -174,7 +205,10 @@ impl Frame {
             stream_id,
             payload: self.payload.clone(),
         };
-        chunk::encode_fmt0_bytes(self.csid(), &msg, chunk_size)
+        (
+            None,
+            chunk::encode_fmt0_bytes(self.csid(), &msg, chunk_size),
+        )
     }
 
     /// This frame moved to `timestamp` (a header sent to a late player at its start time).
@@ -219,6 +253,9 @@ pub struct HubConfig {
     pub gop_max_bytes: usize,
     /// Messages the GOP cache may hold.
     pub gop_max_messages: usize,
+    /// A late player starts from the cached GOP only if its keyframe is at most this many
+    /// bytes behind live (else it waits for the next keyframe, as it would skip to it anyway).
+    pub max_lag_bytes: u64,
 }
 
 impl Default for HubConfig {
@@ -229,6 +266,7 @@ impl Default for HubConfig {
             gop_cache: true,
             gop_max_bytes: 16 * 1024 * 1024,
             gop_max_messages: 4096,
+            max_lag_bytes: 8 * 1024 * 1024,
         }
     }
 }
@@ -261,6 +299,12 @@ struct SlotState {
     rebase: bool,
     /// The largest timestamp players have been sent on this key.
     last_out: Option<u32>,
+    /// Bumped whenever a header changes (or the caches are cleared): tells a cached re-timing
+    /// apart from a stale one.
+    headers_gen: u64,
+    /// The headers re-timed to a late player's start (`headers_gen`, start timestamp, frames):
+    /// made once for every player that starts at that timestamp, not once per player.
+    retimed: Option<(u64, u32, Vec<Arc<Frame>>)>,
 }
 
 impl SlotState {
@@ -273,6 +317,8 @@ impl SlotState {
     }
 
     fn clear_caches(&mut self) {
+        self.headers_gen = self.headers_gen.wrapping_add(1);
+        self.retimed = None;
         self.meta = None;
         self.video_header = None;
         self.audio_header = None;
@@ -401,36 +447,77 @@ impl Hub {
 
     /// Subscribe to `key`: the player gets the start frames (metadata, headers, GOP) and a
     /// ring receiver that carries everything after them, with nothing lost in between.
+    ///
+    /// Nothing is copied under a lock: the start frames are shared `Arc`s, and headers that
+    /// need a new timestamp are re-chunked once per start timestamp (outside the locks) and
+    /// cached for the next players.
     pub fn play(self: &Arc<Self>, key: &StreamKey) -> Player {
         let mut slots = lock(&self.slots);
         let slot = self.slot(&mut slots, key);
         let mut st = lock(&slot.state);
+        // Counted while the hub's lock is held, so `release` cannot drop the slot under us.
         st.players = st.players.saturating_add(1);
+        drop(slots);
         let rx = slot.tx.subscribe();
         let live = st.publisher.is_some();
         let mut start = Vec::new();
         let mut has_keyframe = false;
+        let mut retime = None;
         if live {
+            // A GOP whose keyframe is further behind live than a player may lag would be
+            // skipped at once: the player waits for the next keyframe instead.
+            let total = slot.total.load(Ordering::Relaxed);
+            let gop_ok = st.gop_valid
+                && st
+                    .gop
+                    .first()
+                    .is_some_and(|f| total.saturating_sub(f.offset) <= self.cfg.max_lag_bytes);
             // Headers keep the timestamp they were published at (often 0); a late player
             // gets them at its own start instead, so its timeline does not jump forward.
-            let gop_start = st.gop.first().filter(|_| st.gop_valid).map(|f| f.timestamp);
+            let gop_start = st.gop.first().filter(|_| gop_ok).map(|f| f.timestamp);
             let start_ts = gop_start.or(st.last_out).unwrap_or(0);
-            let headers = [&st.meta, &st.video_header, &st.audio_header];
-            for h in headers.into_iter().flatten() {
-                if h.timestamp < start_ts {
-                    start.push(Arc::new(h.retimed(start_ts, self.cfg.chunk_size)));
-                } else {
-                    start.push(h.clone());
+            let headers: Vec<Arc<Frame>> = [&st.meta, &st.video_header, &st.audio_header]
+                .into_iter()
+                .flatten()
+                .cloned()
+                .collect();
+            if headers.iter().any(|h| h.timestamp < start_ts) {
+                match &st.retimed {
+                    Some((gen, ts, frames)) if *gen == st.headers_gen && *ts == start_ts => {
+                        start.extend(frames.iter().cloned());
+                    }
+                    _ => retime = Some((st.headers_gen, start_ts, headers)),
                 }
+            } else {
+                start.extend(headers);
             }
-            if st.gop_valid {
+            if gop_ok {
                 start.extend(st.gop.iter().cloned());
                 has_keyframe = !st.gop.is_empty();
             }
         }
         let has_video = st.has_video;
         drop(st);
-        drop(slots);
+        if let Some((gen, start_ts, headers)) = retime {
+            let chunk_size = self.cfg.chunk_size;
+            let frames: Vec<Arc<Frame>> = headers
+                .into_iter()
+                .map(|h| {
+                    if h.timestamp < start_ts {
+                        Arc::new(h.retimed(start_ts, chunk_size))
+                    } else {
+                        h
+                    }
+                })
+                .collect();
+            let mut st = lock(&slot.state);
+            if st.headers_gen == gen {
+                st.retimed = Some((gen, start_ts, frames.clone()));
+            }
+            drop(st);
+            // The headers go before the GOP frames already collected.
+            start.splice(0..0, frames);
+        }
         Player {
             hub: self.clone(),
             slot,
@@ -474,22 +561,28 @@ impl Publisher {
     }
 
     /// Hand one audio, video or data message (metadata already as `onMetaData`) to players.
+    ///
+    /// The message is chunked between two short holds of the stream's lock, never under it
+    /// (a 16 MiB frame must not block players joining the stream).
     pub fn push(&self, msg_type: u8, timestamp: u32, payload: Bytes) {
         let kind = classify(msg_type, &payload);
         let len = u64::try_from(payload.len()).unwrap_or(u64::MAX);
         let cfg = &self.hub.cfg;
-        let mut st = lock(&self.slot.state);
-        if st.publisher != Some(self.id) {
-            return;
-        }
-        let ts = st.map_ts(timestamp);
-        // Audio and video interleave slightly out of order: continue after the largest.
-        st.last_out = Some(st.last_out.map_or(ts, |l| l.max(ts)));
-        let offset = self
-            .slot
-            .total
-            .fetch_add(len, Ordering::Relaxed)
-            .saturating_add(len);
+        let (ts, offset) = {
+            let mut st = lock(&self.slot.state);
+            if st.publisher != Some(self.id) {
+                return;
+            }
+            let ts = st.map_ts(timestamp);
+            // Audio and video interleave slightly out of order: continue after the largest.
+            st.last_out = Some(st.last_out.map_or(ts, |l| l.max(ts)));
+            let offset = self
+                .slot
+                .total
+                .fetch_add(len, Ordering::Relaxed)
+                .saturating_add(len);
+            (ts, offset)
+        };
         let mut frame = Frame {
             kind,
             msg_type,
@@ -506,6 +599,14 @@ impl Publisher {
         };
         frame.chunked = chunk::encode_fmt0_bytes(frame.csid(), &msg, cfg.chunk_size);
         let frame = Arc::new(frame);
+        let mut st = lock(&self.slot.state);
+        if st.publisher != Some(self.id) {
+            return;
+        }
+        if kind.is_header() {
+            st.headers_gen = st.headers_gen.wrapping_add(1);
+            st.retimed = None;
+        }
         match kind {
             FrameKind::Meta => st.meta = Some(frame.clone()),
             FrameKind::VideoHeader => {
@@ -735,7 +836,8 @@ mod tests {
         let payload = Bytes::from(vec![0x27u8; 10_000]);
         p.push(VIDEO, 40, payload.clone());
         let f = frame(pl.rx.try_recv().unwrap());
-        let shared = f.chunks_for(SHARED_STREAM_ID, 4096, 4096);
+        let (head, shared) = f.chunks_for(SHARED_STREAM_ID, 4096, 4096);
+        assert!(head.is_none());
         assert_eq!(
             shared.as_ptr(),
             f.chunked.as_ptr(),
@@ -749,7 +851,19 @@ mod tests {
         };
         let mut want = BytesMut::new();
         chunk::encode_fmt0(CSID_VIDEO, &msg, 4096, &mut want);
-        assert_eq!(f.chunks_for(5, 4096, 4096), want.freeze());
+        // Another stream id: a header of its own, then the shared chunks (no payload copy).
+        let (head, rest) = f.chunks_for(5, 4096, 4096);
+        let head = head.expect("a header naming stream 5");
+        assert_eq!(rest.as_ptr(), f.chunked[head.len()..].as_ptr(), "shared");
+        let mut got = BytesMut::from(&head[..]);
+        got.extend_from_slice(&rest);
+        assert_eq!(got.freeze(), want.freeze());
+        // Another chunk size: chunked again.
+        let (head, other) = f.chunks_for(5, 128, 4096);
+        let mut want = BytesMut::new();
+        chunk::encode_fmt0(CSID_VIDEO, &msg, 128, &mut want);
+        assert!(head.is_none());
+        assert_eq!(other, want.freeze());
     }
 
     #[test]

@@ -74,6 +74,7 @@ impl EngineConfig {
             gop_cache: self.gop_cache,
             gop_max_bytes: self.gop_max_bytes,
             gop_max_messages: self.gop_max_messages,
+            max_lag_bytes: self.max_lag_bytes,
         }
     }
 }

@@ -4,6 +4,13 @@
 //! media to the hub, as a player it drains its ring from the hub and writes the prechunked
 //! frames with vectored writes, in batches. Everything it sends goes through one ordered
 //! queue (`pending`), so replies such as Play.Start always precede the media they announce.
+//!
+//! The queue is bounded: media is shared with the hub (reference-counted, never copied per
+//! player) and taken from the hub at most `BATCH_BYTES` at a time, and the session's own
+//! replies are bounded by `max_reply_queue`, past which it decodes no more of the client's
+//! messages until the queue is written. A play's start frames (headers, GOP) are taken only
+//! once the client's input is decoded, so a client that sends many plays at once gets the
+//! start of the last one only: a repeated play replaces the previous one, it never stacks.
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
@@ -74,6 +81,8 @@ struct PlayState {
     stream_id: u32,
     name: String,
     player: Player,
+    /// Metadata, headers and GOP to send before anything from the ring.
+    start: VecDeque<Arc<Frame>>,
     /// A publisher is on the key.
     live: bool,
     saw_unpublish: bool,
@@ -106,6 +115,12 @@ struct Session {
     scratch: BytesMut,
     pending: VecDeque<Bytes>,
     pending_bytes: usize,
+    /// Bytes of the session's own messages (replies, control) queued since the last flush.
+    reply_bytes: usize,
+    /// Decoding stopped with input left in the read buffer (the replies were over their bound).
+    more_input: bool,
+    /// Plays on this connection (the first is logged at info, repeats at debug).
+    plays: u64,
     bytes_in: u64,
     bytes_out: u64,
     ack_window: u64,
@@ -201,6 +216,9 @@ impl Session {
             scratch: BytesMut::new(),
             pending: VecDeque::new(),
             pending_bytes: 0,
+            reply_bytes: 0,
+            more_input: false,
+            plays: 0,
             bytes_in: 0,
             bytes_out: 0,
             ack_window,
@@ -236,6 +254,11 @@ impl Session {
         let batch = self.engine.config().write_batch;
         let mut last_flush = Instant::now();
         loop {
+            // A play's start frames go out once the input is decoded (a play after it would
+            // replace them), a batch at a time.
+            if !self.more_input && self.has_start_frames() {
+                self.drain_events();
+            }
             if !self.pending.is_empty() {
                 // With `write_batch`, a player writes at most once per interval, so the frames
                 // of a few milliseconds share one write (one syscall, one wake of the reader).
@@ -250,6 +273,19 @@ impl Session {
                 self.flush(io).await?;
                 last_flush = Instant::now();
                 last_activity = last_flush;
+            }
+            if self.more_input {
+                // The replies are written: decode the rest of what the client sent.
+                self.more_input = false;
+                let mut paused = self.on_bytes(&mut rbuf)?;
+                while let Some(wait) = paused {
+                    tokio::time::sleep(wait).await;
+                    paused = self.on_bytes(&mut rbuf)?;
+                }
+                continue;
+            }
+            if self.has_start_frames() {
+                continue;
             }
             let wait_at = self.playing.as_ref().and_then(|p| p.wait_deadline);
             if let Some(w) = wait_at {
@@ -336,7 +372,13 @@ impl Session {
     fn send(&mut self, csid: u32, msg: &Message) {
         self.encoder.write(csid, msg, &mut self.scratch);
         let b = self.scratch.split().freeze();
+        self.reply_bytes = self.reply_bytes.saturating_add(b.len());
         self.push_bytes(b);
+    }
+
+    /// A play's start frames are still to be queued.
+    fn has_start_frames(&self) -> bool {
+        self.playing.as_ref().is_some_and(|p| !p.start.is_empty())
     }
 
     fn send_control(&mut self, msg: &Message) {
@@ -407,15 +449,23 @@ impl Session {
         tokio::time::timeout(limit, io.flush())
             .await
             .map_err(|_| SessionError::WriteStalled(limit))??;
+        self.reply_bytes = 0;
         Ok(())
     }
 
     /// Handles the complete messages in `rbuf`; `Some(wait)` when the message rate limit
-    /// stopped it with bytes left, to be called again after `wait`.
+    /// stopped it with bytes left, to be called again after `wait`. Stops early, with
+    /// `more_input` set, when the replies queued are over `max_reply_queue`.
     fn on_bytes(&mut self, rbuf: &mut BytesMut) -> Result<Option<Duration>, SessionError> {
         let now = Instant::now();
         let mut paused = None;
+        let max_replies = self.engine.limits().max_reply_queue;
         loop {
+            if self.reply_bytes >= max_replies {
+                // Write the replies before decoding more (and reading more) of this client.
+                self.more_input = !rbuf.is_empty();
+                break;
+            }
             if let Err(wait) = self.rate.ready(now) {
                 paused = Some(wait);
                 break;
@@ -745,22 +795,25 @@ impl Session {
             self.send(CSID_COMMAND, &m);
             return;
         };
-        // A second play on the connection replaces the first.
+        // A second play on the connection replaces the first (and what it had still to send).
         self.playing = None;
         self.raise_chunk_size();
         let mut player = self.engine.hub().play(&key);
-        // A peer can repeat play: its lines share the session's throttle.
-        if let Some(also) = self.warnings.should_log("lines") {
-            info!(
+        let how = if player.live {
+            "live"
+        } else {
+            "waiting for a publisher"
+        };
+        self.plays = self.plays.saturating_add(1);
+        if self.plays > 1 {
+            // Repeats cost the client one command each: never an info line each.
+            debug!(
                 session = self.id,
-                "{}: play {key} ({}){also}",
-                self.label,
-                if player.live {
-                    "live"
-                } else {
-                    "waiting for a publisher"
-                }
+                "{}: play {key} ({how}), play {} on this connection", self.label, self.plays
             );
+        } else if let Some(also) = self.warnings.should_log("lines") {
+            // The session's lines share one throttle.
+            info!(session = self.id, "{}: play {key} ({how}){also}", self.label);
         }
         self.role = format!("play {key}");
         crate::door::sessions::tag_stream(crate::door::sessions::Role::Player, &key);
@@ -773,10 +826,11 @@ impl Session {
         self.send(CSID_COMMAND, &cmd::sample_access(stream_id));
         self.send(CSID_COMMAND, &cmd::data_start(stream_id));
         let now = Instant::now();
-        let start = std::mem::take(&mut player.start);
+        let start = std::mem::take(&mut player.start).into();
         let mut p = PlayState {
             stream_id,
             name,
+            start,
             live: player.live,
             // A late player without a cached GOP waits for the next keyframe.
             skipping: player.live && player.has_video && !player.has_keyframe,
@@ -796,9 +850,6 @@ impl Session {
             p.wait_deadline = Some(after(self.engine.config().player_wait));
         }
         self.playing = Some(p);
-        for f in start {
-            self.send_frame(&f);
-        }
     }
 
     fn on_pause(&mut self, pause: bool) {
@@ -831,6 +882,16 @@ impl Session {
     }
 
     fn drain_events(&mut self) {
+        // The start frames first, then the ring.
+        while self.pending_bytes < BATCH_BYTES {
+            let Some(f) = self.playing.as_mut().and_then(|p| p.start.pop_front()) else {
+                break;
+            };
+            self.send_frame(&f);
+        }
+        if self.has_start_frames() {
+            return;
+        }
         for _ in 0..BATCH_EVENTS {
             if self.pending_bytes >= BATCH_BYTES {
                 return;
@@ -940,17 +1001,22 @@ impl Session {
             }
             if !p.first_frame && (f.msg_type == AUDIO || f.msg_type == VIDEO) {
                 p.first_frame = true;
-                info!(
-                    session = self.id,
-                    "{}: first frame of {} after {} ms ({} to first frame)",
-                    self.label,
-                    p.player.key(),
-                    p.play_at.elapsed().as_millis(),
-                    if p.waited { "publish" } else { "play" }
-                );
+                let ms = p.play_at.elapsed().as_millis();
+                let after = if p.waited { "publish" } else { "play" };
+                if self.plays <= 1 {
+                    info!(
+                        session = self.id,
+                        "{}: first frame of {} after {ms} ms ({after} to first frame)",
+                        self.label,
+                        p.player.key(),
+                    );
+                }
             }
         }
-        let b = f.chunks_for(p.stream_id, self.out_chunk_size, shared_cs);
-        self.push_bytes(b);
+        let (head, body) = f.chunks_for(p.stream_id, self.out_chunk_size, shared_cs);
+        if let Some(h) = head {
+            self.push_bytes(h);
+        }
+        self.push_bytes(body);
     }
 }
