@@ -813,7 +813,10 @@ impl Session {
             );
         } else if let Some(also) = self.warnings.should_log("lines") {
             // The session's lines share one throttle.
-            info!(session = self.id, "{}: play {key} ({how}){also}", self.label);
+            info!(
+                session = self.id,
+                "{}: play {key} ({how}){also}", self.label
+            );
         }
         self.role = format!("play {key}");
         crate::door::sessions::tag_stream(crate::door::sessions::Role::Player, &key);
