@@ -11,6 +11,8 @@
 // Each test binary uses a different part of the harness; test code may panic by design.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod delay;
+
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
 use std::fs;
