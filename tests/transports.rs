@@ -388,6 +388,20 @@ fn fault_tunnel_client_vanishes_session_reaped() {
         "the two tunnel sessions do not have their upstream connections ({} open)",
         nginx.clients()
     );
+    // Their labels, from the only two "opened" lines so far: the reap lines must name these
+    // two (the stream's own tunnel sessions below may end too).
+    let field = |l: &str| {
+        l.split_whitespace()
+            .find_map(|w| w.strip_prefix("session="))
+            .map(str::to_string)
+    };
+    let labels: Vec<String> = gw
+        .log()
+        .lines()
+        .filter(|l| l.contains("RTMPT session opened"))
+        .filter_map(field)
+        .collect();
+    assert_eq!(labels.len(), 2, "two tunnel sessions opened: {labels:?}");
     // Now those clients are gone: no /idle, no /close. A stream runs meanwhile.
     let t = std::time::Instant::now();
     let dir = temp_dir();
@@ -403,8 +417,12 @@ fn fault_tunnel_client_vanishes_session_reaped() {
                 &[(PlayerKind::Rtmpdump, url("rtmp"))],
             )
         });
-        let ok = wait_until(Duration::from_secs(REAP_SECS + 10), || {
-            gw.count_log(reaped) >= 2
+        let ok = wait_until(Duration::from_secs(REAP_SECS + 3), || {
+            let log = gw.log();
+            labels.iter().all(|label| {
+                log.lines()
+                    .any(|l| l.contains(reaped) && field(l).as_deref() == Some(label.as_str()))
+            })
         });
         assert!(
             ok,
