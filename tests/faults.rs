@@ -60,7 +60,7 @@ fn client_killed_mid_publish_over_each_transport() {
                             l[i + role.len()..]
                                 .chars()
                                 .next()
-                                .is_none_or(char::is_whitespace)
+                                .map_or(true, char::is_whitespace)
                         })
                     };
                     assert!(

@@ -62,7 +62,7 @@ fn over_long_path(gw: &Gateway, scheme: &str, delay: Duration) -> Duration {
                     l[i + plays.len()..]
                         .chars()
                         .next()
-                        .is_none_or(char::is_whitespace)
+                        .map_or(true, char::is_whitespace)
                 })
             })
             .count()
