@@ -685,6 +685,15 @@ fn status_page_shows_the_stream_and_its_players_in_chromium() {
         "the API never showed 3 players"
     );
 
+    // The chart's samples are kept by the server (every 2 s).
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            get_json(admin, "/api/v1/summary")["history"]
+                .as_array()
+                .is_some_and(|h| h.len() >= 2)
+        }),
+        "no bandwidth history in /api/v1/summary"
+    );
     let profile = temp_dir();
     let url = format!("http://{admin}/");
     // The page polls every 2 s; 5 s of virtual time covers the first polls and a rate.

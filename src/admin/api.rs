@@ -321,6 +321,11 @@ pub fn summary(state: &State) -> Value {
         "transports": transports,
         "refused": refused,
         "memory_budget": {"used_bytes": budget.used(), "limit_bytes": budget.limit()},
+        "history": state
+            .history()
+            .iter()
+            .map(|(t, rx, tx)| json!([round1(*t), rx, tx]))
+            .collect::<Vec<_>>(),
         "process": {
             "rss_bytes": process.rss_bytes,
             "open_fds": process.open_fds,

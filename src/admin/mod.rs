@@ -38,6 +38,11 @@ use crate::door::sessions::Sessions;
 use crate::door::tls::{self, SniResolver};
 use crate::engine::Engine;
 
+/// How often the status page's bandwidth history is sampled, and how many samples are kept
+/// (five minutes).
+pub const HISTORY_EVERY: Duration = Duration::from_secs(2);
+pub const HISTORY_LEN: usize = 150;
+
 /// Admin connections served at once; more wait in the kernel's backlog.
 pub const MAX_CONNECTIONS: usize = 32;
 /// Largest request head (request line and headers) read from an admin client.
@@ -55,6 +60,9 @@ pub struct State {
     token: Option<String>,
     started: Instant,
     reloader: OnceLock<Reload>,
+    /// Total bytes in and out every [`HISTORY_EVERY`] over the last [`HISTORY_LEN`] samples
+    /// (uptime seconds, received, sent), for the status page's chart.
+    history: Mutex<std::collections::VecDeque<(f64, u64, u64)>>,
     /// The previous sample per stream, for bitrates (touched by API requests only).
     rates: Mutex<HashMap<(String, String), api::RateSample>>,
 }
@@ -72,6 +80,7 @@ impl State {
             upstream,
             tunnel: OnceLock::new(),
             reloader: OnceLock::new(),
+            history: Mutex::new(std::collections::VecDeque::with_capacity(HISTORY_LEN)),
             draining: AtomicBool::new(false),
             token,
             started: Instant::now(),
@@ -96,6 +105,27 @@ impl State {
 
     pub fn draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
+    }
+
+    /// The bandwidth samples, oldest first.
+    pub fn history(&self) -> Vec<(f64, u64, u64)> {
+        let h = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        h.iter().copied().collect()
+    }
+
+    fn sample(&self) {
+        let m = crate::metrics::global();
+        let (mut rx, mut tx) = (0u64, 0u64);
+        for t in crate::metrics::TRANSPORTS {
+            let p = m.transport(t);
+            rx = rx.saturating_add(p.bytes_received.load(Ordering::Relaxed));
+            tx = tx.saturating_add(p.bytes_sent.load(Ordering::Relaxed));
+        }
+        let mut h = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        if h.len() >= HISTORY_LEN {
+            h.pop_front();
+        }
+        h.push_back((self.uptime().as_secs_f64(), rx, tx));
     }
 
     pub fn tunnel(&self) -> Option<&Arc<Tunnel>> {
@@ -209,6 +239,14 @@ async fn serve(listener: std::net::TcpListener, tls: Option<TlsAcceptor>, state:
     if let Some(up) = state.upstream.clone() {
         tokio::spawn(probe_upstream(up));
     }
+    let sampled = state.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(HISTORY_EVERY);
+        loop {
+            tick.tick().await;
+            sampled.sample();
+        }
+    });
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let registry = Arc::new(prom::registry(state.clone()));
     loop {
