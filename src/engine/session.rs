@@ -231,7 +231,7 @@ impl Session {
             role: String::new(),
             rtmpe: false,
             protocol_errors: 0,
-            rate: RateLimit::per_second(max_rate, Instant::now()),
+            rate: RateLimit::per_second(max_rate, tokio::time::Instant::now().into_std()),
             warnings: LogThrottle::new(),
         }
     }
@@ -457,7 +457,8 @@ impl Session {
     /// stopped it with bytes left, to be called again after `wait`. Stops early, with
     /// `more_input` set, when the replies queued are over `max_reply_queue`.
     fn on_bytes(&mut self, rbuf: &mut BytesMut) -> Result<Option<Duration>, SessionError> {
-        let now = Instant::now();
+        // Tokio's clock, which its sleep follows (a paused test clock refills the bucket).
+        let now = tokio::time::Instant::now().into_std();
         let mut paused = None;
         let max_replies = self.engine.limits().max_reply_queue;
         loop {
