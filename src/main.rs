@@ -199,6 +199,21 @@ fn check(config: &Config) -> anyhow::Result<()> {
         },
         config.drain.as_secs()
     );
+    match (&config.admin.listen, &config.admin.tls) {
+        (None, _) => println!("  admin    off"),
+        (Some(addr), tls) => println!(
+            "  admin    {}://{addr}{}",
+            if tls.is_some() { "https" } else { "http" },
+            if config.admin.token.is_some() {
+                ", bearer token required"
+            } else {
+                ""
+            }
+        ),
+    }
+    if let Some(path) = &config.access_log {
+        println!("  access log {}", path.display());
+    }
     Ok(())
 }
 
