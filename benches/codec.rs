@@ -117,7 +117,7 @@ fn hub_fanout(c: &mut Criterion) {
     g.bench_function("hub_push_to_1000_players", |b| {
         b.iter(|| {
             ts = ts.wrapping_add(33);
-            publisher.push(message::VIDEO, ts, payload.clone());
+            let _ = publisher.push(message::VIDEO, ts, payload.clone());
             for p in players.iter_mut() {
                 if let Ok(Event::Frame(f)) = p.rx.try_recv() {
                     black_box(f.chunks_for(SHARED_STREAM_ID, chunk_size, chunk_size));

@@ -6,8 +6,14 @@
 //! writes as is. The ring is a `tokio::sync::broadcast` channel: the publisher never waits for
 //! a player, memory is bounded by the ring whatever the number of players, and a player that
 //! falls behind the ring (or behind a byte bound) skips ahead to the next keyframe.
+//!
+//! Memory: every frame holds a [`Charge`] on the process's budget for its bytes (payload and
+//! chunks) for as long as anything (ring, GOP cache, headers, a player's start) holds it; a
+//! publisher whose frame the budget refuses is closed. The ring is bounded in bytes as well
+//! as messages: past `2 x max_lag_bytes` the oldest frames are pushed out (no player may lag
+//! that far anyway; one that did skips to the next keyframe, as on any lag).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -15,6 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use tokio::sync::broadcast;
 
+use crate::budget::{self, Charge, OverBudget};
 use crate::rtmp::chunk;
 use crate::rtmp::message::{Message, AUDIO, VIDEO};
 
@@ -152,6 +159,18 @@ pub struct Frame {
     pub chunked: Bytes,
     /// Publisher bytes up to and including this frame: a player's lag is `total - offset`.
     pub offset: u64,
+    /// This frame's bytes on the memory budget, returned when the last holder drops it.
+    _charge: Charge,
+}
+
+/// Bytes [`chunk::encode_fmt0`] makes of a `len`-byte message at `timestamp`.
+fn fmt0_len(len: usize, timestamp: u32, chunk_size: u32) -> usize {
+    let cs = (chunk_size as usize).max(1);
+    let chunks = len.div_ceil(cs).max(1);
+    let cont = if timestamp >= 0xFF_FFFF { 5 } else { 1 };
+    fmt0_head_len(timestamp)
+        .saturating_add(len)
+        .saturating_add((chunks - 1).saturating_mul(cont))
 }
 
 /// Bytes of a fmt 0 first-chunk header on chunk streams 2-63 (basic header, message header,
@@ -211,22 +230,26 @@ impl Frame {
         )
     }
 
-    /// This frame moved to `timestamp` (a header sent to a late player at its start time).
-    fn retimed(&self, timestamp: u32, chunk_size: u32) -> Frame {
+    /// This frame moved to `timestamp` (a header sent to a late player at its start time), or
+    /// None when the memory budget refuses the copy.
+    fn retimed(&self, timestamp: u32, chunk_size: u32) -> Option<Frame> {
+        let len = fmt0_len(self.payload.len(), timestamp, chunk_size);
+        let charge = budget::global().try_charge(len).ok()?;
         let msg = Message {
             msg_type: self.msg_type,
             timestamp,
             stream_id: SHARED_STREAM_ID,
             payload: self.payload.clone(),
         };
-        Frame {
+        Some(Frame {
             kind: self.kind,
             msg_type: self.msg_type,
             timestamp,
             payload: self.payload.clone(),
             chunked: chunk::encode_fmt0_bytes(self.csid(), &msg, chunk_size),
             offset: self.offset,
-        }
+            _charge: charge,
+        })
     }
 }
 
@@ -238,6 +261,8 @@ pub enum Event {
     Published,
     /// The publisher left (players send UnpublishNotify and StreamEOF, then keep waiting).
     Unpublished,
+    /// Nothing: sent to push the oldest frames out of a ring over its byte bound.
+    Filler,
 }
 
 /// How the hub buffers.
@@ -305,9 +330,46 @@ struct SlotState {
     /// The headers re-timed to a late player's start (`headers_gen`, start timestamp, frames):
     /// made once for every player that starts at that timestamp, not once per player.
     retimed: Option<(u64, u32, Vec<Arc<Frame>>)>,
+    /// Bytes of each event the ring may still hold, oldest first (at most its capacity).
+    ring: VecDeque<usize>,
+    ring_bytes: usize,
 }
 
 impl SlotState {
+    /// Sends `ev` (`bytes` of frame) to the players, keeping the ring within `cap` events and
+    /// `max_bytes` bytes: past the bytes, fillers push the oldest frames out (the newest
+    /// frame stays whatever its size).
+    fn ring_send(
+        &mut self,
+        tx: &broadcast::Sender<Event>,
+        ev: Event,
+        bytes: usize,
+        cap: usize,
+        max_bytes: usize,
+    ) {
+        self.ring_push(tx.send(ev).is_ok(), bytes, cap);
+        while self.ring_bytes > max_bytes && self.ring_bytes > bytes {
+            self.ring_push(tx.send(Event::Filler).is_ok(), 0, cap);
+        }
+    }
+
+    /// Records an event the ring took (`kept`: someone was subscribed, so it holds it).
+    fn ring_push(&mut self, kept: bool, bytes: usize, cap: usize) {
+        if !kept {
+            // With no receiver the channel holds nothing (and what it held is gone).
+            self.ring.clear();
+            self.ring_bytes = 0;
+            return;
+        }
+        if self.ring.len() >= cap {
+            if let Some(old) = self.ring.pop_front() {
+                self.ring_bytes = self.ring_bytes.saturating_sub(old);
+            }
+        }
+        self.ring.push_back(bytes);
+        self.ring_bytes = self.ring_bytes.saturating_add(bytes);
+    }
+
     fn map_ts(&mut self, ts: u32) -> u32 {
         if !self.rebase {
             return ts;
@@ -376,6 +438,16 @@ impl Hub {
         &self.cfg
     }
 
+    /// Events a stream's ring holds (the broadcast channel rounds up to a power of two).
+    fn ring_cap(&self) -> usize {
+        self.cfg.queue_messages.max(16).next_power_of_two()
+    }
+
+    /// Frame bytes a stream's ring may hold.
+    fn ring_max_bytes(&self) -> usize {
+        usize::try_from(self.cfg.max_lag_bytes.saturating_mul(2)).unwrap_or(usize::MAX)
+    }
+
     /// Streams that have a publisher or players.
     pub fn stream_count(&self) -> usize {
         lock(&self.slots).len()
@@ -435,7 +507,13 @@ impl Hub {
             st.ts_base = last.wrapping_add(1);
         }
         // Nobody listening is fine: waiting players subscribe before the publisher arrives.
-        let _ = slot.tx.send(Event::Published);
+        st.ring_send(
+            &slot.tx,
+            Event::Published,
+            0,
+            self.ring_cap(),
+            self.ring_max_bytes(),
+        );
         drop(st);
         drop(slots);
         Ok(Publisher {
@@ -504,7 +582,8 @@ impl Hub {
                 .into_iter()
                 .map(|h| {
                     if h.timestamp < start_ts {
-                        Arc::new(h.retimed(start_ts, chunk_size))
+                        // Over budget: the header at its own time (a jump back, still decodable).
+                        h.retimed(start_ts, chunk_size).map_or(h, Arc::new)
                     } else {
                         h
                     }
@@ -564,14 +643,17 @@ impl Publisher {
     ///
     /// The message is chunked between two short holds of the stream's lock, never under it
     /// (a 16 MiB frame must not block players joining the stream).
-    pub fn push(&self, msg_type: u8, timestamp: u32, payload: Bytes) {
+    ///
+    /// Refused, with nothing kept, when the memory budget cannot take the frame's bytes: the
+    /// caller closes this publisher.
+    pub fn push(&self, msg_type: u8, timestamp: u32, payload: Bytes) -> Result<(), OverBudget> {
         let kind = classify(msg_type, &payload);
         let len = u64::try_from(payload.len()).unwrap_or(u64::MAX);
         let cfg = &self.hub.cfg;
         let (ts, offset) = {
             let mut st = lock(&self.slot.state);
             if st.publisher != Some(self.id) {
-                return;
+                return Ok(());
             }
             let ts = st.map_ts(timestamp);
             // Audio and video interleave slightly out of order: continue after the largest.
@@ -583,6 +665,13 @@ impl Publisher {
                 .saturating_add(len);
             (ts, offset)
         };
+        // The payload is already here (the decoder's charge for it ends with the message); the
+        // frame's charge takes over before the chunked copy is made.
+        let charge = budget::global().try_charge(payload.len().saturating_add(fmt0_len(
+            payload.len(),
+            ts,
+            cfg.chunk_size,
+        )))?;
         let mut frame = Frame {
             kind,
             msg_type,
@@ -590,6 +679,7 @@ impl Publisher {
             payload,
             chunked: Bytes::new(),
             offset,
+            _charge: charge,
         };
         let msg = Message {
             msg_type,
@@ -601,7 +691,7 @@ impl Publisher {
         let frame = Arc::new(frame);
         let mut st = lock(&self.slot.state);
         if st.publisher != Some(self.id) {
-            return;
+            return Ok(());
         }
         if kind.is_header() {
             st.headers_gen = st.headers_gen.wrapping_add(1);
@@ -639,7 +729,15 @@ impl Publisher {
                 }
             }
         }
-        let _ = self.slot.tx.send(Event::Frame(frame));
+        let bytes = frame.chunked.len().saturating_add(frame.payload.len());
+        st.ring_send(
+            &self.slot.tx,
+            Event::Frame(frame),
+            bytes,
+            self.hub.ring_cap(),
+            self.hub.ring_max_bytes(),
+        );
+        Ok(())
     }
 }
 
@@ -650,7 +748,13 @@ impl Drop for Publisher {
             if st.publisher == Some(self.id) {
                 st.publisher = None;
                 st.clear_caches();
-                let _ = self.slot.tx.send(Event::Unpublished);
+                st.ring_send(
+                    &self.slot.tx,
+                    Event::Unpublished,
+                    0,
+                    self.hub.ring_cap(),
+                    self.hub.ring_max_bytes(),
+                );
             }
         }
         self.hub.release(&self.slot);
@@ -789,13 +893,13 @@ mod tests {
     fn late_player_gets_headers_and_the_gop_from_the_last_keyframe() {
         let hub = hub();
         let p = hub.publish(&key("k")).unwrap();
-        p.push(VIDEO, 0, Bytes::from_static(AVC_HEADER));
-        p.push(AUDIO, 0, Bytes::from_static(AAC_HEADER));
-        p.push(VIDEO, 0, Bytes::from_static(AVC_KEY));
-        p.push(VIDEO, 33, Bytes::from_static(AVC_INTER));
-        p.push(VIDEO, 1000, Bytes::from_static(AVC_KEY));
-        p.push(AUDIO, 1010, Bytes::from_static(AAC_RAW));
-        p.push(VIDEO, 1033, Bytes::from_static(AVC_INTER));
+        p.push(VIDEO, 0, Bytes::from_static(AVC_HEADER)).unwrap();
+        p.push(AUDIO, 0, Bytes::from_static(AAC_HEADER)).unwrap();
+        p.push(VIDEO, 0, Bytes::from_static(AVC_KEY)).unwrap();
+        p.push(VIDEO, 33, Bytes::from_static(AVC_INTER)).unwrap();
+        p.push(VIDEO, 1000, Bytes::from_static(AVC_KEY)).unwrap();
+        p.push(AUDIO, 1010, Bytes::from_static(AAC_RAW)).unwrap();
+        p.push(VIDEO, 1033, Bytes::from_static(AVC_INTER)).unwrap();
         let mut pl = hub.play(&key("k"));
         assert!(pl.live && pl.has_video && pl.has_keyframe);
         let kinds: Vec<_> = pl.start.iter().map(|f| (f.kind, f.timestamp)).collect();
@@ -820,7 +924,7 @@ mod tests {
         chunk::encode_fmt0(CSID_VIDEO, &header, 4096, &mut want);
         assert_eq!(pl.start[0].chunked, want.freeze());
         // Nothing is lost or repeated between the start frames and the ring.
-        p.push(VIDEO, 1066, Bytes::from_static(AVC_INTER));
+        p.push(VIDEO, 1066, Bytes::from_static(AVC_INTER)).unwrap();
         let f = frame(pl.rx.try_recv().unwrap());
         assert_eq!(f.timestamp, 1066);
         assert!(pl.rx.try_recv().is_err());
@@ -834,7 +938,7 @@ mod tests {
         let mut pl = hub.play(&key("c"));
         assert!(pl.rx.try_recv().is_err());
         let payload = Bytes::from(vec![0x27u8; 10_000]);
-        p.push(VIDEO, 40, payload.clone());
+        p.push(VIDEO, 40, payload.clone()).unwrap();
         let f = frame(pl.rx.try_recv().unwrap());
         let (head, shared) = f.chunks_for(SHARED_STREAM_ID, 4096, 4096);
         assert!(head.is_none());
@@ -873,15 +977,15 @@ mod tests {
         assert!(!pl.live && pl.start.is_empty());
         let p = hub.publish(&key("w")).unwrap();
         assert!(matches!(pl.rx.try_recv(), Ok(Event::Published)));
-        p.push(VIDEO, 500, Bytes::from_static(AVC_KEY));
+        p.push(VIDEO, 500, Bytes::from_static(AVC_KEY)).unwrap();
         assert_eq!(frame(pl.rx.try_recv().unwrap()).timestamp, 500);
         drop(p);
         assert!(matches!(pl.rx.try_recv(), Ok(Event::Unpublished)));
         // The new encoder starts again at 0: players continue after 500.
         let p = hub.publish(&key("w")).unwrap();
         assert!(matches!(pl.rx.try_recv(), Ok(Event::Published)));
-        p.push(VIDEO, 0, Bytes::from_static(AVC_KEY));
-        p.push(VIDEO, 40, Bytes::from_static(AVC_INTER));
+        p.push(VIDEO, 0, Bytes::from_static(AVC_KEY)).unwrap();
+        p.push(VIDEO, 40, Bytes::from_static(AVC_INTER)).unwrap();
         assert_eq!(frame(pl.rx.try_recv().unwrap()).timestamp, 501);
         assert_eq!(frame(pl.rx.try_recv().unwrap()).timestamp, 541);
     }
@@ -907,7 +1011,8 @@ mod tests {
         let p = hub.publish(&key("r")).unwrap();
         let mut pl = hub.play(&key("r"));
         for i in 0..100u32 {
-            p.push(VIDEO, i * 33, Bytes::from_static(AVC_INTER));
+            p.push(VIDEO, i * 33, Bytes::from_static(AVC_INTER))
+                .unwrap();
         }
         assert!(matches!(
             pl.rx.try_recv(),
@@ -918,15 +1023,44 @@ mod tests {
     }
 
     #[test]
+    fn the_ring_is_bounded_in_bytes() {
+        let hub = Hub::new(HubConfig {
+            max_lag_bytes: 10_000,
+            ..HubConfig::default()
+        });
+        let p = hub.publish(&key("b")).unwrap();
+        let mut pl = hub.play(&key("b"));
+        assert!(pl.rx.try_recv().is_err());
+        let frame = Bytes::from(vec![0x27u8; 3_000]);
+        for i in 0..100u32 {
+            p.push(VIDEO, i * 33, frame.clone()).unwrap();
+            let st = lock(&p.slot.state);
+            // 2 x max_lag_bytes of frame bytes (payload and chunks), whatever the messages.
+            assert!(st.ring_bytes <= 20_000, "{} bytes held", st.ring_bytes);
+        }
+        // The player that read nothing lags and skips, as on a message-count lag.
+        assert!(matches!(
+            pl.rx.try_recv(),
+            Err(broadcast::error::TryRecvError::Lagged(_))
+        ));
+        // A frame bigger than the bound is still sent, alone (its payload and its chunks).
+        p.push(VIDEO, 9_000, Bytes::from(vec![0x27u8; 30_000]))
+            .unwrap();
+        let ring_bytes = lock(&p.slot.state).ring_bytes;
+        assert!((60_000..70_000).contains(&ring_bytes), "{ring_bytes}");
+    }
+
+    #[test]
     fn gop_cache_is_bounded() {
         let hub = Hub::new(HubConfig {
             gop_max_messages: 4,
             ..HubConfig::default()
         });
         let p = hub.publish(&key("g")).unwrap();
-        p.push(VIDEO, 0, Bytes::from_static(AVC_KEY));
+        p.push(VIDEO, 0, Bytes::from_static(AVC_KEY)).unwrap();
         for i in 1..10u32 {
-            p.push(VIDEO, i * 33, Bytes::from_static(AVC_INTER));
+            p.push(VIDEO, i * 33, Bytes::from_static(AVC_INTER))
+                .unwrap();
         }
         let pl = hub.play(&key("g"));
         assert!(pl.start.is_empty() && !pl.has_keyframe && pl.has_video);

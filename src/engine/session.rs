@@ -25,6 +25,7 @@ use tracing::{debug, info, warn};
 use super::command::{self as cmd, CSID_COMMAND, CSID_CONTROL};
 use super::hub::{leading_amf0_string, Event, Frame, FrameKind, Player, Publisher, StreamKey};
 use super::Engine;
+use crate::budget::{Charge, OverBudget};
 use crate::rtmp::amf0::{Amf0Value, AmfLimits};
 use crate::rtmp::chunk::{ChunkDecoder, ChunkEncoder};
 use crate::rtmp::handshake;
@@ -64,7 +65,7 @@ pub enum SessionError {
     Chunk(String),
     #[error("no byte either way for {0:?} (idle timeout)")]
     Idle(Duration),
-    #[error("the client took no data for {0:?}; dropped as too slow")]
+    #[error("the client did not take what was queued for it within {0:?}; dropped as too slow")]
     WriteStalled(Duration),
     #[error("no publisher came within {0:?}")]
     NoPublisher(Duration),
@@ -74,6 +75,8 @@ pub enum SessionError {
         "closed after {count} malformed messages (limits.max_protocol_errors); the last: {last}"
     )]
     ProtocolErrors { count: u32, last: String },
+    #[error("closed to keep the process within its memory: {0}")]
+    OverBudget(#[from] OverBudget),
 }
 
 /// A player's state on one message stream.
@@ -115,8 +118,12 @@ struct Session {
     scratch: BytesMut,
     pending: VecDeque<Bytes>,
     pending_bytes: usize,
-    /// Bytes of the session's own messages (replies, control) queued since the last flush.
+    /// Bytes of the session's own messages (replies, control) queued since the last flush,
+    /// and their charge on the memory budget.
     reply_bytes: usize,
+    reply_charge: Charge,
+    /// The budget refused a reply's bytes: the session ends (checked between messages).
+    refused: Option<OverBudget>,
     /// Decoding stopped with input left in the read buffer (the replies were over their bound).
     more_input: bool,
     /// Plays on this connection (the first is logged at info, repeats at debug).
@@ -217,6 +224,8 @@ impl Session {
             pending: VecDeque::new(),
             pending_bytes: 0,
             reply_bytes: 0,
+            reply_charge: Charge::global(),
+            refused: None,
             more_input: false,
             plays: 0,
             bytes_in: 0,
@@ -372,6 +381,11 @@ impl Session {
     fn send(&mut self, csid: u32, msg: &Message) {
         self.encoder.write(csid, msg, &mut self.scratch);
         let b = self.scratch.split().freeze();
+        if let Err(e) = self.reply_charge.try_grow(b.len()) {
+            // Dropped, and the session ends before it decodes another message.
+            self.refused.get_or_insert(e);
+            return;
+        }
         self.reply_bytes = self.reply_bytes.saturating_add(b.len());
         self.push_bytes(b);
     }
@@ -393,10 +407,12 @@ impl Session {
         self.pending.push_back(b);
     }
 
-    /// Write everything queued, in order, with vectored writes; a client that takes nothing
-    /// for `write_timeout` is dropped.
+    /// Write everything queued, in order, with vectored writes; a client that has not taken
+    /// all of it within `write_timeout` is dropped (one deadline for the whole flush: a client
+    /// taking a byte at a time must not hold a frame forever).
     async fn flush(&mut self, io: &mut ClientStream) -> Result<(), SessionError> {
         let limit = self.engine.config().write_timeout;
+        let deadline = tokio::time::Instant::from_std(after(limit));
         let vectored = AsyncWrite::is_write_vectored(&*io);
         if !vectored && self.pending.len() > 1 {
             // TLS and tunnel streams take one buffer per call: coalesce small messages so a
@@ -419,12 +435,12 @@ impl Session {
                     *slot = IoSlice::new(b);
                     k += 1;
                 }
-                tokio::time::timeout(limit, io.write_vectored(&iov[..k])).await
+                tokio::time::timeout_at(deadline, io.write_vectored(&iov[..k])).await
             } else {
                 let Some(front) = self.pending.front() else {
                     break;
                 };
-                tokio::time::timeout(limit, io.write(front)).await
+                tokio::time::timeout_at(deadline, io.write(front)).await
             }
             .map_err(|_| SessionError::WriteStalled(limit))??;
             if n == 0 {
@@ -446,10 +462,11 @@ impl Session {
                 }
             }
         }
-        tokio::time::timeout(limit, io.flush())
+        tokio::time::timeout_at(deadline, io.flush())
             .await
             .map_err(|_| SessionError::WriteStalled(limit))??;
         self.reply_bytes = 0;
+        self.reply_charge.shrink(usize::MAX);
         Ok(())
     }
 
@@ -462,6 +479,9 @@ impl Session {
         let mut paused = None;
         let max_replies = self.engine.limits().max_reply_queue;
         loop {
+            if let Some(e) = self.refused.take() {
+                return Err(SessionError::OverBudget(e));
+            }
             if self.reply_bytes >= max_replies {
                 // Write the replies before decoding more (and reading more) of this client.
                 self.more_input = !rbuf.is_empty();
@@ -479,6 +499,9 @@ impl Session {
                 Ok(None) => break,
                 Err(e) => return Err(SessionError::Chunk(e.to_string())),
             }
+        }
+        if let Some(e) = self.refused.take() {
+            return Err(SessionError::OverBudget(e));
         }
         // Acknowledge each window of bytes received, as the peer's Window Ack Size asks.
         if self.ack_window > 0 && self.bytes_in.saturating_sub(self.last_ack) >= self.ack_window {
@@ -510,10 +533,10 @@ impl Session {
         match msg.msg_type {
             AUDIO | VIDEO => {
                 if let Some(p) = &self.publishing {
-                    p.publisher.push(msg.msg_type, msg.timestamp, msg.payload);
+                    p.publisher.push(msg.msg_type, msg.timestamp, msg.payload)?;
                 }
             }
-            DATA_AMF0 | DATA_AMF3 => self.on_data(msg),
+            DATA_AMF0 | DATA_AMF3 => self.on_data(msg)?,
             message::COMMAND_AMF0 | message::COMMAND_AMF3 => {
                 match message::decode_command(&msg, &self.amf_limits) {
                     Ok(c) => self.on_command(msg.stream_id, &c.name, c.txn, &c.args)?,
@@ -549,9 +572,9 @@ impl Session {
     }
 
     /// Data from a publisher: `@setDataFrame` metadata is stored as plain `onMetaData`.
-    fn on_data(&mut self, msg: Message) {
+    fn on_data(&mut self, msg: Message) -> Result<(), OverBudget> {
         let Some(p) = &self.publishing else {
-            return;
+            return Ok(());
         };
         let mut payload = msg.payload;
         if msg.msg_type == DATA_AMF3 && payload.first() == Some(&0) {
@@ -561,7 +584,7 @@ impl Session {
         if let Some(("@setDataFrame", used)) = leading_amf0_string(&payload) {
             let _ = payload.split_to(used);
         }
-        p.publisher.push(DATA_AMF0, msg.timestamp, payload);
+        p.publisher.push(DATA_AMF0, msg.timestamp, payload)
     }
 
     fn on_command(
@@ -967,7 +990,7 @@ impl Session {
                     "{}: fell {n} messages behind; skipping to the next keyframe", self.label
                 );
             }
-            Err(RecvError::Closed) => {}
+            Ok(Event::Filler) | Err(RecvError::Closed) => {}
         }
     }
 
