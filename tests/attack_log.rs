@@ -126,10 +126,7 @@ fn one_log_line_per_attacker_byte_is_gone_and_a_normal_stream_is_served() {
                     ),
                     128,
                 );
-                let burst: Vec<u8> = std::iter::repeat_n(&play[..], PLAYS)
-                    .flatten()
-                    .copied()
-                    .collect();
+                let burst: Vec<u8> = play.repeat(PLAYS);
                 tcp.write_all(&burst).unwrap();
                 assert!(
                     inbox.pong(&mut tcp, 3, Duration::from_secs(20)),
@@ -265,10 +262,7 @@ fn a_stalled_log_sink_does_not_stall_clients() {
 
     // The flood: 30,000 `_result` commands (no reply, one debug line each, ~2.4 MB of log).
     let cmd = chunked(3, &command(0, "_result", 1.0, &[]), 128);
-    let flood: Vec<u8> = std::iter::repeat_n(&cmd[..], 30_000)
-        .flatten()
-        .copied()
-        .collect();
+    let flood: Vec<u8> = cmd.repeat(30_000);
     let mut f = connect_from(Ipv4Addr::new(127, 0, 0, 41), addr).unwrap();
     handshake(&mut f).unwrap();
     f.write_all(&flood).expect("the flood was not taken");
