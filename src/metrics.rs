@@ -2,11 +2,12 @@
 //! the session accounting, the tunnel, the upstream connector), read by the admin listener
 //! when it is scraped.
 //!
-//! The data path pays one relaxed atomic add per event and never takes a lock; encoding into
-//! the Prometheus text format happens only at scrape time (`admin::prom`). The per-transport
-//! counters sit on their own cache lines so sessions of different transports on different
-//! cores do not share one. Gauges that can be read from the live state (engine streams,
-//! tunnel sessions, the memory budget) are not counted here at all: the scrape reads them.
+//! Events pay one relaxed atomic add and never take a lock; encoding into the Prometheus text
+//! format happens only at scrape time (`admin::prom`). Bytes cost the data path nothing more
+//! than before: each session already counted its own bytes, and the per-transport totals are
+//! summed from the open sessions plus the closed ones when scraped. Gauges that can be read
+//! from the live state (engine streams, tunnel sessions, the memory budget) are not counted
+//! here at all: the scrape reads them.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
@@ -23,7 +24,8 @@ pub const TRANSPORTS: [Transport; 6] = [
     Transport::Rtmpte,
 ];
 
-fn transport_index(t: Transport) -> usize {
+/// The position of `t` in [`TRANSPORTS`].
+pub fn transport_index(t: Transport) -> usize {
     match t {
         Transport::Rtmp => 0,
         Transport::Rtmps => 1,
@@ -108,8 +110,12 @@ impl Refusal {
 pub struct PerTransport {
     pub sessions_open: AtomicI64,
     pub sessions_total: AtomicU64,
-    pub bytes_received: AtomicU64,
-    pub bytes_sent: AtomicU64,
+    /// Bytes of the sessions that have closed (open ones keep their own counts).
+    pub closed_received: AtomicU64,
+    pub closed_sent: AtomicU64,
+    /// The largest totals reported so far (see [`PerTransport::totals`]).
+    reported_received: AtomicU64,
+    reported_sent: AtomicU64,
 }
 
 impl PerTransport {
@@ -117,9 +123,27 @@ impl PerTransport {
         PerTransport {
             sessions_open: AtomicI64::new(0),
             sessions_total: AtomicU64::new(0),
-            bytes_received: AtomicU64::new(0),
-            bytes_sent: AtomicU64::new(0),
+            closed_received: AtomicU64::new(0),
+            closed_sent: AtomicU64::new(0),
+            reported_received: AtomicU64::new(0),
+            reported_sent: AtomicU64::new(0),
         }
+    }
+
+    /// Bytes received and sent over this transport in total, given the open sessions'
+    /// counts: the closed sessions' plus those, never below a total reported before (a
+    /// session moving from open to closed while this is computed could otherwise make it
+    /// dip, which Prometheus would take for a counter reset).
+    pub fn totals(&self, open_received: u64, open_sent: u64) -> (u64, u64) {
+        let rx = self
+            .closed_received
+            .load(Relaxed)
+            .saturating_add(open_received);
+        let tx = self.closed_sent.load(Relaxed).saturating_add(open_sent);
+        (
+            self.reported_received.fetch_max(rx, Relaxed).max(rx),
+            self.reported_sent.fetch_max(tx, Relaxed).max(tx),
+        )
     }
 }
 
@@ -333,6 +357,17 @@ mod tests {
         assert_eq!(buckets.iter().find(|b| b.0 == 0.005).map(|b| b.1), Some(2));
         assert_eq!(buckets.iter().find(|b| b.0 == 5.0).map(|b| b.1), Some(2));
         assert_eq!(buckets.last().map(|b| b.1), Some(3));
+    }
+
+    #[test]
+    fn byte_totals_never_dip() {
+        let p = PerTransport::new();
+        assert_eq!(p.totals(10, 5), (10, 5));
+        // The session left the table but is not in the closed totals yet.
+        assert_eq!(p.totals(0, 0), (10, 5));
+        p.closed_received.fetch_add(10, Relaxed);
+        p.closed_sent.fetch_add(5, Relaxed);
+        assert_eq!(p.totals(3, 4), (13, 9));
     }
 
     #[test]

@@ -290,15 +290,16 @@ pub fn streams(state: &State) -> Value {
 pub fn summary(state: &State) -> Value {
     let m = metrics::global();
     let mut transports = serde_json::Map::new();
-    for t in TRANSPORTS {
+    let bytes = state.sessions.bytes_by_transport();
+    for (t, (rx, tx)) in TRANSPORTS.into_iter().zip(bytes) {
         let p = m.transport(t);
         transports.insert(
             t.scheme().to_string(),
             json!({
                 "sessions_open": p.sessions_open.load(Relaxed),
                 "sessions_total": p.sessions_total.load(Relaxed),
-                "bytes_received": p.bytes_received.load(Relaxed),
-                "bytes_sent": p.bytes_sent.load(Relaxed),
+                "bytes_received": rx,
+                "bytes_sent": tx,
             }),
         );
     }

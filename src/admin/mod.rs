@@ -114,12 +114,10 @@ impl State {
     }
 
     fn sample(&self) {
-        let m = crate::metrics::global();
         let (mut rx, mut tx) = (0u64, 0u64);
-        for t in crate::metrics::TRANSPORTS {
-            let p = m.transport(t);
-            rx = rx.saturating_add(p.bytes_received.load(Ordering::Relaxed));
-            tx = tx.saturating_add(p.bytes_sent.load(Ordering::Relaxed));
+        for (r, t) in self.sessions.bytes_by_transport() {
+            rx = rx.saturating_add(r);
+            tx = tx.saturating_add(t);
         }
         let mut h = self.history.lock().unwrap_or_else(|e| e.into_inner());
         if h.len() >= HISTORY_LEN {

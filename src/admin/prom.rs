@@ -114,6 +114,14 @@ impl Collector for Gateway {
             "TCP connections open on the client listeners (tunnel requests included).",
             m.connections_open.load(Relaxed),
         )?;
+        let bytes = st.sessions.bytes_by_transport();
+        let per_bytes = |f: &dyn Fn(&(u64, u64)) -> u64| -> Vec<(&'static str, i64)> {
+            TRANSPORTS
+                .iter()
+                .zip(&bytes)
+                .map(|(t, b)| (t.scheme(), as_i64(f(b))))
+                .collect()
+        };
         let per = |f: &dyn Fn(&metrics::PerTransport) -> i64| -> Vec<(&'static str, i64)> {
             TRANSPORTS
                 .iter()
@@ -142,7 +150,7 @@ impl Collector for Gateway {
             "rtmpgate_bytes_received",
             "Bytes received from clients (after TLS, tunnel and RTMPE decoding), by transport.",
             "transport",
-            &per(&|p| as_i64(p.bytes_received.load(Relaxed))),
+            &per_bytes(&|b| b.0),
         )?;
         family(
             &mut e,
@@ -150,7 +158,7 @@ impl Collector for Gateway {
             "rtmpgate_bytes_sent",
             "Bytes sent to clients (before TLS, tunnel and RTMPE encoding), by transport.",
             "transport",
-            &per(&|p| as_i64(p.bytes_sent.load(Relaxed))),
+            &per_bytes(&|b| b.1),
         )?;
         let refused: Vec<(&str, i64)> = Refusal::ALL
             .iter()

@@ -146,6 +146,24 @@ impl Sessions {
         (page, self.table.len())
     }
 
+    /// Bytes (received, sent) per transport since start, in [`metrics::TRANSPORTS`] order:
+    /// the open sessions' counts plus the closed sessions' totals.
+    pub fn bytes_by_transport(&self) -> [(u64, u64); 6] {
+        let mut open = [(0u64, 0u64); 6];
+        for e in self.table.iter() {
+            if let Some(slot) = open.get_mut(metrics::transport_index(e.transport)) {
+                slot.0 = slot.0.saturating_add(e.bytes_received());
+                slot.1 = slot.1.saturating_add(e.bytes_sent());
+            }
+        }
+        let m = metrics::global();
+        let mut out = [(0u64, 0u64); 6];
+        for ((t, o), slot) in metrics::TRANSPORTS.iter().zip(open).zip(out.iter_mut()) {
+            *slot = m.transport(*t).totals(o.0, o.1);
+        }
+        out
+    }
+
     /// Every open session (for per-stream and per-transport summaries).
     pub fn all(&self) -> Vec<Arc<Live>> {
         self.table.iter().map(|e| e.value().clone()).collect()
@@ -183,7 +201,8 @@ impl Sessions {
     }
 }
 
-/// Bytes seen by one session, updated as they flow, and its transport's totals.
+/// Bytes seen by one session, updated as they flow (one relaxed add on the session's own
+/// counter: the per-transport totals are summed from these when scraped).
 #[derive(Debug)]
 struct Counters {
     from_client: AtomicU64,
@@ -194,16 +213,10 @@ struct Counters {
 impl Counters {
     fn received(&self, n: usize) {
         self.from_client.fetch_add(n as u64, Ordering::Relaxed);
-        self.transport
-            .bytes_received
-            .fetch_add(n as u64, Ordering::Relaxed);
     }
 
     fn sent(&self, n: usize) {
         self.to_client.fetch_add(n as u64, Ordering::Relaxed);
-        self.transport
-            .bytes_sent
-            .fetch_add(n as u64, Ordering::Relaxed);
     }
 }
 
@@ -318,11 +331,15 @@ impl Drop for OpenSession {
                 dropped_before: None,
             });
         }
+        // Out of the table first, then into the closed totals: a scrape in between sees the
+        // total dip, which `PerTransport::totals` never reports.
         self.sessions.table.remove(&live.id);
-        live.counters
-            .transport
-            .sessions_open
-            .fetch_sub(1, Ordering::Relaxed);
+        let t = live.counters.transport;
+        t.closed_received
+            .fetch_add(live.bytes_received(), Ordering::Relaxed);
+        t.closed_sent
+            .fetch_add(live.bytes_sent(), Ordering::Relaxed);
+        t.sessions_open.fetch_sub(1, Ordering::Relaxed);
         if self.sessions.active.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.sessions.idle.notify_waiters();
         }
