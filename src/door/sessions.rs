@@ -18,6 +18,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use dashmap::DashMap;
+use futures_util::future::{AbortHandle, Abortable};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 
@@ -72,7 +73,9 @@ pub struct Live {
     pub started: Instant,
     pub started_at: SystemTime,
     counters: Arc<Counters>,
-    kick: Notify,
+    /// Aborts the session's handler (admin API). Lock-free: each poll of a pending session
+    /// costs an atomic load and a waker registration, no mutex.
+    kick: AbortHandle,
     tag: Mutex<Tag>,
 }
 
@@ -174,7 +177,7 @@ impl Sessions {
     pub fn kick(&self, id: u64) -> bool {
         match self.table.get(&id) {
             Some(live) => {
-                live.kick.notify_one();
+                live.kick.abort();
                 true
             }
             None => false,
@@ -357,6 +360,7 @@ pub fn accounted(inner: StreamHandler, sessions: Arc<Sessions>) -> StreamHandler
             transport: per_transport,
         });
         let id = sessions.opened.fetch_add(1, Ordering::Relaxed) + 1;
+        let (kick_handle, kick) = AbortHandle::new_pair();
         let live = Arc::new(Live {
             id,
             transport: stream.transport,
@@ -365,7 +369,7 @@ pub fn accounted(inner: StreamHandler, sessions: Arc<Sessions>) -> StreamHandler
             started: Instant::now(),
             started_at: SystemTime::now(),
             counters: counters.clone(),
-            kick: Notify::new(),
+            kick: kick_handle,
             tag: Mutex::new(Tag::default()),
         });
         let stream = stream.map_io(move |io| Box::new(Counted { io, counters }));
@@ -380,14 +384,11 @@ pub fn accounted(inner: StreamHandler, sessions: Arc<Sessions>) -> StreamHandler
             sessions: sessions.clone(),
             kicked: false,
         };
-        let fut = inner(stream);
-        Box::pin(CURRENT.scope(live.clone(), async move {
-            tokio::select! {
-                _ = fut => {}
-                _ = live.kick.notified() => {
-                    guard.kicked = true;
-                    tracing::info!("session {id} closed: kicked through the admin API");
-                }
+        let fut = Abortable::new(inner(stream), kick);
+        Box::pin(CURRENT.scope(live, async move {
+            if fut.await.is_err() {
+                guard.kicked = true;
+                tracing::info!("session {id} closed: kicked through the admin API");
             }
             drop(guard);
         }))
