@@ -19,6 +19,9 @@
 //! | [`upstream`] | the relay: one connection to the backend per client and a byte pump |
 //! | [`client`] | a small RTMP client (rtmp, rtmps, rtmpt, rtmpts) for the load generator and tests |
 //! | [`config`] | TOML file + flags -> one validated `Config` |
+//! | [`metrics`] | process-wide counters (relaxed atomics) bumped where events happen, read at scrape time |
+//! | [`access`] | the access log: one JSON line per session close, through a bounded queue to a writer thread |
+//! | [`admin`] | the admin listener on its own thread and runtime: `/metrics`, `/healthz`, `/readyz`, the JSON API, the status page |
 //!
 //! `main.rs` parses the command line, sets up logging, binds the door and runs until a
 //! signal, then drains.
