@@ -300,3 +300,34 @@ fn open_flood_with_upstream_opens_at_most_the_cap_of_backend_connections() {
     );
     drop(flood);
 }
+
+/// Tunnel request bodies are charged to the process's memory budget as they arrive: with a
+/// 2 MiB budget a 3 MiB body (under `max_http_body`) is refused with 503 and a log line,
+/// and once it is gone the budget serves the next client.
+#[test]
+fn tunnel_bodies_are_charged_to_the_memory_budget() {
+    let gw = Gateway::builder()
+        .args(&["--listen", "rtmp://127.0.0.1:0"])
+        .config("[limits]\nmax_memory = 2097152\n")
+        .start();
+    let addr = gw.addr("rtmpt");
+    let mut c = Conn::open(addr, "127.0.0.1".parse().unwrap());
+    let (ids, _) = c.open_ids(1);
+    let id = &ids[0];
+    assert_eq!(
+        c.post(&format!("/send/{id}/0"), &vec![3u8; 3 << 20]),
+        Some(503)
+    );
+    assert!(
+        gw.wait_log("memory budget spent", Duration::from_secs(5)),
+        "{}",
+        gw.log()
+    );
+    // The refused body's charge was returned: a small body goes through.
+    let mut c2 = Conn::open(addr, "127.0.0.1".parse().unwrap());
+    let (ids, _) = c2.open_ids(1);
+    assert_eq!(
+        c2.post(&format!("/send/{}/0", ids[0]), &[3u8; 1537]),
+        Some(200)
+    );
+}

@@ -7,18 +7,28 @@
 //! in sequence-number order. Each session becomes a [`ClientStream`] over a [`TunnelPipe`]
 //! handed to the stream handler, exactly like a raw RTMP connection.
 //!
-//! A session ends in one of four ways, each giving the consumer EOF (and failing its
-//! writes): the client's `/close` (applied in sequence order), the reaper (no request for
-//! `limits.tunnel_reap_secs`; ffmpeg killed by a signal never sends `/close`), the consumer
-//! closing (its last bytes still go out on the next poll, then 404), or [`Tunnel::shutdown`].
+//! A session ends in one of these ways, each giving the consumer EOF (and failing its
+//! writes): the client's `/close` (applied in sequence order); the reaper, for no request
+//! within `limits.tunnel_reap_secs` (ffmpeg killed by a signal never sends `/close`), for no
+//! complete RTMP handshake (3073 bytes each way) within `limits.handshake_timeout_secs`, or
+//! for last bytes nobody came for; the consumer ending (the session is removed at once, or
+//! after the next poll collects its last bytes, then 404); a refused memory-budget charge;
+//! or [`Tunnel::shutdown`].
+//!
+//! A session is a client like a raw connection: it takes a place in the door's
+//! `max_connections` and its opening client's `max_connections_per_ip` (the PROXY-protocol
+//! address when there is one) for as long as it or its handler lives, so pipelining `/open`
+//! over one keep-alive connection cannot outgrow an address's share (nor, with `--upstream`,
+//! its share of backend connections).
 //!
 //! Bounds, all from [`Limits`]: sessions (`max_tunnel_sessions`, then 503), bytes queued each
 //! way per session (`max_tunnel_pending`; a full reply queue makes the consumer's writes
 //! wait, a full inbound queue delays the `/send` reply), out-of-order bodies held
-//! (`max_tunnel_reorder` bodies, `max_http_body` bytes), request head (`max_http_header`,
-//! `http_header_timeout_secs`) and body (`max_http_body` then 413, `idle_timeout_secs`
-//! then 408), the idle long-poll (`tunnel_idle_hold_ms`) and the wait for a request's turn
-//! in sequence order (`tunnel_order_wait_ms`).
+//! (`max_tunnel_reorder` bodies, `max_tunnel_reorder_bytes` bytes), request head
+//! (`max_http_header`, `http_header_timeout_secs`) and body (`max_http_body` then 413,
+//! `idle_timeout_secs` then 408), the idle long-poll (`tunnel_idle_hold_ms`) and the wait for
+//! a request's turn in sequence order (`tunnel_order_wait_ms`). Request bodies and every
+//! session buffer are charged to the process's memory budget (`crate::budget`).
 //!
 //! `pipeline_flush` is deliberately left off: with it, hyper does not flush a reply while a
 //! pipelined request is buffered, so librtmp's send reply would wait behind a held idle.
