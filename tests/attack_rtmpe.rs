@@ -1,8 +1,9 @@
 //! Attack: a flood of RTMPE hellos from one address (issue 9, item 6). Each costs the server
 //! a Diffie-Hellman exchange; the per-address handshake rate
 //! (`limits.rtmpe_handshakes_per_ip_per_sec`) refuses the excess before any key exchange,
-//! the key exchange runs on at most half the cores, and a plain RTMP client from another
-//! address keeps handshaking promptly and is served exactly (frames compared).
+//! the key exchange runs on at most half the cores, and clients from another address keep
+//! being served: plain RTMP handshakes stay prompt, and a publisher over RTMPS (TLS) and a
+//! player over plain RTMP get every frame (compared).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -59,7 +60,7 @@ fn rtmpe_hello_flood_from_one_address_leaves_plain_rtmp_alone() {
     let src = source_flv(5);
     let want = framemd5(&src);
     let gw = Gateway::builder()
-        .args(&["--listen", "rtmp://127.0.0.1:0"])
+        .rtmp_and_rtmps()
         .config(&format!(
             "[limits]\nrtmpe_handshakes_per_ip_per_sec = {RATE}\n"
         ))
@@ -68,8 +69,9 @@ fn rtmpe_hello_flood_from_one_address_leaves_plain_rtmp_alone() {
     let attacker: IpAddr = "127.0.0.2".parse().unwrap();
     let c0c1 = rtmpgate::rtmp::rtmpe::RtmpeClient::new(6).c0c1();
 
-    // A real player and publisher from 127.0.0.1 over plain RTMP, during the flood.
+    // A real player (plain RTMP) and publisher (RTMPS) from 127.0.0.1, during the flood.
     let url = format!("{}/live/rtmpe-flood", gw.url("rtmp"));
+    let tls_url = format!("{}/live/rtmpe-flood", gw.url("rtmps"));
     let out = dir.path().join("player.flv");
     let mut player = play_rtmpdump(&url, &out);
     thread::sleep(Duration::from_millis(1500));
@@ -95,7 +97,7 @@ fn rtmpe_hello_flood_from_one_address_leaves_plain_rtmp_alone() {
         })
         .collect();
 
-    let mut publisher = publish(&peers().ffmpeg, &url, &src);
+    let mut publisher = publish(&peers().ffmpeg, &tls_url, &src);
     let mut latencies = Vec::new();
     while publisher.is_running() && flood_started.elapsed() < Duration::from_secs(40) {
         latencies.push(plain_handshake_ms(addr));
@@ -110,7 +112,11 @@ fn rtmpe_hello_flood_from_one_address_leaves_plain_rtmp_alone() {
     let st = publisher
         .wait_timeout(Duration::from_secs(5))
         .expect("the publisher did not finish");
-    assert!(st.success(), "publisher failed: {}", publisher.log());
+    assert!(
+        st.success(),
+        "the RTMPS publisher failed during the flood: {}",
+        publisher.log()
+    );
     assert!(
         player.wait_timeout(PLAYER_TAIL).is_some(),
         "the player did not stop after the publisher left"
@@ -148,7 +154,7 @@ fn rtmpe_hello_flood_from_one_address_leaves_plain_rtmp_alone() {
     let got = framemd5(&out);
     let run = contiguous_run(&want, &got)
         .unwrap_or_else(|e| panic!("plain RTMP player during the flood: {e}; {}", player.log()));
-    eprintln!("plain RTMP player from 127.0.0.1 during the flood: {run}");
+    eprintln!("plain RTMP player of the RTMPS publisher, during the flood: {run}");
     assert_eq!(run.start("video"), Some(0), "the player missed the start");
     assert!(
         count_media(&got, "video") * 100 >= count_media(&want, "video") * 85,
