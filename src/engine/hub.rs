@@ -305,7 +305,6 @@ pub enum HubError {
     BadName(String),
 }
 
-#[derive(Default)]
 struct SlotState {
     publisher: Option<u64>,
     players: usize,
@@ -333,23 +332,55 @@ struct SlotState {
     /// Bytes of each event the ring may still hold, oldest first (at most its capacity).
     ring: VecDeque<usize>,
     ring_bytes: usize,
+    /// The ring. Until a publisher first comes it is a one-slot channel that only wakes the
+    /// players waiting on it (a full ring is ~40 KiB of slots, for nothing to carry): the
+    /// first publisher makes the full ring and hands each waiting player a receiver of it,
+    /// subscribed before any frame is sent, so nothing is lost in the swap.
+    tx: broadcast::Sender<Event>,
+    full_ring: bool,
+    /// Players subscribed to the one-slot channel, and the full-ring receivers handed to them.
+    waiting: Vec<u64>,
+    handoff: Vec<(u64, broadcast::Receiver<Event>)>,
 }
 
 impl SlotState {
+    /// A stream's state before anyone published on it, with the one-slot wake-up channel.
+    fn new() -> SlotState {
+        let (tx, _) = broadcast::channel(1);
+        SlotState {
+            publisher: None,
+            players: 0,
+            meta: None,
+            video_header: None,
+            audio_header: None,
+            has_video: false,
+            gop: Vec::new(),
+            gop_bytes: 0,
+            gop_valid: false,
+            ts_base: 0,
+            ts_first: None,
+            rebase: false,
+            last_out: None,
+            headers_gen: 0,
+            retimed: None,
+            ring: VecDeque::new(),
+            ring_bytes: 0,
+            tx,
+            full_ring: false,
+            waiting: Vec::new(),
+            handoff: Vec::new(),
+        }
+    }
+
     /// Sends `ev` (`bytes` of frame) to the players, keeping the ring within `cap` events and
     /// `max_bytes` bytes: past the bytes, fillers push the oldest frames out (the newest
     /// frame stays whatever its size).
-    fn ring_send(
-        &mut self,
-        tx: &broadcast::Sender<Event>,
-        ev: Event,
-        bytes: usize,
-        cap: usize,
-        max_bytes: usize,
-    ) {
-        self.ring_push(tx.send(ev).is_ok(), bytes, cap);
+    fn ring_send(&mut self, ev: Event, bytes: usize, cap: usize, max_bytes: usize) {
+        let kept = self.tx.send(ev).is_ok();
+        self.ring_push(kept, bytes, cap);
         while self.ring_bytes > max_bytes && self.ring_bytes > bytes {
-            self.ring_push(tx.send(Event::Filler).is_ok(), 0, cap);
+            let kept = self.tx.send(Event::Filler).is_ok();
+            self.ring_push(kept, 0, cap);
         }
     }
 
@@ -393,7 +424,6 @@ impl SlotState {
 
 struct Slot {
     key: StreamKey,
-    tx: broadcast::Sender<Event>,
     total: AtomicU64,
     state: Mutex<SlotState>,
 }
@@ -478,12 +508,10 @@ impl Hub {
         slots
             .entry(key.clone())
             .or_insert_with(|| {
-                let (tx, _) = broadcast::channel(self.cfg.queue_messages.max(16));
                 Arc::new(Slot {
                     key: key.clone(),
-                    tx,
                     total: AtomicU64::new(0),
-                    state: Mutex::new(SlotState::default()),
+                    state: Mutex::new(SlotState::new()),
                 })
             })
             .clone()
@@ -506,14 +534,25 @@ impl Hub {
             st.rebase = true;
             st.ts_base = last.wrapping_add(1);
         }
-        // Nobody listening is fine: waiting players subscribe before the publisher arrives.
-        st.ring_send(
-            &slot.tx,
-            Event::Published,
-            0,
-            self.ring_cap(),
-            self.ring_max_bytes(),
-        );
+        if !st.full_ring {
+            // The first publisher: the full ring, a receiver of it for each waiting player,
+            // then Published on the wake-up channel (which closes when its sender drops).
+            let (big, _) = broadcast::channel(self.ring_cap());
+            let handed: Vec<_> = st
+                .waiting
+                .drain(..)
+                .map(|id| (id, big.subscribe()))
+                .collect();
+            st.handoff.extend(handed);
+            let _ = st.tx.send(Event::Published);
+            st.tx = big;
+            st.full_ring = true;
+            st.ring.clear();
+            st.ring_bytes = 0;
+        } else {
+            // Nobody listening is fine: players who come later start from the caches.
+            st.ring_send(Event::Published, 0, self.ring_cap(), self.ring_max_bytes());
+        }
         drop(st);
         drop(slots);
         Ok(Publisher {
@@ -536,7 +575,11 @@ impl Hub {
         // Counted while the hub's lock is held, so `release` cannot drop the slot under us.
         st.players = st.players.saturating_add(1);
         drop(slots);
-        let rx = slot.tx.subscribe();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let rx = st.tx.subscribe();
+        if !st.full_ring {
+            st.waiting.push(id);
+        }
         let live = st.publisher.is_some();
         let mut start = Vec::new();
         let mut has_keyframe = false;
@@ -600,6 +643,7 @@ impl Hub {
         Player {
             hub: self.clone(),
             slot,
+            id,
             rx,
             start,
             live,
@@ -731,7 +775,6 @@ impl Publisher {
         }
         let bytes = frame.chunked.len().saturating_add(frame.payload.len());
         st.ring_send(
-            &self.slot.tx,
             Event::Frame(frame),
             bytes,
             self.hub.ring_cap(),
@@ -749,7 +792,6 @@ impl Drop for Publisher {
                 st.publisher = None;
                 st.clear_caches();
                 st.ring_send(
-                    &self.slot.tx,
                     Event::Unpublished,
                     0,
                     self.hub.ring_cap(),
@@ -765,6 +807,7 @@ impl Drop for Publisher {
 pub struct Player {
     hub: Arc<Hub>,
     slot: Arc<Slot>,
+    id: u64,
     /// Everything published after the start frames, in order.
     pub rx: broadcast::Receiver<Event>,
     /// Metadata, sequence headers and the GOP since the last keyframe, to send first.
@@ -782,6 +825,19 @@ impl Player {
         &self.slot.key
     }
 
+    /// After `Published` (or a closed channel) on the wake-up channel of a stream nobody had
+    /// published on: continue on the full ring, from the receiver subscribed for this player
+    /// before the first frame (or, should there be none, a new one).
+    pub fn take_handoff(&mut self) {
+        let mut st = lock(&self.slot.state);
+        if let Some(at) = st.handoff.iter().position(|(id, _)| *id == self.id) {
+            let (_, rx) = st.handoff.swap_remove(at);
+            self.rx = rx;
+        } else if st.full_ring && !st.waiting.contains(&self.id) && self.rx.is_closed() {
+            self.rx = st.tx.subscribe();
+        }
+    }
+
     /// Bytes published after `frame`: how far behind live a player writing it is.
     pub fn lag_bytes(&self, frame: &Frame) -> u64 {
         self.slot
@@ -796,6 +852,9 @@ impl Drop for Player {
         {
             let mut st = lock(&self.slot.state);
             st.players = st.players.saturating_sub(1);
+            let id = self.id;
+            st.waiting.retain(|w| *w != id);
+            st.handoff.retain(|(w, _)| *w != id);
         }
         self.hub.release(&self.slot);
     }
@@ -977,6 +1036,7 @@ mod tests {
         assert!(!pl.live && pl.start.is_empty());
         let p = hub.publish(&key("w")).unwrap();
         assert!(matches!(pl.rx.try_recv(), Ok(Event::Published)));
+        pl.take_handoff();
         p.push(VIDEO, 500, Bytes::from_static(AVC_KEY)).unwrap();
         assert_eq!(frame(pl.rx.try_recv().unwrap()).timestamp, 500);
         drop(p);
@@ -988,6 +1048,31 @@ mod tests {
         p.push(VIDEO, 40, Bytes::from_static(AVC_INTER)).unwrap();
         assert_eq!(frame(pl.rx.try_recv().unwrap()).timestamp, 501);
         assert_eq!(frame(pl.rx.try_recv().unwrap()).timestamp, 541);
+    }
+
+    #[test]
+    fn a_player_without_a_publisher_holds_no_full_ring() {
+        let hub = hub();
+        let mut early = hub.play(&key("d"));
+        {
+            let st = lock(&early.slot.state);
+            assert!(!st.full_ring && st.waiting == vec![early.id]);
+        }
+        let mut gone = hub.play(&key("d"));
+        drop(hub.play(&key("d")));
+        let p = hub.publish(&key("d")).unwrap();
+        // Frames sent before a waiting player takes its receiver reach it all the same.
+        p.push(VIDEO, 0, Bytes::from_static(AVC_KEY)).unwrap();
+        assert!(matches!(early.rx.try_recv(), Ok(Event::Published)));
+        early.take_handoff();
+        assert_eq!(frame(early.rx.try_recv().unwrap()).timestamp, 0);
+        let late = hub.play(&key("d"));
+        assert!(late.live && late.has_keyframe);
+        drop(gone.rx.try_recv());
+        gone.take_handoff();
+        drop(gone);
+        let st = lock(&p.slot.state);
+        assert!(st.full_ring && st.waiting.is_empty() && st.handoff.is_empty());
     }
 
     #[test]

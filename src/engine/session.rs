@@ -943,6 +943,8 @@ impl Session {
         match ev {
             Ok(Event::Frame(f)) => self.send_frame(&f),
             Ok(Event::Published) => {
+                // A stream nobody had published on: carry on with the full ring.
+                p.player.take_handoff();
                 if !p.first_frame {
                     // A waiting player's first-frame time counts from the publisher's arrival.
                     p.play_at = Instant::now();
@@ -990,7 +992,9 @@ impl Session {
                     "{}: fell {n} messages behind; skipping to the next keyframe", self.label
                 );
             }
-            Ok(Event::Filler) | Err(RecvError::Closed) => {}
+            // The wake-up channel closed under a waiting player: move to the full ring.
+            Err(RecvError::Closed) => p.player.take_handoff(),
+            Ok(Event::Filler) => {}
         }
     }
 
