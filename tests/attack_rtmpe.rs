@@ -144,7 +144,8 @@ fn rtmpe_hello_flood_from_one_address_leaves_plain_rtmp_alone() {
         served <= allowed,
         "{served} RTMPE key exchanges for one address in {flood_secs:.1} s (limit {RATE}/s)"
     );
-    assert!(refused > served, "the flood was not refused ({refused})");
+    // The flood went past the rate (however slowly a loaded machine ran it) and was refused.
+    assert!(refused > 0, "no hello was refused ({served} answered)");
     // A plain handshake is a few ms here; under a saturated DH pool it waited for CPU.
     assert!(
         worst < 1000.0,

@@ -11,6 +11,7 @@
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use dashmap::DashMap;
 
@@ -26,6 +27,8 @@ pub struct ConnLimiter {
     v6_prefix: u8,
     /// One refusal line per second at most.
     pub refusals: LogThrottle,
+    /// Per-address lines about closed connections.
+    pub lines: PeerLines,
 }
 
 /// Why a client was not admitted.
@@ -90,6 +93,7 @@ impl ConnLimiter {
             max_per_ip: limits.max_connections_per_ip,
             v6_prefix: limits.ipv6_prefix_len.min(128),
             refusals: LogThrottle::default(),
+            lines: PeerLines::new(limits.ipv6_prefix_len),
         })
     }
 
@@ -151,6 +155,61 @@ pub fn group(ip: IpAddr, v6_prefix: u8) -> IpAddr {
     }
 }
 
+/// Address-reason pairs remembered by [`PeerLines`]; past it, pairs not seen this second
+/// (which would be allowed a line anyway) are forgotten.
+const MAX_LINE_KEYS: usize = 16_384;
+
+/// One line per second per address group and reason for connections the door closes
+/// (unknown protocol, silent client, failed TLS or RTMPE handshake...): a connection costs
+/// an attacker a TCP handshake and no payload, so one line for each would let a connection
+/// flood write the log at the accept rate. The next line says how many were skipped.
+pub struct PeerLines {
+    epoch: Instant,
+    v6_prefix: u8,
+    /// (address group, reason) -> (second of the last line, lines skipped since).
+    seen: DashMap<(IpAddr, &'static str), (u64, u64)>,
+}
+
+impl PeerLines {
+    pub fn new(v6_prefix: u8) -> Self {
+        PeerLines {
+            epoch: Instant::now(),
+            v6_prefix,
+            seen: DashMap::new(),
+        }
+    }
+
+    /// Some(suffix) when a line about `ip` for `reason` may be written now.
+    pub fn should_log(&self, ip: IpAddr, reason: &'static str) -> Option<String> {
+        let now = self.epoch.elapsed().as_secs().saturating_add(1);
+        if self.seen.len() >= MAX_LINE_KEYS {
+            self.seen.retain(|_, (last, _)| *last == now);
+        }
+        let mut e = self
+            .seen
+            .entry((group(ip, self.v6_prefix), reason))
+            .or_insert((0, 0));
+        let (last, skipped) = *e;
+        if now > last {
+            *e = (now, 0);
+            return Some(if skipped > 0 {
+                format!(" ({skipped} more like it from this address in the last seconds)")
+            } else {
+                String::new()
+            });
+        }
+        e.1 = skipped.saturating_add(1);
+        None
+    }
+
+    /// Writes `line()` at info level when [`PeerLines::should_log`] allows it.
+    pub fn info(&self, ip: IpAddr, reason: &'static str, line: impl FnOnce() -> String) {
+        if let Some(also) = self.should_log(ip, reason) {
+            tracing::info!("{}{also}", line());
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
@@ -167,6 +226,22 @@ mod tests {
         assert_eq!(group(a, 0), "::".parse::<IpAddr>().unwrap());
         let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
         assert_eq!(group(mapped, 64), "192.0.2.7".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn peer_lines_are_one_a_second_per_address_and_reason() {
+        let l = PeerLines::new(64);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        assert_eq!(l.should_log(a, "unknown").as_deref(), Some(""));
+        assert!(l.should_log(a, "unknown").is_none());
+        assert!(l.should_log(a, "unknown").is_none());
+        assert!(l.should_log(a, "silent").is_some(), "another reason");
+        assert!(l.should_log(b, "unknown").is_some(), "another address");
+        // A second later the line carries the count.
+        l.seen.alter(&(a, "unknown"), |_, (_, n)| (0, n));
+        let next = l.should_log(a, "unknown").unwrap();
+        assert!(next.contains("2 more"), "{next}");
     }
 
     #[test]

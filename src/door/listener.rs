@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Cidr, ListenScheme, ListenUrl};
-use crate::door::admit::ConnLimiter;
+use crate::door::admit::{ConnLimiter, PeerLines};
 use crate::door::proxy_protocol;
 use crate::door::rtmpe;
 use crate::door::rtmpt::Tunnel;
@@ -161,6 +161,7 @@ impl Door {
                 opts.limits.clone(),
                 opts.rtmpe,
                 rtmpe_rates.clone(),
+                conns.clone(),
             ),
             conns.clone(),
         );
@@ -303,15 +304,19 @@ async fn handle(
             Ok(Ok((client, rest))) => (client.unwrap_or(peer), rest),
             Ok(Err(e)) => {
                 metrics::refused(Refusal::ProxyProtocol);
-                tracing::info!("closing {peer} on {label}: {e}");
+                ctx.conns.lines.info(peer.ip(), "proxy header", || {
+                    format!("closing {peer} on {label}: {e}")
+                });
                 return;
             }
             Err(_) => {
                 metrics::refused(Refusal::ProxyProtocol);
-                tracing::info!(
-                    "dropping {peer} on {label}: no PROXY protocol header within {} s",
-                    first.as_secs()
-                );
+                ctx.conns.lines.info(peer.ip(), "no proxy header", || {
+                    format!(
+                        "dropping {peer} on {label}: no PROXY protocol header within {} s",
+                        first.as_secs()
+                    )
+                });
                 return;
             }
         }
@@ -330,20 +335,23 @@ async fn handle(
         return;
     };
 
-    let Some((kind, head)) = sniff_in_time(&mut tcp, head, first, peer, &label).await else {
+    let lines = &ctx.conns.lines;
+    let Some((kind, head)) = sniff_in_time(&mut tcp, head, first, peer, &label, lines).await else {
         return;
     };
     if kind == Kind::Unknown {
-        log_unknown(peer, &label, &head);
+        log_unknown(peer, &label, &head, lines);
         return;
     }
     if !scheme.is_tls() {
         if kind == Kind::Tls {
             metrics::refused(Refusal::WrongListener);
-            tracing::info!(
-                "closing {peer} on {label}: a TLS handshake on a plain listener; TLS clients \
-                 (rtmps://, rtmpts://) need an rtmps:// listener"
-            );
+            lines.info(peer.ip(), "tls on plain", || {
+                format!(
+                    "closing {peer} on {label}: a TLS handshake on a plain listener; TLS \
+                     clients (rtmps://, rtmpts://) need an rtmps:// listener"
+                )
+            });
             return;
         }
         let io = Prefixed::new(head, tcp);
@@ -353,12 +361,14 @@ async fn handle(
 
     if kind != Kind::Tls {
         metrics::refused(Refusal::WrongListener);
-        tracing::info!(
-            "closing {peer} on {label}: {} on a TLS listener (first bytes {}); connect with \
-             rtmps:// or rtmpts://, or add a plain rtmp:// listener",
-            describe(kind),
-            short_hex(&head)
-        );
+        lines.info(peer.ip(), "plain on tls", || {
+            format!(
+                "closing {peer} on {label}: {} on a TLS listener (first bytes {}); connect \
+                 with rtmps:// or rtmpts://, or add a plain rtmp:// listener",
+                describe(kind),
+                short_hex(&head)
+            )
+        });
         return;
     }
     // The TLS path (and below, the tunnel and RTMPE paths) runs in its own boxed future:
@@ -389,36 +399,44 @@ async fn serve_tls(
         }
         Ok(Err(e)) => {
             metrics::global().tls_handshake(false);
-            tracing::info!("closing {peer} on {label}: TLS handshake failed: {e}");
+            ctx.conns.lines.info(peer.ip(), "tls failed", || {
+                format!("closing {peer} on {label}: TLS handshake failed: {e}")
+            });
             return;
         }
         Err(_) => {
             metrics::global().tls_handshake(false);
-            tracing::info!(
-                "dropping {peer} on {label}: TLS handshake not finished within {} s",
-                first.as_secs()
-            );
+            ctx.conns.lines.info(peer.ip(), "tls slow", || {
+                format!(
+                    "dropping {peer} on {label}: TLS handshake not finished within {} s",
+                    first.as_secs()
+                )
+            });
             return;
         }
     };
-    let Some((kind, head)) = sniff_in_time(&mut tls, BytesMut::new(), first, peer, label).await
+    let lines = &ctx.conns.lines;
+    let Some((kind, head)) =
+        sniff_in_time(&mut tls, BytesMut::new(), first, peer, label, lines).await
     else {
         return;
     };
     if kind == Kind::Unknown {
-        log_unknown(peer, label, &head);
+        log_unknown(peer, label, &head, lines);
         return;
     }
     let io = Prefixed::new(head, tls);
     dispatch(ctx, io, kind, peer, local, true, label).await;
 }
 
-fn log_unknown(peer: SocketAddr, label: &str, head: &[u8]) {
+fn log_unknown(peer: SocketAddr, label: &str, head: &[u8], lines: &PeerLines) {
     metrics::refused(Refusal::UnknownProtocol);
-    tracing::info!(
-        "closing {peer} on {label}: neither RTMP nor HTTP (first bytes {})",
-        short_hex(head)
-    );
+    lines.info(peer.ip(), "unknown", || {
+        format!(
+            "closing {peer} on {label}: neither RTMP nor HTTP (first bytes {})",
+            short_hex(head)
+        )
+    });
 }
 
 /// A listening socket with SO_REUSEADDR (restarts do not wait for TIME_WAIT) and, when asked,
@@ -467,6 +485,7 @@ async fn sniff_in_time<S: tokio::io::AsyncRead + Unpin>(
     limit: Duration,
     peer: SocketAddr,
     label: &str,
+    lines: &PeerLines,
 ) -> Option<(Kind, bytes::Bytes)> {
     match tokio::time::timeout(limit, sniff::sniff_with(io, head)).await {
         Ok(Ok((Kind::Unknown, head))) if head.is_empty() => {
@@ -475,15 +494,19 @@ async fn sniff_in_time<S: tokio::io::AsyncRead + Unpin>(
         }
         Ok(Ok(found)) => Some(found),
         Ok(Err(e)) => {
-            tracing::info!("closing {peer} on {label}: reading its first bytes failed: {e}");
+            lines.info(peer.ip(), "read failed", || {
+                format!("closing {peer} on {label}: reading its first bytes failed: {e}")
+            });
             None
         }
         Err(_) => {
             metrics::refused(Refusal::FirstBytesTimeout);
-            tracing::info!(
-                "dropping {peer} on {label}: sent nothing recognisable within {} s",
-                limit.as_secs()
-            );
+            lines.info(peer.ip(), "silent", || {
+                format!(
+                    "dropping {peer} on {label}: sent nothing recognisable within {} s",
+                    limit.as_secs()
+                )
+            });
             None
         }
     }
@@ -512,20 +535,32 @@ async fn dispatch<I: ByteStream + 'static>(
         Kind::Http => Box::pin(ctx.tunnel.serve_connection(io, peer, local, tls)).await,
         Kind::Rtmpe if tls => {
             metrics::refused(Refusal::WrongListener);
-            tracing::info!(
-                "closing {peer} on {label}: RTMPE inside TLS is not supported; use rtmps:// or rtmpe:// on a plain listener"
-            );
+            ctx.conns.lines.info(peer.ip(), "rtmpe in tls", || {
+                format!(
+                    "closing {peer} on {label}: RTMPE inside TLS is not supported; use \
+                     rtmps:// or rtmpe:// on a plain listener"
+                )
+            });
         }
         Kind::Rtmpe if !ctx.opts.rtmpe => {
             metrics::refused(Refusal::RtmpeDisabled);
-            tracing::info!("refusing RTMPE from {peer} on {label}: RTMPE is disabled (--no-rtmpe / rtmpe = false)");
+            ctx.conns.lines.info(peer.ip(), "rtmpe off", || {
+                format!(
+                    "refusing RTMPE from {peer} on {label}: RTMPE is disabled (--no-rtmpe / \
+                     rtmpe = false)"
+                )
+            });
         }
         Kind::Rtmpe => Box::pin(serve_rtmpe(ctx, io, peer, local, label)).await,
         Kind::Tls => {
-            tracing::info!("closing {peer} on {label}: TLS inside TLS");
+            ctx.conns.lines.info(peer.ip(), "tls in tls", || {
+                format!("closing {peer} on {label}: TLS inside TLS")
+            });
         }
         Kind::Unknown => {
-            tracing::info!("closing {peer} on {label}: neither RTMP nor HTTP");
+            ctx.conns.lines.info(peer.ip(), "unknown", || {
+                format!("closing {peer} on {label}: neither RTMP nor HTTP")
+            });
         }
     }
 }
@@ -537,11 +572,13 @@ fn tunnel_sessions(
     limits: Arc<Limits>,
     rtmpe_allowed: bool,
     rtmpe_rates: Arc<rtmpe::HandshakeRates>,
+    conns: Arc<ConnLimiter>,
 ) -> StreamHandler {
     Arc::new(move |mut stream: ClientStream| {
         let handler = handler.clone();
         let limits = limits.clone();
         let rates = rtmpe_rates.clone();
+        let conns = conns.clone();
         Box::pin(async move {
             let mut c0 = [0u8; 1];
             let label = stream.label();
@@ -571,7 +608,7 @@ fn tunnel_sessions(
                         metrics::global().rtmpe_handshake(true);
                         handler(stream).await
                     }
-                    Err(e) => rtmpe_failed(&e, &label, &rates),
+                    Err(e) => rtmpe_failed(&e, &label, &rates, &conns),
                 },
                 false => handler(stream).await,
             }
@@ -593,13 +630,23 @@ async fn serve_rtmpe<I: ByteStream + 'static>(
             metrics::global().rtmpe_handshake(true);
             (ctx.handler)(stream).await
         }
-        Err(e) => rtmpe_failed(&e, &format!("{peer} on {label}"), &ctx.rtmpe_rates),
+        Err(e) => rtmpe_failed(
+            &e,
+            &format!("{peer} on {label}"),
+            &ctx.rtmpe_rates,
+            &ctx.conns,
+        ),
     }
 }
 
 /// Counts and logs a failed or refused RTMPE handshake; refusals over the rate limit are
 /// logged once a second at most (a flood of them is the attack the limit answers).
-fn rtmpe_failed(e: &rtmpe::RtmpeError, who: &str, rates: &rtmpe::HandshakeRates) {
+fn rtmpe_failed(
+    e: &rtmpe::RtmpeError,
+    who: &str,
+    rates: &rtmpe::HandshakeRates,
+    conns: &ConnLimiter,
+) {
     if matches!(e, rtmpe::RtmpeError::RateLimited { .. }) {
         metrics::refused(Refusal::RtmpeRateLimit);
         if let Some(also) = rates.refusals.should_log("refused") {
@@ -607,7 +654,9 @@ fn rtmpe_failed(e: &rtmpe::RtmpeError, who: &str, rates: &rtmpe::HandshakeRates)
         }
     } else {
         metrics::global().rtmpe_handshake(false);
-        tracing::info!("closing {who}: {e}");
+        conns.lines.info(e.peer().ip(), "rtmpe failed", || {
+            format!("closing {who}: {e}")
+        });
     }
 }
 

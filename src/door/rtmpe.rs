@@ -65,6 +65,19 @@ pub enum RtmpeError {
     },
 }
 
+impl RtmpeError {
+    /// The client the handshake was with.
+    pub fn peer(&self) -> std::net::SocketAddr {
+        match self {
+            RtmpeError::Timeout { peer, .. }
+            | RtmpeError::Io { peer, .. }
+            | RtmpeError::Crypto { peer, .. }
+            | RtmpeError::RateLimited { peer, .. }
+            | RtmpeError::Worker { peer, .. } => *peer,
+        }
+    }
+}
+
 /// Diffie-Hellman work of server handshakes running at once: half the cores, at least one,
 /// so a flood of RTMPE hellos (about 1 ms of CPU each, against 0.07 ms for a plain
 /// handshake) leaves the other half to plain and TLS clients.
