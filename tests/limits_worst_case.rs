@@ -568,3 +568,78 @@ fn one_address_is_capped_at_max_connections_per_ip_places() {
     );
     drop(held);
 }
+
+/// A tunnel session's buffers: a body sent ahead of a missing sequence number is held (one is
+/// taken whatever its size while no other is held), a second one waits for room in its own
+/// request. What is charged stays within the table's figures: the session's buffers, plus the
+/// per-HTTP-connection body of each request still waiting.
+#[test]
+fn a_tunnel_session_holding_early_bodies_stays_under_its_figures() {
+    let l = Limits::default();
+    let figs = figures(&l, &EngineConfig::default());
+    let fig = |row: &str| figs.iter().find(|f| f.row == row).unwrap().value;
+    let gw = Gateway::builder()
+        .args(&["--listen", "rtmp://127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .listeners(1)
+        .start();
+    let admin = admin_addr(&gw);
+    let addr = gw.addr("rtmp");
+    let client = Ipv4Addr::new(127, 0, 0, 64);
+    let mut http = connect_from(client, addr).unwrap();
+    let (status, reply) = http_raw(&mut http, &post("/open/1", &[0]), Duration::from_secs(5));
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&reply));
+    let id = String::from_utf8_lossy(http_body(&reply))
+        .trim()
+        .to_string();
+    // Number 0 applied: the session now waits for 1, and 2 and 3 come first.
+    let (status, _) = http_raw(
+        &mut http,
+        &post(&format!("/idle/{id}/0"), &[0]),
+        Duration::from_secs(5),
+    );
+    assert_eq!(status, 200);
+    let base = budget_used(admin);
+    let body = vec![0x5a; l.max_http_body];
+    let mut early = Vec::new();
+    for seq in [2, 3] {
+        let mut tcp = connect_from(client, addr).unwrap();
+        tcp.write_all(&post(&format!("/send/{id}/{seq}"), &body))
+            .unwrap();
+        early.push(tcp);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let waiting = budget_used(admin).saturating_sub(base);
+    let buffers = fig("tunnel session: buffers");
+    let per_http = fig("**per HTTP connection** of the tunnel");
+    // Both requests are answered once tunnel_order_wait_ms has passed.
+    for tcp in &mut early {
+        let (status, _) = http_raw(
+            tcp,
+            b"",
+            Duration::from_millis(l.tunnel_order_wait_ms + 5_000),
+        );
+        assert!(
+            status == 200 || status == 503,
+            "an early /send got {status}"
+        );
+    }
+    let held = budget_used(admin).saturating_sub(base);
+    println!(
+        "two early {} bodies: {} charged while their requests wait (bound {} + 2 x {}), {} once \
+         answered (bound {})",
+        human(l.max_http_body as u64),
+        human(waiting),
+        human(buffers),
+        human(per_http),
+        human(held),
+        human(buffers)
+    );
+    assert!(
+        waiting <= buffers + 2 * per_http,
+        "{waiting} bytes charged for one tunnel session and two requests"
+    );
+    assert!(
+        held <= buffers,
+        "{held} bytes charged for one tunnel session's buffers"
+    );
+}
