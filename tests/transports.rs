@@ -383,6 +383,7 @@ fn fault_tunnel_client_vanishes_session_reaped() {
         assert_eq!(send.status, 200, "/send over {scheme}: {send:?}");
         abandoned.push((scheme, base, id));
     }
+    let last_request = std::time::Instant::now();
     assert!(
         wait_until(Duration::from_secs(5), || nginx.clients() == 2),
         "the two tunnel sessions do not have their upstream connections ({} open)",
@@ -428,6 +429,14 @@ fn fault_tunnel_client_vanishes_session_reaped() {
             ok,
             "the abandoned sessions were not both reaped within {:?}",
             t.elapsed()
+        );
+        // Not before their time either: reaped at least tunnel_reap_secs after the last
+        // request (seen here a little after the reap itself).
+        assert!(
+            last_request.elapsed() >= Duration::from_secs(REAP_SECS),
+            "the abandoned sessions were reaped {:?} after their last request, before \
+             tunnel_reap_secs ({REAP_SECS} s)",
+            last_request.elapsed()
         );
         eprintln!(
             "abandoned rtmpt and rtmpts sessions reaped {:.2} s after their last request \
