@@ -25,6 +25,10 @@ use crate::budget::{self, Charge, OverBudget};
 use crate::rtmp::chunk;
 use crate::rtmp::message::{Message, AUDIO, VIDEO};
 
+/// How much earlier than a player's start (in ms) cached re-timed headers may be, for a
+/// stream without a cached GOP; see [`Hub::play`].
+const RETIME_REUSE_MS: u32 = 1000;
+
 /// The message stream id of a player's first createStream: every frame is prechunked for it.
 pub const SHARED_STREAM_ID: u32 = 1;
 
@@ -603,8 +607,16 @@ impl Hub {
                 .cloned()
                 .collect();
             if headers.iter().any(|h| h.timestamp < start_ts) {
+                // With a GOP the start is its keyframe (one re-timing per GOP). Without one
+                // it is the latest frame, new ~50 times a second: headers re-timed up to
+                // RETIME_REUSE_MS earlier are reused, so plays cost at most one re-timing (a
+                // copy of up to three headers) a second, however many there are.
+                let reusable = |ts: u32| {
+                    ts == start_ts
+                        || (!gop_ok && ts <= start_ts && start_ts - ts <= RETIME_REUSE_MS)
+                };
                 match &st.retimed {
-                    Some((gen, ts, frames)) if *gen == st.headers_gen && *ts == start_ts => {
+                    Some((gen, ts, frames)) if *gen == st.headers_gen && reusable(*ts) => {
                         start.extend(frames.iter().cloned());
                     }
                     _ => retime = Some((st.headers_gen, start_ts, headers)),
@@ -988,6 +1000,30 @@ mod tests {
         assert_eq!(f.timestamp, 1066);
         assert!(pl.rx.try_recv().is_err());
         assert_eq!(pl.lag_bytes(&f), 0);
+    }
+
+    #[test]
+    fn headers_are_retimed_once_for_many_players() {
+        // Audio only: no GOP, so a player starts at the latest frame.
+        let hub = hub();
+        let p = hub.publish(&key("a")).unwrap();
+        p.push(AUDIO, 0, Bytes::from_static(AAC_HEADER)).unwrap();
+        for i in 1..=10u32 {
+            p.push(AUDIO, i * 23, Bytes::from_static(AAC_RAW)).unwrap();
+        }
+        let first = hub.play(&key("a"));
+        assert_eq!(first.start.len(), 1);
+        assert_eq!(first.start[0].timestamp, 230);
+        // Later frames, later players: the same re-timed header (shared, not a copy each).
+        for i in 11..=40u32 {
+            p.push(AUDIO, i * 23, Bytes::from_static(AAC_RAW)).unwrap();
+            let pl = hub.play(&key("a"));
+            assert!(Arc::ptr_eq(&pl.start[0], &first.start[0]), "frame {i}");
+        }
+        // Over a second later: re-timed again.
+        p.push(AUDIO, 1300, Bytes::from_static(AAC_RAW)).unwrap();
+        let pl = hub.play(&key("a"));
+        assert_eq!(pl.start[0].timestamp, 1300);
     }
 
     #[test]
