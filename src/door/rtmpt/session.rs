@@ -130,10 +130,11 @@ impl Order {
         }
         let len = op.len();
         // The op that fills the gap is always taken (it unblocks the others); later ones
-        // wait while the hold is full.
+        // wait in their own request while the hold is full, even a lone early body larger
+        // than the hold: it is taken once the gap before it is filled.
         let full = self.held.len() >= bounds.reorder
             || self.held_bytes.saturating_add(len) > bounds.reorder_bytes;
-        if ahead > 0 && full && !self.held.is_empty() {
+        if ahead > 0 && full {
             return Err(PlaceError::Full(op));
         }
         self.held_bytes = self.held_bytes.saturating_add(len);
@@ -665,6 +666,26 @@ mod tests {
         ));
         st.drain(&b);
         assert_eq!(inbound(&st), b"a");
+    }
+
+    #[test]
+    fn a_lone_early_body_over_the_hold_waits_for_the_gap() {
+        let b = bounds();
+        let mut st = State::new(Instant::now());
+        st.order.place(0, Op::Idle, &b).unwrap();
+        st.drain(&b);
+        assert!(matches!(
+            st.order
+                .place(2, Op::Send(vec![Bytes::from(vec![1; 101])]), &b),
+            Err(PlaceError::Full(_))
+        ));
+        assert_eq!(st.order.held(), 0);
+        st.order.place(1, send(b"a"), &b).unwrap();
+        st.drain(&b);
+        // Now next in order: taken whatever its size.
+        st.order
+            .place(2, Op::Send(vec![Bytes::from(vec![1; 101])]), &b)
+            .unwrap();
     }
 
     #[test]
