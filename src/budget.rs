@@ -7,10 +7,20 @@
 //! the caller closes the offending connection with a log line, and healthy sessions, whose
 //! memory is already charged, carry on. A charge is returned when it is dropped.
 //!
-//! Lock-free (one atomic add per charge), so it sits on the data path without a mutex.
+//! Each address group (IPv6 by `ipv6_prefix_len`, as the connection counts) also has a share
+//! of the budget (`limits.max_memory_per_ip`): a charge taken for a peer's connection counts
+//! against both and is refused when either is spent, so one address cannot spend the whole
+//! budget and turn every other client away.
+//!
+//! Lock-free (one atomic add per charge, two with a share), so it sits on the data path
+//! without a mutex; the map of shares is touched only when a connection starts.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+
+use dashmap::DashMap;
 
 /// A budget of bytes; [`global()`] is the process's.
 #[derive(Debug)]
@@ -34,16 +44,28 @@ pub struct OverBudget {
     pub requested: usize,
     pub used: usize,
     pub limit: usize,
+    /// It was the address's share (`max_memory_per_ip`) that was spent, not the process's.
+    pub per_address: bool,
 }
 
 impl fmt::Display for OverBudget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "memory budget spent: {} more bytes wanted, {} of {} in use \
-             (limits.max_memory; raise it if the machine has room)",
-            self.requested, self.used, self.limit
-        )
+        if self.per_address {
+            write!(
+                f,
+                "memory budget of this address spent: {} more bytes wanted, {} of {} in use \
+                 by its connections (limits.max_memory_per_ip; raise it if one address \
+                 legitimately carries many large streams)",
+                self.requested, self.used, self.limit
+            )
+        } else {
+            write!(
+                f,
+                "memory budget spent: {} more bytes wanted, {} of {} in use \
+                 (limits.max_memory; raise it if the machine has room)",
+                self.requested, self.used, self.limit
+            )
+        }
     }
 }
 
@@ -92,6 +114,7 @@ impl MemoryBudget {
                         requested: bytes,
                         used,
                         limit,
+                        per_address: false,
                     });
                 }
             };
@@ -116,6 +139,7 @@ impl MemoryBudget {
         self.reserve(bytes)?;
         Ok(Charge {
             budget: self,
+            share: None,
             bytes,
         })
     }
@@ -124,15 +148,152 @@ impl MemoryBudget {
     pub fn empty(&'static self) -> Charge {
         Charge {
             budget: self,
+            share: None,
             bytes: 0,
         }
     }
 }
 
-/// Bytes held from a budget; returned on drop.
+/// One address group's share of the process's budget. It lives while a charge (or a
+/// [`PeerBudget`]) on it does; the last one gone, it leaves the map, so the map holds at most
+/// one entry per address group with a connection open.
+#[derive(Debug)]
+pub struct AddressShare {
+    group: IpAddr,
+    budget: MemoryBudget,
+    /// The map it is listed in.
+    shares: Option<&'static Shares>,
+}
+
+impl AddressShare {
+    /// Bytes charged to this address group now.
+    pub fn used(&self) -> usize {
+        self.budget.used()
+    }
+
+    pub fn limit(&self) -> usize {
+        self.budget.limit()
+    }
+}
+
+impl Drop for AddressShare {
+    fn drop(&mut self) {
+        // A newer share for the same group may have replaced this one's entry already: only
+        // a dead entry is removed.
+        if let Some(s) = self.shares {
+            s.map.remove_if(&self.group, |_, w| w.strong_count() == 0);
+        }
+    }
+}
+
+/// The per-address shares: their limit and grouping are set once at start-up.
+#[derive(Debug)]
+struct Shares {
+    map: DashMap<IpAddr, Weak<AddressShare>>,
+    limit: AtomicUsize,
+    v6_prefix: AtomicU8,
+}
+
+fn shares() -> &'static Shares {
+    static SHARES: OnceLock<Shares> = OnceLock::new();
+    SHARES.get_or_init(|| Shares {
+        map: DashMap::new(),
+        limit: AtomicUsize::new(usize::MAX),
+        v6_prefix: AtomicU8::new(64),
+    })
+}
+
+/// Sets every address's share (`limits.max_memory_per_ip`, resolved) and how IPv6 addresses
+/// are grouped (`limits.ipv6_prefix_len`). `usize::MAX`: no shares, only the global budget.
+/// Shares already handed out keep their limit until their connections end.
+pub fn set_per_address_limit(bytes: usize, ipv6_prefix_len: u8) {
+    let s = shares();
+    s.limit.store(bytes, Ordering::Relaxed);
+    s.v6_prefix
+        .store(ipv6_prefix_len.min(128), Ordering::Relaxed);
+}
+
+/// The share of `ip`'s address group, if shares are on.
+pub fn address_share(ip: IpAddr) -> Option<Arc<AddressShare>> {
+    shares().share(ip)
+}
+
+impl Shares {
+    fn share(&'static self, ip: IpAddr) -> Option<Arc<AddressShare>> {
+        let s = self;
+        let limit = s.limit.load(Ordering::Relaxed);
+        if limit == usize::MAX {
+            return None;
+        }
+        let group = crate::door::admit::group(ip, s.v6_prefix.load(Ordering::Relaxed));
+        let mut entry = s.map.entry(group).or_default();
+        if let Some(share) = entry.upgrade() {
+            return Some(share);
+        }
+        let share = Arc::new(AddressShare {
+            group,
+            budget: MemoryBudget::new(limit),
+            shares: Some(s),
+        });
+        *entry = Arc::downgrade(&share);
+        drop(entry);
+        Some(share)
+    }
+
+    fn used_by(&self, ip: IpAddr) -> usize {
+        let group = crate::door::admit::group(ip, self.v6_prefix.load(Ordering::Relaxed));
+        let weak = self.map.get(&group).map(|w| w.clone());
+        weak.and_then(|w| w.upgrade()).map_or(0, |a| a.used())
+    }
+}
+
+/// Bytes `ip`'s address group holds now (0 when it holds none or shares are off).
+pub fn used_by_address(ip: IpAddr) -> usize {
+    shares().used_by(ip)
+}
+
+/// What a connection charges to: the process's budget and its address's share. Cheap to
+/// clone; every charge it makes holds the share alive.
+#[derive(Clone, Debug, Default)]
+pub struct PeerBudget {
+    share: Option<Arc<AddressShare>>,
+}
+
+impl PeerBudget {
+    /// The budget of a connection from `ip`.
+    pub fn for_peer(ip: IpAddr) -> PeerBudget {
+        PeerBudget {
+            share: address_share(ip),
+        }
+    }
+
+    /// The global budget alone (no address known: tests, internal streams).
+    pub fn global_only() -> PeerBudget {
+        PeerBudget { share: None }
+    }
+
+    /// An empty charge on the global budget and this address's share.
+    pub fn charge(&self) -> Charge {
+        Charge {
+            budget: global(),
+            share: self.share.clone(),
+            bytes: 0,
+        }
+    }
+
+    /// Takes `bytes` from both, or refuses without taking anything.
+    pub fn try_charge(&self, bytes: usize) -> Result<Charge, OverBudget> {
+        let mut c = self.charge();
+        c.try_grow(bytes)?;
+        Ok(c)
+    }
+}
+
+/// Bytes held from a budget (and an address's share); returned on drop.
 #[derive(Debug)]
 pub struct Charge {
     budget: &'static MemoryBudget,
+    share: Option<Arc<AddressShare>>,
     bytes: usize,
 }
 
@@ -142,13 +303,38 @@ impl Charge {
         global().empty()
     }
 
+    /// An empty charge on `budget` and `share` (tests use their own budgets).
+    pub fn with_share(budget: &'static MemoryBudget, share: Option<Arc<AddressShare>>) -> Charge {
+        Charge {
+            budget,
+            share,
+            bytes: 0,
+        }
+    }
+
     pub fn bytes(&self) -> usize {
         self.bytes
     }
 
-    /// Takes `more` bytes, or refuses and keeps what it had.
+    /// Takes `more` bytes, or refuses and keeps what it had. The share is asked first: an
+    /// address over its share is refused without touching the process's count.
     pub fn try_grow(&mut self, more: usize) -> Result<(), OverBudget> {
-        self.budget.reserve(more)?;
+        if let Some(share) = &self.share {
+            if let Err(e) = share.budget.reserve(more) {
+                // Counted in the process's refusals too (the metric is "charges refused").
+                self.budget.refused.fetch_add(1, Ordering::Relaxed);
+                return Err(OverBudget {
+                    per_address: true,
+                    ..e
+                });
+            }
+        }
+        if let Err(e) = self.budget.reserve(more) {
+            if let Some(share) = &self.share {
+                share.budget.release(more);
+            }
+            return Err(e);
+        }
         self.bytes = self.bytes.saturating_add(more);
         Ok(())
     }
@@ -158,6 +344,9 @@ impl Charge {
         let less = less.min(self.bytes);
         self.bytes -= less;
         self.budget.release(less);
+        if let Some(share) = &self.share {
+            share.budget.release(less);
+        }
     }
 
     /// Makes the charge exactly `bytes` (growing may be refused; shrinking never is).
@@ -174,7 +363,18 @@ impl Charge {
 impl Drop for Charge {
     fn drop(&mut self) {
         self.budget.release(self.bytes);
+        if let Some(share) = &self.share {
+            share.budget.release(self.bytes);
+        }
     }
+}
+
+/// The default share when `limits.max_memory_per_ip` is 0 (auto): a quarter of the process's
+/// budget. One address then needs company (at least three others doing the same) to spend it
+/// all, while an address that carries several large streams legitimately (a NAT, a relay)
+/// still has room for them.
+pub fn default_per_address_limit(process_budget: usize) -> usize {
+    process_budget / 4
 }
 
 /// The default budget when `limits.max_memory` is 0 (auto): half of the memory this process
@@ -243,6 +443,57 @@ mod tests {
         assert!(c.try_set(101).is_err());
         drop(c);
         assert_eq!(b.used(), 0);
+    }
+
+    #[test]
+    fn a_charge_with_a_share_is_refused_when_either_is_spent() {
+        let b = budget(100);
+        let share = Arc::new(AddressShare {
+            group: "192.0.2.1".parse().unwrap(),
+            budget: MemoryBudget::new(30),
+            shares: None,
+        });
+        let mut c = Charge::with_share(b, Some(share.clone()));
+        c.try_grow(30).unwrap();
+        let err = c.try_grow(1).unwrap_err();
+        assert!(err.per_address);
+        assert_eq!((err.used, err.limit), (30, 30));
+        // Nothing was taken from the process's budget by the refused charge.
+        assert_eq!((b.used(), share.used(), b.refused()), (30, 30, 1));
+        let _other = b.try_charge(70).unwrap();
+        c.shrink(20);
+        let _more = b.try_charge(20).unwrap();
+        let err = c.try_grow(5).unwrap_err();
+        assert!(!err.per_address);
+        // The share's reservation was returned when the process's budget refused.
+        assert_eq!((b.used(), share.used()), (100, 10));
+        drop(c);
+        assert_eq!((b.used(), share.used()), (90, 0));
+    }
+
+    #[test]
+    fn address_shares_are_grouped_and_leave_the_map_with_their_last_holder() {
+        let s: &'static Shares = Box::leak(Box::new(Shares {
+            map: DashMap::new(),
+            limit: AtomicUsize::new(1000),
+            v6_prefix: AtomicU8::new(64),
+        }));
+        let a = PeerBudget {
+            share: s.share("2001:db8:77::1".parse().unwrap()),
+        };
+        let b = PeerBudget {
+            share: s.share("2001:db8:77::2".parse().unwrap()),
+        };
+        let c1 = a.try_charge(600).unwrap();
+        assert!(b.try_charge(401).unwrap_err().per_address);
+        let c2 = b.try_charge(400).unwrap();
+        assert_eq!(s.used_by("2001:db8:77::99".parse().unwrap()), 1000);
+        assert_eq!(s.used_by("2001:db8:78::1".parse().unwrap()), 0);
+        let key: IpAddr = "2001:db8:77::".parse().unwrap();
+        assert!(s.map.contains_key(&key));
+        drop((a, b, c1, c2));
+        assert!(!s.map.contains_key(&key));
+        assert_eq!(s.used_by("2001:db8:77::1".parse().unwrap()), 0);
     }
 
     #[test]

@@ -94,6 +94,10 @@ pub struct Limits {
     /// fan-out rings, GOP caches); past it new allocations from peers are refused and the
     /// offending connection closed. 0: half of the machine's (or cgroup's) memory.
     pub max_memory: u64,
+    /// Bytes of that budget one address group (IPv6 by `ipv6_prefix_len`) may hold through
+    /// its connections; past it that address's new allocations are refused while others'
+    /// carry on. 0: a quarter of the process's budget.
+    pub max_memory_per_ip: u64,
 }
 
 impl Default for Limits {
@@ -130,6 +134,7 @@ impl Default for Limits {
             max_tunnel_reorder_bytes: 256 * 1024,
             tunnel_order_wait_ms: 5_000,
             max_memory: 0,
+            max_memory_per_ip: 0,
         }
     }
 }
@@ -166,6 +171,14 @@ impl Limits {
         match self.max_memory {
             0 => crate::budget::default_limit(),
             n => usize::try_from(n).unwrap_or(usize::MAX),
+        }
+    }
+    /// One address group's share of the budget (`max_memory_per_ip`, or a quarter of
+    /// `process_budget`), never more than the process's budget itself.
+    pub fn memory_budget_per_ip(&self, process_budget: usize) -> usize {
+        match self.max_memory_per_ip {
+            0 => crate::budget::default_per_address_limit(process_budget),
+            n => usize::try_from(n).unwrap_or(usize::MAX).min(process_budget),
         }
     }
 }

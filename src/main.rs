@@ -365,9 +365,13 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     let limits = Arc::new(config.limits.clone());
     let budget = config.limits.memory_budget();
     rtmpgate::budget::global().set_limit(budget);
+    let per_ip = config.limits.memory_budget_per_ip(budget);
+    rtmpgate::budget::set_per_address_limit(per_ip, config.limits.ipv6_prefix_len);
     tracing::info!(
-        "memory budget for peers' data: {} MiB (limits.max_memory)",
-        budget >> 20
+        "memory budget for peers' data: {} MiB (limits.max_memory), {} MiB per address \
+         (limits.max_memory_per_ip)",
+        budget >> 20,
+        per_ip >> 20
     );
     let tls = match &config.tls {
         Some(settings) => {

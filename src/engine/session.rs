@@ -25,7 +25,7 @@ use tracing::{debug, info, warn};
 use super::command::{self as cmd, CSID_COMMAND, CSID_CONTROL};
 use super::hub::{leading_amf0_string, Event, Frame, FrameKind, Player, Publisher, StreamKey};
 use super::Engine;
-use crate::budget::{Charge, OverBudget};
+use crate::budget::{Charge, OverBudget, PeerBudget};
 use crate::rtmp::amf0::{Amf0Value, AmfLimits};
 use crate::rtmp::chunk::{ChunkDecoder, ChunkEncoder};
 use crate::rtmp::handshake;
@@ -157,7 +157,8 @@ pub(crate) async fn run(engine: Arc<Engine>, mut io: ClientStream, id: u64) {
     // The door logs every session's open and close line with its bytes; the engine adds
     // what the session did (its role) and why it ended.
     debug!(session = id, "engine session open: {label}");
-    let mut s = Session::new(engine, id, label.clone());
+    let budget = PeerBudget::for_peer(io.peer.ip());
+    let mut s = Session::new(engine, id, label.clone(), &budget);
     s.rtmpe = matches!(io.transport, Transport::Rtmpe | Transport::Rtmpte);
     let res = s.serve(&mut io).await;
     // Players learn at once that their publisher left, before any wait on this socket.
@@ -208,8 +209,10 @@ async fn next_event(playing: &mut Option<PlayState>) -> Result<Event, RecvError>
 }
 
 impl Session {
-    fn new(engine: Arc<Engine>, id: u64, label: String) -> Session {
-        let decoder = ChunkDecoder::new(engine.limits());
+    fn new(engine: Arc<Engine>, id: u64, label: String, budget: &PeerBudget) -> Session {
+        // Partial messages and replies count against the process's budget and the client
+        // address's share of it.
+        let decoder = ChunkDecoder::with_charge(engine.limits(), budget.charge());
         let amf_limits = AmfLimits::from(engine.limits());
         let ack_window = u64::from(engine.config().window_ack_size);
         let max_rate = engine.limits().max_messages_per_sec;
@@ -224,7 +227,7 @@ impl Session {
             pending: VecDeque::new(),
             pending_bytes: 0,
             reply_bytes: 0,
-            reply_charge: Charge::global(),
+            reply_charge: budget.charge(),
             refused: None,
             more_input: false,
             plays: 0,

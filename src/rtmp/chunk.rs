@@ -144,6 +144,12 @@ impl ChunkDecoder {
 
     /// A decoder charging its partial messages to `budget`.
     pub fn with_budget(limits: &Limits, budget: &'static MemoryBudget) -> Self {
+        Self::with_charge(limits, budget.empty())
+    }
+
+    /// A decoder charging its partial messages to `charge` (empty): a connection's charge,
+    /// which also counts against its address's share of the budget.
+    pub fn with_charge(limits: &Limits, charge: Charge) -> Self {
         let min_chunk_size = limits.min_chunk_size.max(1);
         ChunkDecoder {
             chunk_size: DEFAULT_CHUNK_SIZE,
@@ -155,7 +161,7 @@ impl ChunkDecoder {
             streams: Vec::new(),
             current: None,
             partial_bytes: 0,
-            charge: budget.empty(),
+            charge,
             bytes_received: 0,
             chunks_received: 0,
         }
