@@ -13,6 +13,17 @@ use rtmpgate::limits::Limits;
 use tokio::process::Command;
 use tunnel_support::*;
 
+/// How far before the source's end this file's ffmpeg players (`-v error`, stopped 3 s after
+/// the publisher ends) may stop: they end 1.50 s (6 s source, rtmpt) and 1.73 s (4 s source,
+/// rtmpts) short in every run measured, while rtmpdump in the same run receives the whole
+/// stream, so the stream reached nginx-rtmp whole and the shortfall is ffmpeg's. 2 s allowed.
+const FFMPEG_TAIL_MS: i64 = 2000;
+/// rtmpdump here misses the source's last 3-4 audio packets (70-93 ms; video complete) in
+/// every run measured, where through the gateway binary (tests/transports.rs) it receives
+/// every packet. Not explained yet (the in-process tunnel's end of a publish, or this
+/// harness's stop): an open question, held to the measured figure so it cannot grow.
+const RTMPDUMP_TAIL_MS: i64 = 100;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ffmpeg_publishes_and_ffmpeg_and_rtmpdump_play_over_rtmpt() {
     let _turn = serial().await;
@@ -59,21 +70,25 @@ async fn ffmpeg_publishes_and_ffmpeg_and_rtmpdump_play_over_rtmpt() {
     // Give the players time to drain what nginx sent, then make them vanish without /close.
     tokio::time::sleep(Duration::from_secs(3)).await;
     interrupt(ffmpeg_player, Duration::from_secs(5)).await;
-    finish(rtmpdump, Duration::from_secs(0)).await;
+    // rtmpdump finishes its file on SIGINT; killed, it would cut its last packets.
+    interrupt(rtmpdump, Duration::from_secs(5)).await;
 
     let src_frames = framemd5(&src);
-    let (n, of) = check_contiguous(&src_frames, &framemd5(&ff_out), "ffmpeg player");
-    println!("ffmpeg player over rtmpt: {n} of {of} video packets, contiguous");
-    assert!(
-        n * 100 >= of * 70,
-        "ffmpeg player got too few packets: {n} of {of}"
+    // From the first packet, to within RTMPDUMP_TAIL_MS and FFMPEG_TAIL_MS of the end.
+    let (n, of) = check_contiguous(
+        &src_frames,
+        &framemd5(&rd_out),
+        "rtmpdump",
+        RTMPDUMP_TAIL_MS,
     );
-    let (n, of) = check_contiguous(&src_frames, &framemd5(&rd_out), "rtmpdump");
     println!("rtmpdump over rtmpt: {n} of {of} video packets, contiguous");
-    assert!(
-        n * 100 >= of * 80,
-        "rtmpdump got too few packets: {n} of {of}"
+    let (n, of) = check_contiguous(
+        &src_frames,
+        &framemd5(&ff_out),
+        "ffmpeg player",
+        FFMPEG_TAIL_MS,
     );
+    println!("ffmpeg player over rtmpt: {n} of {of} video packets, contiguous");
 
     let left = gw.wait_no_sessions(Duration::from_secs(10)).await;
     assert_eq!(left, 0, "sessions of vanished clients were not reaped");
@@ -224,9 +239,11 @@ async fn backend_down_or_dying_ends_the_client_promptly_and_leaves_nothing() {
             err.trim()
         );
         assert!(!ok, "publishing to a dead backend must fail");
+        // ffmpeg has no give-up of its own here: only the gateway ends it (else it would
+        // poll until publish_realtime's 20 s limit). Measured well under 1 s.
         assert!(
-            took < Duration::from_secs(10),
-            "client not told promptly: {took:?}"
+            took < Duration::from_secs(2),
+            "client not told within 2 s: {took:?}"
         );
         assert_eq!(gw.wait_no_sessions(Duration::from_secs(5)).await, 0);
     }
@@ -248,7 +265,8 @@ async fn backend_down_or_dying_ends_the_client_promptly_and_leaves_nothing() {
         assert_eq!(gw.tunnel.sessions(), 1);
         let started = Instant::now();
         drop(nginx);
-        let exited = tokio::time::timeout(Duration::from_secs(10), async {
+        // The source loops for ever: only the gateway can end the publisher.
+        let exited = tokio::time::timeout(Duration::from_secs(2), async {
             let mut p = publisher;
             p.wait().await
         })
@@ -260,7 +278,7 @@ async fn backend_down_or_dying_ends_the_client_promptly_and_leaves_nothing() {
         );
         assert!(
             exited.is_ok(),
-            "publisher still running 10 s after the backend died"
+            "publisher still running 2 s after the backend died"
         );
         assert_eq!(gw.wait_no_sessions(Duration::from_secs(5)).await, 0);
     }
@@ -313,12 +331,13 @@ async fn ffmpeg_publishes_and_plays_over_rtmpts() {
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
     interrupt(player, Duration::from_secs(5)).await;
-    let (n, of) = check_contiguous(&framemd5(&src), &framemd5(&out), "rtmpts player");
-    println!("ffmpeg player over rtmpts: {n} of {of} video packets, contiguous");
-    assert!(
-        n * 100 >= of * 50,
-        "rtmpts player got too few packets: {n} of {of}"
+    let (n, of) = check_contiguous(
+        &framemd5(&src),
+        &framemd5(&out),
+        "rtmpts player",
+        FFMPEG_TAIL_MS,
     );
+    println!("ffmpeg player over rtmpts: {n} of {of} video packets, contiguous");
     assert_eq!(gw.wait_no_sessions(Duration::from_secs(10)).await, 0);
 }
 

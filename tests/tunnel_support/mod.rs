@@ -15,7 +15,7 @@ use rtmpgate::stream::{ClientStream, StreamHandler};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
 
-use crate::common::{contiguous_run, count_media, Frame};
+use crate::common::{assert_whole_run, count_media, Frame};
 
 /// Tests that run real encoders and servers take turns: the machine is small.
 pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
@@ -192,22 +192,36 @@ pub async fn finish(mut child: Child, limit: Duration) -> bool {
 
 /// Stop a player the way a person would (SIGINT: ffmpeg writes out what it has), then
 /// kill it if it is still there after `grace`.
-pub async fn interrupt(child: Child, grace: Duration) -> bool {
-    if let Some(pid) = child.id() {
-        let _ = Command::new("kill")
-            .args(["-INT", &pid.to_string()])
-            .status()
-            .await;
+pub async fn interrupt(mut child: Child, grace: Duration) -> bool {
+    // ffmpeg takes the first SIGINT as "finish up" but only interrupts a blocking read on
+    // the second (as tests/common's harness does); killed instead, it would lose what it
+    // still had buffered and end further from the source's end than its baseline.
+    for _ in 0..2 {
+        if let Some(pid) = child.id() {
+            let _ = Command::new("kill")
+                .args(["-INT", &pid.to_string()])
+                .status()
+                .await;
+        }
+        if let Ok(Ok(status)) = tokio::time::timeout(Duration::from_millis(300), child.wait()).await
+        {
+            return status.success();
+        }
     }
     finish(child, grace).await
 }
 
-/// Checks that `got` is one contiguous run of `src` (tests/common's comparison, the last
-/// packet may be cut short). Returns (received, source) video packet counts.
-pub fn check_contiguous(src: &[Frame], got: &[Frame], what: &str) -> (usize, usize) {
-    if let Err(e) = contiguous_run(src, got) {
-        panic!("{what}: {e}");
-    }
+/// Checks that `got` is the README's "frames" of `src`: one contiguous run from the source's
+/// first packet, ending at most `max_tail_ms` before its end (tests/common's
+/// `assert_whole_run`; the last packet may be cut short). Returns (received, source) video
+/// packet counts.
+pub fn check_contiguous(
+    src: &[Frame],
+    got: &[Frame],
+    what: &str,
+    max_tail_ms: i64,
+) -> (usize, usize) {
+    assert_whole_run(what, src, got, max_tail_ms);
     (count_media(got, "video"), count_media(src, "video"))
 }
 
