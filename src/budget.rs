@@ -316,11 +316,14 @@ impl Charge {
         self.bytes
     }
 
-    /// Takes `more` bytes, or refuses and keeps what it had. The share is asked first: an
-    /// address over its share is refused without touching the process's count.
+    /// Takes `more` bytes, or refuses and keeps what it had. The process's budget is asked
+    /// first (what a share holds is also in it, so when both are spent the line names
+    /// `max_memory`), then the address's share; refused there, the first is given back.
     pub fn try_grow(&mut self, more: usize) -> Result<(), OverBudget> {
+        self.budget.reserve(more)?;
         if let Some(share) = &self.share {
             if let Err(e) = share.budget.reserve(more) {
+                self.budget.release(more);
                 // Counted in the process's refusals too (the metric is "charges refused").
                 self.budget.refused.fetch_add(1, Ordering::Relaxed);
                 return Err(OverBudget {
@@ -328,12 +331,6 @@ impl Charge {
                     ..e
                 });
             }
-        }
-        if let Err(e) = self.budget.reserve(more) {
-            if let Some(share) = &self.share {
-                share.budget.release(more);
-            }
-            return Err(e);
         }
         self.bytes = self.bytes.saturating_add(more);
         Ok(())

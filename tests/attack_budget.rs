@@ -79,7 +79,10 @@ fn hog(gw: &Gateway) -> usize {
 fn a_publisher_over_the_memory_budget_is_closed_and_a_healthy_stream_plays_on() {
     let gw = Gateway::builder()
         .args(&["--listen", "rtmp://127.0.0.1:0"])
-        .config(&format!("[limits]\nmax_memory = {MAX_MEMORY}\n"))
+        // The process's budget, not an address's share of it (tests/attack_budget_ip.rs).
+        .config(&format!(
+            "[limits]\nmax_memory = {MAX_MEMORY}\nmax_memory_per_ip = {MAX_MEMORY}\n"
+        ))
         .start();
     let dir = temp_dir();
     let src_file = source_flv(8);

@@ -1,10 +1,11 @@
 //! One address's share of the memory budget (issue 9: "no single address can make the gateway
 //! spend more than a configured budget"): from 127.0.0.2, many connections each hold a large
-//! partial message, more than the whole process's budget in total. The address's charges
-//! stop at `limits.max_memory_per_ip` (its connections past it are closed with a line naming
-//! that limit), the process's budget keeps room, and a publisher and two players from
-//! 127.0.0.1 started after the share is full are served every frame. Without shares the
-//! attacker spent the whole budget and the newcomers were refused.
+//! partial message, or many publishers each fill a stream's GOP cache, more than the whole
+//! process's budget in total. The address's charges stop at `limits.max_memory_per_ip` (its
+//! connections past it are closed with a line naming that limit), the process's budget keeps
+//! room, and a publisher and two players from 127.0.0.1 started after the share is full are
+//! served every frame. Without shares (checked by turning them off) both attacks spent the
+//! whole budget and the tests failed.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -17,7 +18,8 @@ use std::time::Duration;
 
 use common::*;
 use hostile_support::*;
-use rtmpgate::rtmp::message;
+use rtmpgate::rtmp::amf0::Amf0Value;
+use rtmpgate::rtmp::message::{self, Message};
 
 const MIB: u64 = 1024 * 1024;
 /// The process's budget: 128 MiB.
@@ -115,8 +117,8 @@ fn in_use(line: &str) -> (u64, u64) {
     (used, limit)
 }
 
-#[test]
-fn one_address_stops_at_its_share_and_others_are_served() {
+/// A gateway with a 128 MiB budget and a 32 MiB share per address, and its admin address.
+fn gateway() -> (Gateway, SocketAddr) {
     let gw = Gateway::builder()
         .args(&["--listen", "rtmp://127.0.0.1:0", "--admin", "127.0.0.1:0"])
         .config(&format!(
@@ -124,9 +126,15 @@ fn one_address_stops_at_its_share_and_others_are_served() {
         ))
         .start();
     let admin = admin_addr(&gw);
-    let addr = gw.addr("rtmp");
+    (gw, admin)
+}
 
-    let held = attack(addr);
+/// After an attack from 127.0.0.2 that tried to hold more than the whole budget: it was
+/// refused for its share (every such line from 127.0.0.2, naming the 32 MiB share), what is
+/// charged (all of it the attacker's) is at most the share and within `slack` of it, the
+/// process's budget was never spent, and a publisher and two players from 127.0.0.1 started
+/// now are served every frame while the attacker's connections stay open.
+fn check_share_held_and_others_served(gw: &Gateway, admin: SocketAddr, what: &str, slack: u64) {
     assert!(
         gw.wait_log(
             "memory budget of this address spent",
@@ -145,10 +153,8 @@ fn one_address_stops_at_its_share_and_others_are_served() {
         .filter(|l| l.contains("memory budget of this address spent"))
         .collect();
     println!(
-        "{CONNECTIONS} connections from 127.0.0.2 sent {} MiB each: {} bytes charged \
-         (share {MAX_MEMORY_PER_IP}, budget {MAX_MEMORY}); {} refusal lines, e.g.\n{}",
-        CHUNK * CHUNKS / (1 << 20),
-        used,
+        "{what}: {used} bytes charged (share {MAX_MEMORY_PER_IP}, budget {MAX_MEMORY}); \
+         {} refusal lines, e.g.\n{}",
         refusals.len(),
         refusals[0]
     );
@@ -162,13 +168,13 @@ fn one_address_stops_at_its_share_and_others_are_served() {
         assert!(u <= MAX_MEMORY_PER_IP, "{line}");
     }
     // Nothing else charges now: the budget's count is the attacker's. It stops at the share,
-    // and the share was reached (all but less than one connection's 4 MiB of it).
+    // and the share was reached (all but `slack` of it).
     assert!(
         used <= MAX_MEMORY_PER_IP,
         "127.0.0.2 has {used} bytes charged; its share is {MAX_MEMORY_PER_IP}"
     );
     assert!(
-        used + (CHUNK * CHUNKS) as u64 > MAX_MEMORY_PER_IP,
+        used + slack >= MAX_MEMORY_PER_IP,
         "127.0.0.2 has only {used} bytes charged: the attack did not fill its share"
     );
     assert!(
@@ -189,16 +195,98 @@ fn one_address_stops_at_its_share_and_others_are_served() {
     for r in &received {
         r.assert_run_of(&src);
     }
-    // The attacker's connections were held open throughout.
+    // The attacker's charges were held throughout.
     assert!(
         budget_used(admin) >= used,
         "the attacker's charges were returned before the healthy clients ended"
     );
-    drop(held);
     let log = gw.log();
     assert!(!log.contains("panicked"), "the gateway panicked:\n{log}");
     assert!(
         !log.contains("memory budget spent:"),
         "the process's budget was spent:\n{log}"
     );
+}
+
+#[test]
+fn one_address_holding_partial_messages_stops_at_its_share_and_others_are_served() {
+    let (gw, admin) = gateway();
+    let held = attack(gw.addr("rtmp"));
+    check_share_held_and_others_served(
+        &gw,
+        admin,
+        &format!(
+            "{CONNECTIONS} connections from 127.0.0.2 sent {} MiB of a partial message each",
+            CHUNK * CHUNKS / (1 << 20)
+        ),
+        // Connections grow at once: the last one or two may be refused a little short.
+        2 * (CHUNK * CHUNKS) as u64,
+    );
+    drop(held);
+}
+
+/// Frames each hog publisher sends: 2 MiB each (4 MiB charged: payload and chunks), a
+/// keyframe then inter frames, so the GOP cache keeps them all: 12 MiB a stream.
+const FRAME: usize = 2 * 1024 * 1024;
+const FRAMES: usize = 3;
+/// Hog publishers, one stream each: 12 x 12 MiB = 144 MiB wanted, more than the budget. A
+/// publisher refused a frame is closed and its stream's frames are returned.
+const PUBLISHERS: usize = 12;
+
+/// Publishes `FRAMES` frames on live/hog`n` from 127.0.0.2; returns the connection (closed by
+/// the gateway if a frame was refused).
+fn hog_publisher(addr: SocketAddr, n: usize) -> Option<TcpStream> {
+    let mut tcp = connect_from(Ipv4Addr::new(127, 0, 0, 2), addr).ok()?;
+    tcp.set_write_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    handshake(&mut tcp).ok()?;
+    let mut inbox = Inbox::default();
+    connect_and_create_stream(&mut tcp, &mut inbox, addr, Duration::from_secs(5)).ok()?;
+    let publish = command(
+        1,
+        "publish",
+        3.0,
+        &[
+            Amf0Value::Null,
+            Amf0Value::string(&format!("hog{n}")),
+            Amf0Value::string("live"),
+        ],
+    );
+    tcp.write_all(&chunked(3, &publish, 128)).ok()?;
+    inbox.command(&mut tcp, "onStatus", Duration::from_secs(5))?;
+    const CS: u32 = 65_536;
+    tcp.write_all(&chunked(2, &message::set_chunk_size(CS), 128))
+        .ok()?;
+    for i in 0..FRAMES {
+        let mut body = vec![0u8; FRAME];
+        body[0] = if i == 0 { 0x17 } else { 0x27 };
+        body[1] = 1;
+        let msg = Message::new(message::VIDEO, i as u32 * 40, 1, body);
+        if tcp.write_all(&chunked(6, &msg, CS)).is_err() {
+            break;
+        }
+    }
+    // Each frame pushed before the next is read: a ping answered means all were taken.
+    let _ = inbox.pong(&mut tcp, 9, Duration::from_secs(5));
+    Some(tcp)
+}
+
+#[test]
+fn one_address_publishing_large_streams_stops_at_its_share_and_others_are_served() {
+    let (gw, admin) = gateway();
+    let addr = gw.addr("rtmp");
+    let held: Vec<TcpStream> = (0..PUBLISHERS)
+        .filter_map(|n| hog_publisher(addr, n))
+        .collect();
+    check_share_held_and_others_served(
+        &gw,
+        admin,
+        &format!(
+            "{PUBLISHERS} publishers from 127.0.0.2 sent {FRAMES} frames of {} MiB each",
+            FRAME >> 20
+        ),
+        // Streams are taken whole or not at all: less than one stream's 12 MiB may be left.
+        (FRAMES * 2 * FRAME) as u64,
+    );
+    drop(held);
 }

@@ -308,7 +308,8 @@ fn open_flood_with_upstream_opens_at_most_the_cap_of_backend_connections() {
 fn tunnel_bodies_are_charged_to_the_memory_budget() {
     let gw = Gateway::builder()
         .args(&["--listen", "rtmp://127.0.0.1:0"])
-        .config("[limits]\nmax_memory = 2097152\n")
+        // The process's budget, not an address's share of it (tests/attack_budget_ip.rs).
+        .config("[limits]\nmax_memory = 2097152\nmax_memory_per_ip = 2097152\n")
         .start();
     let addr = gw.addr("rtmpt");
     let mut c = Conn::open(addr, "127.0.0.1".parse().unwrap());

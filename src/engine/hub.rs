@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use tokio::sync::broadcast;
 
-use crate::budget::{self, Charge, OverBudget};
+use crate::budget::{self, Charge, OverBudget, PeerBudget};
 use crate::rtmp::chunk;
 use crate::rtmp::message::{Message, AUDIO, VIDEO};
 
@@ -563,6 +563,7 @@ impl Hub {
             hub: self.clone(),
             slot,
             id,
+            budget: PeerBudget::global_only(),
         })
     }
 
@@ -683,9 +684,18 @@ pub struct Publisher {
     hub: Arc<Hub>,
     slot: Arc<Slot>,
     id: u64,
+    /// What its frames are charged to: the process's budget, and the publishing client's
+    /// address's share once [`Publisher::charge_to`] says which.
+    budget: PeerBudget,
 }
 
 impl Publisher {
+    /// Charges this publisher's frames (payload and chunks, for as long as the ring, the GOP
+    /// cache or a player holds them) to `budget` too: the publishing client's address's share.
+    pub fn charge_to(&mut self, budget: PeerBudget) {
+        self.budget = budget;
+    }
+
     pub fn key(&self) -> &StreamKey {
         &self.slot.key
     }
@@ -723,11 +733,13 @@ impl Publisher {
         };
         // The payload is already here (the decoder's charge for it ends with the message); the
         // frame's charge takes over before the chunked copy is made.
-        let charge = budget::global().try_charge(payload.len().saturating_add(fmt0_len(
-            payload.len(),
-            ts,
-            cfg.chunk_size,
-        )))?;
+        let charge = self
+            .budget
+            .try_charge(payload.len().saturating_add(fmt0_len(
+                payload.len(),
+                ts,
+                cfg.chunk_size,
+            )))?;
         let mut frame = Frame {
             kind,
             msg_type,

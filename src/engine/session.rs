@@ -122,6 +122,9 @@ struct Session {
     /// and their charge on the memory budget.
     reply_bytes: usize,
     reply_charge: Charge,
+    /// The process's memory budget and this client's address's share: what its partial
+    /// messages, replies and published frames are charged to.
+    budget: PeerBudget,
     /// The budget refused a reply's bytes: the session ends (checked between messages).
     refused: Option<OverBudget>,
     /// Decoding stopped with input left in the read buffer (the replies were over their bound).
@@ -158,7 +161,7 @@ pub(crate) async fn run(engine: Arc<Engine>, mut io: ClientStream, id: u64) {
     // what the session did (its role) and why it ended.
     debug!(session = id, "engine session open: {label}");
     let budget = PeerBudget::for_peer(io.peer.ip());
-    let mut s = Session::new(engine, id, label.clone(), &budget);
+    let mut s = Session::new(engine, id, label.clone(), budget);
     s.rtmpe = matches!(io.transport, Transport::Rtmpe | Transport::Rtmpte);
     let res = s.serve(&mut io).await;
     // Players learn at once that their publisher left, before any wait on this socket.
@@ -209,7 +212,7 @@ async fn next_event(playing: &mut Option<PlayState>) -> Result<Event, RecvError>
 }
 
 impl Session {
-    fn new(engine: Arc<Engine>, id: u64, label: String, budget: &PeerBudget) -> Session {
+    fn new(engine: Arc<Engine>, id: u64, label: String, budget: PeerBudget) -> Session {
         // Partial messages and replies count against the process's budget and the client
         // address's share of it.
         let decoder = ChunkDecoder::with_charge(engine.limits(), budget.charge());
@@ -228,6 +231,7 @@ impl Session {
             pending_bytes: 0,
             reply_bytes: 0,
             reply_charge: budget.charge(),
+            budget,
             refused: None,
             more_input: false,
             plays: 0,
@@ -772,7 +776,8 @@ impl Session {
             return;
         }
         match self.engine.hub().publish(&key) {
-            Ok(publisher) => {
+            Ok(mut publisher) => {
+                publisher.charge_to(self.budget.clone());
                 info!(session = self.id, "{}: publish {key}", self.label);
                 crate::door::sessions::tag_stream(crate::door::sessions::Role::Publisher, &key);
                 self.role = format!("publish {key}");

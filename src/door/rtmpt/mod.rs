@@ -252,8 +252,9 @@ impl Tunnel {
             return too_large();
         }
         // hyper's header timeout does not cover the body; a trickled body is cut off too.
-        // The body is charged to the memory budget as it arrives, until it is answered.
-        let mut body_charge = Charge::global();
+        // The body is charged to the memory budget (and the client address's share) as it
+        // arrives, until it is answered.
+        let mut body_charge = budget::PeerBudget::for_peer(peer.ip()).charge();
         let read = read_body(body, self.limits.max_http_body, &mut body_charge);
         let body = match tokio::time::timeout(self.limits.idle_timeout(), read).await {
             Ok(Ok(b)) => b,
@@ -355,6 +356,8 @@ impl Tunnel {
         let id = new_session_id();
         let label = id.chars().take(8).collect::<String>();
         let session = Session::new(Bounds::from_limits(&self.limits));
+        // Its buffers count against the opening client's address's share, like a connection's.
+        session.charge_to(&budget::PeerBudget::for_peer(peer.ip()));
         let stream = ClientStream::new(Box::new(session.pipe()), transport, peer, local)
             .with_session(label.clone());
         self.sessions.insert(

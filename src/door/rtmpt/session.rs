@@ -371,6 +371,15 @@ impl Session {
         })
     }
 
+    /// Charges the session's buffers to `budget` (the opening client's address's share as
+    /// well as the process's budget) from now on; called once, before anything is buffered.
+    pub(crate) fn charge_to(&self, budget: &crate::budget::PeerBudget) {
+        let mut st = self.lock();
+        if st.charge.bytes() == 0 {
+            st.charge = budget.charge();
+        }
+    }
+
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves plain data behind, still usable.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
