@@ -248,7 +248,7 @@ fn hog_publisher(addr: SocketAddr, n: usize) -> Option<TcpStream> {
         3.0,
         &[
             Amf0Value::Null,
-            Amf0Value::string(&format!("hog{n}")),
+            Amf0Value::string(format!("hog{n}")),
             Amf0Value::string("live"),
         ],
     );
