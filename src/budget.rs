@@ -316,6 +316,15 @@ impl Charge {
         self.bytes
     }
 
+    /// An empty charge on the same budget and share (a copy of what this charge pays for).
+    pub fn sibling(&self) -> Charge {
+        Charge {
+            budget: self.budget,
+            share: self.share.clone(),
+            bytes: 0,
+        }
+    }
+
     /// Takes `more` bytes, or refuses and keeps what it had. The process's budget is asked
     /// first (what a share holds is also in it, so when both are spent the line names
     /// `max_memory`), then the address's share; refused there, the first is given back.

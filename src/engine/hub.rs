@@ -7,9 +7,10 @@
 //! a player, memory is bounded by the ring whatever the number of players, and a player that
 //! falls behind the ring (or behind a byte bound) skips ahead to the next keyframe.
 //!
-//! Memory: every frame holds a [`Charge`] on the process's budget for its bytes (payload and
-//! chunks) for as long as anything (ring, GOP cache, headers, a player's start) holds it; a
-//! publisher whose frame the budget refuses is closed. The ring is bounded in bytes as well
+//! Memory: every frame holds a [`Charge`] on the process's budget and on its publisher's
+//! address's share for its bytes (payload and chunks) for as long as anything (ring, GOP
+//! cache, headers, a player's start) holds it; a publisher whose frame either refuses is
+//! closed. The ring is bounded in bytes as well
 //! as messages: past `2 x max_lag_bytes` the oldest frames are pushed out (no player may lag
 //! that far anyway; one that did skips to the next keyframe, as on any lag).
 
@@ -21,7 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use tokio::sync::broadcast;
 
-use crate::budget::{self, Charge, OverBudget, PeerBudget};
+use crate::budget::{Charge, OverBudget, PeerBudget};
 use crate::rtmp::chunk;
 use crate::rtmp::message::{Message, AUDIO, VIDEO};
 
@@ -235,10 +236,12 @@ impl Frame {
     }
 
     /// This frame moved to `timestamp` (a header sent to a late player at its start time), or
-    /// None when the memory budget refuses the copy.
+    /// None when the memory budget refuses the copy. The copy is the stream's (cached, shared
+    /// by late players), so it is charged where the header is: the publisher's address's share.
     fn retimed(&self, timestamp: u32, chunk_size: u32) -> Option<Frame> {
         let len = fmt0_len(self.payload.len(), timestamp, chunk_size);
-        let charge = budget::global().try_charge(len).ok()?;
+        let mut charge = self._charge.sibling();
+        charge.try_grow(len).ok()?;
         let msg = Message {
             msg_type: self.msg_type,
             timestamp,
