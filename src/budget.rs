@@ -247,6 +247,24 @@ impl Shares {
     }
 }
 
+/// The per-address share's limit (`usize::MAX`: shares off).
+pub fn per_address_limit() -> usize {
+    shares().limit.load(Ordering::Relaxed)
+}
+
+/// The most bytes any one address group holds now (for metrics: how close the hungriest
+/// address is to its share). One pass over the map, at most one entry per address group with
+/// a connection open.
+pub fn largest_address_use() -> usize {
+    shares()
+        .map
+        .iter()
+        .filter_map(|e| e.value().upgrade())
+        .map(|a| a.used())
+        .max()
+        .unwrap_or(0)
+}
+
 /// Bytes `ip`'s address group holds now (0 when it holds none or shares are off).
 pub fn used_by_address(ip: IpAddr) -> usize {
     shares().used_by(ip)

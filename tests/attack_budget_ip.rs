@@ -51,6 +51,11 @@ fn admin_addr(gw: &Gateway) -> SocketAddr {
 
 /// `rtmpgate_memory_budget_used_bytes` from /metrics: what is charged to the budget now.
 fn budget_used(admin: SocketAddr) -> u64 {
+    metric(admin, "rtmpgate_memory_budget_used_bytes")
+}
+
+/// A gauge from /metrics.
+fn metric(admin: SocketAddr, name: &str) -> u64 {
     let mut tcp = TcpStream::connect(admin).unwrap();
     tcp.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
@@ -62,10 +67,9 @@ fn budget_used(admin: SocketAddr) -> u64 {
     assert_eq!(status, 200, "/metrics: {}", String::from_utf8_lossy(&reply));
     let text = String::from_utf8_lossy(http_body(&reply)).into_owned();
     text.lines()
-        .find_map(|l| l.strip_prefix("rtmpgate_memory_budget_used_bytes "))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse::<f64>().ok())
-        .unwrap_or_else(|| panic!("no rtmpgate_memory_budget_used_bytes in /metrics:\n{text}"))
-        as u64
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}")) as u64
 }
 
 /// The first `CHUNKS` chunks of a video message declaring 16 MiB - 1 bytes on chunk stream 3.
@@ -167,8 +171,17 @@ fn check_share_held_and_others_served(gw: &Gateway, admin: SocketAddr, what: &st
         assert_eq!(limit, MAX_MEMORY_PER_IP, "{line}");
         assert!(u <= MAX_MEMORY_PER_IP, "{line}");
     }
-    // Nothing else charges now: the budget's count is the attacker's. It stops at the share,
-    // and the share was reached (all but `slack` of it).
+    // Nothing else charges now: the budget's count is the attacker's, and so is the largest
+    // address's. It stops at the share, and the share was reached (all but `slack` of it).
+    assert_eq!(
+        metric(admin, "rtmpgate_memory_budget_address_limit_bytes"),
+        MAX_MEMORY_PER_IP
+    );
+    assert_eq!(
+        metric(admin, "rtmpgate_memory_budget_address_max_used_bytes"),
+        used,
+        "the address holding the most is not the attacker"
+    );
     assert!(
         used <= MAX_MEMORY_PER_IP,
         "127.0.0.2 has {used} bytes charged; its share is {MAX_MEMORY_PER_IP}"

@@ -314,10 +314,23 @@ impl Collector for Gateway {
             "The memory budget (limits.max_memory).",
             i64::try_from(budget.limit()).unwrap_or(i64::MAX),
         )?;
+        gauge(
+            &mut e,
+            "rtmpgate_memory_budget_address_max_used_bytes",
+            "Bytes charged by the address group holding the most (limits.max_memory_per_ip).",
+            i64::try_from(crate::budget::largest_address_use()).unwrap_or(i64::MAX),
+        )?;
+        gauge(
+            &mut e,
+            "rtmpgate_memory_budget_address_limit_bytes",
+            "Each address group's share of the memory budget (limits.max_memory_per_ip).",
+            i64::try_from(crate::budget::per_address_limit()).unwrap_or(i64::MAX),
+        )?;
         counter(
             &mut e,
             "rtmpgate_memory_budget_refused",
-            "Charges refused because the memory budget was spent (each closed a connection).",
+            "Charges refused because the memory budget or an address's share of it was spent \
+             (each closed a connection).",
             budget.refused(),
         )?;
         counter(
