@@ -23,24 +23,6 @@ use common::*;
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-/// The admin address the gateway logged (`admin listener on http://ADDR: ...`).
-fn admin_addr(gw: &Gateway) -> SocketAddr {
-    assert!(
-        gw.wait_log("admin listener on ", Duration::from_secs(10)),
-        "no admin listener line; log:\n{}",
-        gw.log()
-    );
-    let log = gw.log();
-    let line = log
-        .lines()
-        .find(|l| l.contains("admin listener on "))
-        .unwrap();
-    // "admin listener on http://127.0.0.1:PORT: status page /, ..."
-    let rest = &line[line.find("://").unwrap() + 3..];
-    let addr = rest.split(": ").next().unwrap();
-    addr.parse().unwrap_or_else(|e| panic!("{line}: {e}"))
-}
-
 /// An HTTP request with curl (bounded to 5 s): (status, body). Status 0: no answer.
 fn http(method: &str, url: &str, token: Option<&str>) -> (u16, String) {
     let mut cmd = Command::new(&peers().curl);

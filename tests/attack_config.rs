@@ -50,26 +50,7 @@ fn huge_durations_are_refused_by_check_config_naming_the_key() {
 
 /// haproxy in TCP mode on 127.0.0.1, forwarding to `backend` with a PROXY v2 header.
 fn haproxy_sending_proxy_v2(backend: SocketAddr) -> (Proc, TempDir, u16) {
-    let dir = temp_dir();
-    let port = free_port();
-    let conf = format!(
-        "global\n  maxconn 100\ndefaults\n  mode tcp\n  timeout connect 5s\n  \
-         timeout client 60s\n  timeout server 60s\nfrontend f\n  \
-         bind 127.0.0.1:{port}\n  default_backend b\nbackend b\n  \
-         server s {backend} send-proxy-v2\n"
-    );
-    let path = dir.path().join("haproxy.cfg");
-    std::fs::write(&path, conf).unwrap();
-    let mut cmd = std::process::Command::new(&peers().haproxy);
-    cmd.arg("-db").arg("-f").arg(&path);
-    let mut proc = Proc::spawn("haproxy", cmd);
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    assert!(
-        wait_until(START_TIMEOUT, || accepts(addr) || !proc.is_running()) && proc.is_running(),
-        "haproxy did not start: {}",
-        proc.log()
-    );
-    (proc, dir, port)
+    haproxy_tcp(backend, "", "send-proxy-v2")
 }
 
 /// A PROXY v2 header claiming `client` (TCP over IPv4), then a plain C0+C1.
@@ -146,17 +127,11 @@ fn proxy_headers_only_from_trusted_proxies() {
     let mut player = play_rtmpdump(&url, &out);
     std::thread::sleep(Duration::from_millis(1500));
     let mut publisher = publish(&peers().ffmpeg, &url, &src);
-    let st = publisher
-        .wait_timeout(Duration::from_secs(30))
-        .expect("the publisher through haproxy did not finish");
-    assert!(
-        st.success(),
-        "publisher through haproxy: {}",
-        publisher.log()
-    );
-    assert!(
-        player.wait_timeout(PLAYER_TAIL).is_some(),
-        "the player did not stop after the publisher left"
+    wait_publisher_then_player(
+        &mut publisher,
+        &mut player,
+        Duration::from_secs(30),
+        "through haproxy",
     );
     let got = framemd5(&out);
     let run = contiguous_run(&want, &got)

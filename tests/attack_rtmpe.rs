@@ -109,17 +109,11 @@ fn rtmpe_hello_flood_from_one_address_leaves_plain_rtmp_alone() {
     }
     let flood_secs = flood_started.elapsed().as_secs_f64();
     let cpu = cpu_ticks(gw.pid()) - cpu_before;
-    let st = publisher
-        .wait_timeout(Duration::from_secs(5))
-        .expect("the publisher did not finish");
-    assert!(
-        st.success(),
-        "the RTMPS publisher failed during the flood: {}",
-        publisher.log()
-    );
-    assert!(
-        player.wait_timeout(PLAYER_TAIL).is_some(),
-        "the player did not stop after the publisher left"
+    wait_publisher_then_player(
+        &mut publisher,
+        &mut player,
+        Duration::from_secs(5),
+        "RTMPS during the flood",
     );
 
     let (served, refused) = (

@@ -204,17 +204,11 @@ fn pipelined_open_flood_is_capped_per_address_and_rtmpt_clients_are_served() {
     let mut player = play_rtmpdump(&url, &out);
     thread::sleep(Duration::from_millis(2000));
     let mut publisher = publish(&peers().ffmpeg, &url, &src);
-    let st = publisher
-        .wait_timeout(Duration::from_secs(40))
-        .expect("the RTMPT publisher did not finish within 40 s");
-    assert!(
-        st.success(),
-        "the RTMPT publisher failed during the flood: {}",
-        publisher.log()
-    );
-    assert!(
-        player.wait_timeout(PLAYER_TAIL).is_some(),
-        "the RTMPT player did not stop after the publisher left"
+    wait_publisher_then_player(
+        &mut publisher,
+        &mut player,
+        Duration::from_secs(40),
+        "RTMPT during the flood",
     );
     stop.store(true, Ordering::Relaxed);
     let flood = flooder.join().unwrap();

@@ -148,26 +148,7 @@ fn rtmps_upstream_through_stunnel_with_private_ca() {
 /// haproxy in TCP mode reading a PROXY header (`accept-proxy`, v1 or v2) in front of `backend`:
 /// nginx-rtmp only parses v1 itself, so v2 is checked against haproxy's parser.
 fn haproxy_accepting_proxy(backend: SocketAddr) -> (Proc, TempDir, u16) {
-    let dir = temp_dir();
-    let port = free_port();
-    let conf = format!(
-        "global\n  maxconn 100\ndefaults\n  mode tcp\n  timeout connect 5s\n  \
-         timeout client 60s\n  timeout server 60s\nfrontend f\n  \
-         bind 127.0.0.1:{port} accept-proxy\n  default_backend b\nbackend b\n  \
-         server s {backend}\n"
-    );
-    let path = dir.path().join("haproxy.cfg");
-    std::fs::write(&path, conf).unwrap();
-    let mut cmd = std::process::Command::new(which("haproxy").expect("haproxy is not installed"));
-    cmd.arg("-db").arg("-f").arg(&path);
-    let mut proc = Proc::spawn("haproxy", cmd);
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    assert!(
-        wait_until(START_TIMEOUT, || accepts(addr) || !proc.is_running()) && proc.is_running(),
-        "haproxy did not start: {}",
-        proc.log()
-    );
-    (proc, dir, port)
+    haproxy_tcp(backend, "accept-proxy", "")
 }
 
 #[test]

@@ -255,20 +255,15 @@ fn readme_worst_cases_match_the_defaults() {
 // Against the gateway
 // ---------------------------------------------------------------------------------------------
 
-/// The admin address the gateway logged (`admin listener on http://ADDR: ...`).
-fn admin_addr(gw: &Gateway) -> SocketAddr {
-    assert!(
-        gw.wait_log("admin listener on ", Duration::from_secs(10)),
-        "no admin listener line; log:\n{}",
-        gw.log()
-    );
-    let log = gw.log();
-    let line = log
-        .lines()
-        .find(|l| l.contains("admin listener on "))
-        .unwrap();
-    let rest = &line[line.find("://").unwrap() + 3..];
-    rest.split(": ").next().unwrap().parse().unwrap()
+/// A gateway with one plain RTMP listener and the admin listener (for /metrics), and the admin
+/// address.
+fn gateway_with_admin() -> (Gateway, SocketAddr) {
+    let gw = Gateway::builder()
+        .args(&["--listen", "rtmp://127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .listeners(1)
+        .start();
+    let admin = admin_addr(&gw);
+    (gw, admin)
 }
 
 /// `rtmpgate_memory_budget_used_bytes` from /metrics: what is charged to the budget now.
@@ -327,11 +322,7 @@ fn one_connection_at_its_partial_message_limit_stays_under_the_per_connection_fi
     let l = Limits::default();
     let figs = figures(&l, &EngineConfig::default());
     let fig = |row: &str| figs.iter().find(|f| f.row == row).unwrap().value;
-    let gw = Gateway::builder()
-        .args(&["--listen", "rtmp://127.0.0.1:0", "--admin", "127.0.0.1:0"])
-        .listeners(1)
-        .start();
-    let admin = admin_addr(&gw);
+    let (gw, admin) = gateway_with_admin();
     let addr = gw.addr("rtmp");
 
     // A first session, so one-time allocations (the runtime's, the session's code paths) are
@@ -578,11 +569,7 @@ fn a_tunnel_session_holding_early_bodies_stays_under_its_figures() {
     let l = Limits::default();
     let figs = figures(&l, &EngineConfig::default());
     let fig = |row: &str| figs.iter().find(|f| f.row == row).unwrap().value;
-    let gw = Gateway::builder()
-        .args(&["--listen", "rtmp://127.0.0.1:0", "--admin", "127.0.0.1:0"])
-        .listeners(1)
-        .start();
-    let admin = admin_addr(&gw);
+    let (gw, admin) = gateway_with_admin();
     let addr = gw.addr("rtmp");
     let client = Ipv4Addr::new(127, 0, 0, 64);
     let mut http = connect_from(client, addr).unwrap();

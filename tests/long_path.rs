@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use common::delay::DelayProxy;
 use common::*;
-use engine_support::{amf_num, amf_str, chunk_message};
+use engine_support::{chunk_message, play_commands};
 use hostile_support::{http_body, http_raw, post};
 
 const SECONDS: u32 = 5;
@@ -167,28 +167,7 @@ fn tunnel_player(gw: &Gateway, key: &str) -> TunnelPlayer {
         server.extend(pl.poll("idle", &[0]).1);
     }
     let mut bytes = hs.c2(&server[..3073]).unwrap();
-    let mut connect = Vec::new();
-    amf_str(&mut connect, "connect");
-    amf_num(&mut connect, 1.0);
-    connect.push(0x03);
-    for (k, v) in [("app", "live"), ("tcUrl", &format!("rtmpt://{addr}/live"))] {
-        connect.extend_from_slice(&(k.len() as u16).to_be_bytes());
-        connect.extend_from_slice(k.as_bytes());
-        amf_str(&mut connect, v);
-    }
-    connect.extend_from_slice(&[0, 0, 9]);
-    let mut create = Vec::new();
-    amf_str(&mut create, "createStream");
-    amf_num(&mut create, 2.0);
-    create.push(0x05);
-    let mut play = Vec::new();
-    amf_str(&mut play, "play");
-    amf_num(&mut play, 0.0);
-    play.push(0x05);
-    amf_str(&mut play, key);
-    bytes.extend(chunk_message(3, 20, 0, &connect));
-    bytes.extend(chunk_message(3, 20, 0, &create));
-    bytes.extend(chunk_message(8, 20, 1, &play));
+    bytes.extend(play_commands(&format!("rtmpt://{addr}/live"), "live", key));
     pl.poll("send", &bytes);
     pl
 }

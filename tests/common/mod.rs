@@ -969,6 +969,24 @@ fn tcp_sockets() -> BTreeMap<String, String> {
     map
 }
 
+/// The admin address the gateway logged (`admin listener on http://ADDR: ...`).
+pub fn admin_addr(gw: &Gateway) -> SocketAddr {
+    assert!(
+        gw.wait_log("admin listener on ", Duration::from_secs(10)),
+        "no admin listener line; log:\n{}",
+        gw.log()
+    );
+    let log = gw.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("admin listener on "))
+        .unwrap();
+    // "admin listener on http://127.0.0.1:PORT: status page /, ..."
+    let rest = &line[line.find("://").unwrap() + 3..];
+    let addr = rest.split(": ").next().unwrap();
+    addr.parse().unwrap_or_else(|e| panic!("{line}: {e}"))
+}
+
 // ---------------------------------------------------------------------------------------------
 // nginx-rtmp
 // ---------------------------------------------------------------------------------------------
@@ -1265,6 +1283,40 @@ impl Stunnel {
 }
 
 // ---------------------------------------------------------------------------------------------
+// haproxy, for the PROXY protocol
+// ---------------------------------------------------------------------------------------------
+
+/// haproxy in TCP mode on a free 127.0.0.1 port, forwarding to `backend`; `bind_opts` go on
+/// its `bind` line (`accept-proxy`: it reads a PROXY header) and `server_opts` on its `server`
+/// line (`send-proxy-v2`: it sends one). Returns the process, its config directory and port.
+pub fn haproxy_tcp(
+    backend: SocketAddr,
+    bind_opts: &str,
+    server_opts: &str,
+) -> (Proc, TempDir, u16) {
+    let dir = temp_dir();
+    let port = free_port();
+    let conf = format!(
+        "global\n  maxconn 100\ndefaults\n  mode tcp\n  timeout connect 5s\n  \
+         timeout client 60s\n  timeout server 60s\nfrontend f\n  \
+         bind 127.0.0.1:{port} {bind_opts}\n  default_backend b\nbackend b\n  \
+         server s {backend} {server_opts}\n"
+    );
+    let path = dir.path().join("haproxy.cfg");
+    fs::write(&path, conf).unwrap();
+    let mut cmd = Command::new(&peers().haproxy);
+    cmd.arg("-db").arg("-f").arg(&path);
+    let mut proc = Proc::spawn("haproxy", cmd);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    assert!(
+        wait_until(START_TIMEOUT, || accepts(addr) || !proc.is_running()) && proc.is_running(),
+        "haproxy did not start: {}",
+        proc.log()
+    );
+    (proc, dir, port)
+}
+
+// ---------------------------------------------------------------------------------------------
 // Media and clients
 // ---------------------------------------------------------------------------------------------
 
@@ -1352,6 +1404,28 @@ pub fn play_rtmpdump(url: &str, out: &Path) -> Proc {
     cmd.args(["-v", "-m", &PLAYER_IDLE_SECS.to_string(), "-r", url, "-o"])
         .arg(out);
     Proc::spawn(&format!("rtmpdump player of {url}"), cmd)
+}
+
+/// Waits for `publisher` to finish (at most `within`) with success, then for `player` to stop
+/// by itself (at most [`PLAYER_TAIL`]); `what` names the run in the failure messages.
+pub fn wait_publisher_then_player(
+    publisher: &mut Proc,
+    player: &mut Proc,
+    within: Duration,
+    what: &str,
+) {
+    let st = publisher
+        .wait_timeout(within)
+        .unwrap_or_else(|| panic!("{what}: the publisher did not finish within {within:?}"));
+    assert!(
+        st.success(),
+        "{what}: the publisher failed: {}",
+        publisher.log()
+    );
+    assert!(
+        player.wait_timeout(PLAYER_TAIL).is_some(),
+        "{what}: the player did not stop within {PLAYER_TAIL:?} after the publisher left"
+    );
 }
 
 /// The duration of a media file in seconds (ffprobe), if it can be read.

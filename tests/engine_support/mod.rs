@@ -143,26 +143,14 @@ pub fn chunk_message(csid: u8, msg_type: u8, stream_id: u32, payload: &[u8]) -> 
     out
 }
 
-/// A player that handshakes, connects and plays `app/key`, then never reads again; its
-/// receive buffer is made small so the server's writes stall quickly.
-pub fn stalled_player(addr: SocketAddr, app: &str, key: &str) -> std::net::TcpStream {
-    use std::io::Read;
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    sock.connect_timeout(&addr.into(), Duration::from_secs(5))
-        .unwrap();
-    let mut tcp: std::net::TcpStream = sock.into();
-    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let hs = rtmpgate::rtmp::handshake::ClientHandshake::new(false);
-    tcp.write_all(&hs.c0c1()).unwrap();
-    let mut s0s1s2 = vec![0u8; 3073];
-    tcp.read_exact(&mut s0s1s2).unwrap();
-    tcp.write_all(&hs.c2(&s0s1s2).unwrap()).unwrap();
+/// The client's `connect` (app `app`, `tcUrl` `tc_url`), `createStream` and `play` of `key`
+/// on stream 1, chunked, ready to send after the handshake.
+pub fn play_commands(tc_url: &str, app: &str, key: &str) -> Vec<u8> {
     let mut connect = Vec::new();
     amf_str(&mut connect, "connect");
     amf_num(&mut connect, 1.0);
     connect.push(0x03);
-    for (k, v) in [("app", app), ("tcUrl", &format!("rtmp://{addr}/{app}"))] {
+    for (k, v) in [("app", app), ("tcUrl", tc_url)] {
         connect.extend_from_slice(&(k.len() as u16).to_be_bytes());
         connect.extend_from_slice(k.as_bytes());
         amf_str(&mut connect, v);
@@ -180,6 +168,25 @@ pub fn stalled_player(addr: SocketAddr, app: &str, key: &str) -> std::net::TcpSt
     let mut bytes = chunk_message(3, 20, 0, &connect);
     bytes.extend(chunk_message(3, 20, 0, &create));
     bytes.extend(chunk_message(8, 20, 1, &play));
+    bytes
+}
+
+/// A player that handshakes, connects and plays `app/key`, then never reads again; its
+/// receive buffer is made small so the server's writes stall quickly.
+pub fn stalled_player(addr: SocketAddr, app: &str, key: &str) -> std::net::TcpStream {
+    use std::io::Read;
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect_timeout(&addr.into(), Duration::from_secs(5))
+        .unwrap();
+    let mut tcp: std::net::TcpStream = sock.into();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let hs = rtmpgate::rtmp::handshake::ClientHandshake::new(false);
+    tcp.write_all(&hs.c0c1()).unwrap();
+    let mut s0s1s2 = vec![0u8; 3073];
+    tcp.read_exact(&mut s0s1s2).unwrap();
+    tcp.write_all(&hs.c2(&s0s1s2).unwrap()).unwrap();
+    let bytes = play_commands(&format!("rtmp://{addr}/{app}"), app, key);
     tcp.write_all(&bytes).unwrap();
     tcp
 }
