@@ -34,24 +34,8 @@ const FRAMES: usize = 12;
 /// client; returns how many were written before the gateway closed the connection.
 fn hog(gw: &Gateway) -> usize {
     let addr = gw.addr("rtmp");
-    let mut tcp = connect_from(Ipv4Addr::new(127, 0, 0, 88), addr).unwrap();
-    handshake(&mut tcp).unwrap();
-    let mut inbox = Inbox::default();
-    connect_and_create_stream(&mut tcp, &mut inbox, addr, Duration::from_secs(5)).unwrap();
-    let publish = command(
-        1,
-        "publish",
-        3.0,
-        &[
-            Amf0Value::Null,
-            Amf0Value::string("hog"),
-            Amf0Value::string("live"),
-        ],
-    );
-    tcp.write_all(&chunked(3, &publish, 128)).unwrap();
-    inbox
-        .command(&mut tcp, "onStatus", Duration::from_secs(5))
-        .expect("publish not answered");
+    let (mut tcp, _inbox) = publishing_client(Ipv4Addr::new(127, 0, 0, 88), addr, "hog")
+        .unwrap_or_else(|e| panic!("{e}"));
     const CS: u32 = 65_536;
     tcp.write_all(&chunked(2, &message::set_chunk_size(CS), 128))
         .unwrap();
@@ -121,24 +105,8 @@ fn a_publisher_over_the_memory_budget_is_closed_and_a_healthy_stream_plays_on() 
 /// Publishes 64 KiB video frames (a keyframe every tenth) at about 1.6 MB/s on live/`key` from
 /// a raw client until `stop`.
 fn steady_publisher(addr: SocketAddr, key: &str, stop: &AtomicBool) {
-    let mut tcp = connect_from(Ipv4Addr::new(127, 0, 0, 89), addr).unwrap();
-    handshake(&mut tcp).unwrap();
-    let mut inbox = Inbox::default();
-    connect_and_create_stream(&mut tcp, &mut inbox, addr, Duration::from_secs(5)).unwrap();
-    let publish = command(
-        1,
-        "publish",
-        3.0,
-        &[
-            Amf0Value::Null,
-            Amf0Value::string(key),
-            Amf0Value::string("live"),
-        ],
-    );
-    tcp.write_all(&chunked(3, &publish, 128)).unwrap();
-    inbox
-        .command(&mut tcp, "onStatus", Duration::from_secs(5))
-        .expect("publish not answered");
+    let (mut tcp, mut inbox) = publishing_client(Ipv4Addr::new(127, 0, 0, 89), addr, key)
+        .unwrap_or_else(|e| panic!("{e}"));
     tcp.set_read_timeout(Some(Duration::from_millis(1)))
         .unwrap();
     const CS: u32 = 65_536;

@@ -71,25 +71,7 @@ fn flv_tags(file: &Path) -> Vec<(u8, u32, Vec<u8>)> {
 /// first (ffmpeg cannot be made to send one that large). Returns the number of media
 /// messages sent, or what failed.
 fn publish_raw(addr: SocketAddr, key: &str, src: &Path) -> Result<usize, String> {
-    let mut tcp = connect_from(Ipv4Addr::new(127, 0, 0, 76), addr).map_err(|e| e.to_string())?;
-    handshake(&mut tcp).map_err(|e| e.to_string())?;
-    let mut inbox = Inbox::default();
-    connect_and_create_stream(&mut tcp, &mut inbox, addr, Duration::from_secs(5))?;
-    let publish = command(
-        1,
-        "publish",
-        3.0,
-        &[
-            Amf0Value::Null,
-            Amf0Value::string(key),
-            Amf0Value::string("live"),
-        ],
-    );
-    tcp.write_all(&chunked(3, &publish, 128))
-        .map_err(|e| e.to_string())?;
-    inbox
-        .command(&mut tcp, "onStatus", Duration::from_secs(5))
-        .ok_or("publish not answered")?;
+    let (mut tcp, mut inbox) = publishing_client(Ipv4Addr::new(127, 0, 0, 76), addr, key)?;
     // From here on, reads only take what is there (acknowledgements).
     tcp.set_read_timeout(Some(Duration::from_millis(1)))
         .map_err(|e| e.to_string())?;

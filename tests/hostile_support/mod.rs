@@ -114,6 +114,35 @@ pub fn connect_and_create_stream(
     Ok(())
 }
 
+/// A raw client from `src` that handshakes, connects, creates stream 1 and publishes live/`key`,
+/// waiting up to 5 s for each answer: the connection and its inbox, ready for media.
+pub fn publishing_client(
+    src: Ipv4Addr,
+    addr: SocketAddr,
+    key: &str,
+) -> Result<(TcpStream, Inbox), String> {
+    let mut tcp = connect_from(src, addr).map_err(|e| e.to_string())?;
+    handshake(&mut tcp).map_err(|e| e.to_string())?;
+    let mut inbox = Inbox::default();
+    connect_and_create_stream(&mut tcp, &mut inbox, addr, Duration::from_secs(5))?;
+    let publish = command(
+        1,
+        "publish",
+        3.0,
+        &[
+            Amf0Value::Null,
+            Amf0Value::string(key),
+            Amf0Value::string("live"),
+        ],
+    );
+    tcp.write_all(&chunked(3, &publish, 128))
+        .map_err(|e| e.to_string())?;
+    inbox
+        .command(&mut tcp, "onStatus", Duration::from_secs(5))
+        .ok_or("publish not answered")?;
+    Ok((tcp, inbox))
+}
+
 /// A Ping Request (User Control 6) the server must answer with a Ping Response.
 pub fn ping(t: u32) -> Vec<u8> {
     chunked(2, &UserControl::PingRequest(t).to_message(), 128)
