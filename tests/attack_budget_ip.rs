@@ -33,22 +33,6 @@ const CHUNKS: usize = 64;
 /// Attacking connections: 40 x 4 MiB = 160 MiB, more than the whole budget.
 const CONNECTIONS: usize = 40;
 
-/// The admin address the gateway logged (`admin listener on http://ADDR: ...`).
-fn admin_addr(gw: &Gateway) -> SocketAddr {
-    assert!(
-        gw.wait_log("admin listener on ", Duration::from_secs(10)),
-        "no admin listener line; log:\n{}",
-        gw.log()
-    );
-    let log = gw.log();
-    let line = log
-        .lines()
-        .find(|l| l.contains("admin listener on "))
-        .unwrap();
-    let rest = &line[line.find("://").unwrap() + 3..];
-    rest.split(": ").next().unwrap().parse().unwrap()
-}
-
 /// `rtmpgate_memory_budget_used_bytes` from /metrics: what is charged to the budget now.
 fn budget_used(admin: SocketAddr) -> u64 {
     metric(admin, "rtmpgate_memory_budget_used_bytes")
