@@ -36,21 +36,7 @@ fn hog(gw: &Gateway) -> usize {
     let addr = gw.addr("rtmp");
     let (mut tcp, _inbox) = publishing_client(Ipv4Addr::new(127, 0, 0, 88), addr, "hog")
         .unwrap_or_else(|e| panic!("{e}"));
-    const CS: u32 = 65_536;
-    tcp.write_all(&chunked(2, &message::set_chunk_size(CS), 128))
-        .unwrap();
-    let mut sent = 0;
-    for i in 0..FRAMES {
-        let mut body = vec![0u8; FRAME];
-        // AVC NALU: a keyframe first, then inter frames, so the GOP cache keeps them all.
-        body[0] = if i == 0 { 0x17 } else { 0x27 };
-        body[1] = 1;
-        let msg = Message::new(message::VIDEO, i as u32 * 40, 1, body);
-        if tcp.write_all(&chunked(6, &msg, CS)).is_err() {
-            break;
-        }
-        sent += 1;
-    }
+    let sent = write_video_frames(&mut tcp, FRAMES, FRAME);
     // Whatever was written, the gateway must close the connection.
     assert!(
         closed_within(&mut tcp, Duration::from_secs(10)),

@@ -19,7 +19,7 @@ use std::time::Duration;
 use common::*;
 use hostile_support::*;
 use rtmpgate::rtmp::amf0::Amf0Value;
-use rtmpgate::rtmp::message::{self, Message};
+use rtmpgate::rtmp::message;
 
 const MIB: u64 = 1024 * 1024;
 /// The process's budget: 128 MiB.
@@ -35,25 +35,7 @@ const CONNECTIONS: usize = 40;
 
 /// `rtmpgate_memory_budget_used_bytes` from /metrics: what is charged to the budget now.
 fn budget_used(admin: SocketAddr) -> u64 {
-    metric(admin, "rtmpgate_memory_budget_used_bytes")
-}
-
-/// A gauge from /metrics.
-fn metric(admin: SocketAddr, name: &str) -> u64 {
-    let mut tcp = TcpStream::connect(admin).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let (status, reply) = http_raw(
-        &mut tcp,
-        b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
-        Duration::from_secs(5),
-    );
-    assert_eq!(status, 200, "/metrics: {}", String::from_utf8_lossy(&reply));
-    let text = String::from_utf8_lossy(http_body(&reply)).into_owned();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}")) as u64
+    admin_metric(admin, "rtmpgate_memory_budget_used_bytes")
 }
 
 /// The first `CHUNKS` chunks of a video message declaring 16 MiB - 1 bytes on chunk stream 3.
@@ -158,11 +140,11 @@ fn check_share_held_and_others_served(gw: &Gateway, admin: SocketAddr, what: &st
     // Nothing else charges now: the budget's count is the attacker's, and so is the largest
     // address's. It stops at the share, and the share was reached (all but `slack` of it).
     assert_eq!(
-        metric(admin, "rtmpgate_memory_budget_address_limit_bytes"),
+        admin_metric(admin, "rtmpgate_memory_budget_address_limit_bytes"),
         MAX_MEMORY_PER_IP
     );
     assert_eq!(
-        metric(admin, "rtmpgate_memory_budget_address_max_used_bytes"),
+        admin_metric(admin, "rtmpgate_memory_budget_address_max_used_bytes"),
         used,
         "the address holding the most is not the attacker"
     );
@@ -251,18 +233,7 @@ fn hog_publisher(addr: SocketAddr, n: usize) -> Option<TcpStream> {
     );
     tcp.write_all(&chunked(3, &publish, 128)).ok()?;
     inbox.command(&mut tcp, "onStatus", Duration::from_secs(5))?;
-    const CS: u32 = 65_536;
-    tcp.write_all(&chunked(2, &message::set_chunk_size(CS), 128))
-        .ok()?;
-    for i in 0..FRAMES {
-        let mut body = vec![0u8; FRAME];
-        body[0] = if i == 0 { 0x17 } else { 0x27 };
-        body[1] = 1;
-        let msg = Message::new(message::VIDEO, i as u32 * 40, 1, body);
-        if tcp.write_all(&chunked(6, &msg, CS)).is_err() {
-            break;
-        }
-    }
+    write_video_frames(&mut tcp, FRAMES, FRAME);
     // Each frame pushed before the next is read: a ping answered means all were taken.
     let _ = inbox.pong(&mut tcp, 9, Duration::from_secs(5));
     Some(tcp)

@@ -268,21 +268,7 @@ fn gateway_with_admin() -> (Gateway, SocketAddr) {
 
 /// `rtmpgate_memory_budget_used_bytes` from /metrics: what is charged to the budget now.
 fn budget_used(admin: SocketAddr) -> u64 {
-    let mut tcp = TcpStream::connect(admin).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let (status, reply) = http_raw(
-        &mut tcp,
-        b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
-        Duration::from_secs(5),
-    );
-    assert_eq!(status, 200, "/metrics: {}", String::from_utf8_lossy(&reply));
-    let text = String::from_utf8_lossy(http_body(&reply)).into_owned();
-    text.lines()
-        .find_map(|l| l.strip_prefix("rtmpgate_memory_budget_used_bytes "))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .unwrap_or_else(|| panic!("no rtmpgate_memory_budget_used_bytes in /metrics:\n{text}"))
-        as u64
+    admin_metric(admin, "rtmpgate_memory_budget_used_bytes")
 }
 
 /// A chunk's basic header for `csid` (1-byte form below 64, 2-byte form up to 319).

@@ -316,6 +316,49 @@ pub fn http_body(reply: &[u8]) -> &[u8] {
     }
 }
 
+/// Sets a 64 KiB chunk size, then writes `frames` video frames of `frame_len` bytes (an AVC
+/// keyframe first, then inter frames, so a GOP cache keeps them all) on message stream 1, 40 ms
+/// apart; returns how many were written before the gateway closed the connection.
+pub fn write_video_frames(tcp: &mut TcpStream, frames: usize, frame_len: usize) -> usize {
+    const CS: u32 = 65_536;
+    if tcp
+        .write_all(&chunked(2, &message::set_chunk_size(CS), 128))
+        .is_err()
+    {
+        return 0;
+    }
+    let mut sent = 0;
+    for i in 0..frames {
+        let mut body = vec![0u8; frame_len.max(2)];
+        body[0] = if i == 0 { 0x17 } else { 0x27 };
+        body[1] = 1;
+        let msg = Message::new(message::VIDEO, i as u32 * 40, 1, body);
+        if tcp.write_all(&chunked(6, &msg, CS)).is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    sent
+}
+
+/// A gauge or counter's value from the admin listener's `/metrics` (a line `NAME VALUE`).
+pub fn admin_metric(admin: SocketAddr, name: &str) -> u64 {
+    let mut tcp = TcpStream::connect(admin).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let (status, reply) = http_raw(
+        &mut tcp,
+        b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    );
+    assert_eq!(status, 200, "/metrics: {}", String::from_utf8_lossy(&reply));
+    let text = String::from_utf8_lossy(http_body(&reply)).into_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}")) as u64
+}
+
 /// `POST path` with `body`, HTTP/1.1, as an RTMPT client sends it.
 pub fn post(path: &str, body: &[u8]) -> Vec<u8> {
     let mut r = format!(
