@@ -87,8 +87,8 @@ fn compose_example_configs_are_valid() {
         );
         assert!(root().join("examples/docker").join(referenced).is_file());
     }
-    let (status, log) = Gateway::builder()
-        .args(&[
+    let check = || {
+        Gateway::builder().args(&[
             "--config",
             root()
                 .join("examples/docker/rtmpgate.toml")
@@ -96,21 +96,14 @@ fn compose_example_configs_are_valid() {
                 .unwrap(),
             "--check-config",
         ])
+    };
+    let (status, log) = check()
         .env("RTMPGATE_ADMIN_TOKEN", "a-token-for-the-check")
         .run_to_exit(Duration::from_secs(10));
     assert_eq!(status.and_then(|s| s.code()), Some(0), "{log}");
     assert!(log.contains("upstream rtmp://nginx-rtmp:1935"), "{log}");
     // Without the token the public admin address is refused, as documented.
-    let (status, log) = Gateway::builder()
-        .args(&[
-            "--config",
-            root()
-                .join("examples/docker/rtmpgate.toml")
-                .to_str()
-                .unwrap(),
-            "--check-config",
-        ])
-        .run_to_exit(Duration::from_secs(10));
+    let (status, log) = check().run_to_exit(Duration::from_secs(10));
     assert_eq!(status.and_then(|s| s.code()), Some(2), "{log}");
     let prefix = temp_dir();
     let (code, out, err) = run(Command::new(&peers().nginx)

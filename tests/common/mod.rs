@@ -1608,6 +1608,20 @@ pub fn assert_whole_run(what: &str, src: &[Frame], got: &[Frame], max_tail_ms: i
     report
 }
 
+/// Asserts a player during an attack got a contiguous run of `want` that starts at the first
+/// video frame and holds at least 85% of the video frames; `what` names the player in failures.
+pub fn assert_attack_run(want: &[Frame], got: &[Frame], what: &str, log: &str) {
+    let run = contiguous_run(want, got).unwrap_or_else(|e| panic!("{what}: {e}; {log}"));
+    eprintln!("{what}: {run}");
+    assert_eq!(run.start("video"), Some(0), "{what} missed the start");
+    assert!(
+        count_media(got, "video") * 100 >= count_media(want, "video") * 85,
+        "{what} got {} of {} video frames",
+        count_media(got, "video"),
+        count_media(want, "video")
+    );
+}
+
 /// The comparison behind [`assert_contiguous_run`], without the assertions.
 pub fn contiguous_run(src: &[Frame], got: &[Frame]) -> Result<RunReport, String> {
     if got.is_empty() {
