@@ -182,3 +182,61 @@ impl Limits {
         }
     }
 }
+
+/// The protocol core's own limit types (`src/rtmp` does not see this file), built here.
+impl From<&Limits> for crate::rtmp::amf::AmfLimits {
+    fn from(l: &Limits) -> Self {
+        crate::rtmp::amf::AmfLimits {
+            max_depth: l.max_amf_depth.min(crate::rtmp::amf::HARD_MAX_DEPTH),
+            max_entries: l.max_amf_entries,
+            max_string: l.max_amf_string,
+            max_total: (l.max_message_len as usize).max(l.max_amf_string),
+        }
+    }
+}
+
+impl From<&Limits> for crate::rtmp::chunk::ChunkLimits {
+    fn from(l: &Limits) -> Self {
+        crate::rtmp::chunk::ChunkLimits {
+            min_chunk_size: l.min_chunk_size,
+            max_chunk_size: l.max_chunk_size,
+            max_message_len: l.max_message_len,
+            max_chunk_streams: l.max_chunk_streams,
+            max_partial_bytes: l.max_partial_bytes,
+        }
+    }
+}
+
+impl From<&Limits> for crate::rtmp::session::SessionLimits {
+    fn from(l: &Limits) -> Self {
+        crate::rtmp::session::SessionLimits {
+            amf: l.into(),
+            max_name_len: l.max_name_len,
+            max_protocol_errors: l.max_protocol_errors,
+            max_messages_per_sec: l.max_messages_per_sec,
+            max_reply_queue: l.max_reply_queue,
+        }
+    }
+}
+
+#[cfg(test)]
+mod protocol_limit_tests {
+    use super::Limits;
+
+    #[test]
+    fn the_protocol_cores_defaults_match_the_limits_defaults() {
+        let l = Limits::default();
+        assert_eq!(
+            crate::rtmp::amf::AmfLimits::default(),
+            crate::rtmp::amf::AmfLimits::from(&l)
+        );
+        assert_eq!(
+            crate::rtmp::chunk::ChunkLimits::default(),
+            crate::rtmp::chunk::ChunkLimits::from(&l)
+        );
+        assert_eq!(
+            crate::rtmp::session::SessionLimits::default(),
+            crate::rtmp::session::SessionLimits::from(&l)
+        );
+    }
+}

@@ -4,7 +4,6 @@
 //! as its own task ([`session`]) and meets the others in the [`hub::Hub`], keyed by app and
 //! stream name.
 
-pub mod command;
 pub mod hub;
 pub mod session;
 

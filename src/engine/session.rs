@@ -22,7 +22,6 @@ use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tracing::{debug, info, warn};
 
-use super::command::{self as cmd, CSID_COMMAND, CSID_CONTROL};
 use super::hub::{leading_amf0_string, Event, Frame, FrameKind, Player, Publisher, StreamKey};
 use super::Engine;
 use crate::budget::{Charge, OverBudget, PeerBudget};
@@ -32,6 +31,7 @@ use crate::rtmp::handshake;
 use crate::rtmp::message::{
     self, LimitType, Message, UserControl, AUDIO, DATA_AMF0, DATA_AMF3, VIDEO,
 };
+use crate::rtmp::session::command::{self as cmd, CSID_COMMAND, CSID_CONTROL};
 use crate::stream::{ClientStream, Transport};
 use crate::throttle::{LogThrottle, RateLimit};
 

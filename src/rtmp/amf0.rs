@@ -10,7 +10,8 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::limits::Limits;
+pub use crate::rtmp::amf::{AmfError, AmfLimits, HARD_MAX_DEPTH};
+use crate::rtmp::amf::{Budget, Reader};
 use crate::rtmp::amf3::{self, Amf3Value};
 
 /// AMF0 type markers (AMF0 specification, section 2.1).
@@ -33,81 +34,6 @@ pub mod marker {
     pub const XML_DOCUMENT: u8 = 0x0F;
     pub const TYPED_OBJECT: u8 = 0x10;
     pub const AVMPLUS: u8 = 0x11;
-}
-
-/// Nesting depth above which even a configured limit is not honoured: each level is a
-/// few stack frames (measured: 256 levels fit in a 2 MiB stack in a debug build, 400 do
-/// not), and session tasks run on threads with 2 MiB stacks.
-pub const HARD_MAX_DEPTH: usize = 128;
-
-/// Limits applied while decoding one AMF payload (AMF0 and any AMF3 inside it).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct AmfLimits {
-    /// Nesting depth of objects and arrays (capped at [`HARD_MAX_DEPTH`]).
-    pub max_depth: usize,
-    /// Values in one decoded payload, all containers together. A per-container count
-    /// alone would still let one payload of one-byte values expand 50-fold in memory.
-    pub max_entries: usize,
-    /// Bytes in one string (also XML, byte arrays).
-    pub max_string: usize,
-    /// Bytes materialised by one decode: every string byte, including those copied out
-    /// of AMF3 string and trait references (which would otherwise turn a few bytes of
-    /// input into gigabytes of output).
-    pub max_total: usize,
-}
-
-impl Default for AmfLimits {
-    fn default() -> Self {
-        AmfLimits::from(&Limits::default())
-    }
-}
-
-impl From<&Limits> for AmfLimits {
-    fn from(l: &Limits) -> Self {
-        AmfLimits {
-            max_depth: l.max_amf_depth.min(HARD_MAX_DEPTH),
-            max_entries: l.max_amf_entries,
-            max_string: l.max_amf_string,
-            max_total: (l.max_message_len as usize).max(l.max_amf_string),
-        }
-    }
-}
-
-/// Why an AMF payload was refused. Offsets are from the start of the decoded buffer.
-#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
-pub enum AmfError {
-    #[error("AMF data ends early at offset {at}: {needed} more bytes needed (truncated message?)")]
-    Truncated { at: usize, needed: usize },
-    #[error(
-        "AMF{version} type marker 0x{marker:02x} at offset {at} is unknown or not allowed here"
-    )]
-    UnknownMarker { version: u8, marker: u8, at: usize },
-    #[error("AMF nesting deeper than {limit} levels at offset {at} (raise limits.max_amf_depth if legitimate)")]
-    TooDeep { limit: usize, at: usize },
-    #[error("AMF payload has more than {limit} values (limits.max_amf_entries)")]
-    TooManyEntries { limit: usize },
-    #[error("AMF string of {len} bytes at offset {at} exceeds limits.max_amf_string ({limit})")]
-    StringTooLong { len: usize, limit: usize, at: usize },
-    #[error("AMF count {count} at offset {at} exceeds the {remaining} bytes left")]
-    CountExceedsInput {
-        count: usize,
-        remaining: usize,
-        at: usize,
-    },
-    #[error("AMF payload expands to more than {limit} bytes of strings (references?)")]
-    TooLarge { limit: usize },
-    #[error("AMF{version} {kind} reference {index} at offset {at} points past the {known} known entries")]
-    BadReference {
-        version: u8,
-        kind: &'static str,
-        index: u32,
-        known: usize,
-        at: usize,
-    },
-    #[error("AMF object at offset {at}: empty key not followed by the object-end marker")]
-    MissingObjectEnd { at: usize },
-    #[error("AMF3 externalizable class {class:?} at offset {at} is not supported")]
-    Externalizable { class: String, at: usize },
 }
 
 /// One AMF0 value.
@@ -139,148 +65,6 @@ pub enum Amf0Value {
     /// A value after the AVM+ switch marker (0x11).
     Amf3(Amf3Value),
 }
-
-/// Bounds-checked cursor shared by the AMF0 and AMF3 decoders.
-pub(crate) struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Reader<'a> {
-    pub(crate) fn new(buf: &'a [u8]) -> Self {
-        Reader { buf, pos: 0 }
-    }
-    pub(crate) fn pos(&self) -> usize {
-        self.pos
-    }
-    pub(crate) fn remaining(&self) -> usize {
-        self.buf.len().saturating_sub(self.pos)
-    }
-    pub(crate) fn is_empty(&self) -> bool {
-        self.remaining() == 0
-    }
-    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], AmfError> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len());
-        match end.and_then(|e| self.buf.get(self.pos..e).map(|s| (e, s))) {
-            Some((e, s)) => {
-                self.pos = e;
-                Ok(s)
-            }
-            None => Err(AmfError::Truncated {
-                at: self.pos,
-                needed: n.saturating_sub(self.remaining()),
-            }),
-        }
-    }
-    pub(crate) fn array<const N: usize>(&mut self) -> Result<[u8; N], AmfError> {
-        let s = self.take(N)?;
-        let mut a = [0u8; N];
-        a.copy_from_slice(s);
-        Ok(a)
-    }
-    pub(crate) fn u8(&mut self) -> Result<u8, AmfError> {
-        Ok(self.array::<1>()?[0])
-    }
-    pub(crate) fn u16(&mut self) -> Result<u16, AmfError> {
-        Ok(u16::from_be_bytes(self.array()?))
-    }
-    pub(crate) fn u32(&mut self) -> Result<u32, AmfError> {
-        Ok(u32::from_be_bytes(self.array()?))
-    }
-    pub(crate) fn f64(&mut self) -> Result<f64, AmfError> {
-        Ok(f64::from_be_bytes(self.array()?))
-    }
-}
-
-/// Per-decode accounting: entries, materialised bytes, depth.
-pub(crate) struct Budget<'l> {
-    pub(crate) limits: &'l AmfLimits,
-    entries: usize,
-    bytes: usize,
-}
-
-impl<'l> Budget<'l> {
-    pub(crate) fn new(limits: &'l AmfLimits) -> Self {
-        Budget {
-            limits,
-            entries: 0,
-            bytes: 0,
-        }
-    }
-    pub(crate) fn entry(&mut self) -> Result<(), AmfError> {
-        self.entries = self.entries.saturating_add(1);
-        if self.entries > self.limits.max_entries {
-            return Err(AmfError::TooManyEntries {
-                limit: self.limits.max_entries,
-            });
-        }
-        Ok(())
-    }
-    pub(crate) fn bytes(&mut self, n: usize) -> Result<(), AmfError> {
-        self.bytes = self.bytes.saturating_add(n);
-        if self.bytes > self.limits.max_total {
-            return Err(AmfError::TooLarge {
-                limit: self.limits.max_total,
-            });
-        }
-        Ok(())
-    }
-    pub(crate) fn depth(&self, depth: usize, at: usize) -> Result<(), AmfError> {
-        if depth >= self.limits.max_depth.min(HARD_MAX_DEPTH) {
-            return Err(AmfError::TooDeep {
-                limit: self.limits.max_depth.min(HARD_MAX_DEPTH),
-                at,
-            });
-        }
-        Ok(())
-    }
-    /// Checks a declared string length, then takes and converts it.
-    pub(crate) fn string(&mut self, r: &mut Reader<'_>, len: usize) -> Result<String, AmfError> {
-        let bytes = self.raw(r, len)?;
-        Ok(String::from_utf8_lossy(bytes).into_owned())
-    }
-    /// Checks a declared byte length against the limit and the input, then takes it.
-    pub(crate) fn raw<'a>(&mut self, r: &mut Reader<'a>, len: usize) -> Result<&'a [u8], AmfError> {
-        if len > self.limits.max_string {
-            return Err(AmfError::StringTooLong {
-                len,
-                limit: self.limits.max_string,
-                at: r.pos(),
-            });
-        }
-        let s = r.take(len)?;
-        self.bytes(len)?;
-        Ok(s)
-    }
-    /// Checks a declared element count against the input, given the smallest encoding of
-    /// one element; returns how many entries to reserve up front: at most
-    /// [`PREALLOC_ENTRIES`], so a declared count never sizes an allocation (nested arrays
-    /// each declaring 65,536 entries reserved 330 MB from a 66 KB message). The vector grows
-    /// as entries really arrive.
-    pub(crate) fn count(
-        &self,
-        r: &Reader<'_>,
-        count: usize,
-        min_each: usize,
-    ) -> Result<usize, AmfError> {
-        if count.saturating_mul(min_each) > r.remaining() {
-            return Err(AmfError::CountExceedsInput {
-                count,
-                remaining: r.remaining(),
-                at: r.pos(),
-            });
-        }
-        if count > self.limits.max_entries {
-            return Err(AmfError::TooManyEntries {
-                limit: self.limits.max_entries,
-            });
-        }
-        Ok(count.min(PREALLOC_ENTRIES))
-    }
-}
-
-/// Entries reserved up front for a container's declared count (the rest as they arrive).
-pub(crate) const PREALLOC_ENTRIES: usize = 64;
 
 struct Decoder<'a, 'l> {
     r: Reader<'a>,
@@ -568,6 +352,54 @@ impl Amf0Value {
     }
 }
 
+impl Amf3Value {
+    /// The nearest AMF0 value, so command handling sees one model: numbers, strings,
+    /// booleans, dates, arrays and objects convert; the rest stays wrapped in
+    /// [`Amf0Value::Amf3`]. A [`Amf3Value::Reference`] loses its meaning once taken out
+    /// of its payload: callers that re-encode should check [`Amf3Value::has_reference`].
+    pub fn to_amf0(&self) -> Amf0Value {
+        let props = |p: &[(String, Amf3Value)]| -> Vec<(String, Amf0Value)> {
+            p.iter().map(|(k, v)| (k.clone(), v.to_amf0())).collect()
+        };
+        match self {
+            Amf3Value::Undefined => Amf0Value::Undefined,
+            Amf3Value::Null => Amf0Value::Null,
+            Amf3Value::Boolean(b) => Amf0Value::Boolean(*b),
+            Amf3Value::Integer(i) => Amf0Value::Number(f64::from(*i)),
+            Amf3Value::Double(d) => Amf0Value::Number(*d),
+            Amf3Value::String(s) => Amf0Value::String(s.clone()),
+            Amf3Value::Date(ms) => Amf0Value::Date { millis: *ms, tz: 0 },
+            Amf3Value::Array { assoc, dense } if assoc.is_empty() => {
+                Amf0Value::StrictArray(dense.iter().map(Amf3Value::to_amf0).collect())
+            }
+            Amf3Value::Array { assoc, dense } => {
+                let mut p = props(assoc);
+                p.extend(
+                    dense
+                        .iter()
+                        .enumerate()
+                        .map(|(i, v)| (i.to_string(), v.to_amf0())),
+                );
+                Amf0Value::EcmaArray(p)
+            }
+            Amf3Value::Object(o) => {
+                let mut p = props(&o.sealed);
+                p.extend(props(&o.dynamic_props));
+                if o.class_name.is_empty() {
+                    Amf0Value::Object(p)
+                } else {
+                    Amf0Value::TypedObject {
+                        class: o.class_name.clone(),
+                        props: p,
+                    }
+                }
+            }
+            Amf3Value::External { value, .. } => value.to_amf0(),
+            other => Amf0Value::Amf3(other.clone()),
+        }
+    }
+}
+
 /// Encodes values one after another (a command or data message body).
 pub fn encode_all(values: &[Amf0Value]) -> Bytes {
     let mut out = BytesMut::with_capacity(128);
@@ -631,6 +463,18 @@ pub(crate) mod tests {
             ]),
         ];
         encode_all(&v).to_vec()
+    }
+
+    #[test]
+    fn amf3_nesting_behind_the_switch_marker_is_bounded() {
+        let mut b = vec![marker::AVMPLUS];
+        for _ in 0..70_000 {
+            b.extend_from_slice(&[crate::rtmp::amf3::marker::ARRAY, 0x03, 0x01]);
+        }
+        assert!(matches!(
+            decode_all(&b, &AmfLimits::default()),
+            Err(AmfError::TooDeep { .. })
+        ));
     }
 
     #[test]

@@ -13,9 +13,9 @@
 
 use bytes::{BufMut, BytesMut};
 
-use crate::rtmp::amf0::{Amf0Value, AmfError, AmfLimits, Budget, Reader};
+use crate::rtmp::amf::{AmfError, AmfLimits, Budget, Reader};
 
-pub use crate::rtmp::amf0::AmfError as Amf3Error;
+pub use crate::rtmp::amf::AmfError as Amf3Error;
 
 /// AMF3 type markers (AMF3 specification, section 3.1).
 pub mod marker {
@@ -658,52 +658,6 @@ impl Amf3Value {
         }
     }
 
-    /// The nearest AMF0 value, so command handling sees one model: numbers, strings,
-    /// booleans, dates, arrays and objects convert; the rest stays wrapped in
-    /// [`Amf0Value::Amf3`]. A [`Amf3Value::Reference`] loses its meaning once taken out
-    /// of its payload: callers that re-encode should check [`Amf3Value::has_reference`].
-    pub fn to_amf0(&self) -> Amf0Value {
-        let props = |p: &[(String, Amf3Value)]| -> Vec<(String, Amf0Value)> {
-            p.iter().map(|(k, v)| (k.clone(), v.to_amf0())).collect()
-        };
-        match self {
-            Amf3Value::Undefined => Amf0Value::Undefined,
-            Amf3Value::Null => Amf0Value::Null,
-            Amf3Value::Boolean(b) => Amf0Value::Boolean(*b),
-            Amf3Value::Integer(i) => Amf0Value::Number(f64::from(*i)),
-            Amf3Value::Double(d) => Amf0Value::Number(*d),
-            Amf3Value::String(s) => Amf0Value::String(s.clone()),
-            Amf3Value::Date(ms) => Amf0Value::Date { millis: *ms, tz: 0 },
-            Amf3Value::Array { assoc, dense } if assoc.is_empty() => {
-                Amf0Value::StrictArray(dense.iter().map(Amf3Value::to_amf0).collect())
-            }
-            Amf3Value::Array { assoc, dense } => {
-                let mut p = props(assoc);
-                p.extend(
-                    dense
-                        .iter()
-                        .enumerate()
-                        .map(|(i, v)| (i.to_string(), v.to_amf0())),
-                );
-                Amf0Value::EcmaArray(p)
-            }
-            Amf3Value::Object(o) => {
-                let mut p = props(&o.sealed);
-                p.extend(props(&o.dynamic_props));
-                if o.class_name.is_empty() {
-                    Amf0Value::Object(p)
-                } else {
-                    Amf0Value::TypedObject {
-                        class: o.class_name.clone(),
-                        props: p,
-                    }
-                }
-            }
-            Amf3Value::External { value, .. } => value.to_amf0(),
-            other => Amf0Value::Amf3(other.clone()),
-        }
-    }
-
     pub fn as_str(&self) -> Option<&str> {
         match self {
             Amf3Value::String(s) => Some(s),
@@ -902,15 +856,6 @@ pub(crate) mod tests {
         }
         assert!(matches!(
             decode_one(&b, &lim()),
-            Err(AmfError::TooDeep { .. })
-        ));
-        // And inside AMF0 via the switch marker.
-        let mut b = vec![crate::rtmp::amf0::marker::AVMPLUS];
-        for _ in 0..70_000 {
-            b.extend_from_slice(&[marker::ARRAY, 0x03, 0x01]);
-        }
-        assert!(matches!(
-            crate::rtmp::amf0::decode_all(&b, &lim()),
             Err(AmfError::TooDeep { .. })
         ));
     }

@@ -38,7 +38,6 @@
 use bytes::{Buf, BufMut, BytesMut};
 
 use crate::budget::{Charge, MemoryBudget, OverBudget};
-use crate::limits::Limits;
 use crate::rtmp::message::{self, Message, MessageError};
 
 /// Chunk size every RTMP connection starts with, in both directions.
@@ -117,6 +116,40 @@ struct Header {
     stream_id: u32,
 }
 
+/// What a [`ChunkDecoder`] accepts from a peer: the protocol core's own limits, built from
+/// `limits.*` by the caller (`From<&Limits>` in `src/limits.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkLimits {
+    /// Smallest Set Chunk Size accepted (tiny chunks cost a header each).
+    pub min_chunk_size: u32,
+    pub max_chunk_size: u32,
+    /// Largest message body (capped at the 24-bit field's [`MAX_MESSAGE_LEN`]).
+    pub max_message_len: u32,
+    /// Chunk streams one peer may open.
+    pub max_chunk_streams: usize,
+    /// Bytes of partially received messages held at once.
+    pub max_partial_bytes: usize,
+}
+
+impl Default for ChunkLimits {
+    /// The values `limits.rs` defaults to (a test there keeps the two equal).
+    fn default() -> Self {
+        ChunkLimits {
+            min_chunk_size: 128,
+            max_chunk_size: 16 * 1024 * 1024,
+            max_message_len: 16 * 1024 * 1024,
+            max_chunk_streams: 64,
+            max_partial_bytes: 32 * 1024 * 1024,
+        }
+    }
+}
+
+impl From<&ChunkLimits> for ChunkLimits {
+    fn from(l: &ChunkLimits) -> Self {
+        *l
+    }
+}
+
 /// Reassembles messages from the chunks a peer sends.
 #[derive(Debug)]
 pub struct ChunkDecoder {
@@ -138,18 +171,19 @@ pub struct ChunkDecoder {
 
 impl ChunkDecoder {
     /// A decoder whose partial messages are charged to the process's budget.
-    pub fn new(limits: &Limits) -> Self {
+    pub fn new(limits: impl Into<ChunkLimits>) -> Self {
         Self::with_budget(limits, crate::budget::global())
     }
 
     /// A decoder charging its partial messages to `budget`.
-    pub fn with_budget(limits: &Limits, budget: &'static MemoryBudget) -> Self {
+    pub fn with_budget(limits: impl Into<ChunkLimits>, budget: &'static MemoryBudget) -> Self {
         Self::with_charge(limits, budget.empty())
     }
 
     /// A decoder charging its partial messages to `charge` (empty): a connection's charge,
     /// which also counts against its address's share of the budget.
-    pub fn with_charge(limits: &Limits, charge: Charge) -> Self {
+    pub fn with_charge(limits: impl Into<ChunkLimits>, charge: Charge) -> Self {
+        let limits = limits.into();
         let min_chunk_size = limits.min_chunk_size.max(1);
         ChunkDecoder {
             chunk_size: DEFAULT_CHUNK_SIZE,
@@ -691,10 +725,10 @@ mod tests {
 
     /// The defaults, but accepting any chunk size: these tests exercise sizes below the
     /// default floor of 128 on purpose.
-    fn small_chunks() -> Limits {
-        Limits {
+    fn small_chunks() -> ChunkLimits {
+        ChunkLimits {
             min_chunk_size: 1,
-            ..Limits::default()
+            ..ChunkLimits::default()
         }
     }
     use crate::rtmp::message::Control;
@@ -702,7 +736,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn dec() -> ChunkDecoder {
-        ChunkDecoder::new(&small_chunks())
+        ChunkDecoder::new(small_chunks())
     }
 
     fn drain(d: &mut ChunkDecoder, buf: &mut BytesMut) -> Result<Vec<Message>, ChunkError> {
@@ -725,7 +759,7 @@ mod tests {
     #[test]
     fn partial_messages_are_charged_and_refused_past_the_budget() {
         let b = budget(10_000);
-        let mut d = ChunkDecoder::with_budget(&Limits::default(), b);
+        let mut d = ChunkDecoder::with_budget(ChunkLimits::default(), b);
         // A 6,000-byte message, half sent: its body is charged while it is in progress.
         let whole = encode_fmt0_bytes(4, &msg(9, 0, 1, &[7u8; 6000]), 128);
         let mut first = BytesMut::from(&whole[..3100]);
@@ -768,7 +802,7 @@ mod tests {
     #[test]
     fn abort_returns_the_charge() {
         let b = budget(1 << 20);
-        let mut d = ChunkDecoder::with_budget(&Limits::default(), b);
+        let mut d = ChunkDecoder::with_budget(ChunkLimits::default(), b);
         let whole = encode_fmt0_bytes(4, &msg(9, 0, 1, &[7u8; 6000]), 128);
         let mut buf = BytesMut::from(&whole[..140 + 129 * 6]);
         assert_eq!(drain(&mut d, &mut buf).unwrap(), vec![]);
@@ -992,14 +1026,14 @@ mod tests {
 
     #[test]
     fn limits_are_enforced() {
-        let limits = Limits {
+        let limits = ChunkLimits {
             max_message_len: 1000,
             max_chunk_streams: 2,
             max_partial_bytes: 300,
             ..small_chunks()
         };
         let mut b = BytesMut::from(&[0x04, 0, 0, 0, 0, 0x03, 0xe9, 9, 1, 0, 0, 0][..]);
-        let e = ChunkDecoder::new(&limits).decode(&mut b).unwrap_err();
+        let e = ChunkDecoder::new(limits).decode(&mut b).unwrap_err();
         assert!(
             matches!(e, ChunkError::MessageTooLong { len: 1001, .. }),
             "{e}"
@@ -1009,7 +1043,7 @@ mod tests {
             b.put_slice(&[csid, 0, 0, 0, 0, 0, 200, 9, 1, 0, 0, 0]);
             b.put_slice(&[0; 128]);
         }
-        let mut d = ChunkDecoder::new(&Limits {
+        let mut d = ChunkDecoder::new(ChunkLimits {
             max_partial_bytes: 300,
             ..small_chunks()
         });
@@ -1022,7 +1056,7 @@ mod tests {
         for csid in 3..6 {
             b.put_slice(&[csid, 0, 0, 0, 0, 0, 1, 9, 1, 0, 0, 0, 0]);
         }
-        let e = drain(&mut ChunkDecoder::new(&limits), &mut b).unwrap_err();
+        let e = drain(&mut ChunkDecoder::new(limits), &mut b).unwrap_err();
         assert!(
             matches!(e, ChunkError::TooManyChunkStreams { csid: 5, .. }),
             "{e}"
@@ -1346,8 +1380,8 @@ mod tests {
 
         #[test]
         fn arbitrary_bytes_never_panic(b in prop::collection::vec(any::<u8>(), 0..2048)) {
-            let limits = Limits { max_partial_bytes: 4096, ..small_chunks() };
-            let mut d = ChunkDecoder::new(&limits);
+            let limits = ChunkLimits { max_partial_bytes: 4096, ..small_chunks() };
+            let mut d = ChunkDecoder::new(limits);
             let mut buf = BytesMut::from(&b[..]);
             while let Ok(Some(_)) = d.decode(&mut buf) {}
         }
