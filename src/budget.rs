@@ -225,7 +225,7 @@ impl Shares {
         if limit == usize::MAX {
             return None;
         }
-        let group = crate::door::admit::group(ip, s.v6_prefix.load(Ordering::Relaxed));
+        let group = crate::net::addr::group(ip, s.v6_prefix.load(Ordering::Relaxed));
         let mut entry = s.map.entry(group).or_default();
         if let Some(share) = entry.upgrade() {
             return Some(share);
@@ -241,7 +241,7 @@ impl Shares {
     }
 
     fn used_by(&self, ip: IpAddr) -> usize {
-        let group = crate::door::admit::group(ip, self.v6_prefix.load(Ordering::Relaxed));
+        let group = crate::net::addr::group(ip, self.v6_prefix.load(Ordering::Relaxed));
         let weak = self.map.get(&group).map(|w| w.clone());
         weak.and_then(|w| w.upgrade()).map_or(0, |a| a.used())
     }

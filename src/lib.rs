@@ -13,12 +13,13 @@
 //! | [`rtmp`] | the sans-IO protocol core: handshake (plain, digest, RTMPE crypto), chunk stream, AMF0/AMF3, messages. No tokio, no sockets: fed bytes, returns bytes. Fuzzed. |
 //! | [`limits`], [`budget`] | every limit with its default, and the process-wide memory budget that peers' buffers are charged to |
 //! | [`throttle`] | what a peer can make us do per second: log lines ([`throttle::LogThrottle`]) and messages ([`throttle::RateLimit`]) |
+//! | [`net`] | below door and upstream: listener/upstream URLs, address ranges and per-address groups |
 //! | [`stream`] | [`stream::ClientStream`]: the one byte stream every transport becomes, and [`stream::Transport`] |
 //! | [`door`] | listeners, first-byte sniffing, TLS, PROXY protocol, the RTMPT tunnel (hyper), the RTMPE layer, session accounting |
 //! | [`engine`] | the built-in live server: one session task per client over the codec, and the hub (publish, play, GOP cache, fan-out ring) |
 //! | [`upstream`] | the relay: one connection to the backend per client and a byte pump |
 //! | [`client`] | a small RTMP client (rtmp, rtmps, rtmpt, rtmpts) for the load generator and tests |
-//! | [`config`] | TOML file + flags -> one validated `Config` |
+//! | [`config`] | TOML file + flags -> one validated `Config` (`cli`, `file`, `merge`); the settings types live with the modules they configure |
 //! | [`metrics`] | process-wide counters (relaxed atomics) bumped where events happen, read at scrape time |
 //! | [`access`] | the access log: one JSON line per session close, through a bounded queue to a writer thread |
 //! | [`admin`] | the admin listener on its own thread and runtime: `/metrics`, `/healthz`, `/readyz`, the JSON API, the status page |
@@ -56,6 +57,7 @@ pub mod door;
 pub mod engine;
 pub mod limits;
 pub mod metrics;
+pub mod net;
 pub mod rtmp;
 pub mod stream;
 pub mod throttle;

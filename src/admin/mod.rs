@@ -13,7 +13,7 @@ pub mod api;
 pub mod prom;
 mod settings;
 
-pub use settings::{AdminSettings, FileAdmin, DEFAULT_ADMIN};
+pub use settings::{AdminSettings, AdminSettingsError, FileAdmin, DEFAULT_ADMIN};
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -32,11 +32,11 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::UpstreamSettings;
 use crate::door::rtmpt::Tunnel;
 use crate::door::sessions::Sessions;
 use crate::door::tls::{self, SniResolver};
 use crate::engine::Engine;
+use crate::upstream::UpstreamSettings;
 
 /// How often the status page's bandwidth history is sampled, and how many samples are kept
 /// (five minutes).

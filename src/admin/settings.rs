@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::config::ConfigError;
 use crate::door::tls::CertSource;
 
 /// The admin address when neither `--admin` nor `[admin] listen` says otherwise.
@@ -38,8 +37,16 @@ pub struct AdminSettings {
     pub tls: Option<CertSource>,
 }
 
-fn invalid(key: &str, message: String) -> ConfigError {
-    ConfigError::Invalid {
+/// A mistake in `[admin]` or the `--admin*` flags: the key at fault and the fix.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct AdminSettingsError {
+    pub key: String,
+    pub message: String,
+}
+
+fn invalid(key: &str, message: String) -> AdminSettingsError {
+    AdminSettingsError {
         key: key.to_string(),
         message,
     }
@@ -53,7 +60,7 @@ impl AdminSettings {
         flag_token: Option<String>,
         file: FileAdmin,
         base: Option<&Path>,
-    ) -> Result<AdminSettings, ConfigError> {
+    ) -> Result<AdminSettings, AdminSettingsError> {
         let (key, text, explicit) = match (flag_listen, file.listen.as_deref()) {
             (Some(v), _) => ("--admin", v.to_string(), true),
             (None, Some(v)) => ("admin.listen", v.to_string(), true),

@@ -16,6 +16,7 @@ use std::time::Instant;
 use dashmap::DashMap;
 
 use crate::limits::Limits;
+use crate::net::addr::group;
 pub use crate::throttle::LogThrottle;
 
 /// Connections (and tunnel sessions) open now, in total and per address group.
@@ -139,22 +140,6 @@ impl ConnLimiter {
     }
 }
 
-/// The key an address is counted under: IPv4 as it is (an IPv4-mapped IPv6 address too),
-/// IPv6 cut to its first `v6_prefix` bits.
-pub fn group(ip: IpAddr, v6_prefix: u8) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return IpAddr::V4(v4);
-            }
-            let bits = u32::from(v6_prefix.min(128));
-            let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
-            IpAddr::V6((u128::from(v6) & mask).into())
-        }
-    }
-}
-
 /// Address-reason pairs remembered by [`PeerLines`]; past it, pairs not seen this second
 /// (which would be allowed a line anyway) are forgotten.
 const MAX_LINE_KEYS: usize = 16_384;
@@ -214,19 +199,6 @@ impl PeerLines {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ipv6_is_grouped_by_prefix_and_mapped_ipv4_is_ipv4() {
-        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
-        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
-        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
-        assert_eq!(group(a, 64), group(b, 64));
-        assert_ne!(group(a, 64), group(c, 64));
-        assert_eq!(group(a, 128), a);
-        assert_eq!(group(a, 0), "::".parse::<IpAddr>().unwrap());
-        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
-        assert_eq!(group(mapped, 64), "192.0.2.7".parse::<IpAddr>().unwrap());
-    }
 
     #[test]
     fn peer_lines_are_one_a_second_per_address_and_reason() {

@@ -17,7 +17,6 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::{Cidr, ListenScheme, ListenUrl};
 use crate::door::admit::{ConnLimiter, PeerLines};
 use crate::door::proxy_protocol;
 use crate::door::rtmpe;
@@ -25,6 +24,8 @@ use crate::door::rtmpt::Tunnel;
 use crate::door::sniff::{self, short_hex, Kind};
 use crate::limits::Limits;
 use crate::metrics::{self, Refusal};
+use crate::net::addr::Cidr;
+use crate::net::url::{ListenScheme, ListenUrl};
 use crate::stream::{ByteStream, ClientStream, Prefixed, StreamHandler, Transport};
 
 /// How the door treats connections, beyond the listener list.
@@ -664,8 +665,8 @@ fn rtmpe_failed(
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use crate::config::parse_listen;
     use crate::door::tls::{self as dtls, CertSource, SniResolver};
+    use crate::net::url::parse_listen;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::sync::mpsc;
 

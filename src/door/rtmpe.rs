@@ -21,8 +21,8 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::Semaphore;
 
-use crate::door::admit::group;
 use crate::limits::Limits;
+use crate::net::addr::group;
 use crate::rtmp::handshake::{C0C1_LEN, PACKET_LEN, S0S1S2_LEN, VERSION_PLAIN};
 use crate::rtmp::rtmpe::{server_respond, Rc4Pair, RtmpeClient, RtmpeError as CryptoError};
 use crate::stream::ClientStream;

@@ -8,6 +8,7 @@
 use std::future::{poll_fn, Future};
 use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -18,10 +19,10 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use crate::config::{UpstreamScheme, UpstreamSettings, UpstreamUrl};
 use crate::door::proxy_protocol::{self, ProxyVersion};
 use crate::door::tls::{self, TlsError};
 use crate::limits::Limits;
+use crate::net::url::{UpstreamScheme, UpstreamUrl};
 use crate::stream::{ClientStream, StreamHandler};
 
 /// Each direction starts with a small buffer (a player's side only ever carries acks) and
@@ -32,6 +33,16 @@ const PUMP_BUF_MIN: usize = 4 * 1024;
 const PUMP_BUF_MAX: usize = 64 * 1024;
 /// How long the other direction may run on after one side has closed.
 const LINGER: Duration = Duration::from_secs(5);
+
+/// Upstream settings: the backend's URL and how to reach it (`--upstream*`, `[upstream]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamSettings {
+    pub url: UpstreamUrl,
+    /// Extra CA certificates trusted for an rtmps:// backend.
+    pub ca: Option<PathBuf>,
+    pub proxy_protocol: Option<ProxyVersion>,
+    pub connect_timeout: Duration,
+}
 
 /// Why a client could not be forwarded, or how the forwarding ended badly.
 #[derive(Debug, thiserror::Error)]

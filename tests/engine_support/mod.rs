@@ -201,9 +201,9 @@ pub struct DoorServer {
 
 impl DoorServer {
     pub fn start(cfg: EngineConfig, schemes: &[&str]) -> DoorServer {
-        use rtmpgate::config::parse_listen;
         use rtmpgate::door::listener::{Door, DoorOptions};
         use rtmpgate::door::tls::{self, CertSource, SniResolver};
+        use rtmpgate::net::url::parse_listen;
         let rt = runtime();
         let limits = Arc::new(Limits::default());
         let engine = Engine::new((*limits).clone(), cfg);

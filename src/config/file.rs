@@ -1,0 +1,221 @@
+//! The TOML file as written: one struct per table, unknown keys refused, and the check that
+//! no duration overflows the clock. Validation of the values is [`super::merge`]'s.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{invalid, ConfigError, LogFormat};
+use crate::admin::FileAdmin;
+use crate::door::proxy_protocol::ProxyVersion;
+use crate::engine::EngineConfig;
+use crate::limits::{Limits, MAX_DURATION_SECS};
+
+/// The TOML file, as written. Unknown keys are errors, so typos do not go unnoticed.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<Vec<String>>,
+    pub log_level: Option<String>,
+    pub log_format: Option<LogFormat>,
+    pub drain_secs: Option<u64>,
+    pub rtmpe: Option<bool>,
+    pub accept_proxy_protocol: Option<bool>,
+    pub trusted_proxies: Option<Vec<String>>,
+    #[serde(default)]
+    pub tls: FileTls,
+    #[serde(default)]
+    pub upstream: FileUpstream,
+    pub limits: Option<Limits>,
+    #[serde(default)]
+    pub engine: FileEngine,
+    #[serde(default)]
+    pub admin: FileAdmin,
+    #[serde(default)]
+    pub log: FileLog,
+}
+
+/// `[log]`: the access log.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileLog {
+    pub access: Option<PathBuf>,
+}
+
+/// `[engine]`: how the built-in engine serves clients (ignored with an upstream). Each key
+/// maps onto a field of [`EngineConfig`]; absent keys keep the engine's defaults.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileEngine {
+    pub player_wait_secs: Option<u64>,
+    pub queue_messages: Option<usize>,
+    pub max_lag_bytes: Option<u64>,
+    pub gop_cache: Option<bool>,
+    pub gop_max_bytes: Option<usize>,
+    pub gop_max_messages: Option<usize>,
+    pub chunk_size: Option<u32>,
+    pub window_ack_size: Option<u32>,
+    pub peer_bandwidth: Option<u32>,
+    pub write_timeout_secs: Option<u64>,
+    pub max_streams_per_connection: Option<u32>,
+}
+
+impl FileEngine {
+    pub(super) fn is_set(&self) -> bool {
+        self.player_wait_secs.is_some()
+            || self.queue_messages.is_some()
+            || self.max_lag_bytes.is_some()
+            || self.gop_cache.is_some()
+            || self.gop_max_bytes.is_some()
+            || self.gop_max_messages.is_some()
+            || self.chunk_size.is_some()
+            || self.window_ack_size.is_some()
+            || self.peer_bandwidth.is_some()
+            || self.write_timeout_secs.is_some()
+            || self.max_streams_per_connection.is_some()
+    }
+
+    /// The engine's configuration with these keys applied, checked.
+    pub(super) fn apply(&self, mut cfg: EngineConfig) -> Result<EngineConfig, ConfigError> {
+        fn at_least<T: PartialOrd + fmt::Display + Copy>(
+            key: &str,
+            v: Option<T>,
+            min: T,
+        ) -> Result<Option<T>, ConfigError> {
+            match v {
+                Some(v) if v < min => Err(invalid(
+                    format!("engine.{key}"),
+                    format!("{v} is too small; use at least {min}"),
+                )),
+                v => Ok(v),
+            }
+        }
+        if let Some(v) = at_least("player_wait_secs", self.player_wait_secs, 0)? {
+            cfg.player_wait = Duration::from_secs(v);
+        }
+        if let Some(v) = at_least("queue_messages", self.queue_messages, 16)? {
+            cfg.queue_messages = v;
+        }
+        if let Some(v) = at_least("max_lag_bytes", self.max_lag_bytes, 65_536)? {
+            cfg.max_lag_bytes = v;
+        }
+        if let Some(v) = self.gop_cache {
+            cfg.gop_cache = v;
+        }
+        if let Some(v) = self.gop_max_bytes {
+            cfg.gop_max_bytes = v;
+        }
+        if let Some(v) = self.gop_max_messages {
+            cfg.gop_max_messages = v;
+        }
+        if let Some(v) = at_least("chunk_size", self.chunk_size, 128)? {
+            if v > 0x00ff_ffff {
+                return Err(invalid(
+                    "engine.chunk_size",
+                    format!("{v} is larger than clients accept; use at most 16777215 (4096 to 65536 is usual)"),
+                ));
+            }
+            cfg.chunk_size = v;
+        }
+        if let Some(v) = at_least("window_ack_size", self.window_ack_size, 4096)? {
+            cfg.window_ack_size = v;
+        }
+        if let Some(v) = at_least("peer_bandwidth", self.peer_bandwidth, 4096)? {
+            cfg.peer_bandwidth = v;
+        }
+        if let Some(v) = at_least("write_timeout_secs", self.write_timeout_secs, 1)? {
+            cfg.write_timeout = Duration::from_secs(v);
+        }
+        if let Some(v) = at_least(
+            "max_streams_per_connection",
+            self.max_streams_per_connection,
+            1,
+        )? {
+            cfg.max_streams_per_connection = v;
+        }
+        Ok(cfg)
+    }
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileTls {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    #[serde(default)]
+    pub certificates: Vec<FileSniCert>,
+}
+
+/// One `[[tls.certificates]]` entry: a chain served to clients asking for these names.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct FileSniCert {
+    pub server_names: Vec<String>,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileUpstream {
+    pub url: Option<String>,
+    pub ca: Option<PathBuf>,
+    pub proxy_protocol: Option<ProxyVersion>,
+    pub connect_timeout_secs: Option<u64>,
+}
+
+/// Parses the TOML text of a config file.
+pub fn parse_file(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
+    let parse_error = |e: toml::de::Error| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string().trim_end().replace('\n', "\n  "),
+    };
+    let file: FileConfig = toml::from_str(text).map_err(parse_error)?;
+    let table: toml::Table = toml::from_str(text).map_err(parse_error)?;
+    check_durations("", &table)?;
+    Ok(file)
+}
+
+/// Every `*_secs` and `*_ms` key, at any depth, is at most [`MAX_DURATION_SECS`]: a
+/// deadline computed as now + a huge duration would overflow the clock and panic.
+fn check_durations(prefix: &str, table: &toml::Table) -> Result<(), ConfigError> {
+    for (key, value) in table {
+        let name = format!("{prefix}{key}");
+        match value {
+            toml::Value::Table(t) => check_durations(&format!("{name}."), t)?,
+            toml::Value::Array(items) => {
+                for t in items.iter().filter_map(toml::Value::as_table) {
+                    check_durations(&format!("{name}."), t)?;
+                }
+            }
+            toml::Value::Integer(n) => {
+                let secs = if key.ends_with("_secs") {
+                    *n
+                } else if key.ends_with("_ms") {
+                    n / 1000
+                } else {
+                    continue;
+                };
+                check_duration(&name, u64::try_from(secs).unwrap_or(0))?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// A duration setting of `secs` seconds is at most [`MAX_DURATION_SECS`].
+pub(super) fn check_duration(key: &str, secs: u64) -> Result<(), ConfigError> {
+    if secs > MAX_DURATION_SECS {
+        return Err(invalid(
+            key,
+            format!(
+                "{secs} seconds is too long: durations are at most {MAX_DURATION_SECS} \
+                 (one year); use a smaller value (0 where the key allows it turns it off)"
+            ),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,298 @@
+//! Flags over the file, one part of the configuration at a time: listeners, TLS, upstream,
+//! limits, PROXY protocol. A flag wins over its key; each part checks its values and names
+//! the flag or key at fault.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::file::{check_duration, FileTls, FileUpstream};
+use super::{invalid, Cli, Config, ConfigError, FileConfig, SniCert, TlsSettings, DEFAULT_LISTEN};
+use crate::admin::AdminSettings;
+use crate::door::tls::CertSource;
+use crate::engine::EngineConfig;
+use crate::limits::Limits;
+use crate::net::addr::Cidr;
+use crate::net::url::{parse_listen, parse_upstream, ListenUrl};
+use crate::upstream::UpstreamSettings;
+
+impl Config {
+    /// Merges flags over the file. `dev_cert` locates the dev certificate (a parameter so
+    /// tests do not depend on the working directory).
+    pub fn merge(
+        cli: &Cli,
+        file: FileConfig,
+        base: Option<&Path>,
+        dev_cert: impl FnOnce() -> Option<CertSource>,
+    ) -> Result<Config, ConfigError> {
+        let rel = |p: PathBuf| relative_to(base, p);
+
+        let listen = listeners(cli, file.listen.as_deref())?;
+        let tls = tls(cli, file.tls, &listen, &rel, dev_cert)?;
+        let upstream = upstream(cli, file.upstream, &rel)?;
+        let admin = AdminSettings::merge(
+            cli.admin.as_deref(),
+            cli.admin_token.clone(),
+            file.admin,
+            base,
+        )?;
+        let mut warnings = Vec::new();
+        if upstream.is_some() && file.engine.is_set() {
+            warnings.push("the [engine] table is ignored: clients go to the upstream".to_string());
+        }
+        let engine = file.engine.apply(EngineConfig::default())?;
+        let limits = limits(file.limits.unwrap_or_default())?;
+        let accept_proxy_protocol =
+            cli.accept_proxy_protocol || file.accept_proxy_protocol.unwrap_or(false);
+        let trusted_proxies = trusted_proxies(cli, file.trusted_proxies)?;
+        warnings.extend(proxy_warnings(accept_proxy_protocol, &trusted_proxies));
+
+        Ok(Config {
+            listen,
+            tls,
+            upstream,
+            log_level: cli.log_level.clone().or(file.log_level),
+            log_format: cli.log_format.or(file.log_format).unwrap_or_default(),
+            drain: Duration::from_secs(cli.drain_secs.or(file.drain_secs).unwrap_or(10)),
+            rtmpe: !cli.no_rtmpe && file.rtmpe.unwrap_or(true),
+            accept_proxy_protocol,
+            trusted_proxies,
+            limits,
+            engine,
+            warnings,
+            admin,
+            access_log: cli.access_log.clone().or(file.log.access.map(&rel)),
+        })
+    }
+}
+
+/// `--listen` replaces the file's `listen` list; neither means [`DEFAULT_LISTEN`]. Two
+/// listeners on one host and port are refused.
+fn listeners(cli: &Cli, file: Option<&[String]>) -> Result<Vec<ListenUrl>, ConfigError> {
+    let listen: Vec<ListenUrl> = if !cli.listen.is_empty() {
+        cli.listen
+            .iter()
+            .map(|u| parse_listen("--listen", u))
+            .collect::<Result<_, _>>()?
+    } else if let Some(list) = file {
+        if list.is_empty() {
+            return Err(invalid(
+                "listen",
+                "the list is empty; add at least one URL such as \"rtmp://0.0.0.0:1935\" or remove the key for the defaults",
+            ));
+        }
+        list.iter()
+            .enumerate()
+            .map(|(i, u)| parse_listen(&format!("listen[{i}]"), u))
+            .collect::<Result<_, _>>()?
+    } else {
+        DEFAULT_LISTEN
+            .iter()
+            .map(|u| parse_listen("default listener", u))
+            .collect::<Result<_, _>>()?
+    };
+    for (i, a) in listen.iter().enumerate() {
+        if a.port != 0
+            && listen[..i]
+                .iter()
+                .any(|b| b.host == a.host && b.port == a.port)
+        {
+            return Err(invalid(
+                "listen",
+                format!("{a} is listed twice (same host and port); one listener already serves every transport of its kind (plain or TLS)"),
+            ));
+        }
+    }
+    Ok(listen)
+}
+
+/// The certificates for the TLS listeners (None when there is none): the flags' or the
+/// file's default certificate, the SNI entries, and failing both the dev certificate.
+fn tls(
+    cli: &Cli,
+    file: FileTls,
+    listen: &[ListenUrl],
+    rel: &impl Fn(PathBuf) -> PathBuf,
+    dev_cert: impl FnOnce() -> Option<CertSource>,
+) -> Result<Option<TlsSettings>, ConfigError> {
+    let default_cert = match (cli.tls_cert.clone(), cli.tls_key.clone()) {
+        (Some(cert), Some(key)) => Some(CertSource::Files { cert, key }),
+        (Some(_), None) => return Err(invalid("--tls-cert", "given without --tls-key; pass both")),
+        (None, Some(_)) => return Err(invalid("--tls-key", "given without --tls-cert; pass both")),
+        (None, None) => match (file.cert, file.key) {
+            (Some(cert), Some(key)) => Some(CertSource::Files {
+                cert: rel(cert),
+                key: rel(key),
+            }),
+            (Some(_), None) => {
+                return Err(invalid(
+                    "tls.key",
+                    "tls.cert is set but tls.key is not; set both",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "tls.cert",
+                    "tls.key is set but tls.cert is not; set both",
+                ))
+            }
+            (None, None) => None,
+        },
+    };
+    let mut sni = Vec::with_capacity(file.certificates.len());
+    for (i, c) in file.certificates.into_iter().enumerate() {
+        if c.server_names.is_empty() || c.server_names.iter().any(|n| n.trim().is_empty()) {
+            return Err(invalid(
+                format!("tls.certificates[{i}].server_names"),
+                "must list at least one non-empty name, e.g. [\"live.example.com\"]",
+            ));
+        }
+        sni.push(SniCert {
+            server_names: c.server_names,
+            source: CertSource::Files {
+                cert: rel(c.cert),
+                key: rel(c.key),
+            },
+        });
+    }
+    if !listen.iter().any(|l| l.scheme.is_tls()) {
+        return Ok(None);
+    }
+    let default = match default_cert {
+        Some(d) => d,
+        // No default given: the first SNI entry serves unknown names.
+        None => match sni.first() {
+            Some(first) => first.source.clone(),
+            None => dev_cert().unwrap_or(CertSource::EmbeddedDev),
+        },
+    };
+    Ok(Some(TlsSettings { default, sni }))
+}
+
+/// The backend (None: the built-in engine serves). Also checks `--drain-secs`, as before
+/// the split, so the first error reported stays the same.
+fn upstream(
+    cli: &Cli,
+    file: FileUpstream,
+    rel: &impl Fn(PathBuf) -> PathBuf,
+) -> Result<Option<UpstreamSettings>, ConfigError> {
+    let url = match (&cli.upstream, &file.url) {
+        (Some(u), _) => Some(parse_upstream("--upstream", u)?),
+        (None, Some(u)) => Some(parse_upstream("upstream.url", u)?),
+        (None, None) => None,
+    };
+    let ca = cli.upstream_ca.clone().or_else(|| file.ca.map(rel));
+    let proxy_protocol = cli.upstream_proxy_protocol.or(file.proxy_protocol);
+    let connect_secs = cli
+        .upstream_timeout_secs
+        .or(file.connect_timeout_secs)
+        .unwrap_or(5);
+    check_duration("--upstream-timeout-secs", connect_secs)?;
+    if let Some(d) = cli.drain_secs {
+        check_duration("--drain-secs", d)?;
+    }
+    if connect_secs == 0 {
+        return Err(invalid(
+            "upstream.connect_timeout_secs",
+            "must be at least 1 second",
+        ));
+    }
+    match url {
+        Some(url) => Ok(Some(UpstreamSettings {
+            url,
+            ca,
+            proxy_protocol,
+            connect_timeout: Duration::from_secs(connect_secs),
+        })),
+        None if ca.is_some() || proxy_protocol.is_some() => Err(invalid(
+            "--upstream",
+            "--upstream-ca / --upstream-proxy-protocol (upstream.ca / upstream.proxy_protocol) are set but no upstream URL is; add --upstream rtmp://HOST:PORT",
+        )),
+        None => Ok(None),
+    }
+}
+
+/// `[limits]`, with the values that would make the door refuse everyone refused.
+fn limits(limits: Limits) -> Result<Limits, ConfigError> {
+    if limits.first_bytes_timeout_secs == 0 {
+        return Err(invalid(
+            "limits.first_bytes_timeout_secs",
+            "must be at least 1 second",
+        ));
+    }
+    if limits.ipv6_prefix_len > 128 {
+        return Err(invalid(
+            "limits.ipv6_prefix_len",
+            "an IPv6 prefix is 0 to 128 bits long (64: one subscriber's network)",
+        ));
+    }
+    if limits.max_connections == 0 || limits.max_connections_per_ip == 0 {
+        return Err(invalid(
+            "limits.max_connections",
+            "max_connections and max_connections_per_ip must be at least 1",
+        ));
+    }
+    Ok(limits)
+}
+
+/// `--trusted-proxy` replaces the file's `trusted_proxies`.
+fn trusted_proxies(cli: &Cli, file: Option<Vec<String>>) -> Result<Vec<Cidr>, ConfigError> {
+    let list = if !cli.trusted_proxies.is_empty() {
+        cli.trusted_proxies
+            .iter()
+            .map(|c| Cidr::parse("--trusted-proxy", c))
+            .collect::<Result<_, _>>()?
+    } else {
+        file.unwrap_or_default()
+            .iter()
+            .enumerate()
+            .map(|(i, c)| Cidr::parse(&format!("trusted_proxies[{i}]"), c))
+            .collect::<Result<_, _>>()?
+    };
+    Ok(list)
+}
+
+/// PROXY protocol settings that are valid but probably not what was meant.
+fn proxy_warnings(accept: bool, trusted: &[Cidr]) -> Option<String> {
+    if accept && trusted.is_empty() {
+        return Some(
+            "accept_proxy_protocol trusts a PROXY header from any address: anyone who can \
+             reach a listener can claim any client address; list the load balancers in \
+             trusted_proxies (--trusted-proxy CIDR)"
+                .to_string(),
+        );
+    }
+    if !accept && !trusted.is_empty() {
+        return Some(
+            "trusted_proxies is set but accept_proxy_protocol is off: the list is unused"
+                .to_string(),
+        );
+    }
+    None
+}
+
+/// Resolves a path from the file against the file's directory.
+fn relative_to(base: Option<&Path>, p: PathBuf) -> PathBuf {
+    match base {
+        Some(dir) if p.is_relative() => dir.join(p),
+        _ => p,
+    }
+}
+
+/// Where the dev certificate is on disk, if it is: certs/ under the current directory, or
+/// near the executable (target/debug/.. -> the source tree). None means use the built-in one.
+pub fn find_dev_cert() -> Option<CertSource> {
+    let mut dirs = vec![PathBuf::from("certs")];
+    if let Ok(exe) = std::env::current_exe() {
+        let mut dir = exe.parent().map(Path::to_path_buf);
+        for _ in 0..4 {
+            let Some(d) = dir else { break };
+            dirs.push(d.join("certs"));
+            dir = d.parent().map(Path::to_path_buf);
+        }
+    }
+    dirs.into_iter().find_map(|d| {
+        let cert = d.join("localhost.pem");
+        let key = d.join("localhost.key");
+        (cert.is_file() && key.is_file()).then_some(CertSource::Files { cert, key })
+    })
+}

@@ -1,0 +1,290 @@
+//! The merge of flags over the file, through `Config::merge` as `main` calls it: defaults,
+//! precedence, relative paths, and that every error names its key.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+
+use super::*;
+use crate::door::proxy_protocol::ProxyVersion;
+use crate::net::url::ListenScheme;
+
+fn cli(args: &[&str]) -> Cli {
+    let mut all = vec!["rtmpgate"];
+    all.extend_from_slice(args);
+    Cli::try_parse_from(all).unwrap()
+}
+
+fn merge(args: &[&str], toml_text: &str) -> Result<Config, ConfigError> {
+    let file = parse_file(toml_text, Path::new("test.toml"))?;
+    Config::merge(&cli(args), file, Some(Path::new("/etc/rtmpgate")), || None)
+}
+
+#[test]
+fn defaults() {
+    let c = merge(&[], "").unwrap();
+    let urls: Vec<String> = c.listen.iter().map(ToString::to_string).collect();
+    assert_eq!(urls, DEFAULT_LISTEN);
+    assert_eq!(c.tls.unwrap().default, CertSource::EmbeddedDev);
+    assert!(c.upstream.is_none());
+    assert!(c.rtmpe);
+    assert_eq!(c.drain, Duration::from_secs(10));
+}
+
+#[test]
+fn log_format_from_file_and_flag() {
+    let c = merge(&[], "log_format = \"json\"").unwrap();
+    assert_eq!(c.log_format, LogFormat::Json);
+    let c = merge(&["--log-format", "text"], "log_format = \"json\"").unwrap();
+    assert_eq!(c.log_format, LogFormat::Text);
+    assert_eq!(merge(&[], "").unwrap().log_format, LogFormat::Text);
+    assert!(merge(&[], "log_format = \"xml\"").is_err());
+}
+
+#[test]
+fn flags_win_over_file() {
+    let toml_text = r#"
+        listen = ["rtmp://127.0.0.1:1935"]
+        log_level = "debug"
+        drain_secs = 30
+        rtmpe = true
+        [upstream]
+        url = "rtmp://10.0.0.1:1935"
+        proxy_protocol = "v1"
+        [limits]
+        max_connections = 5
+    "#;
+    let c = merge(
+        &[
+            "--listen",
+            "rtmps://127.0.0.1:0",
+            "--upstream",
+            "rtmps://10.0.0.2",
+            "--upstream-proxy-protocol",
+            "v2",
+            "--drain-secs",
+            "3",
+            "--no-rtmpe",
+        ],
+        toml_text,
+    )
+    .unwrap();
+    assert_eq!(c.listen.len(), 1);
+    assert_eq!(c.listen[0].scheme, ListenScheme::Rtmps);
+    let up = c.upstream.unwrap();
+    assert_eq!(up.url.host, "10.0.0.2");
+    assert_eq!(up.proxy_protocol, Some(ProxyVersion::V2));
+    assert_eq!(c.drain, Duration::from_secs(3));
+    assert!(!c.rtmpe);
+    assert_eq!(c.log_level.as_deref(), Some("debug"));
+    assert_eq!(c.limits.max_connections, 5);
+    assert_eq!(
+        c.limits.max_connections_per_ip,
+        Limits::default().max_connections_per_ip
+    );
+}
+
+#[test]
+fn file_only_and_relative_paths() {
+    let toml_text = r#"
+        listen = ["rtmps://0.0.0.0:443", "rtmp://0.0.0.0:1935"]
+        [tls]
+        cert = "fullchain.pem"
+        key = "/abs/privkey.pem"
+        [[tls.certificates]]
+        server_names = ["live.example.com", "*.cdn.example.com"]
+        cert = "live/fullchain.pem"
+        key = "live/privkey.pem"
+        [upstream]
+        url = "rtmp://127.0.0.1:1936"
+        ca = "ca.pem"
+    "#;
+    let c = merge(&[], toml_text).unwrap();
+    let tls = c.tls.unwrap();
+    assert_eq!(
+        tls.default,
+        CertSource::Files {
+            cert: "/etc/rtmpgate/fullchain.pem".into(),
+            key: "/abs/privkey.pem".into()
+        }
+    );
+    assert_eq!(tls.sni.len(), 1);
+    assert_eq!(tls.sni[0].server_names.len(), 2);
+    assert_eq!(
+        c.upstream.unwrap().ca,
+        Some(PathBuf::from("/etc/rtmpgate/ca.pem"))
+    );
+}
+
+#[test]
+fn flag_cert_wins() {
+    let c = merge(
+        &[
+            "--listen",
+            "rtmps://0.0.0.0:0",
+            "--tls-cert",
+            "a.pem",
+            "--tls-key",
+            "b.pem",
+        ],
+        "[tls]\ncert = \"x.pem\"\nkey = \"y.pem\"\n",
+    )
+    .unwrap();
+    assert_eq!(
+        c.tls.unwrap().default,
+        CertSource::Files {
+            cert: "a.pem".into(),
+            key: "b.pem".into()
+        }
+    );
+}
+
+#[test]
+fn errors_name_the_key() {
+    let e = merge(&[], "listen = []").unwrap_err().to_string();
+    assert!(e.starts_with("listen: "), "{e}");
+    let e = merge(&[], "[tls]\ncert = \"a.pem\"")
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("tls.key: "), "{e}");
+    let e = merge(&[], "listen = [\"rtmp://0.0.0.0:1935\", \"tcp://x\"]")
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("listen[1]: "), "{e}");
+    let e = merge(&[], "lisen = []").unwrap_err().to_string();
+    assert!(e.contains("lisen"), "{e}");
+    let e = merge(&[], "[limits]\nmax_conections = 1")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("max_conections"), "{e}");
+    let e = merge(&[], "[upstream]\nproxy_protocol = \"v3\"")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("v3") || e.contains("variant"), "{e}");
+    let e = merge(&["--upstream-ca", "ca.pem"], "")
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("--upstream: "), "{e}");
+    let e = merge(
+        &[
+            "--listen",
+            "rtmp://0.0.0.0:1935",
+            "--listen",
+            "rtmps://0.0.0.0:1935",
+        ],
+        "",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("twice"), "{e}");
+    let e = merge(
+        &[],
+        "[[tls.certificates]]\nserver_names = []\ncert = \"a\"\nkey = \"b\"",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.starts_with("tls.certificates[0].server_names"), "{e}");
+}
+
+#[test]
+fn engine_table() {
+    let c = merge(
+        &[],
+        "[engine]\nplayer_wait_secs = 5\ngop_cache = false\nchunk_size = 60000\n",
+    )
+    .unwrap();
+    assert_eq!(c.engine.player_wait, Duration::from_secs(5));
+    assert!(!c.engine.gop_cache);
+    assert_eq!(c.engine.chunk_size, 60000);
+    assert_eq!(
+        c.engine.queue_messages,
+        EngineConfig::default().queue_messages
+    );
+    let e = merge(&[], "[engine]\nchunk_size = 64\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("engine.chunk_size: "), "{e}");
+    let e = merge(&[], "[engine]\ngop = 1\n").unwrap_err().to_string();
+    assert!(e.contains("gop"), "{e}");
+}
+
+#[test]
+fn tls_only_when_needed() {
+    let c = merge(&["--listen", "rtmp://127.0.0.1:0"], "").unwrap();
+    assert!(c.tls.is_none());
+}
+
+#[test]
+fn huge_durations_are_refused_naming_the_key() {
+    for (toml_text, key) in [
+        (
+            "[limits]\nidle_timeout_secs = 9223372036854775807\n",
+            "limits.idle_timeout_secs",
+        ),
+        (
+            "[limits]\ntunnel_order_wait_ms = 9223372036854775807\n",
+            "limits.tunnel_order_wait_ms",
+        ),
+        ("drain_secs = 100000000000\n", "drain_secs"),
+        (
+            "[engine]\nplayer_wait_secs = 18446744073\n",
+            "engine.player_wait_secs",
+        ),
+        (
+            "[upstream]\nconnect_timeout_secs = 40000000\n",
+            "upstream.connect_timeout_secs",
+        ),
+    ] {
+        let e = merge(&[], toml_text).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("{key}: ")), "{e}");
+        assert!(e.contains("at most 31536000"), "{e}");
+    }
+    let e = merge(&["--drain-secs", "99999999999"], "").unwrap_err();
+    assert!(e.to_string().starts_with("--drain-secs: "), "{e}");
+    // One year is still accepted.
+    assert!(merge(&[], "[limits]\nidle_timeout_secs = 31536000\n").is_ok());
+    let e = merge(&[], "[limits]\nipv6_prefix_len = 129\n").unwrap_err();
+    assert!(e.to_string().starts_with("limits.ipv6_prefix_len: "), "{e}");
+}
+
+#[test]
+fn trusted_proxies_are_cidr_ranges() {
+    let c = merge(
+        &["--accept-proxy-protocol"],
+        "trusted_proxies = [\"10.0.0.0/8\", \"2001:db8::/32\", \"192.0.2.7\"]\n",
+    )
+    .unwrap();
+    let t = &c.trusted_proxies;
+    let has = |ip: &str| t.iter().any(|c| c.contains(ip.parse().unwrap()));
+    assert!(has("10.200.3.4") && has("::ffff:10.0.0.1") && has("192.0.2.7"));
+    assert!(has("2001:db8:ffff::1"));
+    assert!(!has("11.0.0.1") && !has("192.0.2.8") && !has("2001:db9::1"));
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    // Flags replace the file's list.
+    let c = merge(
+        &["--accept-proxy-protocol", "--trusted-proxy", "127.0.0.1"],
+        "trusted_proxies = [\"10.0.0.0/8\"]\n",
+    )
+    .unwrap();
+    assert_eq!(c.trusted_proxies.len(), 1);
+    assert_eq!(c.trusted_proxies[0].to_string(), "127.0.0.1/32");
+    // No list: trusted from anywhere, with a warning.
+    let c = merge(&["--accept-proxy-protocol"], "").unwrap();
+    assert!(c.warnings.iter().any(|w| w.contains("trusted_proxies")));
+    for bad in ["10.0.0.0/33", "banana", "::/129", "10.0.0.0/x"] {
+        let e = merge(&[], &format!("trusted_proxies = [\"{bad}\"]\n")).unwrap_err();
+        assert!(e.to_string().starts_with("trusted_proxies[0]: "), "{e}");
+    }
+    let e = merge(&["--trusted-proxy", "10.1.2.3/40"], "").unwrap_err();
+    assert!(e.to_string().starts_with("--trusted-proxy: "), "{e}");
+}
+
+#[test]
+fn clap_is_consistent() {
+    use clap::CommandFactory;
+    Cli::command().debug_assert();
+    assert!(Cli::try_parse_from(["rtmpgate", "--tls-cert", "a.pem"]).is_err());
+    assert!(Cli::try_parse_from(["rtmpgate", "--upstream-proxy-protocol", "v3"]).is_err());
+}
