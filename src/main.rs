@@ -9,11 +9,13 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 use rtmpgate::admin;
-use rtmpgate::config::{Cli, Config, LogFormat, TlsSettings};
+use rtmpgate::config::{Cli, Config, LogFormat};
 use rtmpgate::door::sessions::{self, Sessions};
-use rtmpgate::door::tls::{self, CertSource, Reloadable, SniResolver};
+use rtmpgate::door::tls::{self, CertSource, Reloadable};
 use rtmpgate::door::{Door, DoorOptions};
 use rtmpgate::engine::Engine;
+use rtmpgate::live::{self, Live};
+use rtmpgate::reload::{build_resolver, report, Parts, Reloader};
 use rtmpgate::stream::StreamHandler;
 use rtmpgate::upstream::Upstream;
 
@@ -67,23 +69,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// The error and its causes on one line, skipping a cause its parent's message already
-/// quotes (most of ours name their source in their own message).
-fn report(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if out.contains(&text) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&text);
-    }
-    out
 }
 
 /// Log lines queued for the writer thread; past it lines are dropped (and counted), never
@@ -257,95 +242,6 @@ fn check_fd_limit(config: &Config) {
     }
 }
 
-/// Loads every certificate and key the TLS settings name.
-fn build_resolver(settings: &TlsSettings) -> anyhow::Result<SniResolver> {
-    let default = tls::load_certified_key(&settings.default)?;
-    let mut resolver = SniResolver::new(default);
-    for entry in &settings.sni {
-        let key = tls::load_certified_key(&entry.source)?;
-        for name in &entry.server_names {
-            resolver.add(name, key.clone());
-        }
-    }
-    Ok(resolver)
-}
-
-/// Re-reads the configuration (SIGHUP, `POST /api/v1/reload`) and applies what changes
-/// without a restart: the TLS certificates and keys (after a Let's Encrypt renewal, say) and
-/// the access log file (reopened, for logrotate). A configuration that does not validate, or
-/// certificates that do not load, are refused whole and the running ones kept; changed
-/// settings that only a restart applies are named in the log and the answer.
-struct Reloader {
-    cli: Cli,
-    running: Config,
-    resolver: Option<Arc<Reloadable>>,
-}
-
-impl Reloader {
-    fn reload(&self, via: &str) -> Result<serde_json::Value, String> {
-        let mut applied = Vec::new();
-        if self.running.access_log.is_some() {
-            rtmpgate::access::reopen();
-            applied.push("access log reopened");
-        }
-        let fresh = Config::load(&self.cli).map_err(|e| {
-            tracing::error!("{via}: keeping the current configuration and TLS certificates: {e}");
-            e.to_string()
-        })?;
-        if let (Some(resolver), Some(settings)) = (&self.resolver, &fresh.tls) {
-            match build_resolver(settings) {
-                Ok(r) => {
-                    resolver.replace(r);
-                    tracing::info!("{via}: reloaded TLS certificates ({})", settings.default);
-                    applied.push("tls certificates");
-                }
-                Err(e) => {
-                    let why = report(&e);
-                    tracing::error!("{via}: keeping the current TLS certificates: {why}");
-                    return Err(why);
-                }
-            }
-        }
-        let restart = needs_restart(&self.running, &fresh);
-        if !restart.is_empty() {
-            tracing::warn!(
-                "{via}: changed settings that take effect at the next restart only: {}",
-                restart.join(", ")
-            );
-        }
-        Ok(serde_json::json!({"applied": applied, "restart_needed": restart}))
-    }
-}
-
-/// The settings that differ between two configurations and are not applied by a reload.
-fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
-    let differ =
-        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
-    let mut out = Vec::new();
-    let checks: [(&'static str, bool); 11] = [
-        ("listen", differ(&old.listen, &new.listen)),
-        ("upstream", differ(&old.upstream, &new.upstream)),
-        ("limits", differ(&old.limits, &new.limits)),
-        ("engine", differ(&old.engine, &new.engine)),
-        ("admin", differ(&old.admin, &new.admin)),
-        ("rtmpe", old.rtmpe != new.rtmpe),
-        (
-            "accept_proxy_protocol",
-            old.accept_proxy_protocol != new.accept_proxy_protocol,
-        ),
-        ("drain_secs", old.drain != new.drain),
-        ("log_level", old.log_level != new.log_level),
-        ("log_format", differ(&old.log_format, &new.log_format)),
-        ("log.access", old.access_log != new.access_log),
-    ];
-    for (name, changed) in checks {
-        if changed {
-            out.push(name);
-        }
-    }
-    out
-}
-
 /// SIGHUP runs the reload (off the executor threads: it reads files).
 #[cfg(unix)]
 fn reload_on_sighup(reloader: Arc<Reloader>) -> anyhow::Result<()> {
@@ -398,14 +294,7 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         Some((config, resolver)) => (Some(config), Some(resolver)),
         None => (None, None),
     };
-    let reloader = Arc::new(Reloader {
-        cli,
-        running: config.clone(),
-        resolver,
-    });
-    #[cfg(unix)]
-    reload_on_sighup(reloader.clone())?;
-    let (handler, engine): (StreamHandler, _) = match &config.upstream {
+    let (inner, engine): (StreamHandler, _) = match &config.upstream {
         Some(settings) => {
             let upstream = Arc::new(Upstream::new(settings, &config.limits)?);
             tracing::info!("forwarding every client to {}", upstream.url());
@@ -417,20 +306,20 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
             (engine.handler(), Some(engine))
         }
     };
+    // A reload swaps what new sessions are handed to (engine settings, upstream).
+    let current = Arc::new(Live::new(inner));
     let sessions = Sessions::new();
-    let handler = sessions::accounted(handler, sessions.clone());
+    let handler = sessions::accounted(live::switchable(current.clone()), sessions.clone());
     if let Some(path) = &config.access_log {
         rtmpgate::access::open(path)?;
         tracing::info!("access log: {}", path.display());
     }
     let admin = admin::State::new(
         sessions.clone(),
-        engine,
+        engine.clone(),
         config.upstream.clone(),
         config.admin.token.clone(),
     );
-    let r = reloader.clone();
-    admin.set_reloader(Box::new(move |via: &str| r.reload(via)));
     admin::start(&config.admin, admin.clone())?;
     let door = Door::bind(
         &config.listen,
@@ -447,21 +336,36 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     let tunnel = door.tunnel();
     admin.set_bound(tunnel.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let accept_loops = door.start(stop_rx);
+    let listening = door.start_live(stop_rx);
+    let reloader = Reloader::new(
+        cli,
+        config.clone(),
+        tokio::runtime::Handle::current(),
+        Parts {
+            handler: current,
+            engine,
+            resolver,
+            listening: listening.clone(),
+            admin: admin.clone(),
+        },
+    );
+    let r = reloader.clone();
+    admin.set_reloader(Box::new(move |via: &str| r.reload(via)));
+    #[cfg(unix)]
+    reload_on_sighup(reloader.clone())?;
 
     let signal = wait_for_signal().await?;
+    let drain = reloader.drain();
     admin.set_draining();
     tracing::info!(
         "{signal}: no longer accepting; letting {} open session(s) finish for up to {} s",
         sessions.active(),
-        config.drain.as_secs()
+        drain.as_secs()
     );
     let _ = stop_tx.send(true);
-    for task in accept_loops {
-        let _ = task.await;
-    }
+    listening.stopped().await;
     let left = tokio::select! {
-        left = sessions.wait_idle(config.drain) => left,
+        left = sessions.wait_idle(drain) => left,
         second = wait_for_signal() => {
             tracing::info!("{}: closing now", second.unwrap_or("second signal"));
             sessions.active()

@@ -147,6 +147,33 @@ impl PerTransport {
     }
 }
 
+impl Default for PerTransport {
+    fn default() -> Self {
+        PerTransport::new()
+    }
+}
+
+/// Per-listener counters (the same fields as per transport), one entry per listener label
+/// ever configured: a handful, chosen by the operator, never by a peer.
+static LISTENERS: std::sync::Mutex<Vec<(std::sync::Arc<str>, std::sync::Arc<PerTransport>)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// The counters of the listener labelled `name` (created on first use).
+pub fn listener(name: &std::sync::Arc<str>) -> std::sync::Arc<PerTransport> {
+    let mut all = LISTENERS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, c)) = all.iter().find(|(n, _)| n == name) {
+        return c.clone();
+    }
+    let c = std::sync::Arc::new(PerTransport::new());
+    all.push((name.clone(), c.clone()));
+    c
+}
+
+/// Every listener's counters, in the order they were first used.
+pub fn listeners() -> Vec<(std::sync::Arc<str>, std::sync::Arc<PerTransport>)> {
+    LISTENERS.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
 /// Upper bounds (seconds) of the upstream connect latency histogram: loopback to a slow WAN.
 pub const CONNECT_BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,

@@ -921,25 +921,31 @@ fn reload_through_the_api_applies_certificates_and_refuses_a_bad_file() {
     assert_eq!(code, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["applied"], serde_json::json!(["tls certificates"]), "{v}");
+    assert_eq!(v["listeners"]["added"], serde_json::json!([]), "{v}");
     assert_eq!(v["restart_needed"], serde_json::json!([]), "{v}");
     assert!(gw.wait_log("reloaded TLS certificates", Duration::from_secs(5)));
 
     // A file that does not parse is refused whole, with the reason.
     std::fs::write(&config, "listen = [\n").unwrap();
     let (code, body) = reload();
-    assert_eq!(code, 400, "{body}");
+    assert_eq!(code, 422, "{body}");
     assert!(body.contains("rtmpgate.toml"), "{body}");
     assert!(gw.wait_log("keeping the current configuration", Duration::from_secs(5)));
 
-    // A changed limit is valid but needs a restart: said so.
+    // A changed limit is applied; a changed log level needs a restart: said so.
     std::fs::write(
         &config,
-        format!("{text}[limits]\nmax_connections_per_ip = 7\n"),
+        format!("log_level = \"debug\"\n{text}[limits]\nmax_connections_per_ip = 7\n"),
     )
     .unwrap();
     let (code, body) = reload();
     assert_eq!(code, 200, "{body}");
-    assert!(body.contains("\"restart_needed\":[\"limits\"]"), "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        v["applied"].as_array().unwrap().contains(&"limits".into()),
+        "{v}"
+    );
+    assert_eq!(v["restart_needed"], serde_json::json!(["log_level"]), "{v}");
 
     // Still serving TLS after all that.
     let mut cmd = Command::new(&peers().openssl);

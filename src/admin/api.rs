@@ -313,7 +313,7 @@ pub fn summary(state: &State) -> Value {
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_secs": round1(state.uptime().as_secs_f64()),
         "mode": if state.engine.is_some() { "engine" } else { "upstream" },
-        "upstream": state.upstream.as_ref().map(|u| u.url.to_string()),
+        "upstream": state.upstream().map(|u| u.url.to_string()),
         "ready": state.readiness().is_ok(),
         "draining": state.draining(),
         "sessions_open": state.sessions.active(),

@@ -36,6 +36,7 @@ use crate::door::rtmpt::Tunnel;
 use crate::door::sessions::Sessions;
 use crate::door::tls::{self, SniResolver};
 use crate::engine::Engine;
+use crate::live::Live;
 use crate::upstream::UpstreamSettings;
 
 /// How often the status page's bandwidth history is sampled, and how many samples are kept
@@ -54,10 +55,12 @@ pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct State {
     pub sessions: Arc<Sessions>,
     pub engine: Option<Arc<Engine>>,
-    pub upstream: Option<UpstreamSettings>,
+    /// Reloadable (the probe and `/readyz` follow the upstream new sessions use).
+    upstream: Live<Option<UpstreamSettings>>,
     tunnel: OnceLock<Arc<Tunnel>>,
     draining: AtomicBool,
-    token: Option<String>,
+    /// Reloadable.
+    token: Live<Option<String>>,
     started: Instant,
     reloader: OnceLock<Reload>,
     /// Total bytes in and out every [`HISTORY_EVERY`] over the last [`HISTORY_LEN`] samples
@@ -77,15 +80,29 @@ impl State {
         Arc::new(State {
             sessions,
             engine,
-            upstream,
+            upstream: Live::new(upstream),
             tunnel: OnceLock::new(),
             reloader: OnceLock::new(),
             history: Mutex::new(std::collections::VecDeque::with_capacity(HISTORY_LEN)),
             draining: AtomicBool::new(false),
-            token,
+            token: Live::new(token),
             started: Instant::now(),
             rates: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The upstream new sessions are relayed to (None: the built-in engine).
+    pub fn upstream(&self) -> Option<UpstreamSettings> {
+        (*self.upstream.get()).clone()
+    }
+
+    /// A reload changed the upstream or the admin token.
+    pub fn set_upstream(&self, upstream: Option<UpstreamSettings>) {
+        self.upstream.set(Arc::new(upstream));
+    }
+
+    pub fn set_token(&self, token: Option<String>) {
+        self.token.set(Arc::new(token));
     }
 
     /// Every client listener is bound (the gateway can take clients from now on).
@@ -142,7 +159,7 @@ impl State {
         if self.tunnel.get().is_none() {
             return Err("client listeners not bound yet");
         }
-        if self.upstream.is_some()
+        if self.upstream.get().is_some()
             && crate::metrics::global().upstream_up.load(Ordering::Relaxed) == 0
         {
             return Err("upstream unreachable at the last connect");
@@ -234,9 +251,7 @@ async fn serve(listener: std::net::TcpListener, tls: Option<TlsAcceptor>, state:
             return;
         }
     };
-    if let Some(up) = state.upstream.clone() {
-        tokio::spawn(probe_upstream(up));
-    }
+    tokio::spawn(probe_upstream(state.clone()));
     let sampled = state.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(HISTORY_EVERY);
@@ -301,7 +316,7 @@ async fn serve(listener: std::net::TcpListener, tls: Option<TlsAcceptor>, state:
 /// While the last upstream connect failed, tries a TCP connect every [`PROBE_EVERY`], so
 /// `/readyz` recovers when the backend is back even if no client comes (a load balancer
 /// that took the gateway out of rotation sends none).
-async fn probe_upstream(up: UpstreamSettings) {
+async fn probe_upstream(state: Arc<State>) {
     let up_flag = &crate::metrics::global().upstream_up;
     let mut tick = tokio::time::interval(PROBE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -310,6 +325,10 @@ async fn probe_upstream(up: UpstreamSettings) {
         if up_flag.load(Ordering::Relaxed) != 0 {
             continue;
         }
+        // Read each time: a reload may have changed it.
+        let Some(up) = state.upstream() else {
+            continue;
+        };
         let target = (up.url.host.as_str(), up.url.port);
         let ok = matches!(
             tokio::time::timeout(up.connect_timeout, tokio::net::TcpStream::connect(target)).await,
@@ -369,7 +388,7 @@ fn route(
     let path = req.uri().path();
     let method = req.method();
     let open = matches!(path, "/" | "/healthz" | "/readyz");
-    if !open && !authorized(&req, state.token.as_deref()) {
+    if !open && !authorized(&req, state.token.get().as_deref()) {
         let mut r = error(
             StatusCode::UNAUTHORIZED,
             "this admin listener needs its token: send `Authorization: Bearer TOKEN` ([admin] token)",
@@ -384,8 +403,9 @@ fn route(
         };
         return match reload(&format!("reload requested through the admin API by {peer}")) {
             Ok(v) => json(StatusCode::OK, &v),
+            // The request was fine; the configuration file it names is not.
             Err(why) => json(
-                StatusCode::BAD_REQUEST,
+                StatusCode::UNPROCESSABLE_ENTITY,
                 &serde_json::json!({"error": why, "kept": "the running configuration"}),
             ),
         };

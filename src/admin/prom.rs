@@ -97,6 +97,67 @@ fn as_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// Sessions and bytes by listener (`SCHEME://ADDR` as logged at bind): the listeners
+/// configured now and any removed by a reload whose counters exist (a handful, chosen by
+/// the operator).
+fn listener_families(e: &mut DescriptorEncoder, st: &State) -> fmt::Result {
+    let listeners = metrics::listeners();
+    let mut open = vec![(0u64, 0u64); listeners.len()];
+    for s in st.sessions.all() {
+        if let Some(i) = listeners.iter().position(|(n, _)| *n == s.listener) {
+            if let Some(slot) = open.get_mut(i) {
+                slot.0 = slot.0.saturating_add(s.bytes_received());
+                slot.1 = slot.1.saturating_add(s.bytes_sent());
+            }
+        }
+    }
+    let bytes: Vec<(u64, u64)> = listeners
+        .iter()
+        .zip(&open)
+        .map(|((_, c), o)| c.totals(o.0, o.1))
+        .collect();
+    let series = |f: &dyn Fn(usize) -> i64| -> Vec<(&str, i64)> {
+        listeners
+            .iter()
+            .enumerate()
+            .map(|(i, (n, _))| (&**n, f(i)))
+            .collect()
+    };
+    let at = |i: usize| listeners.get(i).map(|(_, c)| c.clone());
+    family(
+        e,
+        MetricType::Gauge,
+        "rtmpgate_listener_sessions_open",
+        "Client sessions open, by the listener that accepted them.",
+        "listener",
+        &series(&|i| at(i).map_or(0, |c| c.sessions_open.load(Relaxed))),
+    )?;
+    family(
+        e,
+        MetricType::Counter,
+        "rtmpgate_listener_sessions",
+        "Client sessions opened, by listener.",
+        "listener",
+        &series(&|i| at(i).map_or(0, |c| as_i64(c.sessions_total.load(Relaxed)))),
+    )?;
+    family(
+        e,
+        MetricType::Counter,
+        "rtmpgate_listener_bytes_received",
+        "Bytes received from clients (after TLS, tunnel and RTMPE decoding), by listener.",
+        "listener",
+        &series(&|i| bytes.get(i).map_or(0, |b| as_i64(b.0))),
+    )?;
+    family(
+        e,
+        MetricType::Counter,
+        "rtmpgate_listener_bytes_sent",
+        "Bytes sent to clients (before TLS, tunnel and RTMPE encoding), by listener.",
+        "listener",
+        &series(&|i| bytes.get(i).map_or(0, |b| as_i64(b.1))),
+    )
+}
+
 impl Collector for Gateway {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), fmt::Error> {
         let m = metrics::global();
@@ -160,6 +221,7 @@ impl Collector for Gateway {
             "transport",
             &per_bytes(&|b| b.1),
         )?;
+        listener_families(&mut e, st)?;
         let refused: Vec<(&str, i64)> = Refusal::ALL
             .iter()
             .map(|r| (r.as_str(), as_i64(m.refused_count(*r))))
@@ -235,7 +297,7 @@ impl Collector for Gateway {
             m.rtmpt_not_found.load(Relaxed),
         )?;
 
-        if st.upstream.is_some() {
+        if st.upstream().is_some() {
             counter(
                 &mut e,
                 "rtmpgate_upstream_connect_attempts",

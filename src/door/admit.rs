@@ -23,8 +23,9 @@ pub use crate::throttle::LogThrottle;
 pub struct ConnLimiter {
     total: AtomicUsize,
     per_ip: DashMap<IpAddr, usize>,
-    max_total: usize,
-    max_per_ip: usize,
+    /// Reloadable: a reload changes them for the next admissions.
+    max_total: AtomicUsize,
+    max_per_ip: AtomicUsize,
     v6_prefix: u8,
     /// One refusal line per second at most.
     pub refusals: LogThrottle,
@@ -90,26 +91,35 @@ impl ConnLimiter {
         Arc::new(ConnLimiter {
             total: AtomicUsize::new(0),
             per_ip: DashMap::new(),
-            max_total: limits.max_connections,
-            max_per_ip: limits.max_connections_per_ip,
+            max_total: AtomicUsize::new(limits.max_connections),
+            max_per_ip: AtomicUsize::new(limits.max_connections_per_ip),
             v6_prefix: limits.ipv6_prefix_len.min(128),
             refusals: LogThrottle::default(),
             lines: PeerLines::new(limits.ipv6_prefix_len),
         })
     }
 
+    /// New limits for later admissions (a reload); places already held stay held, so a
+    /// lowered limit refuses new clients until enough have gone.
+    pub fn set_limits(&self, limits: &Limits) {
+        self.max_total
+            .store(limits.max_connections, Ordering::Relaxed);
+        self.max_per_ip
+            .store(limits.max_connections_per_ip, Ordering::Relaxed);
+    }
+
     /// Takes a place in the total count, or None when it is full.
     pub fn admit_total(self: &Arc<Self>) -> Option<TotalGuard> {
         let before = self.total.fetch_add(1, Ordering::AcqRel);
         let guard = TotalGuard(self.clone());
-        (before < self.max_total).then_some(guard)
+        (before < self.max_total.load(Ordering::Relaxed)).then_some(guard)
     }
 
     /// Takes a place in `ip`'s address group, or None when it is full.
     pub fn admit_ip(self: &Arc<Self>, ip: IpAddr) -> Option<IpGuard> {
         let key = group(ip, self.v6_prefix);
         let mut n = self.per_ip.entry(key).or_insert(0);
-        if *n >= self.max_per_ip {
+        if *n >= self.max_per_ip.load(Ordering::Relaxed) {
             return None;
         }
         *n += 1;

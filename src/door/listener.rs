@@ -23,6 +23,7 @@ use crate::door::rtmpe;
 use crate::door::rtmpt::Tunnel;
 use crate::door::sniff::{self, short_hex, Kind};
 use crate::limits::Limits;
+use crate::live::Live;
 use crate::metrics::{self, Refusal};
 use crate::net::addr::Cidr;
 use crate::net::url::{ListenScheme, ListenUrl};
@@ -83,10 +84,10 @@ fn bind_hint(e: &io::Error, addr: SocketAddr, scheme: ListenScheme) -> String {
 
 /// What every connection task shares.
 struct Ctx {
-    opts: DoorOptions,
+    /// Read once when a connection is accepted (a reload replaces it for later ones).
+    opts: Arc<Live<DoorOptions>>,
     handler: StreamHandler,
     conns: Arc<ConnLimiter>,
-    tls: Option<TlsAcceptor>,
     tunnel: Arc<Tunnel>,
     /// RTMPE handshakes per second per address, shared with the tunnel's RTMPTE sessions.
     rtmpe_rates: Arc<rtmpe::HandshakeRates>,
@@ -94,6 +95,8 @@ struct Ctx {
 
 /// One bound socket and what it was asked to be.
 struct Bound {
+    /// The listener as configured (what a reload compares).
+    url: ListenUrl,
     scheme: ListenScheme,
     listener: TcpListener,
     local: SocketAddr,
@@ -112,55 +115,18 @@ impl Door {
         opts: DoorOptions,
         handler: StreamHandler,
     ) -> Result<Door, BindError> {
-        let mut bound = Vec::with_capacity(urls.len());
-        // An IPv6 wildcard listener is dual-stack by default on Linux, which would collide
-        // with an IPv4 listener on the same port; when the list has both, the IPv6 one takes
-        // IPv6 only (as nginx does).
-        let v4_ports: Vec<u16> = urls
-            .iter()
-            .filter(|u| u.host.parse::<std::net::Ipv4Addr>().is_ok())
-            .map(|u| u.port)
-            .filter(|p| *p != 0)
-            .collect();
-        for url in urls {
-            if url.scheme.is_tls() && opts.tls.is_none() {
-                return Err(BindError::NoTls {
-                    url: url.to_string(),
-                });
-            }
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((url.host.as_str(), url.port))
-                .await
-                .map_err(|source| BindError::Resolve {
-                    url: url.to_string(),
-                    source,
-                })?
-                .collect();
-            for addr in addrs {
-                let v6_only = addr.is_ipv6() && v4_ports.contains(&addr.port());
-                let listener = bind_tcp(addr, v6_only).map_err(|source| BindError::Bind {
-                    url: url.to_string(),
-                    hint: bind_hint(&source, addr, url.scheme),
-                    source,
-                })?;
-                let local = listener.local_addr().unwrap_or(addr);
-                bound.push(Bound {
-                    scheme: url.scheme,
-                    listener,
-                    local,
-                });
-            }
-        }
+        let bound = bind_all(urls, urls, opts.tls.is_some()).await?;
         // Shared with the tunnel: its sessions count against the same limits.
         let conns = ConnLimiter::new(&opts.limits);
         let rtmpe_rates = Arc::new(rtmpe::HandshakeRates::new(&opts.limits));
-        let tls = opts.tls.clone().map(TlsAcceptor::from);
+        let tunnel_limits = opts.limits.clone();
+        let opts = Arc::new(Live::new(opts));
         // One tunnel for every listener, so a session may move between connections.
         let tunnel = Tunnel::with_limiter(
-            opts.limits.clone(),
+            tunnel_limits,
             tunnel_sessions(
                 handler.clone(),
-                opts.limits.clone(),
-                opts.rtmpe,
+                opts.clone(),
                 rtmpe_rates.clone(),
                 conns.clone(),
             ),
@@ -172,7 +138,6 @@ impl Door {
                 opts,
                 handler,
                 conns,
-                tls,
                 tunnel,
                 rtmpe_rates,
             }),
@@ -201,6 +166,252 @@ impl Door {
             })
             .collect()
     }
+}
+
+/// One accepting socket of the live listener set.
+struct Running {
+    url: ListenUrl,
+    local: SocketAddr,
+    label: Arc<str>,
+    task: JoinHandle<()>,
+}
+
+/// What a reload did to the listeners (labels as logged: `SCHEME://ADDR`).
+#[derive(Debug, Default, serde::Serialize)]
+pub struct ListenerChange {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// Every listener accepting after the change.
+    pub listening: Vec<String>,
+}
+
+/// The listeners accepting now. A reload ([`Listening::apply`]) binds the added ones and
+/// stops the removed ones; connections already accepted on a removed listener carry on
+/// (they are tasks of their own, not the accept loop's).
+pub struct Listening {
+    ctx: Arc<Ctx>,
+    shutdown: watch::Receiver<bool>,
+    running: std::sync::Mutex<Vec<Running>>,
+}
+
+impl Door {
+    /// Starts accepting, as [`Door::start`], in a set a reload can change.
+    pub fn start_live(self, shutdown: watch::Receiver<bool>) -> Arc<Listening> {
+        let live = Arc::new(Listening {
+            ctx: self.ctx,
+            shutdown,
+            running: std::sync::Mutex::new(Vec::new()),
+        });
+        let started: Vec<Running> = self.bound.into_iter().map(|b| live.spawn(b)).collect();
+        live.lock().extend(started);
+        live.publish_names();
+        live
+    }
+}
+
+impl Listening {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Running>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn spawn(&self, b: Bound) -> Running {
+        let label: Arc<str> = format!("{}://{}", b.scheme.as_str(), b.local).into();
+        tracing::info!("listening on {label}");
+        Running {
+            url: b.url.clone(),
+            local: b.local,
+            label: label.clone(),
+            task: tokio::spawn(accept_loop(
+                self.ctx.clone(),
+                b,
+                label,
+                self.shutdown.clone(),
+            )),
+        }
+    }
+
+    /// Tells the session accounting which listener owns which local address (the
+    /// `listener` label of the metrics).
+    fn publish_names(&self) {
+        let names = self
+            .lock()
+            .iter()
+            .map(|r| {
+                // Every configured listener shows in /metrics from the start, at 0.
+                crate::metrics::listener(&r.label);
+                (r.local, r.label.clone())
+            })
+            .collect();
+        crate::door::sessions::set_listener_names(names);
+    }
+
+    /// The listeners accepting now.
+    pub fn labels(&self) -> Vec<String> {
+        self.lock().iter().map(|r| r.label.to_string()).collect()
+    }
+
+    /// The options new connections get (limits, TLS, RTMPE, PROXY protocol).
+    pub fn options(&self) -> Arc<DoorOptions> {
+        self.ctx.opts.get()
+    }
+
+    /// Makes `urls` the listener set and `opts` the options of new connections. Listeners
+    /// in both the old and the new list keep their sockets; new ones are bound first, and if
+    /// any fails to bind nothing changes (the error says which and why). A listener whose
+    /// address a removed one holds (a scheme changed on the same port) is bound after the
+    /// removed one closed; if that fails, the removed one is bound again and the error
+    /// returned.
+    pub async fn apply(
+        &self,
+        urls: &[ListenUrl],
+        opts: DoorOptions,
+    ) -> Result<ListenerChange, BindError> {
+        let (current, removed_locals): (Vec<ListenUrl>, Vec<SocketAddr>) = {
+            let running = self.lock();
+            (
+                running.iter().map(|r| r.url.clone()).collect(),
+                running
+                    .iter()
+                    .filter(|r| !urls.contains(&r.url))
+                    .map(|r| r.local)
+                    .collect(),
+            )
+        };
+        let mut added: Vec<&ListenUrl> = Vec::new();
+        for url in urls {
+            if !current.contains(url) && !added.contains(&url) {
+                added.push(url);
+            }
+        }
+        let have_tls = opts.tls.is_some();
+        let mut bound = Vec::new();
+        let mut after_removal = Vec::new();
+        for url in &added {
+            match bind_all(std::slice::from_ref(*url), urls, have_tls).await {
+                Ok(b) => bound.extend(b),
+                Err(BindError::Bind { source, .. })
+                    if source.kind() == io::ErrorKind::AddrInUse
+                        && removed_locals.iter().any(|l| l.port() == url.port) =>
+                {
+                    after_removal.push(*url)
+                }
+                // `bound` is dropped: the sockets bound so far close again.
+                Err(e) => return Err(e),
+            }
+        }
+        let removed: Vec<Running> = {
+            let mut running = self.lock();
+            let (keep, gone) = std::mem::take(&mut *running)
+                .into_iter()
+                .partition(|r| urls.contains(&r.url));
+            *running = keep;
+            gone
+        };
+        let mut change = ListenerChange::default();
+        for r in &removed {
+            r.task.abort();
+        }
+        let mut removed_urls = Vec::new();
+        for r in removed {
+            let _ = r.task.await;
+            tracing::info!(
+                "stopped accepting on {}: removed from the configuration (its open sessions carry on)",
+                r.label
+            );
+            change.removed.push(r.label.to_string());
+            if !removed_urls.contains(&r.url) {
+                removed_urls.push(r.url);
+            }
+        }
+        for url in after_removal {
+            match bind_all(std::slice::from_ref(url), urls, have_tls).await {
+                Ok(b) => bound.extend(b),
+                Err(e) => {
+                    self.restore(&removed_urls, urls).await;
+                    return Err(e);
+                }
+            }
+        }
+        self.ctx.conns.set_limits(&opts.limits);
+        self.ctx.opts.set(Arc::new(opts));
+        let started: Vec<Running> = bound.into_iter().map(|b| self.spawn(b)).collect();
+        change.added = started.iter().map(|r| r.label.to_string()).collect();
+        self.lock().extend(started);
+        self.publish_names();
+        change.listening = self.labels();
+        Ok(change)
+    }
+
+    /// After a failed change: binds the removed listeners again (best effort, logged).
+    async fn restore(&self, removed: &[ListenUrl], all: &[ListenUrl]) {
+        let opts = self.ctx.opts.get();
+        for url in removed {
+            match bind_all(std::slice::from_ref(url), all, opts.tls.is_some()).await {
+                Ok(b) => {
+                    let started: Vec<Running> = b.into_iter().map(|b| self.spawn(b)).collect();
+                    self.lock().extend(started);
+                }
+                Err(e) => tracing::error!("could not restore the listener {url}: {e}"),
+            }
+        }
+        self.publish_names();
+    }
+
+    /// Waits until every accept loop has ended (after the shutdown signal).
+    pub async fn stopped(&self) {
+        let tasks: Vec<Running> = std::mem::take(&mut *self.lock());
+        for r in tasks {
+            let _ = r.task.await;
+        }
+    }
+}
+
+/// Binds each of `urls` (a host name binds each address it resolves to). `all` is the whole
+/// listener list they belong to: an IPv6 wildcard listener is dual-stack by default on
+/// Linux, which would collide with an IPv4 listener on the same port, so when the list has
+/// both, the IPv6 one takes IPv6 only (as nginx does).
+async fn bind_all(
+    urls: &[ListenUrl],
+    all: &[ListenUrl],
+    have_tls: bool,
+) -> Result<Vec<Bound>, BindError> {
+    let mut bound = Vec::with_capacity(urls.len());
+    let v4_ports: Vec<u16> = all
+        .iter()
+        .filter(|u| u.host.parse::<std::net::Ipv4Addr>().is_ok())
+        .map(|u| u.port)
+        .filter(|p| *p != 0)
+        .collect();
+    for url in urls {
+        if url.scheme.is_tls() && !have_tls {
+            return Err(BindError::NoTls {
+                url: url.to_string(),
+            });
+        }
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((url.host.as_str(), url.port))
+            .await
+            .map_err(|source| BindError::Resolve {
+                url: url.to_string(),
+                source,
+            })?
+            .collect();
+        for addr in addrs {
+            let v6_only = addr.is_ipv6() && v4_ports.contains(&addr.port());
+            let listener = bind_tcp(addr, v6_only).map_err(|source| BindError::Bind {
+                url: url.to_string(),
+                hint: bind_hint(&source, addr, url.scheme),
+                source,
+            })?;
+            let local = listener.local_addr().unwrap_or(addr);
+            bound.push(Bound {
+                url: url.clone(),
+                scheme: url.scheme,
+                listener,
+                local,
+            });
+        }
+    }
+    Ok(bound)
 }
 
 /// Shortest and longest pause after a failed `accept` (out of file descriptors, most often).
@@ -273,21 +484,22 @@ async fn handle(
     label: Arc<str>,
 ) {
     let _open = metrics::global().connection();
+    let opts = ctx.opts.get();
     let Some(_total) = ctx.conns.admit_total() else {
         metrics::refused(Refusal::MaxConnections);
         if let Some(also) = ctx.conns.refusals.should_log("refused") {
             tracing::warn!(
                 "refusing {peer} on {label}: {} connections open (limits.max_connections){also}",
-                ctx.opts.limits.max_connections
+                opts.limits.max_connections
             );
         }
         return;
     };
     tune_socket(&tcp);
-    let first = ctx.opts.limits.first_bytes_timeout();
+    let first = opts.limits.first_bytes_timeout();
 
-    let (peer, head) = if ctx.opts.accept_proxy_protocol {
-        let trusted = &ctx.opts.trusted_proxies;
+    let (peer, head) = if opts.accept_proxy_protocol {
+        let trusted = &opts.trusted_proxies;
         if !trusted.is_empty() && !trusted.iter().any(|c| c.contains(peer.ip())) {
             // Only a load balancer may say who the client is; anyone else could claim any
             // address (and with it another address's limits).
@@ -330,7 +542,7 @@ async fn handle(
             tracing::warn!(
                 "refusing {peer} on {label}: {} connections from this address already open \
                  (limits.max_connections_per_ip){also}",
-                ctx.opts.limits.max_connections_per_ip
+                opts.limits.max_connections_per_ip
             );
         }
         return;
@@ -389,9 +601,10 @@ async fn serve_tls(
     first: Duration,
     label: &str,
 ) {
-    let Some(acceptor) = ctx.tls.clone() else {
+    let Some(config) = ctx.opts.get().tls.clone() else {
         return;
     };
+    let acceptor = TlsAcceptor::from(config);
     let mut tls = match tokio::time::timeout(first, acceptor.accept(Prefixed::new(head, tcp))).await
     {
         Ok(Ok(tls)) => {
@@ -543,7 +756,7 @@ async fn dispatch<I: ByteStream + 'static>(
                 )
             });
         }
-        Kind::Rtmpe if !ctx.opts.rtmpe => {
+        Kind::Rtmpe if !ctx.opts.get().rtmpe => {
             metrics::refused(Refusal::RtmpeDisabled);
             ctx.conns.lines.info(peer.ip(), "rtmpe off", || {
                 format!(
@@ -570,14 +783,15 @@ async fn dispatch<I: ByteStream + 'static>(
 /// (C0, in the first /send) says plain RTMP or RTMPTE, exactly as on a raw socket.
 fn tunnel_sessions(
     handler: StreamHandler,
-    limits: Arc<Limits>,
-    rtmpe_allowed: bool,
+    opts: Arc<Live<DoorOptions>>,
     rtmpe_rates: Arc<rtmpe::HandshakeRates>,
     conns: Arc<ConnLimiter>,
 ) -> StreamHandler {
     Arc::new(move |mut stream: ClientStream| {
         let handler = handler.clone();
-        let limits = limits.clone();
+        let opts = opts.get();
+        let limits = opts.limits.clone();
+        let rtmpe_allowed = opts.rtmpe;
         let rates = rtmpe_rates.clone();
         let conns = conns.clone();
         Box::pin(async move {
@@ -626,7 +840,8 @@ async fn serve_rtmpe<I: ByteStream + 'static>(
     label: &str,
 ) {
     let stream = ClientStream::new(Box::new(io), Transport::Rtmpe, peer, local);
-    match rtmpe::accept_rated(stream, &ctx.opts.limits, &ctx.rtmpe_rates).await {
+    let limits = ctx.opts.get().limits.clone();
+    match rtmpe::accept_rated(stream, &limits, &ctx.rtmpe_rates).await {
         Ok(stream) => {
             metrics::global().rtmpe_handshake(true);
             (ctx.handler)(stream).await

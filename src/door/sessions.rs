@@ -70,6 +70,8 @@ pub struct Live {
     pub transport: Transport,
     pub peer: SocketAddr,
     pub local: SocketAddr,
+    /// The listener that accepted it (`SCHEME://ADDR`, as logged), or "other".
+    pub listener: Arc<str>,
     pub started: Instant,
     pub started_at: SystemTime,
     counters: Arc<Counters>,
@@ -211,6 +213,7 @@ struct Counters {
     from_client: AtomicU64,
     to_client: AtomicU64,
     transport: &'static PerTransport,
+    listener: Arc<PerTransport>,
 }
 
 impl Counters {
@@ -337,15 +340,43 @@ impl Drop for OpenSession {
         // Out of the table first, then into the closed totals: a scrape in between sees the
         // total dip, which `PerTransport::totals` never reports.
         self.sessions.table.remove(&live.id);
-        let t = live.counters.transport;
-        t.closed_received
-            .fetch_add(live.bytes_received(), Ordering::Relaxed);
-        t.closed_sent
-            .fetch_add(live.bytes_sent(), Ordering::Relaxed);
-        t.sessions_open.fetch_sub(1, Ordering::Relaxed);
+        for t in [live.counters.transport, &*live.counters.listener] {
+            t.closed_received
+                .fetch_add(live.bytes_received(), Ordering::Relaxed);
+            t.closed_sent
+                .fetch_add(live.bytes_sent(), Ordering::Relaxed);
+            t.sessions_open.fetch_sub(1, Ordering::Relaxed);
+        }
         if self.sessions.active.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.sessions.idle.notify_waiters();
         }
+    }
+}
+
+/// The listeners' local addresses and labels, set by the door when its listener set
+/// changes (read once per session open).
+static LISTENER_NAMES: std::sync::RwLock<Vec<(SocketAddr, Arc<str>)>> =
+    std::sync::RwLock::new(Vec::new());
+
+/// Replaces the table [`listener_name`] reads.
+pub fn set_listener_names(names: Vec<(SocketAddr, Arc<str>)>) {
+    *LISTENER_NAMES.write().unwrap_or_else(|e| e.into_inner()) = names;
+}
+
+/// The label of the listener that accepted a connection on `local`: the one bound to that
+/// exact address, else a wildcard one (0.0.0.0, [::]) on its port; "other" when none is
+/// known (a listener removed since, or a door started without a live set).
+pub fn listener_name(local: SocketAddr) -> Arc<str> {
+    let names = LISTENER_NAMES.read().unwrap_or_else(|e| e.into_inner());
+    let exact = names.iter().find(|(a, _)| *a == local);
+    let wildcard = || {
+        names
+            .iter()
+            .find(|(a, _)| a.port() == local.port() && a.ip().is_unspecified())
+    };
+    match exact.or_else(wildcard) {
+        Some((_, name)) => name.clone(),
+        None => Arc::from("other"),
     }
 }
 
@@ -354,10 +385,13 @@ pub fn accounted(inner: StreamHandler, sessions: Arc<Sessions>) -> StreamHandler
     Arc::new(move |stream: ClientStream| {
         let label = stream.label();
         let per_transport = metrics::global().transport(stream.transport);
+        let listener = listener_name(stream.local);
+        let per_listener = metrics::listener(&listener);
         let counters = Arc::new(Counters {
             from_client: AtomicU64::new(0),
             to_client: AtomicU64::new(0),
             transport: per_transport,
+            listener: per_listener.clone(),
         });
         let id = sessions.opened.fetch_add(1, Ordering::Relaxed) + 1;
         let (kick_handle, kick) = AbortHandle::new_pair();
@@ -366,6 +400,7 @@ pub fn accounted(inner: StreamHandler, sessions: Arc<Sessions>) -> StreamHandler
             transport: stream.transport,
             peer: stream.peer,
             local: stream.local,
+            listener,
             started: Instant::now(),
             started_at: SystemTime::now(),
             counters: counters.clone(),
@@ -375,8 +410,10 @@ pub fn accounted(inner: StreamHandler, sessions: Arc<Sessions>) -> StreamHandler
         let stream = stream.map_io(move |io| Box::new(Counted { io, counters }));
         sessions.active.fetch_add(1, Ordering::AcqRel);
         sessions.table.insert(id, live.clone());
-        per_transport.sessions_open.fetch_add(1, Ordering::Relaxed);
-        per_transport.sessions_total.fetch_add(1, Ordering::Relaxed);
+        for t in [per_transport, &*per_listener] {
+            t.sessions_open.fetch_add(1, Ordering::Relaxed);
+            t.sessions_total.fetch_add(1, Ordering::Relaxed);
+        }
         tracing::info!("session opened: {label} (id {id})");
         let mut guard = OpenSession {
             label,

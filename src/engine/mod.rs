@@ -83,7 +83,8 @@ pub struct Engine {
     limits: Limits,
     cfg: EngineConfig,
     hub: Arc<hub::Hub>,
-    next_session: AtomicU64,
+    /// Shared by every generation (see [`Engine::reconfigured`]): ids stay unique.
+    next_session: Arc<AtomicU64>,
 }
 
 impl Engine {
@@ -95,7 +96,27 @@ impl Engine {
             limits,
             cfg,
             hub,
-            next_session: AtomicU64::new(1),
+            next_session: Arc::new(AtomicU64::new(1)),
+        })
+    }
+
+    /// The engine with new limits and settings for the sessions that start from now on
+    /// (a configuration reload), meeting the running ones in the same hub. The hub's own
+    /// settings (chunk size, queue, GOP cache, lag) stay those it was created with: its
+    /// streams' rings and caches are built with them.
+    pub fn reconfigured(&self, limits: Limits, mut cfg: EngineConfig) -> Arc<Engine> {
+        let hub = self.hub.config();
+        cfg.chunk_size = hub.chunk_size;
+        cfg.queue_messages = hub.queue_messages;
+        cfg.gop_cache = hub.gop_cache;
+        cfg.gop_max_bytes = hub.gop_max_bytes;
+        cfg.gop_max_messages = hub.gop_max_messages;
+        cfg.max_lag_bytes = hub.max_lag_bytes;
+        Arc::new(Engine {
+            limits,
+            cfg,
+            hub: self.hub.clone(),
+            next_session: self.next_session.clone(),
         })
     }
 
