@@ -16,6 +16,7 @@
 //! | [`net`] | below door and upstream: listener/upstream URLs, address ranges and per-address groups |
 //! | [`stream`] | [`stream::ClientStream`]: the one byte stream every transport becomes, and [`stream::Transport`] |
 //! | [`door`] | listeners, first-byte sniffing, TLS, PROXY protocol, the RTMPT tunnel (hyper), the RTMPE layer, session accounting |
+//! | [`auth`] | authorization of connect, publish and play (addresses, keys, HMAC tokens, nginx-rtmp compatible HTTP callbacks), shared by the engine and the relay |
 //! | [`engine`] | the built-in live server: one session task per client over the codec, and the hub (publish, play, GOP cache, fan-out ring) |
 //! | [`upstream`] | the relay: one connection to the backend per client and a byte pump |
 //! | [`client`] | a small RTMP client (rtmp, rtmps, rtmpt, rtmpts) for the load generator and tests |
@@ -50,6 +51,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod auth;
 pub mod budget;
 pub mod client;
 pub mod config;

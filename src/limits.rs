@@ -98,6 +98,13 @@ pub struct Limits {
     /// its connections; past it that address's new allocations are refused while others'
     /// carry on. 0: a quarter of the process's budget.
     pub max_memory_per_ip: u64,
+
+    /// Authorization callbacks (`[auth] on_connect`, `on_publish`, ...) waiting for an
+    /// answer at once; a request that finds none free within the callback timeout is denied.
+    pub max_auth_callbacks: usize,
+    /// Positive callback answers cached (`[auth] callback_cache_secs`); when full of fresh
+    /// ones, new answers are not cached.
+    pub max_auth_cache_entries: usize,
 }
 
 impl Default for Limits {
@@ -135,6 +142,8 @@ impl Default for Limits {
             tunnel_order_wait_ms: 5_000,
             max_memory: 0,
             max_memory_per_ip: 0,
+            max_auth_callbacks: 64,
+            max_auth_cache_entries: 4096,
         }
     }
 }

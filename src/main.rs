@@ -20,6 +20,10 @@ use rtmpgate::stream::StreamHandler;
 use rtmpgate::upstream::Upstream;
 
 fn main() -> ExitCode {
+    // `rtmpgate token ...` mints a signed stream token (see README, Authorization).
+    if std::env::args().nth(1).as_deref() == Some("token") {
+        return ExitCode::from(rtmpgate::auth::token::cli::main(std::env::args().skip(1)));
+    }
     let cli = Cli::parse();
     let config = match Config::load(&cli) {
         Ok(c) => c,

@@ -234,6 +234,7 @@ impl Collector for Gateway {
             "reason",
             &refused,
         )?;
+        crate::auth::metrics::encode(&mut e)?;
         counter(
             &mut e,
             "rtmpgate_sessions_kicked",

@@ -28,6 +28,7 @@ Examples:
            --tls-key /etc/letsencrypt/live/example.com/privkey.pem \\
            --upstream rtmp://127.0.0.1:1936
   rtmpgate --config /etc/rtmpgate.toml --check-config
+  rtmpgate token --app live --stream cam1 --ttl 3600 --config /etc/rtmpgate.toml
 
 With no arguments: the built-in engine on rtmp://0.0.0.0:1935, rtmpt://0.0.0.0:8080 and
 rtmps://0.0.0.0:8443 (also RTMPTS) with the dev certificate for localhost from certs/.";

@@ -35,6 +35,8 @@ pub struct FileConfig {
     pub admin: FileAdmin,
     #[serde(default)]
     pub log: FileLog,
+    #[serde(default)]
+    pub auth: crate::auth::FileAuth,
 }
 
 /// `[log]`: the access log.

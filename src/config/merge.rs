@@ -39,8 +39,16 @@ impl Config {
         if upstream.is_some() && file.engine.is_set() {
             warnings.push("the [engine] table is ignored: clients go to the upstream".to_string());
         }
-        let engine = file.engine.apply(EngineConfig::default())?;
+        let mut engine = file.engine.apply(EngineConfig::default())?;
         let limits = limits(file.limits.unwrap_or_default())?;
+        let auth = crate::auth::from_file(&file.auth, &limits)?;
+        if auth.is_some() && upstream.is_some() {
+            warnings.push(
+                "[auth] is enforced by the built-in engine; relayed (--upstream) clients are not checked by it yet"
+                    .to_string(),
+            );
+        }
+        engine.auth = auth.clone();
         let accept_proxy_protocol =
             cli.accept_proxy_protocol || file.accept_proxy_protocol.unwrap_or(false);
         let trusted_proxies = trusted_proxies(cli, file.trusted_proxies)?;
@@ -61,6 +69,7 @@ impl Config {
             warnings,
             admin,
             access_log: cli.access_log.clone().or(file.log.access.map(&rel)),
+            auth,
         })
     }
 }

@@ -54,6 +54,8 @@ pub enum ConfigError {
     Cidr(#[from] CidrError),
     #[error(transparent)]
     Admin(#[from] AdminSettingsError),
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthConfigError),
 }
 
 pub(crate) fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -102,6 +104,8 @@ pub struct Config {
     pub admin: AdminSettings,
     /// The access log file, if any.
     pub access_log: Option<PathBuf>,
+    /// `[auth]`: who may connect, publish and play (None: everyone).
+    pub auth: Option<std::sync::Arc<crate::auth::Auth>>,
 }
 
 impl Config {

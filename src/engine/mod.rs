@@ -44,6 +44,8 @@ pub struct EngineConfig {
     pub write_batch: Duration,
     /// Message streams (createStream) one connection may open.
     pub max_streams_per_connection: u32,
+    /// `[auth]`: checked at each connect, publish and play (None: everyone is allowed).
+    pub auth: Option<Arc<crate::auth::Auth>>,
 }
 
 impl Default for EngineConfig {
@@ -61,6 +63,7 @@ impl Default for EngineConfig {
             write_timeout: Duration::from_secs(20),
             write_batch: Duration::ZERO,
             max_streams_per_connection: 16,
+            auth: None,
         }
     }
 }

@@ -24,6 +24,7 @@ use tracing::{debug, info, warn};
 
 use super::hub::{leading_amf0_string, Event, Frame, FrameKind, Player, Publisher, StreamKey};
 use super::Engine;
+use crate::auth::{Action, DenyReason};
 use crate::budget::{Charge, OverBudget, PeerBudget};
 use crate::rtmp::amf0::{Amf0Value, AmfLimits};
 use crate::rtmp::chunk::{ChunkDecoder, ChunkEncoder};
@@ -77,6 +78,8 @@ pub enum SessionError {
     ProtocolErrors { count: u32, last: String },
     #[error("closed to keep the process within its memory: {0}")]
     OverBudget(#[from] OverBudget),
+    #[error("{action} denied by [auth] ({reason}): {}", reason.description())]
+    Denied { action: Action, reason: DenyReason },
 }
 
 /// A player's state on one message stream.
@@ -151,7 +154,11 @@ struct Session {
     /// The lines this peer can cause by repeating itself (malformed messages, play,
     /// refused publish), at most one a second.
     warnings: LogThrottle,
+    /// Authorization state ([`authz`]): connect's fields, a decision being waited for.
+    authz: authz::AuthState,
 }
+
+mod authz;
 
 /// Serve one client stream, then log what happened.
 pub(crate) async fn run(engine: Arc<Engine>, mut io: ClientStream, id: u64) {
@@ -163,7 +170,9 @@ pub(crate) async fn run(engine: Arc<Engine>, mut io: ClientStream, id: u64) {
     let budget = PeerBudget::for_peer(io.peer.ip());
     let mut s = Session::new(engine, id, label.clone(), budget);
     s.rtmpe = matches!(io.transport, Transport::Rtmpe | Transport::Rtmpte);
+    s.authz.peer = io.peer.ip();
     let res = s.serve(&mut io).await;
+    s.notify_done(true, true);
     // Players learn at once that their publisher left, before any wait on this socket.
     drop(s.publishing.take());
     let skips = s.playing.take().map_or(0, |p| p.skips);
@@ -249,6 +258,7 @@ impl Session {
             protocol_errors: 0,
             rate: RateLimit::per_second(max_rate, tokio::time::Instant::now().into_std()),
             warnings: LogThrottle::new(),
+            authz: authz::AuthState::default(),
         }
     }
 
@@ -289,6 +299,12 @@ impl Session {
                 self.flush(io).await?;
                 last_flush = Instant::now();
                 last_activity = last_flush;
+            }
+            if self.authz.waiting() {
+                // A callback decides a connect, publish or play: this session waits (at
+                // most the callback timeout), the others carry on.
+                self.await_decision().await?;
+                continue;
             }
             if self.more_input {
                 // The replies are written: decode the rest of what the client sent.
@@ -489,7 +505,7 @@ impl Session {
             if let Some(e) = self.refused.take() {
                 return Err(SessionError::OverBudget(e));
             }
-            if self.reply_bytes >= max_replies {
+            if self.reply_bytes >= max_replies || self.authz.waiting() {
                 // Write the replies before decoding more (and reading more) of this client.
                 self.more_input = !rbuf.is_empty();
                 break;
@@ -609,7 +625,7 @@ impl Session {
             "{}: command {name} txn {txn}", self.label
         );
         match name {
-            "connect" => self.on_connect(txn, arg(0))?,
+            "connect" => self.authorize_connect(txn, arg(0))?,
             "createStream" => {
                 if self.streams_created >= self.engine.config().max_streams_per_connection {
                     self.send(CSID_COMMAND, &cmd::call_failed(txn, name));
@@ -637,8 +653,8 @@ impl Session {
                 self.send(CSID_COMMAND, &m);
             }
             "FCUnsubscribe" => {}
-            "publish" => self.on_publish(stream_id, arg_str(1)),
-            "play" => self.on_play(stream_id, arg_str(1)),
+            "publish" => self.authorize_stream(Action::Publish, stream_id, arg_str(1))?,
+            "play" => self.authorize_stream(Action::Play, stream_id, arg_str(1))?,
             "play2" => {
                 // play2 switches renditions; on a live stream with one rendition, starting
                 // play when not yet playing is all that makes sense.
@@ -648,7 +664,7 @@ impl Session {
                     .unwrap_or_default()
                     .to_owned();
                 if self.playing.is_none() && !name.is_empty() {
-                    self.on_play(stream_id, &name);
+                    self.authorize_stream(Action::Play, stream_id, &name)?;
                 }
             }
             "pause" | "pauseRaw" => {
@@ -908,12 +924,15 @@ impl Session {
     }
 
     fn close_stream(&mut self, stream_id: u32) {
-        if self.publishing.as_ref().map(|p| p.stream_id) == Some(stream_id) {
+        let publish = self.publishing.as_ref().map(|p| p.stream_id) == Some(stream_id);
+        let play = self.playing.as_ref().map(|p| p.stream_id) == Some(stream_id);
+        if publish {
             self.publishing = None;
         }
-        if self.playing.as_ref().map(|p| p.stream_id) == Some(stream_id) {
+        if play {
             self.playing = None;
         }
+        self.notify_done(publish, play);
     }
 
     fn drain_events(&mut self) {
