@@ -48,6 +48,9 @@ pub struct Limits {
     pub max_chunk_streams: usize,
     /// Bytes of partially received messages buffered per connection.
     pub max_partial_bytes: usize,
+    /// Bytes a client of the connect-aware relay (`relay = "connect"`) may send before its
+    /// `connect` is complete; they are held until a backend is chosen.
+    pub max_connect_bytes: usize,
     /// AMF nesting depth (objects, arrays) accepted when decoding.
     pub max_amf_depth: usize,
     /// Entries in one AMF object or array.
@@ -123,6 +126,7 @@ impl Default for Limits {
             max_message_len: 16 * 1024 * 1024,
             max_chunk_streams: 64,
             max_partial_bytes: 32 * 1024 * 1024,
+            max_connect_bytes: 64 * 1024,
             max_amf_depth: 64,
             max_amf_entries: 65_536,
             max_amf_string: 1024 * 1024,

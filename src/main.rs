@@ -301,7 +301,11 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     let (inner, engine): (StreamHandler, _) = match &config.upstream {
         Some(settings) => {
             let upstream = Arc::new(Upstream::new(settings, &config.limits)?);
-            tracing::info!("forwarding every client to {}", upstream.url());
+            tracing::info!(
+                "forwarding every client to {} ({})",
+                upstream.url(),
+                upstream.describe()
+            );
             (upstream.handler(), None)
         }
         None => {

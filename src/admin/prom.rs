@@ -325,6 +325,7 @@ impl Collector for Gateway {
                 "1 if the last upstream connect (or probe) succeeded, 0 if it failed.",
                 as_i64(m.upstream_up.load(Relaxed)),
             )?;
+            crate::upstream::health::encode_metrics(&mut e)?;
         }
 
         if let Some(engine) = &st.engine {

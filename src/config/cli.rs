@@ -63,11 +63,12 @@ pub struct Cli {
     #[arg(long, value_name = "PEM", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
 
-    /// Backend RTMP server each client is forwarded to, byte for byte:
-    /// rtmp://HOST:PORT over TCP or rtmps://HOST:PORT over TLS (verified against the system
-    /// roots and --upstream-ca). Without it the built-in RTMP engine serves the clients.
+    /// Backend RTMP server clients are relayed to: rtmp://HOST:PORT over TCP or
+    /// rtmps://HOST:PORT over TLS (verified against the system roots and --upstream-ca).
+    /// Repeat it for several backends: one group, tried in the order given (failover).
+    /// Without it (and without [[upstreams]]) the built-in RTMP engine serves the clients.
     #[arg(long, value_name = "URL")]
-    pub upstream: Option<String>,
+    pub upstream: Vec<String>,
 
     /// Extra PEM CA certificate(s) trusted when verifying an rtmps:// upstream (a private CA).
     #[arg(long, value_name = "PEM")]

@@ -28,6 +28,9 @@ pub struct FileConfig {
     pub tls: FileTls,
     #[serde(default)]
     pub upstream: FileUpstream,
+    /// `[[upstreams]]`: backend groups and the apps they serve.
+    #[serde(default)]
+    pub upstreams: Vec<crate::upstream::settings::FileGroup>,
     pub limits: Option<Limits>,
     #[serde(default)]
     pub engine: FileEngine,
@@ -166,6 +169,10 @@ pub struct FileUpstream {
     pub ca: Option<PathBuf>,
     pub proxy_protocol: Option<ProxyVersion>,
     pub connect_timeout_secs: Option<u64>,
+    pub relay: Option<crate::upstream::settings::RelayMode>,
+    pub health_interval_secs: Option<u64>,
+    pub health_rise: Option<u32>,
+    pub health_fall: Option<u32>,
 }
 
 /// Parses the TOML text of a config file.

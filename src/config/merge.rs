@@ -28,7 +28,7 @@ impl Config {
 
         let listen = listeners(cli, file.listen.as_deref())?;
         let tls = tls(cli, file.tls, &listen, &rel, dev_cert)?;
-        let upstream = upstream(cli, file.upstream, &rel)?;
+        let upstream = upstream(cli, file.upstream, &file.upstreams, &rel)?;
         let admin = AdminSettings::merge(
             cli.admin.as_deref(),
             cli.admin_token.clone(),
@@ -182,13 +182,34 @@ fn tls(
 fn upstream(
     cli: &Cli,
     file: FileUpstream,
+    groups: &[crate::upstream::settings::FileGroup],
     rel: &impl Fn(PathBuf) -> PathBuf,
 ) -> Result<Option<UpstreamSettings>, ConfigError> {
-    let url = match (&cli.upstream, &file.url) {
-        (Some(u), _) => Some(parse_upstream("--upstream", u)?),
-        (None, Some(u)) => Some(parse_upstream("upstream.url", u)?),
-        (None, None) => None,
+    let urls = match (cli.upstream.is_empty(), &file.url) {
+        (false, _) => cli
+            .upstream
+            .iter()
+            .map(|u| parse_upstream("--upstream", u))
+            .collect::<Result<Vec<_>, _>>()?,
+        (true, Some(u)) => vec![parse_upstream("upstream.url", u)?],
+        (true, None) => Vec::new(),
     };
+    let settings_error = |e: crate::upstream::settings::SettingsError| invalid(e.key, e.message);
+    let (groups, relay) =
+        crate::upstream::settings::groups(&urls, groups, file.relay).map_err(settings_error)?;
+    let health = crate::upstream::settings::health(
+        file.health_interval_secs,
+        file.health_rise,
+        file.health_fall,
+    )
+    .map_err(settings_error)?;
+    // The first backend (of the default group if any), for status lines.
+    let url = groups
+        .iter()
+        .find(|g| g.apps.is_empty())
+        .or(groups.first())
+        .and_then(|g| g.backends.first())
+        .cloned();
     let ca = cli.upstream_ca.clone().or_else(|| file.ca.map(rel));
     let proxy_protocol = cli.upstream_proxy_protocol.or(file.proxy_protocol);
     let connect_secs = cli
@@ -208,6 +229,9 @@ fn upstream(
     match url {
         Some(url) => Ok(Some(UpstreamSettings {
             url,
+            groups,
+            relay,
+            health,
             ca,
             proxy_protocol,
             connect_timeout: Duration::from_secs(connect_secs),

@@ -1,9 +1,21 @@
-//! Backend connector: forwards each client stream to an rtmp:// or rtmps:// server, byte for byte.
+//! Relaying clients to backend RTMP servers (rtmp:// or rtmps://).
 //!
-//! One TCP (or TLS) connection to the backend per client, an optional PROXY protocol header
-//! first, then a two-way copy through one fixed buffer per direction. When one side ends, the
-//! other is flushed and shut down; the remaining direction gets a short grace period to
-//! deliver what is in flight, then both are closed.
+//! [`Upstream`] is the stream handler: it picks a backend group and, in it, the backends to
+//! try in order ([`pool`]), connects (TCP or TLS, an optional PROXY protocol header first),
+//! and relays. Two modes ([`settings::RelayMode`]): `bytes` copies the client's bytes,
+//! handshake included, to the first backend that accepts the TCP connect; `connect`
+//! ([`relay`]) runs the RTMP handshake itself, reads `connect`, routes by app, runs its own
+//! handshake with the backend and then forwards the client's chunk stream unchanged while
+//! watching its commands ([`scan`], [`guard`]). The copy ([`pump`]) uses one buffer per
+//! direction; when one side ends, the other is flushed and shut down; the remaining
+//! direction gets a short grace period to deliver what is in flight, then both are closed.
+
+pub mod guard;
+pub mod health;
+pub mod pool;
+pub mod relay;
+pub mod scan;
+pub mod settings;
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -24,6 +36,9 @@ use crate::door::tls::{self, TlsError};
 use crate::limits::Limits;
 use crate::net::url::{UpstreamScheme, UpstreamUrl};
 use crate::stream::{ClientStream, StreamHandler};
+use guard::RelayGuard;
+use pool::{Backend, Group, Pools};
+use settings::{HealthSettings, RelayMode};
 
 /// Each direction starts with a small buffer (a player's side only ever carries acks) and
 /// doubles it, up to [`PUMP_BUF_MAX`], whenever a read fills it (a media stream), so ten
@@ -37,7 +52,12 @@ const LINGER: Duration = Duration::from_secs(5);
 /// Upstream settings: the backend's URL and how to reach it (`--upstream*`, `[upstream]`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UpstreamSettings {
+    /// The first backend (of the default group if there is one), for status lines.
     pub url: UpstreamUrl,
+    /// Every group (the `--upstream` URLs form the one named `default`).
+    pub groups: Vec<settings::GroupSettings>,
+    pub relay: RelayMode,
+    pub health: HealthSettings,
     /// Extra CA certificates trusted for an rtmps:// backend.
     pub ca: Option<PathBuf>,
     pub proxy_protocol: Option<ProxyVersion>,
@@ -65,25 +85,22 @@ pub enum UpstreamError {
     ServerName(String),
     #[error("sending the PROXY protocol header to upstream {url}: {source}")]
     ProxyHeader { url: UpstreamUrl, source: io::Error },
+    #[error("RTMP handshake with upstream {url} failed: {detail}; is it an RTMP server?")]
+    Handshake { url: UpstreamUrl, detail: String },
     #[error(transparent)]
     TlsConfig(#[from] TlsError),
 }
 
-/// The backend and how to reach it.
-pub struct Upstream {
-    url: UpstreamUrl,
+/// How to reach one backend.
+pub struct Connector {
+    pub url: UpstreamUrl,
     tls: Option<(TlsConnector, ServerName<'static>)>,
     proxy_protocol: Option<ProxyVersion>,
-    connect_timeout: Duration,
-    /// Close a relayed session after this long without a byte either way (None: never).
-    idle_timeout: Option<Duration>,
-    /// Backend unreachable: every client would log a line; at most one a second.
-    connect_failures: crate::throttle::LogThrottle,
 }
 
-impl std::fmt::Debug for Upstream {
+impl std::fmt::Debug for Connector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Upstream")
+        f.debug_struct("Connector")
             .field("url", &self.url)
             .field("tls", &self.tls.is_some())
             .field("proxy_protocol", &self.proxy_protocol)
@@ -92,91 +109,74 @@ impl std::fmt::Debug for Upstream {
 }
 
 /// Either leg of the backend connection.
-enum Leg {
+pub enum Leg {
     Tcp(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
-impl Upstream {
+impl AsyncRead for Leg {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Leg::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Leg::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Leg {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Leg::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Leg::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Leg::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Leg::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Leg::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Leg::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+        }
+    }
+}
+
+impl Connector {
     /// Prepares the connector; for rtmps:// this loads the trusted roots (and the extra CA).
-    pub fn new(settings: &UpstreamSettings, limits: &Limits) -> Result<Upstream, UpstreamError> {
-        let tls = match settings.url.scheme {
+    pub fn new(
+        url: &UpstreamUrl,
+        ca: Option<&std::path::Path>,
+        proxy_protocol: Option<ProxyVersion>,
+    ) -> Result<Connector, UpstreamError> {
+        let tls = match url.scheme {
             UpstreamScheme::Rtmp => None,
             UpstreamScheme::Rtmps => {
-                let config = tls::client_config(settings.ca.as_deref())?;
-                let name = ServerName::try_from(settings.url.host.clone())
-                    .map_err(|_| UpstreamError::ServerName(settings.url.host.clone()))?;
+                let config = tls::client_config(ca)?;
+                let name = ServerName::try_from(url.host.clone())
+                    .map_err(|_| UpstreamError::ServerName(url.host.clone()))?;
                 Some((TlsConnector::from(config), name))
             }
         };
-        Ok(Upstream {
-            url: settings.url.clone(),
+        Ok(Connector {
+            url: url.clone(),
             tls,
-            proxy_protocol: settings.proxy_protocol,
-            connect_timeout: settings.connect_timeout,
-            idle_timeout: limits.relay_idle_timeout(),
-            connect_failures: crate::throttle::LogThrottle::new(),
+            proxy_protocol,
         })
     }
 
-    pub fn url(&self) -> &UpstreamUrl {
-        &self.url
-    }
-
-    /// The handler the front door calls for every client.
-    pub fn handler(self: Arc<Self>) -> StreamHandler {
-        Arc::new(move |client: ClientStream| {
-            let this = self.clone();
-            Box::pin(async move { this.serve(client).await })
-        })
-    }
-
-    /// Forwards one client until either side is done. Failures are logged here.
-    pub async fn serve(&self, mut client: ClientStream) {
-        let label = client.label();
-        let url = self.url.to_string();
-        crate::door::sessions::tag_current(|t| {
-            t.role = Some(crate::door::sessions::Role::Relay);
-            t.upstream = Some(url);
-        });
-        let began = std::time::Instant::now();
-        let connected = tokio::time::timeout(
-            self.connect_timeout,
-            self.connect(client.peer, client.local),
-        )
-        .await;
-        crate::metrics::global().upstream_connect(began.elapsed(), matches!(connected, Ok(Ok(_))));
-        let leg = match connected {
-            Ok(Ok(leg)) => leg,
-            Ok(Err(e)) => {
-                if let Some(also) = self.connect_failures.should_log("clients closed so") {
-                    tracing::warn!("{label}: closing client, {e}{also}");
-                }
-                let _ = client.shutdown().await;
-                return;
-            }
-            Err(_) => {
-                let e = UpstreamError::ConnectTimeout {
-                    url: self.url.clone(),
-                    secs: self.connect_timeout.as_secs(),
-                };
-                if let Some(also) = self.connect_failures.should_log("clients closed so") {
-                    tracing::warn!("{label}: closing client, {e}{also}");
-                }
-                let _ = client.shutdown().await;
-                return;
-            }
-        };
-        let result = match leg {
-            Leg::Tcp(mut up) => pump(&mut client, &mut up, self.idle_timeout).await,
-            Leg::Tls(mut up) => pump(&mut client, &mut *up, self.idle_timeout).await,
-        };
-        if let Err(e) = result {
-            tracing::debug!("{label}: forwarding to {} ended: {e}", self.url);
-        }
-    }
-
-    async fn connect(&self, peer: SocketAddr, local: SocketAddr) -> Result<Leg, UpstreamError> {
+    /// TCP connect (first address that answers), PROXY header, TLS handshake.
+    pub async fn connect(&self, peer: SocketAddr, local: SocketAddr) -> Result<Leg, UpstreamError> {
         let addrs: Vec<SocketAddr> =
             tokio::net::lookup_host((self.url.host.as_str(), self.url.port))
                 .await
@@ -232,6 +232,201 @@ impl Upstream {
     }
 }
 
+/// The relay: every backend group, the mode, and the hook that authorizes commands.
+pub struct Upstream {
+    pools: Arc<Pools>,
+    mode: RelayMode,
+    health: HealthSettings,
+    connect_timeout: Duration,
+    /// Close a relayed session after this long without a byte either way (None: never).
+    idle_timeout: Option<Duration>,
+    limits: Limits,
+    guard: Arc<dyn RelayGuard>,
+    /// No backend reachable: every client would log a line; at most one a second.
+    connect_failures: crate::throttle::LogThrottle,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("pools", &self.pools)
+            .field("mode", &self.mode)
+            .finish()
+    }
+}
+
+impl Upstream {
+    /// Prepares every backend's connector; for rtmps:// this loads the trusted roots.
+    pub fn new(settings: &UpstreamSettings, limits: &Limits) -> Result<Upstream, UpstreamError> {
+        let mut groups = Vec::new();
+        for g in &settings.groups {
+            let mut connectors = Vec::new();
+            for (url, backup) in g
+                .backends
+                .iter()
+                .map(|u| (u, false))
+                .chain(g.backup.iter().map(|u| (u, true)))
+            {
+                let c = Connector::new(url, settings.ca.as_deref(), settings.proxy_protocol)?;
+                connectors.push((c, backup));
+            }
+            groups.push(Group::new(g, connectors));
+        }
+        let pools = Arc::new(Pools {
+            groups,
+            rise: settings.health.rise,
+            fall: settings.health.fall,
+        });
+        Ok(Upstream {
+            pools,
+            mode: settings.relay,
+            health: settings.health,
+            connect_timeout: settings.connect_timeout,
+            idle_timeout: limits.relay_idle_timeout(),
+            limits: limits.clone(),
+            guard: Arc::new(guard::AllowAll),
+            connect_failures: crate::throttle::LogThrottle::new(),
+        })
+    }
+
+    /// Installs the authorization hook (the relay then checks connect, publish and play).
+    pub fn with_guard(mut self, guard: Arc<dyn RelayGuard>) -> Self {
+        self.guard = guard;
+        self
+    }
+
+    /// The first backend of the default group (for status lines).
+    pub fn url(&self) -> &UpstreamUrl {
+        match self.pools.default_group().and_then(|g| g.backends.first()) {
+            Some(b) => &b.connector.url,
+            None => unreachable_url(),
+        }
+    }
+
+    /// One line on where clients go, for the start log.
+    pub fn describe(&self) -> String {
+        let groups: Vec<String> = self
+            .pools
+            .groups
+            .iter()
+            .map(|g| {
+                let urls: Vec<String> = g
+                    .backends
+                    .iter()
+                    .map(|b| b.connector.url.to_string())
+                    .collect();
+                format!("{} [{}]", g.name, urls.join(", "))
+            })
+            .collect();
+        format!("relay = {}: {}", self.mode.as_str(), groups.join("; "))
+    }
+
+    /// The handler the front door calls for every client. Starts the health checks (they
+    /// stop once the handler and every client it serves are gone).
+    pub fn handler(self: Arc<Self>) -> StreamHandler {
+        pool::set_current(&self.pools);
+        health::spawn(&self.pools, self.health, self.connect_timeout);
+        Arc::new(move |client: ClientStream| {
+            let this = self.clone();
+            Box::pin(async move { this.serve(client).await })
+        })
+    }
+
+    /// Serves one client until either side is done. Failures are logged here.
+    pub async fn serve(&self, client: ClientStream) {
+        match self.mode {
+            RelayMode::Bytes => self.serve_bytes(client).await,
+            RelayMode::Connect => relay::serve(self, client).await,
+        }
+    }
+
+    /// Connects to the first backend of `group` that accepts, in the group's order, marking
+    /// each failure; `None` when none does (each failure was logged, throttled).
+    async fn open(
+        &self,
+        group: &Group,
+        (peer, local, label): (SocketAddr, SocketAddr, &str),
+        handshake: Option<relay::BackendHandshake>,
+    ) -> Option<(Leg, Arc<Backend>)> {
+        for backend in group.candidates() {
+            let url = backend.connector.url.to_string();
+            crate::door::sessions::tag_current(|t| t.upstream = Some(url));
+            let began = std::time::Instant::now();
+            let attempt = async {
+                let mut leg = backend.connector.connect(peer, local).await?;
+                if let Some(h) = handshake {
+                    relay::backend_handshake(&mut leg, &backend.connector.url, h).await?;
+                }
+                Ok::<_, UpstreamError>(leg)
+            };
+            let r = match tokio::time::timeout(self.connect_timeout, attempt).await {
+                Ok(r) => r,
+                Err(_) => Err(UpstreamError::ConnectTimeout {
+                    url: backend.connector.url.clone(),
+                    secs: self.connect_timeout.as_secs(),
+                }),
+            };
+            crate::metrics::global().upstream_connect(began.elapsed(), r.is_ok());
+            match r {
+                Ok(leg) => {
+                    backend.connected(true, "");
+                    return Some((leg, backend));
+                }
+                Err(e) => {
+                    backend.connected(false, &e.to_string());
+                    if let Some(also) = self.connect_failures.should_log("failed connects so") {
+                        tracing::warn!("{label}: {e}; trying the group's next backend{also}");
+                    }
+                }
+            }
+        }
+        if let Some(also) = self.connect_failures.should_log("clients closed so") {
+            tracing::warn!(
+                "{label}: closing client, no backend of upstream group {} accepted the connect{also}",
+                group.name
+            );
+        }
+        None
+    }
+
+    /// `relay = "bytes"`: the first backend of the default group that accepts the TCP (TLS)
+    /// connect gets the client's bytes, handshake included.
+    async fn serve_bytes(&self, mut client: ClientStream) {
+        let label = client.label();
+        crate::door::sessions::tag_current(|t| {
+            t.role = Some(crate::door::sessions::Role::Relay);
+        });
+        let Some(group) = self.pools.default_group() else {
+            let _ = client.shutdown().await;
+            return;
+        };
+        let Some((mut leg, backend)) = self
+            .open(group, (client.peer, client.local, &label), None)
+            .await
+        else {
+            let _ = client.shutdown().await;
+            return;
+        };
+        let _active = backend.hold();
+        if let Err(e) = pump(&mut client, &mut leg, self.idle_timeout).await {
+            tracing::debug!(
+                "{label}: forwarding to {} ended: {e}",
+                backend.connector.url
+            );
+        }
+    }
+}
+
+/// Never used: a relay always has a group with a backend (the config guarantees it).
+fn unreachable_url() -> &'static UpstreamUrl {
+    static NONE: std::sync::OnceLock<UpstreamUrl> = std::sync::OnceLock::new();
+    NONE.get_or_init(|| UpstreamUrl {
+        scheme: UpstreamScheme::Rtmp,
+        host: "none".to_string(),
+        port: 1935,
+    })
+}
+
 /// One direction of the copy: a fixed buffer and where it stands.
 struct OneWay {
     buf: Box<[u8]>,
@@ -242,11 +437,15 @@ struct OneWay {
     read_done: bool,
     need_flush: bool,
     total: u64,
+    /// The connect-aware relay's command watch on the client's bytes: only what it has
+    /// scanned and allowed is written.
+    watch: Option<Box<relay::Watch>>,
 }
 
 impl OneWay {
-    fn new() -> Self {
+    fn new(watch: Option<Box<relay::Watch>>) -> Self {
         OneWay {
+            watch,
             grow: false,
             buf: vec![0u8; PUMP_BUF_MIN].into_boxed_slice(),
             start: 0,
@@ -297,21 +496,40 @@ impl OneWay {
                         } else {
                             self.start = 0;
                             self.end = n;
+                            if let Some(w) = &mut self.watch {
+                                w.rewind();
+                            }
                             self.grow = n == self.buf.len() && n < PUMP_BUF_MAX;
                         }
                     }
                 }
             }
-            while self.start < self.end {
-                let n = ready!(w.as_mut().poll_write(cx, &self.buf[self.start..self.end]))?;
+            let limit = match &mut self.watch {
+                None => self.end,
+                Some(watch) => {
+                    watch.advance(cx, self.buf.get(..self.end).unwrap_or_default())?;
+                    watch.allowed().min(self.end)
+                }
+            };
+            while self.start < limit {
+                let n = ready!(w.as_mut().poll_write(cx, &self.buf[self.start..limit]))?;
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
                 // An AsyncWrite never reports more than it was given; do not trust it with
                 // the slice bounds anyway.
-                self.start = self.start.saturating_add(n).min(self.end);
+                self.start = self.start.saturating_add(n).min(limit);
                 self.total += n as u64;
                 self.need_flush = true;
+            }
+            if self.start < self.end {
+                // Held for a verdict (the watch's future will wake us): push out what
+                // was written before it.
+                if self.need_flush {
+                    ready!(w.as_mut().poll_flush(cx))?;
+                    self.need_flush = false;
+                }
+                return Poll::Pending;
             }
             if self.read_done {
                 ready!(w.as_mut().poll_flush(cx))?;
@@ -330,8 +548,22 @@ where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let mut a_to_b = OneWay::new();
-    let mut b_to_a = OneWay::new();
+    pump_watched(a, b, idle, None).await
+}
+
+/// [`pump`], with the bytes from `a` to `b` passing through a command watch.
+pub(crate) async fn pump_watched<A, B>(
+    a: &mut A,
+    b: &mut B,
+    idle: Option<Duration>,
+    watch: Option<Box<relay::Watch>>,
+) -> io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let mut a_to_b = OneWay::new(watch);
+    let mut b_to_a = OneWay::new(None);
     let mut ab_done = false;
     let mut ba_done = false;
     // Bytes moved either way so far, for the idle check.

@@ -1,0 +1,522 @@
+//! A pass-through chunk-stream parser for the relay: follows a client's chunk headers
+//! without copying media, and hands out only the messages the relay must read.
+//!
+//! The connect-aware relay forwards the client's bytes unchanged, so it does not need
+//! [`crate::rtmp::chunk::ChunkDecoder`]'s reassembly of every message (a copy of every
+//! media byte). [`ChunkScanner`] parses each chunk header exactly as that decoder does
+//! (the same fmt 3 extended-timestamp rule, Set Chunk Size, Abort and limits, so the two
+//! never disagree on where a chunk ends), skips the payload of audio, video and data
+//! messages, and keeps the bodies of command messages (types 17 and 20) and of the
+//! protocol control messages it must apply (Set Chunk Size, Abort). Those bodies are
+//! bounded by `limits.max_message_len` and charged to the memory budget before they grow.
+//!
+//! Cost per chunk: one header parse (at most 18 bytes); per media byte: nothing but an
+//! index advance.
+
+use crate::budget::Charge;
+use crate::limits::Limits;
+use crate::rtmp::chunk::{ChunkError, DEFAULT_CHUNK_SIZE, MAX_MESSAGE_LEN};
+use crate::rtmp::message::{self, Message, ABORT, COMMAND_AMF0, COMMAND_AMF3, SET_CHUNK_SIZE};
+
+/// The 24-bit timestamp value that announces a 32-bit extended timestamp.
+const EXTENDED: u32 = 0xFF_FFFF;
+/// The longest chunk header: 3 basic + 11 message + 4 extended timestamp bytes.
+const MAX_HEADER: usize = 18;
+
+/// Whether the relay keeps a message's body.
+fn wanted(msg_type: u8) -> bool {
+    matches!(
+        msg_type,
+        COMMAND_AMF0 | COMMAND_AMF3 | SET_CHUNK_SIZE | ABORT
+    )
+}
+
+#[derive(Debug)]
+struct Cs {
+    csid: u32,
+    msg_type: u8,
+    stream_id: u32,
+    msg_len: u32,
+    ts_field: u32,
+    extended: bool,
+    /// Payload bytes of the message in progress still due.
+    due: u32,
+    in_progress: bool,
+    /// The body of a wanted message in progress.
+    body: Vec<u8>,
+}
+
+/// A fully available header.
+struct Header {
+    len: usize,
+    fmt: u8,
+    csid: u32,
+    idx: Option<usize>,
+    ts_field: Option<u32>,
+    extended: bool,
+    msg_len: u32,
+    msg_type: u8,
+    stream_id: u32,
+}
+
+/// Follows one direction of a chunk stream; see the module documentation.
+#[derive(Debug)]
+pub struct ChunkScanner {
+    chunk_size: u32,
+    min_chunk_size: u32,
+    max_chunk_size: u32,
+    max_message_len: u32,
+    max_chunk_streams: usize,
+    streams: Vec<Cs>,
+    /// The chunk whose payload is passing: stream index, payload bytes left in the chunk.
+    current: Option<(usize, u32)>,
+    /// The start of a header split across reads.
+    head: [u8; MAX_HEADER],
+    head_len: usize,
+    /// Capacity of the kept bodies, held from the memory budget.
+    charge: Charge,
+    bytes: u64,
+}
+
+impl ChunkScanner {
+    /// A scanner whose kept bodies are charged to `charge` (a connection's charge).
+    pub fn new(limits: &Limits, charge: Charge) -> Self {
+        let min_chunk_size = limits.min_chunk_size.max(1);
+        ChunkScanner {
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            min_chunk_size,
+            max_chunk_size: limits.max_chunk_size.max(min_chunk_size),
+            max_message_len: limits.max_message_len.min(MAX_MESSAGE_LEN),
+            max_chunk_streams: limits.max_chunk_streams,
+            streams: Vec::new(),
+            current: None,
+            head: [0; MAX_HEADER],
+            head_len: 0,
+            charge,
+            bytes: 0,
+        }
+    }
+
+    /// Bytes scanned so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Scans `input` until a kept command message completes or the input ends. Returns how
+    /// many bytes were consumed (the command, if any, ends exactly there) and the command.
+    /// Set Chunk Size and Abort are applied and not returned.
+    pub fn scan(&mut self, input: &[u8]) -> Result<(usize, Option<Message>), ChunkError> {
+        let mut pos = 0usize;
+        loop {
+            if let Some((idx, left)) = self.current {
+                let rest = input.get(pos..).unwrap_or_default();
+                if rest.is_empty() {
+                    break;
+                }
+                let n = (left as usize).min(rest.len());
+                let Some(s) = self.streams.get_mut(idx) else {
+                    self.current = None;
+                    continue;
+                };
+                if wanted(s.msg_type) {
+                    let grow = (s.body.len() + n).saturating_sub(s.body.capacity());
+                    if grow > 0 {
+                        // Bodies grow to exactly what arrived (commands are small).
+                        self.charge
+                            .try_grow(grow)
+                            .map_err(|budget| ChunkError::OverBudget {
+                                csid: s.csid,
+                                len: s.msg_len,
+                                budget,
+                            })?;
+                        s.body.reserve_exact(grow);
+                    }
+                    s.body.extend_from_slice(rest.get(..n).unwrap_or_default());
+                }
+                pos += n;
+                s.due = s.due.saturating_sub(n as u32);
+                let left = left - n as u32;
+                if left > 0 {
+                    self.current = Some((idx, left));
+                    break;
+                }
+                self.current = None;
+                if s.due == 0 {
+                    if let Some(m) = self.complete(idx)? {
+                        self.bytes += pos as u64;
+                        return Ok((pos, Some(m)));
+                    }
+                }
+                continue;
+            }
+            // A header: finish the one split across reads, or parse a new one in place.
+            let rest = input.get(pos..).unwrap_or_default();
+            let h = if self.head_len > 0 {
+                let had = self.head_len;
+                let take = (MAX_HEADER - had).min(rest.len());
+                let mut tmp = self.head;
+                tmp[had..had + take].copy_from_slice(&rest[..take]);
+                match self.parse_header(&tmp[..had + take])? {
+                    Some(h) => {
+                        self.head_len = 0;
+                        pos += h.len - had;
+                        h
+                    }
+                    None => {
+                        self.head = tmp;
+                        self.head_len = had + take;
+                        pos += take;
+                        break;
+                    }
+                }
+            } else {
+                if rest.is_empty() {
+                    break;
+                }
+                match self.parse_header(rest)? {
+                    Some(h) => {
+                        pos += h.len;
+                        h
+                    }
+                    None => {
+                        // Shorter than MAX_HEADER, or parse_header would have decided.
+                        let n = rest.len().min(MAX_HEADER);
+                        self.head[..n].copy_from_slice(&rest[..n]);
+                        self.head_len = n;
+                        pos += n;
+                        break;
+                    }
+                }
+            };
+            let idx = self.apply_header(h);
+            let Some(s) = self.streams.get(idx) else {
+                continue;
+            };
+            if s.due == 0 {
+                if let Some(m) = self.complete(idx)? {
+                    self.bytes += pos as u64;
+                    return Ok((pos, Some(m)));
+                }
+                continue;
+            }
+            let chunk = s.due.min(self.chunk_size);
+            self.current = Some((idx, chunk));
+        }
+        self.bytes += pos as u64;
+        Ok((pos, None))
+    }
+
+    /// As [`ChunkDecoder`](crate::rtmp::chunk::ChunkDecoder)'s header parse (same errors,
+    /// same extended-timestamp rule); `None` when more bytes are needed.
+    fn parse_header(&self, buf: &[u8]) -> Result<Option<Header>, ChunkError> {
+        let Some(&b0) = buf.first() else {
+            return Ok(None);
+        };
+        let fmt = b0 >> 6;
+        let (basic, csid) = match b0 & 0x3f {
+            0 => match buf.get(1) {
+                Some(&b1) => (2, 64 + u32::from(b1)),
+                None => return Ok(None),
+            },
+            1 => match (buf.get(1), buf.get(2)) {
+                (Some(&b1), Some(&b2)) => (3, 64 + u32::from(b1) + 256 * u32::from(b2)),
+                _ => return Ok(None),
+            },
+            low => (1, u32::from(low)),
+        };
+        let mh = [11usize, 7, 3, 0][usize::from(fmt & 3)];
+        let Some(m) = buf.get(basic..basic + mh) else {
+            return Ok(None);
+        };
+        let idx = self.streams.iter().position(|s| s.csid == csid);
+        let stream = idx.and_then(|i| self.streams.get(i));
+        match (fmt, stream) {
+            (1..=3, None) => return Err(ChunkError::UnopenedChunkStream { csid, fmt }),
+            (0, None) if self.streams.len() >= self.max_chunk_streams => {
+                return Err(ChunkError::TooManyChunkStreams {
+                    csid,
+                    limit: self.max_chunk_streams,
+                })
+            }
+            (0..=2, Some(s)) if s.in_progress => {
+                return Err(ChunkError::HeaderInsideMessage {
+                    csid,
+                    fmt,
+                    len: s.msg_len,
+                    received: s.msg_len.saturating_sub(s.due) as usize,
+                })
+            }
+            _ => {}
+        }
+        let be24 = |b: &[u8]| u32::from_be_bytes([0, b[0], b[1], b[2]]);
+        let mut h = Header {
+            len: basic + mh,
+            fmt,
+            csid,
+            idx,
+            ts_field: None,
+            extended: false,
+            msg_len: stream.map_or(0, |s| s.msg_len),
+            msg_type: stream.map_or(0, |s| s.msg_type),
+            stream_id: stream.map_or(0, |s| s.stream_id),
+        };
+        if fmt < 3 {
+            let field = be24(&m[0..3]);
+            h.extended = field == EXTENDED;
+            h.ts_field = Some(field);
+            if fmt < 2 {
+                h.msg_len = be24(&m[3..6]);
+                h.msg_type = m[6];
+                if h.msg_len > self.max_message_len {
+                    return Err(ChunkError::MessageTooLong {
+                        csid,
+                        len: h.msg_len,
+                        limit: self.max_message_len,
+                    });
+                }
+            }
+            if fmt == 0 {
+                h.stream_id = u32::from_le_bytes([m[7], m[8], m[9], m[10]]);
+            }
+        } else if let Some(s) = stream {
+            h.extended = s.extended;
+        }
+        if h.extended {
+            if let Some(s) = stream.filter(|s| s.in_progress) {
+                // A continuation: the 4 bytes are a repeated extended timestamp only if
+                // they equal it (the decoder's rule, see rtmp::chunk).
+                let want = s.ts_field.to_be_bytes();
+                let have = buf.get(h.len..).unwrap_or_default();
+                let n = have.len().min(4);
+                if have[..n] == want[..n] {
+                    if n < 4 {
+                        return Ok(None);
+                    }
+                    h.len += 4;
+                }
+                return Ok(Some(h));
+            }
+            let Some(e) = buf.get(h.len..h.len + 4) else {
+                return Ok(None);
+            };
+            h.ts_field = Some(u32::from_be_bytes([e[0], e[1], e[2], e[3]]));
+            h.len += 4;
+        }
+        Ok(Some(h))
+    }
+
+    fn apply_header(&mut self, h: Header) -> usize {
+        let idx = match h.idx {
+            Some(i) => i,
+            None => {
+                self.streams.push(Cs {
+                    csid: h.csid,
+                    msg_type: 0,
+                    stream_id: 0,
+                    msg_len: 0,
+                    ts_field: 0,
+                    extended: false,
+                    due: 0,
+                    in_progress: false,
+                    body: Vec::new(),
+                });
+                self.streams.len() - 1
+            }
+        };
+        let Some(s) = self.streams.get_mut(idx) else {
+            return idx;
+        };
+        if s.in_progress {
+            return idx;
+        }
+        s.msg_len = h.msg_len;
+        s.msg_type = h.msg_type;
+        s.stream_id = h.stream_id;
+        if h.fmt < 3 {
+            s.extended = h.extended;
+        }
+        s.ts_field = h.ts_field.unwrap_or(s.ts_field);
+        s.due = h.msg_len;
+        s.in_progress = true;
+        idx
+    }
+
+    /// Ends the message on stream `idx`: applies Set Chunk Size and Abort, hands out a
+    /// command.
+    fn complete(&mut self, idx: usize) -> Result<Option<Message>, ChunkError> {
+        let Some(s) = self.streams.get_mut(idx) else {
+            return Ok(None);
+        };
+        s.in_progress = false;
+        if !wanted(s.msg_type) {
+            return Ok(None);
+        }
+        let body = std::mem::take(&mut s.body);
+        self.charge.shrink(body.capacity());
+        let msg = Message::new(s.msg_type, 0, s.stream_id, body);
+        match msg.msg_type {
+            SET_CHUNK_SIZE => {
+                let size = message::parse_set_chunk_size(&msg.payload)?;
+                if size < self.min_chunk_size || size > self.max_chunk_size {
+                    return Err(ChunkError::ChunkSizeOutOfRange {
+                        size,
+                        min: self.min_chunk_size,
+                        max: self.max_chunk_size,
+                    });
+                }
+                self.chunk_size = size;
+                Ok(None)
+            }
+            ABORT => {
+                let csid = message::parse_abort(&msg.payload)?;
+                if let Some(s) = self.streams.iter_mut().find(|s| s.csid == csid) {
+                    if s.in_progress {
+                        self.charge.shrink(s.body.capacity());
+                        s.body = Vec::new();
+                        s.in_progress = false;
+                        s.due = 0;
+                    }
+                }
+                Ok(None)
+            }
+            _ => Ok(Some(msg)),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::rtmp::amf0::Amf0Value;
+    use crate::rtmp::chunk::{ChunkDecoder, ChunkEncoder};
+    use crate::rtmp::message::{command_message, set_chunk_size, AUDIO, VIDEO};
+    use bytes::BytesMut;
+    use rand::{Rng, SeedableRng};
+
+    /// A client's chunk stream: connect, chunk size changes, media with extended
+    /// timestamps, commands between the media, an empty message.
+    fn sample() -> (Vec<u8>, Vec<Message>) {
+        let mut enc = ChunkEncoder::new();
+        let mut out = BytesMut::new();
+        let mut msgs = Vec::new();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let connect = command_message(
+            0,
+            "connect",
+            1.0,
+            &[Amf0Value::object([("app", Amf0Value::string("live"))])],
+        );
+        enc.write(3, &connect, &mut out);
+        msgs.push(connect);
+        let scs = set_chunk_size(4096);
+        enc.write(2, &scs, &mut out);
+        enc.set_chunk_size(4096);
+        for i in 0..200u32 {
+            // Past 2^24 ms the timestamps need the extended field.
+            let ts = 0xFF_FF00u32.wrapping_add(i * 40);
+            let len = rng.gen_range(0..20_000);
+            let payload: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+            let kind = if i % 3 == 0 { AUDIO } else { VIDEO };
+            enc.write(
+                if kind == AUDIO { 4 } else { 6 },
+                &Message::new(kind, ts, 1, payload),
+                &mut out,
+            );
+            if i % 50 == 7 {
+                let play =
+                    command_message(1, "play", 0.0, &[Amf0Value::Null, Amf0Value::string("s")]);
+                enc.write(8, &play, &mut out);
+                msgs.push(play);
+            }
+        }
+        (out.to_vec(), msgs)
+    }
+
+    fn commands_by_decoder(bytes: &[u8]) -> Vec<Message> {
+        let mut d = ChunkDecoder::new(&Limits::default());
+        let mut buf = BytesMut::from(bytes);
+        let mut got = Vec::new();
+        while let Some(m) = d.decode(&mut buf).unwrap() {
+            if matches!(m.msg_type, COMMAND_AMF0 | COMMAND_AMF3) {
+                got.push(Message::new(m.msg_type, 0, m.stream_id, m.payload));
+            }
+        }
+        assert!(buf.is_empty());
+        got
+    }
+
+    #[test]
+    fn finds_the_commands_the_decoder_finds_whatever_the_read_sizes() {
+        let (bytes, _) = sample();
+        let want = commands_by_decoder(&bytes);
+        assert_eq!(want.len(), 5);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for round in 0..20 {
+            let mut s = ChunkScanner::new(&Limits::default(), crate::budget::Charge::global());
+            let mut got = Vec::new();
+            let mut at = 0;
+            while at < bytes.len() {
+                let n = if round == 0 {
+                    1
+                } else {
+                    rng.gen_range(1..3000)
+                };
+                let end = (at + n).min(bytes.len());
+                let mut piece = &bytes[at..end];
+                while !piece.is_empty() {
+                    let (used, m) = s.scan(piece).unwrap();
+                    assert!(used <= piece.len());
+                    if let Some(m) = m {
+                        got.push(m);
+                    } else {
+                        assert_eq!(used, piece.len(), "stopped without a command");
+                    }
+                    piece = &piece[used..];
+                }
+                at = end;
+            }
+            assert_eq!(got, want, "round {round}");
+            assert_eq!(s.bytes(), bytes.len() as u64);
+        }
+    }
+
+    #[test]
+    fn a_command_ends_exactly_where_it_is_returned() {
+        let (bytes, _) = sample();
+        let mut s = ChunkScanner::new(&Limits::default(), crate::budget::Charge::global());
+        let (used, m) = s.scan(&bytes).unwrap();
+        let m = m.unwrap();
+        // The connect is the first message: the decoder needs exactly those bytes for it.
+        let mut d = ChunkDecoder::new(&Limits::default());
+        let mut buf = BytesMut::from(&bytes[..used]);
+        assert_eq!(d.decode(&mut buf).unwrap().unwrap().payload, m.payload);
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn refuses_what_the_decoder_refuses() {
+        let limits = Limits::default();
+        // A fmt 1 chunk on a chunk stream never opened.
+        let mut s = ChunkScanner::new(&limits, crate::budget::Charge::global());
+        assert!(s.scan(&[0x43, 0, 0, 0, 0, 0, 4, 20]).is_err());
+        // A message longer than limits.max_message_len.
+        let small = Limits {
+            max_message_len: 1000,
+            ..Limits::default()
+        };
+        let mut s = ChunkScanner::new(&small, crate::budget::Charge::global());
+        let mut h = vec![0x03, 0, 0, 0, 0xff, 0xff, 0xff, 20, 0, 0, 0, 0];
+        h.truncate(12);
+        let e = s.scan(&h).unwrap_err();
+        assert!(matches!(e, ChunkError::MessageTooLong { .. }), "{e}");
+        // A chunk size below limits.min_chunk_size.
+        let mut s = ChunkScanner::new(&limits, crate::budget::Charge::global());
+        let mut out = BytesMut::new();
+        ChunkEncoder::new().write(2, &set_chunk_size(1), &mut out);
+        assert!(matches!(
+            s.scan(&out).unwrap_err(),
+            ChunkError::ChunkSizeOutOfRange { .. }
+        ));
+    }
+}
