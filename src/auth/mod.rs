@@ -445,7 +445,7 @@ impl Auth {
                         "auth: {} {} from {} allowed as {}/{to} (callback redirect)",
                         req.action,
                         req.target(),
-                        req.addr,
+                        token::addr_text(req.addr),
                         req.app
                     );
                 }
@@ -465,7 +465,7 @@ impl Auth {
                     warn!(
                         "auth: {} {target} from {} denied ({r}): {}{also}",
                         req.action,
-                        req.addr,
+                        token::addr_text(req.addr),
                         r.description()
                     );
                 }

@@ -142,9 +142,9 @@ pub mod cli {
         /// The stream name (what follows the app in the URL).
         #[arg(long)]
         pub stream: String,
-        /// Seconds from now the token is valid for.
-        #[arg(long, default_value_t = 3600)]
-        pub ttl: u64,
+        /// Seconds from now the token is valid for (negative: already expired, for tests).
+        #[arg(long, default_value_t = 3600, allow_negative_numbers = true)]
+        pub ttl: i64,
         /// Bind the token to this client address (it then works from there only).
         #[arg(long)]
         pub addr: Option<IpAddr>,
@@ -169,7 +169,12 @@ pub mod cli {
                 return 2;
             }
         };
-        let expires = super::super::unix_now().saturating_add(a.ttl);
+        let now = super::super::unix_now();
+        let expires = if a.ttl >= 0 {
+            now.saturating_add(a.ttl.unsigned_abs())
+        } else {
+            now.saturating_sub(a.ttl.unsigned_abs())
+        };
         let tok = super::sign(secret.as_bytes(), &a.app, &a.stream, expires, a.addr);
         println!("{}?token={tok}&expires={expires}", a.stream);
         0
