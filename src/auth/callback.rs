@@ -29,6 +29,7 @@ use http_body_util::Full;
 use hyper::header::{CONNECTION, CONTENT_TYPE, HOST, LOCATION};
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
+use sha2::{Digest, Sha256};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
@@ -47,7 +48,7 @@ pub struct Callbacks {
     max_cache: usize,
     max_name_len: usize,
     slots: Arc<Semaphore>,
-    cache: Mutex<HashMap<String, (Instant, Decision)>>,
+    cache: Mutex<HashMap<[u8; 32], (Instant, Decision)>>,
     log: Arc<LogThrottle>,
 }
 
@@ -66,8 +67,15 @@ impl Callbacks {
 
     /// Asks `url` about `req`; at most the callback timeout (a free slot included).
     pub async fn ask(&self, url: &CallbackUrl, req: &AuthRequest) -> Decision {
-        let cache_key = (!self.cache_ttl.is_zero() && self.max_cache > 0)
-            .then(|| format!("{url}\n{}", form(req, false)));
+        // The SHA-256 of what was asked, not the text: an entry costs 32 bytes whatever the
+        // client sent.
+        let cache_key = (!self.cache_ttl.is_zero() && self.max_cache > 0).then(|| {
+            let mut h = Sha256::new();
+            h.update(url.to_string().as_bytes());
+            h.update(b"\n");
+            h.update(form(req, false).as_bytes());
+            <[u8; 32]>::from(h.finalize())
+        });
         if let Some(k) = &cache_key {
             if let Some(d) = self.cached(k) {
                 return d;
@@ -151,13 +159,13 @@ impl Callbacks {
         Decision::Rename(name.to_owned())
     }
 
-    fn cached(&self, key: &str) -> Option<Decision> {
+    fn cached(&self, key: &[u8; 32]) -> Option<Decision> {
         let cache = self.cache.lock().ok()?;
         let (at, d) = cache.get(key)?;
         (at.elapsed() < self.cache_ttl).then(|| d.clone())
     }
 
-    fn remember(&self, key: String, d: Decision) {
+    fn remember(&self, key: [u8; 32], d: Decision) {
         let Ok(mut cache) = self.cache.lock() else {
             return;
         };
@@ -273,15 +281,19 @@ async fn post(url: &CallbackUrl, body: String) -> Result<(StatusCode, Option<Str
     // timeout.
     let conn = conn;
     tokio::pin!(conn);
+    let send = sender.send_request(req);
+    tokio::pin!(send);
     let resp = tokio::select! {
-        r = sender.send_request(req) => r.map_err(|e| format!("no answer: {e}"))?,
-        r = &mut conn => {
-            return Err(match r {
-                Ok(()) => "the connection closed before an answer".to_owned(),
-                Err(e) => format!("the connection failed: {e}"),
-            })
-        }
-    };
+        biased;
+        r = &mut send => r,
+        r = &mut conn => match r {
+            // The server answered and closed (HTTP/1.0, Connection: close): the answer is
+            // already with the request's future.
+            Ok(()) => send.await,
+            Err(e) => return Err(format!("the connection failed: {e}")),
+        },
+    }
+    .map_err(|e| format!("no answer: {e}"))?;
     let location = resp
         .headers()
         .get(LOCATION)
@@ -309,7 +321,7 @@ mod tests {
                 Amf0Value::string("FMLE/3.0 (compatible; Lavf59.27.100)"),
             ),
         ]);
-        let c = AuthRequest::connect("::ffff:127.0.0.1".parse().unwrap(), 6, Some(&obj));
+        let c = AuthRequest::connect("::ffff:127.0.0.1".parse().unwrap(), 6, Some(&obj), 1024);
         assert_eq!(
             form(&c, true),
             "app=live&flashver=FMLE%2F3.0%20%28compatible%3B%20Lavf59.27.100%29&swfurl=\

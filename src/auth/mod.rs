@@ -197,20 +197,32 @@ pub struct AuthRequest {
     pub args: Vec<(String, String)>,
     /// The connection's number, sent as nginx-rtmp's `clientid`.
     pub client_id: u64,
+    /// Bytes kept of each field and of each name with its query (`limits.max_name_len`):
+    /// what one client can make a request (a callback's body, a held command) hold.
+    max_len: usize,
 }
 
 /// Query pairs kept from one name; more are ignored (a peer must not make a list grow).
 pub const MAX_ARGS: usize = 32;
 
 impl AuthRequest {
-    /// The request for a client's `connect`, from its command object.
-    pub fn connect(addr: IpAddr, client_id: u64, object: Option<&Amf0Value>) -> AuthRequest {
+    /// The request for a client's `connect`, from its command object; each field is cut to
+    /// `max_len` bytes (`limits.max_name_len`).
+    pub fn connect(
+        addr: IpAddr,
+        client_id: u64,
+        object: Option<&Amf0Value>,
+        max_len: usize,
+    ) -> AuthRequest {
         let field = |k: &str| {
-            object
-                .and_then(|o| o.get(k))
-                .and_then(Amf0Value::as_str)
-                .unwrap_or_default()
-                .to_owned()
+            truncate(
+                object
+                    .and_then(|o| o.get(k))
+                    .and_then(Amf0Value::as_str)
+                    .unwrap_or_default(),
+                max_len,
+            )
+            .to_owned()
         };
         let raw_app = field("app");
         let (app, connect_args) = split_query(&raw_app);
@@ -226,13 +238,14 @@ impl AuthRequest {
             connect_args,
             args: Vec::new(),
             client_id,
+            max_len,
         }
     }
 
     /// The request for a `publish` or `play` of `raw_name` (with its `?query`) on this
     /// connection.
     pub fn for_stream(&self, action: Action, raw_name: &str) -> AuthRequest {
-        let (name, args) = split_query(raw_name);
+        let (name, args) = split_query(truncate(raw_name, self.max_len));
         AuthRequest {
             action,
             name: name.trim_matches('/').to_owned(),
@@ -266,6 +279,18 @@ impl AuthRequest {
             format!("{}/{}", self.app, self.name)
         }
     }
+}
+
+/// `s` cut to at most `max` bytes, at a character boundary.
+pub fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.get(..end).unwrap_or_default()
 }
 
 /// Splits `name?a=1&b=2` into the name and its decoded pairs (at most [`MAX_ARGS`]).
@@ -505,7 +530,7 @@ mod tests {
             ("tcUrl", Amf0Value::string("rtmp://h/live?tc=1")),
             ("flashVer", Amf0Value::string("FMLE/3.0")),
         ]);
-        let c = AuthRequest::connect("127.0.0.1".parse().unwrap(), 7, Some(&obj));
+        let c = AuthRequest::connect("127.0.0.1".parse().unwrap(), 7, Some(&obj), 1024);
         assert_eq!(c.app, "live");
         assert_eq!(c.arg("tc"), Some("1"));
         let p = c.for_stream(Action::Publish, "cam1?token=t");
@@ -514,5 +539,12 @@ mod tests {
         assert_eq!(p.arg("tc"), Some("1"));
         assert_eq!(p.target(), "live/cam1");
         assert_eq!(p.done().action, Action::Done);
+        // A client's long fields are cut to max_len.
+        let long = Amf0Value::object(vec![("tcUrl", Amf0Value::string("é".repeat(5000)))]);
+        let c = AuthRequest::connect("127.0.0.1".parse().unwrap(), 7, Some(&long), 1001);
+        assert_eq!(c.tc_url.len(), 1000);
+        let p = c.for_stream(Action::Play, &format!("n?{}", "a=1&".repeat(5000)));
+        assert!(p.args.len() <= MAX_ARGS);
+        assert_eq!(truncate("abc", 2), "ab");
     }
 }

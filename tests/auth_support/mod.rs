@@ -100,8 +100,13 @@ pub fn ffmpeg_play(url: &str) -> Outcome {
 
 /// Plays `url` with rtmpdump (live, gives up after 3 s without data).
 pub fn rtmpdump_play(url: &str) -> Outcome {
+    rtmpdump_play_for(url, 3)
+}
+
+/// Plays `url` with rtmpdump, giving up after `secs` without data.
+pub fn rtmpdump_play_for(url: &str, secs: u32) -> Outcome {
     let mut cmd = Command::new(&peers().rtmpdump);
-    cmd.args(["-m", "3", "-v", "-r", url, "-o", "/dev/null"]);
+    cmd.args(["-m", &secs.to_string(), "-v", "-r", url, "-o", "/dev/null"]);
     let (status, _, stderr) = run_capture(&mut cmd, CLIENT_TIMEOUT);
     Outcome {
         status,
@@ -148,11 +153,12 @@ pub fn rtmpgate_bin() -> PathBuf {
 // ---------------------------------------------------------------------------------------------
 
 /// The service's answers, by the `name` (or `app`) it is asked about: names containing
-/// `deny` get 403, `slow` wait 4 s first, names starting with `rename` get 302 with
+/// `deny` get 403, `slow` wait 4 s first (or until the caller hangs up, recorded as a
+/// `PATH#end` entry with the wait's start), names starting with `rename` get 302 with
 /// `Location: renamed`, the app `denyapp` gets 403 at connect; everything else 200. Each
 /// request is appended to a file as one JSON line: path, content type, form fields in order.
 const SERVICE: &str = r#"
-import http.server, json, sys, time, urllib.parse
+import http.server, json, select, sys, time, urllib.parse
 log = open(sys.argv[1], 'a', buffering=1)
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = 'HTTP/1.0'
@@ -160,13 +166,17 @@ class H(http.server.BaseHTTPRequestHandler):
         n = int(self.headers.get('Content-Length', 0))
         body = self.rfile.read(n).decode()
         fields = urllib.parse.parse_qsl(body, keep_blank_values=True)
-        log.write(json.dumps({'path': self.path,
+        log.write(json.dumps({'path': self.path, 't': time.time(),
                               'ct': self.headers.get('Content-Type'),
                               'fields': fields}) + '\n')
         d = dict(fields)
         name, app = d.get('name', ''), d.get('app', '')
         if 'slow' in name:
-            time.sleep(4)
+            # Up to 4 s, or until the caller hangs up (then when is recorded).
+            t0 = time.time()
+            select.select([self.connection], [], [], 4)
+            log.write(json.dumps({'path': self.path + '#end', 't': time.time(),
+                                  'start': t0, 'fields': []}) + '\n')
         code, loc = 200, None
         if 'deny' in name or app == 'denyapp':
             code = 403
@@ -192,6 +202,11 @@ s.serve_forever()
 #[derive(Debug, Clone)]
 pub struct Call {
     pub path: String,
+    /// When the service received it (Unix seconds); for a `#end` entry, when the caller
+    /// hung up or the wait ended.
+    pub t: f64,
+    /// For a `#end` entry: when that call came.
+    pub start: f64,
     pub content_type: String,
     pub fields: Vec<(String, String)>,
 }
@@ -260,6 +275,8 @@ impl AuthService {
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .map(|v| Call {
                 path: v["path"].as_str().unwrap_or_default().to_owned(),
+                t: v["t"].as_f64().unwrap_or_default(),
+                start: v["start"].as_f64().unwrap_or_default(),
                 content_type: v["ct"].as_str().unwrap_or_default().to_owned(),
                 fields: v["fields"]
                     .as_array()
