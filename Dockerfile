@@ -1,6 +1,7 @@
 # rtmpgate container image: a multi-stage build (Rust toolchain only in the build stage), a
-# small Debian runtime, a non-root user. No certificate is baked in: mount yours (e.g.
-# /etc/letsencrypt) and point [tls] cert/key at them; without a TLS listener none is needed.
+# small Debian runtime, a non-root user. No certificate is baked in, not even the dev one
+# (the binary is built without the dev-cert feature): mount yours (e.g. /etc/letsencrypt)
+# and point [tls] cert/key at them; without a TLS listener none is needed.
 #
 #   docker build -t rtmpgate .
 #   docker run --rm -p 1935:1935 -p 8080:8080 \
@@ -21,10 +22,10 @@ RUN mkdir -p src/bin benches \
  && cargo fetch --locked
 COPY src ./src
 COPY benches ./benches
-# The dev certificate is compiled in as the last-resort fallback for TLS listeners without a
-# configured certificate (logged as a warning); the files stay in this build stage.
-COPY certs ./certs
-RUN cargo build --release --locked --bin rtmpgate \
+# Without the dev-cert feature: the public dev certificate is neither compiled in nor copied,
+# so a TLS listener without a mounted certificate refuses to start (it never serves a key
+# everyone has).
+RUN cargo build --release --locked --no-default-features --bin rtmpgate \
  && install -D -m 0755 target/release/rtmpgate /out/rtmpgate
 
 FROM debian:bookworm-slim

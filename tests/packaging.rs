@@ -114,3 +114,67 @@ fn compose_example_configs_are_valid() {
         .arg(prefix.path()));
     assert_eq!(code, Some(0), "nginx -t: {out}{err}");
 }
+
+/// The container image must not carry the public dev certificate: the Dockerfile builds
+/// without the `dev-cert` feature and copies no `certs/`, and the only place the dev key is
+/// compiled in is behind that feature (a TLS listener without a mounted certificate then
+/// refuses to start instead of serving a key everyone has).
+#[test]
+fn image_carries_no_dev_certificate() {
+    let dockerfile = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
+    let builds: Vec<&str> = dockerfile
+        .lines()
+        .filter(|l| l.contains("cargo build"))
+        .collect();
+    assert!(!builds.is_empty(), "the Dockerfile builds nothing?");
+    for line in &builds {
+        assert!(
+            line.contains("--no-default-features"),
+            "the image's build keeps the dev-cert feature: {line}"
+        );
+    }
+    for line in dockerfile.lines().map(str::trim) {
+        assert!(
+            !(line.starts_with("COPY") || line.starts_with("ADD")) || !line.contains("certs"),
+            "the Dockerfile copies the dev certificates: {line}"
+        );
+    }
+    let cargo = std::fs::read_to_string(root().join("Cargo.toml")).unwrap();
+    assert!(
+        cargo.contains("default = [\"dev-cert\"]") && cargo.contains("dev-cert = []"),
+        "Cargo.toml has no default dev-cert feature"
+    );
+    // Every include of the dev key sits right under a cfg naming the feature (or test).
+    let mut found = 0;
+    let mut stack = vec![root().join("src")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            for (i, line) in lines.iter().enumerate() {
+                if line.contains("include_bytes!") && line.contains("certs/localhost.key") {
+                    found += 1;
+                    let gated = lines[..i]
+                        .iter()
+                        .rev()
+                        .take_while(|l| {
+                            l.trim_start().starts_with("#[") || l.trim_start().starts_with("///")
+                        })
+                        .any(|l| l.contains("feature = \"dev-cert\"") || l.contains("cfg(test)"));
+                    assert!(
+                        gated,
+                        "{}:{}: the dev key is compiled in without the dev-cert feature gate",
+                        path.display(),
+                        i + 1
+                    );
+                }
+            }
+        }
+    }
+    assert!(found >= 1, "the dev key include was not found under src/");
+}

@@ -15,9 +15,12 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 /// The dev chain (leaf + CA) from `certs/`, built into the binary so `cargo run` works from
-/// any directory. Its private key is public: for testing only.
+/// any directory. Its private key is public: for testing only. Only in builds with the
+/// `dev-cert` feature (the default; the container image is built without it).
+#[cfg(any(test, feature = "dev-cert"))]
 pub const DEV_CERT_PEM: &[u8] = include_bytes!("../../certs/localhost.pem");
 /// The dev private key matching [`DEV_CERT_PEM`]. Public, testing only.
+#[cfg(any(test, feature = "dev-cert"))]
 pub const DEV_KEY_PEM: &[u8] = include_bytes!("../../certs/localhost.key");
 
 /// Why a certificate, key or CA file could not be used.
@@ -37,6 +40,8 @@ pub enum TlsError {
         path: PathBuf,
         detail: String,
     },
+    #[error("a TLS listener needs a certificate and none is configured, and this build has no built-in dev certificate (built without the dev-cert feature, as the container image is): mount your certificate and key and set [tls] cert and key (or --tls-cert and --tls-key)")]
+    NoDevCertificate,
     #[error("certificate file {path} holds no certificate (no '-----BEGIN CERTIFICATE-----' section); pass the certificate chain, for example Let's Encrypt's fullchain.pem")]
     NoCertificate { path: PathBuf },
     #[error("key file {path} holds no private key (no '-----BEGIN PRIVATE KEY-----', 'RSA PRIVATE KEY' or 'EC PRIVATE KEY' section); pass the private key, for example Let's Encrypt's privkey.pem")]
@@ -182,13 +187,23 @@ pub fn load_certified_key(source: &CertSource) -> Result<Arc<CertifiedKey>, TlsE
             let key_pem = read_file("key", key)?;
             certified_key_from_pem(&cert_pem, cert, &key_pem, key)
         }
-        CertSource::EmbeddedDev => certified_key_from_pem(
-            DEV_CERT_PEM,
-            Path::new("<built-in certs/localhost.pem>"),
-            DEV_KEY_PEM,
-            Path::new("<built-in certs/localhost.key>"),
-        ),
+        CertSource::EmbeddedDev => embedded_dev(),
     }
+}
+
+#[cfg(any(test, feature = "dev-cert"))]
+fn embedded_dev() -> Result<Arc<CertifiedKey>, TlsError> {
+    certified_key_from_pem(
+        DEV_CERT_PEM,
+        Path::new("<built-in certs/localhost.pem>"),
+        DEV_KEY_PEM,
+        Path::new("<built-in certs/localhost.key>"),
+    )
+}
+
+#[cfg(not(any(test, feature = "dev-cert")))]
+fn embedded_dev() -> Result<Arc<CertifiedKey>, TlsError> {
+    Err(TlsError::NoDevCertificate)
 }
 
 /// Chooses a certificate by the SNI name the client asked for, or the default one.
