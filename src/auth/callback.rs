@@ -321,7 +321,7 @@ mod tests {
                 Amf0Value::string("FMLE/3.0 (compatible; Lavf59.27.100)"),
             ),
         ]);
-        let c = AuthRequest::connect("::ffff:127.0.0.1".parse().unwrap(), 6, Some(&obj), 1024);
+        let c = AuthRequest::connect("::ffff:127.0.0.1".parse().unwrap(), 6, Some(&obj));
         assert_eq!(
             form(&c, true),
             "app=live&flashver=FMLE%2F3.0%20%28compatible%3B%20Lavf59.27.100%29&swfurl=\

@@ -206,9 +206,16 @@ pub struct AuthRequest {
 pub const MAX_ARGS: usize = 32;
 
 impl AuthRequest {
+    /// The request for a client's `connect`, from its command object, each field cut to the
+    /// default `limits.max_name_len`; [`AuthRequest::connect_bounded`] takes the configured one.
+    pub fn connect(addr: IpAddr, client_id: u64, object: Option<&Amf0Value>) -> AuthRequest {
+        let max_len = crate::limits::Limits::default().max_name_len;
+        AuthRequest::connect_bounded(addr, client_id, object, max_len)
+    }
+
     /// The request for a client's `connect`, from its command object; each field is cut to
     /// `max_len` bytes (`limits.max_name_len`).
-    pub fn connect(
+    pub fn connect_bounded(
         addr: IpAddr,
         client_id: u64,
         object: Option<&Amf0Value>,
@@ -530,7 +537,7 @@ mod tests {
             ("tcUrl", Amf0Value::string("rtmp://h/live?tc=1")),
             ("flashVer", Amf0Value::string("FMLE/3.0")),
         ]);
-        let c = AuthRequest::connect("127.0.0.1".parse().unwrap(), 7, Some(&obj), 1024);
+        let c = AuthRequest::connect("127.0.0.1".parse().unwrap(), 7, Some(&obj));
         assert_eq!(c.app, "live");
         assert_eq!(c.arg("tc"), Some("1"));
         let p = c.for_stream(Action::Publish, "cam1?token=t");
@@ -541,7 +548,7 @@ mod tests {
         assert_eq!(p.done().action, Action::Done);
         // A client's long fields are cut to max_len.
         let long = Amf0Value::object(vec![("tcUrl", Amf0Value::string("é".repeat(5000)))]);
-        let c = AuthRequest::connect("127.0.0.1".parse().unwrap(), 7, Some(&long), 1001);
+        let c = AuthRequest::connect_bounded("127.0.0.1".parse().unwrap(), 7, Some(&long), 1001);
         assert_eq!(c.tc_url.len(), 1000);
         let p = c.for_stream(Action::Play, &format!("n?{}", "a=1&".repeat(5000)));
         assert!(p.args.len() <= MAX_ARGS);

@@ -533,8 +533,7 @@ mod tests {
     fn req(action: Action, addr: &str, app: &str, raw_name: &str) -> AuthRequest {
         use crate::rtmp::amf0::Amf0Value;
         let obj = Amf0Value::object(vec![("app", Amf0Value::string(app))]);
-        AuthRequest::connect(addr.parse().unwrap(), 1, Some(&obj), 1024)
-            .for_stream(action, raw_name)
+        AuthRequest::connect(addr.parse().unwrap(), 1, Some(&obj)).for_stream(action, raw_name)
     }
 
     #[test]

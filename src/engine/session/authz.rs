@@ -61,7 +61,7 @@ impl Session {
             return self.on_connect(txn, object);
         };
         let max = self.engine.limits().max_name_len;
-        let req = AuthRequest::connect(self.authz.peer, self.id, object, max);
+        let req = AuthRequest::connect_bounded(self.authz.peer, self.id, object, max);
         // What on_connect reads, without keeping the client's whole object.
         let field = |k: &str| object.and_then(|o| o.get(k)).cloned();
         let mut kept = Vec::with_capacity(2);
