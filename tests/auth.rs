@@ -295,3 +295,28 @@ allow_play = ["::1/128"]
     let log = gw.log();
     assert!(log.contains("publish denied by [auth] (address)"), "{log}");
 }
+
+/// `[auth]` changes apply to new sessions on a reload (SIGHUP), like the engine's settings.
+#[test]
+fn auth_rules_follow_a_reload() {
+    let gw = gateway(
+        "[auth]\ndeny_publish = [\"127.0.0.0/8\"]\n",
+        &["rtmp://127.0.0.1:0"],
+    );
+    let url = format!("{}/live/r", gw.url("rtmp"));
+    ffmpeg_publish(&url).assert_denied("before the reload", "publish denied (address)");
+    std::fs::write(
+        gw.dir().join("rtmpgate.toml"),
+        "[auth]\npublish_keys = { live = [\"k-after-reload\"] }\n",
+    )
+    .unwrap();
+    gw.signal("HUP");
+    assert!(
+        gw.wait_log("configuration reloaded", Duration::from_secs(10)),
+        "no reload line: {}",
+        gw.log()
+    );
+    ffmpeg_publish(&url).assert_denied("after the reload, without the key", "publish denied (key)");
+    ffmpeg_publish(&format!("{url}?key=k-after-reload"))
+        .assert_ok("after the reload, with the key");
+}
