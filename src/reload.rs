@@ -17,10 +17,10 @@ use serde_json::json;
 use crate::admin;
 use crate::config::{Cli, Config, TlsSettings};
 use crate::door::listener::{DoorOptions, Listening};
-use crate::door::tls::{self, Reloadable, SniResolver};
 use crate::engine::Engine;
 use crate::limits::Limits;
 use crate::live::Live;
+use crate::net::tls::{self, Reloadable, SniResolver};
 use crate::stream::StreamHandler;
 use crate::upstream::Upstream;
 

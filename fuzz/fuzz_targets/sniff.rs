@@ -3,8 +3,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use rtmpgate::door::proxy_protocol::{self, Parsed};
+use rtmpgate::net::proxy_protocol::{self, Parsed};
 use rtmpgate::door::sniff::{self, Verdict};
+use rtmpgate::net::short_hex;
 
 fuzz_target!(|data: &[u8]| {
     let full = sniff::classify(data);
@@ -14,7 +15,7 @@ fuzz_target!(|data: &[u8]| {
             break;
         }
     }
-    let _ = sniff::short_hex(data);
+    let _ = short_hex(data);
     if let Ok(Parsed::Header { len, .. }) = proxy_protocol::parse(data) {
         assert!(len <= data.len());
     }

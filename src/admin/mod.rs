@@ -34,9 +34,9 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::door::rtmpt::Tunnel;
 use crate::door::sessions::Sessions;
-use crate::door::tls::{self, SniResolver};
 use crate::engine::Engine;
 use crate::live::Live;
+use crate::net::tls::{self, SniResolver};
 use crate::upstream::UpstreamSettings;
 
 /// How often the status page's bandwidth history is sampled, and how many samples are kept
@@ -233,14 +233,7 @@ pub fn start(settings: &AdminSettings, state: Arc<State>) -> anyhow::Result<Opti
 }
 
 fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    #[cfg(unix)]
-    socket.set_reuse_address(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(128)?;
-    Ok(socket.into())
+    crate::net::socket::bind_listener(addr, None, 128)
 }
 
 async fn serve(listener: std::net::TcpListener, tls: Option<TlsAcceptor>, state: Arc<State>) {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::door::tls::CertSource;
+use crate::net::tls::CertSource;
 
 /// The admin address when neither `--admin` nor `[admin] listen` says otherwise.
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:9935";

@@ -5,7 +5,6 @@
 pub mod conn;
 pub mod tunnel;
 
-use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -16,124 +15,11 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+/// The client's URLs are the gateway's: one type and one parser, in [`crate::net::url`].
+pub use crate::net::url::{RtmpUrl, Scheme};
 pub use conn::{ClientError, RtmpConnection};
 
 use crate::stream::ByteStream;
-
-/// The transports the client speaks, named by their URL schemes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Scheme {
-    Rtmp,
-    Rtmps,
-    Rtmpt,
-    Rtmpts,
-}
-
-impl Scheme {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Scheme::Rtmp => "rtmp",
-            Scheme::Rtmps => "rtmps",
-            Scheme::Rtmpt => "rtmpt",
-            Scheme::Rtmpts => "rtmpts",
-        }
-    }
-
-    /// The port a URL without one means (the ports Flash used).
-    pub fn default_port(self) -> u16 {
-        match self {
-            Scheme::Rtmp => 1935,
-            Scheme::Rtmps | Scheme::Rtmpts => 443,
-            Scheme::Rtmpt => 80,
-        }
-    }
-
-    pub fn is_tls(self) -> bool {
-        matches!(self, Scheme::Rtmps | Scheme::Rtmpts)
-    }
-
-    pub fn is_tunnel(self) -> bool {
-        matches!(self, Scheme::Rtmpt | Scheme::Rtmpts)
-    }
-}
-
-impl fmt::Display for Scheme {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// `SCHEME://HOST[:PORT]/APP[/STREAM]`, as ffmpeg takes it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RtmpUrl {
-    pub scheme: Scheme,
-    pub host: String,
-    pub port: u16,
-    pub app: String,
-    /// Stream name; empty when the URL names only the application.
-    pub stream: String,
-}
-
-impl RtmpUrl {
-    /// Parses a URL; the stream name is everything after the first path segment.
-    pub fn parse(s: &str) -> Result<Self, ClientError> {
-        let bad = |why: &str| ClientError::Url(format!("{s:?}: {why}"));
-        let (scheme, rest) = s
-            .split_once("://")
-            .ok_or_else(|| bad("expected SCHEME://HOST[:PORT]/APP[/STREAM]"))?;
-        let scheme = match scheme.to_ascii_lowercase().as_str() {
-            "rtmp" => Scheme::Rtmp,
-            "rtmps" => Scheme::Rtmps,
-            "rtmpt" => Scheme::Rtmpt,
-            "rtmpts" => Scheme::Rtmpts,
-            _ => return Err(bad("scheme must be rtmp, rtmps, rtmpt or rtmpts")),
-        };
-        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
-        let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
-            let (h, after) = bracketed
-                .split_once(']')
-                .ok_or_else(|| bad("unclosed [ in the host"))?;
-            let port = match after.strip_prefix(':') {
-                Some(p) => p.parse().map_err(|_| bad("port is not a number"))?,
-                None if after.is_empty() => scheme.default_port(),
-                None => return Err(bad("junk after ]")),
-            };
-            (h, port)
-        } else {
-            match authority.rsplit_once(':') {
-                Some((h, p)) => (h, p.parse().map_err(|_| bad("port is not a number"))?),
-                None => (authority, scheme.default_port()),
-            }
-        };
-        if host.is_empty() {
-            return Err(bad("no host"));
-        }
-        let (app, stream) = path.split_once('/').unwrap_or((path, ""));
-        if app.is_empty() {
-            return Err(bad("no application name (e.g. /live)"));
-        }
-        Ok(RtmpUrl {
-            scheme,
-            host: host.to_owned(),
-            port,
-            app: app.to_owned(),
-            stream: stream.to_owned(),
-        })
-    }
-
-    /// The tcUrl sent in `connect`: the URL up to and including the application.
-    pub fn tc_url(&self) -> String {
-        format!("{}://{}:{}/{}", self.scheme, self.host, self.port, self.app)
-    }
-
-    /// The same URL with another stream name.
-    pub fn with_stream(&self, stream: &str) -> Self {
-        RtmpUrl {
-            stream: stream.to_owned(),
-            ..self.clone()
-        }
-    }
-}
 
 /// How TLS servers are checked.
 #[derive(Clone, Debug, Default)]
@@ -163,10 +49,8 @@ impl TlsOptions {
                     let pem = std::fs::read(path).map_err(|e| {
                         ClientError::Tls(format!("cannot read CA file {}: {e}", path.display()))
                     })?;
-                    let certs: Vec<CertificateDer<'static>> =
-                        rustls_pemfile_certs(&pem).map_err(|e| {
-                            ClientError::Tls(format!("CA file {}: {e}", path.display()))
-                        })?;
+                    let certs = crate::net::tls::certs_from_pem(&pem, path)
+                        .map_err(|e| ClientError::Tls(format!("CA file: {e}")))?;
                     let (added, _) = roots.add_parsable_certificates(certs);
                     if added == 0 {
                         return Err(ClientError::Tls(format!(
@@ -184,13 +68,6 @@ impl TlsOptions {
         };
         Ok(TlsConnector::from(Arc::new(config)))
     }
-}
-
-fn rustls_pemfile_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
-    use rustls::pki_types::pem::PemObject;
-    CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("not PEM certificates: {e}"))
 }
 
 /// Accepts every server certificate but still checks the handshake signatures, so the
@@ -296,29 +173,4 @@ pub async fn open_transport(
 /// The peer address of a URL, for messages.
 pub fn describe(url: &RtmpUrl) -> String {
     format!("{}://{}:{}", url.scheme, url.host, url.port)
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_urls_like_ffmpeg() {
-        let u = RtmpUrl::parse("rtmpt://127.0.0.1:8080/live/bench0").unwrap();
-        assert_eq!(u.scheme, Scheme::Rtmpt);
-        assert_eq!(u.port, 8080);
-        assert_eq!(u.app, "live");
-        assert_eq!(u.stream, "bench0");
-        assert_eq!(u.tc_url(), "rtmpt://127.0.0.1:8080/live");
-        let u = RtmpUrl::parse("rtmps://localhost/live").unwrap();
-        assert_eq!(u.port, 443);
-        assert_eq!(u.stream, "");
-        let u = RtmpUrl::parse("rtmp://[::1]:1935/a/b/c").unwrap();
-        assert_eq!(u.host, "::1");
-        assert_eq!(u.stream, "b/c");
-        assert!(RtmpUrl::parse("http://x/live").is_err());
-        assert!(RtmpUrl::parse("rtmp://x").is_err());
-        assert!(RtmpUrl::parse("rtmp://x:abc/live").is_err());
-    }
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::Parser;
 use serde::Deserialize;
 
-use crate::door::proxy_protocol::ProxyVersion;
+use crate::net::proxy_protocol::ProxyVersion;
 
 /// Listeners used when neither `--listen` nor `listen` in the file says otherwise.
 pub const DEFAULT_LISTEN: [&str; 3] = [

@@ -9,9 +9,9 @@ use serde::Deserialize;
 
 use super::{invalid, ConfigError, LogFormat};
 use crate::admin::FileAdmin;
-use crate::door::proxy_protocol::ProxyVersion;
 use crate::engine::EngineConfig;
 use crate::limits::{Limits, MAX_DURATION_SECS};
+use crate::net::proxy_protocol::ProxyVersion;
 
 /// The TOML file, as written. Unknown keys are errors, so typos do not go unnoticed.
 #[derive(Deserialize, Debug, Default)]

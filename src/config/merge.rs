@@ -8,11 +8,11 @@ use std::time::Duration;
 use super::file::{check_duration, FileTls, FileUpstream};
 use super::{invalid, Cli, Config, ConfigError, FileConfig, SniCert, TlsSettings, DEFAULT_LISTEN};
 use crate::admin::AdminSettings;
-use crate::door::tls::CertSource;
 use crate::engine::EngineConfig;
 use crate::limits::Limits;
 use crate::net::addr::Cidr;
-use crate::net::url::{parse_listen, parse_upstream, ListenUrl};
+use crate::net::tls::CertSource;
+use crate::net::url::{parse_listen, parse_upstream, RtmpUrl};
 use crate::upstream::UpstreamSettings;
 
 impl Config {
@@ -76,8 +76,8 @@ impl Config {
 
 /// `--listen` replaces the file's `listen` list; neither means [`DEFAULT_LISTEN`]. Two
 /// listeners on one host and port are refused.
-fn listeners(cli: &Cli, file: Option<&[String]>) -> Result<Vec<ListenUrl>, ConfigError> {
-    let listen: Vec<ListenUrl> = if !cli.listen.is_empty() {
+fn listeners(cli: &Cli, file: Option<&[String]>) -> Result<Vec<RtmpUrl>, ConfigError> {
+    let listen: Vec<RtmpUrl> = if !cli.listen.is_empty() {
         cli.listen
             .iter()
             .map(|u| parse_listen("--listen", u))
@@ -119,7 +119,7 @@ fn listeners(cli: &Cli, file: Option<&[String]>) -> Result<Vec<ListenUrl>, Confi
 fn tls(
     cli: &Cli,
     file: FileTls,
-    listen: &[ListenUrl],
+    listen: &[RtmpUrl],
     rel: &impl Fn(PathBuf) -> PathBuf,
     dev_cert: impl FnOnce() -> Option<CertSource>,
 ) -> Result<Option<TlsSettings>, ConfigError> {

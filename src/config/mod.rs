@@ -29,11 +29,11 @@ pub use file::{parse_file, FileConfig};
 pub use merge::find_dev_cert;
 
 use crate::admin::{AdminSettings, AdminSettingsError};
-use crate::door::tls::CertSource;
 use crate::engine::EngineConfig;
 use crate::limits::Limits;
 use crate::net::addr::{Cidr, CidrError};
-use crate::net::url::{ListenUrl, UrlError};
+use crate::net::tls::CertSource;
+use crate::net::url::{RtmpUrl, UrlError};
 use crate::upstream::UpstreamSettings;
 
 /// A configuration mistake, naming the flag or key and the fix.
@@ -83,7 +83,7 @@ pub struct TlsSettings {
 /// The validated, merged configuration the program runs with.
 #[derive(Clone, Debug)]
 pub struct Config {
-    pub listen: Vec<ListenUrl>,
+    pub listen: Vec<RtmpUrl>,
     /// Present whenever some listener uses TLS.
     pub tls: Option<TlsSettings>,
     pub upstream: Option<UpstreamSettings>,

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use clap::Parser;
 
 use super::*;
-use crate::door::proxy_protocol::ProxyVersion;
-use crate::net::url::ListenScheme;
+use crate::net::proxy_protocol::ProxyVersion;
+use crate::net::url::Scheme;
 
 fn cli(args: &[&str]) -> Cli {
     let mut all = vec!["rtmpgate"];
@@ -72,7 +72,7 @@ fn flags_win_over_file() {
     )
     .unwrap();
     assert_eq!(c.listen.len(), 1);
-    assert_eq!(c.listen[0].scheme, ListenScheme::Rtmps);
+    assert_eq!(c.listen[0].scheme, Scheme::Rtmps);
     let up = c.upstream.unwrap();
     assert_eq!(up.url.host, "10.0.0.2");
     assert_eq!(up.proxy_protocol, Some(ProxyVersion::V2));

@@ -18,15 +18,17 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
 use crate::door::admit::{ConnLimiter, PeerLines};
-use crate::door::proxy_protocol;
 use crate::door::rtmpe;
 use crate::door::rtmpt::Tunnel;
-use crate::door::sniff::{self, short_hex, Kind};
+use crate::door::sniff::{self, Kind};
 use crate::limits::Limits;
 use crate::live::Live;
 use crate::metrics::{self, Refusal};
 use crate::net::addr::Cidr;
-use crate::net::url::{ListenScheme, ListenUrl};
+use crate::net::proxy_protocol;
+use crate::net::short_hex;
+use crate::net::socket::{bind_listener, tune_socket};
+use crate::net::url::{RtmpUrl, Scheme};
 use crate::stream::{ByteStream, ClientStream, Prefixed, StreamHandler, Transport};
 
 /// How the door treats connections, beyond the listener list.
@@ -59,7 +61,7 @@ pub enum BindError {
     NoTls { url: String },
 }
 
-fn bind_hint(e: &io::Error, addr: SocketAddr, scheme: ListenScheme) -> String {
+fn bind_hint(e: &io::Error, addr: SocketAddr, scheme: Scheme) -> String {
     match e.kind() {
         io::ErrorKind::PermissionDenied => {
             let alt = if scheme.is_tls() { 8443 } else { 8080 };
@@ -96,8 +98,8 @@ struct Ctx {
 /// One bound socket and what it was asked to be.
 struct Bound {
     /// The listener as configured (what a reload compares).
-    url: ListenUrl,
-    scheme: ListenScheme,
+    url: RtmpUrl,
+    scheme: Scheme,
     listener: TcpListener,
     local: SocketAddr,
 }
@@ -111,7 +113,7 @@ pub struct Door {
 impl Door {
     /// Binds every listener (a host name binds each address it resolves to).
     pub async fn bind(
-        urls: &[ListenUrl],
+        urls: &[RtmpUrl],
         opts: DoorOptions,
         handler: StreamHandler,
     ) -> Result<Door, BindError> {
@@ -150,7 +152,7 @@ impl Door {
     }
 
     /// The bound addresses, in listener order.
-    pub fn local_addrs(&self) -> Vec<(ListenScheme, SocketAddr)> {
+    pub fn local_addrs(&self) -> Vec<(Scheme, SocketAddr)> {
         self.bound.iter().map(|b| (b.scheme, b.local)).collect()
     }
 
@@ -170,7 +172,7 @@ impl Door {
 
 /// One accepting socket of the live listener set.
 struct Running {
-    url: ListenUrl,
+    url: RtmpUrl,
     local: SocketAddr,
     label: Arc<str>,
     task: JoinHandle<()>,
@@ -263,10 +265,10 @@ impl Listening {
     /// returned.
     pub async fn apply(
         &self,
-        urls: &[ListenUrl],
+        urls: &[RtmpUrl],
         opts: DoorOptions,
     ) -> Result<ListenerChange, BindError> {
-        let (current, removed_locals): (Vec<ListenUrl>, Vec<SocketAddr>) = {
+        let (current, removed_locals): (Vec<RtmpUrl>, Vec<SocketAddr>) = {
             let running = self.lock();
             (
                 running.iter().map(|r| r.url.clone()).collect(),
@@ -277,7 +279,7 @@ impl Listening {
                     .collect(),
             )
         };
-        let mut added: Vec<&ListenUrl> = Vec::new();
+        let mut added: Vec<&RtmpUrl> = Vec::new();
         for url in urls {
             if !current.contains(url) && !added.contains(&url) {
                 added.push(url);
@@ -343,7 +345,7 @@ impl Listening {
     }
 
     /// After a failed change: binds the removed listeners again (best effort, logged).
-    async fn restore(&self, removed: &[ListenUrl], all: &[ListenUrl]) {
+    async fn restore(&self, removed: &[RtmpUrl], all: &[RtmpUrl]) {
         let opts = self.ctx.opts.get();
         for url in removed {
             match bind_all(std::slice::from_ref(url), all, opts.tls.is_some()).await {
@@ -371,8 +373,8 @@ impl Listening {
 /// Linux, which would collide with an IPv4 listener on the same port, so when the list has
 /// both, the IPv6 one takes IPv6 only (as nginx does).
 async fn bind_all(
-    urls: &[ListenUrl],
-    all: &[ListenUrl],
+    urls: &[RtmpUrl],
+    all: &[RtmpUrl],
     have_tls: bool,
 ) -> Result<Vec<Bound>, BindError> {
     let mut bound = Vec::with_capacity(urls.len());
@@ -397,11 +399,13 @@ async fn bind_all(
             .collect();
         for addr in addrs {
             let v6_only = addr.is_ipv6() && v4_ports.contains(&addr.port());
-            let listener = bind_tcp(addr, v6_only).map_err(|source| BindError::Bind {
-                url: url.to_string(),
-                hint: bind_hint(&source, addr, url.scheme),
-                source,
-            })?;
+            let listener = bind_listener(addr, Some(v6_only), 1024)
+                .and_then(TcpListener::from_std)
+                .map_err(|source| BindError::Bind {
+                    url: url.to_string(),
+                    hint: bind_hint(&source, addr, url.scheme),
+                    source,
+                })?;
             let local = listener.local_addr().unwrap_or(addr);
             bound.push(Bound {
                 url: url.clone(),
@@ -480,7 +484,7 @@ async fn handle(
     mut tcp: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
-    scheme: ListenScheme,
+    scheme: Scheme,
     label: Arc<str>,
 ) {
     let _open = metrics::global().connection();
@@ -651,35 +655,6 @@ fn log_unknown(peer: SocketAddr, label: &str, head: &[u8], lines: &PeerLines) {
             short_hex(head)
         )
     });
-}
-
-/// A listening socket with SO_REUSEADDR (restarts do not wait for TIME_WAIT) and, when asked,
-/// IPV6_V6ONLY.
-fn bind_tcp(addr: SocketAddr, v6_only: bool) -> io::Result<TcpListener> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(v6_only)?;
-    }
-    #[cfg(unix)]
-    socket.set_reuse_address(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(1024)?;
-    TcpListener::from_std(socket.into())
-}
-
-/// TCP_NODELAY (RTMP writes whole messages; waiting for more only adds latency) and TCP
-/// keepalive, so a client that vanished without a FIN is noticed within about 90 s even when
-/// nothing is being sent to it.
-pub fn tune_socket(tcp: &TcpStream) {
-    let _ = tcp.set_nodelay(true);
-    let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
-    #[cfg(target_os = "linux")]
-    let keepalive = keepalive
-        .with_interval(Duration::from_secs(10))
-        .with_retries(3);
-    let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&keepalive);
 }
 
 fn describe(kind: Kind) -> &'static str {
@@ -880,7 +855,7 @@ fn rtmpe_failed(
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use crate::door::tls::{self as dtls, CertSource, SniResolver};
+    use crate::net::tls::{self as dtls, CertSource, SniResolver};
     use crate::net::url::parse_listen;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::sync::mpsc;
@@ -907,11 +882,11 @@ mod tests {
         limits: Limits,
         accept_proxy_protocol: bool,
     ) -> (
-        Vec<(ListenScheme, SocketAddr)>,
+        Vec<(Scheme, SocketAddr)>,
         mpsc::UnboundedReceiver<(Transport, SocketAddr)>,
         watch::Sender<bool>,
     ) {
-        let urls: Vec<ListenUrl> = urls.iter().map(|u| parse_listen("t", u).unwrap()).collect();
+        let urls: Vec<RtmpUrl> = urls.iter().map(|u| parse_listen("t", u).unwrap()).collect();
         let key = dtls::load_certified_key(&CertSource::EmbeddedDev).unwrap();
         let tls = dtls::server_config(SniResolver::new(key)).unwrap();
         let (tx, rx) = mpsc::unbounded_channel();
@@ -1079,12 +1054,12 @@ mod tests {
     fn bind_hints() {
         let addr: SocketAddr = "0.0.0.0:443".parse().unwrap();
         let denied = io::Error::from(io::ErrorKind::PermissionDenied);
-        let hint = bind_hint(&denied, addr, ListenScheme::Rtmps);
+        let hint = bind_hint(&denied, addr, Scheme::Rtmps);
         assert!(
             hint.contains("CAP_NET_BIND_SERVICE") && hint.contains("8443"),
             "{hint}"
         );
         let used = io::Error::from(io::ErrorKind::AddrInUse);
-        assert!(bind_hint(&used, addr, ListenScheme::Rtmp).contains("port 443"));
+        assert!(bind_hint(&used, addr, Scheme::Rtmp).contains("port 443"));
     }
 }

@@ -3,11 +3,9 @@
 pub mod admit;
 pub mod fdlimit;
 pub mod listener;
-pub mod proxy_protocol;
 pub mod rtmpe;
 pub mod rtmpt;
 pub mod sessions;
 pub mod sniff;
-pub mod tls;
 
 pub use listener::{BindError, Door, DoorOptions};

@@ -5,8 +5,6 @@
 //! [`sniff`] reads until [`classify`] decides, and hands back every byte it read so the
 //! caller can replay them through [`crate::stream::Prefixed`].
 
-use std::fmt::Write as _;
-
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
@@ -102,25 +100,6 @@ pub async fn sniff_with<S: AsyncRead + Unpin>(
     }
 }
 
-/// The first bytes as short hex for a log line: `16 03 01 02 00 01 00 01` (at most 16).
-pub fn short_hex(bytes: &[u8]) -> String {
-    const SHOWN: usize = 16;
-    let mut out = String::with_capacity(SHOWN * 3 + 4);
-    for (i, b) in bytes.iter().take(SHOWN).enumerate() {
-        if i > 0 {
-            out.push(' ');
-        }
-        let _ = write!(out, "{b:02x}");
-    }
-    if bytes.len() > SHOWN {
-        out.push_str(" ...");
-    }
-    if bytes.is_empty() {
-        out.push_str("(nothing)");
-    }
-    out
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
@@ -192,12 +171,5 @@ mod tests {
         let (kind, head) = sniff(&mut server).await.unwrap();
         assert_eq!(kind, Kind::Unknown);
         assert!(head.is_empty());
-    }
-
-    #[test]
-    fn hex_is_short() {
-        assert_eq!(short_hex(&[0x16, 0x03, 0x01]), "16 03 01");
-        assert_eq!(short_hex(&[]), "(nothing)");
-        assert!(short_hex(&[0u8; 40]).ends_with(" ..."));
     }
 }

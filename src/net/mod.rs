@@ -5,6 +5,16 @@
 //! | --- | --- |
 //! | [`url`] | listener and upstream URLs (`scheme://host[:port]`) |
 //! | [`addr`] | address ranges (`trusted_proxies`) and per-address grouping (IPv6 prefixes) |
+//! | [`tls`] | TLS server and client configuration, the one PEM loader, SNI certificates |
+//! | [`proxy_protocol`] | PROXY protocol v1/v2: encode (to a backend), parse (from a load balancer) |
+//! | [`socket`] | binding listening sockets, the options every TCP connection gets |
+//! | [`hex`] | a peer's first bytes, short, for log lines |
 
 pub mod addr;
+pub mod hex;
+pub mod proxy_protocol;
+pub mod socket;
+pub mod tls;
 pub mod url;
+
+pub use hex::short_hex;

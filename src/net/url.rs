@@ -1,7 +1,10 @@
-//! Listener and upstream URLs: `scheme://host[:port]`, parsed once for every caller.
+//! RTMP URLs, one type and one parser for every caller: `scheme://host[:port][/app[/stream]]`.
 //!
-//! Errors name the setting that held the URL (`--listen`, `listen[1]`, `upstream.url`) and
-//! say how to write it.
+//! A listener (`--listen`) and the backend (`--upstream`) name only `scheme://host:port`;
+//! the client (load generator, tests) also names the application and stream, as ffmpeg
+//! takes them. The four URL schemes are [`Scheme`]; RTMPE is not one of them (it is sniffed
+//! on every plain listener). Errors name the setting that held the URL (`--listen`,
+//! `listen[1]`, `upstream.url`, `url`) and say how to write it.
 
 use std::fmt;
 
@@ -20,110 +23,161 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> UrlError {
     }
 }
 
-/// The transports a listener URL may name.
+/// The URL schemes: the transport a listener accepts or a client connects with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ListenScheme {
+pub enum Scheme {
+    /// RTMP over TCP.
     Rtmp,
-    Rtmpt,
+    /// RTMP over TLS.
     Rtmps,
+    /// RTMP tunnelled through HTTP POSTs.
+    Rtmpt,
+    /// The HTTP tunnel over TLS.
     Rtmpts,
 }
 
-impl ListenScheme {
+impl Scheme {
+    /// The scheme a URL names (any case), if it is one of the four.
+    pub fn from_name(name: &str) -> Option<Scheme> {
+        match name.to_ascii_lowercase().as_str() {
+            "rtmp" => Some(Scheme::Rtmp),
+            "rtmps" => Some(Scheme::Rtmps),
+            "rtmpt" => Some(Scheme::Rtmpt),
+            "rtmpts" => Some(Scheme::Rtmpts),
+            _ => None,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
-            ListenScheme::Rtmp => "rtmp",
-            ListenScheme::Rtmpt => "rtmpt",
-            ListenScheme::Rtmps => "rtmps",
-            ListenScheme::Rtmpts => "rtmpts",
+            Scheme::Rtmp => "rtmp",
+            Scheme::Rtmps => "rtmps",
+            Scheme::Rtmpt => "rtmpt",
+            Scheme::Rtmpts => "rtmpts",
         }
     }
 
-    /// TLS listeners run the TLS handshake before sniffing.
-    pub fn is_tls(self) -> bool {
-        matches!(self, ListenScheme::Rtmps | ListenScheme::Rtmpts)
-    }
-
-    fn default_port(self) -> u16 {
+    /// The port a URL without one means (the ports Flash used).
+    pub fn default_port(self) -> u16 {
         match self {
-            ListenScheme::Rtmp => 1935,
-            ListenScheme::Rtmpt => 80,
-            ListenScheme::Rtmps | ListenScheme::Rtmpts => 443,
+            Scheme::Rtmp => 1935,
+            Scheme::Rtmpt => 80,
+            Scheme::Rtmps | Scheme::Rtmpts => 443,
         }
+    }
+
+    /// TLS first: a TLS listener runs the TLS handshake before sniffing.
+    pub fn is_tls(self) -> bool {
+        matches!(self, Scheme::Rtmps | Scheme::Rtmpts)
+    }
+
+    /// The HTTP tunnel (RTMPT).
+    pub fn is_tunnel(self) -> bool {
+        matches!(self, Scheme::Rtmpt | Scheme::Rtmpts)
     }
 }
 
-/// A parsed `--listen` URL: scheme, host (IP literal or name) and port.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ListenUrl {
-    pub scheme: ListenScheme,
-    pub host: String,
-    pub port: u16,
+impl fmt::Display for Scheme {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
-impl fmt::Display for ListenUrl {
+/// A parsed URL. `app` and `stream` are empty for a listener or the backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RtmpUrl {
+    pub scheme: Scheme,
+    /// An IP literal (IPv6 without brackets) or a name.
+    pub host: String,
+    pub port: u16,
+    pub app: String,
+    /// Stream name; empty when the URL names only the application.
+    pub stream: String,
+}
+
+/// `scheme://host:port`, an IPv6 host in brackets, then `/app/stream` when there are.
+impl fmt::Display for RtmpUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.host.contains(':') {
-            write!(
-                f,
-                "{}://[{}]:{}",
-                self.scheme.as_str(),
-                self.host,
-                self.port
+            write!(f, "{}://[{}]:{}", self.scheme, self.host, self.port)?;
+        } else {
+            write!(f, "{}://{}:{}", self.scheme, self.host, self.port)?;
+        }
+        if !self.app.is_empty() {
+            write!(f, "/{}", self.app)?;
+        }
+        if !self.stream.is_empty() {
+            write!(f, "/{}", self.stream)?;
+        }
+        Ok(())
+    }
+}
+
+impl RtmpUrl {
+    /// Parses a client URL, `SCHEME://HOST[:PORT]/APP[/STREAM]` as ffmpeg takes it: the
+    /// stream name is everything after the first path segment.
+    pub fn parse(url: &str) -> Result<RtmpUrl, UrlError> {
+        const KEY: &str = "url";
+        let (scheme, rest) = split_scheme(KEY, url, "rtmp://localhost/live/stream")?;
+        let scheme = Scheme::from_name(scheme).ok_or_else(|| {
+            invalid(
+                KEY,
+                format!("'{url}': unknown scheme '{scheme}'; use rtmp, rtmps, rtmpt or rtmpts"),
             )
-        } else {
-            write!(f, "{}://{}:{}", self.scheme.as_str(), self.host, self.port)
+        })?;
+        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let (host, port) = split_host_port(KEY, url, authority)?;
+        let (app, stream) = path.split_once('/').unwrap_or((path, ""));
+        if app.is_empty() {
+            return Err(invalid(
+                KEY,
+                format!("'{url}' has no application name; write e.g. {scheme}://{host}/live"),
+            ));
+        }
+        Ok(RtmpUrl {
+            scheme,
+            host: host.to_owned(),
+            port: port.unwrap_or(scheme.default_port()),
+            app: app.to_owned(),
+            stream: stream.to_owned(),
+        })
+    }
+
+    /// The tcUrl sent in `connect`: the URL up to and including the application.
+    pub fn tc_url(&self) -> String {
+        format!("{}://{}:{}/{}", self.scheme, self.host, self.port, self.app)
+    }
+
+    /// The same URL with another stream name.
+    pub fn with_stream(&self, stream: &str) -> Self {
+        RtmpUrl {
+            stream: stream.to_owned(),
+            ..self.clone()
         }
     }
 }
 
-/// Upstream URL schemes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum UpstreamScheme {
-    Rtmp,
-    Rtmps,
-}
-
-/// A parsed `--upstream` URL.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct UpstreamUrl {
-    pub scheme: UpstreamScheme,
-    pub host: String,
-    pub port: u16,
-}
-
-impl fmt::Display for UpstreamUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let scheme = match self.scheme {
-            UpstreamScheme::Rtmp => "rtmp",
-            UpstreamScheme::Rtmps => "rtmps",
-        };
-        if self.host.contains(':') {
-            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{scheme}://{}:{}", self.host, self.port)
-        }
-    }
-}
-
-/// Splits `scheme://host[:port][/]` into its parts; the host may be `[v6]`.
-fn split_url<'a>(key: &str, url: &'a str) -> Result<(&'a str, &'a str, Option<u16>), UrlError> {
-    let (scheme, rest) = url.split_once("://").ok_or_else(|| {
+/// Splits `scheme://rest`; `example` shows the expected shape in the error.
+fn split_scheme<'a>(
+    key: &str,
+    url: &'a str,
+    example: &str,
+) -> Result<(&'a str, &'a str), UrlError> {
+    url.split_once("://").ok_or_else(|| {
         invalid(
             key,
-            format!(
-                "'{url}' is not a URL; write it as scheme://host:port, e.g. rtmp://0.0.0.0:1935"
-            ),
+            format!("'{url}' is not a URL; write it as scheme://host:port, e.g. {example}"),
         )
-    })?;
-    let rest = rest.strip_suffix('/').unwrap_or(rest);
-    if rest.contains('/') || rest.contains('?') || rest.contains('@') {
-        return Err(invalid(
-            key,
-            format!("'{url}' has a path, query or user part; give only scheme://host:port (the client's app and stream names pass through unchanged)"),
-        ));
-    }
-    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+    })
+}
+
+/// Splits `host[:port]`; the host may be `[v6]`, and an IPv6 host must be.
+fn split_host_port<'a>(
+    key: &str,
+    url: &str,
+    authority: &'a str,
+) -> Result<(&'a str, Option<u16>), UrlError> {
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
         let (host, after) = v6.split_once(']').ok_or_else(|| {
             invalid(
                 key,
@@ -138,15 +192,15 @@ fn split_url<'a>(key: &str, url: &'a str) -> Result<(&'a str, &'a str, Option<u1
             ),
         };
         (host, port)
-    } else if rest.matches(':').count() > 1 {
+    } else if authority.matches(':').count() > 1 {
         return Err(invalid(
             key,
             format!("'{url}': put an IPv6 address in brackets, e.g. rtmp://[::]:1935"),
         ));
     } else {
-        match rest.split_once(':') {
+        match authority.split_once(':') {
             Some((h, p)) => (h, Some(p)),
-            None => (rest, None),
+            None => (authority, None),
         }
     };
     if host.is_empty() {
@@ -164,61 +218,85 @@ fn split_url<'a>(key: &str, url: &'a str) -> Result<(&'a str, &'a str, Option<u1
             )
         })?),
     };
+    Ok((host, port))
+}
+
+/// Splits a listener or backend URL, `scheme://host[:port][/]`, refusing a path: the
+/// client's app and stream names pass through unchanged.
+fn split_endpoint<'a>(
+    key: &str,
+    url: &'a str,
+) -> Result<(&'a str, &'a str, Option<u16>), UrlError> {
+    let (scheme, rest) = split_scheme(key, url, "rtmp://0.0.0.0:1935")?;
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.contains('/') || rest.contains('?') || rest.contains('@') {
+        return Err(invalid(
+            key,
+            format!("'{url}' has a path, query or user part; give only scheme://host:port (the client's app and stream names pass through unchanged)"),
+        ));
+    }
+    let (host, port) = split_host_port(key, url, rest)?;
     Ok((scheme, host, port))
 }
 
-/// Parses one listener URL.
-pub fn parse_listen(key: &str, url: &str) -> Result<ListenUrl, UrlError> {
-    let (scheme, host, port) = split_url(key, url)?;
-    let scheme = match scheme.to_ascii_lowercase().as_str() {
-        "rtmp" => ListenScheme::Rtmp,
-        "rtmpt" => ListenScheme::Rtmpt,
-        "rtmps" => ListenScheme::Rtmps,
-        "rtmpts" => ListenScheme::Rtmpts,
-        "rtmpe" | "rtmpte" => {
+/// Parses one listener URL: any of the four schemes.
+pub fn parse_listen(key: &str, url: &str) -> Result<RtmpUrl, UrlError> {
+    let (scheme, host, port) = split_endpoint(key, url)?;
+    let scheme = match Scheme::from_name(scheme) {
+        Some(s) => s,
+        None if matches!(scheme.to_ascii_lowercase().as_str(), "rtmpe" | "rtmpte") => {
             return Err(invalid(
                 key,
                 format!("'{url}': RTMPE is recognised on every rtmp:// and rtmpt:// listener; listen with rtmp:// instead"),
             ))
         }
-        other => {
+        None => {
             return Err(invalid(
                 key,
-                format!("'{url}': unknown scheme '{other}'; use rtmp, rtmpt, rtmps or rtmpts"),
+                format!(
+                    "'{url}': unknown scheme '{}'; use rtmp, rtmpt, rtmps or rtmpts",
+                    scheme.to_ascii_lowercase()
+                ),
             ))
         }
     };
-    Ok(ListenUrl {
+    Ok(RtmpUrl {
         scheme,
         host: host.to_string(),
         port: port.unwrap_or(scheme.default_port()),
+        app: String::new(),
+        stream: String::new(),
     })
 }
 
-/// Parses the upstream URL.
-pub fn parse_upstream(key: &str, url: &str) -> Result<UpstreamUrl, UrlError> {
-    let (scheme, host, port) = split_url(key, url)?;
-    let (scheme, default_port) = match scheme.to_ascii_lowercase().as_str() {
-        "rtmp" => (UpstreamScheme::Rtmp, 1935),
-        "rtmps" => (UpstreamScheme::Rtmps, 443),
-        other => {
+/// Parses the upstream URL: rtmp or rtmps, and a port that can be connected to.
+pub fn parse_upstream(key: &str, url: &str) -> Result<RtmpUrl, UrlError> {
+    let (scheme, host, port) = split_endpoint(key, url)?;
+    let scheme = match Scheme::from_name(scheme) {
+        Some(s @ (Scheme::Rtmp | Scheme::Rtmps)) => s,
+        _ => {
             return Err(invalid(
                 key,
-                format!("'{url}': the upstream scheme must be rtmp or rtmps, not '{other}'"),
+                format!(
+                    "'{url}': the upstream scheme must be rtmp or rtmps, not '{}'",
+                    scheme.to_ascii_lowercase()
+                ),
             ))
         }
     };
-    let port = port.unwrap_or(default_port);
+    let port = port.unwrap_or(scheme.default_port());
     if port == 0 {
         return Err(invalid(
             key,
             format!("'{url}': port 0 cannot be connected to"),
         ));
     }
-    Ok(UpstreamUrl {
+    Ok(RtmpUrl {
         scheme,
         host: host.to_string(),
         port,
+        app: String::new(),
+        stream: String::new(),
     })
 }
 
@@ -230,7 +308,7 @@ mod tests {
     #[test]
     fn listen_urls() {
         let l = parse_listen("k", "rtmps://[::1]:0").unwrap();
-        assert_eq!(l.scheme, ListenScheme::Rtmps);
+        assert_eq!(l.scheme, Scheme::Rtmps);
         assert_eq!(l.host, "::1");
         assert_eq!(l.to_string(), "rtmps://[::1]:0");
         assert_eq!(parse_listen("k", "rtmpt://0.0.0.0").unwrap().port, 80);
@@ -252,9 +330,38 @@ mod tests {
     #[test]
     fn upstream_urls() {
         let u = parse_upstream("k", "rtmps://backend.example.com").unwrap();
-        assert_eq!(u.scheme, UpstreamScheme::Rtmps);
+        assert_eq!(u.scheme, Scheme::Rtmps);
         assert_eq!(u.port, 443);
+        assert_eq!(u.to_string(), "rtmps://backend.example.com:443");
         assert!(parse_upstream("k", "rtmpt://x:80").is_err());
         assert!(parse_upstream("k", "rtmp://x:0").is_err());
+    }
+
+    #[test]
+    fn client_urls_like_ffmpeg() {
+        let u = RtmpUrl::parse("rtmpt://127.0.0.1:8080/live/bench0").unwrap();
+        assert_eq!(u.scheme, Scheme::Rtmpt);
+        assert_eq!(u.port, 8080);
+        assert_eq!(u.app, "live");
+        assert_eq!(u.stream, "bench0");
+        assert_eq!(u.tc_url(), "rtmpt://127.0.0.1:8080/live");
+        assert_eq!(u.to_string(), "rtmpt://127.0.0.1:8080/live/bench0");
+        let u = RtmpUrl::parse("rtmps://localhost/live").unwrap();
+        assert_eq!(u.port, 443);
+        assert_eq!(u.stream, "");
+        let u = RtmpUrl::parse("rtmp://[::1]:1935/a/b/c").unwrap();
+        assert_eq!(u.host, "::1");
+        assert_eq!(u.stream, "b/c");
+        let u = RtmpUrl::parse("rtmp://h/live/key?token=1").unwrap();
+        assert_eq!(u.stream, "key?token=1");
+        for bad in [
+            "http://x/live",
+            "rtmp://x",
+            "rtmp://x:abc/live",
+            "rtmp://x/",
+        ] {
+            let err = RtmpUrl::parse(bad).unwrap_err().to_string();
+            assert!(err.starts_with("url: "), "{err}");
+        }
     }
 }

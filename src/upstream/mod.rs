@@ -31,10 +31,10 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use crate::door::proxy_protocol::{self, ProxyVersion};
-use crate::door::tls::{self, TlsError};
 use crate::limits::Limits;
-use crate::net::url::{UpstreamScheme, UpstreamUrl};
+use crate::net::proxy_protocol::{self, ProxyVersion};
+use crate::net::tls::{self, TlsError};
+use crate::net::url::{RtmpUrl, Scheme};
 use crate::stream::{ClientStream, StreamHandler};
 use guard::RelayGuard;
 use pool::{Backend, Group, Pools};
@@ -53,7 +53,7 @@ const LINGER: Duration = Duration::from_secs(5);
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UpstreamSettings {
     /// The first backend (of the default group if there is one), for status lines.
-    pub url: UpstreamUrl,
+    pub url: RtmpUrl,
     /// Every group (the `--upstream` URLs form the one named `default`).
     pub groups: Vec<settings::GroupSettings>,
     pub relay: RelayMode,
@@ -73,27 +73,27 @@ pub enum UpstreamError {
     NoAddress(String),
     #[error("cannot connect to upstream {url} ({addr}): {source}; is the backend running and reachable?")]
     Connect {
-        url: UpstreamUrl,
+        url: RtmpUrl,
         addr: SocketAddr,
         source: io::Error,
     },
     #[error("connecting to upstream {url} timed out after {secs} s")]
-    ConnectTimeout { url: UpstreamUrl, secs: u64 },
+    ConnectTimeout { url: RtmpUrl, secs: u64 },
     #[error("TLS handshake with upstream {url} failed: {source}; if the backend uses a private CA pass it with --upstream-ca")]
-    Tls { url: UpstreamUrl, source: io::Error },
+    Tls { url: RtmpUrl, source: io::Error },
     #[error("upstream host {0} is not a valid TLS server name")]
     ServerName(String),
     #[error("sending the PROXY protocol header to upstream {url}: {source}")]
-    ProxyHeader { url: UpstreamUrl, source: io::Error },
+    ProxyHeader { url: RtmpUrl, source: io::Error },
     #[error("RTMP handshake with upstream {url} failed: {detail}; is it an RTMP server?")]
-    Handshake { url: UpstreamUrl, detail: String },
+    Handshake { url: RtmpUrl, detail: String },
     #[error(transparent)]
     TlsConfig(#[from] TlsError),
 }
 
 /// How to reach one backend.
 pub struct Connector {
-    pub url: UpstreamUrl,
+    pub url: RtmpUrl,
     tls: Option<(TlsConnector, ServerName<'static>)>,
     proxy_protocol: Option<ProxyVersion>,
 }
@@ -155,18 +155,18 @@ impl AsyncWrite for Leg {
 impl Connector {
     /// Prepares the connector; for rtmps:// this loads the trusted roots (and the extra CA).
     pub fn new(
-        url: &UpstreamUrl,
+        url: &RtmpUrl,
         ca: Option<&std::path::Path>,
         proxy_protocol: Option<ProxyVersion>,
     ) -> Result<Connector, UpstreamError> {
-        let tls = match url.scheme {
-            UpstreamScheme::Rtmp => None,
-            UpstreamScheme::Rtmps => {
-                let config = tls::client_config(ca)?;
-                let name = ServerName::try_from(url.host.clone())
-                    .map_err(|_| UpstreamError::ServerName(url.host.clone()))?;
-                Some((TlsConnector::from(config), name))
-            }
+        // rtmps:// (parse_upstream accepts rtmp and rtmps only).
+        let tls = if url.scheme.is_tls() {
+            let config = tls::client_config(ca)?;
+            let name = ServerName::try_from(url.host.clone())
+                .map_err(|_| UpstreamError::ServerName(url.host.clone()))?;
+            Some((TlsConnector::from(config), name))
+        } else {
+            None
         };
         Ok(Connector {
             url: url.clone(),
@@ -205,7 +205,7 @@ impl Connector {
         let Some(mut tcp) = tcp else {
             return Err(last.unwrap_or_else(|| UpstreamError::NoAddress(self.url.host.clone())));
         };
-        crate::door::listener::tune_socket(&tcp);
+        crate::net::socket::tune_socket(&tcp);
         if let Some(version) = self.proxy_protocol {
             // The header goes outside TLS, as PROXY-aware servers read it before the handshake.
             let header = proxy_protocol::encode(version, peer, local);
@@ -296,7 +296,7 @@ impl Upstream {
     }
 
     /// The first backend of the default group (for status lines).
-    pub fn url(&self) -> &UpstreamUrl {
+    pub fn url(&self) -> &RtmpUrl {
         match self.pools.default_group().and_then(|g| g.backends.first()) {
             Some(b) => &b.connector.url,
             None => unreachable_url(),
@@ -418,12 +418,14 @@ impl Upstream {
 }
 
 /// Never used: a relay always has a group with a backend (the config guarantees it).
-fn unreachable_url() -> &'static UpstreamUrl {
-    static NONE: std::sync::OnceLock<UpstreamUrl> = std::sync::OnceLock::new();
-    NONE.get_or_init(|| UpstreamUrl {
-        scheme: UpstreamScheme::Rtmp,
+fn unreachable_url() -> &'static RtmpUrl {
+    static NONE: std::sync::OnceLock<RtmpUrl> = std::sync::OnceLock::new();
+    NONE.get_or_init(|| RtmpUrl {
+        scheme: Scheme::Rtmp,
         host: "none".to_string(),
         port: 1935,
+        app: String::new(),
+        stream: String::new(),
     })
 }
 

@@ -24,7 +24,7 @@ use super::scan::ChunkScanner;
 use super::{Leg, Upstream, UpstreamError};
 use crate::budget::{Charge, PeerBudget};
 use crate::door::sessions::{self, Role};
-use crate::net::url::UpstreamUrl;
+use crate::net::url::RtmpUrl;
 use crate::rtmp::amf0::{Amf0Value, AmfLimits};
 use crate::rtmp::chunk::ChunkEncoder;
 use crate::rtmp::handshake::{self, ClientHandshake, HandshakeKind, C0C1_LEN, PACKET_LEN};
@@ -43,7 +43,7 @@ pub struct BackendHandshake {
 /// Runs the client side of the RTMP handshake with a backend.
 pub async fn backend_handshake(
     leg: &mut Leg,
-    url: &UpstreamUrl,
+    url: &RtmpUrl,
     h: BackendHandshake,
 ) -> Result<(), UpstreamError> {
     let fail = |detail: String| UpstreamError::Handshake {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::net::url::{parse_upstream, UpstreamUrl};
+use crate::net::url::{parse_upstream, RtmpUrl};
 
 /// A wrong relay setting: the key at fault and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -132,8 +132,8 @@ pub struct GroupSettings {
     pub name: String,
     /// Empty: the default group.
     pub apps: Vec<AppPattern>,
-    pub backends: Vec<UpstreamUrl>,
-    pub backup: Vec<UpstreamUrl>,
+    pub backends: Vec<RtmpUrl>,
+    pub backup: Vec<RtmpUrl>,
     pub balance: Balance,
     pub health: HealthKind,
 }
@@ -193,7 +193,7 @@ pub fn health(
 /// Builds the groups: the `--upstream` URLs (or `[upstream] url`) form the group
 /// `default`; each `[[upstreams]]` table adds one. Returns them and the relay mode.
 pub fn groups(
-    cli_urls: &[UpstreamUrl],
+    cli_urls: &[RtmpUrl],
     file: &[FileGroup],
     relay: Option<RelayMode>,
 ) -> Result<(Vec<GroupSettings>, RelayMode), SettingsError> {
@@ -237,7 +237,7 @@ pub fn groups(
                 ),
             ));
         }
-        let parse = |what: &str, list: &[String]| -> Result<Vec<UpstreamUrl>, SettingsError> {
+        let parse = |what: &str, list: &[String]| -> Result<Vec<RtmpUrl>, SettingsError> {
             list.iter()
                 .map(|u| {
                     parse_upstream(&format!("{key}.{what}"), u)

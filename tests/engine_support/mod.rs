@@ -202,7 +202,7 @@ pub struct DoorServer {
 impl DoorServer {
     pub fn start(cfg: EngineConfig, schemes: &[&str]) -> DoorServer {
         use rtmpgate::door::listener::{Door, DoorOptions};
-        use rtmpgate::door::tls::{self, CertSource, SniResolver};
+        use rtmpgate::net::tls::{self, CertSource, SniResolver};
         use rtmpgate::net::url::parse_listen;
         let rt = runtime();
         let limits = Arc::new(Limits::default());

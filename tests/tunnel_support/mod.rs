@@ -76,7 +76,8 @@ impl Gateway {
     /// The tunnel behind TLS (the dev certificate), reached the way the door does it:
     /// TLS handshake, sniff the first bytes, replay them in front of the TLS stream.
     pub async fn start_tls(backend_port: u16, limits: Limits) -> Gateway {
-        use rtmpgate::door::{sniff, tls};
+        use rtmpgate::door::sniff;
+        use rtmpgate::net::tls;
         let backend = SocketAddr::from(([127, 0, 0, 1], backend_port));
         let tunnel = Tunnel::new(Arc::new(limits), pump_to(backend));
         let key = tls::load_certified_key(&tls::CertSource::EmbeddedDev).unwrap();

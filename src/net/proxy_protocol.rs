@@ -129,9 +129,7 @@ pub fn parse(buf: &[u8]) -> Result<Parsed, ProxyHeaderError> {
     if buf[..n] == b"PROXY "[..n] {
         return parse_v1(buf);
     }
-    Err(ProxyHeaderError::Missing(crate::door::sniff::short_hex(
-        buf,
-    )))
+    Err(ProxyHeaderError::Missing(crate::net::short_hex(buf)))
 }
 
 fn parse_v1(buf: &[u8]) -> Result<Parsed, ProxyHeaderError> {
