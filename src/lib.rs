@@ -23,6 +23,8 @@
 //! | [`config`] | TOML file + flags -> one validated `Config` (`cli`, `file`, `merge`); the settings types live with the modules they configure |
 //! | [`metrics`] | process-wide counters (relaxed atomics) bumped where events happen, read at scrape time |
 //! | [`access`] | the access log: one JSON line per session close, through a bounded queue to a writer thread |
+//! | [`live`] | a setting a reload replaces: snapshotted when a connection or session starts |
+//! | [`reload`] | SIGHUP and `POST /api/v1/reload`: prepare everything that can fail, then switch listeners, certificates, limits, engine settings, upstream, admin token |
 //! | [`admin`] | the admin listener on its own thread and runtime: `/metrics`, `/healthz`, `/readyz`, the JSON API, the status page |
 //!
 //! `main.rs` parses the command line, sets up logging, binds the door and runs until a

@@ -24,13 +24,11 @@ use crate::net::tls::{self, Reloadable, SniResolver};
 use crate::stream::StreamHandler;
 use crate::upstream::Upstream;
 
-/// Limits read by parts built once at start (the RTMPT tunnel, the RTMPE rate table, the
-/// address grouping): a change is named in `restart_needed`, and the tunnel keeps its
+/// Limits read by parts built once at start (the RTMPT tunnel, the address grouping): a change is named in `restart_needed`, and the tunnel keeps its
 /// values until then. Every other limit applies to connections and sessions that start
 /// after the reload.
-pub const RESTART_LIMITS: [&str; 12] = [
+pub const RESTART_LIMITS: [&str; 11] = [
     "ipv6_prefix_len",
-    "rtmpe_handshakes_per_ip_per_sec",
     "max_tunnel_sessions",
     "max_tunnel_pending",
     "max_http_body",

@@ -335,6 +335,9 @@ impl Listening {
             }
         }
         self.ctx.conns.set_limits(&opts.limits);
+        self.ctx
+            .rtmpe_rates
+            .set_rate(opts.limits.rtmpe_handshakes_per_ip_per_sec);
         self.ctx.opts.set(Arc::new(opts));
         let started: Vec<Running> = bound.into_iter().map(|b| self.spawn(b)).collect();
         change.added = started.iter().map(|r| r.label.to_string()).collect();

@@ -99,7 +99,8 @@ const MAX_TRACKED: usize = 65_536;
 /// RTMPE handshakes per second per client address (group), a token bucket each: one
 /// address cannot keep the key-exchange workers busy for everyone else.
 pub struct HandshakeRates {
-    rate: u32,
+    /// Reloadable ([`HandshakeRates::set_rate`]).
+    rate: std::sync::atomic::AtomicU32,
     v6_prefix: u8,
     buckets: dashmap::DashMap<std::net::IpAddr, (RateLimit, std::time::Instant)>,
     /// One refusal line a second.
@@ -109,16 +110,25 @@ pub struct HandshakeRates {
 impl HandshakeRates {
     pub fn new(limits: &Limits) -> Self {
         HandshakeRates {
-            rate: limits.rtmpe_handshakes_per_ip_per_sec,
+            rate: std::sync::atomic::AtomicU32::new(limits.rtmpe_handshakes_per_ip_per_sec),
             v6_prefix: limits.ipv6_prefix_len,
             buckets: dashmap::DashMap::new(),
             refusals: LogThrottle::new(),
         }
     }
 
+    /// A new rate (a reload). Every address starts again with a full bucket at that rate.
+    pub fn set_rate(&self, rate: u32) {
+        use std::sync::atomic::Ordering;
+        if self.rate.swap(rate, Ordering::Relaxed) != rate {
+            self.buckets.clear();
+        }
+    }
+
     /// Takes a handshake token for `ip`; false when its address has none left.
     pub fn admit(&self, ip: std::net::IpAddr) -> bool {
-        if self.rate == 0 {
+        let rate = self.rate.load(std::sync::atomic::Ordering::Relaxed);
+        if rate == 0 {
             return true;
         }
         let now = std::time::Instant::now();
@@ -130,7 +140,7 @@ impl HandshakeRates {
         let mut entry = self
             .buckets
             .entry(key)
-            .or_insert_with(|| (RateLimit::per_second(self.rate, now), now));
+            .or_insert_with(|| (RateLimit::per_second(rate, now), now));
         entry.1 = now;
         entry.0.take(now).is_ok()
     }
@@ -152,7 +162,7 @@ pub async fn accept_rated(
     if !rates.admit(stream.peer.ip()) {
         return Err(RtmpeError::RateLimited {
             peer: stream.peer,
-            rate: rates.rate,
+            rate: rates.rate.load(std::sync::atomic::Ordering::Relaxed),
         });
     }
     accept_with(stream, limits, AnswerPolicy::default()).await
@@ -662,5 +672,20 @@ mod tests {
         let stream = ClientStream::new(Box::new(server_io), Transport::Rtmp, addr(), addr());
         let err = accept(stream, &Limits::default()).await.unwrap_err();
         assert!(matches!(err, RtmpeError::Crypto { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_reloaded_rate_applies_at_once() {
+        let rates = HandshakeRates::new(&Limits {
+            rtmpe_handshakes_per_ip_per_sec: 1,
+            ..Limits::default()
+        });
+        let ip: std::net::IpAddr = "192.0.2.1".parse().unwrap();
+        assert!(rates.admit(ip));
+        assert!(!rates.admit(ip), "one a second");
+        rates.set_rate(5);
+        for i in 0..5 {
+            assert!(rates.admit(ip), "handshake {i} at the new rate");
+        }
     }
 }
