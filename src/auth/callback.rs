@@ -336,4 +336,25 @@ mod tests {
         let d = p.done();
         assert!(form(&d, true).ends_with("&clientid=6&call=done&name=cam1&token=abc&expires=123"));
     }
+
+    #[test]
+    fn what_a_client_sends_bounds_the_body() {
+        // Every field and the name's query at the AMF string limit (1 MiB): the body stays
+        // within a few times max_name_len (escaping triples a byte at most).
+        let huge = "\u{1}".repeat(1 << 20);
+        let obj = Amf0Value::object(vec![
+            ("app", Amf0Value::string(format!("live?{huge}"))),
+            ("tcUrl", Amf0Value::string(huge.clone())),
+            ("swfUrl", Amf0Value::string(huge.clone())),
+            ("pageUrl", Amf0Value::string(huge.clone())),
+            ("flashVer", Amf0Value::string(huge.clone())),
+        ]);
+        let max = 1024;
+        let c = AuthRequest::connect_bounded("127.0.0.1".parse().unwrap(), 1, Some(&obj), max);
+        let p = c.for_stream(Action::Publish, &format!("cam?a={huge}"));
+        for r in [&c, &p] {
+            let body = form(r, true).len();
+            assert!(body <= 3 * 8 * max, "{body} bytes");
+        }
+    }
 }

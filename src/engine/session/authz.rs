@@ -61,14 +61,19 @@ impl Session {
             return self.on_connect(txn, object);
         };
         let max = self.engine.limits().max_name_len;
+        let raw_app = object
+            .and_then(|o| o.get("app"))
+            .and_then(Amf0Value::as_str)
+            .unwrap_or_default();
+        // A name the engine refuses anyway is refused without asking (or holding) anything.
+        let Some(app) = cmd::clean_name(raw_app, max) else {
+            return self.on_connect(txn, object);
+        };
         let req = AuthRequest::connect_bounded(self.authz.peer, self.id, object, max);
-        // What on_connect reads, without keeping the client's whole object.
-        let field = |k: &str| object.and_then(|o| o.get(k)).cloned();
-        let mut kept = Vec::with_capacity(2);
-        if let Some(app) = field("app") {
-            kept.push(("app", app));
-        }
-        if let Some(enc) = field("objectEncoding") {
+        // What on_connect reads (the app without its query, which may be long), not the
+        // client's whole object: a held connect keeps at most a few times max_name_len.
+        let mut kept = vec![("app", Amf0Value::string(app))];
+        if let Some(enc) = object.and_then(|o| o.get("objectEncoding")).cloned() {
             kept.push(("objectEncoding", enc));
         }
         let held = Held::Connect {
@@ -97,10 +102,17 @@ impl Session {
             self.serve_stream(action, stream_id, raw, None);
             return Ok(());
         };
+        // As for connect: a refused name is refused at once, a held one is kept without its
+        // query.
+        let max = self.engine.limits().max_name_len;
+        let Some(name) = cmd::clean_name(raw, max) else {
+            self.serve_stream(action, stream_id, raw, None);
+            return Ok(());
+        };
         let req = base.for_stream(action, raw);
         let held = Held::Stream {
             stream_id,
-            raw: raw.to_owned(),
+            raw: name,
         };
         if auth.needs_callback(action, &req.app) {
             self.authz.held = Some((held, req));
