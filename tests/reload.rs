@@ -375,5 +375,25 @@ fn a_reload_applies_upstream_limits_and_token_to_what_starts_after_it() {
     let mut s0 = [0u8; 1];
     third.read_exact(&mut s0).unwrap();
     assert_eq!(s0[0], 3);
+
+    // SIGHUP does the same: a listener added by a signal accepts.
+    let added = free_port();
+    std::fs::write(
+        &config,
+        text(&two, "").replace(
+            "listen = [\"rtmp://127.0.0.1:0\"]",
+            &format!("listen = [\"rtmp://127.0.0.1:0\", \"rtmp://127.0.0.1:{added}\"]"),
+        ),
+    )
+    .unwrap();
+    gw.signal("HUP");
+    assert!(
+        gw.wait_log(
+            &format!("listening on rtmp://127.0.0.1:{added}"),
+            Duration::from_secs(10)
+        ),
+        "SIGHUP did not add the listener"
+    );
+    assert!(accepts(added));
     drop((first, second, third));
 }
