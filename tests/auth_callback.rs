@@ -132,13 +132,20 @@ fn one_auth_service_serves_nginx_rtmp_and_rtmpgate_unchanged() {
             g.len(),
             "{call} calls: nginx {n:#?}\nrtmpgate {g:#?}"
         );
-        for (a, b) in n.iter().zip(&g) {
+        // Compared as sets: the two done notices (publisher, player) may arrive in either
+        // order from either server.
+        let mut nf: Vec<_> = n.iter().map(|c| comparable(c)).collect();
+        let mut gf: Vec<_> = g.iter().map(|c| comparable(c)).collect();
+        nf.sort();
+        gf.sort();
+        for (a, b) in nf.iter().zip(&gf) {
             assert_eq!(
-                comparable(a),
-                comparable(b),
+                a, b,
                 "the {call} callbacks differ:\nnginx-rtmp {a:#?}\nrtmpgate {b:#?}"
             );
-            assert_eq!(b.content_type, "application/x-www-form-urlencoded");
+        }
+        for c in &g {
+            assert_eq!(c.content_type, "application/x-www-form-urlencoded");
         }
         eprintln!(
             "{call}: the same {} fields from both",
@@ -314,10 +321,11 @@ fn callbacks_in_flight_are_bounded() {
     spans.sort_by(|a, b| a.0.total_cmp(&b.0));
     assert!(!calls.is_empty() && calls.len() <= 3, "{all:#?}");
     for w in spans.windows(2) {
-        // The next call comes only after the one before was given up (10 ms for the
-        // service's own scheduling).
+        // The next call comes only after the one before was given up. The service notes
+        // a hang-up when its thread wakes, late on a loaded machine: 0.3 s allowed (without
+        // the bound the calls overlap by the whole 1 s timeout).
         assert!(
-            w[1].0 >= w[0].1 - 0.01,
+            w[1].0 >= w[0].1 - 0.3,
             "two callbacks in flight at once with one slot: {spans:?}"
         );
         // Held for the timeout, not the service's 4 s.
