@@ -302,3 +302,63 @@ fn bytes_mode_fails_over_at_tcp_connect() {
     }
     assert!(gw.log_contains(&format!("backend {dead} marked down")));
 }
+
+/// `[auth]` governs relayed clients too (the relay switches to connect mode for it): a
+/// publisher with a good key reaches the backend frame for frame; one with a wrong key is
+/// answered with the reason before the backend ever sees its publish.
+#[test]
+fn auth_checks_relayed_publishers() {
+    let p = peers();
+    let b = Backend::start(&["live"], None);
+    let gw = Gateway::builder()
+        .args(&[
+            "--listen",
+            "rtmp://127.0.0.1:0",
+            "--upstream",
+            &b.upstream(),
+        ])
+        .config("[auth.publish_keys]\nlive = [\"k1\"]\n")
+        .start();
+    assert!(gw.log_contains("relay = connect"), "{}", gw.log());
+    let dir = temp_dir();
+    let src_file = source_flv(SECONDS);
+    let src = framemd5(&src_file);
+    let got = publish_and_play(
+        dir.path(),
+        &p.ffmpeg,
+        &format!("{}/live/k1", gw.url("rtmp")),
+        &src_file,
+        &[(PlayerKind::Rtmpdump, b.url("live/k1"))],
+    );
+    for r in &got {
+        r.assert_run_of(&src);
+    }
+
+    // A wrong key: ffmpeg fails with the gateway's reason.
+    let (status, _, err) = run_capture(
+        Command::new(&p.ffmpeg).args([
+            "-nostdin",
+            "-hide_banner",
+            "-re",
+            "-i",
+            src_file.to_str().unwrap(),
+            "-c",
+            "copy",
+            "-f",
+            "flv",
+            &format!("{}/live/wrong", gw.url("rtmp")),
+        ]),
+        Duration::from_secs(30),
+    );
+    let err = String::from_utf8_lossy(&err);
+    assert!(status.is_some_and(|s| !s.success()), "{err}");
+    assert!(
+        err.contains("stream key is not valid"),
+        "ffmpeg did not get the reason:\n{err}"
+    );
+    assert!(
+        gw.wait_log("publish 'wrong' denied", Duration::from_secs(5)),
+        "{}",
+        gw.log()
+    );
+}

@@ -28,7 +28,8 @@ impl Config {
 
         let listen = listeners(cli, file.listen.as_deref())?;
         let tls = tls(cli, file.tls, &listen, &rel, dev_cert)?;
-        let upstream = upstream(cli, file.upstream, &file.upstreams, &rel)?;
+        let explicit_relay = file.upstream.relay;
+        let mut upstream = upstream(cli, file.upstream, &file.upstreams, &rel)?;
         let admin = AdminSettings::merge(
             cli.admin.as_deref(),
             cli.admin_token.clone(),
@@ -42,11 +43,18 @@ impl Config {
         let mut engine = file.engine.apply(EngineConfig::default())?;
         let limits = limits(file.limits.unwrap_or_default())?;
         let auth = crate::auth::from_file(&file.auth, &limits)?;
-        if auth.is_some() && upstream.is_some() {
-            warnings.push(
-                "[auth] is enforced by the built-in engine; relayed (--upstream) clients are not checked by it yet"
-                    .to_string(),
-            );
+        if let (Some(a), Some(up)) = (&auth, upstream.as_mut()) {
+            // Authorization needs the commands: the connect-aware relay, unless bytes was
+            // asked for explicitly (then nothing is checked, and the log says so).
+            if explicit_relay == Some(crate::upstream::settings::RelayMode::Bytes) {
+                warnings.push(
+                    "[auth] is not enforced for relayed clients with relay = \"bytes\" (a byte copy never reads connect, publish or play); use relay = \"connect\""
+                        .to_string(),
+                );
+            } else {
+                up.relay = crate::upstream::settings::RelayMode::Connect;
+                up.auth = Some(crate::upstream::AuthHandle(a.clone()));
+            }
         }
         engine.auth = auth.clone();
         let accept_proxy_protocol =
@@ -232,6 +240,7 @@ fn upstream(
             groups,
             relay,
             health,
+            auth: None,
             ca,
             proxy_protocol,
             connect_timeout: Duration::from_secs(connect_secs),

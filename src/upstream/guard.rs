@@ -3,12 +3,14 @@
 //!
 //! The connect-aware relay parses those commands and calls [`RelayGuard::check`] with the
 //! parsed request; the client's bytes for that command are held until the verdict (the
-//! backend never sees a denied command). [`AllowAll`] is used until an authorization
-//! policy is configured; the `[auth]` design implements this trait.
+//! backend never sees a denied command). [`AllowAll`] is used when `[auth]` sets no rule;
+//! [`AuthGuard`] asks [`crate::auth::Auth`], the same decision the engine uses.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 
 use crate::rtmp::message::Command;
 use crate::stream::Transport;
@@ -54,16 +56,27 @@ pub struct Request {
     pub stream: Option<String>,
     /// The message stream the command came on (0 for connect).
     pub stream_id: u32,
-    /// The whole command, for fields a policy may want (flashVer, pageUrl...).
+    /// The whole command, for fields a policy may want.
     pub command: Command,
+    /// The connection's `connect` (its object holds tcUrl, flashVer, pageUrl...).
+    pub connect: Arc<Command>,
+    /// The connection's number (nginx-rtmp's `clientid` in callbacks).
+    pub client_id: u64,
+}
+
+/// Numbers for relayed connections, for [`Request::client_id`].
+pub fn next_client_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Relaxed)
 }
 
 /// The guard's answer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
     Allow,
-    /// Refused: the client is closed; `reason` is logged.
+    /// Refused: the client gets `code` (an RTMP status code) with `reason`, then is closed.
     Deny {
+        code: &'static str,
         reason: String,
     },
 }
@@ -88,5 +101,48 @@ impl RelayGuard for AllowAll {
     }
     fn check(&self, _: Request) -> VerdictFuture {
         Box::pin(std::future::ready(Verdict::Allow))
+    }
+}
+
+/// `[auth]` for the relay: each request becomes an [`crate::auth::AuthRequest`] and gets
+/// [`crate::auth::Auth::authorize`]'s decision (counted and logged there).
+pub struct AuthGuard(pub Arc<crate::auth::Auth>);
+
+impl RelayGuard for AuthGuard {
+    fn wants(&self, _: Action) -> bool {
+        true
+    }
+
+    fn check(&self, request: Request) -> VerdictFuture {
+        use crate::auth::{Action as A, AuthRequest, Decision};
+        let auth = self.0.clone();
+        Box::pin(async move {
+            let base = AuthRequest::connect(
+                request.peer.ip(),
+                request.client_id,
+                request.connect.object(),
+            );
+            let name = request.stream.as_deref().unwrap_or_default();
+            let (action, req) = match request.action {
+                Action::Connect => (A::Connect, base),
+                Action::Publish => (A::Publish, base.for_stream(A::Publish, name)),
+                Action::Play => (A::Play, base.for_stream(A::Play, name)),
+            };
+            match auth.authorize(&req).await {
+                Decision::Allow => Verdict::Allow,
+                // The relay forwards the client's bytes unchanged, so it cannot rename.
+                Decision::Rename(to) => Verdict::Deny {
+                    code: action.denial_code(),
+                    reason: format!(
+                        "the callback renamed the stream to '{}', which a relay cannot do (it forwards the client's bytes unchanged); answer 2xx for relayed clients",
+                        to.chars().take(64).collect::<String>()
+                    ),
+                },
+                Decision::Deny(r) => Verdict::Deny {
+                    code: action.denial_code(),
+                    reason: r.description().to_string(),
+                },
+            }
+        })
     }
 }

@@ -58,11 +58,26 @@ pub struct UpstreamSettings {
     pub groups: Vec<settings::GroupSettings>,
     pub relay: RelayMode,
     pub health: HealthSettings,
+    /// `[auth]`, checked at each connect, publish and play (connect mode only).
+    pub auth: Option<AuthHandle>,
     /// Extra CA certificates trusted for an rtmps:// backend.
     pub ca: Option<PathBuf>,
     pub proxy_protocol: Option<ProxyVersion>,
     pub connect_timeout: Duration,
 }
+
+/// The shared authorizer; two settings are equal when they hold the same one (a reload
+/// builds a new one, so a reload with `[auth]` rebuilds the relay).
+#[derive(Clone, Debug)]
+pub struct AuthHandle(pub Arc<crate::auth::Auth>);
+
+impl PartialEq for AuthHandle {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for AuthHandle {}
 
 /// Why a client could not be forwarded, or how the forwarding ended badly.
 #[derive(Debug, thiserror::Error)]
@@ -284,7 +299,10 @@ impl Upstream {
             connect_timeout: settings.connect_timeout,
             idle_timeout: limits.relay_idle_timeout(),
             limits: limits.clone(),
-            guard: Arc::new(guard::AllowAll),
+            guard: match &settings.auth {
+                Some(a) => Arc::new(guard::AuthGuard(a.0.clone())),
+                None => Arc::new(guard::AllowAll),
+            },
             connect_failures: crate::throttle::LogThrottle::new(),
         })
     }

@@ -180,16 +180,39 @@ fn short(s: &str) -> String {
 
 /// Answers `connect` with `_error` and closes: the client sees why.
 async fn refuse_connect<S: AsyncWrite + Unpin>(s: &mut S, txn: f64, code: &str, why: &str) {
-    let info = Amf0Value::object([
+    let info = status_info(code, why);
+    let msg = message::command_message(0, "_error", txn, &[Amf0Value::Null, info]);
+    send_and_close(s, &msg).await;
+}
+
+/// The info object of an error status.
+fn status_info(code: &str, why: &str) -> Amf0Value {
+    Amf0Value::object([
         ("level", Amf0Value::string("error")),
         ("code", Amf0Value::string(code)),
         ("description", Amf0Value::string(why)),
-    ]);
-    let msg = message::command_message(0, "_error", txn, &[Amf0Value::Null, info]);
+    ])
+}
+
+/// Sends one message with a full (fmt 0) header, then closes the connection.
+async fn send_and_close<S: AsyncWrite + Unpin>(s: &mut S, msg: &Message) {
     let mut out = BytesMut::new();
-    ChunkEncoder::new().write(3, &msg, &mut out);
+    ChunkEncoder::new().write(STATUS_CSID, msg, &mut out);
     let _ = s.write_all(&out).await;
+    let _ = s.flush().await;
     let _ = s.shutdown().await;
+}
+
+/// The chunk stream of the gateway's own status messages (a full header, so it does not
+/// depend on the backend's header compression on that chunk stream).
+const STATUS_CSID: u32 = 5;
+
+/// A publish or play the guard refused: answered with onStatus after the relay stops.
+#[derive(Debug, Clone)]
+struct Denial {
+    stream_id: u32,
+    code: &'static str,
+    reason: String,
 }
 
 /// Relays one client in connect mode.
@@ -235,6 +258,8 @@ pub async fn serve(up: &Upstream, mut client: ClientStream) {
     let app = connect.app.clone();
     sessions::tag_current(|t| t.app = Some(app.clone()));
     let txn = connect.command.txn;
+    let client_id = super::guard::next_client_id();
+    let connect_cmd = Arc::new(connect.command);
     if up.guard.wants(Action::Connect) {
         let req = Request {
             action: Action::Connect,
@@ -244,11 +269,13 @@ pub async fn serve(up: &Upstream, mut client: ClientStream) {
             tc_url: connect.tc_url.clone(),
             stream: None,
             stream_id: 0,
-            command: connect.command.clone(),
+            command: (*connect_cmd).clone(),
+            connect: connect_cmd.clone(),
+            client_id,
         };
-        if let Verdict::Deny { reason } = up.guard.check(req).await {
+        if let Verdict::Deny { code, reason } = up.guard.check(req).await {
             tracing::info!("{label}: connect to app '{}' denied: {reason}", short(&app));
-            refuse_connect(&mut client, txn, "NetConnection.Connect.Rejected", &reason).await;
+            refuse_connect(&mut client, txn, code, &reason).await;
             return;
         }
     }
@@ -300,7 +327,11 @@ pub async fn serve(up: &Upstream, mut client: ClientStream) {
         return;
     }
     drop(head);
+    let denied = Arc::new(std::sync::Mutex::new(None));
     let watch = Watch {
+        connect: connect_cmd,
+        client_id,
+        denied: denied.clone(),
         scanner,
         scanned: 0,
         allowed: 0,
@@ -317,14 +348,27 @@ pub async fn serve(up: &Upstream, mut client: ClientStream) {
     let rest = raw.freeze();
     drop(raw_charge);
     let mut client = Prefixed::new(rest, client);
-    if let Err(e) = super::pump_watched(
+    let result = super::pump_watched(
         &mut client,
         &mut leg,
         up.idle_timeout,
         Some(Box::new(watch)),
     )
-    .await
-    {
+    .await;
+    let denial = denied.lock().ok().and_then(|mut d| d.take());
+    if let Some(d) = denial {
+        // The backend's side is normally quiet while a client waits for its publish or
+        // play to be answered, so the status lands between the backend's messages.
+        let _ = leg.shutdown().await;
+        let msg = message::command_message(
+            d.stream_id,
+            "onStatus",
+            0.0,
+            &[Amf0Value::Null, status_info(d.code, &d.reason)],
+        );
+        send_and_close(&mut client, &msg).await;
+    }
+    if let Err(e) = result {
         if e.kind() == io::ErrorKind::PermissionDenied || e.kind() == io::ErrorKind::InvalidData {
             tracing::info!("{label}: closing: {e}");
         } else {
@@ -342,8 +386,12 @@ pub struct Watch {
     /// Bytes of the current read buffer scanned, and allowed through.
     scanned: usize,
     allowed: usize,
-    /// A held command's verdict, and what it was (for the log).
-    pending: Option<(VerdictFuture, String)>,
+    /// A held command's verdict, what it was (for the log) and its message stream.
+    pending: Option<(VerdictFuture, String, u32)>,
+    connect: Arc<Command>,
+    client_id: u64,
+    /// Set when a command is refused, for the status answer.
+    denied: Arc<std::sync::Mutex<Option<Denial>>>,
     guard: Arc<dyn RelayGuard>,
     peer: SocketAddr,
     transport: Transport,
@@ -370,14 +418,21 @@ impl Watch {
     /// stream is an error that ends the session.
     pub(super) fn advance(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> io::Result<()> {
         loop {
-            if let Some((fut, what)) = &mut self.pending {
+            if let Some((fut, what, stream_id)) = &mut self.pending {
                 match fut.as_mut().poll(cx) {
                     Poll::Pending => return Ok(()),
                     Poll::Ready(Verdict::Allow) => {
                         self.pending = None;
                         self.allowed = self.scanned;
                     }
-                    Poll::Ready(Verdict::Deny { reason }) => {
+                    Poll::Ready(Verdict::Deny { code, reason }) => {
+                        if let Ok(mut d) = self.denied.lock() {
+                            *d = Some(Denial {
+                                stream_id: *stream_id,
+                                code,
+                                reason: reason.clone(),
+                            });
+                        }
                         return Err(io::Error::new(
                             io::ErrorKind::PermissionDenied,
                             format!("{what} denied: {reason}"),
@@ -464,8 +519,10 @@ impl Watch {
             stream,
             stream_id: msg.stream_id,
             command,
+            connect: self.connect.clone(),
+            client_id: self.client_id,
         };
-        self.pending = Some((self.guard.check(req), what));
+        self.pending = Some((self.guard.check(req), what, msg.stream_id));
         Ok(())
     }
 }
