@@ -106,7 +106,11 @@ impl RelayGuard for AllowAll {
 
 /// `[auth]` for the relay: each request becomes an [`crate::auth::AuthRequest`] and gets
 /// [`crate::auth::Auth::authorize`]'s decision (counted and logged there).
-pub struct AuthGuard(pub Arc<crate::auth::Auth>);
+pub struct AuthGuard {
+    pub auth: Arc<crate::auth::Auth>,
+    /// `limits.max_name_len`: each connect field is cut to it.
+    pub max_name_len: usize,
+}
 
 impl RelayGuard for AuthGuard {
     fn wants(&self, _: Action) -> bool {
@@ -115,12 +119,14 @@ impl RelayGuard for AuthGuard {
 
     fn check(&self, request: Request) -> VerdictFuture {
         use crate::auth::{Action as A, AuthRequest, Decision};
-        let auth = self.0.clone();
+        let auth = self.auth.clone();
+        let max_len = self.max_name_len;
         Box::pin(async move {
             let base = AuthRequest::connect(
                 request.peer.ip(),
                 request.client_id,
                 request.connect.object(),
+                max_len,
             );
             let name = request.stream.as_deref().unwrap_or_default();
             let (action, req) = match request.action {

@@ -300,7 +300,10 @@ impl Upstream {
             idle_timeout: limits.relay_idle_timeout(),
             limits: limits.clone(),
             guard: match &settings.auth {
-                Some(a) => Arc::new(guard::AuthGuard(a.0.clone())),
+                Some(a) => Arc::new(guard::AuthGuard {
+                    auth: a.0.clone(),
+                    max_name_len: limits.max_name_len,
+                }),
                 None => Arc::new(guard::AllowAll),
             },
             connect_failures: crate::throttle::LogThrottle::new(),
