@@ -122,7 +122,7 @@ impl RelayGuard for AuthGuard {
         let auth = self.auth.clone();
         let max_len = self.max_name_len;
         Box::pin(async move {
-            let base = AuthRequest::connect(
+            let base = AuthRequest::connect_bounded(
                 request.peer.ip(),
                 request.client_id,
                 request.connect.object(),
