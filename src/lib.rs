@@ -65,6 +65,7 @@ pub mod metrics;
 pub mod net;
 pub mod reload;
 pub mod rtmp;
+pub mod sessions;
 pub mod stream;
 pub mod throttle;
 pub mod upstream;

@@ -10,12 +10,12 @@ use tracing_subscriber::EnvFilter;
 
 use rtmpgate::admin;
 use rtmpgate::config::{Cli, Config, LogFormat};
-use rtmpgate::door::sessions::{self, Sessions};
 use rtmpgate::door::{Door, DoorOptions};
 use rtmpgate::engine::Engine;
 use rtmpgate::live::{self, Live};
 use rtmpgate::net::tls::{self, CertSource, Reloadable};
 use rtmpgate::reload::{build_resolver, report, Parts, Reloader};
+use rtmpgate::sessions::{self, Sessions};
 use rtmpgate::stream::StreamHandler;
 use rtmpgate::upstream::Upstream;
 

@@ -753,7 +753,7 @@ fn api_answers_within_100_ms_with_2000_sessions_open() {
         .config("[limits]\nmax_connections_per_ip = 5000\n")
         .env(
             "RUST_LOG",
-            "info,rtmpgate::door::sessions=warn,rtmpgate::engine=warn",
+            "info,rtmpgate::sessions=warn,rtmpgate::engine=warn",
         )
         .start();
     let admin = admin_addr(&gw);

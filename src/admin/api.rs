@@ -12,8 +12,8 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::{json as reply_json, Reply, State};
-use crate::door::sessions::{Live, Role};
 use crate::metrics::{self, Refusal, TRANSPORTS};
+use crate::sessions::{Role, SessionEntry};
 
 /// Sessions per page when the request does not say.
 pub const DEFAULT_LIMIT: usize = 100;
@@ -49,7 +49,7 @@ struct SessionOut {
 }
 
 impl SessionOut {
-    fn of(s: &Live) -> SessionOut {
+    fn of(s: &SessionEntry) -> SessionOut {
         let tag = s.tag();
         SessionOut {
             id: s.id,
@@ -206,7 +206,7 @@ pub fn streams(state: &State) -> Value {
     let mut infos = engine.hub().snapshot();
     infos.sort_by(|a, b| (&a.key.app, &a.key.name).cmp(&(&b.key.app, &b.key.name)));
     // One pass over the sessions: each stream's publisher and its players' bytes out.
-    let mut publishers: HashMap<(String, String), Arc<Live>> = HashMap::new();
+    let mut publishers: HashMap<(String, String), Arc<SessionEntry>> = HashMap::new();
     let mut out_bytes: HashMap<(String, String), u64> = HashMap::new();
     let mut since: HashMap<(String, String), Instant> = HashMap::new();
     for s in state.sessions.all() {

@@ -33,10 +33,10 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use crate::door::rtmpt::Tunnel;
-use crate::door::sessions::Sessions;
 use crate::engine::Engine;
 use crate::live::Live;
 use crate::net::tls::{self, SniResolver};
+use crate::sessions::Sessions;
 use crate::upstream::UpstreamSettings;
 
 /// How often the status page's bandwidth history is sampled, and how many samples are kept

@@ -483,7 +483,7 @@ pub fn process() -> Process {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use crate::door::sessions::Sessions;
+    use crate::sessions::Sessions;
 
     #[test]
     fn scrape_has_the_interface_names() {

@@ -244,7 +244,7 @@ impl Listening {
                 (r.local, r.label.clone())
             })
             .collect();
-        crate::door::sessions::set_listener_names(names);
+        crate::sessions::set_listener_names(names);
     }
 
     /// The listeners accepting now.

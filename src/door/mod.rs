@@ -5,7 +5,6 @@ pub mod fdlimit;
 pub mod listener;
 pub mod rtmpe;
 pub mod rtmpt;
-pub mod sessions;
 pub mod sniff;
 
 pub use listener::{BindError, Door, DoorOptions};

@@ -795,7 +795,7 @@ impl Session {
             Ok(mut publisher) => {
                 publisher.charge_to(self.budget.clone());
                 info!(session = self.id, "{}: publish {key}", self.label);
-                crate::door::sessions::tag_stream(crate::door::sessions::Role::Publisher, &key);
+                crate::sessions::tag_stream(crate::sessions::Role::Publisher, &key.app, &key.name);
                 self.role = format!("publish {key}");
                 self.publishing = Some(PublishState {
                     stream_id,
@@ -867,7 +867,7 @@ impl Session {
             );
         }
         self.role = format!("play {key}");
-        crate::door::sessions::tag_stream(crate::door::sessions::Role::Player, &key);
+        crate::sessions::tag_stream(crate::sessions::Role::Player, &key.app, &key.name);
         self.send_control(&UserControl::StreamBegin(stream_id).to_message());
         let desc = format!("Started playing {name}.");
         for code in ["NetStream.Play.Reset", "NetStream.Play.Start"] {

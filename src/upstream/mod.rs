@@ -371,7 +371,7 @@ impl Upstream {
     ) -> Option<(Leg, Arc<Backend>)> {
         for backend in group.candidates() {
             let url = backend.connector.url.to_string();
-            crate::door::sessions::tag_current(|t| t.upstream = Some(url));
+            crate::sessions::tag_current(|t| t.upstream = Some(url));
             let began = std::time::Instant::now();
             let attempt = async {
                 let mut leg = backend.connector.connect(peer, local).await?;
@@ -414,8 +414,8 @@ impl Upstream {
     /// connect gets the client's bytes, handshake included.
     async fn serve_bytes(&self, mut client: ClientStream) {
         let label = client.label();
-        crate::door::sessions::tag_current(|t| {
-            t.role = Some(crate::door::sessions::Role::Relay);
+        crate::sessions::tag_current(|t| {
+            t.role = Some(crate::sessions::Role::Relay);
         });
         let Some(group) = self.pools.default_group() else {
             let _ = client.shutdown().await;

@@ -23,12 +23,12 @@ use super::guard::{Action, RelayGuard, Request, Verdict, VerdictFuture};
 use super::scan::ChunkScanner;
 use super::{Leg, Upstream, UpstreamError};
 use crate::budget::{Charge, PeerBudget};
-use crate::door::sessions::{self, Role};
 use crate::net::url::RtmpUrl;
 use crate::rtmp::amf0::{Amf0Value, AmfLimits};
 use crate::rtmp::chunk::ChunkEncoder;
 use crate::rtmp::handshake::{self, ClientHandshake, HandshakeKind, C0C1_LEN, PACKET_LEN};
 use crate::rtmp::message::{self, Command, Message};
+use crate::sessions::{self, Role};
 use crate::stream::{ClientStream, Prefixed, Transport};
 
 /// Bytes read from the client per read before `connect` is complete.

@@ -25,13 +25,13 @@ use tokio::sync::Notify;
 use crate::metrics::{self, PerTransport};
 use crate::stream::{ByteStream, ClientStream, StreamHandler, Transport};
 
-/// Live session count and table, shared by the wrapper, the shutdown code and the admin API.
+/// SessionEntry session count and table, shared by the wrapper, the shutdown code and the admin API.
 #[derive(Debug, Default)]
 pub struct Sessions {
     active: AtomicUsize,
     opened: AtomicU64,
     idle: Notify,
-    table: DashMap<u64, Arc<Live>>,
+    table: DashMap<u64, Arc<SessionEntry>>,
 }
 
 /// What a session is doing, as far as the engine or the relay has told (admin API).
@@ -65,7 +65,7 @@ pub struct Tag {
 
 /// One open session, as the admin API shows it.
 #[derive(Debug)]
-pub struct Live {
+pub struct SessionEntry {
     pub id: u64,
     pub transport: Transport,
     pub peer: SocketAddr,
@@ -81,7 +81,7 @@ pub struct Live {
     tag: Mutex<Tag>,
 }
 
-impl Live {
+impl SessionEntry {
     /// Bytes read from the client so far.
     pub fn bytes_received(&self) -> u64 {
         self.counters.from_client.load(Ordering::Relaxed)
@@ -100,15 +100,16 @@ impl Live {
 tokio::task_local! {
     /// The session the current task serves (set by [`accounted`]), so the engine and the
     /// relay can describe it without a handle being threaded through them.
-    static CURRENT: Arc<Live>;
+    static CURRENT: Arc<SessionEntry>;
 }
 
-/// Records that the current task's session publishes or plays `key` (called by the engine).
-pub fn tag_stream(role: Role, key: &crate::engine::hub::StreamKey) {
+/// Records that the current task's session publishes or plays stream `name` of `app`
+/// (called by the engine).
+pub fn tag_stream(role: Role, app: &str, name: &str) {
     tag_current(|t| {
         t.role = Some(role);
-        t.app = Some(key.app.clone());
-        t.name = Some(key.name.clone());
+        t.app = Some(app.to_owned());
+        t.name = Some(name.to_owned());
         t.since = Some(Instant::now());
     });
 }
@@ -135,7 +136,7 @@ impl Sessions {
 
     /// Up to `limit` open sessions with an id above `after`, lowest id first (a cursor that
     /// stays valid while sessions come and go), and how many are open in total.
-    pub fn list(&self, after: u64, limit: usize) -> (Vec<Arc<Live>>, usize) {
+    pub fn list(&self, after: u64, limit: usize) -> (Vec<Arc<SessionEntry>>, usize) {
         let mut ids: Vec<u64> = self
             .table
             .iter()
@@ -170,7 +171,7 @@ impl Sessions {
     }
 
     /// Every open session (for per-stream and per-transport summaries).
-    pub fn all(&self) -> Vec<Arc<Live>> {
+    pub fn all(&self) -> Vec<Arc<SessionEntry>> {
         self.table.iter().map(|e| e.value().clone()).collect()
     }
 
@@ -296,7 +297,7 @@ impl AsyncWrite for Counted {
 /// (at the end of a shutdown drain).
 struct OpenSession {
     label: String,
-    live: Arc<Live>,
+    live: Arc<SessionEntry>,
     sessions: Arc<Sessions>,
     kicked: bool,
 }
@@ -395,7 +396,7 @@ pub fn accounted(inner: StreamHandler, sessions: Arc<Sessions>) -> StreamHandler
         });
         let id = sessions.opened.fetch_add(1, Ordering::Relaxed) + 1;
         let (kick_handle, kick) = AbortHandle::new_pair();
-        let live = Arc::new(Live {
+        let live = Arc::new(SessionEntry {
             id,
             transport: stream.transport,
             peer: stream.peer,
