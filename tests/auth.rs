@@ -173,6 +173,10 @@ fn keys_tokens_and_addresses_with_real_clients() {
     noplay_ffmpeg.assert_denied("ffmpeg play outside allow_play", "NetStream.Play.Failed");
     play_no_token.assert_denied("play without a token", "NetStream.Play.Failed");
 
+    // A token on the tcUrl (connect's app) instead of the stream name: allowed.
+    let query = mint("tok", "cam", 600).replacen("cam?", "", 1);
+    ffmpeg_publish(&format!("{rtmp}/tok?{query}/cam")).assert_ok("a token on the tcUrl");
+
     // The right key as ?key=, and a key as the stream name: allowed.
     ffmpeg_publish(&format!("{rtmp}/keyed/cam?key=k-secret-1")).assert_ok("?key=");
     ffmpeg_publish(&format!("{rtmpt}/keyed/k-secret-1")).assert_ok("key as the name");
@@ -194,10 +198,10 @@ fn keys_tokens_and_addresses_with_real_clients() {
             "rtmpgate_auth_denied_total{{action={action},reason={reason}}}:\n{m}"
         );
     }
-    // Allowed: 1 + 2 publishes, 2 plays (the connects of every client but the 2 refused).
+    // Allowed: 2 + 2 publishes, 2 plays.
     assert_eq!(
         metric(&m, "rtmpgate_auth_allowed_total{action=\"publish\"}"),
-        3
+        4
     );
     assert_eq!(
         metric(&m, "rtmpgate_auth_allowed_total{action=\"play\"}"),
