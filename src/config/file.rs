@@ -65,6 +65,7 @@ pub struct FileEngine {
     pub peer_bandwidth: Option<u32>,
     pub write_timeout_secs: Option<u64>,
     pub max_streams_per_connection: Option<u32>,
+    pub write_batch_ms: Option<u64>,
 }
 
 impl FileEngine {
@@ -80,6 +81,7 @@ impl FileEngine {
             || self.peer_bandwidth.is_some()
             || self.write_timeout_secs.is_some()
             || self.max_streams_per_connection.is_some()
+            || self.write_batch_ms.is_some()
     }
 
     /// The engine's configuration with these keys applied, checked.
@@ -139,6 +141,15 @@ impl FileEngine {
             1,
         )? {
             cfg.max_streams_per_connection = v;
+        }
+        if let Some(v) = self.write_batch_ms {
+            if v > 1000 {
+                return Err(invalid(
+                    "engine.write_batch_ms",
+                    format!("{v} ms would delay every frame that long; use at most 1000 (0 to 100 is usual)"),
+                ));
+            }
+            cfg.write_batch = Duration::from_millis(v);
         }
         Ok(cfg)
     }

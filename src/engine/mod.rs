@@ -6,6 +6,7 @@
 
 pub mod hub;
 pub mod session;
+pub mod tick;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -37,10 +38,12 @@ pub struct EngineConfig {
     pub peer_bandwidth: u32,
     /// How long a write to a client may make no progress before the client is dropped.
     pub write_timeout: Duration,
-    /// A player writes at most once per this interval, gathering the frames in between into
-    /// one write (zero: write each frame as it comes). Adds at most this much latency. Off by
-    /// default: at 100-200 loopback players 40 ms measured no CPU gain (the timer wake costs
-    /// about what the saved writes did).
+    /// Merge window: a player whose media flows drains its ring and writes on shared ticks
+    /// this far apart (see [`tick`]), so the frames of one window go out in one write instead
+    /// of one write and one wake-up per frame (SRS's `mw_latency`, 350 ms by default there).
+    /// A frame waits at most this long (half of it on average); replies and a play's start
+    /// frames never wait. Zero writes each frame as it comes. 80 ms: rtmpdump players at
+    /// 1.6 Mb/s cost about 0.4-0.6x nginx-rtmp's CPU (0.9-1.1x without), see bench/RESULTS.md.
     pub write_batch: Duration,
     /// Message streams (createStream) one connection may open.
     pub max_streams_per_connection: u32,
@@ -61,7 +64,7 @@ impl Default for EngineConfig {
             window_ack_size: 5_000_000,
             peer_bandwidth: 5_000_000,
             write_timeout: Duration::from_secs(20),
-            write_batch: Duration::ZERO,
+            write_batch: Duration::from_millis(80),
             max_streams_per_connection: 16,
             auth: None,
         }

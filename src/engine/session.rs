@@ -23,7 +23,7 @@ use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tracing::{debug, info, warn};
 
 use super::hub::{leading_amf0_string, Event, Frame, FrameKind, Player, Publisher, StreamKey};
-use super::Engine;
+use super::{tick, Engine};
 use crate::auth::{Action, DenyReason};
 use crate::budget::{Charge, OverBudget, PeerBudget};
 use crate::rtmp::amf0::{Amf0Value, AmfLimits};
@@ -132,6 +132,11 @@ struct Session {
     refused: Option<OverBudget>,
     /// Decoding stopped with input left in the read buffer (the replies were over their bound).
     more_input: bool,
+    /// What is queued must be written without waiting for the merge window (replies, a
+    /// play's start frames, a ring drained to its bound).
+    write_now: bool,
+    /// The last drain of the ring stopped at its bound with events left.
+    ring_more: bool,
     /// Plays on this connection (the first is logged at info, repeats at debug).
     plays: u64,
     bytes_in: u64,
@@ -213,10 +218,19 @@ fn after(d: Duration) -> Instant {
         .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365))
 }
 
-async fn next_event(playing: &mut Option<PlayState>) -> Result<Event, RecvError> {
-    match playing {
-        Some(p) => p.player.rx.recv().await,
-        None => std::future::pending().await,
+/// The player's next event, or None at `tick_at` (a player draining its ring on the merge
+/// window's ticks is not woken by each frame).
+async fn next_event(
+    playing: &mut Option<PlayState>,
+    tick_at: Option<Instant>,
+) -> Option<Result<Event, RecvError>> {
+    match (playing, tick_at) {
+        (Some(_), Some(at)) => {
+            tokio::time::sleep_until(at.into()).await;
+            None
+        }
+        (Some(p), None) => Some(p.player.rx.recv().await),
+        (None, _) => std::future::pending().await,
     }
 }
 
@@ -243,6 +257,8 @@ impl Session {
             budget,
             refused: None,
             more_input: false,
+            write_now: false,
+            ring_more: false,
             plays: 0,
             bytes_in: 0,
             bytes_out: 0,
@@ -278,7 +294,9 @@ impl Session {
         let timer = tokio::time::sleep_until(after(idle).into());
         tokio::pin!(timer);
         let batch = self.engine.config().write_batch;
-        let mut last_flush = Instant::now();
+        // With a merge window (`write_batch`), a player whose media flows drains its ring on
+        // the process's shared ticks (`tick`) instead of being woken by every frame.
+        let mut ticking = false;
         loop {
             // A play's start frames go out once the input is decoded (a play after it would
             // replace them), a batch at a time.
@@ -286,19 +304,22 @@ impl Session {
                 self.drain_events();
             }
             if !self.pending.is_empty() {
-                // With `write_batch`, a player writes at most once per interval, so the frames
-                // of a few milliseconds share one write (one syscall, one wake of the reader).
-                if !batch.is_zero() && self.playing.is_some() && self.pending_bytes < BATCH_BYTES {
-                    if let Some(due) = last_flush.checked_add(batch) {
-                        if due > Instant::now() {
-                            tokio::time::sleep_until(due.into()).await;
-                            self.drain_events();
-                        }
-                    }
+                // Merge window: the first frame after a quiet spell waits for the next tick
+                // with whatever comes meanwhile, so the frames of up to one window share one
+                // write (one syscall, one wake of the reader). Replies and a play's start
+                // frames never wait.
+                if !batch.is_zero()
+                    && !self.write_now
+                    && self.playing.is_some()
+                    && self.pending_bytes < BATCH_BYTES
+                {
+                    let due = tick::next_after(Instant::now(), batch);
+                    tokio::time::sleep_until(due.into()).await;
+                    self.drain_events();
+                    ticking = true;
                 }
                 self.flush(io).await?;
-                last_flush = Instant::now();
-                last_activity = last_flush;
+                last_activity = Instant::now();
             }
             if self.authz.waiting() {
                 // A callback decides a connect, publish or play: this session waits (at
@@ -329,6 +350,16 @@ impl Session {
                 rbuf.reserve(read_room);
             }
             let room = rbuf.capacity() - rbuf.len();
+            // The next tick to drain the ring at; at once when the last drain stopped at its
+            // bound (through the select, so the client's input is still read meanwhile).
+            let tick_at = ticking.then(|| {
+                let now = Instant::now();
+                if self.ring_more {
+                    now
+                } else {
+                    tick::next_after(now, batch)
+                }
+            });
             tokio::select! {
                 r = io.read_buf(&mut rbuf) => {
                     let n = r?;
@@ -348,9 +379,20 @@ impl Session {
                         paused = self.on_bytes(&mut rbuf)?;
                     }
                 }
-                ev = next_event(&mut self.playing) => {
-                    self.on_event(ev);
-                    self.drain_events();
+                ev = next_event(&mut self.playing, tick_at) => {
+                    match ev {
+                        Some(ev) => {
+                            self.on_event(ev);
+                            self.drain_events();
+                        }
+                        None => {
+                            // A tick: what the ring holds goes out now; an empty ring means
+                            // the media stopped, so wait on the ring again.
+                            self.drain_events();
+                            ticking = !self.pending.is_empty();
+                            self.write_now = ticking;
+                        }
+                    }
                 }
                 () = &mut timer => {
                     let now = Instant::now();
@@ -410,6 +452,7 @@ impl Session {
             return;
         }
         self.reply_bytes = self.reply_bytes.saturating_add(b.len());
+        self.write_now = true;
         self.push_bytes(b);
     }
 
@@ -490,6 +533,7 @@ impl Session {
             .map_err(|_| SessionError::WriteStalled(limit))??;
         self.reply_bytes = 0;
         self.reply_charge.shrink(usize::MAX);
+        self.write_now = false;
         Ok(())
     }
 
@@ -936,11 +980,13 @@ impl Session {
     }
 
     fn drain_events(&mut self) {
+        self.ring_more = false;
         // The start frames first, then the ring.
         while self.pending_bytes < BATCH_BYTES {
             let Some(f) = self.playing.as_mut().and_then(|p| p.start.pop_front()) else {
                 break;
             };
+            self.write_now = true;
             self.send_frame(&f);
         }
         if self.has_start_frames() {
@@ -948,6 +994,9 @@ impl Session {
         }
         for _ in 0..BATCH_EVENTS {
             if self.pending_bytes >= BATCH_BYTES {
+                // Behind: write this much now and drain the rest right after.
+                self.ring_more = true;
+                self.write_now = true;
                 return;
             }
             let Some(p) = &mut self.playing else {
@@ -960,6 +1009,9 @@ impl Session {
             };
             self.on_event(ev);
         }
+        // BATCH_EVENTS taken: there may be more.
+        self.ring_more = true;
+        self.write_now = true;
     }
 
     fn on_event(&mut self, ev: Result<Event, RecvError>) {
