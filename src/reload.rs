@@ -24,22 +24,11 @@ use crate::net::tls::{self, Reloadable, SniResolver};
 use crate::stream::StreamHandler;
 use crate::upstream::Upstream;
 
-/// Limits read by parts built once at start (the RTMPT tunnel, the address grouping): a change is named in `restart_needed`, and the tunnel keeps its
-/// values until then. Every other limit applies to connections and sessions that start
-/// after the reload.
-pub const RESTART_LIMITS: [&str; 11] = [
-    "ipv6_prefix_len",
-    "max_tunnel_sessions",
-    "max_tunnel_pending",
-    "max_http_body",
-    "max_http_header",
-    "http_header_timeout_secs",
-    "tunnel_reap_secs",
-    "tunnel_idle_hold_ms",
-    "max_tunnel_reorder",
-    "max_tunnel_reorder_bytes",
-    "tunnel_order_wait_ms",
-];
+/// Limits a reload cannot change: the address grouping keys the connection, rate and
+/// memory tables of every open connection. A change is named in `restart_needed`. Every
+/// other limit applies to connections, tunnel requests and sessions that start after the
+/// reload.
+pub const RESTART_LIMITS: [&str; 1] = ["ipv6_prefix_len"];
 
 /// What the running gateway is made of, as far as a reload changes it.
 pub struct Parts {

@@ -318,6 +318,28 @@ fn a_reload_applies_upstream_limits_and_token_to_what_starts_after_it() {
     let admin = admin_addr(&gw);
     let port = gw.addr("rtmp").port();
 
+    // A 2 KiB RTMPT body to an unknown session: 404 under the default max_http_body.
+    let body = gw.dir().join("body.bin");
+    std::fs::write(&body, vec![7u8; 2048]).unwrap();
+    let tunnel_send = || {
+        let mut cmd = Command::new(&peers().curl);
+        cmd.args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "--max-time",
+            "5",
+            "-w",
+            "%{http_code}",
+        ])
+        .args(["-H", "Content-Type: application/x-fcs", "--data-binary"])
+        .arg(format!("@{}", body.display()))
+        .arg(format!("http://127.0.0.1:{port}/send/no-such-session/1"));
+        let (_, out, _) = run_capture(&mut cmd, Duration::from_secs(10));
+        String::from_utf8_lossy(&out).trim().to_string()
+    };
+    assert_eq!(tunnel_send(), "404");
+
     // A relayed session to backend one, open across the reload.
     let mut first = rtmp_client(port);
     assert!(one.wait_log("session opened", Duration::from_secs(10)));
@@ -367,10 +389,16 @@ fn a_reload_applies_upstream_limits_and_token_to_what_starts_after_it() {
     assert_eq!(http("GET", &sessions, None).0, 401);
     assert_eq!(http("GET", &sessions, Some("reload-test-token")).0, 200);
 
-    // Raised again: a third connection is served.
-    std::fs::write(&config, text(&two, "")).unwrap();
+    // Raised again: a third connection is served. A tunnel limit applies to the next
+    // request.
+    std::fs::write(&config, text(&two, "[limits]\nmax_http_body = 1024\n")).unwrap();
     let (code, body) = reload(admin, Some("reload-test-token"));
     assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        tunnel_send(),
+        "413",
+        "max_http_body = 1024 not applied to the tunnel"
+    );
     let mut third = rtmp_client(port);
     let mut s0 = [0u8; 1];
     third.read_exact(&mut s0).unwrap();
@@ -380,7 +408,7 @@ fn a_reload_applies_upstream_limits_and_token_to_what_starts_after_it() {
     let added = free_port();
     std::fs::write(
         &config,
-        text(&two, "").replace(
+        text(&two, "[limits]\nmax_http_body = 1024\n").replace(
             "listen = [\"rtmp://127.0.0.1:0\"]",
             &format!("listen = [\"rtmp://127.0.0.1:0\", \"rtmp://127.0.0.1:{added}\"]"),
         ),

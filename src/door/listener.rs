@@ -335,6 +335,7 @@ impl Listening {
             }
         }
         self.ctx.conns.set_limits(&opts.limits);
+        self.ctx.tunnel.set_limits(opts.limits.clone());
         self.ctx
             .rtmpe_rates
             .set_rate(opts.limits.rtmpe_handshakes_per_ip_per_sec);

@@ -67,6 +67,7 @@ use self::session::{Bounds, Op, PlaceError, Placed, Session};
 use crate::budget::{self, Charge};
 use crate::door::admit::{Admission, ConnLimiter};
 use crate::limits::Limits;
+use crate::live::Live;
 use crate::stream::{ByteStream, ClientStream, StreamHandler, Transport};
 
 /// The content type every RTMPT reply carries.
@@ -101,7 +102,8 @@ struct Entry {
 
 /// The RTMPT tunnel: the session table, the reaper, and the HTTP handling.
 pub struct Tunnel {
-    limits: Arc<Limits>,
+    /// Reloadable ([`Tunnel::set_limits`]): read per request and at each session's start.
+    limits: Live<Limits>,
     handler: StreamHandler,
     /// Connections and sessions per address and in total, shared with the listeners.
     conns: Arc<ConnLimiter>,
@@ -129,7 +131,7 @@ impl Tunnel {
     ) -> Arc<Tunnel> {
         let (shutdown_tx, _) = watch::channel(false);
         let tunnel = Arc::new(Tunnel {
-            limits,
+            limits: Live::from_arc(limits),
             handler,
             conns,
             sessions: DashMap::new(),
@@ -138,9 +140,9 @@ impl Tunnel {
             reaper_stop: Arc::new(Notify::new()),
         });
         let every = (tunnel
-            .limits
+            .limits()
             .tunnel_reap()
-            .min(tunnel.limits.handshake_timeout())
+            .min(tunnel.limits().handshake_timeout())
             .min(LEFTOVER_GRACE)
             / 4)
         .clamp(Duration::from_millis(100), Duration::from_secs(5));
@@ -150,6 +152,17 @@ impl Tunnel {
             every,
         ));
         tunnel
+    }
+
+    /// The limits requests and new sessions get now.
+    fn limits(&self) -> Arc<Limits> {
+        self.limits.get()
+    }
+
+    /// New limits for later requests and sessions (a configuration reload); an open
+    /// session keeps the buffer bounds it started with.
+    pub fn set_limits(&self, limits: Arc<Limits>) {
+        self.limits.set(limits);
     }
 
     /// Sessions open right now.
@@ -191,8 +204,8 @@ impl Tunnel {
         let mut builder = http1::Builder::new();
         builder
             .timer(TokioTimer::new())
-            .header_read_timeout(self.limits.http_header_timeout())
-            .max_header_size(self.limits.max_http_header)
+            .header_read_timeout(self.limits().http_header_timeout())
+            .max_header_size(self.limits().max_http_header)
             .title_case_headers(true)
             .keep_alive(true);
         let io = ack::EagerAck::new(io);
@@ -248,15 +261,15 @@ impl Tunnel {
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > self.limits.max_http_body as u64) {
+        if declared.is_some_and(|n| n > self.limits().max_http_body as u64) {
             return too_large();
         }
         // hyper's header timeout does not cover the body; a trickled body is cut off too.
         // The body is charged to the memory budget (and the client address's share) as it
         // arrives, until it is answered.
         let mut body_charge = budget::PeerBudget::for_peer(peer.ip()).charge();
-        let read = read_body(body, self.limits.max_http_body, &mut body_charge);
-        let body = match tokio::time::timeout(self.limits.idle_timeout(), read).await {
+        let read = read_body(body, self.limits().max_http_body, &mut body_charge);
+        let body = match tokio::time::timeout(self.limits().idle_timeout(), read).await {
             Ok(Ok(b)) => b,
             Ok(Err(BodyError::TooLarge)) => return too_large(),
             Ok(Err(BodyError::OverBudget(e))) => {
@@ -288,14 +301,14 @@ impl Tunnel {
             Command::Send { id, seq } => {
                 let len: usize = body.iter().map(Bytes::len).sum();
                 let hold = if len <= SMALL_SEND {
-                    SEND_HOLD.min(self.limits.tunnel_idle_hold())
+                    SEND_HOLD.min(self.limits().tunnel_idle_hold())
                 } else {
                     Duration::ZERO
                 };
                 self.poll(id, seq, Op::Send(body), hold).await
             }
             Command::Idle { id, seq } => {
-                let hold = self.limits.tunnel_idle_hold();
+                let hold = self.limits().tunnel_idle_hold();
                 self.poll(id, seq, Op::Idle, hold).await
             }
             Command::Close { id, seq } => self.close(id, seq).await,
@@ -320,12 +333,12 @@ impl Tunnel {
                 "gateway is shutting down\n",
             );
         }
-        if self.sessions.len() >= self.limits.max_tunnel_sessions {
+        if self.sessions.len() >= self.limits().max_tunnel_sessions {
             crate::metrics::refused(crate::metrics::Refusal::MaxTunnelSessions);
             if let Some(also) = self.conns.refusals.should_log("refused") {
                 warn!(
                     %peer,
-                    limit = self.limits.max_tunnel_sessions,
+                    limit = self.limits().max_tunnel_sessions,
                     "RTMPT session refused: too many tunnel sessions (raise limits.max_tunnel_sessions){also}"
                 );
             }
@@ -345,7 +358,7 @@ impl Tunnel {
                     }
                 });
                 if let Some(also) = self.conns.refusals.should_log("refused") {
-                    warn!(%peer, "RTMPT session refused: {}{also}", why.describe(&self.limits));
+                    warn!(%peer, "RTMPT session refused: {}{also}", why.describe(&self.limits()));
                 }
                 return text(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -355,7 +368,7 @@ impl Tunnel {
         };
         let id = new_session_id();
         let label = id.chars().take(8).collect::<String>();
-        let session = Session::new(Bounds::from_limits(&self.limits));
+        let session = Session::new(Bounds::from_limits(&self.limits()));
         // Its buffers count against the opening client's address's share, like a connection's.
         session.charge_to(&budget::PeerBudget::for_peer(peer.ip()));
         let stream = ClientStream::new(Box::new(session.pipe()), transport, peer, local)
@@ -401,7 +414,7 @@ impl Tunnel {
         };
         let _active = Active::begin(&session);
         let bounds = session.bounds;
-        let deadline = Instant::now() + self.limits.tunnel_order_wait();
+        let deadline = Instant::now() + self.limits().tunnel_order_wait();
 
         let mut op = Some(op);
         let mut over_budget = None;
@@ -461,7 +474,7 @@ impl Tunnel {
                 || st.writer_blocked(&bounds))
             .then_some(())
         };
-        let grace = deadline.min(Instant::now() + self.limits.tunnel_idle_hold());
+        let grace = deadline.min(Instant::now() + self.limits().tunnel_idle_hold());
         if session.wait_until(grace, our_turn).await.is_none() {
             // Still waiting for sequence number 0 of a fresh session: start at 1.
             {
@@ -511,7 +524,7 @@ impl Tunnel {
         };
         let _active = Active::begin(&session);
         let bounds = session.bounds;
-        let deadline = Instant::now() + self.limits.tunnel_order_wait();
+        let deadline = Instant::now() + self.limits().tunnel_order_wait();
         let mut op = Some(Op::Close);
         session
             .wait_until(deadline, |st| {
@@ -528,7 +541,7 @@ impl Tunnel {
                 }
             })
             .await;
-        let grace = deadline.min(Instant::now() + self.limits.tunnel_idle_hold());
+        let grace = deadline.min(Instant::now() + self.limits().tunnel_idle_hold());
         let applied = |st: &mut session::State| {
             (st.order.applied(seq) || st.client_closed || st.backend_gone).then_some(())
         };
@@ -582,8 +595,8 @@ impl Tunnel {
     /// consumer ended and whose client did not come for the last bytes.
     fn reap(&self) {
         let now = Instant::now();
-        let max_idle = self.limits.tunnel_reap();
-        let handshake = self.limits.handshake_timeout();
+        let max_idle = self.limits().tunnel_reap();
+        let handshake = self.limits().handshake_timeout();
         let stale: Vec<(String, &'static str)> = self
             .sessions
             .iter()
