@@ -1,9 +1,13 @@
-//! One engine session per client stream: handshake, chunking, commands, media in and out.
+//! One engine session per client stream: the IO loop and the hub glue around the protocol.
 //!
-//! A session is a single task. It reads chunks and answers commands; as a publisher it hands
-//! media to the hub, as a player it drains its ring from the hub and writes the prechunked
-//! frames with vectored writes, in batches. Everything it sends goes through one ordered
-//! queue (`pending`), so replies such as Play.Start always precede the media they announce.
+//! A session is a single task. The handshake is read here; after it, the sans-IO
+//! [`ServerSession`] decodes the client's chunks, answers the commands that need no
+//! decision, and raises connect, publish and play as requests, which this file grants or
+//! refuses against the hub. As a publisher the session hands media to the hub; as a player
+//! it drains its ring from the hub and writes the prechunked frames with vectored writes, in
+//! batches. Everything it sends goes through one ordered queue (`pending`): the protocol's
+//! output is taken into it after every call, so replies such as Play.Start always precede
+//! the media they announce.
 //!
 //! The queue is bounded: media is shared with the hub (reference-counted, never copied per
 //! player) and taken from the hub at most `BATCH_BYTES` at a time, and the session's own
@@ -22,19 +26,18 @@ use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tracing::{debug, info, warn};
 
-use super::hub::{leading_amf0_string, Event, Frame, FrameKind, Player, Publisher, StreamKey};
+use super::hub::{Event, Frame, FrameKind, Player, Publisher, StreamKey};
 use super::{tick, Engine};
 use crate::auth::{Action, DenyReason};
 use crate::budget::{Charge, OverBudget, PeerBudget};
-use crate::rtmp::amf0::{Amf0Value, AmfLimits};
-use crate::rtmp::chunk::{ChunkDecoder, ChunkEncoder};
+use crate::rtmp::chunk::ChunkDecoder;
 use crate::rtmp::handshake;
-use crate::rtmp::message::{
-    self, LimitType, Message, UserControl, AUDIO, DATA_AMF0, DATA_AMF3, VIDEO,
+use crate::rtmp::message::{AUDIO, DATA_AMF0, VIDEO};
+use crate::rtmp::session::{
+    Poll, ServerConfig, ServerError, ServerEvent, ServerSession, StreamRequest,
 };
-use crate::rtmp::session::command::{self as cmd, CSID_COMMAND, CSID_CONTROL};
 use crate::stream::{ClientStream, Transport};
-use crate::throttle::{LogThrottle, RateLimit};
+use crate::throttle::LogThrottle;
 
 /// C0+C1 and C2 sizes of the plain RTMP handshake.
 const C0C1_LEN: usize = 1537;
@@ -82,10 +85,23 @@ pub enum SessionError {
     Denied { action: Action, reason: DenyReason },
 }
 
-/// A player's state on one message stream.
+impl From<ServerError> for SessionError {
+    fn from(e: ServerError) -> Self {
+        match e {
+            ServerError::Chunk(e) => SessionError::Chunk(e.to_string()),
+            ServerError::Rejected(why) => SessionError::Rejected(why),
+            ServerError::ProtocolErrors { count, last } => {
+                SessionError::ProtocolErrors { count, last }
+            }
+            ServerError::NoPublisher(wait) => SessionError::NoPublisher(wait),
+        }
+    }
+}
+
+/// A player's state on one message stream (the protocol side, its name and its wait for
+/// a publisher, is the [`ServerSession`]'s).
 struct PlayState {
     stream_id: u32,
-    name: String,
     player: Player,
     /// Metadata, headers and GOP to send before anything from the ring.
     start: VecDeque<Arc<Frame>>,
@@ -99,7 +115,6 @@ struct PlayState {
     paused: bool,
     receive_audio: bool,
     receive_video: bool,
-    wait_deadline: Option<Instant>,
     play_at: Instant,
     /// The player waited for a publisher: `play_at` is when it arrived.
     waited: bool,
@@ -115,15 +130,11 @@ struct Session {
     engine: Arc<Engine>,
     id: u64,
     label: String,
-    decoder: ChunkDecoder,
-    amf_limits: AmfLimits,
-    encoder: ChunkEncoder,
-    scratch: BytesMut,
+    /// The protocol: chunks, commands, replies, acks, and the per-peer limits on them.
+    proto: ServerSession,
     pending: VecDeque<Bytes>,
     pending_bytes: usize,
-    /// Bytes of the session's own messages (replies, control) queued since the last flush,
-    /// and their charge on the memory budget.
-    reply_bytes: usize,
+    /// The protocol's output queued since the last flush, charged to the memory budget.
     reply_charge: Charge,
     /// The process's memory budget and this client's address's share: what its partial
     /// messages, replies and published frames are charged to.
@@ -141,21 +152,10 @@ struct Session {
     plays: u64,
     bytes_in: u64,
     bytes_out: u64,
-    ack_window: u64,
-    last_ack: u64,
-    out_chunk_size: u32,
-    app: Option<String>,
-    streams_created: u32,
     publishing: Option<PublishState>,
     playing: Option<PlayState>,
     /// What the session did, for the close line: "publish live/key".
     role: String,
-    /// The client came over RTMPE/RTMPTE: see [`Session::raise_chunk_size`].
-    rtmpe: bool,
-    /// Malformed messages so far (limits.max_protocol_errors).
-    protocol_errors: u32,
-    /// Messages per second (limits.max_messages_per_sec).
-    rate: RateLimit,
     /// The lines this peer can cause by repeating itself (malformed messages, play,
     /// refused publish), at most one a second.
     warnings: LogThrottle,
@@ -173,8 +173,8 @@ pub(crate) async fn run(engine: Arc<Engine>, mut io: ClientStream, id: u64) {
     // what the session did (its role) and why it ended.
     debug!(session = id, "engine session open: {label}");
     let budget = PeerBudget::for_peer(io.peer.ip());
-    let mut s = Session::new(engine, id, label.clone(), budget);
-    s.rtmpe = matches!(io.transport, Transport::Rtmpe | Transport::Rtmpte);
+    let rtmpe = matches!(io.transport, Transport::Rtmpe | Transport::Rtmpte);
+    let mut s = Session::new(engine, id, label.clone(), budget, rtmpe);
     s.authz.peer = io.peer.ip();
     let res = s.serve(&mut io).await;
     s.notify_done(true, true);
@@ -218,6 +218,12 @@ fn after(d: Duration) -> Instant {
         .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365))
 }
 
+/// The clock the protocol is driven with: tokio's, which its timers follow (a paused test
+/// clock refills the message-rate bucket and moves the player's wait).
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
 /// The player's next event, or None at `tick_at` (a player draining its ring on the merge
 /// window's ticks is not woken by each frame).
 async fn next_event(
@@ -235,24 +241,36 @@ async fn next_event(
 }
 
 impl Session {
-    fn new(engine: Arc<Engine>, id: u64, label: String, budget: PeerBudget) -> Session {
+    fn new(
+        engine: Arc<Engine>,
+        id: u64,
+        label: String,
+        budget: PeerBudget,
+        rtmpe: bool,
+    ) -> Session {
         // Partial messages and replies count against the process's budget and the client
         // address's share of it.
         let decoder = ChunkDecoder::with_charge(engine.limits(), budget.charge());
-        let amf_limits = AmfLimits::from(engine.limits());
-        let ack_window = u64::from(engine.config().window_ack_size);
-        let max_rate = engine.limits().max_messages_per_sec;
+        let cfg = engine.config();
+        let proto_cfg = ServerConfig {
+            limits: engine.limits().into(),
+            chunk_size: cfg.chunk_size,
+            window_ack_size: cfg.window_ack_size,
+            peer_bandwidth: cfg.peer_bandwidth,
+            max_streams: cfg.max_streams_per_connection,
+            // Over RTMPE the large chunk size waits until the client plays (see
+            // `ServerConfig::chunk_size_on_connect`).
+            chunk_size_on_connect: !rtmpe,
+            player_wait: cfg.player_wait,
+        };
+        let proto = ServerSession::new(proto_cfg, decoder, now());
         Session {
             engine,
             id,
             label,
-            decoder,
-            amf_limits,
-            encoder: ChunkEncoder::new(),
-            scratch: BytesMut::new(),
+            proto,
             pending: VecDeque::new(),
             pending_bytes: 0,
-            reply_bytes: 0,
             reply_charge: budget.charge(),
             budget,
             refused: None,
@@ -262,17 +280,9 @@ impl Session {
             plays: 0,
             bytes_in: 0,
             bytes_out: 0,
-            ack_window,
-            last_ack: 0,
-            out_chunk_size: 128,
-            app: None,
-            streams_created: 0,
             publishing: None,
             playing: None,
             role: String::new(),
-            rtmpe: false,
-            protocol_errors: 0,
-            rate: RateLimit::per_second(max_rate, tokio::time::Instant::now().into_std()),
             warnings: LogThrottle::new(),
             authz: authz::AuthState::default(),
         }
@@ -325,6 +335,7 @@ impl Session {
                 // A callback decides a connect, publish or play: this session waits (at
                 // most the callback timeout), the others carry on.
                 self.await_decision().await?;
+                self.send_replies();
                 continue;
             }
             if self.more_input {
@@ -340,7 +351,7 @@ impl Session {
             if self.has_start_frames() {
                 continue;
             }
-            let wait_at = self.playing.as_ref().and_then(|p| p.wait_deadline);
+            let wait_at = self.proto.poll_timeout();
             if let Some(w) = wait_at {
                 if w < timer.deadline().into_std() {
                     timer.as_mut().reset(w.into());
@@ -370,6 +381,7 @@ impl Session {
                         read_room = (read_room * 2).min(READ_MAX);
                     }
                     self.bytes_in = self.bytes_in.saturating_add(n as u64);
+                    self.proto.received(n);
                     last_activity = Instant::now();
                     let mut paused = self.on_bytes(&mut rbuf)?;
                     while let Some(wait) = paused {
@@ -395,7 +407,7 @@ impl Session {
                     }
                 }
                 () = &mut timer => {
-                    let now = Instant::now();
+                    let now = now();
                     if wait_at.is_some_and(|w| w <= now) {
                         return self.stop_waiting(io).await;
                     }
@@ -421,37 +433,34 @@ impl Session {
         let mut c2 = vec![0u8; C2_LEN];
         io.read_exact(&mut c2).await?;
         self.bytes_in = (C0C1_LEN + C2_LEN) as u64;
+        self.proto.received(C0C1_LEN + C2_LEN);
         self.bytes_out = reply.s0s1s2.len() as u64;
         Ok(())
     }
 
-    /// A player waited `player_wait` with no publisher: tell it the play is over.
+    /// A player waited `player_wait` with no publisher: the protocol tells it the play is
+    /// over (NetStream.Play.Stop), and the session ends.
     async fn stop_waiting(&mut self, io: &mut ClientStream) -> Result<(), SessionError> {
-        let wait = self.engine.config().player_wait;
-        if let Some(p) = self.playing.take() {
-            let m = cmd::on_status(
-                p.stream_id,
-                "status",
-                "NetStream.Play.Stop",
-                &format!("No publisher on {} within {wait:?}.", p.player.key()),
-                Some(&p.name),
-            );
-            self.send(CSID_COMMAND, &m);
+        let res = self.proto.handle_timeout(now());
+        self.send_replies();
+        if res.is_err() {
+            self.playing = None;
             self.flush(io).await?;
         }
-        Err(SessionError::NoPublisher(wait))
+        res.map_err(SessionError::from)
     }
 
-    /// Queue a message for the client, through the session's own chunk encoder.
-    fn send(&mut self, csid: u32, msg: &Message) {
-        self.encoder.write(csid, msg, &mut self.scratch);
-        let b = self.scratch.split().freeze();
+    /// Queue what the protocol has to send, charged to the memory budget, after
+    /// everything queued before it.
+    fn send_replies(&mut self) {
+        let Some(b) = self.proto.take_output() else {
+            return;
+        };
         if let Err(e) = self.reply_charge.try_grow(b.len()) {
             // Dropped, and the session ends before it decodes another message.
             self.refused.get_or_insert(e);
             return;
         }
-        self.reply_bytes = self.reply_bytes.saturating_add(b.len());
         self.write_now = true;
         self.push_bytes(b);
     }
@@ -459,10 +468,6 @@ impl Session {
     /// A play's start frames are still to be queued.
     fn has_start_frames(&self) -> bool {
         self.playing.as_ref().is_some_and(|p| !p.start.is_empty())
-    }
-
-    fn send_control(&mut self, msg: &Message) {
-        self.send(CSID_CONTROL, msg);
     }
 
     fn push_bytes(&mut self, b: Bytes) {
@@ -531,8 +536,8 @@ impl Session {
         tokio::time::timeout_at(deadline, io.flush())
             .await
             .map_err(|_| SessionError::WriteStalled(limit))??;
-        self.reply_bytes = 0;
         self.reply_charge.shrink(usize::MAX);
+        self.proto.flushed();
         self.write_now = false;
         Ok(())
     }
@@ -541,300 +546,110 @@ impl Session {
     /// stopped it with bytes left, to be called again after `wait`. Stops early, with
     /// `more_input` set, when the replies queued are over `max_reply_queue`.
     fn on_bytes(&mut self, rbuf: &mut BytesMut) -> Result<Option<Duration>, SessionError> {
-        // Tokio's clock, which its sleep follows (a paused test clock refills the bucket).
-        let now = tokio::time::Instant::now().into_std();
-        let mut paused = None;
-        let max_replies = self.engine.limits().max_reply_queue;
+        let now = now();
         loop {
             if let Some(e) = self.refused.take() {
                 return Err(SessionError::OverBudget(e));
             }
-            if self.reply_bytes >= max_replies || self.authz.waiting() {
-                // Write the replies before decoding more (and reading more) of this client.
-                self.more_input = !rbuf.is_empty();
-                break;
-            }
-            if let Err(wait) = self.rate.ready(now) {
-                paused = Some(wait);
-                break;
-            }
-            match self.decoder.decode(rbuf) {
-                Ok(Some(msg)) => {
-                    self.rate.spend();
-                    self.on_message(msg)?;
+            let polled = self.proto.poll(rbuf, now);
+            self.send_replies();
+            match polled? {
+                Poll::Event(ev) => {
+                    let handled = self.on_proto_event(ev);
+                    // A refusal's reply goes out even when it ends the session.
+                    self.send_replies();
+                    handled?;
                 }
-                Ok(None) => break,
-                Err(e) => return Err(SessionError::Chunk(e.to_string())),
+                Poll::NeedInput => break,
+                Poll::AwaitingDecision => {
+                    // Decode nothing more of this client until the decision.
+                    self.more_input = !rbuf.is_empty();
+                    break;
+                }
+                Poll::RateLimited(wait) => {
+                    // Past limits.max_messages_per_sec: the rest waits in the buffer.
+                    self.check_refused()?;
+                    return Ok(Some(wait));
+                }
+                Poll::RepliesFull => {
+                    // Write the replies before decoding more (and reading more) of this client.
+                    self.more_input = !rbuf.is_empty();
+                    break;
+                }
             }
         }
-        if let Some(e) = self.refused.take() {
-            return Err(SessionError::OverBudget(e));
-        }
-        // Acknowledge each window of bytes received, as the peer's Window Ack Size asks.
-        if self.ack_window > 0 && self.bytes_in.saturating_sub(self.last_ack) >= self.ack_window {
-            self.last_ack = self.bytes_in;
-            // The sequence number wraps at 32 bits by definition.
-            let seq = (self.bytes_in & 0xffff_ffff) as u32;
-            self.send_control(&message::acknowledgement(seq));
-        }
-        Ok(paused)
+        self.check_refused()?;
+        Ok(None)
     }
 
-    /// A malformed message: logged (at most a line a second), and past
-    /// `limits.max_protocol_errors` the end of the session.
-    fn protocol_error(&mut self, what: String) -> Result<(), SessionError> {
-        self.protocol_errors = self.protocol_errors.saturating_add(1);
-        if self.protocol_errors > self.engine.limits().max_protocol_errors {
-            return Err(SessionError::ProtocolErrors {
-                count: self.protocol_errors,
-                last: what,
-            });
+    fn check_refused(&mut self) -> Result<(), SessionError> {
+        match self.refused.take() {
+            Some(e) => Err(SessionError::OverBudget(e)),
+            None => Ok(()),
         }
-        if let Some(also) = self.warnings.should_log("malformed messages") {
-            warn!(session = self.id, "{}: {what}{also}", self.label);
-        }
-        Ok(())
     }
 
-    fn on_message(&mut self, msg: Message) -> Result<(), SessionError> {
-        match msg.msg_type {
-            AUDIO | VIDEO => {
+    /// What the client asked for, against the hub.
+    fn on_proto_event(&mut self, ev: ServerEvent) -> Result<(), SessionError> {
+        match ev {
+            ServerEvent::Media(msg) => {
                 if let Some(p) = &self.publishing {
                     p.publisher.push(msg.msg_type, msg.timestamp, msg.payload)?;
                 }
             }
-            DATA_AMF0 | DATA_AMF3 => self.on_data(msg)?,
-            message::COMMAND_AMF0 | message::COMMAND_AMF3 => {
-                match message::decode_command(&msg, &self.amf_limits) {
-                    Ok(c) => self.on_command(msg.stream_id, &c.name, c.txn, &c.args)?,
-                    Err(e) => self.protocol_error(format!("undecodable command: {e}"))?,
+            ServerEvent::Data { timestamp, payload } => {
+                if let Some(p) = &self.publishing {
+                    p.publisher.push(DATA_AMF0, timestamp, payload)?;
                 }
             }
-            message::AGGREGATE => match message::split_aggregate(&msg) {
-                Ok(parts) => {
-                    for part in parts {
-                        if part.msg_type != message::AGGREGATE {
-                            self.on_message(part)?;
-                        }
-                    }
-                }
-                Err(e) => self.protocol_error(format!("bad aggregate message: {e}"))?,
-            },
-            message::WINDOW_ACK_SIZE => {
-                if let Ok(w) = message::parse_window_ack_size(&msg.payload) {
-                    if w > 0 {
-                        self.ack_window = u64::from(w);
-                    }
-                }
+            // Any app name is served (unless [auth] says otherwise); it is half the hub's key.
+            ServerEvent::ConnectRequested(c) => self.authorize_connect(&c)?,
+            ServerEvent::PublishRequested { request, .. } => {
+                self.authorize_stream(Action::Publish, &request)?;
             }
-            message::USER_CONTROL => {
-                if let Ok(UserControl::PingRequest(t)) = UserControl::decode(&msg.payload) {
-                    self.send_control(&UserControl::PingResponse(t).to_message());
+            ServerEvent::PlayRequested { request, .. } => {
+                self.authorize_stream(Action::Play, &request)?;
+            }
+            ServerEvent::StreamDeleted { stream_id } => self.close_stream(stream_id),
+            ServerEvent::Pause { paused, .. } => {
+                if let Some(p) = &mut self.playing {
+                    p.paused = paused;
+                    // Resume on a keyframe, not in the middle of a GOP.
+                    p.skipping = true;
                 }
             }
-            // Set Chunk Size and Abort were applied by the decoder; acks need no answer.
-            _ => {}
-        }
-        Ok(())
-    }
-
-    /// Data from a publisher: `@setDataFrame` metadata is stored as plain `onMetaData`.
-    fn on_data(&mut self, msg: Message) -> Result<(), OverBudget> {
-        let Some(p) = &self.publishing else {
-            return Ok(());
-        };
-        let mut payload = msg.payload;
-        if msg.msg_type == DATA_AMF3 && payload.first() == Some(&0) {
-            // AMF3 data messages start with a 0 byte, then AMF0 values.
-            let _ = payload.split_to(1);
-        }
-        if let Some(("@setDataFrame", used)) = leading_amf0_string(&payload) {
-            let _ = payload.split_to(used);
-        }
-        p.publisher.push(DATA_AMF0, msg.timestamp, payload)
-    }
-
-    fn on_command(
-        &mut self,
-        stream_id: u32,
-        name: &str,
-        txn: f64,
-        args: &[Amf0Value],
-    ) -> Result<(), SessionError> {
-        // args[0] is the command object (null after connect); the call's own arguments follow.
-        let arg = |i: usize| args.get(i);
-        let arg_str = |i: usize| args.get(i).and_then(Amf0Value::as_str).unwrap_or_default();
-        debug!(
-            session = self.id,
-            "{}: command {name} txn {txn}", self.label
-        );
-        match name {
-            "connect" => self.authorize_connect(txn, arg(0))?,
-            "createStream" => {
-                if self.streams_created >= self.engine.config().max_streams_per_connection {
-                    self.send(CSID_COMMAND, &cmd::call_failed(txn, name));
-                } else {
-                    self.streams_created += 1;
-                    let id = f64::from(self.streams_created);
-                    self.send(CSID_COMMAND, &cmd::result(txn, vec![Amf0Value::Number(id)]));
+            ServerEvent::ReceiveAudio { on, .. } => {
+                if let Some(p) = &mut self.playing {
+                    p.receive_audio = on;
                 }
             }
-            "releaseStream" | "_checkbw" => {
-                self.send(CSID_COMMAND, &cmd::result(txn, vec![Amf0Value::Undefined]));
-            }
-            "FCPublish" => {
-                let m = cmd::on_fc("onFCPublish", "NetStream.Publish.Start", arg_str(1));
-                self.send(CSID_COMMAND, &m);
-                self.send(CSID_COMMAND, &cmd::result(txn, vec![Amf0Value::Undefined]));
-            }
-            "FCUnpublish" => {
-                let m = cmd::on_fc("onFCUnpublish", "NetStream.Unpublish.Success", arg_str(1));
-                self.send(CSID_COMMAND, &m);
-                self.send(CSID_COMMAND, &cmd::result(txn, vec![Amf0Value::Undefined]));
-            }
-            "FCSubscribe" => {
-                let m = cmd::on_fc("onFCSubscribe", "NetStream.Play.Start", arg_str(1));
-                self.send(CSID_COMMAND, &m);
-            }
-            "FCUnsubscribe" => {}
-            "publish" => self.authorize_stream(Action::Publish, stream_id, arg_str(1))?,
-            "play" => self.authorize_stream(Action::Play, stream_id, arg_str(1))?,
-            "play2" => {
-                // play2 switches renditions; on a live stream with one rendition, starting
-                // play when not yet playing is all that makes sense.
-                let name = arg(1)
-                    .and_then(|o| o.get("streamName"))
-                    .and_then(Amf0Value::as_str)
-                    .unwrap_or_default()
-                    .to_owned();
-                if self.playing.is_none() && !name.is_empty() {
-                    self.authorize_stream(Action::Play, stream_id, &name)?;
+            ServerEvent::ReceiveVideo { on, .. } => {
+                if let Some(p) = &mut self.playing {
+                    p.receive_video = on;
                 }
             }
-            "pause" | "pauseRaw" => {
-                let pause = arg(1).and_then(Amf0Value::as_bool).unwrap_or(true);
-                self.on_pause(pause);
-            }
-            "seek" => {
-                if let Some(sid) = self.playing.as_ref().map(|p| p.stream_id) {
-                    let m = cmd::on_status(
-                        sid,
-                        "status",
-                        "NetStream.Seek.Notify",
-                        "Seeking is not possible on a live stream; playing on.",
-                        None,
-                    );
-                    self.send(CSID_COMMAND, &m);
+            ServerEvent::Malformed(what) => {
+                if let Some(also) = self.warnings.should_log("malformed messages") {
+                    warn!(session = self.id, "{}: {what}{also}", self.label);
                 }
             }
-            "deleteStream" => {
-                let sid = arg(1).and_then(Amf0Value::as_f64).unwrap_or(0.0);
-                self.close_stream(sid as u32);
-            }
-            "closeStream" => self.close_stream(stream_id),
-            "getStreamLength" => {
-                self.send(
-                    CSID_COMMAND,
-                    &cmd::result(txn, vec![Amf0Value::Number(0.0)]),
+            ServerEvent::Command { name, txn, .. } => {
+                debug!(
+                    session = self.id,
+                    "{}: command {name} txn {txn}", self.label
                 );
             }
-            "receiveAudio" | "receiveVideo" => {
-                let on = arg(1).and_then(Amf0Value::as_bool).unwrap_or(true);
-                if let Some(p) = &mut self.playing {
-                    if name == "receiveAudio" {
-                        p.receive_audio = on;
-                    } else {
-                        p.receive_video = on;
-                    }
-                }
-            }
-            // Replies to what we sent (onBWDone...), and FMS bandwidth-check chatter.
-            "_result" | "_error" | "onStatus" | "onBWDone" | "_onbwcheck" | "_onbwdone" => {}
-            _ => {
-                debug!(session = self.id, "{}: unknown command {name}", self.label);
-                self.send(CSID_COMMAND, &cmd::call_failed(txn, name));
+            ServerEvent::ReleaseStream { .. }
+            | ServerEvent::FcPublish { .. }
+            | ServerEvent::FcUnpublish { .. } => {
+                debug!(session = self.id, "{}: {ev:?}", self.label);
             }
         }
         Ok(())
     }
 
-    fn on_connect(&mut self, txn: f64, object: Option<&Amf0Value>) -> Result<(), SessionError> {
-        let max = self.engine.limits().max_name_len;
-        let raw_app = object
-            .and_then(|o| o.get("app"))
-            .and_then(Amf0Value::as_str)
-            .unwrap_or_default();
-        let object_encoding = object
-            .and_then(|o| o.get("objectEncoding"))
-            .and_then(Amf0Value::as_f64)
-            .unwrap_or(0.0);
-        let Some(app) = cmd::clean_name(raw_app, max) else {
-            let m = cmd::on_status(
-                0,
-                "error",
-                "NetConnection.Connect.Rejected",
-                "connect needs an application name, as in rtmp://host/live/key.",
-                None,
-            );
-            self.send(CSID_COMMAND, &m);
-            return Err(SessionError::Rejected(format!("bad app name {raw_app:?}")));
-        };
-        let cfg = self.engine.config();
-        let (was, bw) = (cfg.window_ack_size, cfg.peer_bandwidth);
-        self.send_control(&message::window_ack_size(was));
-        self.send_control(&message::set_peer_bandwidth(bw, LimitType::Dynamic));
-        if !self.rtmpe {
-            self.raise_chunk_size();
-        }
-        self.send(CSID_COMMAND, &cmd::connect_result(txn, object_encoding));
-        self.send(CSID_COMMAND, &cmd::on_bw_done());
-        self.app = Some(app);
-        Ok(())
-    }
-
-    /// Announce our large outgoing chunk size. Over RTMPE this waits until the client plays:
-    /// ffmpeg's RTMPE writer encrypts its buffer in place, and when publishing it echoes a
-    /// Set Chunk Size and then reads the new size from the now-encrypted bytes ("Incorrect
-    /// chunk size"), so an RTMPE publisher must never be sent one.
-    fn raise_chunk_size(&mut self) {
-        let cs = self.engine.config().chunk_size;
-        if self.out_chunk_size == cs {
-            return;
-        }
-        self.send_control(&message::set_chunk_size(cs));
-        self.encoder.set_chunk_size(cs);
-        self.out_chunk_size = cs;
-    }
-
-    fn key_for(&self, raw: &str) -> Option<(StreamKey, String)> {
-        let app = self.app.as_deref()?;
-        let name = cmd::clean_name(raw, self.engine.limits().max_name_len)?;
-        Some((StreamKey::new(app, &name), name))
-    }
-
-    fn on_publish(&mut self, stream_id: u32, raw: &str) {
-        let Some((key, name)) = self.key_for(raw) else {
-            let m = cmd::on_status(
-                stream_id,
-                "error",
-                "NetStream.Publish.BadName",
-                "publish needs connect first and a stream name, as in rtmp://host/live/key.",
-                Some(raw),
-            );
-            self.send(CSID_COMMAND, &m);
-            return;
-        };
-        if self.publishing.is_some() {
-            let m = cmd::on_status(
-                stream_id,
-                "error",
-                "NetStream.Publish.BadName",
-                "This connection is already publishing.",
-                Some(&name),
-            );
-            self.send(CSID_COMMAND, &m);
-            return;
-        }
+    fn on_publish(&mut self, request: &StreamRequest) {
+        let key = StreamKey::new(&request.app, &request.name);
         match self.engine.hub().publish(&key) {
             Ok(mut publisher) => {
                 publisher.charge_to(self.budget.clone());
@@ -842,18 +657,10 @@ impl Session {
                 crate::sessions::tag_stream(crate::sessions::Role::Publisher, &key.app, &key.name);
                 self.role = format!("publish {key}");
                 self.publishing = Some(PublishState {
-                    stream_id,
+                    stream_id: request.stream_id,
                     publisher,
                 });
-                self.send_control(&UserControl::StreamBegin(stream_id).to_message());
-                let m = cmd::on_status(
-                    stream_id,
-                    "status",
-                    "NetStream.Publish.Start",
-                    &format!("{name} is now published."),
-                    Some(&name),
-                );
-                self.send(CSID_COMMAND, &m);
+                self.proto.accept(request.request_id);
             }
             Err(e) => {
                 // A peer can repeat the command: its lines share the session's throttle.
@@ -863,33 +670,16 @@ impl Session {
                         "{}: publish {key} refused: {e}{also}", self.label
                     );
                 }
-                let m = cmd::on_status(
-                    stream_id,
-                    "error",
-                    "NetStream.Publish.BadName",
-                    &format!("{key} is already being published."),
-                    Some(&name),
-                );
-                self.send(CSID_COMMAND, &m);
+                let why = format!("{key} is already being published.");
+                self.proto.reject(request.request_id, &why);
             }
         }
     }
 
-    fn on_play(&mut self, stream_id: u32, raw: &str) {
-        let Some((key, name)) = self.key_for(raw) else {
-            let m = cmd::on_status(
-                stream_id,
-                "error",
-                "NetStream.Play.StreamNotFound",
-                "play needs connect first and a stream name, as in rtmp://host/live/key.",
-                Some(raw),
-            );
-            self.send(CSID_COMMAND, &m);
-            return;
-        };
+    fn on_play(&mut self, request: &StreamRequest) {
         // A second play on the connection replaces the first (and what it had still to send).
         self.playing = None;
-        self.raise_chunk_size();
+        let key = StreamKey::new(&request.app, &request.name);
         let mut player = self.engine.hub().play(&key);
         let how = if player.live {
             "live"
@@ -912,19 +702,14 @@ impl Session {
         }
         self.role = format!("play {key}");
         crate::sessions::tag_stream(crate::sessions::Role::Player, &key.app, &key.name);
-        self.send_control(&UserControl::StreamBegin(stream_id).to_message());
-        let desc = format!("Started playing {name}.");
-        for code in ["NetStream.Play.Reset", "NetStream.Play.Start"] {
-            let m = cmd::on_status(stream_id, "status", code, &desc, Some(&name));
-            self.send(CSID_COMMAND, &m);
+        self.proto.accept(request.request_id);
+        let now = now();
+        if !player.live {
+            self.proto.wait_for_publisher(now);
         }
-        self.send(CSID_COMMAND, &cmd::sample_access(stream_id));
-        self.send(CSID_COMMAND, &cmd::data_start(stream_id));
-        let now = Instant::now();
         let start = std::mem::take(&mut player.start).into();
-        let mut p = PlayState {
-            stream_id,
-            name,
+        self.playing = Some(PlayState {
+            stream_id: request.stream_id,
             start,
             live: player.live,
             // A late player without a cached GOP waits for the next keyframe.
@@ -936,35 +721,10 @@ impl Session {
             paused: false,
             receive_audio: true,
             receive_video: true,
-            wait_deadline: None,
-            play_at: now,
+            play_at: Instant::now(),
             waited: false,
             first_frame: false,
-        };
-        if !p.live {
-            p.wait_deadline = Some(after(self.engine.config().player_wait));
-        }
-        self.playing = Some(p);
-    }
-
-    fn on_pause(&mut self, pause: bool) {
-        let Some(p) = &mut self.playing else {
-            return;
-        };
-        p.paused = pause;
-        // Resume on a keyframe, not in the middle of a GOP.
-        p.skipping = true;
-        let sid = p.stream_id;
-        let (code, desc) = if pause {
-            ("NetStream.Pause.Notify", "Paused live stream.")
-        } else {
-            ("NetStream.Unpause.Notify", "Unpaused live stream.")
-        };
-        let name = p.name.clone();
-        self.send(
-            CSID_COMMAND,
-            &cmd::on_status(sid, "status", code, desc, Some(&name)),
-        );
+        });
     }
 
     fn close_stream(&mut self, stream_id: u32) {
@@ -1018,7 +778,6 @@ impl Session {
         let Some(p) = &mut self.playing else {
             return;
         };
-        let sid = p.stream_id;
         match ev {
             Ok(Event::Frame(f)) => self.send_frame(&f),
             Ok(Event::Published) => {
@@ -1030,37 +789,17 @@ impl Session {
                     p.waited = true;
                 }
                 p.live = true;
-                p.wait_deadline = None;
                 p.skipping = false;
                 p.has_video = false;
                 let notify = p.saw_unpublish;
-                let name = p.name.clone();
-                self.send_control(&UserControl::StreamBegin(sid).to_message());
-                if notify {
-                    let m = cmd::on_status(
-                        sid,
-                        "status",
-                        "NetStream.Play.PublishNotify",
-                        &format!("{name} is now published."),
-                        Some(&name),
-                    );
-                    self.send(CSID_COMMAND, &m);
-                }
+                self.proto.publisher_started(notify);
+                self.send_replies();
             }
             Ok(Event::Unpublished) => {
                 p.live = false;
                 p.saw_unpublish = true;
-                p.wait_deadline = Some(after(self.engine.config().player_wait));
-                let name = p.name.clone();
-                let m = cmd::on_status(
-                    sid,
-                    "status",
-                    "NetStream.Play.UnpublishNotify",
-                    &format!("{name} is now unpublished."),
-                    Some(&name),
-                );
-                self.send(CSID_COMMAND, &m);
-                self.send_control(&UserControl::StreamEof(sid).to_message());
+                self.proto.publisher_stopped(now());
+                self.send_replies();
             }
             Err(RecvError::Lagged(n)) => {
                 p.skipping = true;
@@ -1123,7 +862,7 @@ impl Session {
                 }
             }
         }
-        let (head, body) = f.chunks_for(p.stream_id, self.out_chunk_size, shared_cs);
+        let (head, body) = f.chunks_for(p.stream_id, self.proto.out_chunk_size(), shared_cs);
         if let Some(h) = head {
             self.push_bytes(h);
         }

@@ -1,23 +1,25 @@
 //! The engine session's side of [`crate::auth`]: connect, publish and play are decided
 //! before they are served.
 //!
-//! Rules that need no I/O (addresses, keys, tokens) are decided inline. A callback is
-//! waited for by this session's task alone: the command is held, the session decodes no
-//! more of the client's messages until the decision (bounded by the callback timeout),
-//! and every other session carries on. A denial sends the client the protocol's status
-//! (`_error` NetConnection.Connect.Rejected, `onStatus` NetStream.Publish.BadName or
+//! The protocol ([`crate::rtmp::session::ServerSession`]) raises each as a request; rules
+//! that need no I/O (addresses, keys, tokens) decide it inline. A callback is waited for by
+//! this session's task alone: the request stays pending, the protocol decodes no more of
+//! the client's messages until the decision (bounded by the callback timeout), and every
+//! other session carries on. A denial sends the client the protocol's status (`_error`
+//! NetConnection.Connect.Rejected, `onStatus` NetStream.Publish.BadName or
 //! NetStream.Play.Failed) and closes the connection once it is written.
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use super::{cmd, Amf0Value, Session, SessionError, CSID_COMMAND};
+use super::{Session, SessionError};
 use crate::auth::{Action, AuthRequest, Decision};
-use crate::rtmp::message;
+use crate::rtmp::amf0::Amf0Value;
+use crate::rtmp::session::{ConnectRequest, RequestId, StreamRequest};
 
-/// A command waiting for its decision.
+/// A request waiting for its decision.
 enum Held {
-    Connect { txn: f64, object: Amf0Value },
-    Stream { stream_id: u32, raw: String },
+    Connect(RequestId),
+    Stream(Box<StreamRequest>),
 }
 
 pub(super) struct AuthState {
@@ -50,37 +52,39 @@ impl AuthState {
     }
 }
 
+/// A name as the client sent it: the name, then `?query` when there was one.
+fn with_query(name: &str, query: &str) -> String {
+    if query.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{name}?{query}")
+    }
+}
+
 impl Session {
     /// `connect`, through `[auth]` when it is configured.
-    pub(super) fn authorize_connect(
-        &mut self,
-        txn: f64,
-        object: Option<&Amf0Value>,
-    ) -> Result<(), SessionError> {
+    pub(super) fn authorize_connect(&mut self, c: &ConnectRequest) -> Result<(), SessionError> {
         let Some(auth) = self.engine.config().auth.clone() else {
-            return self.on_connect(txn, object);
+            self.proto.accept(c.request_id);
+            return Ok(());
         };
-        let max = self.engine.limits().max_name_len;
-        let raw_app = object
-            .and_then(|o| o.get("app"))
-            .and_then(Amf0Value::as_str)
-            .unwrap_or_default();
-        // A name the engine refuses anyway is refused without asking (or holding) anything.
-        let Some(app) = cmd::clean_name(raw_app, max) else {
-            return self.on_connect(txn, object);
-        };
-        let req = AuthRequest::connect_bounded(self.authz.peer, self.id, object, max);
-        // What on_connect reads (the app without its query, which may be long), not the
-        // client's whole object: a held connect keeps at most a few times max_name_len.
-        let mut kept = vec![("app", Amf0Value::string(app))];
-        if let Some(enc) = object.and_then(|o| o.get("objectEncoding")).cloned() {
-            kept.push(("objectEncoding", enc));
+        // The fields the rules and callbacks read, as the client sent them.
+        let mut fields = vec![("app", Amf0Value::string(with_query(&c.app, &c.query)))];
+        for (k, v) in [
+            ("tcUrl", &c.tc_url),
+            ("swfUrl", &c.swf_url),
+            ("pageUrl", &c.page_url),
+            ("flashVer", &c.flash_ver),
+        ] {
+            if let Some(v) = v {
+                fields.push((k, Amf0Value::string(v.clone())));
+            }
         }
-        let held = Held::Connect {
-            txn,
-            object: Amf0Value::object(kept),
-        };
+        let object = Amf0Value::object(fields);
+        let max = self.engine.limits().max_name_len;
+        let req = AuthRequest::connect_bounded(self.authz.peer, self.id, Some(&object), max);
         self.authz.base = Some(req.clone());
+        let held = Held::Connect(c.request_id);
         if auth.needs_callback(Action::Connect, &req.app) {
             self.authz.held = Some((held, req));
             return Ok(());
@@ -89,31 +93,19 @@ impl Session {
         self.decided(held, req, d)
     }
 
-    /// `publish` or `play` of `raw` (the name with its query), through `[auth]`.
+    /// `publish` or `play` (the protocol checked the name), through `[auth]`.
     pub(super) fn authorize_stream(
         &mut self,
         action: Action,
-        stream_id: u32,
-        raw: &str,
+        request: &StreamRequest,
     ) -> Result<(), SessionError> {
         let auth = self.engine.config().auth.clone();
-        // Without auth, or before a connect (which the command then refuses), as before.
         let (Some(auth), Some(base)) = (auth, &self.authz.base) else {
-            self.serve_stream(action, stream_id, raw, None);
+            self.serve_stream(action, request, None);
             return Ok(());
         };
-        // As for connect: a refused name is refused at once, a held one is kept without its
-        // query.
-        let max = self.engine.limits().max_name_len;
-        let Some(name) = cmd::clean_name(raw, max) else {
-            self.serve_stream(action, stream_id, raw, None);
-            return Ok(());
-        };
-        let req = base.for_stream(action, raw);
-        let held = Held::Stream {
-            stream_id,
-            raw: name,
-        };
+        let req = base.for_stream(action, &with_query(&request.name, &request.query));
+        let held = Held::Stream(Box::new(request.clone()));
         if auth.needs_callback(action, &req.app) {
             self.authz.held = Some((held, req));
             return Ok(());
@@ -122,7 +114,7 @@ impl Session {
         self.decided(held, req, d)
     }
 
-    /// Waits for the held command's callback and acts on the answer.
+    /// Waits for the held request's callback and acts on the answer.
     pub(super) async fn await_decision(&mut self) -> Result<(), SessionError> {
         let Some((held, req)) = self.authz.held.take() else {
             return Ok(());
@@ -135,42 +127,38 @@ impl Session {
     }
 
     fn decided(&mut self, held: Held, req: AuthRequest, d: Decision) -> Result<(), SessionError> {
-        let reason = match (&held, d) {
-            (Held::Connect { txn, object }, Decision::Allow | Decision::Rename(_)) => {
-                return self.on_connect(*txn, Some(object));
-            }
-            (Held::Stream { stream_id, raw }, Decision::Allow) => {
-                self.serve_stream(req.action, *stream_id, raw, Some(req.clone()));
+        let reason = match (held, d) {
+            (Held::Connect(id), Decision::Allow | Decision::Rename(_)) => {
+                self.proto.accept(id);
                 return Ok(());
             }
-            (Held::Stream { stream_id, .. }, Decision::Rename(to)) => {
-                self.serve_stream(req.action, *stream_id, &to, Some(req.clone()));
+            (Held::Stream(request), Decision::Allow) => {
+                self.serve_stream(req.action, &request, Some(req));
                 return Ok(());
             }
-            (_, Decision::Deny(reason)) => reason,
+            (Held::Stream(mut request), Decision::Rename(to)) => {
+                // An invalid new name is refused by the protocol as the client's own would be.
+                if let Some(name) = self.proto.rename(request.request_id, &to) {
+                    request.name = name;
+                    self.serve_stream(req.action, &request, Some(req));
+                }
+                return Ok(());
+            }
+            (held, Decision::Deny(reason)) => {
+                let code = req.action.denial_code();
+                let description = format!(
+                    "{code}: {} denied ({reason}): {}.",
+                    req.action,
+                    reason.description()
+                );
+                let id = match held {
+                    Held::Connect(id) => id,
+                    Held::Stream(request) => request.request_id,
+                };
+                self.proto.reject_with(id, code, &description);
+                reason
+            }
         };
-        let code = req.action.denial_code();
-        let description = format!(
-            "{code}: {} denied ({reason}): {}.",
-            req.action,
-            reason.description()
-        );
-        match held {
-            Held::Connect { txn, .. } => {
-                // FMS answers a refused connect with _error carrying Connect.Rejected.
-                let info = Amf0Value::object(vec![
-                    ("level", Amf0Value::string("error")),
-                    ("code", Amf0Value::string(code)),
-                    ("description", Amf0Value::string(description)),
-                ]);
-                let m = message::command_message(0, "_error", txn, &[Amf0Value::Null, info]);
-                self.send(CSID_COMMAND, &m);
-            }
-            Held::Stream { stream_id, .. } => {
-                let m = cmd::on_status(stream_id, "error", code, &description, Some(&req.name));
-                self.send(CSID_COMMAND, &m);
-            }
-        }
         Err(SessionError::Denied {
             action: req.action,
             reason,
@@ -178,17 +166,11 @@ impl Session {
     }
 
     /// Serves an allowed publish or play; `req` is kept for its `on_done`.
-    fn serve_stream(
-        &mut self,
-        action: Action,
-        stream_id: u32,
-        name: &str,
-        req: Option<AuthRequest>,
-    ) {
+    fn serve_stream(&mut self, action: Action, request: &StreamRequest, req: Option<AuthRequest>) {
         match action {
             Action::Publish => {
                 let was = self.publishing.is_some();
-                self.on_publish(stream_id, name);
+                self.on_publish(request);
                 if !was && self.publishing.is_some() {
                     self.authz.publish_done = req;
                 }
@@ -196,7 +178,7 @@ impl Session {
             _ => {
                 // A new play replaces the one before: that one is done.
                 self.notify_done(false, true);
-                self.on_play(stream_id, name);
+                self.on_play(request);
                 if self.playing.is_some() {
                     self.authz.play_done = req;
                 }

@@ -26,7 +26,8 @@ use crate::rtmp::amf::AmfLimits;
 
 pub use client::{ClientConfig, ClientError, ClientEvent, ClientSession};
 pub use server::{
-    Poll, RequestId, ServerConfig, ServerError, ServerEvent, ServerSession, StreamRequest,
+    ConnectRequest, Poll, RequestId, ServerConfig, ServerError, ServerEvent, ServerSession,
+    StreamRequest,
 };
 
 /// What one peer may make a session do: the protocol core's own limits, built from

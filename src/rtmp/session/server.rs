@@ -86,34 +86,39 @@ pub struct StreamRequest {
     pub query: String,
 }
 
+/// What a client's connect asked for (boxed in [`ServerEvent`], which stays small: one is
+/// moved per media message).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConnectRequest {
+    pub request_id: RequestId,
+    /// The application name, without its query.
+    pub app: String,
+    /// What followed `?` in the app name, or empty.
+    pub query: String,
+    pub tc_url: Option<String>,
+    pub flash_ver: Option<String>,
+    pub swf_url: Option<String>,
+    pub page_url: Option<String>,
+    pub object_encoding: f64,
+}
+
 /// What the client did that the application handles.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ServerEvent {
     /// connect: answer with accept (Connect.Success) or reject (Connect.Rejected; the
     /// session then ends).
-    ConnectRequested {
-        request_id: RequestId,
-        /// The application name, without its query.
-        app: String,
-        /// What followed `?` in the app name, or empty.
-        query: String,
-        tc_url: Option<String>,
-        flash_ver: Option<String>,
-        swf_url: Option<String>,
-        page_url: Option<String>,
-        object_encoding: f64,
-    },
+    ConnectRequested(Box<ConnectRequest>),
     /// publish: accept (StreamBegin, Publish.Start; media events follow) or reject
     /// (Publish.BadName, the connection stays).
     PublishRequested {
-        request: StreamRequest,
+        request: Box<StreamRequest>,
         /// "live", "record" or "append" as the client asked.
         publish_type: String,
     },
     /// play (or play2): the previous play on this connection is over. Accept (StreamBegin,
     /// Play.Reset, Play.Start, |RtmpSampleAccess, Data.Start) or reject (Play.Failed).
     PlayRequested {
-        request: StreamRequest,
+        request: Box<StreamRequest>,
         /// Start position as sent (-2: live or recorded, -1: live only), if any.
         start: Option<f64>,
     },
@@ -155,6 +160,12 @@ pub enum ServerEvent {
         timestamp: u32,
         payload: Bytes,
     },
+    /// Every command decoded, before what it leads to (for the application's debug log).
+    Command {
+        stream_id: u32,
+        name: String,
+        txn: f64,
+    },
     /// A malformed message the session skipped (the next ones past
     /// `max_protocol_errors` end it): for the application's log.
     Malformed(String),
@@ -188,6 +199,35 @@ pub enum ServerError {
     ProtocolErrors { count: u32, last: String },
     #[error("no publisher came within {0:?}")]
     NoPublisher(Duration),
+}
+
+/// The events one message raises, in order: at most two (a command and what it
+/// requests), held inline so an idle connection allocates nothing for them; more would go
+/// to `more` (not expected).
+#[derive(Debug, Default)]
+pub(super) struct Events {
+    first: Option<ServerEvent>,
+    second: Option<ServerEvent>,
+    more: VecDeque<ServerEvent>,
+}
+
+impl Events {
+    pub(super) fn push_back(&mut self, ev: ServerEvent) {
+        if self.first.is_none() && self.second.is_none() && self.more.is_empty() {
+            self.first = Some(ev);
+        } else if self.second.is_none() && self.more.is_empty() {
+            self.second = Some(ev);
+        } else {
+            self.more.push_back(ev);
+        }
+    }
+
+    pub(super) fn pop_front(&mut self) -> Option<ServerEvent> {
+        let ev = self.first.take()?;
+        self.first = self.second.take();
+        self.second = self.more.pop_front();
+        Some(ev)
+    }
 }
 
 /// A request waiting for the application's answer.
@@ -236,7 +276,9 @@ pub struct ServerSession {
     ack_window: u64,
     rate: MessageRate,
     protocol_errors: u32,
-    events: VecDeque<ServerEvent>,
+    events: Events,
+    /// The parts of an aggregate message still to be handled, one per poll step.
+    aggregate: std::vec::IntoIter<Message>,
     pending: Option<Pending>,
     next_request: u64,
     /// The session ends with this at the next poll (a refused connect).
@@ -265,7 +307,8 @@ impl ServerSession {
             ack_window,
             rate,
             protocol_errors: 0,
-            events: VecDeque::new(),
+            events: Events::default(),
+            aggregate: Vec::new().into_iter(),
             pending: None,
             next_request: 1,
             closing: None,
@@ -313,6 +356,10 @@ impl ServerSession {
             }
             if let Some(ev) = self.events.pop_front() {
                 return Ok(Poll::Event(ev));
+            }
+            if let Some(part) = self.aggregate.next() {
+                self.on_message(part)?;
+                continue;
             }
             if self.pending.is_some() {
                 self.ack();
@@ -596,14 +643,9 @@ impl ServerSession {
                     Err(e) => self.protocol_error(format!("undecodable command: {e}"))?,
                 }
             }
+            // Its parts are handled one by one by `poll` (split_aggregate refuses nested ones).
             message::AGGREGATE => match message::split_aggregate(&msg) {
-                Ok(parts) => {
-                    for part in parts {
-                        if part.msg_type != message::AGGREGATE {
-                            self.on_message(part)?;
-                        }
-                    }
-                }
+                Ok(parts) => self.aggregate = parts.into_iter(),
                 Err(e) => self.protocol_error(format!("bad aggregate message: {e}"))?,
             },
             message::WINDOW_ACK_SIZE => {
@@ -653,6 +695,11 @@ impl ServerSession {
         // args[0] is the command object (null after connect); the call's own arguments follow.
         let arg = |i: usize| args.get(i);
         let arg_str = |i: usize| args.get(i).and_then(Amf0Value::as_str).unwrap_or_default();
+        self.events.push_back(ServerEvent::Command {
+            stream_id,
+            name: name.to_owned(),
+            txn,
+        });
         match name {
             "connect" => self.on_connect(txn, arg(0))?,
             "createStream" => {
@@ -800,7 +847,7 @@ impl ServerSession {
             app: app.clone(),
             object_encoding,
         });
-        self.events.push_back(ServerEvent::ConnectRequested {
+        let request = ConnectRequest {
             request_id,
             app,
             query,
@@ -809,7 +856,9 @@ impl ServerSession {
             swf_url: field("swfUrl"),
             page_url: field("pageUrl"),
             object_encoding,
-        });
+        };
+        self.events
+            .push_back(ServerEvent::ConnectRequested(Box::new(request)));
         Ok(())
     }
 
@@ -856,7 +905,7 @@ impl ServerSession {
             name: request.name.clone(),
         });
         self.events.push_back(ServerEvent::PublishRequested {
-            request,
+            request: Box::new(request),
             publish_type,
         });
     }
@@ -880,8 +929,10 @@ impl ServerSession {
             stream_id,
             name: request.name.clone(),
         });
-        self.events
-            .push_back(ServerEvent::PlayRequested { request, start });
+        self.events.push_back(ServerEvent::PlayRequested {
+            request: Box::new(request),
+            start,
+        });
     }
 
     fn close_stream(&mut self, stream_id: u32) {

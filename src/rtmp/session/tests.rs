@@ -127,13 +127,11 @@ impl Pair {
 
     fn decide(&mut self, ev: ServerEvent, hub: &mut Hub) {
         match &ev {
-            ServerEvent::ConnectRequested {
-                request_id, app, ..
-            } => {
-                if self.refuse_app == Some(app.as_str()) {
-                    self.server.reject(*request_id, "not here");
+            ServerEvent::ConnectRequested(c) => {
+                if self.refuse_app == Some(c.app.as_str()) {
+                    self.server.reject(c.request_id, "not here");
                 } else {
-                    self.server.accept(*request_id);
+                    self.server.accept(c.request_id);
                 }
             }
             ServerEvent::PublishRequested { request, .. } => {
@@ -270,20 +268,21 @@ fn connect_is_answered_like_fms_in_order() {
         Some(0.0)
     );
     // The application saw what the client asked for.
-    let ServerEvent::ConnectRequested {
-        app,
-        query,
-        tc_url,
-        flash_ver,
-        ..
-    } = &p.server_events[0]
-    else {
+    assert!(matches!(
+        &p.server_events[0],
+        ServerEvent::Command { name, txn, stream_id: 0 } if name == "connect" && *txn == 1.0
+    ));
+    let ServerEvent::ConnectRequested(c) = &p.server_events[1] else {
         panic!("no ConnectRequested: {:?}", p.server_events);
     };
-    assert_eq!(app, "live");
-    assert_eq!(query, "");
-    assert_eq!(tc_url.as_deref(), Some("rtmp://127.0.0.1/live"));
-    assert!(flash_ver.as_deref().unwrap_or_default().starts_with("FMLE"));
+    assert_eq!(c.app, "live");
+    assert_eq!(c.query, "");
+    assert_eq!(c.tc_url.as_deref(), Some("rtmp://127.0.0.1/live"));
+    assert!(c
+        .flash_ver
+        .as_deref()
+        .unwrap_or_default()
+        .starts_with("FMLE"));
     assert_eq!(p.server.out_chunk_size(), 4096);
     assert!(p.ended.is_none());
 }
@@ -498,7 +497,12 @@ fn connect_without_an_app_is_refused_with_a_reason() {
         Some(("error", 0))
     );
     assert!(matches!(p.ended, Some(ServerError::Rejected(_))));
-    assert!(p.server_events.is_empty(), "no request for a bad app");
+    assert!(
+        !p.server_events
+            .iter()
+            .any(|e| matches!(e, ServerEvent::ConnectRequested(_))),
+        "no request for a bad app"
+    );
 }
 
 // engine_commands.rs: a_player_waiting_too_long_gets_play_stop, on the fake clock.
@@ -641,7 +645,7 @@ fn publish_and_play_need_connect_and_a_name() {
     assert!(hub.published.contains("live/a") && !hub.published.contains("live/b"));
     assert!(p.server_events.iter().all(|e| !matches!(
         e,
-        ServerEvent::ConnectRequested { .. } | ServerEvent::PublishRequested { .. }
+        ServerEvent::ConnectRequested(_) | ServerEvent::PublishRequested { .. }
     ) || !format!("{e:?}").contains("only=query")));
 }
 
@@ -970,4 +974,26 @@ fn over_rtmpe_the_chunk_size_waits_for_play() {
         Some(&ClientEvent::Control(Control::SetChunkSize(4096)))
     );
     assert_eq!(p.server.out_chunk_size(), 4096);
+}
+
+#[test]
+fn events_stay_small_and_inline() {
+    // One is moved per media message; an idle connection holds two slots, no queue.
+    assert!(std::mem::size_of::<ServerEvent>() <= 64);
+    let mut e = server::Events::default();
+    for i in 0..5 {
+        e.push_back(ServerEvent::StreamDeleted { stream_id: i });
+    }
+    for i in 0..5 {
+        assert_eq!(
+            e.pop_front(),
+            Some(ServerEvent::StreamDeleted { stream_id: i })
+        );
+    }
+    assert_eq!(e.pop_front(), None);
+    e.push_back(ServerEvent::StreamDeleted { stream_id: 9 });
+    assert_eq!(
+        e.pop_front(),
+        Some(ServerEvent::StreamDeleted { stream_id: 9 })
+    );
 }
