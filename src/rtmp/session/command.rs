@@ -91,6 +91,23 @@ pub fn call_failed(txn: f64, method: &str) -> Message {
     )
 }
 
+/// `_error` of a call the server refuses (a connect: NetConnection.Connect.Rejected).
+pub fn error(txn: f64, code: &str, description: &str) -> Message {
+    command(
+        0,
+        "_error",
+        txn,
+        vec![
+            Amf0Value::Null,
+            obj(vec![
+                ("level", s("error")),
+                ("code", s(code)),
+                ("description", s(description)),
+            ]),
+        ],
+    )
+}
+
 /// `onStatus` on a message stream.
 pub fn on_status(
     stream_id: u32,

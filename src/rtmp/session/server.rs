@@ -496,11 +496,9 @@ impl ServerSession {
             return;
         };
         match p {
-            Pending::Connect { .. } => {
-                self.send(
-                    CSID_COMMAND,
-                    &cmd::on_status(0, "error", code, description, None),
-                );
+            Pending::Connect { txn, .. } => {
+                // FMS answers a refused connect with `_error` carrying Connect.Rejected.
+                self.send(CSID_COMMAND, &cmd::error(txn, code, description));
                 self.closing = Some(ServerError::Rejected(description.to_owned()));
             }
             Pending::Publish {
@@ -513,6 +511,32 @@ impl ServerSession {
                 self.send(CSID_COMMAND, &m);
             }
         }
+    }
+
+    /// Serves a pending publish or play under another stream name (`raw`, a query after
+    /// `?` dropped), as an authorization callback may ask; the replies carry the new name.
+    /// A name that is not a valid one refuses the request as an invalid name from the
+    /// client would be; then `false`.
+    pub fn rename(&mut self, id: RequestId, raw: &str) -> bool {
+        let max = self.cfg.limits.max_name_len;
+        let Some(Pending::Publish { id: p, name, .. } | Pending::Play { id: p, name, .. }) =
+            &mut self.pending
+        else {
+            return false;
+        };
+        if *p != id {
+            return false;
+        }
+        if let Some(clean) = cmd::clean_name(raw, max) {
+            *name = clean;
+            return true;
+        }
+        match self.pending.take() {
+            Some(Pending::Publish { stream_id, .. }) => self.bad_publish_name(stream_id, raw),
+            Some(Pending::Play { stream_id, .. }) => self.bad_play_name(stream_id, raw),
+            _ => {}
+        }
+        false
     }
 
     /// The accepted play's stream has no publisher now (the play started before one came):
@@ -878,14 +902,7 @@ impl ServerSession {
 
     fn on_publish(&mut self, stream_id: u32, raw: &str, publish_type: String) {
         let Some(request) = self.stream_request(stream_id, raw) else {
-            let m = cmd::on_status(
-                stream_id,
-                "error",
-                "NetStream.Publish.BadName",
-                "publish needs connect first and a stream name, as in rtmp://host/live/key.",
-                Some(raw),
-            );
-            self.send(CSID_COMMAND, &m);
+            self.bad_publish_name(stream_id, raw);
             return;
         };
         if self.publishing.is_some() {
@@ -912,14 +929,7 @@ impl ServerSession {
 
     fn on_play(&mut self, stream_id: u32, raw: &str, start: Option<f64>) {
         let Some(request) = self.stream_request(stream_id, raw) else {
-            let m = cmd::on_status(
-                stream_id,
-                "error",
-                "NetStream.Play.StreamNotFound",
-                "play needs connect first and a stream name, as in rtmp://host/live/key.",
-                Some(raw),
-            );
-            self.send(CSID_COMMAND, &m);
+            self.bad_play_name(stream_id, raw);
             return;
         };
         // A second play on the connection replaces the first.
@@ -933,6 +943,28 @@ impl ServerSession {
             request: Box::new(request),
             start,
         });
+    }
+
+    fn bad_publish_name(&mut self, stream_id: u32, raw: &str) {
+        let m = cmd::on_status(
+            stream_id,
+            "error",
+            "NetStream.Publish.BadName",
+            "publish needs connect first and a stream name, as in rtmp://host/live/key.",
+            Some(raw),
+        );
+        self.send(CSID_COMMAND, &m);
+    }
+
+    fn bad_play_name(&mut self, stream_id: u32, raw: &str) {
+        let m = cmd::on_status(
+            stream_id,
+            "error",
+            "NetStream.Play.StreamNotFound",
+            "play needs connect first and a stream name, as in rtmp://host/live/key.",
+            Some(raw),
+        );
+        self.send(CSID_COMMAND, &m);
     }
 
     fn close_stream(&mut self, stream_id: u32) {

@@ -539,7 +539,14 @@ fn the_application_can_refuse_connect_publish_and_play() {
     let mut p = Pair::new();
     p.refuse_app = Some("live");
     let got = p.connect(&mut hub);
-    assert_eq!(names(&got), vec!["onStatus NetConnection.Connect.Rejected"]);
+    // FMS style: `_error` of connect carrying Connect.Rejected.
+    assert_eq!(names(&got), vec!["_error"]);
+    let (ok, values) = reply(&got, 1.0).unwrap();
+    assert!(!ok);
+    assert_eq!(
+        values[1].get("code").and_then(Amf0Value::as_str),
+        Some("NetConnection.Connect.Rejected")
+    );
     assert!(matches!(&p.ended, Some(ServerError::Rejected(d)) if d == "not here"));
 
     // Publish and play with a code of the application's choosing (authorization).
@@ -573,6 +580,35 @@ fn the_application_can_refuse_connect_publish_and_play() {
     assert!(got
         .iter()
         .all(|e| matches!(e, ClientEvent::Status { level, .. } if level == "error")));
+    // A rename (an authorization callback's redirect) carries the new name; an invalid
+    // one is refused like an invalid name from the client.
+    p.client.publish(1, "k");
+    p.client.play(2, "k");
+    p.drive_manually(|ev, server| match ev {
+        ServerEvent::PublishRequested { request, .. } => {
+            assert!(server.rename(request.request_id, "other?x=1"));
+            server.accept(request.request_id);
+        }
+        ServerEvent::PlayRequested { request, .. } => {
+            assert!(!server.rename(request.request_id, "?"));
+            server.accept(request.request_id); // nothing pending any more: ignored
+        }
+        _ => {}
+    });
+    let got = p.take();
+    assert_eq!(
+        names(&got),
+        vec![
+            format!("{:?}", UserControl::StreamBegin(1)),
+            "onStatus NetStream.Publish.Start".into(),
+            "onStatus NetStream.Play.StreamNotFound".into(),
+        ]
+    );
+    assert!(
+        matches!(&got[1], ClientEvent::Status { description, .. } if description == "other is now published.")
+    );
+    let mut p = Pair::new();
+    p.connect(&mut hub);
     // Nothing was accepted: media is not passed on.
     p.client
         .send_media(1, message::VIDEO, 0, Bytes::from_static(b"\x17\x01"));
