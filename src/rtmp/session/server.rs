@@ -515,28 +515,28 @@ impl ServerSession {
 
     /// Serves a pending publish or play under another stream name (`raw`, a query after
     /// `?` dropped), as an authorization callback may ask; the replies carry the new name.
-    /// A name that is not a valid one refuses the request as an invalid name from the
-    /// client would be; then `false`.
-    pub fn rename(&mut self, id: RequestId, raw: &str) -> bool {
+    /// Returns the new name; a name that is not a valid one refuses the request as an
+    /// invalid name from the client would be, and returns `None`.
+    pub fn rename(&mut self, id: RequestId, raw: &str) -> Option<String> {
         let max = self.cfg.limits.max_name_len;
         let Some(Pending::Publish { id: p, name, .. } | Pending::Play { id: p, name, .. }) =
             &mut self.pending
         else {
-            return false;
+            return None;
         };
         if *p != id {
-            return false;
+            return None;
         }
         if let Some(clean) = cmd::clean_name(raw, max) {
-            *name = clean;
-            return true;
+            name.clone_from(&clean);
+            return Some(clean);
         }
         match self.pending.take() {
             Some(Pending::Publish { stream_id, .. }) => self.bad_publish_name(stream_id, raw),
             Some(Pending::Play { stream_id, .. }) => self.bad_play_name(stream_id, raw),
             _ => {}
         }
-        false
+        None
     }
 
     /// The accepted play's stream has no publisher now (the play started before one came):
