@@ -334,8 +334,10 @@ impl Session {
             if self.authz.waiting() {
                 // A callback decides a connect, publish or play: this session waits (at
                 // most the callback timeout), the others carry on.
-                self.await_decision().await?;
+                let decided = self.await_decision().await;
+                // A denial's reply goes out even though it ends the session.
                 self.send_replies();
+                decided?;
                 continue;
             }
             if self.more_input {
