@@ -5,7 +5,8 @@
 //! that need no I/O (addresses, keys, tokens) decide it inline. A callback is waited for by
 //! this session's task alone: the request stays pending, the protocol decodes no more of
 //! the client's messages until the decision (bounded by the callback timeout), and every
-//! other session carries on. A denial sends the client the protocol's status (`_error`
+//! other session carries on. Names the protocol refuses (no app, empty, too long) never
+//! get here, so they are refused without a callback. A denial sends the client the protocol's status (`_error`
 //! NetConnection.Connect.Rejected, `onStatus` NetStream.Publish.BadName or
 //! NetStream.Play.Failed) and closes the connection once it is written.
 
@@ -105,7 +106,12 @@ impl Session {
             return Ok(());
         };
         let req = base.for_stream(action, &with_query(&request.name, &request.query));
-        let held = Held::Stream(Box::new(request.clone()));
+        // Held without its query (the AuthRequest keeps what the rules need of it, cut to
+        // max_name_len): a waiting session holds a few times max_name_len at most.
+        let held = Held::Stream(Box::new(StreamRequest {
+            query: String::new(),
+            ..request.clone()
+        }));
         if auth.needs_callback(action, &req.app) {
             self.authz.held = Some((held, req));
             return Ok(());
