@@ -362,3 +362,46 @@ fn auth_checks_relayed_publishers() {
         gw.log()
     );
 }
+
+/// The connect-aware relay behind every transport and in front of a TLS backend: publish
+/// over rtmps, play over rtmpt (HTTP tunnel), rtmpe (static ffmpeg) and rtmpts, the backend
+/// reached as rtmps:// through stunnel with the test CA; frames exact.
+#[test]
+fn connect_relay_over_tunnel_rtmpe_and_tls_both_sides() {
+    let p = peers();
+    let certs = dev_certs();
+    let b = Backend::start(&["live"], None);
+    let tls_front = Stunnel::start(SocketAddr::from(([127, 0, 0, 1], b.port)), TlsMode::Server);
+    let upstream = format!("rtmps://127.0.0.1:{}", tls_front.port());
+    let gw = Gateway::builder()
+        .rtmp_and_rtmps()
+        .args(&[
+            "--upstream",
+            &upstream,
+            "--upstream-ca",
+            certs.ca.to_str().unwrap(),
+        ])
+        .config("[upstream]\nrelay = \"connect\"\n")
+        .start();
+    assert!(gw.log_contains("relay = connect"), "{}", gw.log());
+    let dir = temp_dir();
+    let src_file = source_flv(SECONDS);
+    let src = framemd5(&src_file);
+    let got = publish_and_play(
+        dir.path(),
+        &p.ffmpeg,
+        &format!("{}/live/t", gw.url("rtmps")),
+        &src_file,
+        &[
+            (PlayerKind::Ffmpeg, format!("{}/live/t", gw.url("rtmpt"))),
+            (
+                PlayerKind::StaticFfmpeg,
+                format!("{}/live/t", gw.url("rtmpe")),
+            ),
+            (PlayerKind::Ffmpeg, format!("{}/live/t", gw.url("rtmpts"))),
+        ],
+    );
+    for r in &got {
+        r.assert_run_of(&src);
+    }
+}
