@@ -10,7 +10,7 @@
 //!
 //! | module | role |
 //! | --- | --- |
-//! | [`rtmp`] | the sans-IO protocol core: handshake (plain, digest, RTMPE crypto), chunk stream, AMF0/AMF3, messages. No tokio, no sockets: fed bytes, returns bytes. Fuzzed. |
+//! | [`rtmp`] | the sans-IO protocol core: handshake (plain, digest, RTMPE crypto), chunk stream, AMF0/AMF3, messages, and the server and client sessions ([`rtmp::session`]: bytes and `now` in, bytes and events out; connect/publish/play as requests the application accepts or rejects). No tokio, no sockets. Fuzzed; its own limit types, built from [`limits`]. |
 //! | [`limits`], [`budget`] | every limit with its default, and the process-wide memory budget that peers' buffers are charged to |
 //! | [`throttle`] | what a peer can make us do per second: log lines ([`throttle::LogThrottle`]) and messages ([`throttle::RateLimit`]) |
 //! | [`net`] | below door and upstream: listener/upstream URLs, address ranges and per-address groups |
@@ -44,8 +44,9 @@
 //!                                   |
 //!              +--------------------+--------------------+
 //!              v                                         v
-//!     upstream: connect to the backend,        engine: handshake, chunks, commands;
-//!     PROXY header, copy both ways             hub: publisher -> prechunked frames ->
+//!     upstream: connect to the backend,        engine: handshake, then rtmp::session
+//!     PROXY header, copy both ways             (chunks, commands, requests) + hub glue;
+//!                                              hub: publisher -> prechunked frames ->
 //!                                              bounded ring -> players
 //! ```
 //!
