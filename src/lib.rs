@@ -20,6 +20,7 @@
 //! | [`engine`] | the built-in live server: one session task per client over the codec, and the hub (publish, play, GOP cache, fan-out ring) |
 //! | [`upstream`] | the relay: one connection to the backend per client and a byte pump |
 //! | [`client`] | a small RTMP client (rtmp, rtmps, rtmpt, rtmpts) for the load generator and tests |
+//! | [`cluster`] | several nodes behind one balancer: node-prefixed tunnel session ids, the signed internal link that forwards another node's session requests, the node directory |
 //! | [`config`] | TOML file + flags -> one validated `Config` (`cli`, `file`, `merge`); the settings types live with the modules they configure |
 //! | [`metrics`] | process-wide counters (relaxed atomics) bumped where events happen, read at scrape time |
 //! | [`access`] | the access log: one JSON line per session close, through a bounded queue to a writer thread |
@@ -57,6 +58,7 @@ pub mod admin;
 pub mod auth;
 pub mod budget;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod door;
 pub mod engine;

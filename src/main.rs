@@ -203,6 +203,17 @@ fn check(config: &Config) -> anyhow::Result<()> {
     if let Some(path) = &config.access_log {
         println!("  access log {}", path.display());
     }
+    if let Some(c) = &config.cluster {
+        println!(
+            "  cluster  node {}, link {}, {} peer(s){}",
+            c.node_id,
+            c.listen.map_or("off".to_string(), |a| a.to_string()),
+            c.peers.len(),
+            c.peers_dns
+                .as_ref()
+                .map_or(String::new(), |(n, p)| format!(" + DNS {n}:{p}"))
+        );
+    }
     Ok(())
 }
 
@@ -343,6 +354,10 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     .await?;
     let tunnel = door.tunnel();
     admin.set_bound(tunnel.clone());
+    if let Some(cluster) = &config.cluster {
+        let limits = Arc::new(config.limits.clone());
+        rtmpgate::cluster::Cluster::start(cluster.clone(), limits, &tunnel).await?;
+    }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let listening = door.start_live(stop_rx);
     let reloader = Reloader::new(

@@ -334,6 +334,9 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.access_log != new.access_log {
         out.push("log.access (the file's path; the file itself is reopened)");
     }
+    if format!("{:?}", old.cluster) != format!("{:?}", new.cluster) {
+        out.push("cluster (node id, link and peers)");
+    }
     let (a, b) = (&old.engine, &new.engine);
     if a.chunk_size != b.chunk_size
         || a.queue_messages != b.queue_messages

@@ -137,6 +137,28 @@ pub struct Cli {
     /// SIGHUP, for logrotate).
     #[arg(long, value_name = "PATH")]
     pub access_log: Option<PathBuf>,
+
+    /// This node's id in a cluster: the prefix of every tunnel session id it issues
+    /// (1-16 letters, digits, '_').
+    #[arg(long, value_name = "ID")]
+    pub node_id: Option<String>,
+
+    /// Another node's cluster link, http://HOST:PORT or https://HOST:PORT (repeatable).
+    #[arg(long = "peer", value_name = "URL")]
+    pub peers: Vec<String>,
+
+    /// The cluster link's shared secret (prefer the environment variable or the file).
+    #[arg(
+        long,
+        value_name = "SECRET",
+        env = "RTMPGATE_CLUSTER_SECRET",
+        hide_env_values = true
+    )]
+    pub cluster_secret: Option<String>,
+
+    /// Where this node's cluster link listens, IP:PORT.
+    #[arg(long, value_name = "ADDR")]
+    pub cluster_listen: Option<String>,
 }
 
 /// How log lines are written (`--log-format`, `log_format`).

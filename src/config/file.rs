@@ -37,6 +37,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub admin: FileAdmin,
     #[serde(default)]
+    pub cluster: crate::cluster::FileCluster,
+    #[serde(default)]
     pub log: FileLog,
     #[serde(default)]
     pub auth: crate::auth::FileAuth,

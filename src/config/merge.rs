@@ -36,6 +36,16 @@ impl Config {
             file.admin,
             base,
         )?;
+        let cluster = crate::cluster::ClusterSettings::merge(
+            crate::cluster::ClusterFlags {
+                node_id: cli.node_id.clone(),
+                peers: cli.peers.clone(),
+                secret: cli.cluster_secret.clone(),
+                listen: cli.cluster_listen.clone(),
+            },
+            file.cluster,
+            base,
+        )?;
         let mut warnings = Vec::new();
         if upstream.is_some() && file.engine.is_set() {
             warnings.push("the [engine] table is ignored: clients go to the upstream".to_string());
@@ -78,6 +88,7 @@ impl Config {
             admin,
             access_log: cli.access_log.clone().or(file.log.access.map(&rel)),
             auth,
+            cluster,
         })
     }
 }

@@ -56,6 +56,8 @@ pub enum ConfigError {
     Admin(#[from] AdminSettingsError),
     #[error(transparent)]
     Auth(#[from] crate::auth::AuthConfigError),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterSettingsError),
 }
 
 pub(crate) fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -106,6 +108,8 @@ pub struct Config {
     pub access_log: Option<PathBuf>,
     /// `[auth]`: who may connect, publish and play (None: everyone).
     pub auth: Option<std::sync::Arc<crate::auth::Auth>>,
+    /// `[cluster]`: present when this node has a node id.
+    pub cluster: Option<crate::cluster::ClusterSettings>,
 }
 
 impl Config {

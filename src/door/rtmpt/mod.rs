@@ -41,9 +41,11 @@ mod session;
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -88,7 +90,28 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// client's next poll (a polling client asks within a second) before it is removed.
 const LEFTOVER_GRACE: Duration = Duration::from_secs(2);
 
-type Reply = Response<Full<Bytes>>;
+/// An answer to an RTMPT request.
+pub type Reply = Response<Full<Bytes>>;
+
+/// Serves requests for tunnel sessions that other nodes own (`crate::cluster`'s link).
+/// Session ids then read `NODE-RANDOM`; a request whose NODE is not ours goes to
+/// [`Forwarder::forward`], whose answer is relayed as it is.
+pub trait Forwarder: Send + Sync + 'static {
+    /// This node's id: the prefix of every session id it issues.
+    fn node_id(&self) -> &str;
+    /// Forward `path` (`/send|idle|close/ID/SEQ`) and its body to node `owner`.
+    fn forward<'a>(
+        &'a self,
+        owner: &'a str,
+        path: &'a str,
+        body: Vec<Bytes>,
+    ) -> Pin<Box<dyn Future<Output = Reply> + Send + 'a>>;
+}
+
+/// The node a session id names, if it has the `NODE-` prefix.
+pub fn session_owner(id: &str) -> Option<&str> {
+    id.split_once('-').map(|(node, _)| node)
+}
 
 /// A table entry: the session and what is needed to log about it.
 struct Entry {
@@ -111,6 +134,8 @@ pub struct Tunnel {
     shutting_down: AtomicBool,
     shutdown_tx: watch::Sender<bool>,
     reaper_stop: Arc<Notify>,
+    /// Set once when this node is part of a cluster.
+    forwarder: OnceLock<Arc<dyn Forwarder>>,
 }
 
 impl Tunnel {
@@ -138,6 +163,7 @@ impl Tunnel {
             shutting_down: AtomicBool::new(false),
             shutdown_tx,
             reaper_stop: Arc::new(Notify::new()),
+            forwarder: OnceLock::new(),
         });
         let every = (tunnel
             .limits()
@@ -163,6 +189,37 @@ impl Tunnel {
     /// session keeps the buffer bounds it started with.
     pub fn set_limits(&self, limits: Arc<Limits>) {
         self.limits.set(limits);
+    }
+
+    /// Joins a cluster: session ids carry `forwarder`'s node id from now on, and requests
+    /// for other nodes' sessions go to it. Only the first call counts.
+    pub fn set_forwarder(&self, forwarder: Arc<dyn Forwarder>) {
+        let _ = self.forwarder.set(forwarder);
+    }
+
+    /// The forwarder and the owning node, for a request about another node's session.
+    fn remote<'c>(&self, command: Command<'c>) -> Option<(Arc<dyn Forwarder>, &'c str)> {
+        let fwd = self.forwarder.get()?;
+        let (Command::Send { id, .. } | Command::Idle { id, .. } | Command::Close { id, .. }) =
+            command
+        else {
+            return None;
+        };
+        let owner = session_owner(id)?;
+        (owner != fwd.node_id()).then(|| (Arc::clone(fwd), owner))
+    }
+
+    /// A request another node forwarded for a session this node owns; `path` is the
+    /// RTMPT path (`/send|idle|close/ID/SEQ`). Never forwarded again.
+    pub async fn serve_forwarded(self: &Arc<Self>, path: &str, body: Vec<Bytes>) -> Reply {
+        match path::parse(path) {
+            Ok(c @ (Command::Send { .. } | Command::Idle { .. } | Command::Close { .. }))
+                if self.remote(c).is_none() =>
+            {
+                self.session_request(c, body).await
+            }
+            _ => unknown_session(),
+        }
     }
 
     /// Sessions open right now.
@@ -298,6 +355,28 @@ impl Tunnel {
             // Red5 answers 404; clients ignore the answer and go on to /open/1.
             Command::Ident => text(StatusCode::NOT_FOUND, "\n"),
             Command::Open => self.open(transport, peer, local),
+            _ => match self.remote(command) {
+                Some((fwd, owner)) => fwd.forward(owner, parts.uri.path(), body).await,
+                None => self.session_request(command, body).await,
+            },
+        };
+        drop(body_charge);
+        trace!(
+            %peer,
+            request = %loggable(command),
+            status = reply.status().as_u16(),
+            reply_len = reply.body().size_hint().exact().unwrap_or(0),
+            body_wait_us = body_read.saturating_duration_since(started).as_micros() as u64,
+            answer_us = body_read.elapsed().as_micros() as u64,
+            "RTMPT request"
+        );
+        reply
+    }
+
+    /// `/send`, `/idle` and `/close` for a session of this node.
+    async fn session_request(&self, command: Command<'_>, body: Vec<Bytes>) -> Reply {
+        match command {
+            Command::Ident | Command::Open => text(StatusCode::NOT_FOUND, "\n"),
             Command::Send { id, seq } => {
                 let len: usize = body.iter().map(Bytes::len).sum();
                 let hold = if len <= SMALL_SEND {
@@ -312,18 +391,7 @@ impl Tunnel {
                 self.poll(id, seq, Op::Idle, hold).await
             }
             Command::Close { id, seq } => self.close(id, seq).await,
-        };
-        drop(body_charge);
-        trace!(
-            %peer,
-            request = %loggable(command),
-            status = reply.status().as_u16(),
-            reply_len = reply.body().size_hint().exact().unwrap_or(0),
-            body_wait_us = body_read.saturating_duration_since(started).as_micros() as u64,
-            answer_us = body_read.elapsed().as_micros() as u64,
-            "RTMPT request"
-        );
-        reply
+        }
     }
 
     fn open(self: &Arc<Self>, transport: Transport, peer: SocketAddr, local: SocketAddr) -> Reply {
@@ -366,8 +434,11 @@ impl Tunnel {
                 );
             }
         };
-        let id = new_session_id();
-        let label = id.chars().take(8).collect::<String>();
+        let id = match self.forwarder.get() {
+            Some(fwd) => format!("{}-{}", fwd.node_id(), new_session_id()),
+            None => new_session_id(),
+        };
+        let label = session_label(&id);
         let session = Session::new(Bounds::from_limits(&self.limits()));
         // Its buffers count against the opening client's address's share, like a connection's.
         session.charge_to(&budget::PeerBudget::for_peer(peer.ip()));
@@ -749,7 +820,9 @@ fn text(status: StatusCode, msg: &'static str) -> Reply {
     r
 }
 
-fn unknown_session() -> Reply {
+/// 404 for an unknown or ended session (also what a client gets for a session whose node
+/// is gone).
+pub fn unknown_session() -> Reply {
     crate::metrics::global()
         .rtmpt_not_found
         .fetch_add(1, Ordering::Relaxed);
@@ -768,7 +841,7 @@ fn too_large() -> Reply {
 
 /// A request for a log line, with only the loggable prefix of the session id.
 fn loggable(c: Command<'_>) -> String {
-    let label = |id: &str| id.chars().take(8).collect::<String>();
+    let label = session_label;
     match c {
         Command::Ident => "/fcs/ident2".to_string(),
         Command::Open => "/open/1".to_string(),
@@ -776,6 +849,12 @@ fn loggable(c: Command<'_>) -> String {
         Command::Idle { id, seq } => format!("idle [{}] {seq}", label(id)),
         Command::Close { id, seq } => format!("close [{}] {seq}", label(id)),
     }
+}
+
+/// The loggable part of a session id: its node prefix, if any, and 8 random characters.
+fn session_label(id: &str) -> String {
+    let prefix = session_owner(id).map_or(0, |n| n.len() + 1);
+    id.chars().take(prefix + 8).collect()
 }
 
 /// A path shortened for a log line.

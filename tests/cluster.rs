@@ -1,0 +1,395 @@
+//! Several rtmpgate nodes behind a real HAProxy: RTMPT sessions whose requests the balancer
+//! spreads over every node (each request to the next node, round robin) are served whole,
+//! the other nodes forwarding each request to the session's node over the cluster link;
+//! a killed node's sessions get 404 at once while the others carry on; and the recipe
+//! without forwarding (examples/cluster/haproxy.cfg, routing by the session id's node
+//! prefix) with the real haproxy. Media compared packet by packet (framemd5).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::fs;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const SECRET: &str = "cluster-test-secret-0123456789";
+const SECONDS: u32 = 5;
+/// Tunnel sessions of players stopped by a signal (no /close) are reaped after this.
+const REAP_SECS: u64 = 2;
+
+/// A node: the gateway, its id, its cluster link port.
+struct Node {
+    gw: Gateway,
+    id: String,
+}
+
+impl Node {
+    /// The address its one listener (RTMP and RTMPT on one port) is bound to.
+    fn addr(&self) -> SocketAddr {
+        self.gw.addr("rtmp")
+    }
+}
+
+/// `n` nodes n1..nN relaying to `origin`, each listing every node's link as a peer (its
+/// own included: the same list on every node, as a deployment would have). `extra` goes
+/// on every node's command line.
+fn start_nodes(n: usize, origin: &Nginx, extra: &[&str]) -> Vec<Node> {
+    let links: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    (0..n)
+        .map(|i| {
+            let id = format!("n{}", i + 1);
+            let mut args: Vec<String> = vec![
+                "--listen".into(),
+                "rtmp://127.0.0.1:0".into(),
+                "--admin".into(),
+                "off".into(),
+                "--upstream".into(),
+                origin.upstream(),
+                "--node-id".into(),
+                id.clone(),
+                "--cluster-listen".into(),
+                format!("127.0.0.1:{}", links[i]),
+                "--cluster-secret".into(),
+                SECRET.into(),
+            ];
+            for port in &links {
+                args.push("--peer".into());
+                args.push(format!("http://127.0.0.1:{port}"));
+            }
+            args.extend(extra.iter().map(|s| s.to_string()));
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            let gw = Gateway::builder()
+                .config(&format!("[limits]\ntunnel_reap_secs = {REAP_SECS}\n"))
+                .env("RUST_LOG", "info,rtmpgate::cluster=debug")
+                .args(&refs)
+                .start();
+            Node { gw, id }
+        })
+        .collect()
+}
+
+/// HAProxy in HTTP mode, round robin per request: `http-server-close` closes the server
+/// side after each answer, so every request of a session is balanced again and lands on
+/// the next node. A refused connection (a dead node) is retried on another node. HAProxy
+/// writes header names in lower case, which librtmp (rtmpdump) does not read: the
+/// `h1-case-adjust` lines give it `Content-Length` back.
+fn haproxy_round_robin(nodes: &[SocketAddr]) -> (Proc, tempfile::TempDir, u16) {
+    let dir = temp_dir();
+    let port = free_port();
+    let mut conf = format!(
+        "global\n  maxconn 1000\n  h1-case-adjust content-length Content-Length\n  \
+         h1-case-adjust content-type Content-Type\n\
+         defaults\n  mode http\n  timeout connect 1s\n  timeout client 60s\n  \
+         timeout server 60s\n  option http-server-close\n  http-reuse never\n  retries 3\n  \
+         option redispatch 1\n\
+         frontend tunnel\n  bind 127.0.0.1:{port}\n  option h1-case-adjust-bogus-client\n  \
+         default_backend nodes\n\
+         backend nodes\n  balance roundrobin\n"
+    );
+    for (i, a) in nodes.iter().enumerate() {
+        conf.push_str(&format!("  server s{i} {a}\n"));
+    }
+    start_haproxy(dir, &conf, port)
+}
+
+fn start_haproxy(dir: tempfile::TempDir, conf: &str, port: u16) -> (Proc, tempfile::TempDir, u16) {
+    let path = dir.path().join("haproxy.cfg");
+    fs::write(&path, conf).unwrap();
+    let mut cmd = Command::new(&peers().haproxy);
+    cmd.arg("-db").arg("-f").arg(&path);
+    let mut proc = Proc::spawn("haproxy", cmd);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    assert!(
+        wait_until(START_TIMEOUT, || accepts(addr) || !proc.is_running()) && proc.is_running(),
+        "haproxy did not start: {}\n{conf}",
+        proc.log()
+    );
+    (proc, dir, port)
+}
+
+/// How many tunnel sessions each node has opened so far.
+fn owners(nodes: &[Node]) -> Vec<usize> {
+    nodes
+        .iter()
+        .map(|n| n.gw.count_log("RTMPT session opened"))
+        .collect()
+}
+
+/// ffmpeg publishes over RTMPT through HAProxy, an ffmpeg and two rtmpdump players play
+/// over RTMPT through it; every request goes to the next node. Every player gets the whole
+/// stream, packet for packet, and the nodes did forward requests to each other.
+#[test]
+fn tunnel_sessions_survive_per_request_round_robin() {
+    let p = peers();
+    let origin = Nginx::start();
+    let nodes = start_nodes(3, &origin, &[]);
+    let addrs: Vec<SocketAddr> = nodes.iter().map(Node::addr).collect();
+    let (_haproxy, _hdir, port) = haproxy_round_robin(&addrs);
+    let dir = temp_dir();
+    let src_file = source_flv(SECONDS);
+    let src = framemd5(&src_file);
+    let url = format!("rtmpt://127.0.0.1:{port}/live/cluster");
+    let got = publish_and_play(
+        dir.path(),
+        &p.ffmpeg,
+        &url,
+        &src_file,
+        &[
+            (PlayerKind::Ffmpeg, url.clone()),
+            (PlayerKind::Rtmpdump, url.clone()),
+            (PlayerKind::Rtmpdump, url.clone()),
+        ],
+    );
+    for r in &got {
+        r.assert_run_of(&src);
+    }
+    let opened = owners(&nodes);
+    eprintln!("sessions opened per node: {opened:?}");
+    assert_eq!(
+        opened.iter().sum::<usize>(),
+        4,
+        "four tunnel sessions (a publisher, three players)"
+    );
+    // Every node forwarded requests for sessions it does not own.
+    for at in &nodes {
+        let n: usize = nodes
+            .iter()
+            .filter(|o| o.id != at.id)
+            .map(|o| at.gw.count_log(&format!("to node {}", o.id)))
+            .sum();
+        eprintln!("node {} forwarded {n} requests", at.id);
+        assert!(
+            n > 0,
+            "node {} forwarded no request: the balancer did not spread sessions' requests",
+            at.id
+        );
+    }
+}
+
+/// Finishes a player: once its file has not grown for 2 s, SIGINT (it writes out its
+/// file), SIGKILL after 5 s more; at most `deadline`.
+fn stop_player(proc: &mut Proc, out: &Path, deadline: Instant) {
+    let size = || fs::metadata(out).map(|m| m.len()).unwrap_or(0);
+    let mut last = (size(), Instant::now());
+    while Instant::now() < deadline && proc.is_running() {
+        let now = size();
+        if now != last.0 {
+            last = (now, Instant::now());
+        } else if last.1.elapsed() >= Duration::from_secs(2) {
+            proc.signal("INT");
+            if proc.wait_timeout(Duration::from_millis(300)).is_none() {
+                proc.signal("INT");
+            }
+            proc.wait_or_kill(Duration::from_secs(5));
+            return;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    proc.kill();
+}
+
+/// Three nodes behind round-robin HAProxy, rtmpdump players over RTMPT, the publisher
+/// straight to the origin. One node is killed mid-stream: the players whose sessions it
+/// owned end within 2 s (their next request, on any node, gets 404), the others receive
+/// every packet.
+#[test]
+fn killed_node_sessions_end_at_once_others_carry_on() {
+    let p = peers();
+    let origin = Nginx::start();
+    let nodes = start_nodes(3, &origin, &[]);
+    let addrs: Vec<SocketAddr> = nodes.iter().map(Node::addr).collect();
+    let (_haproxy, _hdir, port) = haproxy_round_robin(&addrs);
+    let dir = temp_dir();
+    let src_file = source_flv(8);
+    let src = framemd5(&src_file);
+    let url = format!("rtmpt://127.0.0.1:{port}/live/kill");
+    // Players one at a time, noting the node that opened each one's session, until some
+    // node owns at least one of them but not all.
+    let mut players: Vec<(Proc, PathBuf, usize)> = Vec::new();
+    let pick = |players: &[(Proc, PathBuf, usize)]| {
+        (0..nodes.len()).find(|&k| {
+            let on = players.iter().filter(|p| p.2 == k).count();
+            on > 0 && on < players.len()
+        })
+    };
+    let mut victim = None;
+    for i in 0..8 {
+        let before = owners(&nodes);
+        let out = dir.path().join(format!("player{i}.flv"));
+        let proc = PlayerKind::Rtmpdump.start(&url, &out);
+        let mut owner = None;
+        assert!(
+            wait_until(START_TIMEOUT, || {
+                let now = owners(&nodes);
+                owner = (0..nodes.len()).find(|&k| now[k] > before[k]);
+                owner.is_some()
+            }),
+            "player {i}'s session was not opened on any node"
+        );
+        let owner = owner.unwrap();
+        assert!(
+            wait_until(START_TIMEOUT, || proc
+                .log_tail()
+                .contains("Starting Live Stream")),
+            "player {i} did not get to play: {}",
+            proc.log()
+        );
+        players.push((proc, out, owner));
+        if players.len() >= 3 {
+            victim = pick(&players);
+            if victim.is_some() {
+                break;
+            }
+        }
+    }
+    let victim = victim.expect("no node owned some but not all player sessions in 8 tries");
+    eprintln!(
+        "player sessions on nodes {:?}; killing {}",
+        players.iter().map(|p| p.2).collect::<Vec<_>>(),
+        nodes[victim].id
+    );
+    thread::sleep(Duration::from_millis(300));
+    let mut publisher = publish(&p.ffmpeg, &origin.url("live/kill"), &src_file);
+    thread::sleep(Duration::from_secs(3));
+    let killed_at = Instant::now();
+    nodes[victim].gw.signal("KILL");
+    for (proc, _, owner) in players.iter_mut().filter(|p| p.2 == victim) {
+        let ended = proc.wait_timeout(Duration::from_secs(2));
+        eprintln!(
+            "a player of the killed node ended {:?} after the kill",
+            ended.map(|_| killed_at.elapsed())
+        );
+        assert!(
+            ended.is_some(),
+            "a player whose session node {} owned was still running 2 s after the node \
+             died: {}",
+            *owner + 1,
+            proc.log()
+        );
+    }
+    let st = publisher.wait_timeout(Duration::from_secs(60));
+    assert!(st.is_some_and(|s| s.success()), "{}", publisher.log());
+    let deadline = Instant::now() + PLAYER_TAIL;
+    for (proc, out, owner) in players.iter_mut().filter(|p| p.2 != victim) {
+        stop_player(proc, out, deadline);
+        let got = framemd5(out);
+        assert_whole_run(
+            &format!("rtmpdump on node n{}", *owner + 1),
+            &src,
+            &got,
+            PlayerKind::Rtmpdump.max_tail_ms(),
+        );
+    }
+}
+
+/// The example recipe (examples/cluster/haproxy.cfg) with the real haproxy: tunnel
+/// requests routed by the session id's node prefix (no forwarding: the nodes have no
+/// link), /open/1 round robin, RTMP over L4 with PROXY v2, nodes accepting it from
+/// HAProxy only. ffmpeg publishes over RTMP, ffmpeg and rtmpdump play over RTMPT; every
+/// packet arrives.
+#[test]
+fn example_haproxy_recipe_routes_by_node_prefix() {
+    let p = peers();
+    let origin = Nginx::start();
+    let nodes: Vec<Node> = (1..=3)
+        .map(|i| {
+            let id = format!("n{i}");
+            let gw = Gateway::builder()
+                .config(&format!("[limits]\ntunnel_reap_secs = {REAP_SECS}\n"))
+                .args(&[
+                    "--listen",
+                    "rtmp://127.0.0.1:0",
+                    "--admin",
+                    "127.0.0.1:0",
+                    "--upstream",
+                    &origin.upstream(),
+                    "--node-id",
+                    &id,
+                    "--accept-proxy-protocol",
+                    "--trusted-proxy",
+                    "127.0.0.1/32",
+                ])
+                .start();
+            Node { gw, id }
+        })
+        .collect();
+    let recipe = fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/cluster/haproxy.cfg"
+    ))
+    .unwrap();
+    let rtmp_port = free_port();
+    let http_port = free_port();
+    // Comments name example addresses; only the configuration lines are mapped.
+    let recipe: String = recipe
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    // maxconn sized for a real host needs more descriptors than a test may open.
+    let mut conf = recipe
+        .replace("maxconn 100000", "maxconn 1000")
+        .replace("bind :1935", &format!("bind 127.0.0.1:{rtmp_port}"))
+        .replace("bind :80", &format!("bind 127.0.0.1:{http_port}"));
+    for (i, n) in nodes.iter().enumerate() {
+        let a = n.addr().to_string();
+        let admin = admin_addr(&n.gw).port();
+        let host = format!("10.0.0.1{}:", i + 1);
+        // Each node's health check goes to its own admin port.
+        conf = conf
+            .lines()
+            .map(|l| {
+                let l = if l.contains(&host) {
+                    l.replace("port 9935", &format!("port {admin}"))
+                } else {
+                    l.to_string()
+                };
+                format!("{l}\n")
+            })
+            .collect::<String>()
+            .replace(&format!("{host}1935"), &a)
+            .replace(&format!("{host}8080"), &a);
+    }
+    assert!(
+        !conf.contains("10.0.0."),
+        "the recipe names a node address the test does not map: {conf}"
+    );
+    // The stats socket and log target of the recipe are for a real host.
+    let conf: String = conf
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("log ") && !l.contains("stats socket"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let (_haproxy, _hdir, _) = start_haproxy(temp_dir(), &conf, http_port);
+    let dir = temp_dir();
+    let src_file = source_flv(SECONDS);
+    let src = framemd5(&src_file);
+    let tunnel = format!("rtmpt://127.0.0.1:{http_port}/live/prefix");
+    let got = publish_and_play(
+        dir.path(),
+        &p.ffmpeg,
+        &format!("rtmp://127.0.0.1:{rtmp_port}/live/prefix"),
+        &src_file,
+        &[
+            (PlayerKind::Ffmpeg, tunnel.clone()),
+            (PlayerKind::Rtmpdump, tunnel.clone()),
+            (PlayerKind::Rtmpdump, tunnel.clone()),
+        ],
+    );
+    for r in &got {
+        r.assert_run_of(&src);
+    }
+    let opened = owners(&nodes);
+    eprintln!("sessions opened per node: {opened:?}");
+    assert_eq!(opened.iter().sum::<usize>(), 3, "three tunnel players");
+    // The RTMP publisher's real address reached its node through PROXY v2.
+    assert!(
+        nodes.iter().any(|n| n.gw.log_contains("rtmp 127.0.0.1:")),
+        "no node logged the publisher"
+    );
+}
