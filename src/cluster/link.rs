@@ -218,7 +218,7 @@ fn join(mut frames: Vec<Bytes>) -> Bytes {
 /// A TLS connector trusting the system roots plus `ca`; Err keeps the reason for the
 /// request that needs it.
 pub fn tls_connector(ca: Option<&std::path::Path>) -> Result<TlsConnector, String> {
-    crate::door::tls::client_config(ca)
+    crate::net::tls::client_config(ca)
         .map(|c| TlsConnector::from(Arc::clone(&c)))
         .map_err(|e| e.to_string())
 }

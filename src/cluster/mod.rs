@@ -100,10 +100,10 @@ impl Cluster {
         if let Some(addr) = cluster.settings.listen {
             let acceptor = match &cluster.settings.tls {
                 Some(source) => {
-                    let key = crate::door::tls::load_certified_key(source)
+                    let key = crate::net::tls::load_certified_key(source)
                         .context("cluster link certificate (cluster.cert, cluster.key)")?;
                     let config =
-                        crate::door::tls::server_config(crate::door::tls::SniResolver::new(key))?;
+                        crate::net::tls::server_config(crate::net::tls::SniResolver::new(key))?;
                     Some(tokio_rustls::TlsAcceptor::from(config))
                 }
                 None => None,

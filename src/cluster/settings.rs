@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::door::tls::CertSource;
+use crate::net::tls::CertSource;
 
 /// Longest node id. A session id is `NODE-` plus 32 hex digits and must stay under the
 /// 64 bytes ffmpeg accepts (rtmphttp.c's client_id buffer).
