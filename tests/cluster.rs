@@ -78,14 +78,22 @@ fn start_nodes(n: usize, origin: &Nginx, extra: &[&str]) -> Vec<Node> {
 /// the next node. A refused connection (a dead node) is retried on another node. HAProxy
 /// writes header names in lower case, which librtmp (rtmpdump) does not read: the
 /// `h1-case-adjust` lines give it `Content-Length` back.
-fn haproxy_round_robin(nodes: &[SocketAddr]) -> (Proc, tempfile::TempDir, u16) {
+///
+/// With `per_request` false, a client connection keeps its server connection
+/// (`http-keep-alive`, `prefer-last-server`): connections are spread, not requests.
+fn haproxy_round_robin(nodes: &[SocketAddr], per_request: bool) -> (Proc, tempfile::TempDir, u16) {
+    let spread = if per_request {
+        "option http-server-close\n  http-reuse never"
+    } else {
+        "option http-keep-alive\n  option prefer-last-server\n  http-reuse never"
+    };
     let dir = temp_dir();
     let port = free_port();
     let mut conf = format!(
         "global\n  maxconn 1000\n  h1-case-adjust content-length Content-Length\n  \
          h1-case-adjust content-type Content-Type\n\
          defaults\n  mode http\n  timeout connect 1s\n  timeout client 60s\n  \
-         timeout server 60s\n  option http-server-close\n  http-reuse never\n  retries 3\n  \
+         timeout server 60s\n  {spread}\n  retries 3\n  \
          option redispatch 1\n\
          frontend tunnel\n  bind 127.0.0.1:{port}\n  option h1-case-adjust-bogus-client\n  \
          default_backend nodes\n\
@@ -129,7 +137,7 @@ fn tunnel_sessions_survive_per_request_round_robin() {
     let origin = Nginx::start();
     let nodes = start_nodes(3, &origin, &[]);
     let addrs: Vec<SocketAddr> = nodes.iter().map(Node::addr).collect();
-    let (_haproxy, _hdir, port) = haproxy_round_robin(&addrs);
+    let (_haproxy, _hdir, port) = haproxy_round_robin(&addrs, true);
     let dir = temp_dir();
     let src_file = source_flv(SECONDS);
     let src = framemd5(&src_file);
@@ -193,17 +201,21 @@ fn stop_player(proc: &mut Proc, out: &Path, deadline: Instant) {
     proc.kill();
 }
 
-/// Three nodes behind round-robin HAProxy, rtmpdump players over RTMPT, the publisher
-/// straight to the origin. One node is killed mid-stream: the players whose sessions it
-/// owned end within 2 s (their next request, on any node, gets 404), the others receive
-/// every packet.
+/// Three nodes behind HAProxy spreading connections round robin, rtmpdump players over
+/// RTMPT, the publisher straight to the origin. One node is killed mid-stream: the players
+/// whose sessions it owned end within 2 s (the request in flight fails with the node), a
+/// request for a session of the dead node sent to a live node is answered 404 within 1 s
+/// (the link refuses; nothing waits), and the other players receive every packet.
 #[test]
 fn killed_node_sessions_end_at_once_others_carry_on() {
     let p = peers();
     let origin = Nginx::start();
     let nodes = start_nodes(3, &origin, &[]);
     let addrs: Vec<SocketAddr> = nodes.iter().map(Node::addr).collect();
-    let (_haproxy, _hdir, port) = haproxy_round_robin(&addrs);
+    // Connections spread, not requests: with every request of every session passing
+    // through every node, a request in flight through the killed node is lost with it
+    // (and its answer's bytes), whichever node owns the session.
+    let (_haproxy, _hdir, port) = haproxy_round_robin(&addrs, false);
     let dir = temp_dir();
     let src_file = source_flv(8);
     let src = framemd5(&src_file);
@@ -272,6 +284,34 @@ fn killed_node_sessions_end_at_once_others_carry_on() {
             proc.log()
         );
     }
+    // Any session id of the dead node, asked of a live node: 404 at once, not a hang.
+    let live = nodes.iter().find(|n| n.id != nodes[victim].id).unwrap();
+    let asked = Instant::now();
+    let reply = curl_post(
+        &format!(
+            "http://{}/idle/{}-{}/1",
+            live.addr(),
+            nodes[victim].id,
+            "0".repeat(32)
+        ),
+        b"",
+    )
+    .expect("no answer from a live node");
+    let took = asked.elapsed();
+    eprintln!(
+        "a request for a session of the dead node: {} in {took:?}",
+        reply.status
+    );
+    assert_eq!(
+        reply.status,
+        404,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert!(
+        took < Duration::from_secs(1),
+        "the 404 for a dead node's session took {took:?}"
+    );
     let st = publisher.wait_timeout(Duration::from_secs(60));
     assert!(st.is_some_and(|s| s.success()), "{}", publisher.log());
     let deadline = Instant::now() + PLAYER_TAIL;
