@@ -4,29 +4,28 @@
 //!
 //! # Layout
 //!
-//! From the bottom layer up. The aim is that a module imports only from layers below it;
-//! the imports that still run the other way are listed in `CONTRIBUTING.md` until they are
-//! removed.
+//! From the bottom layer up: a module imports only from layers below it (no import runs
+//! upward, no two modules import each other; `CONTRIBUTING.md` keeps it so). A settings type
+//! lives with the module it configures; [`config`] only parses and merges into them.
 //!
-//! | module | role |
-//! | --- | --- |
-//! | [`rtmp`] | the sans-IO protocol core: handshake (plain, digest, RTMPE crypto), chunk stream, AMF0/AMF3, messages, and the server and client sessions ([`rtmp::session`]: bytes and `now` in, bytes and events out; connect/publish/play as requests the application accepts or rejects). No tokio, no sockets. Fuzzed; its own limit types, built from [`limits`]. |
-//! | [`limits`], [`budget`] | every limit with its default, and the process-wide memory budget that peers' buffers are charged to |
-//! | [`throttle`] | what a peer can make us do per second: log lines ([`throttle::LogThrottle`]) and messages ([`throttle::RateLimit`]) |
-//! | [`net`] | below door and upstream: listener/upstream URLs, address ranges and per-address groups |
-//! | [`stream`] | [`stream::ClientStream`]: the one byte stream every transport becomes, and [`stream::Transport`] |
-//! | [`door`] | listeners, first-byte sniffing, TLS, PROXY protocol, the RTMPT tunnel (hyper), the RTMPE layer, session accounting |
-//! | [`auth`] | authorization of connect, publish and play (addresses, keys, HMAC tokens, nginx-rtmp compatible HTTP callbacks), shared by the engine and the relay |
-//! | [`engine`] | the built-in live server: one session task per client over the codec, and the hub (publish, play, GOP cache, fan-out ring) |
-//! | [`upstream`] | the relay: one connection to the backend per client and a byte pump |
-//! | [`client`] | a small RTMP client (rtmp, rtmps, rtmpt, rtmpts) for the load generator and tests |
-//! | [`cluster`] | several nodes behind one balancer: node-prefixed tunnel session ids, the signed internal link that forwards another node's session requests, the node directory |
-//! | [`config`] | TOML file + flags -> one validated `Config` (`cli`, `file`, `merge`); the settings types live with the modules they configure |
-//! | [`metrics`] | process-wide counters (relaxed atomics) bumped where events happen, read at scrape time |
-//! | [`access`] | the access log: one JSON line per session close, through a bounded queue to a writer thread |
-//! | [`live`] | a setting a reload replaces: snapshotted when a connection or session starts |
-//! | [`reload`] | SIGHUP and `POST /api/v1/reload`: prepare everything that can fail, then switch listeners, certificates, limits, engine settings, upstream, admin token |
-//! | [`admin`] | the admin listener on its own thread and runtime: `/metrics`, `/healthz`, `/readyz`, the JSON API, the status page |
+//! | layer | module | role |
+//! | --- | --- | --- |
+//! | 1 | [`net`] | what the door and the upstream both need to reach a peer: one URL type and scheme ([`net::url::RtmpUrl`]), address ranges and per-address groups, TLS configuration and the one PEM loader, PROXY protocol v1/v2, socket binding and tuning |
+//! | 1 | [`stream`] | [`stream::ClientStream`]: the one byte stream every transport becomes, and [`stream::Transport`] |
+//! | 1 | [`throttle`], [`access`] | what a peer can make us do per second ([`throttle::LogThrottle`], [`throttle::RateLimit`]); the access log (one JSON line per session close, bounded queue, writer thread) |
+//! | 2 | [`budget`], [`metrics`], [`live`] | the process-wide memory budget peers' buffers are charged to; process-wide counters (relaxed atomics); a setting a reload replaces |
+//! | 3 | [`rtmp`] | the sans-IO protocol core: handshake (plain, digest, RTMPE crypto), chunk stream, AMF0/AMF3, messages, and the server and client sessions ([`rtmp::session`]: bytes and `now` in, bytes and events out; connect/publish/play as requests the application accepts or rejects). No tokio, no sockets. Fuzzed; its own limit types, built from [`limits`]. |
+//! | 3 | [`sessions`] | the table of open client sessions: counts bytes, logs open/close, tagged by the engine and the relay (role, stream), listed and kicked by the admin API |
+//! | 4 | [`limits`] | every limit with its default (`[limits]`), and the codec's limit types built from it |
+//! | 5 | [`door`] | listeners, first-byte sniffing, the RTMPT tunnel (hyper), the RTMPE layer, admission per address |
+//! | 5 | [`auth`] | authorization of connect, publish and play (addresses, keys, HMAC tokens, nginx-rtmp compatible HTTP callbacks), shared by the engine and the relay |
+//! | 5 | [`client`] | a small RTMP client (rtmp, rtmps, rtmpt, rtmpts) for the load generator and tests |
+//! | 6 | [`engine`] | the built-in live server: one session task per client over the codec, and the hub (publish, play, GOP cache, fan-out ring) |
+//! | 6 | [`upstream`] | the relay: backend groups, health checks, one connection to a backend per client and a byte pump (or connect-aware) |
+//! | 6 | [`cluster`] | several nodes behind one balancer: node-prefixed tunnel session ids, the signed internal link that forwards another node's session requests, the node directory |
+//! | 7 | [`admin`] | the admin listener on its own thread and runtime: `/metrics`, `/healthz`, `/readyz`, the JSON API, the status page |
+//! | 8 | [`config`] | TOML file + flags -> one validated `Config` (`cli`, `file`, `merge`) |
+//! | 9 | [`reload`] | SIGHUP and `POST /api/v1/reload`: prepare everything that can fail, then switch listeners, certificates, limits, engine settings, upstream, admin token |
 //!
 //! `main.rs` parses the command line, sets up logging, binds the door and runs until a
 //! signal, then drains.

@@ -1,5 +1,5 @@
 //! The command line: every flag, its help text, and the listeners used when none is given.
-//! Every flag has a key in the TOML file ([`super::file`]); [`super::merge`] puts them together.
+//! Every flag has a key in the TOML file ([`super::file`]); `merge` puts them together.
 
 use std::path::PathBuf;
 

@@ -1,5 +1,5 @@
 //! The TOML file as written: one struct per table, unknown keys refused, and the check that
-//! no duration overflows the clock. Validation of the values is [`super::merge`]'s.
+//! no duration overflows the clock. Validation of the values is `merge`'s.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
