@@ -43,11 +43,14 @@ fn start_nodes(n: usize, origin: &Nginx, extra: &[&str]) -> Vec<Node> {
     (0..n)
         .map(|i| {
             let id = format!("n{}", i + 1);
+            let admin = if extra.contains(&"--admin") {
+                vec![]
+            } else {
+                vec!["--admin".to_string(), "off".to_string()]
+            };
             let mut args: Vec<String> = vec![
                 "--listen".into(),
                 "rtmp://127.0.0.1:0".into(),
-                "--admin".into(),
-                "off".into(),
                 "--upstream".into(),
                 origin.upstream(),
                 "--node-id".into(),
@@ -57,6 +60,7 @@ fn start_nodes(n: usize, origin: &Nginx, extra: &[&str]) -> Vec<Node> {
                 "--cluster-secret".into(),
                 SECRET.into(),
             ];
+            args.extend(admin);
             for port in &links {
                 args.push("--peer".into());
                 args.push(format!("http://127.0.0.1:{port}"));
@@ -432,4 +436,99 @@ fn example_haproxy_recipe_routes_by_node_prefix() {
         nodes.iter().any(|n| n.gw.log_contains("rtmp 127.0.0.1:")),
         "no node logged the publisher"
     );
+}
+
+/// `GET http://ADDR/PATH` with curl: the status code (0 when nothing answered).
+fn http_get_status(addr: SocketAddr, path: &str) -> u16 {
+    let mut cmd = Command::new(&peers().curl);
+    cmd.args([
+        "-s",
+        "-o",
+        "/dev/null",
+        "--max-time",
+        "5",
+        "-w",
+        "%{http_code}",
+    ])
+    .arg(format!("http://{addr}{path}"));
+    let (_, out, _) = run_capture(&mut cmd, Duration::from_secs(10));
+    String::from_utf8_lossy(&out).trim().parse().unwrap_or(0)
+}
+
+/// Draining a node with the link: two nodes behind per-request round-robin HAProxy, an
+/// rtmpdump player over RTMPT, the publisher straight to the origin. SIGTERM to the node
+/// that owns the player's session: its `/readyz` answers 503 at once; the session carries
+/// on through the drain (its requests reach the draining node over the link from the
+/// other node, its own listeners being closed); after `drain_secs` the session ends (the
+/// player's next request gets 404) and the node exits 0.
+#[test]
+fn draining_node_keeps_its_tunnel_sessions_for_the_drain_then_404() {
+    const DRAIN: Duration = Duration::from_secs(3);
+    let p = peers();
+    let origin = Nginx::start();
+    let nodes = start_nodes(2, &origin, &["--drain-secs", "3", "--admin", "127.0.0.1:0"]);
+    let addrs: Vec<SocketAddr> = nodes.iter().map(Node::addr).collect();
+    let (_haproxy, _hdir, port) = haproxy_round_robin(&addrs, true);
+    let dir = temp_dir();
+    let src_file = source_flv(20);
+    let url = format!("rtmpt://127.0.0.1:{port}/live/drain");
+    let out = dir.path().join("player.flv");
+    let mut player = PlayerKind::Rtmpdump.start(&url, &out);
+    let mut owner = None;
+    assert!(
+        wait_until(START_TIMEOUT, || {
+            owner = (0..nodes.len()).find(|&k| owners(&nodes)[k] > 0);
+            owner.is_some()
+        }),
+        "the player's session was not opened on any node"
+    );
+    let owner = &nodes[owner.unwrap()];
+    let mut publisher = publish(&p.ffmpeg, &origin.url("live/drain"), &src_file);
+    let size = || fs::metadata(&out).map_or(0, |m| m.len());
+    assert!(
+        wait_until(Duration::from_secs(15), || size() > 50_000),
+        "the stream did not start: {}",
+        player.log()
+    );
+    let admin = admin_addr(&owner.gw);
+    assert_eq!(http_get_status(admin, "/readyz"), 200);
+    let t = Instant::now();
+    owner.gw.signal("TERM");
+    let ready = http_get_status(admin, "/readyz");
+    let at_signal = size();
+    eprintln!("/readyz answered {ready} {:?} after SIGTERM", t.elapsed());
+    assert_eq!(
+        ready, 503,
+        "/readyz did not answer 503 at once when draining"
+    );
+    thread::sleep(DRAIN.saturating_sub(t.elapsed()) / 2);
+    let mid = size();
+    eprintln!(
+        "the player got {} bytes in the first {:.1} s of the drain",
+        mid - at_signal,
+        t.elapsed().as_secs_f64()
+    );
+    assert!(
+        mid > at_signal + 20_000,
+        "the tunnel session did not carry on during the drain ({at_signal} bytes at the \
+         signal, {mid} bytes {:?} later)",
+        t.elapsed()
+    );
+    assert!(player.is_running(), "the player ended during the drain");
+    let ended = player.wait_timeout(DRAIN + Duration::from_secs(3));
+    eprintln!(
+        "the player ended {:?} after SIGTERM (drain {DRAIN:?})",
+        ended.map(|_| t.elapsed())
+    );
+    assert!(
+        ended.is_some(),
+        "the player was still running {:?} after SIGTERM with a {DRAIN:?} drain",
+        t.elapsed()
+    );
+    assert!(
+        t.elapsed() >= DRAIN - Duration::from_millis(200),
+        "the session ended {:?} after SIGTERM, before the drain was over",
+        t.elapsed()
+    );
+    publisher.kill();
 }
