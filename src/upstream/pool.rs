@@ -241,3 +241,92 @@ pub fn snapshot() -> Vec<(String, String, bool, usize)> {
         })
         .collect()
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::net::url::parse_upstream;
+
+    fn group(balance: Balance, urls: &[&str], backup: &[&str]) -> Group {
+        let parse =
+            |l: &[&str]| -> Vec<_> { l.iter().map(|u| parse_upstream("k", u).unwrap()).collect() };
+        let settings = GroupSettings {
+            name: "g".into(),
+            apps: Vec::new(),
+            backends: parse(urls),
+            backup: parse(backup),
+            balance,
+            health: HealthKind::Off,
+        };
+        let connectors = settings
+            .backends
+            .iter()
+            .map(|u| (u, false))
+            .chain(settings.backup.iter().map(|u| (u, true)))
+            .map(|(u, b)| (Connector::new(u, None, None).unwrap(), b))
+            .collect();
+        Group::new(&settings, connectors)
+    }
+
+    fn ports(v: &[Arc<Backend>]) -> Vec<u16> {
+        v.iter().map(|b| b.connector.url.port).collect()
+    }
+
+    #[test]
+    fn round_robin_rotates_primaries_and_keeps_backups_and_down_last() {
+        let g = group(
+            Balance::RoundRobin,
+            &["rtmp://h:1", "rtmp://h:2", "rtmp://h:3"],
+            &["rtmp://h:9"],
+        );
+        assert_eq!(ports(&g.candidates()), [1, 2, 3, 9]);
+        assert_eq!(ports(&g.candidates()), [2, 3, 1, 9]);
+        assert_eq!(ports(&g.candidates()), [3, 1, 2, 9]);
+        // A failed connect marks 1 down: it goes after the backup.
+        g.backends[0].connected(false, "refused");
+        assert_eq!(ports(&g.candidates()), [2, 3, 9, 1]);
+        // Health checks bring it back after `rise` passes.
+        g.backends[0].checked(true, 2, 2, "");
+        assert!(!g.backends[0].is_up());
+        g.backends[0].checked(true, 2, 2, "");
+        assert!(g.backends[0].is_up());
+        // And take one down after `fall` failures.
+        g.backends[1].checked(false, 2, 2, "x");
+        assert!(g.backends[1].is_up());
+        g.backends[1].checked(false, 2, 2, "x");
+        assert!(!g.backends[1].is_up());
+    }
+
+    #[test]
+    fn first_and_least_connections() {
+        let g = group(Balance::First, &["rtmp://h:1", "rtmp://h:2"], &[]);
+        assert_eq!(ports(&g.candidates()), [1, 2]);
+        assert_eq!(ports(&g.candidates()), [1, 2]);
+        let g = group(
+            Balance::LeastConnections,
+            &["rtmp://h:1", "rtmp://h:2"],
+            &[],
+        );
+        let _held = g.backends[0].hold();
+        assert_eq!(ports(&g.candidates()), [2, 1]);
+        drop(_held);
+        assert_eq!(g.backends[0].active(), 0);
+        assert_eq!(ports(&g.candidates()), [1, 2]);
+    }
+
+    #[test]
+    fn routes_by_app_then_default() {
+        let mut a = group(Balance::First, &["rtmp://h:1"], &[]);
+        a.apps = vec![AppPattern("cam*".into())];
+        a.name = "a".into();
+        let d = group(Balance::First, &["rtmp://h:2"], &[]);
+        let pools = Pools {
+            groups: vec![a, d],
+            rise: 2,
+            fall: 2,
+        };
+        assert_eq!(pools.route("cam1?token=x").unwrap().name, "a");
+        assert_eq!(pools.route("live").unwrap().name, "g");
+    }
+}
