@@ -68,6 +68,8 @@ pub struct FileEngine {
     pub write_timeout_secs: Option<u64>,
     pub max_streams_per_connection: Option<u32>,
     pub write_batch_ms: Option<u64>,
+    /// `"deny"` or `"replace"`.
+    pub publisher_takeover: Option<crate::engine::hub::PublisherTakeover>,
 }
 
 impl FileEngine {
@@ -84,6 +86,7 @@ impl FileEngine {
             || self.write_timeout_secs.is_some()
             || self.max_streams_per_connection.is_some()
             || self.write_batch_ms.is_some()
+            || self.publisher_takeover.is_some()
     }
 
     /// The engine's configuration with these keys applied, checked.
@@ -152,6 +155,9 @@ impl FileEngine {
                 ));
             }
             cfg.write_batch = Duration::from_millis(v);
+        }
+        if let Some(v) = self.publisher_takeover {
+            cfg.publisher_takeover = v;
         }
         Ok(cfg)
     }

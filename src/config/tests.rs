@@ -208,6 +208,16 @@ fn engine_table() {
     assert!(e.starts_with("engine.chunk_size: "), "{e}");
     let e = merge(&[], "[engine]\ngop = 1\n").unwrap_err().to_string();
     assert!(e.contains("gop"), "{e}");
+    let c = merge(&[], "[engine]\npublisher_takeover = \"replace\"\n").unwrap();
+    assert_eq!(
+        c.engine.publisher_takeover,
+        crate::engine::hub::PublisherTakeover::Replace
+    );
+    assert_eq!(
+        merge(&[], "").unwrap().engine.publisher_takeover,
+        crate::engine::hub::PublisherTakeover::Deny
+    );
+    assert!(merge(&[], "[engine]\npublisher_takeover = \"steal\"\n").is_err());
     let c = merge(&[], "[engine]\nwrite_batch_ms = 0\n").unwrap();
     assert_eq!(c.engine.write_batch, Duration::ZERO);
     let e = merge(&[], "[engine]\nwrite_batch_ms = 5000\n")

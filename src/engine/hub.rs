@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, Notify};
 
 use crate::budget::{Charge, OverBudget, PeerBudget};
 use crate::rtmp::chunk;
@@ -303,6 +303,19 @@ impl Default for HubConfig {
     }
 }
 
+/// What a publish on a key that already has a publisher does (`[engine] publisher_takeover`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PublisherTakeover {
+    /// The newcomer is refused (NetStream.Publish.BadName); the publisher on the key stays.
+    #[default]
+    Deny,
+    /// The newcomer replaces the publisher on the key, which is told and closed; players carry
+    /// on with the newcomer's media on the same timeline (an encoder reconnecting while its
+    /// old connection is still half-open).
+    Replace,
+}
+
 /// Why a publish was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum HubError {
@@ -314,6 +327,8 @@ pub enum HubError {
 
 struct SlotState {
     publisher: Option<u64>,
+    /// Wakes the current publisher's session when another one replaces it.
+    ousted: Option<Arc<Notify>>,
     players: usize,
     meta: Option<Arc<Frame>>,
     video_header: Option<Arc<Frame>>,
@@ -356,6 +371,7 @@ impl SlotState {
         let (tx, _) = broadcast::channel(1);
         SlotState {
             publisher: None,
+            ousted: None,
             players: 0,
             meta: None,
             video_header: None,
@@ -526,14 +542,36 @@ impl Hub {
 
     /// Become the publisher of `key`, or learn it already has one.
     pub fn publish(self: &Arc<Self>, key: &StreamKey) -> Result<Publisher, HubError> {
+        self.publish_with(key, PublisherTakeover::Deny)
+    }
+
+    /// Become the publisher of `key`; when it already has one, `takeover` says whether the
+    /// newcomer is refused or replaces it. A replaced publisher's pushes are ignored from
+    /// then on and its [`Publisher::replaced`] completes (its session closes it); players see
+    /// `Published` without an `Unpublished` (an UnpublishNotify would end players such as
+    /// ffmpeg) and get the newcomer's headers and media, its timestamps continued after what
+    /// they already had, as for a republish after a gap.
+    pub fn publish_with(
+        self: &Arc<Self>,
+        key: &StreamKey,
+        takeover: PublisherTakeover,
+    ) -> Result<Publisher, HubError> {
         let mut slots = lock(&self.slots);
         let slot = self.slot(&mut slots, key);
         let mut st = lock(&slot.state);
         if st.publisher.is_some() {
-            return Err(HubError::BadName(key.to_string()));
+            if takeover == PublisherTakeover::Deny {
+                return Err(HubError::BadName(key.to_string()));
+            }
+            // notify_one keeps the wake-up until the old session next waits for it.
+            if let Some(old) = st.ousted.take() {
+                old.notify_one();
+            }
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let ousted = Arc::new(Notify::new());
         st.publisher = Some(id);
+        st.ousted = Some(ousted.clone());
         st.clear_caches();
         st.ts_first = None;
         if let Some(last) = st.last_out {
@@ -567,6 +605,7 @@ impl Hub {
             slot,
             id,
             budget: PeerBudget::global_only(),
+            ousted,
         })
     }
 
@@ -690,6 +729,8 @@ pub struct Publisher {
     /// What its frames are charged to: the process's budget, and the publishing client's
     /// address's share once [`Publisher::charge_to`] says which.
     budget: PeerBudget,
+    /// Notified when another publisher replaces this one.
+    ousted: Arc<Notify>,
 }
 
 impl Publisher {
@@ -701,6 +742,12 @@ impl Publisher {
 
     pub fn key(&self) -> &StreamKey {
         &self.slot.key
+    }
+
+    /// Completes once another publisher has replaced this one (`PublisherTakeover::Replace`):
+    /// its frames go nowhere from then on, and its session should tell the client and close.
+    pub async fn replaced(&self) {
+        self.ousted.notified().await;
     }
 
     /// Players currently subscribed to this stream.
@@ -817,6 +864,7 @@ impl Drop for Publisher {
             let mut st = lock(&self.slot.state);
             if st.publisher == Some(self.id) {
                 st.publisher = None;
+                st.ousted = None;
                 st.clear_caches();
                 st.ring_send(
                     Event::Unpublished,
@@ -1099,6 +1147,44 @@ mod tests {
         p.push(VIDEO, 40, Bytes::from_static(AVC_INTER)).unwrap();
         assert_eq!(frame(pl.rx.try_recv().unwrap()).timestamp, 501);
         assert_eq!(frame(pl.rx.try_recv().unwrap()).timestamp, 541);
+    }
+
+    #[test]
+    fn replace_takes_the_key_over_and_players_continue_the_timeline() {
+        let hub = hub();
+        let old = hub.publish(&key("t")).unwrap();
+        old.push(VIDEO, 0, Bytes::from_static(AVC_HEADER)).unwrap();
+        old.push(VIDEO, 900, Bytes::from_static(AVC_KEY)).unwrap();
+        let mut pl = hub.play(&key("t"));
+        assert!(pl.live);
+        let new = hub
+            .publish_with(&key("t"), PublisherTakeover::Replace)
+            .unwrap();
+        // No Unpublished: players keep playing.
+        assert!(matches!(pl.rx.try_recv(), Ok(Event::Published)));
+        // The old publisher's frames go nowhere, and it learns it was replaced.
+        old.push(VIDEO, 940, Bytes::from_static(AVC_INTER)).unwrap();
+        assert!(pl.rx.try_recv().is_err());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(5), old.replaced())
+                .await
+                .expect("the replaced publisher is told");
+        });
+        new.push(VIDEO, 0, Bytes::from_static(AVC_HEADER)).unwrap();
+        new.push(VIDEO, 0, Bytes::from_static(AVC_KEY)).unwrap();
+        let h = frame(pl.rx.try_recv().unwrap());
+        assert_eq!((h.kind, h.timestamp), (FrameKind::VideoHeader, 901));
+        assert_eq!(frame(pl.rx.try_recv().unwrap()).timestamp, 901);
+        // Dropping the replaced publisher does not unpublish the new one.
+        drop(old);
+        assert!(pl.rx.try_recv().is_err());
+        assert!(hub.snapshot().iter().any(|s| s.publishing));
+        // A third publisher with deny is refused as before.
+        assert!(hub.publish(&key("t")).is_err());
     }
 
     #[test]

@@ -49,6 +49,8 @@ pub struct EngineConfig {
     pub max_streams_per_connection: u32,
     /// `[auth]`: checked at each connect, publish and play (None: everyone is allowed).
     pub auth: Option<Arc<crate::auth::Auth>>,
+    /// A publish on a key that already has a publisher: refused, or replacing it.
+    pub publisher_takeover: hub::PublisherTakeover,
 }
 
 impl Default for EngineConfig {
@@ -67,6 +69,7 @@ impl Default for EngineConfig {
             write_batch: Duration::from_millis(80),
             max_streams_per_connection: 16,
             auth: None,
+            publisher_takeover: hub::PublisherTakeover::Deny,
         }
     }
 }

@@ -30,11 +30,11 @@ use super::hub::{Event, Frame, FrameKind, Player, Publisher, StreamKey};
 use super::{tick, Engine};
 use crate::auth::{Action, DenyReason};
 use crate::budget::{Charge, OverBudget, PeerBudget};
-use crate::rtmp::chunk::ChunkDecoder;
+use crate::rtmp::chunk::{self, ChunkDecoder};
 use crate::rtmp::handshake;
 use crate::rtmp::message::{AUDIO, DATA_AMF0, VIDEO};
 use crate::rtmp::session::{
-    Poll, ServerConfig, ServerError, ServerEvent, ServerSession, StreamRequest,
+    command, Poll, ServerConfig, ServerError, ServerEvent, ServerSession, StreamRequest,
 };
 use crate::stream::{ClientStream, Transport};
 use crate::throttle::LogThrottle;
@@ -83,6 +83,8 @@ pub enum SessionError {
     OverBudget(#[from] OverBudget),
     #[error("{action} denied by [auth] ({reason}): {}", reason.description())]
     Denied { action: Action, reason: DenyReason },
+    #[error("another publisher took {0} over (engine.publisher_takeover = \"replace\")")]
+    Replaced(String),
 }
 
 impl From<ServerError> for SessionError {
@@ -237,6 +239,14 @@ async fn next_event(
         }
         (Some(p), None) => Some(p.player.rx.recv().await),
         (None, _) => std::future::pending().await,
+    }
+}
+
+/// Completes when this session's publisher has been replaced by another one.
+async fn replaced(publishing: &Option<PublishState>) {
+    match publishing {
+        Some(p) => p.publisher.replaced().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -408,6 +418,7 @@ impl Session {
                         }
                     }
                 }
+                () = replaced(&self.publishing) => return Err(self.on_replaced()),
                 () = &mut timer => {
                     let now = now();
                     if wait_at.is_some_and(|w| w <= now) {
@@ -650,9 +661,31 @@ impl Session {
         Ok(())
     }
 
+    /// Another publisher took this one's key over: tell the client (the session's last
+    /// bytes, flushed with a bound as it ends) and end the session. The status is chunked
+    /// here with a full (fmt 0) header, valid whatever the protocol sent before on its stream.
+    fn on_replaced(&mut self) -> SessionError {
+        let Some(p) = self.publishing.take() else {
+            return SessionError::Replaced(String::new());
+        };
+        let key = p.publisher.key().to_string();
+        self.send_replies();
+        let m = command::on_status(
+            p.stream_id,
+            "error",
+            "NetStream.Publish.BadName",
+            &format!("{key} was taken over by another publisher; this connection is closed."),
+            None,
+        );
+        let cs = self.proto.out_chunk_size();
+        self.push_bytes(chunk::encode_fmt0_bytes(command::CSID_COMMAND, &m, cs));
+        SessionError::Replaced(key)
+    }
+
     fn on_publish(&mut self, request: &StreamRequest) {
         let key = StreamKey::new(&request.app, &request.name);
-        match self.engine.hub().publish(&key) {
+        let takeover = self.engine.config().publisher_takeover;
+        match self.engine.hub().publish_with(&key, takeover) {
             Ok(mut publisher) => {
                 publisher.charge_to(self.budget.clone());
                 info!(session = self.id, "{}: publish {key}", self.label);
