@@ -65,7 +65,7 @@ use tracing::{debug, info, trace, warn};
 
 use self::path::Command;
 pub use self::session::TunnelPipe;
-use self::session::{Bounds, Op, PlaceError, Placed, Session};
+use self::session::{Bounds, Op, PlaceError, Placed, TunnelSession};
 use crate::budget::{self, Charge};
 use crate::door::admit::{Admission, ConnLimiter};
 use crate::limits::Limits;
@@ -115,7 +115,7 @@ pub fn session_owner(id: &str) -> Option<&str> {
 
 /// A table entry: the session and what is needed to log about it.
 struct Entry {
-    session: Arc<Session>,
+    session: Arc<TunnelSession>,
     label: String,
     opened: Instant,
     /// The session's place in the connection limits, shared with its handler task: it is
@@ -439,7 +439,7 @@ impl Tunnel {
             None => new_session_id(),
         };
         let label = session_label(&id);
-        let session = Session::new(Bounds::from_limits(&self.limits()));
+        let session = TunnelSession::new(Bounds::from_limits(&self.limits()));
         // Its buffers count against the opening client's address's share, like a connection's.
         session.charge_to(&budget::PeerBudget::for_peer(peer.ip()));
         let stream = ClientStream::new(Box::new(session.pipe()), transport, peer, local)
@@ -473,7 +473,7 @@ impl Tunnel {
         fcs(Bytes::from(body))
     }
 
-    fn find(&self, id: &str) -> Option<Arc<Session>> {
+    fn find(&self, id: &str) -> Option<Arc<TunnelSession>> {
         self.sessions.get(id).map(|e| Arc::clone(&e.session))
     }
 
@@ -724,10 +724,10 @@ async fn run_reaper(tunnel: Weak<Tunnel>, stop: Arc<Notify>, every: Duration) {
 
 /// Marks a request in progress on a session (so the reaper leaves it alone), and records
 /// its start and end as activity.
-struct Active<'a>(&'a Session);
+struct Active<'a>(&'a TunnelSession);
 
 impl<'a> Active<'a> {
-    fn begin(session: &'a Session) -> Self {
+    fn begin(session: &'a TunnelSession) -> Self {
         let mut st = session.lock();
         st.active_requests = st.active_requests.saturating_add(1);
         st.last_request = Instant::now();

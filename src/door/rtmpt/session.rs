@@ -355,16 +355,16 @@ fn park(slot: &mut Option<Waker>, cx: &Context<'_>) {
 }
 
 /// One session's shared state.
-pub(crate) struct Session {
+pub(crate) struct TunnelSession {
     state: Mutex<State>,
     /// Fired on every change either side makes; HTTP handlers wait on it.
     changed: Notify,
     pub(crate) bounds: Bounds,
 }
 
-impl Session {
+impl TunnelSession {
     pub(crate) fn new(bounds: Bounds) -> Arc<Self> {
-        Arc::new(Session {
+        Arc::new(TunnelSession {
             state: Mutex::new(State::new(Instant::now())),
             changed: Notify::new(),
             bounds,
@@ -426,7 +426,7 @@ impl Session {
 /// bodies in sequence order, writes queue bytes for the next `/send` or `/idle` reply
 /// (bounded; a full queue makes the writer wait).
 pub struct TunnelPipe {
-    session: Arc<Session>,
+    session: Arc<TunnelSession>,
 }
 
 impl TunnelPipe {
@@ -725,7 +725,7 @@ mod tests {
 
     #[tokio::test]
     async fn pipe_reads_in_order_and_sees_eof_after_close() {
-        let s = Session::new(bounds());
+        let s = TunnelSession::new(bounds());
         let mut pipe = s.pipe();
         {
             let mut st = s.lock();
@@ -742,7 +742,7 @@ mod tests {
 
     #[tokio::test]
     async fn writes_are_bounded_and_resume_when_a_reply_takes_them() {
-        let s = Session::new(bounds());
+        let s = TunnelSession::new(bounds());
         let mut pipe = s.pipe();
         let writer = tokio::spawn(async move {
             pipe.write_all(b"0123456789abcdef").await.unwrap();
@@ -763,7 +763,7 @@ mod tests {
 
     #[tokio::test]
     async fn consumer_drop_keeps_pending_bytes_for_the_next_poll() {
-        let s = Session::new(bounds());
+        let s = TunnelSession::new(bounds());
         let mut pipe = s.pipe();
         pipe.write_all(b"bye").await.unwrap();
         drop(pipe);
@@ -775,7 +775,7 @@ mod tests {
 
     #[tokio::test]
     async fn reads_make_room_for_waiting_bodies() {
-        let s = Session::new(bounds());
+        let s = TunnelSession::new(bounds());
         let mut pipe = s.pipe();
         {
             let mut st = s.lock();
