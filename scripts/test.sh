@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The project's one test command (README, CI): installs the real peers if missing, then
 # checks formatting, builds, runs clippy with warnings as errors, and runs every unit and
-# integration test. Every step runs even when an earlier one failed (except tests after a
-# failed build; every test binary runs even if one fails), and a summary at the end says which
+# integration test of the workspace (rtmpgate and the protocol crate rtmpgate-proto in
+# src/rtmp). Every step runs even when an earlier one failed (except tests after a failed build; every test binary runs even if one fails), and a summary at the end says which
 # steps and tests failed. Exit status 0 only if all passed.
 #
 # Environment:
@@ -47,7 +47,7 @@ run() {
 # The test step, its output also kept in target/test-output.log for the summary.
 run_tests() {
     mkdir -p target
-    timeout --kill-after=30s "${1}m" cargo test --all-targets --no-fail-fast "${extra[@]}" 2>&1 |
+    timeout --kill-after=30s "${1}m" cargo test --workspace --all-targets --no-fail-fast "${extra[@]}" 2>&1 |
         tee target/test-output.log
 }
 
@@ -61,8 +61,8 @@ peers_ok=1
 run "install peers" scripts/install-peers.sh || peers_ok=0
 run "cargo fmt --check" cargo fmt --all -- --check
 build_ok=1
-run "cargo build" cargo build || build_ok=0
-run "cargo clippy" cargo clippy --all-targets -- -D warnings
+run "cargo build" cargo build --workspace || build_ok=0
+run "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
 if [ $build_ok -eq 1 ]; then
     if [ $peers_ok -eq 0 ]; then
         echo "warning: peers are missing; integration tests that need them will fail" >&2

@@ -15,7 +15,6 @@
 //! Lock-free (one atomic add per charge, two with a share), so it sits on the data path
 //! without a mutex; the map of shares is touched only when a connection starts.
 
-use std::fmt;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
@@ -38,36 +37,7 @@ pub fn global() -> &'static MemoryBudget {
     &GLOBAL
 }
 
-/// A charge was refused: taking `requested` more bytes would pass the limit.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-pub struct OverBudget {
-    pub requested: usize,
-    pub used: usize,
-    pub limit: usize,
-    /// It was the address's share (`max_memory_per_ip`) that was spent, not the process's.
-    pub per_address: bool,
-}
-
-impl fmt::Display for OverBudget {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.per_address {
-            write!(
-                f,
-                "memory budget of this address spent: {} more bytes wanted, {} of {} in use \
-                 by its connections (limits.max_memory_per_ip; raise it if one address \
-                 legitimately carries many large streams)",
-                self.requested, self.used, self.limit
-            )
-        } else {
-            write!(
-                f,
-                "memory budget spent: {} more bytes wanted, {} of {} in use \
-                 (limits.max_memory; raise it if the machine has room)",
-                self.requested, self.used, self.limit
-            )
-        }
-    }
-}
+pub use crate::rtmp::budget::OverBudget;
 
 impl MemoryBudget {
     pub const fn new(limit: usize) -> Self {
@@ -381,6 +351,21 @@ impl Charge {
             self.shrink(self.bytes - bytes);
             Ok(())
         }
+    }
+}
+
+/// The codec's view of a charge: the chunk decoder grows it before a partial message grows.
+impl crate::rtmp::budget::BufferCharge for Charge {
+    fn try_grow(&mut self, more: usize) -> Result<(), OverBudget> {
+        Charge::try_grow(self, more)
+    }
+
+    fn shrink(&mut self, less: usize) {
+        Charge::shrink(self, less)
+    }
+
+    fn bytes(&self) -> usize {
+        Charge::bytes(self)
     }
 }
 

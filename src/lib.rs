@@ -66,7 +66,8 @@ pub mod live;
 pub mod metrics;
 pub mod net;
 pub mod reload;
-pub mod rtmp;
+/// The protocol core, its own crate (`src/rtmp`, package `rtmpgate-proto`).
+pub use rtmpgate_proto as rtmp;
 pub mod sessions;
 pub mod stream;
 pub mod throttle;

@@ -105,7 +105,8 @@ impl RtmpConnection {
         let limits = Limits::default();
         Ok(RtmpConnection {
             io,
-            dec: ChunkDecoder::new(&limits),
+            // Charged to the process budget, as before the codec became its own crate.
+            dec: ChunkDecoder::with_charge(&limits, crate::budget::Charge::global()),
             enc: ChunkEncoder::new(),
             rbuf: BytesMut::with_capacity(64 * 1024),
             wbuf: BytesMut::with_capacity(64 * 1024),

@@ -10,9 +10,9 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-pub use crate::rtmp::amf::{AmfError, AmfLimits, HARD_MAX_DEPTH};
-use crate::rtmp::amf::{Budget, Reader};
-use crate::rtmp::amf3::{self, Amf3Value};
+pub use crate::amf::{AmfError, AmfLimits, HARD_MAX_DEPTH};
+use crate::amf::{Budget, Reader};
+use crate::amf3::{self, Amf3Value};
 
 /// AMF0 type markers (AMF0 specification, section 2.1).
 pub mod marker {
@@ -469,7 +469,7 @@ pub(crate) mod tests {
     fn amf3_nesting_behind_the_switch_marker_is_bounded() {
         let mut b = vec![marker::AVMPLUS];
         for _ in 0..70_000 {
-            b.extend_from_slice(&[crate::rtmp::amf3::marker::ARRAY, 0x03, 0x01]);
+            b.extend_from_slice(&[crate::amf3::marker::ARRAY, 0x03, 0x01]);
         }
         assert!(matches!(
             decode_all(&b, &AmfLimits::default()),
@@ -691,7 +691,7 @@ pub(crate) mod tests {
                 millis: m as f64,
                 tz
             }),
-            crate::rtmp::amf3::tests::arb_amf3().prop_map(Amf0Value::Amf3),
+            crate::amf3::tests::arb_amf3().prop_map(Amf0Value::Amf3),
         ];
         leaf.prop_recursive(4, 48, 6, |inner| {
             prop_oneof![

@@ -13,9 +13,9 @@
 
 use bytes::{BufMut, BytesMut};
 
-use crate::rtmp::amf::{AmfError, AmfLimits, Budget, Reader};
+use crate::amf::{AmfError, AmfLimits, Budget, Reader};
 
-pub use crate::rtmp::amf::AmfError as Amf3Error;
+pub use crate::amf::AmfError as Amf3Error;
 
 /// AMF3 type markers (AMF3 specification, section 3.1).
 pub mod marker {

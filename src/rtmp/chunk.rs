@@ -13,7 +13,7 @@
 //! per-chunk allocation or rescanning, so chunk size 1 costs at most a small constant
 //! factor (a 1-byte header per payload byte) over a large chunk size, and that factor
 //! is paid for in bytes the peer must send. The bodies of messages in progress are
-//! charged to the process-wide memory budget ([`crate::budget`]) before they grow; a
+//! charged to the process-wide memory budget (a [`BufferCharge`], rtmpgate's process-wide budget) before they grow; a
 //! refused charge is a decode error ([`ChunkError::OverBudget`]), so the session closes. `limits.min_chunk_size` (default 128, RTMP's
 //! initial size) keeps that factor small; [`ChunkDecoder::chunks_received`] lets a session
 //! apply a rate limit on chunks as well.
@@ -37,8 +37,8 @@
 
 use bytes::{Buf, BufMut, BytesMut};
 
-use crate::budget::{Charge, MemoryBudget, OverBudget};
-use crate::rtmp::message::{self, Message, MessageError};
+use crate::budget::{BufferCharge, OverBudget, Unmetered};
+use crate::message::{self, Message, MessageError};
 
 /// Chunk size every RTMP connection starts with, in both directions.
 pub const DEFAULT_CHUNK_SIZE: u32 = 128;
@@ -164,25 +164,24 @@ pub struct ChunkDecoder {
     current: Option<(usize, u32)>,
     partial_bytes: usize,
     /// The capacity of every body in progress, held from the memory budget.
-    charge: Charge,
+    charge: Box<dyn BufferCharge>,
     bytes_received: u64,
     chunks_received: u64,
 }
 
 impl ChunkDecoder {
-    /// A decoder whose partial messages are charged to the process's budget.
+    /// A decoder whose partial messages are counted but charged to no budget (tools, tests,
+    /// fuzzing); whatever a peer reaches uses [`ChunkDecoder::with_charge`].
     pub fn new(limits: impl Into<ChunkLimits>) -> Self {
-        Self::with_budget(limits, crate::budget::global())
-    }
-
-    /// A decoder charging its partial messages to `budget`.
-    pub fn with_budget(limits: impl Into<ChunkLimits>, budget: &'static MemoryBudget) -> Self {
-        Self::with_charge(limits, budget.empty())
+        Self::with_charge(limits, Unmetered::default())
     }
 
     /// A decoder charging its partial messages to `charge` (empty): a connection's charge,
     /// which also counts against its address's share of the budget.
-    pub fn with_charge(limits: impl Into<ChunkLimits>, charge: Charge) -> Self {
+    pub fn with_charge(
+        limits: impl Into<ChunkLimits>,
+        charge: impl BufferCharge + 'static,
+    ) -> Self {
         let limits = limits.into();
         let min_chunk_size = limits.min_chunk_size.max(1);
         ChunkDecoder {
@@ -195,7 +194,7 @@ impl ChunkDecoder {
             streams: Vec::new(),
             current: None,
             partial_bytes: 0,
-            charge,
+            charge: Box::new(charge),
             bytes_received: 0,
             chunks_received: 0,
         }
@@ -241,7 +240,8 @@ impl ChunkDecoder {
                     self.current = None;
                     continue;
                 };
-                if let Err(budget) = append(&mut s.body, &buf[..n], s.msg_len, &mut self.charge) {
+                if let Err(budget) = append(&mut s.body, &buf[..n], s.msg_len, self.charge.as_mut())
+                {
                     return Err(ChunkError::OverBudget {
                         csid: s.csid,
                         len: s.msg_len,
@@ -477,7 +477,7 @@ fn append(
     body: &mut Vec<u8>,
     data: &[u8],
     declared: u32,
-    charge: &mut Charge,
+    charge: &mut dyn BufferCharge,
 ) -> Result<(), OverBudget> {
     let spare = body.capacity() - body.len();
     if spare < data.len() {
@@ -731,9 +731,11 @@ mod tests {
             ..ChunkLimits::default()
         }
     }
-    use crate::rtmp::message::Control;
+    use crate::message::Control;
     use bytes::Bytes;
     use proptest::prelude::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
 
     fn dec() -> ChunkDecoder {
         ChunkDecoder::new(small_chunks())
@@ -751,15 +753,79 @@ mod tests {
         Message::new(t, ts, sid, Bytes::copy_from_slice(p))
     }
 
-    /// A budget of its own for one test (the global one is shared by every test).
-    fn budget(limit: usize) -> &'static MemoryBudget {
-        Box::leak(Box::new(MemoryBudget::new(limit)))
+    /// A budget of its own for one test: a limit, and what its charges hold and were refused.
+    #[derive(Debug, Clone)]
+    struct TestBudget {
+        limit: usize,
+        used: Arc<AtomicUsize>,
+        refused: Arc<AtomicUsize>,
+    }
+
+    impl TestBudget {
+        fn used(&self) -> usize {
+            self.used.load(Ordering::Relaxed)
+        }
+        fn refused(&self) -> usize {
+            self.refused.load(Ordering::Relaxed)
+        }
+        fn empty(&self) -> TestCharge {
+            TestCharge {
+                budget: self.clone(),
+                bytes: 0,
+            }
+        }
+    }
+
+    #[derive(Debug)]
+    struct TestCharge {
+        budget: TestBudget,
+        bytes: usize,
+    }
+
+    impl BufferCharge for TestCharge {
+        fn try_grow(&mut self, more: usize) -> Result<(), OverBudget> {
+            let used = self.budget.used();
+            if used.saturating_add(more) > self.budget.limit {
+                self.budget.refused.fetch_add(1, Ordering::Relaxed);
+                return Err(OverBudget {
+                    requested: more,
+                    used,
+                    limit: self.budget.limit,
+                    per_address: false,
+                });
+            }
+            self.budget.used.fetch_add(more, Ordering::Relaxed);
+            self.bytes += more;
+            Ok(())
+        }
+        fn shrink(&mut self, less: usize) {
+            let less = less.min(self.bytes);
+            self.bytes -= less;
+            self.budget.used.fetch_sub(less, Ordering::Relaxed);
+        }
+        fn bytes(&self) -> usize {
+            self.bytes
+        }
+    }
+
+    impl Drop for TestCharge {
+        fn drop(&mut self) {
+            self.budget.used.fetch_sub(self.bytes, Ordering::Relaxed);
+        }
+    }
+
+    fn budget(limit: usize) -> TestBudget {
+        TestBudget {
+            limit,
+            used: Arc::default(),
+            refused: Arc::default(),
+        }
     }
 
     #[test]
     fn partial_messages_are_charged_and_refused_past_the_budget() {
         let b = budget(10_000);
-        let mut d = ChunkDecoder::with_budget(ChunkLimits::default(), b);
+        let mut d = ChunkDecoder::with_charge(ChunkLimits::default(), b.empty());
         // A 6,000-byte message, half sent: its body is charged while it is in progress.
         let whole = encode_fmt0_bytes(4, &msg(9, 0, 1, &[7u8; 6000]), 128);
         let mut first = BytesMut::from(&whole[..3100]);
@@ -802,7 +868,7 @@ mod tests {
     #[test]
     fn abort_returns_the_charge() {
         let b = budget(1 << 20);
-        let mut d = ChunkDecoder::with_budget(ChunkLimits::default(), b);
+        let mut d = ChunkDecoder::with_charge(ChunkLimits::default(), b.empty());
         let whole = encode_fmt0_bytes(4, &msg(9, 0, 1, &[7u8; 6000]), 128);
         let mut buf = BytesMut::from(&whole[..140 + 129 * 6]);
         assert_eq!(drain(&mut d, &mut buf).unwrap(), vec![]);
@@ -1140,7 +1206,7 @@ mod tests {
     fn captured_ffmpeg_publish() {
         // ffmpeg 5.1 publishing to nginx-rtmp: the first 8 KiB after the handshake.
         let msgs = decode_capture(include_bytes!("../../fuzz/corpus/chunk/ffmpeg-publish-c2s"));
-        let limits = crate::rtmp::amf0::AmfLimits::default();
+        let limits = crate::amf0::AmfLimits::default();
         let names: Vec<String> = msgs
             .iter()
             .filter_map(|m| message::decode_command(m, &limits).ok())
@@ -1175,7 +1241,7 @@ mod tests {
         let msgs = decode_capture(include_bytes!(
             "../../fuzz/corpus/chunk/nginx-to-rtmpdump-s2c"
         ));
-        let limits = crate::rtmp::amf0::AmfLimits::default();
+        let limits = crate::amf0::AmfLimits::default();
         let codes: Vec<String> = msgs
             .iter()
             .filter_map(|m| message::decode_command(m, &limits).ok())

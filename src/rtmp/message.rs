@@ -6,7 +6,7 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use crate::rtmp::amf0::{self, Amf0Value, AmfError, AmfLimits};
+use crate::amf0::{self, Amf0Value, AmfError, AmfLimits};
 
 pub const SET_CHUNK_SIZE: u8 = 1;
 pub const ABORT: u8 = 2;
@@ -285,7 +285,7 @@ pub struct Command {
     pub txn: f64,
     /// Everything after the transaction id: the command object (usually Null or an
     /// Object) first, then the arguments. AMF3 values are converted to AMF0 where an
-    /// equivalent exists ([`crate::rtmp::amf3::Amf3Value::to_amf0`]).
+    /// equivalent exists ([`crate::amf3::Amf3Value::to_amf0`]).
     pub args: Vec<Amf0Value>,
 }
 
@@ -416,7 +416,7 @@ pub fn split_aggregate(msg: &Message) -> Result<Vec<Message>, MessageError> {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use crate::rtmp::amf3::Amf3Value;
+    use crate::amf3::Amf3Value;
 
     #[test]
     fn control_builders_hand_checked() {

@@ -12,12 +12,10 @@ use std::collections::VecDeque;
 use bytes::{Bytes, BytesMut};
 
 use super::command::{CSID_COMMAND, CSID_CONTROL};
-use crate::rtmp::amf::AmfLimits;
-use crate::rtmp::amf0::{self, Amf0Value};
-use crate::rtmp::chunk::{ChunkDecoder, ChunkEncoder, ChunkError};
-use crate::rtmp::message::{
-    self, Command, Control, Message, MessageError, UserControl, AUDIO, VIDEO,
-};
+use crate::amf::AmfLimits;
+use crate::amf0::{self, Amf0Value};
+use crate::chunk::{ChunkDecoder, ChunkEncoder, ChunkError};
+use crate::message::{self, Command, Control, Message, MessageError, UserControl, AUDIO, VIDEO};
 
 /// Chunk streams for audio, video and stream-level commands, as ffmpeg uses them.
 pub const AUDIO_CSID: u32 = 4;

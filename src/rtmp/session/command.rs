@@ -7,8 +7,8 @@
 //! too and reads `_result` of createStream as `_result, txn, null, number`. An `onStatus`
 //! with level `error` makes both give up, so only refusals use it.
 
-use crate::rtmp::amf0::{self, Amf0Value};
-use crate::rtmp::message::{self, Message};
+use crate::amf0::{self, Amf0Value};
+use crate::message::{self, Message};
 
 /// What connect's `_result` announces; every client accepts these FMS 3.5 values.
 pub const FMS_VERSION: &str = "FMS/3,5,7,7009";

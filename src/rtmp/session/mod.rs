@@ -22,7 +22,7 @@ mod tests;
 
 use std::time::{Duration, Instant};
 
-use crate::rtmp::amf::AmfLimits;
+use crate::amf::AmfLimits;
 
 pub use client::{ClientConfig, ClientError, ClientEvent, ClientSession};
 pub use server::{
@@ -104,7 +104,7 @@ impl MessageRate {
 
 /// The string at the front of an AMF0 payload (marker 0x02), and the bytes it takes.
 pub fn leading_amf0_string(p: &[u8]) -> Option<(&str, usize)> {
-    if *p.first()? != crate::rtmp::amf0::marker::STRING {
+    if *p.first()? != crate::amf0::marker::STRING {
         return None;
     }
     let len = usize::from(u16::from_be_bytes([*p.get(1)?, *p.get(2)?]));

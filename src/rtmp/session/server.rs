@@ -25,11 +25,9 @@ use bytes::{Bytes, BytesMut};
 
 use super::command::{self as cmd, CSID_COMMAND, CSID_CONTROL};
 use super::{leading_amf0_string, name_and_query, MessageRate, SessionLimits};
-use crate::rtmp::amf0::Amf0Value;
-use crate::rtmp::chunk::{ChunkDecoder, ChunkEncoder, ChunkError};
-use crate::rtmp::message::{
-    self, LimitType, Message, UserControl, AUDIO, DATA_AMF0, DATA_AMF3, VIDEO,
-};
+use crate::amf0::Amf0Value;
+use crate::chunk::{ChunkDecoder, ChunkEncoder, ChunkError};
+use crate::message::{self, LimitType, Message, UserControl, AUDIO, DATA_AMF0, DATA_AMF3, VIDEO};
 
 /// How the server presents itself; the engine builds it from its configuration.
 #[derive(Clone, Debug)]
@@ -301,7 +299,7 @@ impl ServerSession {
             encoder: ChunkEncoder::new(),
             out: BytesMut::new(),
             unflushed: 0,
-            out_chunk_size: crate::rtmp::chunk::DEFAULT_CHUNK_SIZE,
+            out_chunk_size: crate::chunk::DEFAULT_CHUNK_SIZE,
             bytes_in: 0,
             last_ack: 0,
             ack_window,

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use super::*;
-use crate::rtmp::amf0::Amf0Value;
-use crate::rtmp::chunk::{ChunkDecoder, ChunkLimits};
-use crate::rtmp::message::{self, Control, LimitType, Message, UserControl};
+use crate::amf0::Amf0Value;
+use crate::chunk::{ChunkDecoder, ChunkLimits};
+use crate::message::{self, Control, LimitType, Message, UserControl};
 
 /// The published keys, shared by the pairs of one test.
 #[derive(Default)]

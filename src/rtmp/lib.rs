@@ -3,6 +3,7 @@
 pub mod amf;
 pub mod amf0;
 pub mod amf3;
+pub mod budget;
 pub mod chunk;
 pub mod handshake;
 pub mod message;
