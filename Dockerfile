@@ -14,10 +14,13 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 # Dependencies first, so editing the sources does not rebuild them.
+# (src/rtmp is the workspace's protocol crate, rtmpgate-proto: its manifest too.)
 COPY Cargo.toml Cargo.lock ./
+COPY src/rtmp/Cargo.toml ./src/rtmp/
 RUN mkdir -p src/bin benches \
  && echo 'fn main() {}' > src/main.rs \
  && echo '' > src/lib.rs \
+ && echo '' > src/rtmp/lib.rs \
  && echo 'fn main() {}' > benches/codec.rs \
  && cargo fetch --locked
 COPY src ./src

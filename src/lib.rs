@@ -4,17 +4,18 @@
 //!
 //! # Layout
 //!
-//! From the bottom layer up: a module imports only from layers below it (no import runs
+//! Two crates in one workspace: the protocol core `rtmpgate-proto` (`src/rtmp`, layer 0) and
+//! this one. From the bottom layer up: a module imports only from layers below it (no import runs
 //! upward, no two modules import each other; `CONTRIBUTING.md` keeps it so). A settings type
 //! lives with the module it configures; [`config`] only parses and merges into them.
 //!
 //! | layer | module | role |
 //! | --- | --- | --- |
+//! | 0 | [`rtmp`] | the protocol crate `rtmpgate-proto` (in `src/rtmp`, re-exported here as `rtmp`): handshake (plain, digest, RTMPE crypto), chunk stream, AMF0/AMF3, messages, and the server and client sessions ([`rtmp::session`]: bytes and `now` in, bytes and events out; connect/publish/play as requests the application accepts or rejects). It imports nothing from this crate and nothing async (no tokio, no sockets): the compiler keeps it so. Fuzzed; its own limit types (built from [`limits`]) and a [`rtmp::budget::BufferCharge`] trait the chunk decoder charges partial messages to ([`budget::Charge`] implements it). |
 //! | 1 | [`net`] | what the door and the upstream both need to reach a peer: one URL type and scheme ([`net::url::RtmpUrl`]), address ranges and per-address groups, TLS configuration and the one PEM loader, PROXY protocol v1/v2, socket binding and tuning |
 //! | 1 | [`stream`] | [`stream::ClientStream`]: the one byte stream every transport becomes, and [`stream::Transport`] |
 //! | 1 | [`throttle`], [`access`] | what a peer can make us do per second ([`throttle::LogThrottle`], [`throttle::RateLimit`]); the access log (one JSON line per session close, bounded queue, writer thread) |
 //! | 2 | [`budget`], [`metrics`], [`live`] | the process-wide memory budget peers' buffers are charged to; process-wide counters (relaxed atomics); a setting a reload replaces |
-//! | 3 | [`rtmp`] | the sans-IO protocol core: handshake (plain, digest, RTMPE crypto), chunk stream, AMF0/AMF3, messages, and the server and client sessions ([`rtmp::session`]: bytes and `now` in, bytes and events out; connect/publish/play as requests the application accepts or rejects). No tokio, no sockets. Fuzzed; its own limit types, built from [`limits`]. |
 //! | 3 | [`sessions`] | the table of open client sessions: counts bytes, logs open/close, tagged by the engine and the relay (role, stream), listed and kicked by the admin API |
 //! | 4 | [`limits`] | every limit with its default (`[limits]`), and the codec's limit types built from it |
 //! | 5 | [`door`] | listeners, first-byte sniffing, the RTMPT tunnel (hyper), the RTMPE layer, admission per address |
