@@ -103,17 +103,155 @@ struct InStream {
 }
 
 /// A fully available chunk header, parsed but not yet applied.
-struct Header {
-    len: usize,
-    fmt: u8,
-    csid: u32,
-    /// Index into `streams`, or None for a fmt 0 header opening a new chunk stream.
-    idx: Option<usize>,
-    ts_field: Option<u32>,
-    extended: bool,
-    msg_len: u32,
-    msg_type: u8,
-    stream_id: u32,
+#[derive(Clone, Copy, Debug)]
+pub struct ChunkHeader {
+    /// Bytes the header takes (basic + message header + extended timestamp).
+    pub len: usize,
+    pub fmt: u8,
+    pub csid: u32,
+    /// Index of the open chunk stream (as `find` named it), or None for a fmt 0 header
+    /// opening a new one.
+    pub idx: Option<usize>,
+    /// The timestamp field this header carries (None for fmt 3 without a repeat).
+    pub ts_field: Option<u32>,
+    pub extended: bool,
+    pub msg_len: u32,
+    pub msg_type: u8,
+    pub stream_id: u32,
+}
+type Header = ChunkHeader;
+
+/// What a chunk-header parse needs to know of the chunk stream a header names.
+#[derive(Clone, Copy, Debug)]
+pub struct OpenChunkStream {
+    pub msg_len: u32,
+    pub msg_type: u8,
+    pub stream_id: u32,
+    /// Last timestamp field, reused by fmt 3 (and repeated by an extended continuation).
+    pub ts_field: u32,
+    /// The last header that set `ts_field` used the 32-bit extended form.
+    pub extended: bool,
+    /// A message is in progress on this chunk stream.
+    pub in_progress: bool,
+    /// Payload bytes of the message in progress received so far (for the error message).
+    pub received: usize,
+}
+
+/// The limits a chunk-header parse checks before anything is allocated.
+#[derive(Clone, Copy, Debug)]
+pub struct HeaderLimits {
+    pub max_message_len: u32,
+    pub max_chunk_streams: usize,
+}
+
+/// Parses one chunk header at the start of `buf`: `Ok(None)` when more bytes are needed.
+/// `find(csid)` names the open chunk stream (its index and state) or None; `open` is how
+/// many are open. The one header parser of the project: [`ChunkDecoder`] uses it, and so
+/// does the relay's pass-through scanner, so the two can never disagree on where a chunk
+/// ends (the same errors, the same fmt 3 extended-timestamp rule).
+pub fn parse_chunk_header(
+    buf: &[u8],
+    find: impl Fn(u32) -> Option<(usize, OpenChunkStream)>,
+    open: usize,
+    limits: HeaderLimits,
+) -> Result<Option<ChunkHeader>, ChunkError> {
+    let Some(&b0) = buf.first() else {
+        return Ok(None);
+    };
+    let fmt = b0 >> 6;
+    let (basic, csid) = match b0 & 0x3f {
+        0 => match buf.get(1) {
+            Some(&b1) => (2, 64 + u32::from(b1)),
+            None => return Ok(None),
+        },
+        1 => match (buf.get(1), buf.get(2)) {
+            (Some(&b1), Some(&b2)) => (3, 64 + u32::from(b1) + 256 * u32::from(b2)),
+            _ => return Ok(None),
+        },
+        low => (1, u32::from(low)),
+    };
+    let mh = [11usize, 7, 3, 0][usize::from(fmt & 3)];
+    let Some(m) = buf.get(basic..basic + mh) else {
+        return Ok(None);
+    };
+    let found = find(csid);
+    let idx = found.map(|(i, _)| i);
+    let stream = found.map(|(_, s)| s);
+    match (fmt, stream) {
+        (1..=3, None) => return Err(ChunkError::UnopenedChunkStream { csid, fmt }),
+        (0, None) if open >= limits.max_chunk_streams => {
+            return Err(ChunkError::TooManyChunkStreams {
+                csid,
+                limit: limits.max_chunk_streams,
+            })
+        }
+        (0..=2, Some(s)) if s.in_progress => {
+            return Err(ChunkError::HeaderInsideMessage {
+                csid,
+                fmt,
+                len: s.msg_len,
+                received: s.received,
+            })
+        }
+        _ => {}
+    }
+    let be24 = |b: &[u8]| u32::from_be_bytes([0, b[0], b[1], b[2]]);
+    let mut h = Header {
+        len: basic + mh,
+        fmt,
+        csid,
+        idx,
+        ts_field: None,
+        extended: false,
+        msg_len: stream.map_or(0, |s| s.msg_len),
+        msg_type: stream.map_or(0, |s| s.msg_type),
+        stream_id: stream.map_or(0, |s| s.stream_id),
+    };
+    if fmt < 3 {
+        let field = be24(&m[0..3]);
+        h.extended = field == EXTENDED;
+        h.ts_field = Some(field);
+        if fmt < 2 {
+            h.msg_len = be24(&m[3..6]);
+            h.msg_type = m[6];
+            if h.msg_len > limits.max_message_len {
+                return Err(ChunkError::MessageTooLong {
+                    csid,
+                    len: h.msg_len,
+                    limit: limits.max_message_len,
+                });
+            }
+        }
+        if fmt == 0 {
+            h.stream_id = u32::from_le_bytes([m[7], m[8], m[9], m[10]]);
+        }
+    } else if let Some(s) = stream {
+        h.extended = s.extended;
+    }
+    if h.extended {
+        if let Some(s) = stream.filter(|s| s.in_progress) {
+            // A continuation: consume 4 bytes only if they repeat the extended
+            // timestamp. Bytes that already differ from it settle the question
+            // without waiting for all 4.
+            let want = s.ts_field.to_be_bytes();
+            let have = buf.get(h.len..).unwrap_or_default();
+            let n = have.len().min(4);
+            if have[..n] == want[..n] {
+                if n < 4 {
+                    return Ok(None);
+                }
+                h.len += 4;
+            }
+            return Ok(Some(h));
+        }
+        let Some(e) = buf.get(h.len..h.len + 4) else {
+            return Ok(None);
+        };
+        let ext = u32::from_be_bytes([e[0], e[1], e[2], e[3]]);
+        h.ts_field = Some(ext);
+        h.len += 4;
+    }
+    Ok(Some(h))
 }
 
 /// What a [`ChunkDecoder`] accepts from a peer: the protocol core's own limits, built from
@@ -282,102 +420,25 @@ impl ChunkDecoder {
     }
 
     fn parse_header(&self, buf: &[u8]) -> Result<Option<Header>, ChunkError> {
-        let Some(&b0) = buf.first() else {
-            return Ok(None);
-        };
-        let fmt = b0 >> 6;
-        let (basic, csid) = match b0 & 0x3f {
-            0 => match buf.get(1) {
-                Some(&b1) => (2, 64 + u32::from(b1)),
-                None => return Ok(None),
-            },
-            1 => match (buf.get(1), buf.get(2)) {
-                (Some(&b1), Some(&b2)) => (3, 64 + u32::from(b1) + 256 * u32::from(b2)),
-                _ => return Ok(None),
-            },
-            low => (1, u32::from(low)),
-        };
-        let mh = [11usize, 7, 3, 0][usize::from(fmt & 3)];
-        let Some(m) = buf.get(basic..basic + mh) else {
-            return Ok(None);
-        };
-        let idx = self.streams.iter().position(|s| s.csid == csid);
-        let stream = idx.and_then(|i| self.streams.get(i));
-        match (fmt, stream) {
-            (1..=3, None) => return Err(ChunkError::UnopenedChunkStream { csid, fmt }),
-            (0, None) if self.streams.len() >= self.max_chunk_streams => {
-                return Err(ChunkError::TooManyChunkStreams {
-                    csid,
-                    limit: self.max_chunk_streams,
-                })
-            }
-            (0..=2, Some(s)) if s.in_progress => {
-                return Err(ChunkError::HeaderInsideMessage {
-                    csid,
-                    fmt,
-                    len: s.msg_len,
-                    received: s.body.len(),
-                })
-            }
-            _ => {}
-        }
-        let be24 = |b: &[u8]| u32::from_be_bytes([0, b[0], b[1], b[2]]);
-        let mut h = Header {
-            len: basic + mh,
-            fmt,
-            csid,
-            idx,
-            ts_field: None,
-            extended: false,
-            msg_len: stream.map_or(0, |s| s.msg_len),
-            msg_type: stream.map_or(0, |s| s.msg_type),
-            stream_id: stream.map_or(0, |s| s.stream_id),
-        };
-        if fmt < 3 {
-            let field = be24(&m[0..3]);
-            h.extended = field == EXTENDED;
-            h.ts_field = Some(field);
-            if fmt < 2 {
-                h.msg_len = be24(&m[3..6]);
-                h.msg_type = m[6];
-                if h.msg_len > self.max_message_len {
-                    return Err(ChunkError::MessageTooLong {
-                        csid,
-                        len: h.msg_len,
-                        limit: self.max_message_len,
-                    });
-                }
-            }
-            if fmt == 0 {
-                h.stream_id = u32::from_le_bytes([m[7], m[8], m[9], m[10]]);
-            }
-        } else if let Some(s) = stream {
-            h.extended = s.extended;
-        }
-        if h.extended {
-            if let Some(s) = stream.filter(|s| s.in_progress) {
-                // A continuation: consume 4 bytes only if they repeat the extended
-                // timestamp. Bytes that already differ from it settle the question
-                // without waiting for all 4.
-                let want = s.ts_field.to_be_bytes();
-                let have = buf.get(h.len..).unwrap_or_default();
-                let n = have.len().min(4);
-                if have[..n] == want[..n] {
-                    if n < 4 {
-                        return Ok(None);
-                    }
-                    h.len += 4;
-                }
-                return Ok(Some(h));
-            }
-            let Some(e) = buf.get(h.len..h.len + 4) else {
-                return Ok(None);
+        let find = |csid: u32| {
+            let i = self.streams.iter().position(|s| s.csid == csid)?;
+            let s = self.streams.get(i)?;
+            let open = OpenChunkStream {
+                msg_len: s.msg_len,
+                msg_type: s.msg_type,
+                stream_id: s.stream_id,
+                ts_field: s.ts_field,
+                extended: s.extended,
+                in_progress: s.in_progress,
+                received: s.body.len(),
             };
-            let ext = u32::from_be_bytes([e[0], e[1], e[2], e[3]]);
-            h.ts_field = Some(ext);
-            h.len += 4;
-        }
-        Ok(Some(h))
+            Some((i, open))
+        };
+        let limits = HeaderLimits {
+            max_message_len: self.max_message_len,
+            max_chunk_streams: self.max_chunk_streams,
+        };
+        parse_chunk_header(buf, find, self.streams.len(), limits)
     }
 
     /// Applies a parsed header to its chunk stream; returns the stream's index.

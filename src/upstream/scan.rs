@@ -15,11 +15,12 @@
 
 use crate::budget::Charge;
 use crate::limits::Limits;
-use crate::rtmp::chunk::{ChunkError, DEFAULT_CHUNK_SIZE, MAX_MESSAGE_LEN};
+use crate::rtmp::chunk::{
+    parse_chunk_header, ChunkError, ChunkHeader, HeaderLimits, OpenChunkStream, DEFAULT_CHUNK_SIZE,
+    MAX_MESSAGE_LEN,
+};
 use crate::rtmp::message::{self, Message, ABORT, COMMAND_AMF0, COMMAND_AMF3, SET_CHUNK_SIZE};
 
-/// The 24-bit timestamp value that announces a 32-bit extended timestamp.
-const EXTENDED: u32 = 0xFF_FFFF;
 /// The longest chunk header: 3 basic + 11 message + 4 extended timestamp bytes.
 const MAX_HEADER: usize = 18;
 
@@ -46,18 +47,7 @@ struct Cs {
     body: Vec<u8>,
 }
 
-/// A fully available header.
-struct Header {
-    len: usize,
-    fmt: u8,
-    csid: u32,
-    idx: Option<usize>,
-    ts_field: Option<u32>,
-    extended: bool,
-    msg_len: u32,
-    msg_type: u8,
-    stream_id: u32,
-}
+type Header = ChunkHeader;
 
 /// Follows one direction of a chunk stream; see the module documentation.
 #[derive(Debug)]
@@ -206,103 +196,28 @@ impl ChunkScanner {
         Ok((pos, None))
     }
 
-    /// As [`ChunkDecoder`](crate::rtmp::chunk::ChunkDecoder)'s header parse (same errors,
+    /// [`ChunkDecoder`](crate::rtmp::chunk::ChunkDecoder)'s own header parse (same errors,
     /// same extended-timestamp rule); `None` when more bytes are needed.
     fn parse_header(&self, buf: &[u8]) -> Result<Option<Header>, ChunkError> {
-        let Some(&b0) = buf.first() else {
-            return Ok(None);
-        };
-        let fmt = b0 >> 6;
-        let (basic, csid) = match b0 & 0x3f {
-            0 => match buf.get(1) {
-                Some(&b1) => (2, 64 + u32::from(b1)),
-                None => return Ok(None),
-            },
-            1 => match (buf.get(1), buf.get(2)) {
-                (Some(&b1), Some(&b2)) => (3, 64 + u32::from(b1) + 256 * u32::from(b2)),
-                _ => return Ok(None),
-            },
-            low => (1, u32::from(low)),
-        };
-        let mh = [11usize, 7, 3, 0][usize::from(fmt & 3)];
-        let Some(m) = buf.get(basic..basic + mh) else {
-            return Ok(None);
-        };
-        let idx = self.streams.iter().position(|s| s.csid == csid);
-        let stream = idx.and_then(|i| self.streams.get(i));
-        match (fmt, stream) {
-            (1..=3, None) => return Err(ChunkError::UnopenedChunkStream { csid, fmt }),
-            (0, None) if self.streams.len() >= self.max_chunk_streams => {
-                return Err(ChunkError::TooManyChunkStreams {
-                    csid,
-                    limit: self.max_chunk_streams,
-                })
-            }
-            (0..=2, Some(s)) if s.in_progress => {
-                return Err(ChunkError::HeaderInsideMessage {
-                    csid,
-                    fmt,
-                    len: s.msg_len,
-                    received: s.msg_len.saturating_sub(s.due) as usize,
-                })
-            }
-            _ => {}
-        }
-        let be24 = |b: &[u8]| u32::from_be_bytes([0, b[0], b[1], b[2]]);
-        let mut h = Header {
-            len: basic + mh,
-            fmt,
-            csid,
-            idx,
-            ts_field: None,
-            extended: false,
-            msg_len: stream.map_or(0, |s| s.msg_len),
-            msg_type: stream.map_or(0, |s| s.msg_type),
-            stream_id: stream.map_or(0, |s| s.stream_id),
-        };
-        if fmt < 3 {
-            let field = be24(&m[0..3]);
-            h.extended = field == EXTENDED;
-            h.ts_field = Some(field);
-            if fmt < 2 {
-                h.msg_len = be24(&m[3..6]);
-                h.msg_type = m[6];
-                if h.msg_len > self.max_message_len {
-                    return Err(ChunkError::MessageTooLong {
-                        csid,
-                        len: h.msg_len,
-                        limit: self.max_message_len,
-                    });
-                }
-            }
-            if fmt == 0 {
-                h.stream_id = u32::from_le_bytes([m[7], m[8], m[9], m[10]]);
-            }
-        } else if let Some(s) = stream {
-            h.extended = s.extended;
-        }
-        if h.extended {
-            if let Some(s) = stream.filter(|s| s.in_progress) {
-                // A continuation: the 4 bytes are a repeated extended timestamp only if
-                // they equal it (the decoder's rule, see rtmp::chunk).
-                let want = s.ts_field.to_be_bytes();
-                let have = buf.get(h.len..).unwrap_or_default();
-                let n = have.len().min(4);
-                if have[..n] == want[..n] {
-                    if n < 4 {
-                        return Ok(None);
-                    }
-                    h.len += 4;
-                }
-                return Ok(Some(h));
-            }
-            let Some(e) = buf.get(h.len..h.len + 4) else {
-                return Ok(None);
+        let find = |csid: u32| {
+            let i = self.streams.iter().position(|s| s.csid == csid)?;
+            let s = self.streams.get(i)?;
+            let open = OpenChunkStream {
+                msg_len: s.msg_len,
+                msg_type: s.msg_type,
+                stream_id: s.stream_id,
+                ts_field: s.ts_field,
+                extended: s.extended,
+                in_progress: s.in_progress,
+                received: s.msg_len.saturating_sub(s.due) as usize,
             };
-            h.ts_field = Some(u32::from_be_bytes([e[0], e[1], e[2], e[3]]));
-            h.len += 4;
-        }
-        Ok(Some(h))
+            Some((i, open))
+        };
+        let limits = HeaderLimits {
+            max_message_len: self.max_message_len,
+            max_chunk_streams: self.max_chunk_streams,
+        };
+        parse_chunk_header(buf, find, self.streams.len(), limits)
     }
 
     fn apply_header(&mut self, h: Header) -> usize {
