@@ -9,7 +9,6 @@
 
 mod common;
 
-use std::fs;
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
@@ -27,49 +26,26 @@ struct Backend {
 
 impl Backend {
     fn start(apps: &[&str], port: Option<u16>) -> Backend {
-        let p = peers();
-        let mut last = String::new();
-        for _ in 0..4 {
-            let dir = temp_dir();
-            let port = port.unwrap_or_else(free_port);
-            let d = dir.path().display();
-            let apps: String = apps
-                .iter()
-                .map(|a| format!("  application {a} {{ live on; record off; }}\n"))
-                .collect();
-            let conf = format!(
+        let apps: String = apps
+            .iter()
+            .map(|a| format!("  application {a} {{ live on; record off; }}\n"))
+            .collect();
+        let (proc, dir, port) = spawn_nginx_rtmp(port, |d, port| {
+            format!(
                 "load_module {module};\n\
                  worker_processes 1; daemon off; master_process off;\n\
                  error_log {d}/error.log warn; pid {d}/nginx.pid;\n\
                  events {{ worker_connections 1024; }}\n\
                  rtmp {{ server {{ listen 127.0.0.1:{port}; chunk_size 4096;\n{apps} }} }}\n",
-                module = p.nginx_rtmp_module.display(),
-            );
-            let conf_path = dir.path().join("nginx.conf");
-            fs::write(&conf_path, conf).unwrap();
-            let mut cmd = Command::new(&p.nginx);
-            cmd.arg("-c")
-                .arg(&conf_path)
-                .arg("-p")
-                .arg(dir.path())
-                .arg("-e")
-                .arg(dir.path().join("error.log"));
-            let mut proc = Proc::spawn("nginx", cmd);
-            let addr = SocketAddr::from(([127, 0, 0, 1], port));
-            let up = wait_until(Duration::from_secs(10), || {
-                accepts(addr) || !proc.is_running()
-            });
-            if up && proc.is_running() {
-                return Backend {
-                    proc,
-                    _dir: dir,
-                    port,
-                };
-            }
-            proc.kill();
-            last = proc.log();
+                module = peers().nginx_rtmp_module.display(),
+                d = d.display(),
+            )
+        });
+        Backend {
+            proc,
+            _dir: dir,
+            port,
         }
-        panic!("nginx-rtmp did not start: {last}");
     }
 
     fn upstream(&self) -> String {

@@ -319,14 +319,10 @@ pub struct NginxWithCallbacks {
 
 impl NginxWithCallbacks {
     pub fn start(service: &AuthService) -> NginxWithCallbacks {
-        let p = peers();
-        let mut last = String::new();
-        for _ in 0..4 {
-            let dir = temp_dir();
-            let port = free_port();
-            let d = dir.path().display();
-            let u = |call: &str| service.url(&format!("/nginx/{call}"));
-            let conf = format!(
+        let u = |call: &str| service.url(&format!("/nginx/{call}"));
+        let (proc, dir, port) = spawn_nginx_rtmp(None, |d, port| {
+            let d = d.display();
+            format!(
                 "load_module {module};\n\
                  worker_processes 1; daemon off; master_process off;\n\
                  error_log {d}/error.log warn; pid {d}/nginx.pid;\n\
@@ -334,37 +330,18 @@ impl NginxWithCallbacks {
                  rtmp {{ server {{ listen 127.0.0.1:{port}; chunk_size 4096;\n\
                  on_connect {c};\n\
                  application live {{ live on; record off; on_publish {p}; on_play {pl}; on_done {dn}; }} }} }}\n",
-                module = p.nginx_rtmp_module.display(),
+                module = peers().nginx_rtmp_module.display(),
                 c = u("connect"),
                 p = u("publish"),
                 pl = u("play"),
                 dn = u("done"),
-            );
-            let conf_path = dir.path().join("nginx.conf");
-            fs::write(&conf_path, conf).expect("cannot write nginx.conf");
-            let mut cmd = Command::new(&p.nginx);
-            cmd.arg("-c")
-                .arg(&conf_path)
-                .arg("-p")
-                .arg(dir.path())
-                .arg("-e")
-                .arg(dir.path().join("error.log"));
-            let mut proc = Proc::spawn("nginx", cmd);
-            let addr = SocketAddr::from(([127, 0, 0, 1], port));
-            let up = wait_until(Duration::from_secs(10), || {
-                accepts(addr) || !proc.is_running()
-            });
-            if up && proc.is_running() {
-                return NginxWithCallbacks {
-                    proc,
-                    port,
-                    _dir: dir,
-                };
-            }
-            proc.kill();
-            last = proc.log();
+            )
+        });
+        NginxWithCallbacks {
+            proc,
+            port,
+            _dir: dir,
         }
-        panic!("nginx-rtmp did not start: {last}");
     }
 
     pub fn url(&self, path: &str) -> String {
