@@ -228,7 +228,7 @@ fn upstream(
         .find(|g| g.apps.is_empty())
         .or(groups.first())
         .and_then(|g| g.backends.first())
-        .cloned();
+        .map(|b| b.url.clone());
     let ca = cli.upstream_ca.clone().or_else(|| file.ca.map(rel));
     let proxy_protocol = cli.upstream_proxy_protocol.or(file.proxy_protocol);
     let connect_secs = cli

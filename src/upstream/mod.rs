@@ -276,14 +276,15 @@ impl Upstream {
         let mut groups = Vec::new();
         for g in &settings.groups {
             let mut connectors = Vec::new();
-            for (url, backup) in g
+            for (b, backup) in g
                 .backends
                 .iter()
                 .map(|u| (u, false))
                 .chain(g.backup.iter().map(|u| (u, true)))
             {
-                let c = Connector::new(url, settings.ca.as_deref(), settings.proxy_protocol)?;
-                connectors.push((c, backup));
+                let proxy = b.proxy(settings.proxy_protocol);
+                let c = Connector::new(&b.url, settings.ca.as_deref(), proxy)?;
+                connectors.push((c, backup, b.weight));
             }
             groups.push(Group::new(g, connectors));
         }

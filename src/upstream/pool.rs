@@ -1,10 +1,19 @@
 //! Backend groups: which group serves an app, the order in which a client tries a group's
-//! backends (balance, backups last, backends marked down after those up), and each
-//! backend's up/down state (from health checks and from clients' connects).
+//! backends (balance and weights, backups last, backends marked down after those up), and
+//! each backend's up/down state (from health checks and from clients' connects).
+//!
+//! `hash` uses weighted rendezvous (highest random weight) hashing: each backend scores
+//! `weight / -ln(u)`, `u` a uniform draw in (0, 1) from a fixed hash of the stream key and
+//! the backend's URL, and the highest score wins. Every gateway computes the same order
+//! without talking to the others (the configured order does not matter either), a backend
+//! gets its weight's share of the streams, and when one is down only its streams move,
+//! each to its own next-highest backend.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
 
+#[cfg(test)]
+use super::settings::BackendSettings;
 use super::settings::{AppPattern, Balance, GroupSettings, HealthKind};
 use super::Connector;
 
@@ -15,6 +24,8 @@ pub struct Backend {
     pub connector: Connector,
     /// Tried only when no primary backend of the group is up.
     pub backup: bool,
+    /// 1..=MAX_WEIGHT, see [`super::settings::BackendSettings::weight`].
+    pub weight: u32,
     up: AtomicBool,
     /// Consecutive failed and successful checks, for the rise/fall thresholds.
     fails: AtomicU32,
@@ -34,10 +45,15 @@ impl Drop for ActiveGuard {
 
 impl Backend {
     pub fn new(group: &str, connector: Connector, backup: bool) -> Backend {
+        Self::weighted(group, connector, backup, 1)
+    }
+
+    pub fn weighted(group: &str, connector: Connector, backup: bool, weight: u32) -> Backend {
         Backend {
             group: group.to_string(),
             connector,
             backup,
+            weight: weight.max(1),
             up: AtomicBool::new(true),
             fails: AtomicU32::new(0),
             oks: AtomicU32::new(0),
@@ -120,20 +136,31 @@ pub struct Group {
     pub name: String,
     apps: Vec<AppPattern>,
     pub backends: Vec<Arc<Backend>>,
-    balance: Balance,
+    pub balance: Balance,
     pub health: HealthKind,
     next: AtomicUsize,
+    /// Round-robin: the primaries' indices (into the primaries) in one cycle, each as
+    /// often as its weight, spread out (smooth weighted round-robin).
+    cycle: Vec<usize>,
 }
 
 impl Group {
-    pub fn new(settings: &GroupSettings, connectors: Vec<(Connector, bool)>) -> Group {
+    /// `connectors`: (connector, backup, weight) in the configured order.
+    pub fn new(settings: &GroupSettings, connectors: Vec<(Connector, bool, u32)>) -> Group {
+        let backends: Vec<Arc<Backend>> = connectors
+            .into_iter()
+            .map(|(c, backup, w)| Arc::new(Backend::weighted(&settings.name, c, backup, w)))
+            .collect();
+        let weights: Vec<u32> = backends
+            .iter()
+            .filter(|b| !b.backup)
+            .map(|b| b.weight)
+            .collect();
         Group {
             name: settings.name.clone(),
             apps: settings.apps.clone(),
-            backends: connectors
-                .into_iter()
-                .map(|(c, backup)| Arc::new(Backend::new(&settings.name, c, backup)))
-                .collect(),
+            cycle: smooth_cycle(&weights),
+            backends,
             balance: settings.balance,
             health: settings.health,
             next: AtomicUsize::new(0),
@@ -150,18 +177,27 @@ impl Group {
     }
 
     /// The order in which one client tries the backends: primaries that are up (rotated
-    /// for round-robin, by fewest clients for least-connections, as configured for
-    /// first), then backups that are up, then everything marked down in the same order
-    /// (a check may not have noticed a recovery yet; trying is better than refusing).
+    /// for round-robin, by fewest clients per weight for least-connections, as configured
+    /// for first, by score for hash), then backups that are up, then everything marked
+    /// down in the same order (a check may not have noticed a recovery yet; trying is
+    /// better than refusing). A hash group without a stream key (bytes mode, health
+    /// checks) orders as hash of the empty key.
     pub fn candidates(&self) -> Vec<Arc<Backend>> {
-        let n = self.backends.len();
+        self.candidates_for("")
+    }
+
+    /// [`Group::candidates`] for the stream `key` (app/stream; used by hash only).
+    pub fn candidates_for(&self, key: &str) -> Vec<Arc<Backend>> {
         let mut order: Vec<Arc<Backend>> = match self.balance {
             Balance::First => self.backends.clone(),
             Balance::RoundRobin => {
-                let primaries = self.backends.iter().filter(|b| !b.backup).count().max(1);
-                let start = self.next.fetch_add(1, Relaxed) % primaries;
-                let mut v: Vec<Arc<Backend>> = Vec::with_capacity(n);
                 let prim: Vec<&Arc<Backend>> = self.backends.iter().filter(|b| !b.backup).collect();
+                let turn = self.next.fetch_add(1, Relaxed);
+                let start = match self.cycle.len() {
+                    0 => 0,
+                    n => self.cycle.get(turn % n).copied().unwrap_or(0),
+                };
+                let mut v: Vec<Arc<Backend>> = Vec::with_capacity(self.backends.len());
                 for i in 0..prim.len() {
                     if let Some(b) = prim.get((start + i) % prim.len()) {
                         v.push((*b).clone());
@@ -172,15 +208,90 @@ impl Group {
             }
             Balance::LeastConnections => {
                 let mut v = self.backends.clone();
-                // Stable: ties keep the configured order.
-                v.sort_by_key(|b| b.active());
+                // Fewest clients per unit of weight (cross-multiplied, no division);
+                // stable: ties keep the configured order.
+                v.sort_by(|a, b| {
+                    let l = (a.active() as u128) * u128::from(b.weight);
+                    let r = (b.active() as u128) * u128::from(a.weight);
+                    l.cmp(&r)
+                });
                 v
+            }
+            Balance::Hash => {
+                let mut v: Vec<(f64, Arc<Backend>)> = self
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        (
+                            hrw_score(key, &b.connector.url.to_string(), b.weight),
+                            b.clone(),
+                        )
+                    })
+                    .collect();
+                v.sort_by(|a, b| b.0.total_cmp(&a.0));
+                v.into_iter().map(|(_, b)| b).collect()
             }
         };
         // Stable sorts: up before down, then primaries before backups.
         order.sort_by_key(|b| (!b.is_up(), b.backup));
         order
     }
+}
+
+/// One cycle of smooth weighted round-robin over `weights` (as nginx spreads upstream
+/// weights): each step every entry gains its weight, the largest total is picked and
+/// loses the sum. Weights 3, 1, 1 give 0, 1, 0, 2, 0 (never three in a row). The cycle is
+/// the weights' sum long, at most MAX_WEIGHT * MAX_GROUP_BACKENDS.
+fn smooth_cycle(weights: &[u32]) -> Vec<usize> {
+    let total: i64 = weights.iter().map(|&w| i64::from(w)).sum();
+    let mut current = vec![0i64; weights.len()];
+    let mut cycle = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
+    for _ in 0..total {
+        let mut best = 0usize;
+        let mut best_value = i64::MIN;
+        for (i, (c, &w)) in current.iter_mut().zip(weights).enumerate() {
+            *c += i64::from(w);
+            if *c > best_value {
+                best = i;
+                best_value = *c;
+            }
+        }
+        if let Some(c) = current.get_mut(best) {
+            *c -= total;
+        }
+        cycle.push(best);
+    }
+    cycle
+}
+
+/// A 64-bit hash of `key` and `id` that never changes between runs, builds or machines
+/// (FNV-1a, then the splitmix64 finalizer so that nearby inputs land far apart).
+fn stable_hash(key: &str, id: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in key.as_bytes().iter().chain(&[0u8]).chain(id.as_bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+/// A backend's rendezvous score for a stream: `weight / -ln(u)`, u uniform in (0, 1), so
+/// that the highest score falls on each backend with probability weight / total.
+pub fn hrw_score(key: &str, id: &str, weight: u32) -> f64 {
+    // The top 53 bits as a double strictly inside (0, 1).
+    let u = ((stable_hash(key, id) >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    f64::from(weight.max(1)) / -u.ln()
+}
+
+/// The key a hash group balances on: the app and the stream name, each without its
+/// `?query` (tokens differ between a publisher and its players).
+pub fn stream_key(app: &str, stream: &str) -> String {
+    let strip = |s: &str| s.split('?').next().unwrap_or_default().to_string();
+    format!("{}/{}", strip(app), strip(stream))
 }
 
 /// Every group, as configured.
@@ -249,13 +360,26 @@ mod tests {
     use crate::net::url::parse_upstream;
 
     fn group(balance: Balance, urls: &[&str], backup: &[&str]) -> Group {
-        let parse =
-            |l: &[&str]| -> Vec<_> { l.iter().map(|u| parse_upstream("k", u).unwrap()).collect() };
+        let w: Vec<u32> = urls.iter().map(|_| 1).collect();
+        weighted(balance, urls, &w, backup)
+    }
+
+    fn weighted(balance: Balance, urls: &[&str], weights: &[u32], backup: &[&str]) -> Group {
+        let parse = |l: &[&str], w: &[u32]| -> Vec<BackendSettings> {
+            l.iter()
+                .enumerate()
+                .map(|(i, u)| BackendSettings {
+                    url: parse_upstream("k", u).unwrap(),
+                    weight: w.get(i).copied().unwrap_or(1),
+                    proxy_protocol: None,
+                })
+                .collect()
+        };
         let settings = GroupSettings {
             name: "g".into(),
             apps: Vec::new(),
-            backends: parse(urls),
-            backup: parse(backup),
+            backends: parse(urls, weights),
+            backup: parse(backup, &[]),
             balance,
             health: HealthKind::Off,
         };
@@ -264,7 +388,7 @@ mod tests {
             .iter()
             .map(|u| (u, false))
             .chain(settings.backup.iter().map(|u| (u, true)))
-            .map(|(u, b)| (Connector::new(u, None, None).unwrap(), b))
+            .map(|(u, b)| (Connector::new(&u.url, None, None).unwrap(), b, u.weight))
             .collect();
         Group::new(&settings, connectors)
     }
@@ -328,5 +452,84 @@ mod tests {
         };
         assert_eq!(pools.route("cam1?token=x").unwrap().name, "a");
         assert_eq!(pools.route("live").unwrap().name, "g");
+    }
+
+    #[test]
+    fn weighted_round_robin_and_least_connections() {
+        let g = weighted(
+            Balance::RoundRobin,
+            &["rtmp://h:1", "rtmp://h:2"],
+            &[3, 1],
+            &[],
+        );
+        let firsts: Vec<u16> = (0..8).map(|_| ports(&g.candidates())[0]).collect();
+        assert_eq!(firsts, [1, 1, 2, 1, 1, 1, 2, 1]);
+        assert_eq!(smooth_cycle(&[3, 1, 1]), [0, 1, 0, 2, 0]);
+        let g = weighted(
+            Balance::LeastConnections,
+            &["rtmp://h:1", "rtmp://h:2"],
+            &[1, 3],
+            &[],
+        );
+        // 2 clients on a weight-3 backend still count less than 1 on a weight-1 one.
+        let _a = g.backends[1].hold();
+        let _b = g.backends[1].hold();
+        let _c = g.backends[0].hold();
+        assert_eq!(ports(&g.candidates()), [2, 1]);
+        let _d = g.backends[1].hold();
+        let _e = g.backends[1].hold();
+        assert_eq!(ports(&g.candidates()), [1, 2]);
+    }
+
+    #[test]
+    fn hash_is_stable_weighted_and_moves_only_a_dead_backends_streams() {
+        let urls = ["rtmp://h:1", "rtmp://h:2", "rtmp://h:3"];
+        let g = weighted(Balance::Hash, &urls, &[1, 1, 2], &["rtmp://h:9"]);
+        // The order does not depend on the configured order (every gateway agrees).
+        let rev = weighted(
+            Balance::Hash,
+            &["rtmp://h:3", "rtmp://h:1", "rtmp://h:2"],
+            &[2, 1, 1],
+            &["rtmp://h:9"],
+        );
+        let n = 4000;
+        let mut counts = [0usize; 3];
+        let mut before = Vec::new();
+        for i in 0..n {
+            let key = stream_key("live", &format!("cam{i}?token=x"));
+            let order = ports(&g.candidates_for(&key));
+            assert_eq!(order, ports(&rev.candidates_for(&key)));
+            assert_eq!(order[3], 9, "backup last");
+            // The same stream always goes to the same backend.
+            assert_eq!(order, ports(&g.candidates_for(&key)));
+            counts[usize::from(order[0]) - 1] += 1;
+            before.push(order);
+        }
+        // Weights 1:1:2: expected 1000, 1000, 2000; allow 10% either way.
+        for (i, want) in [1000.0, 1000.0, 2000.0].iter().enumerate() {
+            let got = counts[i] as f64;
+            assert!(
+                (got - want).abs() <= want * 0.1,
+                "backend {}: {got} of {n} ({counts:?})",
+                i + 1
+            );
+        }
+        // The query does not matter: a publisher's token and a player's differ.
+        assert_eq!(
+            stream_key("live?a=1", "cam1?token=x"),
+            stream_key("live", "cam1")
+        );
+        // Backend 3 goes down: its streams move (each to its own second choice), no other moves.
+        g.backends[2].connected(false, "refused");
+        for (i, was) in before.iter().enumerate() {
+            let key = stream_key("live", &format!("cam{i}"));
+            let now = ports(&g.candidates_for(&key));
+            if was[0] == 3 {
+                assert_eq!(now[0], was[1], "moves to its next-highest backend");
+            } else {
+                assert_eq!(now[0], was[0], "a live backend's stream never moves");
+            }
+            assert_eq!(*now.last().unwrap(), 3, "the dead one is tried last");
+        }
     }
 }

@@ -5,7 +5,14 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::net::proxy_protocol::ProxyVersion;
 use crate::net::url::{parse_upstream, RtmpUrl};
+
+/// Largest `weight` of one backend: a round-robin cycle is as long as the group's weights
+/// summed, so this bounds it (with [`MAX_GROUP_BACKENDS`]) at 100 * 64 steps.
+pub const MAX_WEIGHT: u32 = 100;
+/// Most backends (primaries and backups) in one group.
+pub const MAX_GROUP_BACKENDS: usize = 64;
 
 /// A wrong relay setting: the key at fault and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +55,22 @@ pub enum Balance {
     LeastConnections,
     /// Always in the configured order: the first one up takes every client (failover).
     First,
+    /// Weighted rendezvous hashing of app and stream name: every client of a stream (its
+    /// publisher and every player) reaches the same backend, the same on every gateway;
+    /// the gateway answers `connect` and `createStream` itself until `publish` or `play`
+    /// names the stream.
+    Hash,
+}
+
+impl Balance {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Balance::RoundRobin => "round-robin",
+            Balance::LeastConnections => "least-connections",
+            Balance::First => "first",
+            Balance::Hash => "hash",
+        }
+    }
 }
 
 /// How a group's backends are checked.
@@ -110,6 +133,42 @@ fn glob(p: &[u8], t: &[u8]) -> bool {
     p.get(pi..).unwrap_or_default().iter().all(|&c| c == b'*')
 }
 
+/// One entry of `backends` or `backup` as written: a URL, or a table with a weight and a
+/// PROXY protocol header of its own.
+#[derive(Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum FileBackend {
+    Url(String),
+    Table(FileBackendTable),
+}
+
+/// `{ url = "rtmp://...", weight = 3, proxy_protocol = "v2" }`.
+#[derive(Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FileBackendTable {
+    pub url: String,
+    #[serde(default)]
+    pub weight: Option<u32>,
+    #[serde(default)]
+    pub proxy_protocol: Option<ProxyChoice>,
+}
+
+/// A backend's PROXY protocol header: a version, or `off` to send none even when
+/// `upstream.proxy_protocol` is set.
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyChoice {
+    V1,
+    V2,
+    Off,
+}
+
+impl From<&str> for FileBackend {
+    fn from(s: &str) -> Self {
+        FileBackend::Url(s.to_string())
+    }
+}
+
 /// One `[[upstreams]]` table as written.
 #[derive(Deserialize, Debug, Clone)]
 #[serde(deny_unknown_fields)]
@@ -117,13 +176,45 @@ pub struct FileGroup {
     pub name: String,
     #[serde(default)]
     pub apps: Vec<String>,
-    pub backends: Vec<String>,
+    pub backends: Vec<FileBackend>,
     #[serde(default)]
-    pub backup: Vec<String>,
+    pub backup: Vec<FileBackend>,
     #[serde(default)]
     pub balance: Option<Balance>,
     #[serde(default)]
     pub health_check: Option<HealthKind>,
+}
+
+/// One validated backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendSettings {
+    pub url: RtmpUrl,
+    /// 1..=[`MAX_WEIGHT`]: its share of a round-robin cycle, of a hash group's streams, and
+    /// the divisor of its client count for least-connections.
+    pub weight: u32,
+    /// Its own PROXY header choice (`None`: `upstream.proxy_protocol` applies).
+    pub proxy_protocol: Option<ProxyChoice>,
+}
+
+impl BackendSettings {
+    /// A backend of weight 1 with the group-wide PROXY setting.
+    pub fn plain(url: RtmpUrl) -> Self {
+        BackendSettings {
+            url,
+            weight: 1,
+            proxy_protocol: None,
+        }
+    }
+
+    /// The PROXY header this backend gets, given `upstream.proxy_protocol`.
+    pub fn proxy(&self, default: Option<ProxyVersion>) -> Option<ProxyVersion> {
+        match self.proxy_protocol {
+            None => default,
+            Some(ProxyChoice::V1) => Some(ProxyVersion::V1),
+            Some(ProxyChoice::V2) => Some(ProxyVersion::V2),
+            Some(ProxyChoice::Off) => None,
+        }
+    }
 }
 
 /// One validated group.
@@ -132,8 +223,8 @@ pub struct GroupSettings {
     pub name: String,
     /// Empty: the default group.
     pub apps: Vec<AppPattern>,
-    pub backends: Vec<RtmpUrl>,
-    pub backup: Vec<RtmpUrl>,
+    pub backends: Vec<BackendSettings>,
+    pub backup: Vec<BackendSettings>,
     pub balance: Balance,
     pub health: HealthKind,
 }
@@ -190,6 +281,29 @@ pub fn health(
     })
 }
 
+/// Validates one backend entry (`key` names it in errors).
+fn backend(key: &str, b: &FileBackend) -> Result<BackendSettings, SettingsError> {
+    let (url, weight, proxy_protocol) = match b {
+        FileBackend::Url(u) => (u, None, None),
+        FileBackend::Table(t) => (&t.url, t.weight, t.proxy_protocol),
+    };
+    let url = parse_upstream(key, url).map_err(|e| invalid(key, e.to_string()))?;
+    let weight = match weight.unwrap_or(1) {
+        w @ 1..=MAX_WEIGHT => w,
+        w => {
+            return Err(invalid(
+                &format!("{key}.weight"),
+                format!("{w}: a weight is 1 to {MAX_WEIGHT}"),
+            ))
+        }
+    };
+    Ok(BackendSettings {
+        url,
+        weight,
+        proxy_protocol,
+    })
+}
+
 /// Builds the groups: the `--upstream` URLs (or `[upstream] url`) form the group
 /// `default`; each `[[upstreams]]` table adds one. Returns them and the relay mode.
 pub fn groups(
@@ -211,7 +325,11 @@ pub fn groups(
         out.push(GroupSettings {
             name: "default".to_string(),
             apps: Vec::new(),
-            backends: cli_urls.to_vec(),
+            backends: cli_urls
+                .iter()
+                .cloned()
+                .map(BackendSettings::plain)
+                .collect(),
             backup: Vec::new(),
             balance: Balance::First,
             health: default_health(cli_urls.len()),
@@ -237,16 +355,25 @@ pub fn groups(
                 ),
             ));
         }
-        let parse = |what: &str, list: &[String]| -> Result<Vec<RtmpUrl>, SettingsError> {
-            list.iter()
-                .map(|u| {
-                    parse_upstream(&format!("{key}.{what}"), u)
-                        .map_err(|e| invalid(&format!("{key}.{what}"), e.to_string()))
-                })
-                .collect()
-        };
+        let parse =
+            |what: &str, list: &[FileBackend]| -> Result<Vec<BackendSettings>, SettingsError> {
+                list.iter()
+                    .enumerate()
+                    .map(|(j, b)| backend(&format!("{key}.{what}[{j}]"), b))
+                    .collect()
+            };
         let backends = parse("backends", &g.backends)?;
         let backup = parse("backup", &g.backup)?;
+        if backends.len() + backup.len() > MAX_GROUP_BACKENDS {
+            return Err(invalid(
+                &format!("{key}.backends"),
+                format!(
+                    "upstream group '{}' lists {} backends; at most {MAX_GROUP_BACKENDS} (split it into groups by app)",
+                    g.name,
+                    backends.len() + backup.len()
+                ),
+            ));
+        }
         if g.apps.is_empty() && out.iter().any(|o| o.apps.is_empty()) {
             return Err(invalid(
                 &format!("{key}.apps"),
@@ -266,9 +393,17 @@ pub fn groups(
             health: g.health_check.unwrap_or(default_health(n)),
         });
     }
-    // Routing by app needs the connect: it is the default then, and bytes mode refused.
-    let routes = out.iter().any(|g| !g.apps.is_empty());
+    // Routing by app (or by stream name, for hash) needs the connect: it is the default
+    // then, and bytes mode refused.
+    let hashes = out.iter().any(|g| g.balance == Balance::Hash);
+    let routes = hashes || out.iter().any(|g| !g.apps.is_empty());
     let mode = match (relay, routes) {
+        (Some(RelayMode::Bytes), true) if hashes => {
+            return Err(invalid(
+                "upstream.relay",
+                "relay = \"bytes\" cannot balance by hash (the stream name is inside the RTMP publish or play, which a byte copy never reads); use relay = \"connect\" or another balance".to_string(),
+            ))
+        }
         (Some(RelayMode::Bytes), true) => {
             return Err(invalid(
                 "upstream.relay",
@@ -303,7 +438,7 @@ mod tests {
         FileGroup {
             name: name.into(),
             apps: apps.iter().map(|s| s.to_string()).collect(),
-            backends: backends.iter().map(|s| s.to_string()).collect(),
+            backends: backends.iter().map(|s| FileBackend::from(*s)).collect(),
             backup: Vec::new(),
             balance: None,
             health_check: None,
@@ -327,5 +462,54 @@ mod tests {
         assert!(e.to_string().contains("second default group"), "{e}");
         let e = groups(&[], &[fg("b", &[], &[])], None).unwrap_err();
         assert!(e.to_string().contains("no backend"), "{e}");
+    }
+
+    #[test]
+    fn backend_tables_weights_and_proxy() {
+        #[derive(Deserialize)]
+        struct F {
+            upstreams: Vec<FileGroup>,
+        }
+        let f: F = toml::from_str(
+            r#"
+            [[upstreams]]
+            name = "h"
+            balance = "hash"
+            backends = ["rtmp://a:1935", { url = "rtmp://b:1935", weight = 3, proxy_protocol = "v2" }]
+            backup = [{ url = "rtmp://c:1935", proxy_protocol = "off" }]
+            "#,
+        )
+        .unwrap();
+        let (g, m) = groups(&[], &f.upstreams, None).unwrap();
+        assert_eq!(m, RelayMode::Connect, "hash needs the connect-aware relay");
+        assert_eq!(g[0].balance, Balance::Hash);
+        let w: Vec<u32> = g[0].backends.iter().map(|b| b.weight).collect();
+        assert_eq!(w, [1, 3]);
+        assert_eq!(
+            g[0].backends[0].proxy(Some(ProxyVersion::V1)),
+            Some(ProxyVersion::V1)
+        );
+        assert_eq!(g[0].backends[1].proxy(None), Some(ProxyVersion::V2));
+        assert_eq!(g[0].backup[0].proxy(Some(ProxyVersion::V1)), None);
+        let e = groups(&[], &f.upstreams, Some(RelayMode::Bytes)).unwrap_err();
+        assert!(e.to_string().contains("hash"), "{e}");
+        let bad: F = toml::from_str(
+            r#"
+            [[upstreams]]
+            name = "h"
+            backends = [{ url = "rtmp://b:1935", weight = 0 }]
+            "#,
+        )
+        .unwrap();
+        let e = groups(&[], &bad.upstreams, None).unwrap_err();
+        assert!(e.to_string().contains("weight"), "{e}");
+        assert!(toml::from_str::<F>(
+            r#"
+            [[upstreams]]
+            name = "h"
+            backends = [{ url = "rtmp://b:1935", wieght = 2 }]
+            "#
+        )
+        .is_err());
     }
 }
