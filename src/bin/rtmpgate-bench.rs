@@ -11,9 +11,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use bytes::{BufMut, Bytes, BytesMut};
 use clap::Parser;
-use rtmpgate::client::conn::{AUDIO_CSID, PUBLISH_CHUNK_SIZE, VIDEO_CSID};
+use rtmpgate::client::conn::PUBLISH_CHUNK_SIZE;
 use rtmpgate::client::{RtmpConnection, RtmpUrl, TlsOptions};
 use rtmpgate::rtmp::message::{self, Message};
+use rtmpgate::rtmp::session::ClientEvent;
 use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 
@@ -453,8 +454,8 @@ async fn publish_synthetic(
         ((a.bitrate as f64 / 8.0 / fps) as usize).max(TAG_HEAD + BENCH_HEAD)
     };
     let interval = Duration::from_secs_f64(1.0 / fps);
-    let header = Message::new(message::VIDEO, 0, sid, hex(AVC_SEQUENCE_HEADER));
-    conn.send(VIDEO_CSID, &header).await?;
+    conn.queue_media(sid, message::VIDEO, 0, hex(AVC_SEQUENCE_HEADER).into());
+    conn.flush().await?;
     let start = tokio::time::Instant::now();
     let mut stop = ctx.stop.clone();
     let mut out_counted = conn.bytes_out;
@@ -472,8 +473,7 @@ async fn publish_synthetic(
         }
         let ts = (seq as f64 * 1000.0 / fps) as u32;
         let payload = synthetic_frame(index, seq, seq % gop == 0, frame_len, &ctx.filler);
-        let msg = Message::new(message::VIDEO, ts, sid, payload);
-        conn.queue(VIDEO_CSID, &msg);
+        conn.queue_media(sid, message::VIDEO, ts, payload);
         tokio::select! {
             r = conn.flush() => r?,
             _ = stop.changed() => break,
@@ -523,13 +523,7 @@ async fn publish_flv(
             } else if *stop.borrow() {
                 return Ok(());
             }
-            let msg = Message::new(tag.msg_type, ts, sid, tag.payload.clone());
-            let csid = if tag.msg_type == message::AUDIO {
-                AUDIO_CSID
-            } else {
-                VIDEO_CSID
-            };
-            conn.queue(csid, &msg);
+            conn.queue_media(sid, tag.msg_type, ts, tag.payload.clone());
             tokio::select! {
                 r = conn.flush() => r?,
                 _ = stop.changed() => return Ok(()),
@@ -653,8 +647,10 @@ async fn player(ctx: Arc<Ctx>, index: usize) {
     loop {
         tokio::select! {
             r = conn.recv() => match r {
-                Ok(msg) => {
-                    on_media(&msg, &mut first);
+                Ok(ev) => {
+                    if let ClientEvent::Media(msg) = &ev {
+                        on_media(msg, &mut first);
+                    }
                     if conn.bytes_in - counted >= 64 * 1024 {
                         c.bytes_in.fetch_add(conn.bytes_in - counted, Ordering::Relaxed);
                         counted = conn.bytes_in;

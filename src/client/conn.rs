@@ -8,33 +8,36 @@ use tokio::net::TcpStream;
 
 use super::{open_transport, PollHint, RtmpUrl};
 use crate::limits::Limits;
-use crate::rtmp::amf0::{Amf0Value, AmfLimits};
-use crate::rtmp::chunk::{ChunkDecoder, ChunkEncoder, ChunkError};
+use crate::rtmp::amf0::Amf0Value;
+use crate::rtmp::chunk::ChunkDecoder;
 use crate::rtmp::handshake::{ClientHandshake, HandshakeError, S0S1S2_LEN};
-use crate::rtmp::message::{self, Command, Message, MessageError, UserControl};
+use crate::rtmp::message::{self, Message, UserControl};
+use crate::rtmp::session::client::{player_props, publisher_props, Call};
+use crate::rtmp::session::{ClientConfig, ClientEvent, ClientSession};
 use crate::stream::ByteStream;
 
-/// Chunk stream for commands, as ffmpeg uses it.
-pub const COMMAND_CSID: u32 = 3;
-/// Chunk stream for audio.
-pub const AUDIO_CSID: u32 = 4;
-/// Chunk stream for video (ffmpeg's RTMP_SOURCE_CHANNEL).
-pub const VIDEO_CSID: u32 = 6;
-/// Chunk stream for stream-level commands (publish, play), like ffmpeg's source channel.
-pub const STREAM_CSID: u32 = 8;
+/// Chunk streams for audio and video, as ffmpeg uses them (the protocol session's).
+pub use crate::rtmp::session::client::{AUDIO_CSID, VIDEO_CSID};
 /// Chunk size a publisher announces (ffmpeg uses 4096 as well).
 pub const PUBLISH_CHUNK_SIZE: u32 = 4096;
-/// Commands ignored while waiting for a reply before giving up.
+/// Messages read while waiting for a reply or a status before giving up.
 const MAX_UNRELATED: usize = 10_000;
+/// Media messages kept while a player waits for `NetStream.Play.Start`.
+const MAX_EARLY_MEDIA: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("bad URL {0}")]
-    Url(String),
     #[error("cannot connect to {0}: {1}")]
-    Connect(String, std::io::Error),
+    Connect(String, #[source] std::io::Error),
+    #[error("TLS: {what}: {source}")]
+    Tls {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A TLS set-up that is wrong with no underlying error (a CA file without certificates).
     #[error("TLS: {0}")]
-    Tls(String),
+    TlsSetup(String),
     #[error("RTMPT tunnel: {0}")]
     Tunnel(String),
     #[error("I/O: {0}")]
@@ -43,27 +46,31 @@ pub enum ClientError {
     Closed,
     #[error("handshake: {0}")]
     Handshake(#[from] HandshakeError),
-    #[error("chunk stream: {0}")]
-    Chunk(#[from] ChunkError),
-    #[error("message: {0}")]
-    Message(#[from] MessageError),
+    #[error("{0}")]
+    Session(#[from] crate::rtmp::session::ClientError),
     #[error("the server refused {command}: {detail}")]
     Refused { command: String, detail: String },
 }
 
-/// A connected (handshaken) RTMP client connection.
+impl ClientError {
+    /// A TLS step that failed: what was being done, and the error underneath.
+    pub fn tls(
+        what: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        ClientError::Tls {
+            what: what.into(),
+            source: Box::new(source),
+        }
+    }
+}
+
+/// A connected (handshaken) RTMP client connection: the protocol crate's [`ClientSession`]
+/// (chunking, transactions, acknowledgements, pings) over a transport.
 pub struct RtmpConnection {
     io: Box<dyn ByteStream>,
-    dec: ChunkDecoder,
-    enc: ChunkEncoder,
+    session: ClientSession,
     rbuf: BytesMut,
-    wbuf: BytesMut,
-    amf: AmfLimits,
-    txn: f64,
-    /// Window Acknowledgement Size the server asked for (0 = none).
-    window: u32,
-    /// `bytes_received` when the last Acknowledgement went out.
-    acked: u64,
     hint: PollHint,
     /// Bytes read from and written to the transport (RTMP level).
     pub bytes_in: u64,
@@ -103,17 +110,18 @@ impl RtmpConnection {
         io.write_all(&c2).await?;
         io.flush().await?;
         let limits = Limits::default();
+        let cfg = ClientConfig {
+            amf: (&limits).into(),
+            publish_chunk_size: PUBLISH_CHUNK_SIZE,
+            flash_ver: "FMLE/3.0 (compatible; rtmpgate-bench)".into(),
+            ..ClientConfig::default()
+        };
+        // Charged to the process budget, like every buffer a peer makes us grow.
+        let decoder = ChunkDecoder::with_charge(&limits, crate::budget::Charge::global());
         Ok(RtmpConnection {
             io,
-            // Charged to the process budget, as before the codec became its own crate.
-            dec: ChunkDecoder::with_charge(&limits, crate::budget::Charge::global()),
-            enc: ChunkEncoder::new(),
+            session: ClientSession::new(cfg, decoder),
             rbuf: BytesMut::with_capacity(64 * 1024),
-            wbuf: BytesMut::with_capacity(64 * 1024),
-            amf: AmfLimits::from(&limits),
-            txn: 0.0,
-            window: 0,
-            acked: 0,
             hint,
             bytes_in: S0S1S2_LEN as u64,
             bytes_out: (1 + 2 * 1536) as u64,
@@ -125,44 +133,42 @@ impl RtmpConnection {
         self.hint.set_eager(eager);
     }
 
-    /// Queues `msg` on chunk stream `csid`; [`RtmpConnection::flush`] sends it.
-    pub fn queue(&mut self, csid: u32, msg: &Message) {
-        self.enc.write(csid, msg, &mut self.wbuf);
+    /// Queues one audio, video or data message on `stream_id` (audio on its own chunk
+    /// stream, the rest on the video one, as ffmpeg does); [`RtmpConnection::flush`] sends it.
+    pub fn queue_media(
+        &mut self,
+        stream_id: u32,
+        msg_type: u8,
+        timestamp: u32,
+        payload: bytes::Bytes,
+    ) {
+        self.session
+            .send_media(stream_id, msg_type, timestamp, payload);
     }
 
     /// Writes every queued byte.
     pub async fn flush(&mut self) -> Result<(), ClientError> {
-        if !self.wbuf.is_empty() {
-            self.io.write_all(&self.wbuf).await?;
-            self.bytes_out = self.bytes_out.saturating_add(self.wbuf.len() as u64);
-            self.wbuf.clear();
+        if let Some(out) = self.session.take_output() {
+            self.io.write_all(&out).await?;
+            self.bytes_out = self.bytes_out.saturating_add(out.len() as u64);
         }
         self.io.flush().await?;
         Ok(())
     }
 
-    /// Queues and sends one message.
-    pub async fn send(&mut self, csid: u32, msg: &Message) -> Result<(), ClientError> {
-        self.queue(csid, msg);
+    /// Sets our outgoing chunk size (sends Set Chunk Size).
+    pub async fn set_chunk_size(&mut self, n: u32) -> Result<(), ClientError> {
+        self.session.set_chunk_size(n);
         self.flush().await
     }
 
-    /// Sets our outgoing chunk size (sends Set Chunk Size).
-    pub async fn set_chunk_size(&mut self, n: u32) -> Result<(), ClientError> {
-        self.send(message::CONTROL_CSID, &message::set_chunk_size(n))
-            .await
-    }
-
-    /// The next message from the server. Protocol control is handled here (chunk size by
-    /// the decoder, acknowledgements, pings) and still returned for the caller to see.
-    pub async fn recv(&mut self) -> Result<Message, ClientError> {
+    /// The next event from the server. Protocol control is handled by the session (chunk
+    /// size, acknowledgements, pings; the replies go out here) and still reported.
+    pub async fn recv(&mut self) -> Result<ClientEvent, ClientError> {
         loop {
-            if let Some(msg) = self.dec.decode(&mut self.rbuf)? {
-                self.control(&msg)?;
-                if !self.wbuf.is_empty() {
-                    self.flush().await?;
-                }
-                return Ok(msg);
+            if let Some(ev) = self.session.poll(&mut self.rbuf)? {
+                self.flush_replies().await?;
+                return Ok(ev);
             }
             self.rbuf.reserve(64 * 1024);
             let n = self.io.read_buf(&mut self.rbuf).await?;
@@ -177,9 +183,7 @@ impl RtmpConnection {
     /// keeping up with acknowledgements and pings); replies go out with the next flush.
     pub fn drain_available(&mut self) -> Result<(), ClientError> {
         loop {
-            while let Some(msg) = self.dec.decode(&mut self.rbuf)? {
-                self.control(&msg)?;
-            }
+            while self.session.poll(&mut self.rbuf)?.is_some() {}
             self.rbuf.reserve(16 * 1024);
             match self.io.read_buf(&mut self.rbuf).now_or_never() {
                 Some(Ok(0)) => return Err(ClientError::Closed),
@@ -190,33 +194,47 @@ impl RtmpConnection {
         }
     }
 
-    /// Queues the replies protocol control asks for.
-    fn control(&mut self, msg: &Message) -> Result<(), ClientError> {
-        match msg.msg_type {
-            message::WINDOW_ACK_SIZE => {
-                self.window = message::parse_window_ack_size(&msg.payload)?;
-            }
-            message::USER_CONTROL => {
-                if let Ok(UserControl::PingRequest(t)) = UserControl::decode(&msg.payload) {
-                    let pong = UserControl::PingResponse(t).to_message();
-                    self.queue(message::CONTROL_CSID, &pong);
-                }
-            }
-            _ => {}
-        }
-        let received = self.dec.bytes_received();
-        if self.window > 0 && received.saturating_sub(self.acked) >= u64::from(self.window) {
-            self.acked = received;
-            // The sequence number is the byte count modulo 2^32.
-            let ack = message::acknowledgement(received as u32);
-            self.queue(message::CONTROL_CSID, &ack);
+    /// Sends what the session queued on its own (acknowledgements, ping responses).
+    async fn flush_replies(&mut self) -> Result<(), ClientError> {
+        if let Some(out) = self.session.take_output() {
+            self.io.write_all(&out).await?;
+            self.io.flush().await?;
+            self.bytes_out = self.bytes_out.saturating_add(out.len() as u64);
         }
         Ok(())
     }
 
-    fn next_txn(&mut self) -> f64 {
-        self.txn += 1.0;
-        self.txn
+    /// Waits for the reply to transaction `txn`, skipping everything else; `command` names
+    /// it in errors. Returns createStream's stream id, or 0 for other calls.
+    async fn reply(&mut self, txn: f64, command: &str) -> Result<u32, ClientError> {
+        for _ in 0..MAX_UNRELATED {
+            match self.recv().await? {
+                ClientEvent::StreamCreated { txn: t, stream_id } if t == txn => {
+                    return Ok(stream_id)
+                }
+                ClientEvent::Reply {
+                    txn: t,
+                    ok,
+                    call,
+                    values,
+                } if t == txn => {
+                    let detail = match (ok, call) {
+                        (true, Call::CreateStream) => "_result without a stream id".to_owned(),
+                        (true, _) => return Ok(0),
+                        (false, _) => describe_reply(false, &values),
+                    };
+                    return Err(ClientError::Refused {
+                        command: command.to_owned(),
+                        detail,
+                    });
+                }
+                _ => {}
+            }
+        }
+        Err(ClientError::Refused {
+            command: command.to_owned(),
+            detail: "no reply".into(),
+        })
     }
 
     /// Sends a command and waits for its `_result` (or `_error`), skipping anything else.
@@ -225,31 +243,10 @@ impl RtmpConnection {
         stream_id: u32,
         name: &str,
         values: &[Amf0Value],
-    ) -> Result<Command, ClientError> {
-        let txn = self.next_txn();
-        let msg = message::command_message(stream_id, name, txn, values);
-        self.send(COMMAND_CSID, &msg).await?;
-        for _ in 0..MAX_UNRELATED {
-            let msg = self.recv().await?;
-            if !matches!(msg.msg_type, message::COMMAND_AMF0 | message::COMMAND_AMF3) {
-                continue;
-            }
-            let cmd = message::decode_command(&msg, &self.amf)?;
-            if cmd.txn != txn {
-                continue;
-            }
-            return match cmd.name.as_str() {
-                "_result" => Ok(cmd),
-                _ => Err(ClientError::Refused {
-                    command: name.to_owned(),
-                    detail: describe_status(&cmd),
-                }),
-            };
-        }
-        Err(ClientError::Refused {
-            command: name.to_owned(),
-            detail: "no reply".into(),
-        })
+    ) -> Result<(), ClientError> {
+        let txn = self.session.call(stream_id, name, values)?;
+        self.flush().await?;
+        self.reply(txn, name).await.map(|_| ())
     }
 
     /// Sends a command that expects no reply.
@@ -259,140 +256,103 @@ impl RtmpConnection {
         name: &str,
         values: &[Amf0Value],
     ) -> Result<(), ClientError> {
-        let msg = message::command_message(stream_id, name, 0.0, values);
-        self.send(COMMAND_CSID, &msg).await
+        self.session.notify(stream_id, name, values);
+        self.flush().await
     }
 
-    /// `connect` to the URL's application.
+    /// `connect` to the URL's application, with a publisher's or a player's properties.
     pub async fn connect(&mut self, url: &RtmpUrl, publisher: bool) -> Result<(), ClientError> {
-        let mut props = vec![
-            ("app", Amf0Value::string(url.app.clone())),
-            (
-                "flashVer",
-                Amf0Value::string("FMLE/3.0 (compatible; rtmpgate-bench)"),
-            ),
-            ("tcUrl", Amf0Value::string(url.tc_url())),
-        ];
-        if publisher {
-            props.push(("type", Amf0Value::string("nonprivate")));
+        let props = if publisher {
+            publisher_props()
         } else {
-            props.extend([
-                ("fpad", Amf0Value::Boolean(false)),
-                ("capabilities", Amf0Value::Number(15.0)),
-                ("audioCodecs", Amf0Value::Number(4071.0)),
-                ("videoCodecs", Amf0Value::Number(252.0)),
-                ("videoFunction", Amf0Value::Number(1.0)),
-            ]);
-        }
-        self.call(0, "connect", &[Amf0Value::object(props)]).await?;
-        Ok(())
+            player_props()
+        };
+        let txn = self.session.connect(&url.app, &url.tc_url(), props)?;
+        self.flush().await?;
+        self.reply(txn, "connect").await.map(|_| ())
     }
 
     /// `createStream`; returns the new message stream id.
     pub async fn create_stream(&mut self) -> Result<u32, ClientError> {
-        let r = self.call(0, "createStream", &[Amf0Value::Null]).await?;
-        let id = r.arg(0).and_then(Amf0Value::as_f64).unwrap_or(1.0);
-        Ok(id as u32)
+        let txn = self.session.create_stream()?;
+        self.flush().await?;
+        self.reply(txn, "createStream").await
     }
 
     /// ffmpeg's publish sequence: releaseStream, FCPublish, createStream, publish, then
     /// wait for `NetStream.Publish.Start`. Returns the message stream id to send media on.
     pub async fn publish(&mut self, name: &str) -> Result<u32, ClientError> {
         let n = Amf0Value::string(name);
-        let txn = self.next_txn();
-        let release =
-            message::command_message(0, "releaseStream", txn, &[Amf0Value::Null, n.clone()]);
-        self.queue(COMMAND_CSID, &release);
-        let txn = self.next_txn();
-        let fc = message::command_message(0, "FCPublish", txn, &[Amf0Value::Null, n.clone()]);
-        self.queue(COMMAND_CSID, &fc);
+        // Their replies (if any) are skipped while createStream's is awaited.
+        self.session
+            .call(0, "releaseStream", &[Amf0Value::Null, n.clone()])?;
+        self.session.call(0, "FCPublish", &[Amf0Value::Null, n])?;
         let sid = self.create_stream().await?;
-        let txn = self.next_txn();
-        let publish = message::command_message(
-            sid,
-            "publish",
-            txn,
-            &[Amf0Value::Null, n, Amf0Value::string("live")],
-        );
-        self.send(STREAM_CSID, &publish).await?;
+        self.session.publish(sid, name);
+        self.flush().await?;
         self.await_status("publish", "NetStream.Publish.Start")
             .await?;
         Ok(sid)
     }
 
-    /// createStream, a buffer length, then play; waits for `NetStream.Play.Start`.
-    /// Media may arrive before that status; it is returned in the vector, in order.
+    /// createStream, a buffer length, then play (from the live point, -1000 as librtmp
+    /// sends it); waits for `NetStream.Play.Start`. Media may arrive before that status; it
+    /// is returned in the vector, in order.
     pub async fn play(&mut self, name: &str) -> Result<(u32, Vec<Message>), ClientError> {
         let sid = self.create_stream().await?;
         let buf = UserControl::SetBufferLength {
             stream_id: sid,
             ms: 1000,
         };
-        self.queue(message::CONTROL_CSID, &buf.to_message());
-        let play = message::command_message(
-            sid,
-            "play",
-            0.0,
-            &[
-                Amf0Value::Null,
-                Amf0Value::string(name),
-                Amf0Value::Number(-1000.0),
-            ],
-        );
-        self.send(STREAM_CSID, &play).await?;
-        let early = self
-            .await_status_keep("play", "NetStream.Play.Start")
-            .await?;
+        self.session.send(message::CONTROL_CSID, &buf.to_message());
+        let args = [
+            Amf0Value::Null,
+            Amf0Value::string(name),
+            Amf0Value::Number(-1000.0),
+        ];
+        self.session.notify(sid, "play", &args);
+        self.flush().await?;
+        let early = self.await_status("play", "NetStream.Play.Start").await?;
         Ok((sid, early))
     }
 
-    async fn await_status(&mut self, command: &str, code: &str) -> Result<(), ClientError> {
-        self.await_status_keep(command, code).await.map(|_| ())
-    }
-
-    /// Waits for an `onStatus` with `code`; an error-level status fails. Media messages
-    /// seen meanwhile are kept (bounded) and returned.
-    async fn await_status_keep(
+    /// Waits for an `onStatus` with `code`; an `_error` or an error-level status fails.
+    /// Media messages seen meanwhile are kept (bounded) and returned.
+    async fn await_status(
         &mut self,
         command: &str,
         code: &str,
     ) -> Result<Vec<Message>, ClientError> {
         let mut kept = Vec::new();
         for _ in 0..MAX_UNRELATED {
-            let msg = self.recv().await?;
-            match msg.msg_type {
-                message::AUDIO | message::VIDEO | message::DATA_AMF0 => {
-                    if kept.len() < 1024 {
-                        kept.push(msg);
-                    }
-                    continue;
+            match self.recv().await? {
+                // Past the bound, early media is dropped (counted as lost by the caller).
+                ClientEvent::Media(m) if kept.len() < MAX_EARLY_MEDIA => kept.push(m),
+                ClientEvent::Reply {
+                    ok: false, values, ..
+                } => {
+                    return Err(ClientError::Refused {
+                        command: command.to_owned(),
+                        detail: describe_reply(false, &values),
+                    })
                 }
-                message::COMMAND_AMF0 | message::COMMAND_AMF3 => {}
-                _ => continue,
-            }
-            let cmd = message::decode_command(&msg, &self.amf)?;
-            if cmd.name == "_error" {
-                return Err(ClientError::Refused {
-                    command: command.to_owned(),
-                    detail: describe_status(&cmd),
-                });
-            }
-            if cmd.name != "onStatus" {
-                continue;
-            }
-            let info = cmd.arg(0);
-            let got = info.and_then(|i| i.get("code")).and_then(Amf0Value::as_str);
-            let level = info
-                .and_then(|i| i.get("level"))
-                .and_then(Amf0Value::as_str);
-            if got == Some(code) {
-                return Ok(kept);
-            }
-            if level == Some("error") {
-                return Err(ClientError::Refused {
-                    command: command.to_owned(),
-                    detail: describe_status(&cmd),
-                });
+                ClientEvent::Status {
+                    code: got,
+                    level,
+                    description,
+                    ..
+                } => {
+                    if got == code {
+                        return Ok(kept);
+                    }
+                    if level == "error" {
+                        return Err(ClientError::Refused {
+                            command: command.to_owned(),
+                            detail: format!("onStatus {got}: {description}"),
+                        });
+                    }
+                }
+                _ => {}
             }
         }
         Err(ClientError::Refused {
@@ -402,14 +362,16 @@ impl RtmpConnection {
     }
 }
 
-/// `code: description` of a status or error reply, for messages.
-fn describe_status(cmd: &Command) -> String {
-    let info = cmd.arg(0).or(cmd.object());
+/// `_result`/`_error code: description` of a reply (its values after the transaction id:
+/// the command object, then the information object), for messages.
+fn describe_reply(ok: bool, values: &[Amf0Value]) -> String {
+    let info = values.get(1).or(values.first());
     let field = |k: &str| {
         info.and_then(|i| i.get(k))
             .and_then(Amf0Value::as_str)
             .unwrap_or("")
             .to_owned()
     };
-    format!("{} {}: {}", cmd.name, field("code"), field("description"))
+    let name = if ok { "_result" } else { "_error" };
+    format!("{name} {}: {}", field("code"), field("description"))
 }

@@ -36,7 +36,7 @@ impl TlsOptions {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(|e| ClientError::Tls(format!("TLS set-up: {e}")))?;
+            .map_err(|e| ClientError::tls("protocol versions", e))?;
         let config = if self.insecure {
             builder
                 .dangerous()
@@ -47,13 +47,13 @@ impl TlsOptions {
             match &self.ca {
                 Some(path) => {
                     let pem = std::fs::read(path).map_err(|e| {
-                        ClientError::Tls(format!("cannot read CA file {}: {e}", path.display()))
+                        ClientError::tls(format!("cannot read CA file {}", path.display()), e)
                     })?;
                     let certs = crate::net::tls::certs_from_pem(&pem, path)
-                        .map_err(|e| ClientError::Tls(format!("CA file: {e}")))?;
+                        .map_err(|e| ClientError::tls("CA file", e))?;
                     let (added, _) = roots.add_parsable_certificates(certs);
                     if added == 0 {
-                        return Err(ClientError::Tls(format!(
+                        return Err(ClientError::TlsSetup(format!(
                             "CA file {} holds no usable certificate",
                             path.display()
                         )));
@@ -150,14 +150,15 @@ pub async fn open_transport(
     tcp.set_nodelay(true)
         .map_err(|e| ClientError::Connect(addr.clone(), e))?;
     let io: Box<dyn ByteStream> = if url.scheme.is_tls() {
-        let connector = tls
-            .ok_or_else(|| ClientError::Tls(format!("{}:// needs a TLS connector", url.scheme)))?;
+        let connector = tls.ok_or_else(|| {
+            ClientError::TlsSetup(format!("{}:// needs a TLS connector", url.scheme))
+        })?;
         let name = ServerName::try_from(url.host.clone())
-            .map_err(|e| ClientError::Tls(format!("server name {:?}: {e}", url.host)))?;
+            .map_err(|e| ClientError::tls(format!("server name {:?}", url.host), e))?;
         let stream = connector
             .connect(name, tcp)
             .await
-            .map_err(|e| ClientError::Tls(format!("TLS handshake with {addr} failed: {e}")))?;
+            .map_err(|e| ClientError::tls(format!("handshake with {addr}"), e))?;
         Box::new(stream)
     } else {
         Box::new(tcp)

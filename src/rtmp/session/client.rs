@@ -30,6 +30,8 @@ pub struct ClientConfig {
     pub publish_chunk_size: u32,
     /// Calls awaiting a reply at once (a server that never answers cannot grow the list).
     pub max_calls: usize,
+    /// `flashVer` sent with connect (servers log it: name the tool).
+    pub flash_ver: String,
 }
 
 impl Default for ClientConfig {
@@ -38,6 +40,7 @@ impl Default for ClientConfig {
             amf: AmfLimits::default(),
             publish_chunk_size: 4096,
             max_calls: 64,
+            flash_ver: "FMLE/3.0 (compatible; rtmpgate)".into(),
         }
     }
 }
@@ -211,7 +214,8 @@ impl ClientSession {
         self.send(csid, &message::command_message(stream_id, name, 0.0, args));
     }
 
-    /// connect to `app` with the usual FMS properties (`tcUrl`, `flashVer`...) plus `extra`.
+    /// connect to `app`: `app`, `flashVer` (the config's) and `tcUrl`, then `extra`
+    /// ([`publisher_props`] or [`player_props`], plus anything the caller adds).
     pub fn connect(
         &mut self,
         app: &str,
@@ -220,11 +224,7 @@ impl ClientSession {
     ) -> Result<f64, ClientError> {
         let mut props = vec![
             ("app", Amf0Value::string(app)),
-            ("type", Amf0Value::string("nonprivate")),
-            (
-                "flashVer",
-                Amf0Value::string("FMLE/3.0 (compatible; rtmpgate)"),
-            ),
+            ("flashVer", Amf0Value::string(self.cfg.flash_ver.clone())),
             ("tcUrl", Amf0Value::string(tc_url)),
         ];
         props.extend(extra);
@@ -409,6 +409,22 @@ impl ClientSession {
             values: c.args,
         });
     }
+}
+
+/// The connect properties a publisher adds, as FMLE and ffmpeg send them.
+pub fn publisher_props() -> Vec<(&'static str, Amf0Value)> {
+    vec![("type", Amf0Value::string("nonprivate"))]
+}
+
+/// The connect properties a player adds, as ffmpeg sends them (what it can decode).
+pub fn player_props() -> Vec<(&'static str, Amf0Value)> {
+    vec![
+        ("fpad", Amf0Value::Boolean(false)),
+        ("capabilities", Amf0Value::Number(15.0)),
+        ("audioCodecs", Amf0Value::Number(4071.0)),
+        ("videoCodecs", Amf0Value::Number(252.0)),
+        ("videoFunction", Amf0Value::Number(1.0)),
+    ]
 }
 
 /// The AMF0 values of a data or command body, for tests and tools that look inside.

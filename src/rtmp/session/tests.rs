@@ -171,11 +171,11 @@ impl Pair {
     /// connect to `live` and drive; what the client received.
     fn connect(&mut self, hub: &mut Hub) -> Vec<ClientEvent> {
         self.client
-            .connect(
-                "live",
-                "rtmp://127.0.0.1/live",
-                vec![("objectEncoding", Amf0Value::Number(0.0))],
-            )
+            .connect("live", "rtmp://127.0.0.1/live", {
+                let mut props = client::publisher_props();
+                props.push(("objectEncoding", Amf0Value::Number(0.0)));
+                props
+            })
             .unwrap();
         self.drive(hub);
         self.take()
