@@ -14,13 +14,17 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 # Dependencies first, so editing the sources does not rebuild them.
-# (src/rtmp is the workspace's protocol crate, rtmpgate-proto: its manifest too.)
+# (src/rtmp is the workspace's protocol crate, rtmpgate-proto, and src/tools its tools crate,
+# rtmpgate-tools: their manifests too.)
 COPY Cargo.toml Cargo.lock ./
 COPY src/rtmp/Cargo.toml ./src/rtmp/
-RUN mkdir -p src/bin benches \
+COPY src/tools/Cargo.toml ./src/tools/
+RUN mkdir -p src/tools/bench benches \
  && echo 'fn main() {}' > src/main.rs \
  && echo '' > src/lib.rs \
  && echo '' > src/rtmp/lib.rs \
+ && echo '' > src/tools/lib.rs \
+ && echo 'fn main() {}' > src/tools/bench/main.rs \
  && echo 'fn main() {}' > benches/codec.rs \
  && cargo fetch --locked
 COPY src ./src

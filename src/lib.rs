@@ -4,10 +4,13 @@
 //!
 //! # Layout
 //!
-//! Two crates in one workspace: the protocol core `rtmpgate-proto` (`src/rtmp`, layer 0) and
-//! this one. From the bottom layer up: a module imports only from layers below it (no import runs
-//! upward, no two modules import each other; `CONTRIBUTING.md` keeps it so). A settings type
-//! lives with the module it configures; [`config`] only parses and merges into them.
+//! Three crates in one workspace: the protocol core `rtmpgate-proto` (`src/rtmp`, layer 0),
+//! this one, and above it `rtmpgate-tools` (`src/tools`: the async RTMP client on the
+//! protocol crate's `ClientSession`, and the load generator `rtmpgate-bench`). The table is
+//! this crate's, from the bottom layer up: a module imports only from layers below it (no
+//! import runs upward, no two modules import each other; `CONTRIBUTING.md` keeps it so). A
+//! settings type lives with the module it configures; [`config`] only parses and merges
+//! into them.
 //!
 //! | layer | module | role |
 //! | --- | --- | --- |
@@ -20,7 +23,6 @@
 //! | 4 | [`limits`] | every limit with its default (`[limits]`), and the codec's limit types built from it |
 //! | 5 | [`door`] | listeners, first-byte sniffing, the RTMPT tunnel (hyper), the RTMPE layer, admission per address |
 //! | 5 | [`auth`] | authorization of connect, publish and play (addresses, keys, HMAC tokens, nginx-rtmp compatible HTTP callbacks), shared by the engine and the relay |
-//! | 5 | [`client`] | a small RTMP client (rtmp, rtmps, rtmpt, rtmpts) for the load generator and tests |
 //! | 6 | [`engine`] | the built-in live server: one session task per client over the codec, and the hub (publish, play, GOP cache, fan-out ring) |
 //! | 6 | [`upstream`] | the relay: backend groups, health checks, one connection to a backend per client and a byte pump (or connect-aware) |
 //! | 6 | [`cluster`] | several nodes behind one balancer: node-prefixed tunnel session ids, the signed internal link that forwards another node's session requests, the node directory |
@@ -57,7 +59,6 @@ pub mod access;
 pub mod admin;
 pub mod auth;
 pub mod budget;
-pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod door;

@@ -1,6 +1,6 @@
-//! A small async RTMP client built on the sans-IO codec: URL parsing, the transports
-//! (rtmp, rtmps, rtmpt, rtmpts) and a connection that speaks the publish and play command
-//! sequences. The load generator `rtmpgate-bench` is its main user; tests and tools may reuse it.
+//! A small async RTMP client: the transports (rtmp, rtmps, rtmpt, rtmpts; URLs are the
+//! gateway's `RtmpUrl`) and a connection ([`conn`]) that runs the protocol crate's sans-IO
+//! `ClientSession` over one of them. The load generator `rtmpgate-bench` is its main user.
 
 pub mod conn;
 pub mod tunnel;
@@ -15,11 +15,11 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-/// The client's URLs are the gateway's: one type and one parser, in [`crate::net::url`].
-pub use crate::net::url::{RtmpUrl, Scheme};
 pub use conn::{ClientError, RtmpConnection};
+/// The client's URLs are the gateway's: one type and one parser, in [`rtmpgate::net::url`].
+pub use rtmpgate::net::url::{RtmpUrl, Scheme};
 
-use crate::stream::ByteStream;
+use rtmpgate::stream::ByteStream;
 
 /// How TLS servers are checked.
 #[derive(Clone, Debug, Default)]
@@ -49,7 +49,7 @@ impl TlsOptions {
                     let pem = std::fs::read(path).map_err(|e| {
                         ClientError::tls(format!("cannot read CA file {}", path.display()), e)
                     })?;
-                    let certs = crate::net::tls::certs_from_pem(&pem, path)
+                    let certs = rtmpgate::net::tls::certs_from_pem(&pem, path)
                         .map_err(|e| ClientError::tls("CA file", e))?;
                     let (added, _) = roots.add_parsable_certificates(certs);
                     if added == 0 {

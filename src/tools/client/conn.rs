@@ -7,17 +7,17 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::{open_transport, PollHint, RtmpUrl};
-use crate::limits::Limits;
-use crate::rtmp::amf0::Amf0Value;
-use crate::rtmp::chunk::ChunkDecoder;
-use crate::rtmp::handshake::{ClientHandshake, HandshakeError, S0S1S2_LEN};
-use crate::rtmp::message::{self, Message, UserControl};
-use crate::rtmp::session::client::{player_props, publisher_props, Call};
-use crate::rtmp::session::{ClientConfig, ClientEvent, ClientSession};
-use crate::stream::ByteStream;
+use rtmpgate::limits::Limits;
+use rtmpgate::stream::ByteStream;
+use rtmpgate_proto::amf0::Amf0Value;
+use rtmpgate_proto::chunk::ChunkDecoder;
+use rtmpgate_proto::handshake::{ClientHandshake, HandshakeError, S0S1S2_LEN};
+use rtmpgate_proto::message::{self, Message, UserControl};
+use rtmpgate_proto::session::client::{player_props, publisher_props, Call};
+use rtmpgate_proto::session::{ClientConfig, ClientEvent, ClientSession};
 
 /// Chunk streams for audio and video, as ffmpeg uses them (the protocol session's).
-pub use crate::rtmp::session::client::{AUDIO_CSID, VIDEO_CSID};
+pub use rtmpgate_proto::session::client::{AUDIO_CSID, VIDEO_CSID};
 /// Chunk size a publisher announces (ffmpeg uses 4096 as well).
 pub const PUBLISH_CHUNK_SIZE: u32 = 4096;
 /// Messages read while waiting for a reply or a status before giving up.
@@ -47,7 +47,7 @@ pub enum ClientError {
     #[error("handshake: {0}")]
     Handshake(#[from] HandshakeError),
     #[error("{0}")]
-    Session(#[from] crate::rtmp::session::ClientError),
+    Session(#[from] rtmpgate_proto::session::ClientError),
     #[error("the server refused {command}: {detail}")]
     Refused { command: String, detail: String },
 }
@@ -117,7 +117,7 @@ impl RtmpConnection {
             ..ClientConfig::default()
         };
         // Charged to the process budget, like every buffer a peer makes us grow.
-        let decoder = ChunkDecoder::with_charge(&limits, crate::budget::Charge::global());
+        let decoder = ChunkDecoder::with_charge(&limits, rtmpgate::budget::Charge::global());
         Ok(RtmpConnection {
             io,
             session: ClientSession::new(cfg, decoder),

@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::time::timeout;
 
 use super::{ClientError, PollHint};
-use crate::stream::ByteStream;
+use rtmpgate::stream::ByteStream;
 
 /// Bytes buffered between the RTMP connection and the pump, each way.
 const PIPE_BYTES: usize = 256 * 1024;
@@ -219,9 +219,9 @@ mod tests {
     use tokio::net::{TcpListener, TcpStream};
 
     use super::*;
-    use crate::door::rtmpt::Tunnel;
-    use crate::limits::Limits;
-    use crate::stream::{ClientStream, StreamHandler};
+    use rtmpgate::door::rtmpt::Tunnel;
+    use rtmpgate::limits::Limits;
+    use rtmpgate::stream::{ClientStream, StreamHandler};
 
     /// The project's tunnel server on a loopback port, echoing every session's bytes.
     async fn echo_tunnel() -> u16 {
