@@ -108,6 +108,9 @@ pub struct Limits {
     /// Positive callback answers cached (`[auth] callback_cache_secs`); when full of fresh
     /// ones, new answers are not cached.
     pub max_auth_cache_entries: usize,
+    /// Messages of one publisher queued for its origin in edge mode; a publisher whose
+    /// origin takes them slower is closed (its bytes are charged to the budget meanwhile).
+    pub max_edge_forward_queue: usize,
 }
 
 impl Default for Limits {
@@ -148,6 +151,7 @@ impl Default for Limits {
             max_memory_per_ip: 0,
             max_auth_callbacks: 64,
             max_auth_cache_entries: 4096,
+            max_edge_forward_queue: 1024,
         }
     }
 }

@@ -321,7 +321,10 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         }
         None => {
             tracing::info!("serving clients with the built-in RTMP engine (no --upstream)");
-            let engine = Engine::new(config.limits.clone(), config.engine.clone());
+            let engine = Engine::try_new(config.limits.clone(), config.engine.clone())?;
+            if let Some(edge) = engine.edge() {
+                tracing::info!("{}", edge.describe());
+            }
             (engine.handler(), Some(engine))
         }
     };

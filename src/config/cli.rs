@@ -83,6 +83,11 @@ pub struct Cli {
     #[arg(long, value_name = "SECS")]
     pub upstream_timeout_secs: Option<u64>,
 
+    /// Edge mode (`[upstream] mode = "edge"`): the --upstream URLs are origins; players are
+    /// served here, one pull per stream from its origin; publishers are forwarded to it.
+    #[arg(long)]
+    pub edge: bool,
+
     /// Expect a PROXY protocol header (v1 or v2) from a load balancer on every listener and
     /// use the client address it carries. Connections without one are refused.
     #[arg(long)]

@@ -189,6 +189,10 @@ pub struct FileUpstream {
     pub proxy_protocol: Option<ProxyVersion>,
     pub connect_timeout_secs: Option<u64>,
     pub relay: Option<crate::upstream::settings::RelayMode>,
+    /// `relay` (default) or `edge`.
+    pub mode: Option<crate::engine::edge::UpstreamMode>,
+    pub edge_idle_secs: Option<u64>,
+    pub edge_reconnect_max_secs: Option<u64>,
     pub health_interval_secs: Option<u64>,
     pub health_rise: Option<u32>,
     pub health_fall: Option<u32>,

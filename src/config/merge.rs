@@ -29,7 +29,19 @@ impl Config {
         let listen = listeners(cli, file.listen.as_deref())?;
         let tls = tls(cli, file.tls, &listen, &rel, dev_cert)?;
         let explicit_relay = file.upstream.relay;
+        let edge_keys = crate::engine::edge::EdgeKeys {
+            on: cli.edge,
+            mode: file.upstream.mode,
+            idle_secs: file.upstream.edge_idle_secs,
+            reconnect_max_secs: file.upstream.edge_reconnect_max_secs,
+        };
         let mut upstream = upstream(cli, file.upstream, &file.upstreams, &rel)?;
+        // Edge mode: the upstream's default group are the origins, and the engine serves.
+        let edge = crate::engine::edge::settings(edge_keys, upstream.as_ref())
+            .map_err(|e| invalid(e.key, e.message))?;
+        if edge.is_some() {
+            upstream = None;
+        }
         let admin = AdminSettings::merge(
             cli.admin.as_deref(),
             cli.admin_token.clone(),
@@ -67,6 +79,7 @@ impl Config {
             }
         }
         engine.auth = auth.clone();
+        engine.edge = edge;
         let accept_proxy_protocol =
             cli.accept_proxy_protocol || file.accept_proxy_protocol.unwrap_or(false);
         let trusted_proxies = trusted_proxies(cli, file.trusted_proxies)?;

@@ -527,6 +527,13 @@ impl Hub {
             .collect()
     }
 
+    /// Players subscribed to `key` now (0 when the key is unknown): an edge's pull, an
+    /// internal publisher, ends when its stream has had none for a while.
+    pub fn players(&self, key: &StreamKey) -> usize {
+        let slot = lock(&self.slots).get(key).cloned();
+        slot.map_or(0, |s| lock(&s.state).players)
+    }
+
     fn slot(&self, slots: &mut HashMap<StreamKey, Arc<Slot>>, key: &StreamKey) -> Arc<Slot> {
         slots
             .entry(key.clone())

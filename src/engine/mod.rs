@@ -4,6 +4,7 @@
 //! as its own task ([`session`]) and meets the others in the [`hub::Hub`], keyed by app and
 //! stream name.
 
+pub mod edge;
 pub mod hub;
 pub mod session;
 pub mod tick;
@@ -51,6 +52,9 @@ pub struct EngineConfig {
     pub auth: Option<Arc<crate::auth::Auth>>,
     /// A publish on a key that already has a publisher: refused, or replacing it.
     pub publisher_takeover: hub::PublisherTakeover,
+    /// Edge mode (`[upstream] mode = "edge"`): players' streams are pulled from these
+    /// origins, publishers forwarded to them ([`edge`]).
+    pub edge: Option<edge::EdgeSettings>,
 }
 
 impl Default for EngineConfig {
@@ -70,6 +74,7 @@ impl Default for EngineConfig {
             max_streams_per_connection: 16,
             auth: None,
             publisher_takeover: hub::PublisherTakeover::Deny,
+            edge: None,
         }
     }
 }
@@ -92,19 +97,62 @@ pub struct Engine {
     limits: Limits,
     cfg: EngineConfig,
     hub: Arc<hub::Hub>,
+    /// Edge mode's pulls and forwards (kept by every generation: the pulls are the hub's).
+    edge: Option<Arc<edge::Edge>>,
     /// Shared by every generation (see [`Engine::reconfigured`]): ids stay unique.
     next_session: Arc<AtomicU64>,
 }
 
 impl Engine {
-    pub fn new(limits: Limits, mut cfg: EngineConfig) -> Arc<Engine> {
+    /// The engine; in edge mode, an rtmps:// origin whose trusted roots cannot be loaded
+    /// leaves it without its edge (logged): use [`Engine::try_new`] to refuse that instead.
+    pub fn new(limits: Limits, cfg: EngineConfig) -> Arc<Engine> {
+        let (cfg, hub) = Self::prepare(cfg);
+        let edge = match &cfg.edge {
+            Some(s) => edge::Edge::new(s.clone(), limits.clone(), hub.clone(), cfg.player_wait)
+                .map_err(|e| tracing::error!("edge mode off: {e}"))
+                .ok(),
+            None => None,
+        };
+        Self::assemble(limits, cfg, hub, edge)
+    }
+
+    /// The engine, and in edge mode its edge (which loads the trusted roots for rtmps://).
+    pub fn try_new(
+        limits: Limits,
+        cfg: EngineConfig,
+    ) -> Result<Arc<Engine>, crate::net::tls::TlsError> {
+        let (cfg, hub) = Self::prepare(cfg);
+        let edge = match &cfg.edge {
+            Some(s) => Some(edge::Edge::new(
+                s.clone(),
+                limits.clone(),
+                hub.clone(),
+                cfg.player_wait,
+            )?),
+            None => None,
+        };
+        Ok(Self::assemble(limits, cfg, hub, edge))
+    }
+
+    fn prepare(mut cfg: EngineConfig) -> (EngineConfig, Arc<hub::Hub>) {
         // A chunk size the peer would refuse, or that breaks the prechunked frames, is clamped.
         cfg.chunk_size = cfg.chunk_size.clamp(128, 0x7fff_ffff);
         let hub = hub::Hub::new(cfg.hub_config());
+        (cfg, hub)
+    }
+
+    fn assemble(
+        limits: Limits,
+        cfg: EngineConfig,
+        hub: Arc<hub::Hub>,
+        edge: Option<Arc<edge::Edge>>,
+    ) -> Arc<Engine> {
         Arc::new(Engine {
             limits,
             cfg,
             hub,
+            edge,
             next_session: Arc::new(AtomicU64::new(1)),
         })
     }
@@ -125,6 +173,7 @@ impl Engine {
             limits,
             cfg,
             hub: self.hub.clone(),
+            edge: self.edge.clone(),
             next_session: self.next_session.clone(),
         })
     }
@@ -139,6 +188,11 @@ impl Engine {
 
     pub fn hub(&self) -> &Arc<hub::Hub> {
         &self.hub
+    }
+
+    /// Edge mode's pulls and forwards, when on.
+    pub fn edge(&self) -> Option<&Arc<edge::Edge>> {
+        self.edge.as_ref()
     }
 
     /// Serve one client stream until its session ends.

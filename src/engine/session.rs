@@ -85,6 +85,8 @@ pub enum SessionError {
     Denied { action: Action, reason: DenyReason },
     #[error("another publisher took {0} over (engine.publisher_takeover = \"replace\")")]
     Replaced(String),
+    #[error("edge mode: {0}")]
+    Edge(String),
 }
 
 impl From<ServerError> for SessionError {
@@ -125,7 +127,30 @@ struct PlayState {
 
 struct PublishState {
     stream_id: u32,
-    publisher: Publisher,
+    /// Where the media goes: the hub, or (edge mode) the stream's origin.
+    sink: Sink,
+}
+
+enum Sink {
+    Hub(Publisher),
+    Origin(super::edge::Forward),
+}
+
+impl PublishState {
+    fn push(
+        &self,
+        budget: &PeerBudget,
+        msg_type: u8,
+        timestamp: u32,
+        payload: Bytes,
+    ) -> Result<(), SessionError> {
+        match &self.sink {
+            Sink::Hub(p) => Ok(p.push(msg_type, timestamp, payload)?),
+            Sink::Origin(f) => f
+                .send(budget, msg_type, timestamp, payload)
+                .map_err(|e| SessionError::Edge(e.to_string())),
+        }
+    }
 }
 
 struct Session {
@@ -244,9 +269,17 @@ async fn next_event(
 
 /// Completes when this session's publisher has been replaced by another one.
 async fn replaced(publishing: &Option<PublishState>) {
-    match publishing {
-        Some(p) => p.publisher.replaced().await,
-        None => std::future::pending().await,
+    match publishing.as_ref().map(|p| &p.sink) {
+        Some(Sink::Hub(p)) => p.replaced().await,
+        _ => std::future::pending().await,
+    }
+}
+
+/// Completes when this session's forward to its origin (edge mode) has ended.
+async fn forward_closed(publishing: &Option<PublishState>) {
+    match publishing.as_ref().map(|p| &p.sink) {
+        Some(Sink::Origin(f)) => f.closed().await,
+        _ => std::future::pending().await,
     }
 }
 
@@ -419,6 +452,12 @@ impl Session {
                     }
                 }
                 () = replaced(&self.publishing) => return Err(self.on_replaced()),
+                () = forward_closed(&self.publishing) => {
+                    let key = self.role.trim_start_matches("publish ").to_owned();
+                    return Err(SessionError::Edge(format!(
+                        "the origin connection for {key} ended (see the edge forward line)"
+                    )));
+                }
                 () = &mut timer => {
                     let now = now();
                     if wait_at.is_some_and(|w| w <= now) {
@@ -607,12 +646,12 @@ impl Session {
         match ev {
             ServerEvent::Media(msg) => {
                 if let Some(p) = &self.publishing {
-                    p.publisher.push(msg.msg_type, msg.timestamp, msg.payload)?;
+                    p.push(&self.budget, msg.msg_type, msg.timestamp, msg.payload)?;
                 }
             }
             ServerEvent::Data { timestamp, payload } => {
                 if let Some(p) = &self.publishing {
-                    p.publisher.push(DATA_AMF0, timestamp, payload)?;
+                    p.push(&self.budget, DATA_AMF0, timestamp, payload)?;
                 }
             }
             // Any app name is served (unless [auth] says otherwise); it is half the hub's key.
@@ -668,7 +707,10 @@ impl Session {
         let Some(p) = self.publishing.take() else {
             return SessionError::Replaced(String::new());
         };
-        let key = p.publisher.key().to_string();
+        let key = match &p.sink {
+            Sink::Hub(publisher) => publisher.key().to_string(),
+            Sink::Origin(f) => f.key().to_string(),
+        };
         self.send_replies();
         let m = command::on_status(
             p.stream_id,
@@ -684,6 +726,22 @@ impl Session {
 
     fn on_publish(&mut self, request: &StreamRequest) {
         let key = StreamKey::new(&request.app, &request.name);
+        if let Some(edge) = self.engine.edge() {
+            // Edge mode: the stream lives on its origin; players here pull it from there.
+            let forward = edge.forward(&request.app, &request.name, &request.query);
+            info!(
+                session = self.id,
+                "{}: publish {key} (forwarded to its origin)", self.label
+            );
+            crate::sessions::tag_stream(crate::sessions::Role::Publisher, &key.app, &key.name);
+            self.role = format!("publish {key}");
+            self.publishing = Some(PublishState {
+                stream_id: request.stream_id,
+                sink: Sink::Origin(forward),
+            });
+            self.proto.accept(request.request_id);
+            return;
+        }
         let takeover = self.engine.config().publisher_takeover;
         match self.engine.hub().publish_with(&key, takeover) {
             Ok(mut publisher) => {
@@ -693,7 +751,7 @@ impl Session {
                 self.role = format!("publish {key}");
                 self.publishing = Some(PublishState {
                     stream_id: request.stream_id,
-                    publisher,
+                    sink: Sink::Hub(publisher),
                 });
                 self.proto.accept(request.request_id);
             }
@@ -716,6 +774,10 @@ impl Session {
         self.playing = None;
         let key = StreamKey::new(&request.app, &request.name);
         let mut player = self.engine.hub().play(&key);
+        if let Some(edge) = self.engine.edge() {
+            // After subscribing: a pull ending meanwhile sees this player, or is gone.
+            edge.want(&key);
+        }
         let how = if player.live {
             "live"
         } else {

@@ -1,0 +1,441 @@
+//! Edge mode (`[upstream] mode = "edge"`): players are served by this node's engine, and
+//! the players of one stream share ONE pull from the origin; publishers are forwarded to it.
+//!
+//! The first player of a key starts a pull ([`pull`]): an RTMP client connection to the
+//! origin (connect, createStream, play) whose media is published into the local hub, so the
+//! hub's ring and GOP cache fan it out. The pull ends `idle` after the key's last player has
+//! left, and reconnects with exponential backoff when the origin drops it; the players stay
+//! attached and resume at the next keyframe. A publisher's media goes to the origin over a
+//! connection of its own ([`push`]), through a bounded queue.
+//!
+//! With several origins each stream goes to one chosen by rendezvous hashing of
+//! `app/name` over the origins' URLs ([`Edge::ranked`]): every edge configured with the same
+//! origins picks the same one without talking to the others, and when that origin fails,
+//! the stream moves to the next in its own ranking (the others keep theirs).
+
+mod conn;
+mod pull;
+mod push;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+use super::hub::{Hub, StreamKey};
+use crate::limits::Limits;
+use crate::net::url::RtmpUrl;
+
+pub use push::{Forward, ForwardError};
+
+/// Edge mode's settings: the origins (the default upstream group), and the pull's timing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EdgeSettings {
+    /// Origins ranked per stream by rendezvous hashing.
+    pub origins: Vec<RtmpUrl>,
+    /// Tried, in order, after every origin of `origins` (the group's `backup`).
+    pub backup: Vec<RtmpUrl>,
+    /// How long a pull stays after its stream's last player has left.
+    pub idle: Duration,
+    /// The longest wait between two reconnects of a pull (the wait doubles from 250 ms).
+    pub reconnect_max: Duration,
+    /// TCP, TLS and RTMP connect (up to createStream's reply) with one origin.
+    pub connect_timeout: Duration,
+    /// Extra CA certificates trusted for an rtmps:// origin.
+    pub ca: Option<PathBuf>,
+}
+
+impl EdgeSettings {
+    /// Default seconds a pull outlives its last player.
+    pub const DEFAULT_IDLE_SECS: u64 = 10;
+    /// Default longest wait between reconnects.
+    pub const DEFAULT_RECONNECT_MAX_SECS: u64 = 8;
+}
+
+/// `[upstream] mode`: relay clients to backends, or serve them as an edge of origins.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamMode {
+    #[default]
+    Relay,
+    Edge,
+}
+
+/// The edge keys as read from `--edge` and `[upstream]`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EdgeKeys {
+    pub on: bool,
+    pub mode: Option<UpstreamMode>,
+    pub idle_secs: Option<u64>,
+    pub reconnect_max_secs: Option<u64>,
+}
+
+/// A wrong edge setting: the key at fault and what to do.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct EdgeSettingsError {
+    pub key: String,
+    pub message: String,
+}
+
+/// Edge mode's settings from its keys and the upstream's (None: not in edge mode). The
+/// origins are the default group's backends (`--upstream`, `upstream.url`, or the
+/// `[[upstreams]]` group without apps) and its `backup`.
+pub fn settings(
+    keys: EdgeKeys,
+    upstream: Option<&crate::upstream::UpstreamSettings>,
+) -> Result<Option<EdgeSettings>, EdgeSettingsError> {
+    let err = |key: &str, message: String| EdgeSettingsError {
+        key: key.to_owned(),
+        message,
+    };
+    let on = keys.on || keys.mode == Some(UpstreamMode::Edge);
+    if !on {
+        if keys.idle_secs.is_some() || keys.reconnect_max_secs.is_some() {
+            return Err(err(
+                "upstream.edge_idle_secs",
+                "edge_* keys are set but edge mode is not; add mode = \"edge\" to [upstream] (or --edge)".into(),
+            ));
+        }
+        return Ok(None);
+    }
+    let Some(up) = upstream else {
+        return Err(err(
+            "upstream.mode",
+            "edge mode needs origins: add --upstream rtmp://ORIGIN:1935 (repeatable) or upstream.url".into(),
+        ));
+    };
+    let Some(group) = up.groups.iter().find(|g| g.apps.is_empty()) else {
+        return Err(err(
+            "upstream.mode",
+            "edge mode takes its origins from the default group (--upstream, upstream.url, or an [[upstreams]] table without apps); routing origins by app is not supported".into(),
+        ));
+    };
+    let idle = keys.idle_secs.unwrap_or(EdgeSettings::DEFAULT_IDLE_SECS);
+    let max = keys
+        .reconnect_max_secs
+        .unwrap_or(EdgeSettings::DEFAULT_RECONNECT_MAX_SECS);
+    if max == 0 {
+        return Err(err(
+            "upstream.edge_reconnect_max_secs",
+            "must be at least 1 second".into(),
+        ));
+    }
+    Ok(Some(EdgeSettings {
+        origins: group.backends.clone(),
+        backup: group.backup.clone(),
+        idle: Duration::from_secs(idle),
+        reconnect_max: Duration::from_secs(max),
+        connect_timeout: up.connect_timeout,
+        ca: up.ca.clone(),
+    }))
+}
+
+/// How long an origin that failed is tried after the others.
+const ORIGIN_DOWN: Duration = Duration::from_secs(10);
+/// The first wait before a pull reconnects.
+const RECONNECT_MIN: Duration = Duration::from_millis(250);
+
+/// Counters for `/metrics` (relaxed atomics, process-wide: one edge per process).
+#[derive(Default)]
+struct EdgeMetrics {
+    pulls_active: AtomicU64,
+    pull_connects: AtomicU64,
+    pull_failures: AtomicU64,
+    bytes_pulled: AtomicU64,
+    forwards_active: AtomicU64,
+    forward_connects: AtomicU64,
+    forward_failures: AtomicU64,
+    bytes_forwarded: AtomicU64,
+}
+
+fn metrics() -> &'static EdgeMetrics {
+    static M: std::sync::OnceLock<EdgeMetrics> = std::sync::OnceLock::new();
+    M.get_or_init(EdgeMetrics::default)
+}
+
+/// One origin and whether it failed lately.
+struct Origin {
+    url: RtmpUrl,
+    /// What the rendezvous score hashes: the URL as written, the same on every edge.
+    id: String,
+    backup: bool,
+    down_until: Mutex<Option<Instant>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Origin {
+    fn is_down(&self, now: Instant) -> bool {
+        lock(&self.down_until).is_some_and(|t| t > now)
+    }
+
+    fn mark(&self, ok: bool) {
+        *lock(&self.down_until) = if ok {
+            None
+        } else {
+            Instant::now().checked_add(ORIGIN_DOWN)
+        };
+    }
+}
+
+/// The rendezvous score of `origin` for `key`: the first 8 bytes of
+/// SHA-256(origin, 0, app, 0, name). A stable hash, so every edge and every build agrees.
+fn score(origin: &str, key: &StreamKey) -> u64 {
+    let mut h = Sha256::new();
+    h.update(origin.as_bytes());
+    h.update([0]);
+    h.update(key.app.as_bytes());
+    h.update([0]);
+    h.update(key.name.as_bytes());
+    let d = h.finalize();
+    let mut b = [0u8; 8];
+    for (o, i) in b.iter_mut().zip(d.iter()) {
+        *o = *i;
+    }
+    u64::from_be_bytes(b)
+}
+
+/// The edge: origins, the running pulls, and what every pull and forward needs.
+pub struct Edge {
+    settings: EdgeSettings,
+    limits: Limits,
+    origins: Vec<Origin>,
+    hub: Arc<Hub>,
+    /// A key's pull, while it runs (its task removes it, under this lock, when it ends).
+    pulls: Mutex<HashMap<StreamKey, u64>>,
+    next_pull: AtomicU64,
+    /// How long the hub keeps a pulled stream's publisher while the origin sends nothing
+    /// (the engine's `player_wait`): players then hear the stream stopped.
+    hold: Duration,
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl std::fmt::Debug for Edge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Edge")
+            .field("settings", &self.settings)
+            .finish()
+    }
+}
+
+impl Edge {
+    /// The edge for `hub`. Loads the trusted roots when an origin is rtmps://.
+    pub fn new(
+        settings: EdgeSettings,
+        limits: Limits,
+        hub: Arc<Hub>,
+        hold: Duration,
+    ) -> Result<Arc<Edge>, crate::net::tls::TlsError> {
+        let origins: Vec<Origin> = settings
+            .origins
+            .iter()
+            .map(|u| (u, false))
+            .chain(settings.backup.iter().map(|u| (u, true)))
+            .map(|(u, backup)| Origin {
+                url: u.clone(),
+                id: u.to_string(),
+                backup,
+                down_until: Mutex::new(None),
+            })
+            .collect();
+        let tls = if origins.iter().any(|o| o.url.scheme.is_tls()) {
+            Some(crate::net::tls::client_config(settings.ca.as_deref())?)
+        } else {
+            None
+        };
+        Ok(Arc::new(Edge {
+            settings,
+            limits,
+            origins,
+            hub,
+            pulls: Mutex::new(HashMap::new()),
+            next_pull: AtomicU64::new(1),
+            hold,
+            tls,
+        }))
+    }
+
+    pub fn settings(&self) -> &EdgeSettings {
+        &self.settings
+    }
+
+    /// One line for the start log.
+    pub fn describe(&self) -> String {
+        let urls: Vec<String> = self.origins.iter().map(|o| o.id.clone()).collect();
+        format!(
+            "edge mode: one pull per stream from [{}] (rendezvous hashing by app/stream), pulls end {} s after the last player",
+            urls.join(", "),
+            self.settings.idle.as_secs()
+        )
+    }
+
+    /// The origins to try for `key`, best first: the primaries by rendezvous score, those
+    /// that failed in the last [`ORIGIN_DOWN`] after the others, then the backups.
+    fn ranked(&self, key: &StreamKey) -> Vec<&Origin> {
+        let now = Instant::now();
+        let mut v: Vec<(bool, bool, u64, &Origin)> = self
+            .origins
+            .iter()
+            .map(|o| {
+                let s = if o.backup { 0 } else { score(&o.id, key) };
+                (o.backup, o.is_down(now), s, o)
+            })
+            .collect();
+        // Backups keep their configured order (the sort is stable, their scores equal).
+        v.sort_by(|a, b| (a.0, a.1, b.2).cmp(&(b.0, b.1, a.2)));
+        v.into_iter().map(|(_, _, _, o)| o).collect()
+    }
+
+    /// The origin `key` goes to when every origin is up (for tests and the admin API).
+    pub fn origin_for(&self, app: &str, name: &str) -> Option<RtmpUrl> {
+        let key = StreamKey::new(app, name);
+        self.origins
+            .iter()
+            .filter(|o| !o.backup)
+            .max_by_key(|o| score(&o.id, &key))
+            .map(|o| o.url.clone())
+    }
+
+    /// A player joined `key` (after it subscribed in the hub): start the key's pull unless
+    /// one runs.
+    pub fn want(self: &Arc<Self>, key: &StreamKey) {
+        let mut pulls = lock(&self.pulls);
+        if pulls.contains_key(key) {
+            return;
+        }
+        let id = self.next_pull.fetch_add(1, Ordering::Relaxed);
+        pulls.insert(key.clone(), id);
+        drop(pulls);
+        tokio::spawn(pull::run(self.clone(), key.clone(), id));
+    }
+
+    /// Ends pull `id` of `key` if the key has no player (checked under the pulls' lock, so
+    /// a player arriving meanwhile either finds this pull running or starts a new one).
+    fn finish_if_unwatched(&self, key: &StreamKey, id: u64) -> bool {
+        let mut pulls = lock(&self.pulls);
+        if self.hub.players(key) > 0 {
+            return false;
+        }
+        if pulls.get(key) == Some(&id) {
+            pulls.remove(key);
+        }
+        true
+    }
+
+    /// Pulls running now.
+    pub fn pulls(&self) -> usize {
+        lock(&self.pulls).len()
+    }
+
+    /// Starts forwarding a publisher of `app`/`name` (`query` passed on) to its origin.
+    pub fn forward(self: &Arc<Self>, app: &str, name: &str, query: &str) -> Forward {
+        push::start(self.clone(), app, name, query)
+    }
+}
+
+/// `rtmpgate_edge_*` for `/metrics`.
+pub fn encode_metrics(e: &mut prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+    use prometheus_client::encoding::NoLabelSet;
+    use prometheus_client::metrics::MetricType;
+    let m = metrics();
+    let v = |a: &AtomicU64| i64::try_from(a.load(Ordering::Relaxed)).unwrap_or(i64::MAX);
+    let rows: [(&str, &str, MetricType, &AtomicU64); 8] = [
+        ("rtmpgate_edge_pulls_active", "Streams pulled from an origin right now (one connection each, shared by the stream's players on this node).", MetricType::Gauge, &m.pulls_active),
+        ("rtmpgate_edge_pull_connects", "Pull connections made to origins (the first and every reconnect).", MetricType::Counter, &m.pull_connects),
+        ("rtmpgate_edge_pull_failures", "Pull connections that failed or were dropped by the origin.", MetricType::Counter, &m.pull_failures),
+        ("rtmpgate_edge_pulled_bytes", "Bytes received from origins by pulls.", MetricType::Counter, &m.bytes_pulled),
+        ("rtmpgate_edge_forwards_active", "Publishers forwarded to an origin right now.", MetricType::Gauge, &m.forwards_active),
+        ("rtmpgate_edge_forward_connects", "Publisher connections made to origins.", MetricType::Counter, &m.forward_connects),
+        ("rtmpgate_edge_forward_failures", "Publisher connections to origins that failed or were dropped.", MetricType::Counter, &m.forward_failures),
+        ("rtmpgate_edge_forwarded_bytes", "Bytes sent to origins for forwarded publishers.", MetricType::Counter, &m.bytes_forwarded),
+    ];
+    for (name, help, kind, a) in rows {
+        let mut d = e.encode_descriptor(name, help, None, kind)?;
+        match kind {
+            MetricType::Counter => {
+                let n = a.load(Ordering::Relaxed);
+                d.encode_counter::<NoLabelSet, _, u64>(&n, None)?
+            }
+            _ => d.encode_gauge(&v(a))?,
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::engine::hub::HubConfig;
+    use crate::net::url::parse_upstream;
+
+    fn edge(urls: &[&str]) -> Arc<Edge> {
+        let origins = urls
+            .iter()
+            .map(|u| parse_upstream("k", u).unwrap())
+            .collect();
+        let s = EdgeSettings {
+            origins,
+            backup: vec![parse_upstream("k", "rtmp://backup:1935").unwrap()],
+            idle: Duration::from_secs(1),
+            reconnect_max: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(1),
+            ca: None,
+        };
+        Edge::new(
+            s,
+            Limits::default(),
+            Hub::new(HubConfig::default()),
+            Duration::from_secs(1),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn rendezvous_agrees_whatever_the_order_and_moves_only_a_dead_origins_streams() {
+        let a = edge(&["rtmp://o1:1935", "rtmp://o2:1935", "rtmp://o3:1935"]);
+        let b = edge(&["rtmp://o3:1935", "rtmp://o1:1935", "rtmp://o2:1935"]);
+        let mut per = HashMap::new();
+        for i in 0..300 {
+            let key = StreamKey::new("live", &format!("s{i}"));
+            let ra: Vec<String> = a.ranked(&key).iter().map(|o| o.id.clone()).collect();
+            let rb: Vec<String> = b.ranked(&key).iter().map(|o| o.id.clone()).collect();
+            assert_eq!(ra, rb);
+            assert_eq!(ra.last().map(String::as_str), Some("rtmp://backup:1935"));
+            *per.entry(ra[0].clone()).or_insert(0) += 1;
+        }
+        // Spread: each origin gets a fair share of 300 streams (expected 100).
+        assert_eq!(per.len(), 3);
+        assert!(per.values().all(|&n| n > 60), "{per:?}");
+        // o2 fails: its streams move to their second choice, nobody else's move.
+        let before: Vec<String> = (0..300)
+            .map(|i| {
+                a.ranked(&StreamKey::new("live", &format!("s{i}")))[0]
+                    .id
+                    .clone()
+            })
+            .collect();
+        a.origins[1].mark(false);
+        for (i, was) in before.iter().enumerate() {
+            let now = a.ranked(&StreamKey::new("live", &format!("s{i}")))[0]
+                .id
+                .clone();
+            if was == "rtmp://o2:1935" {
+                assert_ne!(&now, was);
+            } else {
+                assert_eq!(&now, was);
+            }
+        }
+        a.origins[1].mark(true);
+        assert_eq!(
+            a.origin_for("live", "s0").map(|u| u.to_string()),
+            Some(before[0].clone())
+        );
+    }
+}
