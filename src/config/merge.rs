@@ -37,7 +37,20 @@ impl Config {
         };
         let mut upstream = upstream(cli, file.upstream, &file.upstreams, &rel)?;
         // Edge mode: the upstream's default group are the origins, and the engine serves.
-        let edge = crate::engine::edge::settings(edge_keys, upstream.as_ref())
+        let origins = upstream.as_ref().map(|up| {
+            let default = up.groups.iter().find(|g| g.apps.is_empty());
+            let urls = |list: Option<&Vec<crate::upstream::settings::BackendSettings>>| {
+                list.map(|l| l.iter().map(|b| b.url.clone()).collect())
+                    .unwrap_or_default()
+            };
+            crate::engine::edge::OriginList {
+                origins: urls(default.map(|g| &g.backends)),
+                backup: urls(default.map(|g| &g.backup)),
+                connect_timeout: up.connect_timeout,
+                ca: up.ca.clone(),
+            }
+        });
+        let edge = crate::engine::edge::settings(edge_keys, origins)
             .map_err(|e| invalid(e.key, e.message))?;
         if edge.is_some() {
             upstream = None;

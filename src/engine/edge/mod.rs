@@ -81,12 +81,21 @@ pub struct EdgeSettingsError {
     pub message: String,
 }
 
-/// Edge mode's settings from its keys and the upstream's (None: not in edge mode). The
-/// origins are the default group's backends (`--upstream`, `upstream.url`, or the
-/// `[[upstreams]]` group without apps) and its `backup`.
+/// The upstream settings edge mode takes its origins from (filled by `config` from the
+/// default group: `--upstream`, `upstream.url`, or the `[[upstreams]]` group without apps).
+#[derive(Clone, Debug, Default)]
+pub struct OriginList {
+    pub origins: Vec<RtmpUrl>,
+    pub backup: Vec<RtmpUrl>,
+    pub connect_timeout: Duration,
+    pub ca: Option<PathBuf>,
+}
+
+/// Edge mode's settings from its keys and the upstream's origins (None: not in edge mode;
+/// `upstream` None: no upstream configured; `Some` with no origins: no default group).
 pub fn settings(
     keys: EdgeKeys,
-    upstream: Option<&crate::upstream::UpstreamSettings>,
+    upstream: Option<OriginList>,
 ) -> Result<Option<EdgeSettings>, EdgeSettingsError> {
     let err = |key: &str, message: String| EdgeSettingsError {
         key: key.to_owned(),
@@ -108,12 +117,12 @@ pub fn settings(
             "edge mode needs origins: add --upstream rtmp://ORIGIN:1935 (repeatable) or upstream.url".into(),
         ));
     };
-    let Some(group) = up.groups.iter().find(|g| g.apps.is_empty()) else {
+    if up.origins.is_empty() {
         return Err(err(
             "upstream.mode",
             "edge mode takes its origins from the default group (--upstream, upstream.url, or an [[upstreams]] table without apps); routing origins by app is not supported".into(),
         ));
-    };
+    }
     let idle = keys.idle_secs.unwrap_or(EdgeSettings::DEFAULT_IDLE_SECS);
     let max = keys
         .reconnect_max_secs
@@ -125,12 +134,12 @@ pub fn settings(
         ));
     }
     Ok(Some(EdgeSettings {
-        origins: group.backends.clone(),
-        backup: group.backup.clone(),
+        origins: up.origins,
+        backup: up.backup,
         idle: Duration::from_secs(idle),
         reconnect_max: Duration::from_secs(max),
         connect_timeout: up.connect_timeout,
-        ca: up.ca.clone(),
+        ca: up.ca,
     }))
 }
 
