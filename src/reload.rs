@@ -154,6 +154,8 @@ impl Reloader {
         let engine_changed = format!("{:?}", cur.config.engine) != format!("{:?}", fresh.engine);
         let upstream_changed = cur.config.upstream != fresh.upstream;
         let mut handler: Option<(StreamHandler, Option<Arc<Engine>>)> = None;
+        // The new relay goes live (health checks, metrics) only once nothing can fail.
+        let mut relay: Option<Arc<Upstream>> = None;
         match (&cur.engine, &fresh.upstream) {
             (Some(engine), None) if limits_changed || engine_changed => {
                 let next = engine.reconfigured(fresh.limits.clone(), fresh.engine.clone());
@@ -163,7 +165,7 @@ impl Reloader {
                 let upstream = Upstream::new(up, &fresh.limits)
                     .with_context(|| format!("upstream {}", up.url))
                     .map_err(|e| refuse(report(&e)))?;
-                handler = Some((Arc::new(upstream).handler(), None));
+                relay = Some(Arc::new(upstream));
             }
             (Some(_), Some(_)) | (None, None) => {
                 restart.push("upstream (switching between the built-in engine and an upstream)")
@@ -213,6 +215,9 @@ impl Reloader {
                     restart.push(*n);
                 }
             }
+        }
+        if let Some(relay) = relay {
+            handler = Some((relay.handler(), None));
         }
         if let Some((next, engine)) = handler {
             cur.handler.set(Arc::new(next));

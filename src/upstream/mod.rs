@@ -16,6 +16,7 @@ pub mod pool;
 pub mod relay;
 pub mod scan;
 pub mod settings;
+pub mod state;
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -288,11 +289,19 @@ impl Upstream {
             }
             groups.push(Group::new(g, connectors));
         }
-        let pools = Arc::new(Pools {
+        let mut pools = Pools {
             groups,
             rise: settings.health.rise,
             fall: settings.health.fall,
-        });
+        };
+        // A reload: backends it keeps keep their health state.
+        if let Some(running) = pool::current() {
+            let kept = pools.inherit(&running);
+            if kept > 0 {
+                tracing::info!("upstream: {kept} backend(s) keep their up/down state and counters across the reload");
+            }
+        }
+        let pools = Arc::new(pools);
         Ok(Upstream {
             pools,
             mode: settings.relay,
@@ -347,7 +356,7 @@ impl Upstream {
     /// stop once the handler and every client it serves are gone).
     pub fn handler(self: Arc<Self>) -> StreamHandler {
         pool::set_current(&self.pools);
-        health::spawn(&self.pools, self.health, self.connect_timeout);
+        health::spawn(&self.pools, self.health, self.connect_timeout, &self.limits);
         Arc::new(move |client: ClientStream| {
             let this = self.clone();
             Box::pin(async move { this.serve(client).await })

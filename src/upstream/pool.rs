@@ -9,12 +9,13 @@
 //! gets its weight's share of the streams, and when one is down only its streams move,
 //! each to its own next-highest backend.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
 
 #[cfg(test)]
 use super::settings::BackendSettings;
 use super::settings::{AppPattern, Balance, GroupSettings, HealthKind};
+use super::state::{BackendState, Transition};
 use super::Connector;
 
 /// One backend of a group.
@@ -26,20 +27,16 @@ pub struct Backend {
     pub backup: bool,
     /// 1..=MAX_WEIGHT, see [`super::settings::BackendSettings::weight`].
     pub weight: u32,
-    up: AtomicBool,
-    /// Consecutive failed and successful checks, for the rise/fall thresholds.
-    fails: AtomicU32,
-    oks: AtomicU32,
-    /// Clients relayed to it right now (least-connections, admin).
-    active: AtomicUsize,
+    /// Up/down, streaks, clients, transitions: kept across a reload ([`Pools::inherit`]).
+    state: Arc<BackendState>,
 }
 
 /// Holds a backend's active-client count for one client.
-pub struct ActiveGuard(Arc<Backend>);
+pub struct ActiveGuard(Arc<BackendState>);
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Relaxed);
+        self.0.remove_client();
     }
 }
 
@@ -54,70 +51,52 @@ impl Backend {
             connector,
             backup,
             weight: weight.max(1),
-            up: AtomicBool::new(true),
-            fails: AtomicU32::new(0),
-            oks: AtomicU32::new(0),
-            active: AtomicUsize::new(0),
+            state: Arc::default(),
         }
     }
 
     pub fn is_up(&self) -> bool {
-        self.up.load(Relaxed)
+        self.state.is_up()
     }
 
     pub fn active(&self) -> usize {
-        self.active.load(Relaxed)
+        self.state.active()
+    }
+
+    /// (times marked up, times marked down).
+    pub fn transitions(&self) -> (u64, u64) {
+        self.state.transitions()
     }
 
     /// Counts one client on this backend until the guard drops.
     pub fn hold(self: &Arc<Self>) -> ActiveGuard {
-        self.active.fetch_add(1, Relaxed);
-        ActiveGuard(self.clone())
+        self.state.add_client();
+        ActiveGuard(self.state.clone())
     }
 
     /// A health check's result: down after `fall` failures in a row, up after `rise`
     /// successes in a row. Transitions are logged.
     pub fn checked(&self, ok: bool, rise: u32, fall: u32, detail: &str) {
-        if ok {
-            self.fails.store(0, Relaxed);
-            let oks = self.oks.fetch_add(1, Relaxed).saturating_add(1);
-            if !self.is_up() && oks >= rise {
-                self.mark(true, &format!("{oks} health check(s) in a row passed"));
-            }
-        } else {
-            self.oks.store(0, Relaxed);
-            let fails = self.fails.fetch_add(1, Relaxed).saturating_add(1);
-            if self.is_up() && fails >= fall {
-                self.mark(
-                    false,
-                    &format!("{fails} health check(s) in a row failed, the last: {detail}"),
-                );
-            }
+        match self.state.checked(ok, rise, fall) {
+            Transition::Up(n) => self.log(true, &format!("{n} health check(s) in a row passed")),
+            Transition::Down(n) => self.log(
+                false,
+                &format!("{n} health check(s) in a row failed, the last: {detail}"),
+            ),
+            Transition::None => {}
         }
     }
 
-    /// A client's connect to the backend: a failure marks it down at once (a refused or
-    /// timed-out connect is conclusive, and the next client should not wait on it again);
-    /// a success marks it up.
+    /// A client's connect to the backend: a failure marks it down at once, a success up.
     pub fn connected(&self, ok: bool, detail: &str) {
-        if ok {
-            self.fails.store(0, Relaxed);
-            if !self.is_up() {
-                self.mark(true, "a client's connect succeeded");
-            }
-        } else {
-            self.oks.store(0, Relaxed);
-            self.fails.fetch_add(1, Relaxed);
-            if self.is_up() {
-                self.mark(false, &format!("a client's connect failed: {detail}"));
-            }
+        match self.state.connected(ok) {
+            Transition::Up(_) => self.log(true, "a client's connect succeeded"),
+            Transition::Down(_) => self.log(false, &format!("a client's connect failed: {detail}")),
+            Transition::None => {}
         }
     }
 
-    fn mark(&self, up: bool, why: &str) {
-        if self.up.swap(up, Relaxed) == up {
-            return;
-        }
+    fn log(&self, up: bool, why: &str) {
         let url = &self.connector.url;
         if up {
             tracing::info!("upstream {} backend {url} marked up: {why}", self.group);
@@ -323,9 +302,54 @@ impl Pools {
     pub fn backends(&self) -> impl Iterator<Item = &Arc<Backend>> {
         self.groups.iter().flat_map(|g| g.backends.iter())
     }
+
+    /// Takes over the state of each backend `old` has in a group of the same name, with the
+    /// same URL and the same kind of check (a reload that keeps a backend keeps whether it
+    /// is up, its streaks, its client count and its transition counters). Call it before
+    /// the pools are shared; returns how many backends kept their state.
+    pub fn inherit(&mut self, old: &Pools) -> usize {
+        let mut kept = 0;
+        for group in &mut self.groups {
+            let Some(before) = old
+                .groups
+                .iter()
+                .find(|g| g.name == group.name && g.health == group.health)
+            else {
+                continue;
+            };
+            for backend in &mut group.backends {
+                let url = backend.connector.url.to_string();
+                let Some(prev) = before
+                    .backends
+                    .iter()
+                    .find(|b| b.connector.url.to_string() == url)
+                else {
+                    continue;
+                };
+                // Fresh pools hold the only reference to each backend.
+                if let Some(b) = Arc::get_mut(backend) {
+                    b.state = prev.state.clone();
+                    kept += 1;
+                }
+            }
+        }
+        kept
+    }
 }
 
-/// The pools the running relay uses, for the metrics endpoint.
+impl Group {
+    /// The app a health check's `connect` names: the group's first app that is not a glob,
+    /// if any (a backend may close a connect to an app it does not serve).
+    pub fn literal_app(&self) -> Option<&str> {
+        self.apps
+            .iter()
+            .map(|p| p.0.as_str())
+            .find(|a| !a.contains('*'))
+    }
+}
+
+/// The pools the running relay uses, for the metrics endpoint, the health checks (a
+/// replaced relay's checks stop) and a reload (which keeps backends' state).
 static CURRENT: Mutex<Option<Weak<Pools>>> = Mutex::new(None);
 
 pub fn set_current(pools: &Arc<Pools>) {
@@ -334,21 +358,43 @@ pub fn set_current(pools: &Arc<Pools>) {
     }
 }
 
-/// (group, backend URL, up, active clients) for each backend of the running relay.
-pub fn snapshot() -> Vec<(String, String, bool, usize)> {
-    let pools = CURRENT.lock().ok().and_then(|c| c.as_ref()?.upgrade());
-    let Some(pools) = pools else {
+/// The running relay's pools, if there is one.
+pub fn current() -> Option<Arc<Pools>> {
+    CURRENT.lock().ok().and_then(|c| c.as_ref()?.upgrade())
+}
+
+/// True while `pools` are the running relay's.
+pub fn is_current(pools: &Arc<Pools>) -> bool {
+    current().is_some_and(|c| Arc::ptr_eq(&c, pools))
+}
+
+/// One backend of the running relay, for `/metrics`.
+pub struct BackendView {
+    pub group: String,
+    pub url: String,
+    pub up: bool,
+    pub active: usize,
+    pub went_up: u64,
+    pub went_down: u64,
+}
+
+/// Each backend of the running relay.
+pub fn snapshot() -> Vec<BackendView> {
+    let Some(pools) = current() else {
         return Vec::new();
     };
     pools
         .backends()
         .map(|b| {
-            (
-                b.group.clone(),
-                b.connector.url.to_string(),
-                b.is_up(),
-                b.active(),
-            )
+            let (went_up, went_down) = b.transitions();
+            BackendView {
+                group: b.group.clone(),
+                url: b.connector.url.to_string(),
+                up: b.is_up(),
+                active: b.active(),
+                went_up,
+                went_down,
+            }
         })
         .collect()
 }
@@ -531,5 +577,32 @@ mod tests {
             }
             assert_eq!(*now.last().unwrap(), 3, "the dead one is tried last");
         }
+    }
+
+    #[test]
+    fn inherit_keeps_the_state_of_backends_with_the_same_url() {
+        let pools = |urls: &[&str], health: HealthKind| {
+            let mut g = group(Balance::RoundRobin, urls, &[]);
+            g.health = health;
+            Pools {
+                groups: vec![g],
+                rise: 2,
+                fall: 2,
+            }
+        };
+        let old = pools(&["rtmp://h:1", "rtmp://h:2"], HealthKind::Tcp);
+        old.groups[0].backends[0].connected(false, "refused");
+        let _client = old.groups[0].backends[1].hold();
+        let mut new = pools(&["rtmp://h:1", "rtmp://h:2", "rtmp://h:3"], HealthKind::Tcp);
+        assert_eq!(new.inherit(&old), 2);
+        let b = &new.groups[0].backends;
+        assert!(!b[0].is_up());
+        assert_eq!(b[0].transitions(), (0, 1));
+        assert_eq!(b[1].active(), 1);
+        assert!(b[2].is_up());
+        // Another kind of check starts afresh.
+        let mut other = pools(&["rtmp://h:1"], HealthKind::Rtmp);
+        assert_eq!(other.inherit(&old), 0);
+        assert!(other.groups[0].backends[0].is_up());
     }
 }
