@@ -82,6 +82,12 @@ elif ! find_bin python3 >/dev/null; then
     missing+=(python3-venv)
 fi
 
+# tests/edge.rs parses examples/cluster/docker-compose.yml with PyYAML (Docker is not needed).
+if ! python3 -c 'import yaml' 2>/dev/null; then
+    log "missing PyYAML (package python3-yaml)"
+    missing+=(python3-yaml)
+fi
+
 # The status page test renders text in headless Chromium: it needs a font (installed with
 # --no-install-recommends, chromium brings none).
 if [ ! -d /usr/share/fonts/truetype/dejavu ] && [ ! -d /usr/share/fonts/truetype/liberation ]; then

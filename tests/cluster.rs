@@ -379,7 +379,9 @@ fn example_haproxy_recipe_routes_by_node_prefix() {
     let mut conf = recipe
         .replace("maxconn 100000", "maxconn 1000")
         .replace("bind :1935", &format!("bind 127.0.0.1:{rtmp_port}"))
-        .replace("bind :80", &format!("bind 127.0.0.1:{http_port}"));
+        .replace("bind :80", &format!("bind 127.0.0.1:{http_port}"))
+        // The RTMPS frontend is not used here (the compose recipe's test uses it).
+        .replace("bind :443", &format!("bind 127.0.0.1:{}", free_port()));
     for (i, n) in nodes.iter().enumerate() {
         let a = n.addr().to_string();
         let admin = admin_addr(&n.gw).port();
@@ -397,7 +399,8 @@ fn example_haproxy_recipe_routes_by_node_prefix() {
             })
             .collect::<String>()
             .replace(&format!("{host}1935"), &a)
-            .replace(&format!("{host}8080"), &a);
+            .replace(&format!("{host}8080"), &a)
+            .replace(&format!("{host}8443"), &a);
     }
     assert!(
         !conf.contains("10.0.0."),

@@ -9,6 +9,8 @@
 
 mod common;
 
+use std::path::Path;
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -310,4 +312,344 @@ fn two_origins_each_stream_goes_to_its_hashed_origin_and_edges_agree() {
     ] {
         assert!(log.contains(&line), "missing '{line}' in:\n{log}");
     }
+}
+
+fn recipe(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples/cluster")
+        .join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The compose file, parsed by PyYAML (anchors and merge keys resolved) into JSON.
+fn compose() -> serde_json::Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/cluster/docker-compose.yml");
+    let mut cmd = Command::new("python3");
+    cmd.arg("-c")
+        .arg("import sys, json, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))")
+        .arg(&path);
+    let (status, out, err) = run_capture(&mut cmd, Duration::from_secs(20));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "python3 could not parse {} (PyYAML missing? run scripts/install-peers.sh): {}",
+        path.display(),
+        String::from_utf8_lossy(&err)
+    );
+    serde_json::from_slice(&out).unwrap()
+}
+
+/// The structure the recipe promises: three nodes with their ids and addresses, HAProxy
+/// and two origins, each mounting a file of examples/cluster that exists, and the
+/// addresses the mounted configs name.
+fn check_compose(haproxy: &str, node: &str) {
+    let c = compose();
+    let services = c["services"].as_object().expect("services");
+    let mut names: Vec<&str> = services.keys().map(String::as_str).collect();
+    names.sort();
+    assert_eq!(names, ["haproxy", "n1", "n2", "n3", "origin-a", "origin-b"]);
+    let ip = |s: &str| {
+        services[s]["networks"]["cluster"]["ipv4_address"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{s} has no fixed address"))
+            .to_string()
+    };
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/cluster");
+    for (s, svc) in services {
+        for v in svc["volumes"].as_array().into_iter().flatten() {
+            let v = v.as_str().unwrap();
+            let local = v.split(':').next().unwrap();
+            if local != "./certs" {
+                assert!(
+                    dir.join(local).is_file(),
+                    "{s} mounts {local}, which is not in examples/cluster"
+                );
+            }
+        }
+    }
+    let mounts = |s: &str, file: &str| {
+        services[s]["volumes"].as_array().is_some_and(|v| {
+            v.iter()
+                .any(|m| m.as_str().is_some_and(|m| m.starts_with(file)))
+        })
+    };
+    assert!(mounts(
+        "haproxy",
+        "./haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg"
+    ));
+    assert_eq!(ip("haproxy"), "10.0.0.10");
+    assert!(node.contains("trusted_proxies = [\"10.0.0.10/32\"]"));
+    for i in 1..=3 {
+        let n = format!("n{i}");
+        assert!(
+            mounts(&n, "./rtmpgate-node.toml:/etc/rtmpgate/rtmpgate.toml"),
+            "{n}"
+        );
+        let cmd: Vec<&str> = services[&n]["command"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(
+            cmd,
+            [
+                "--config",
+                "/etc/rtmpgate/rtmpgate.toml",
+                "--node-id",
+                n.as_str()
+            ]
+        );
+        let addr = ip(&n);
+        assert_eq!(addr, format!("10.0.0.1{i}"));
+        for port in [1935, 8443, 8080] {
+            assert!(
+                haproxy.contains(&format!("server {n} {addr}:{port} send-proxy-v2")),
+                "haproxy.cfg has no {n} on {addr}:{port}"
+            );
+        }
+        assert!(node.contains(&format!("http://{addr}:7935")));
+        let env = &services[&n]["environment"];
+        assert!(
+            env["RTMPGATE_ADMIN_TOKEN"].is_string() && env["RTMPGATE_CLUSTER_SECRET"].is_string()
+        );
+    }
+    for (s, addr) in [("origin-a", "10.0.0.21"), ("origin-b", "10.0.0.22")] {
+        assert_eq!(ip(s), addr);
+        assert!(
+            mounts(s, "./nginx-origin.conf:/etc/nginx/nginx.conf"),
+            "{s}"
+        );
+        assert!(
+            node.contains(&format!("rtmp://{addr}:1935")),
+            "the nodes do not name {s}"
+        );
+    }
+    assert_eq!(
+        c["networks"]["cluster"]["ipam"]["config"][0]["subnet"],
+        "10.0.0.0/24"
+    );
+}
+
+/// Connections established to `ip:port` now (/proc/net/tcp, local address).
+fn established_at(ip: [u8; 4], port: u16) -> usize {
+    let want = format!("{:08X}:{port:04X}", u32::from_le_bytes(ip));
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.get(1) == Some(&want.as_str()) && f.get(3) == Some(&"01")
+        })
+        .count()
+}
+
+/// An origin from the recipe's nginx-origin.conf, listening on `ip`:1935.
+fn start_origin(conf: &str, ip: &str) -> (Proc, tempfile::TempDir) {
+    let dir = temp_dir();
+    let d = dir.path().display();
+    let module = peers().nginx_rtmp_module.display().to_string();
+    let body: String = conf
+        .lines()
+        .filter(|l| !l.starts_with("load_module") && !l.starts_with("error_log"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(body.contains("listen 1935;"));
+    let text = format!(
+        "load_module {module};\ndaemon off; master_process off;\nerror_log {d}/error.log warn; pid {d}/nginx.pid;\n{}",
+        body.replace("listen 1935;", &format!("listen {ip}:1935;"))
+    );
+    let path = dir.path().join("nginx.conf");
+    std::fs::write(&path, text).unwrap();
+    let mut cmd = Command::new(&peers().nginx);
+    cmd.arg("-c").arg(&path).arg("-p").arg(dir.path());
+    let mut proc = Proc::spawn(&format!("nginx origin {ip}"), cmd);
+    let addr: std::net::SocketAddr = format!("{ip}:1935").parse().unwrap();
+    assert!(
+        wait_until(START_TIMEOUT, || accepts(addr) || !proc.is_running()) && proc.is_running(),
+        "origin {ip} did not start: {}{}",
+        proc.log(),
+        std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default()
+    );
+    (proc, dir)
+}
+
+#[test]
+fn compose_recipe_three_edges_behind_haproxy_and_two_origins() {
+    let haproxy_cfg = recipe("haproxy.cfg");
+    let node_toml = recipe("rtmpgate-node.toml");
+    check_compose(&haproxy_cfg, &node_toml);
+    // The same configs, natively: 10.0.0.x becomes 127.0.0.x.
+    let origin_conf = recipe("nginx-origin.conf");
+    let _origins = [
+        start_origin(&origin_conf, "127.0.0.21"),
+        start_origin(&origin_conf, "127.0.0.22"),
+    ];
+    let certs = dev_certs();
+    let nodes: Vec<Gateway> = (1..=3)
+        .map(|i| {
+            let conf = node_toml
+                .replace("0.0.0.0", &format!("127.0.0.1{i}"))
+                .replace("10.0.0.", "127.0.0.")
+                .replace(
+                    "/etc/rtmpgate/certs/fullchain.pem",
+                    &certs.chain.display().to_string(),
+                )
+                .replace(
+                    "/etc/rtmpgate/certs/privkey.pem",
+                    &certs.key.display().to_string(),
+                );
+            let gw = Gateway::builder()
+                .config(&conf)
+                .env(
+                    "RTMPGATE_ADMIN_TOKEN",
+                    "compose-test-admin-token-0123456789abcdef",
+                )
+                .env(
+                    "RTMPGATE_CLUSTER_SECRET",
+                    "compose-test-cluster-secret-0123456789abcdef",
+                )
+                .env("RUST_LOG", "info,rtmpgate::engine::edge=debug")
+                .args(&["--node-id", &format!("n{i}")])
+                .start();
+            for port in [1935, 8443, 8080, 9935] {
+                let a: std::net::SocketAddr = format!("127.0.0.1{i}:{port}").parse().unwrap();
+                assert!(
+                    wait_until(START_TIMEOUT, || accepts(a)),
+                    "n{i} does not listen on {a}"
+                );
+            }
+            gw
+        })
+        .collect();
+    // HAProxy with the recipe: its frontends on the test's ports, and 127.0.0.10 as its
+    // source address (in the compose network its container has 10.0.0.10 anyway).
+    let (p_rtmp, p_rtmps, p_http) = (free_port(), free_port(), free_port());
+    let mut conf = String::new();
+    for l in haproxy_cfg
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+    {
+        let l = match l.trim() {
+            "bind :1935" => format!("  bind 127.0.0.10:{p_rtmp}"),
+            "bind :443" => format!("  bind 127.0.0.10:{p_rtmps}"),
+            "bind :80" => format!("  bind 127.0.0.10:{p_http}"),
+            "maxconn 100000" => "  maxconn 1000".to_string(),
+            "defaults" => "defaults\n  source 127.0.0.10".to_string(),
+            _ => l.replace("10.0.0.", "127.0.0."),
+        };
+        conf.push_str(&l);
+        conf.push('\n');
+    }
+    assert!(
+        !conf.contains(" :"),
+        "a frontend port the test does not map: {conf}"
+    );
+    let hdir = temp_dir();
+    let hpath = hdir.path().join("haproxy.cfg");
+    std::fs::write(&hpath, &conf).unwrap();
+    let mut cmd = Command::new(&peers().haproxy);
+    cmd.arg("-db").arg("-f").arg(&hpath);
+    let mut haproxy = Proc::spawn("haproxy", cmd);
+    let front: std::net::SocketAddr = format!("127.0.0.10:{p_http}").parse().unwrap();
+    assert!(
+        wait_until(START_TIMEOUT, || accepts(front) || !haproxy.is_running())
+            && haproxy.is_running(),
+        "haproxy did not start: {}",
+        haproxy.log()
+    );
+    let src = source_flv(SECONDS);
+    let want = framemd5(&src);
+    let dir = temp_dir();
+    let base = |scheme: &str, port: u16| format!("{scheme}://127.0.0.10:{port}/live/compose");
+    let kinds = [
+        ("rtmp ffmpeg", base("rtmp", p_rtmp), false),
+        ("rtmp rtmpdump", base("rtmp", p_rtmp), true),
+        ("rtmps ffmpeg", base("rtmps", p_rtmps), false),
+        ("rtmpt rtmpdump", base("rtmpt", p_http), true),
+        ("rtmpt ffmpeg", base("rtmpt", p_http), false),
+        ("rtmp rtmpdump 2", base("rtmp", p_rtmp), true),
+    ];
+    let mut players = Vec::new();
+    let mut outs = Vec::new();
+    for (i, (_, url, dump)) in kinds.iter().enumerate() {
+        let out = dir.path().join(format!("p{i}.flv"));
+        players.push(if *dump {
+            play_rtmpdump(url, &out)
+        } else {
+            play_ffmpeg(url, &out)
+        });
+        outs.push(out);
+    }
+    let plays = || {
+        nodes
+            .iter()
+            .map(|n| n.log().matches("play live/compose (waiting").count())
+            .sum::<usize>()
+    };
+    assert!(
+        wait_until(Duration::from_secs(15), || plays() == kinds.len()),
+        "{} of {} players reached a node",
+        plays(),
+        kinds.len()
+    );
+    let origins = [
+        "rtmp://127.0.0.21:1935".to_string(),
+        "rtmp://127.0.0.22:1935".to_string(),
+    ];
+    let hashed = hashed_origin(&origins, "live", "compose");
+    let (on, off) = if hashed.contains("127.0.0.21") {
+        ([127, 0, 0, 21], [127, 0, 0, 22])
+    } else {
+        ([127, 0, 0, 22], [127, 0, 0, 21])
+    };
+    // The publisher over RTMPS through the balancer.
+    let mut publisher = publish(&peers().ffmpeg, &base("rtmps", p_rtmps), &src);
+    let (mut most_on, mut most_off) = (0, 0);
+    let until = Instant::now() + Duration::from_secs(u64::from(SECONDS) - 2);
+    while Instant::now() < until {
+        most_on = most_on.max(established_at(on, 1935));
+        most_off = most_off.max(established_at(off, 1935));
+        thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        publisher
+            .wait_timeout(Duration::from_secs(40))
+            .is_some_and(|s| s.success()),
+        "{}",
+        publisher.log()
+    );
+    wait_players(&mut players, PLAYER_TAIL);
+    for ((what, _, _), out) in kinds.iter().zip(&outs) {
+        assert_whole_run(what, &want, &framemd5(out), 700);
+    }
+    let pulls: Vec<usize> = nodes
+        .iter()
+        .map(|n| n.log().matches("edge pull live/compose: started").count())
+        .collect();
+    let with_players = nodes
+        .iter()
+        .filter(|n| n.log().contains("play live/compose"))
+        .count();
+    eprintln!(
+        "players per node {:?}, pulls per node {pulls:?}, most connections on the hashed origin {most_on} (publisher + pulls), on the other {most_off}",
+        nodes.iter().map(|n| n.log().matches("play live/compose (waiting").count()).collect::<Vec<_>>()
+    );
+    assert!(
+        pulls.iter().all(|&p| p <= 1),
+        "a node pulled the stream twice: {pulls:?}"
+    );
+    assert_eq!(pulls.iter().sum::<usize>(), with_players);
+    assert!(
+        most_on <= 1 + with_players,
+        "{most_on} connections on the origin"
+    );
+    assert!(
+        most_on >= 2,
+        "the hashed origin never had the publisher and a pull: {most_on}"
+    );
+    assert_eq!(most_off, 0, "the other origin was used");
+    // PROXY v2 from HAProxy: the nodes see the clients' address, not HAProxy's.
+    assert!(nodes.iter().all(|n| !n.log().contains("rtmp 127.0.0.10:")));
+    assert!(nodes.iter().any(|n| n.log().contains("rtmps 127.0.0.1:")));
 }
