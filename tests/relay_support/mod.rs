@@ -128,7 +128,8 @@ impl Drop for StatNginx {
 
 /// A loopback listener that accepts TCP and does not speak RTMP: `Silent` reads whatever
 /// comes and never answers; `Garbage` answers the RTMP handshake (so a handshake-only check
-/// passes) and then sends an HTTP error instead of answering `connect`, and closes.
+/// passes) and then sends an HTTP error instead of answering `connect`, and closes; `Close`
+/// closes each connection as soon as it is accepted.
 pub struct FakeBackend {
     pub port: u16,
     stop: Arc<AtomicBool>,
@@ -140,6 +141,8 @@ pub struct FakeBackend {
 pub enum Fake {
     Silent,
     Garbage,
+    /// Accepts and closes at once (a backend refusing at connect time).
+    Close,
 }
 
 impl FakeBackend {
@@ -195,6 +198,9 @@ impl Drop for FakeBackend {
 }
 
 fn serve_fake(mut sock: TcpStream, kind: Fake, stop: &AtomicBool) {
+    if kind == Fake::Close {
+        return;
+    }
     let _ = sock.set_read_timeout(Some(Duration::from_millis(100)));
     let mut buf = [0u8; 4096];
     let mut got = 0usize;
