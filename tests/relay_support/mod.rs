@@ -295,6 +295,27 @@ impl RawClient {
         self.flush()
     }
 
+    /// createStream, then publish `name` (query included); the first status the server
+    /// answers (`onStatus NetStream.Publish.Start`, `...BadName`), or Err with why not
+    /// (`closed by the server` when it hangs up instead).
+    pub fn publish(&mut self, name: &str) -> Result<String, String> {
+        self.session.create_stream().map_err(|e| e.to_string())?;
+        self.flush()?;
+        let id = match self.next_where(|e| matches!(e, ClientEvent::StreamCreated { .. }))? {
+            ClientEvent::StreamCreated { stream_id, .. } => stream_id,
+            _ => 1,
+        };
+        self.session.publish(id, name);
+        self.flush()?;
+        let ev = self.next_where(|e| matches!(e, ClientEvent::Status { .. }))?;
+        Ok(match ev {
+            ClientEvent::Status {
+                code, description, ..
+            } => format!("onStatus {code} {description}"),
+            other => other.describe(),
+        })
+    }
+
     fn flush(&mut self) -> Result<(), String> {
         if let Some(out) = self.session.take_output() {
             self.sock
