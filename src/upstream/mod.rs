@@ -11,6 +11,7 @@
 //! direction gets a short grace period to deliver what is in flight, then both are closed.
 
 pub mod guard;
+pub mod hashed;
 pub mod health;
 pub mod pool;
 pub mod relay;
@@ -344,9 +345,12 @@ impl Upstream {
                 let urls: Vec<String> = g
                     .backends
                     .iter()
-                    .map(|b| b.connector.url.to_string())
+                    .map(|b| match b.weight {
+                        1 => b.connector.url.to_string(),
+                        w => format!("{} weight {w}", b.connector.url),
+                    })
                     .collect();
-                format!("{} [{}]", g.name, urls.join(", "))
+                format!("{} {} [{}]", g.name, g.balance.as_str(), urls.join(", "))
             })
             .collect();
         format!("relay = {}: {}", self.mode.as_str(), groups.join("; "))
@@ -378,8 +382,9 @@ impl Upstream {
         group: &Group,
         (peer, local, label): (SocketAddr, SocketAddr, &str),
         handshake: Option<relay::BackendHandshake>,
+        key: &str,
     ) -> Option<(Leg, Arc<Backend>)> {
-        for backend in group.candidates() {
+        for backend in group.candidates_for(key) {
             let url = backend.connector.url.to_string();
             crate::sessions::tag_current(|t| t.upstream = Some(url));
             let began = std::time::Instant::now();
@@ -432,7 +437,7 @@ impl Upstream {
             return;
         };
         let Some((mut leg, backend)) = self
-            .open(group, (client.peer, client.local, &label), None)
+            .open(group, (client.peer, client.local, &label), None, "")
             .await
         else {
             let _ = client.shutdown().await;

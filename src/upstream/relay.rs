@@ -6,7 +6,9 @@
 //!
 //! The backend is chosen at `connect`: a client waits for the connect `_result` before it
 //! sends `createStream` and `publish`/`play`, so the stream name is not known yet when a
-//! backend must answer. Every later command passes through a [`Watch`]: the client's
+//! backend must answer. Groups with `balance = "hash"` are the exception: the gateway
+//! answers the client itself until `publish` or `play` names the stream, and the backend's
+//! side is re-chunked ([`super::hashed`]). Every later command passes through a [`Watch`]: the client's
 //! bytes go through [`ChunkScanner`] (headers parsed, media skipped, command bodies kept),
 //! and a `publish` or `play` the guard wants to see is held, with everything after it,
 //! until its verdict.
@@ -20,7 +22,9 @@ use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::guard::{Action, RelayGuard, Request, Verdict, VerdictFuture};
+use super::hashed::{self, Early, Rechunk};
 use super::scan::ChunkScanner;
+use super::settings::Balance;
 use super::{Leg, Upstream, UpstreamError};
 use crate::budget::{Charge, PeerBudget};
 use crate::net::url::RtmpUrl;
@@ -185,6 +189,21 @@ async fn refuse_connect<S: AsyncWrite + Unpin>(s: &mut S, txn: f64, code: &str, 
     send_and_close(s, &msg).await;
 }
 
+/// Answers a publish or play the gateway cannot serve with its error status and closes.
+async fn refuse_stream<S: AsyncWrite + Unpin>(s: &mut S, e: &Early, why: &str) {
+    let code = match e.action {
+        Action::Publish => "NetStream.Publish.BadName",
+        _ => "NetStream.Play.Failed",
+    };
+    let msg = message::command_message(
+        e.stream_id,
+        "onStatus",
+        0.0,
+        &[Amf0Value::Null, status_info(code, why)],
+    );
+    send_and_close(s, &msg).await;
+}
+
 /// The info object of an error status.
 fn status_info(code: &str, why: &str) -> Amf0Value {
     Amf0Value::object([
@@ -194,10 +213,14 @@ fn status_info(code: &str, why: &str) -> Amf0Value {
     ])
 }
 
-/// Sends one message with a full (fmt 0) header, then closes the connection.
+/// Sends one message with a full (fmt 0) header, then closes the connection. A Set Chunk
+/// Size goes first: whatever chunk size the backend (or the gateway) gave the client, the
+/// message is then read at the size it is written in.
 async fn send_and_close<S: AsyncWrite + Unpin>(s: &mut S, msg: &Message) {
     let mut out = BytesMut::new();
-    ChunkEncoder::new().write(STATUS_CSID, msg, &mut out);
+    let mut enc = ChunkEncoder::new();
+    enc.write(2, &message::set_chunk_size(STATUS_CHUNK_SIZE), &mut out);
+    enc.write(STATUS_CSID, msg, &mut out);
     let _ = s.write_all(&out).await;
     let _ = s.flush().await;
     let _ = s.shutdown().await;
@@ -206,6 +229,8 @@ async fn send_and_close<S: AsyncWrite + Unpin>(s: &mut S, msg: &Message) {
 /// The chunk stream of the gateway's own status messages (a full header, so it does not
 /// depend on the backend's header compression on that chunk stream).
 const STATUS_CSID: u32 = 5;
+/// The chunk size of the gateway's own status messages.
+const STATUS_CHUNK_SIZE: u32 = 4096;
 
 /// A publish or play the guard refused: answered with onStatus after the relay stops.
 #[derive(Debug, Clone)]
@@ -293,29 +318,75 @@ pub async fn serve(up: &Upstream, mut client: ClientStream) {
         .await;
         return;
     };
+    let early = if group.balance == Balance::Hash {
+        let rtmpe = matches!(client.transport, Transport::Rtmpe | Transport::Rtmpte);
+        let answer = hashed::answer_until_stream(
+            &mut client,
+            &mut raw,
+            &mut raw_charge,
+            limits,
+            &budget,
+            rtmpe,
+        );
+        match tokio::time::timeout(limits.handshake_timeout(), answer).await {
+            Ok(Ok(e)) => {
+                sessions::tag_current(|t| t.name = Some(short(&e.name)));
+                Some(e)
+            }
+            Ok(Err(e)) => {
+                tracing::info!("{label}: closing before publish or play: {e}");
+                return;
+            }
+            Err(_) => {
+                tracing::info!(
+                    "{label}: closing: no publish or play within {:?} of connect (limits.handshake_timeout_secs)",
+                    limits.handshake_timeout()
+                );
+                return;
+            }
+        }
+    } else {
+        None
+    };
     let hs = BackendHandshake {
         digest: matches!(kind, HandshakeKind::Digest(_)),
     };
+    let key = early.as_ref().map_or("", |e| e.key.as_str());
     let Some((mut leg, backend)) = up
-        .open(group, (client.peer, client.local, &label), Some(hs))
+        .open(group, (client.peer, client.local, &label), Some(hs), key)
         .await
     else {
-        refuse_connect(
-            &mut client,
-            txn,
-            "NetConnection.Connect.Failed",
-            "no backend reachable",
-        )
-        .await;
+        match &early {
+            // The gateway already accepted connect: the stream is what fails.
+            Some(e) => refuse_stream(&mut client, e, "no backend reachable").await,
+            None => {
+                refuse_connect(
+                    &mut client,
+                    txn,
+                    "NetConnection.Connect.Failed",
+                    "no backend reachable",
+                )
+                .await
+            }
+        }
         return;
     };
     let _active = backend.hold();
-    tracing::debug!(
-        "{label}: app '{}' relayed to upstream {} backend {}",
-        short(&app),
-        group.name,
-        backend.connector.url
-    );
+    match &early {
+        Some(e) => tracing::debug!(
+            "{label}: {} '{}' hashed to upstream {} backend {}",
+            e.action.as_str(),
+            short(&e.key),
+            group.name,
+            backend.connector.url
+        ),
+        None => tracing::debug!(
+            "{label}: app '{}' relayed to upstream {} backend {}",
+            short(&app),
+            group.name,
+            backend.connector.url
+        ),
+    }
     let head = raw.split_to(used.min(raw.len()));
     if let Err(e) = async {
         leg.write_all(&head).await?;
@@ -348,13 +419,14 @@ pub async fn serve(up: &Upstream, mut client: ClientStream) {
     let rest = raw.freeze();
     drop(raw_charge);
     let mut client = Prefixed::new(rest, client);
-    let result = super::pump_watched(
-        &mut client,
-        &mut leg,
-        up.idle_timeout,
-        Some(Box::new(watch)),
-    )
-    .await;
+    let watch = Some(Box::new(watch));
+    let result = match early {
+        Some(e) => {
+            let mut back = Rechunk::new(&mut leg, e, limits, &budget, &label);
+            super::pump_watched(&mut client, &mut back, up.idle_timeout, watch).await
+        }
+        None => super::pump_watched(&mut client, &mut leg, up.idle_timeout, watch).await,
+    };
     let denial = denied.lock().ok().and_then(|mut d| d.take());
     if let Some(d) = denial {
         // The backend's side is normally quiet while a client waits for its publish or

@@ -135,11 +135,37 @@ fn glob(p: &[u8], t: &[u8]) -> bool {
 
 /// One entry of `backends` or `backup` as written: a URL, or a table with a weight and a
 /// PROXY protocol header of its own.
-#[derive(Deserialize, Debug, Clone, PartialEq, Eq)]
-#[serde(untagged)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FileBackend {
     Url(String),
     Table(FileBackendTable),
+}
+
+impl<'de> Deserialize<'de> for FileBackend {
+    /// A string or a table; a table's own errors (an unknown key, a wrong type) are
+    /// reported as they are, not as "matches no variant".
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = FileBackend;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(
+                    "a backend URL, or a table { url = \"rtmp://HOST:PORT\", weight = N, proxy_protocol = \"v1\" | \"v2\" | \"off\" }",
+                )
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<FileBackend, E> {
+                Ok(FileBackend::Url(v.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                m: A,
+            ) -> Result<FileBackend, A::Error> {
+                FileBackendTable::deserialize(serde::de::value::MapAccessDeserializer::new(m))
+                    .map(FileBackend::Table)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// `{ url = "rtmp://...", weight = 3, proxy_protocol = "v2" }`.
