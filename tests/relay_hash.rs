@@ -5,7 +5,8 @@
 //! compared with the source (framemd5, whole run). Then that backend is killed: the
 //! stream's next publisher and players land together on the backend next in the stream's
 //! order. And a PROXY v2 header per backend: a second rtmpgate accepting PROXY headers is
-//! the backend, and logs the real client addresses the front gateway saw.
+//! the backend, and logs the real client addresses the front gateway saw; `[auth]` keys in
+//! a hash group refuse a wrong key with the reason.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -138,7 +139,8 @@ fn proxy_v2_per_backend_carries_the_client_address() {
     let gw = Gateway::builder()
         .args(&["--listen", "rtmp://127.0.0.1:0"])
         .config(&format!(
-            "[[upstreams]]\nname = \"h\"\nbalance = \"hash\"\n\
+            "[auth.publish_keys]\nlive = [\"pp\"]\n\n\
+             [[upstreams]]\nname = \"h\"\nbalance = \"hash\"\n\
              backends = [{{ url = \"rtmp://{}\", weight = 2, proxy_protocol = \"v2\" }}]\n",
             backend.addr("rtmp")
         ))
@@ -170,5 +172,28 @@ fn proxy_v2_per_backend_carries_the_client_address() {
         "front saw {front:?}, the backend {:?}\n{}",
         client_ports(&backend.log()),
         backend.log()
+    );
+
+    // `[auth]` in a hash group: a wrong key is refused with the reason, which ffmpeg reads
+    // (the status is chunked at the size the gateway gave it).
+    let (status, _, err) = run_capture(
+        std::process::Command::new(&p.ffmpeg).args([
+            "-nostdin",
+            "-hide_banner",
+            "-i",
+            src_file.to_str().unwrap(),
+            "-c",
+            "copy",
+            "-f",
+            "flv",
+            &format!("{}/live/wrong", gw.url("rtmp")),
+        ]),
+        Duration::from_secs(30),
+    );
+    let err = String::from_utf8_lossy(&err);
+    assert!(status.is_some_and(|s| !s.success()), "{err}");
+    assert!(
+        err.contains("stream key is not valid"),
+        "ffmpeg did not get the reason:\n{err}"
     );
 }

@@ -251,16 +251,24 @@ pub struct Rechunk<L> {
 }
 
 impl<L> Rechunk<L> {
+    /// The chunk size the client reads at once a [`Rechunk`] for `early` has started.
+    pub fn client_chunk_size(early: &Early) -> u32 {
+        let want = ServerConfig::default().chunk_size;
+        if early.action == Action::Play && early.chunk_size < want {
+            want
+        } else {
+            early.chunk_size
+        }
+    }
+
     pub fn new(inner: L, early: Early, limits: &Limits, budget: &PeerBudget, label: &str) -> Self {
         let mut encoder = ChunkEncoder::new();
         encoder.set_chunk_size(early.chunk_size);
         let mut out = BytesMut::new();
-        if early.action == Action::Play {
-            let want = ServerConfig::default().chunk_size;
-            if encoder.chunk_size() < want {
-                // RTMPE: the large chunk size is safe for a player (see `Early::rtmpe`).
-                encoder.write(cmd::CSID_CONTROL, &message::set_chunk_size(want), &mut out);
-            }
+        let size = Self::client_chunk_size(&early);
+        if size != early.chunk_size {
+            // RTMPE: the large chunk size is safe for a player (see `Early::rtmpe`).
+            encoder.write(cmd::CSID_CONTROL, &message::set_chunk_size(size), &mut out);
         }
         Rechunk {
             inner,

@@ -186,7 +186,7 @@ fn short(s: &str) -> String {
 async fn refuse_connect<S: AsyncWrite + Unpin>(s: &mut S, txn: f64, code: &str, why: &str) {
     let info = status_info(code, why);
     let msg = message::command_message(0, "_error", txn, &[Amf0Value::Null, info]);
-    send_and_close(s, &msg).await;
+    send_and_close(s, &msg, DEFAULT_CHUNK).await;
 }
 
 /// Answers a publish or play the gateway cannot serve with its error status and closes.
@@ -201,7 +201,7 @@ async fn refuse_stream<S: AsyncWrite + Unpin>(s: &mut S, e: &Early, why: &str) {
         0.0,
         &[Amf0Value::Null, status_info(code, why)],
     );
-    send_and_close(s, &msg).await;
+    send_and_close(s, &msg, e.chunk_size).await;
 }
 
 /// The info object of an error status.
@@ -213,13 +213,13 @@ fn status_info(code: &str, why: &str) -> Amf0Value {
     ])
 }
 
-/// Sends one message with a full (fmt 0) header, then closes the connection. A Set Chunk
-/// Size goes first: whatever chunk size the backend (or the gateway) gave the client, the
-/// message is then read at the size it is written in.
-async fn send_and_close<S: AsyncWrite + Unpin>(s: &mut S, msg: &Message) {
+/// Sends one message with a full (fmt 0) header, chunked at `chunk_size` (the size the
+/// client reads at), then closes the connection. (No Set Chunk Size first: an ffmpeg
+/// publisher echoes one back, and fails on the closed socket before reading the status.)
+async fn send_and_close<S: AsyncWrite + Unpin>(s: &mut S, msg: &Message, chunk_size: u32) {
     let mut out = BytesMut::new();
     let mut enc = ChunkEncoder::new();
-    enc.write(2, &message::set_chunk_size(STATUS_CHUNK_SIZE), &mut out);
+    enc.set_chunk_size(chunk_size);
     enc.write(STATUS_CSID, msg, &mut out);
     let _ = s.write_all(&out).await;
     let _ = s.flush().await;
@@ -229,8 +229,10 @@ async fn send_and_close<S: AsyncWrite + Unpin>(s: &mut S, msg: &Message) {
 /// The chunk stream of the gateway's own status messages (a full header, so it does not
 /// depend on the backend's header compression on that chunk stream).
 const STATUS_CSID: u32 = 5;
-/// The chunk size of the gateway's own status messages.
-const STATUS_CHUNK_SIZE: u32 = 4096;
+/// The chunk size a client reads at before anyone changed it. In connect mode (not hash)
+/// the backend's own Set Chunk Size is not followed, so a status after it is chunked at
+/// this size too (status messages are about this size).
+const DEFAULT_CHUNK: u32 = 128;
 
 /// A publish or play the guard refused: answered with onStatus after the relay stops.
 #[derive(Debug, Clone)]
@@ -420,6 +422,9 @@ pub async fn serve(up: &Upstream, mut client: ClientStream) {
     drop(raw_charge);
     let mut client = Prefixed::new(rest, client);
     let watch = Some(Box::new(watch));
+    let status_chunk = early
+        .as_ref()
+        .map_or(DEFAULT_CHUNK, Rechunk::<Leg>::client_chunk_size);
     let result = match early {
         Some(e) => {
             let mut back = Rechunk::new(&mut leg, e, limits, &budget, &label);
@@ -438,7 +443,7 @@ pub async fn serve(up: &Upstream, mut client: ClientStream) {
             0.0,
             &[Amf0Value::Null, status_info(d.code, &d.reason)],
         );
-        send_and_close(&mut client, &msg).await;
+        send_and_close(&mut client, &msg, status_chunk).await;
     }
     if let Err(e) = result {
         if e.kind() == io::ErrorKind::PermissionDenied || e.kind() == io::ErrorKind::InvalidData {
