@@ -653,3 +653,61 @@ fn compose_recipe_three_edges_behind_haproxy_and_two_origins() {
     assert!(nodes.iter().all(|n| !n.log().contains("rtmp 127.0.0.10:")));
     assert!(nodes.iter().any(|n| n.log().contains("rtmps 127.0.0.1:")));
 }
+
+#[test]
+fn killed_origin_its_streams_move_to_the_other_and_the_edge_re_pulls() {
+    let mut oa = Nginx::start();
+    let ob = Nginx::start();
+    let origins = [oa.upstream(), ob.upstream()];
+    let e = edge(&origins);
+    let name = (0..200)
+        .map(|i| format!("m{i}"))
+        .find(|n| hashed_origin(&origins, "live", n) == origins[0])
+        .unwrap();
+    let src = source_flv(SECONDS);
+    let want = video(&framemd5(&src));
+    let dir = temp_dir();
+    let out = dir.path().join("p.flv");
+    let url = format!("{}/live/{name}", e.url("rtmp"));
+    let mut player = play_rtmpdump(&url, &out);
+    assert!(wait_until(Duration::from_secs(10), || e.log().contains(
+        &format!("edge pull live/{name}: playing from {}", origins[0])
+    )));
+    let mut first = publish(&peers().ffmpeg, &url, &src);
+    assert!(wait_until(Duration::from_secs(10), || e.log().contains(
+        &format!("edge forward live/{name}: publishing to {}", origins[0])
+    )));
+    thread::sleep(Duration::from_millis(2500));
+    // Origin A dies: the forwarded publisher is closed (ffmpeg gives up) and publishes
+    // again; both the forward and the pull now go to B.
+    oa.kill();
+    let st = first.wait_timeout(Duration::from_secs(15));
+    assert!(
+        st.is_some(),
+        "the publisher was not closed when its origin died"
+    );
+    let mut second = publish(&peers().ffmpeg, &url, &src);
+    assert!(
+        second
+            .wait_timeout(Duration::from_secs(30))
+            .is_some_and(|s| s.success()),
+        "{}",
+        second.log()
+    );
+    wait_players(std::slice::from_mut(&mut player), PLAYER_TAIL);
+    let run = after_restart(&want, &framemd5(&out));
+    let r = assert_contiguous_run("player after origin A died", &want, &run, 0.9);
+    assert_eq!(r.start("video"), Some(0), "{r}");
+    let log = e.log();
+    for line in [
+        format!("edge forward live/{name}: publishing to {}", origins[1]),
+        format!("edge pull live/{name}: playing from {}", origins[1]),
+    ] {
+        assert!(log.contains(&line), "missing '{line}' in:\n{log}");
+    }
+    assert_eq!(
+        log.matches(&format!("edge pull live/{name}: started"))
+            .count(),
+        1
+    );
+}
