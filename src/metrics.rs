@@ -188,8 +188,14 @@ pub struct Histogram {
     count: AtomicU64,
 }
 
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram::new()
+    }
+}
+
 impl Histogram {
-    const fn new() -> Self {
+    pub const fn new() -> Self {
         Histogram {
             buckets: [const { AtomicU64::new(0) }; CONNECT_BUCKETS.len() + 1],
             sum_nanos: AtomicU64::new(0),

@@ -139,7 +139,7 @@ fn owners(nodes: &[Node]) -> Vec<usize> {
 fn tunnel_sessions_survive_per_request_round_robin() {
     let p = peers();
     let origin = Nginx::start();
-    let nodes = start_nodes(3, &origin, &[]);
+    let nodes = start_nodes(3, &origin, &["--admin", "127.0.0.1:0"]);
     let addrs: Vec<SocketAddr> = nodes.iter().map(Node::addr).collect();
     let (_haproxy, _hdir, port) = haproxy_round_robin(&addrs, true);
     let dir = temp_dir();
@@ -180,7 +180,59 @@ fn tunnel_sessions_survive_per_request_round_robin() {
             "node {} forwarded no request: the balancer did not spread sessions' requests",
             at.id
         );
+        // /metrics counts the same requests, by verb, with their latency.
+        let text = scrape(&at.gw);
+        let counted: u64 = ["send", "idle", "close"]
+            .iter()
+            .map(|v| {
+                metric(
+                    &text,
+                    &format!("rtmpgate_cluster_forwarded_requests_total{{verb=\"{v}\"}}"),
+                )
+            })
+            .sum();
+        assert_eq!(counted, n as u64, "node {}: /metrics vs log lines", at.id);
+        assert_eq!(metric(&text, "rtmpgate_cluster_forward_failures_total"), 0);
+        let send_count = metric(
+            &text,
+            "rtmpgate_cluster_forward_duration_seconds_count{verb=\"send\"}",
+        );
+        // The smallest bucket holding 99% of the forwarded /send requests (a figure for the
+        // report; latency bounds belong to bench/compare, not to a timed test).
+        let p99 = [
+            "0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25",
+        ]
+        .iter()
+        .find(|le| {
+            let below = metric(
+                &text,
+                &format!(
+                    "rtmpgate_cluster_forward_duration_seconds_bucket{{verb=\"send\",le=\"{le}\"}}"
+                ),
+            );
+            send_count > 0 && below * 100 >= send_count * 99
+        });
+        eprintln!(
+            "node {}: {send_count} forwarded /send, p99 within {} s",
+            at.id,
+            p99.unwrap_or(&">0.25")
+        );
     }
+}
+
+/// GET /metrics from a node's admin listener (curl).
+fn scrape(gw: &Gateway) -> String {
+    let url = format!("http://{}/metrics", admin_addr(gw));
+    let mut cmd = Command::new(&peers().curl);
+    cmd.args(["-s", "--max-time", "5", &url]);
+    String::from_utf8_lossy(&run_ok(&mut cmd, Duration::from_secs(10))).into_owned()
+}
+
+/// The value of the sample named exactly `name` (with its labels), 0 if absent.
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
 }
 
 /// Finishes a player: once its file has not grown for 2 s, SIGINT (it writes out its

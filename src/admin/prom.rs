@@ -328,6 +328,7 @@ impl Collector for Gateway {
             crate::upstream::health::encode_metrics(&mut e)?;
         }
 
+        crate::cluster::metrics::encode_metrics(&mut e)?;
         if let Some(engine) = &st.engine {
             if engine.edge().is_some() {
                 crate::engine::edge::encode_metrics(&mut e)?;

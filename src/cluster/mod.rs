@@ -17,6 +17,7 @@
 
 pub mod auth;
 pub mod link;
+pub mod metrics;
 pub mod server;
 mod settings;
 
@@ -72,6 +73,7 @@ impl Cluster {
         limits: Arc<Limits>,
         tunnel: &Arc<Tunnel>,
     ) -> anyhow::Result<(Arc<Cluster>, Option<SocketAddr>)> {
+        metrics::started();
         let secret = settings.secret.clone().unwrap_or_default().into_bytes();
         let needs_tls = settings.peers.iter().any(|p| p.tls)
             || (settings.peers_dns.is_some() && settings.tls.is_some());
@@ -277,7 +279,9 @@ impl Cluster {
     }
 
     async fn forward_to(&self, owner: &str, path: &str, body: Vec<Bytes>) -> Reply {
+        let arrived = Instant::now();
         let Some(peer) = self.lookup(owner).await else {
+            metrics::unknown_node();
             tracing::debug!("cluster: a request for a session of unknown node {owner}: 404");
             return unknown_session();
         };
@@ -302,6 +306,7 @@ impl Cluster {
             .await;
         match answer {
             Ok(a) => {
+                metrics::forwarded(path, arrived.elapsed());
                 tracing::debug!(
                     status = a.status.as_u16(),
                     "cluster: forwarded {} to node {owner}",
@@ -319,6 +324,7 @@ impl Cluster {
                 r
             }
             Err(e) => {
+                metrics::failed();
                 self.link.forget(&peer);
                 if let Some(also) = FORWARD_FAILED.should_log("like it") {
                     tracing::warn!(
