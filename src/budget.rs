@@ -39,6 +39,12 @@ pub fn global() -> &'static MemoryBudget {
 
 pub use crate::rtmp::budget::OverBudget;
 
+/// What a refusal's log line tells the operator to do (the protocol crate's [`OverBudget`]
+/// knows no configuration; the gateway names its own keys).
+const RAISE_MAX_MEMORY: &str = "limits.max_memory; raise it if the machine has room";
+const RAISE_MAX_MEMORY_PER_IP: &str =
+    "limits.max_memory_per_ip; raise it if one address legitimately carries many large streams";
+
 impl MemoryBudget {
     pub const fn new(limit: usize) -> Self {
         MemoryBudget {
@@ -85,6 +91,7 @@ impl MemoryBudget {
                         used,
                         limit,
                         per_address: false,
+                        remedy: RAISE_MAX_MEMORY,
                     });
                 }
             };
@@ -325,6 +332,7 @@ impl Charge {
                 self.budget.refused.fetch_add(1, Ordering::Relaxed);
                 return Err(OverBudget {
                     per_address: true,
+                    remedy: RAISE_MAX_MEMORY_PER_IP,
                     ..e
                 });
             }
@@ -467,6 +475,10 @@ mod tests {
         let err = c.try_grow(1).unwrap_err();
         assert!(err.per_address);
         assert_eq!((err.used, err.limit), (30, 30));
+        // The gateway's line names the key to raise (the protocol crate's message does not).
+        assert!(err
+            .to_string()
+            .contains("(limits.max_memory_per_ip; raise it"));
         // Nothing was taken from the process's budget by the refused charge.
         assert_eq!((b.used(), share.used(), b.refused()), (30, 30, 1));
         let _other = b.try_charge(70).unwrap();
@@ -474,6 +486,7 @@ mod tests {
         let _more = b.try_charge(20).unwrap();
         let err = c.try_grow(5).unwrap_err();
         assert!(!err.per_address);
+        assert!(err.to_string().contains("(limits.max_memory; raise it"));
         // The share's reservation was returned when the process's budget refused.
         assert_eq!((b.used(), share.used()), (100, 10));
         drop(c);

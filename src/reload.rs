@@ -287,10 +287,13 @@ pub fn build_resolver(settings: &TlsSettings) -> anyhow::Result<SniResolver> {
 /// The error and its causes on one line, skipping a cause its parent's message already
 /// quotes (most of ours name their source in their own message).
 pub fn report(e: &anyhow::Error) -> String {
+    // Compared with runs of whitespace as one space: a parent may quote its cause indented
+    // (a TOML error's lines under the file name).
+    let squash = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
     let mut out = String::new();
     for cause in e.chain() {
         let text = cause.to_string();
-        if out.contains(&text) {
+        if squash(&out).contains(&squash(&text)) {
             continue;
         }
         if !out.is_empty() {
@@ -374,5 +377,21 @@ mod tests {
         names.sort();
         assert_eq!(names, ["max_connections", "tunnel_reap_secs"]);
         assert!(changed_limits(&a, &a).is_empty());
+    }
+
+    #[test]
+    fn a_cause_the_message_quotes_is_not_repeated() {
+        // ConfigError::Parse keeps the TOML error as its source and quotes it indented.
+        let path = std::path::Path::new("/etc/rtmpgate.toml");
+        let e = crate::config::parse_file("[limits]\nmax_connections = \"x\"\n", path)
+            .map(|_| ())
+            .unwrap_err();
+        assert!(std::error::Error::source(&e).is_some());
+        let line = report(&anyhow::Error::from(e).context("reload refused"));
+        assert_eq!(line.matches("max_connections").count(), 1, "{line}");
+        assert!(
+            line.starts_with("reload refused: config file /etc/rtmpgate.toml:"),
+            "{line}"
+        );
     }
 }

@@ -379,6 +379,16 @@ pub struct AuthConfigError {
     pub message: String,
 }
 
+/// A callback URL that does not parse: the same key and message.
+impl From<crate::net::url::UrlError> for AuthConfigError {
+    fn from(e: crate::net::url::UrlError) -> Self {
+        AuthConfigError {
+            key: e.key,
+            message: e.message,
+        }
+    }
+}
+
 /// The authorizer for `[auth]`, or None when the table sets no rule.
 pub fn from_file(
     f: &FileAuth,

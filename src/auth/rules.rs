@@ -228,75 +228,9 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// A callback address: `http://host[:port]/path` (nginx-rtmp's callbacks are plain HTTP).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CallbackUrl {
-    pub host: String,
-    pub port: u16,
-    /// The path and query, starting with `/`.
-    pub path: String,
-}
-
-impl CallbackUrl {
-    pub fn parse(key: &str, url: &str) -> Result<CallbackUrl, ConfigError> {
-        let bad = |why: &str| {
-            invalid(
-                key,
-                format!("{url:?} {why}; write it as http://HOST[:PORT]/PATH, e.g. http://127.0.0.1:8000/auth"),
-            )
-        };
-        let rest = url
-            .strip_prefix("http://")
-            .ok_or_else(|| bad("is not an http:// URL (nginx-rtmp's callbacks are plain HTTP)"))?;
-        let (authority, path) = match rest.find('/') {
-            Some(i) => rest.split_at(i),
-            None => (rest, "/"),
-        };
-        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-            let (h, after) = v6.split_once(']').ok_or_else(|| bad("has an unclosed ["))?;
-            let port = match after.strip_prefix(':') {
-                Some(p) => Some(p),
-                None if after.is_empty() => None,
-                None => return Err(bad("has junk after the IPv6 address")),
-            };
-            (h, port)
-        } else {
-            match authority.rsplit_once(':') {
-                Some((h, p)) => (h, Some(p)),
-                None => (authority, None),
-            }
-        };
-        if host.is_empty() {
-            return Err(bad("has no host"));
-        }
-        let port = match port {
-            Some(p) => p
-                .parse::<u16>()
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| bad("has a bad port"))?,
-            None => 80,
-        };
-        if path.chars().any(|c| c.is_control() || c == ' ') {
-            return Err(bad("has spaces or control characters in its path"));
-        }
-        Ok(CallbackUrl {
-            host: host.to_owned(),
-            port,
-            path: path.to_owned(),
-        })
-    }
-}
-
-impl fmt::Display for CallbackUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.host.contains(':') {
-            write!(f, "http://[{}]:{}{}", self.host, self.port, self.path)
-        } else {
-            write!(f, "http://{}:{}{}", self.host, self.port, self.path)
-        }
-    }
-}
+/// A callback address: `http://host[:port]/path` (nginx-rtmp's callbacks are plain HTTP),
+/// parsed by the net layer's one URL module.
+pub use crate::net::url::HttpUrl as CallbackUrl;
 
 /// Address lists of one action: a deny match denies; a non-empty allow list denies every
 /// address outside it.

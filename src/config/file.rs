@@ -198,11 +198,17 @@ pub struct FileUpstream {
     pub health_fall: Option<u32>,
 }
 
+/// A TOML error's text (several lines: the key, the line with a caret), indented under the
+/// file's name.
+pub(crate) fn toml_message(e: &toml::de::Error) -> String {
+    e.to_string().trim_end().replace('\n', "\n  ")
+}
+
 /// Parses the TOML text of a config file.
 pub fn parse_file(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
-    let parse_error = |e: toml::de::Error| ConfigError::Parse {
+    let parse_error = |source: toml::de::Error| ConfigError::Parse {
         path: path.to_path_buf(),
-        message: e.to_string().trim_end().replace('\n', "\n  "),
+        source,
     };
     let file: FileConfig = toml::from_str(text).map_err(parse_error)?;
     let table: toml::Table = toml::from_str(text).map_err(parse_error)?;

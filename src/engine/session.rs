@@ -64,9 +64,9 @@ pub enum SessionError {
     #[error("the client did not finish the RTMP handshake within {0:?}")]
     HandshakeTimeout(Duration),
     #[error("RTMP handshake refused: {0}")]
-    Handshake(String),
+    Handshake(#[from] handshake::HandshakeError),
     #[error("bad chunk stream from the client: {0}")]
-    Chunk(String),
+    Chunk(#[source] chunk::ChunkError),
     #[error("no byte either way for {0:?} (idle timeout)")]
     Idle(Duration),
     #[error("the client did not take what was queued for it within {0:?}; dropped as too slow")]
@@ -92,7 +92,7 @@ pub enum SessionError {
 impl From<ServerError> for SessionError {
     fn from(e: ServerError) -> Self {
         match e {
-            ServerError::Chunk(e) => SessionError::Chunk(e.to_string()),
+            ServerError::Chunk(e) => SessionError::Chunk(e),
             ServerError::Rejected(why) => SessionError::Rejected(why),
             ServerError::ProtocolErrors { count, last } => {
                 SessionError::ProtocolErrors { count, last }
@@ -153,7 +153,11 @@ impl PublishState {
     }
 }
 
-struct Session {
+/// One client's connection to the engine: the protocol session ([`ServerSession`]), the
+/// ordered write queue, and what the client publishes or plays through the hub. (Named apart
+/// from the protocol's `ServerSession`, the session table's `OpenSession` and the tunnel's
+/// `TunnelSession`.)
+struct EngineConnection {
     engine: Arc<Engine>,
     id: u64,
     label: String,
@@ -201,7 +205,7 @@ pub(crate) async fn run(engine: Arc<Engine>, mut io: ClientStream, id: u64) {
     debug!(session = id, "engine session open: {label}");
     let budget = PeerBudget::for_peer(io.peer.ip());
     let rtmpe = matches!(io.transport, Transport::Rtmpe | Transport::Rtmpte);
-    let mut s = Session::new(engine, id, label.clone(), budget, rtmpe);
+    let mut s = EngineConnection::new(engine, id, label.clone(), budget, rtmpe);
     s.authz.peer = io.peer.ip();
     let res = s.serve(&mut io).await;
     s.notify_done(true, true);
@@ -283,14 +287,14 @@ async fn forward_closed(publishing: &Option<PublishState>) {
     }
 }
 
-impl Session {
+impl EngineConnection {
     fn new(
         engine: Arc<Engine>,
         id: u64,
         label: String,
         budget: PeerBudget,
         rtmpe: bool,
-    ) -> Session {
+    ) -> EngineConnection {
         // Partial messages and replies count against the process's budget and the client
         // address's share of it.
         let decoder = ChunkDecoder::with_charge(engine.limits(), budget.charge());
@@ -307,7 +311,7 @@ impl Session {
             player_wait: cfg.player_wait,
         };
         let proto = ServerSession::new(proto_cfg, decoder, now());
-        Session {
+        EngineConnection {
             engine,
             id,
             label,
@@ -477,8 +481,7 @@ impl Session {
     async fn handshake(&mut self, io: &mut ClientStream) -> Result<(), SessionError> {
         let mut c0c1 = vec![0u8; C0C1_LEN];
         io.read_exact(&mut c0c1).await?;
-        let reply =
-            handshake::server_reply(&c0c1).map_err(|e| SessionError::Handshake(e.to_string()))?;
+        let reply = handshake::server_reply(&c0c1)?;
         io.write_all(&reply.s0s1s2).await?;
         io.flush().await?;
         // C2 should echo S1, but Flash-era clients get it wrong often enough: never reject it.

@@ -26,19 +26,21 @@ pub const DEV_KEY_PEM: &[u8] = include_bytes!("../../certs/localhost.key");
 /// Why a certificate, key or CA file could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    // Not a `source` field: the message already carries the OS error, and a chained
-    // source would repeat it in `{:#}` output ("...: No such file...: No such file...").
+    // Each variant keeps the error underneath as its source and also says it in the message
+    // (log lines show `{e}` alone; `reload::report` drops a cause the message already says).
     #[error("cannot read {what} file {path}: {error}; check the path and its permissions")]
     Read {
         what: &'static str,
         path: PathBuf,
+        #[source]
         error: std::io::Error,
     },
-    #[error("{what} file {path} is not PEM ({detail}); expected '-----BEGIN ...-----' sections (convert DER with `openssl x509 -inform der -in FILE -out FILE.pem`)")]
+    #[error("{what} file {path} is not PEM ({}); expected '-----BEGIN ...-----' sections (convert DER with `openssl x509 -inform der -in FILE -out FILE.pem`)", pem_detail(.source))]
     NotPem {
         what: &'static str,
         path: PathBuf,
-        detail: String,
+        #[source]
+        source: rustls_pki_types::pem::Error,
     },
     #[error("a TLS listener needs a certificate and none is configured, and this build has no built-in dev certificate (built without the dev-cert feature, as the container image is): mount your certificate and key and set [tls] cert and key (or --tls-cert and --tls-key)")]
     NoDevCertificate,
@@ -46,16 +48,36 @@ pub enum TlsError {
     NoCertificate { path: PathBuf },
     #[error("key file {path} holds no private key (no '-----BEGIN PRIVATE KEY-----', 'RSA PRIVATE KEY' or 'EC PRIVATE KEY' section); pass the private key, for example Let's Encrypt's privkey.pem")]
     NoPrivateKey { path: PathBuf },
-    #[error("private key in {path} cannot be used: {detail}; use an RSA, ECDSA (P-256/P-384) or Ed25519 key")]
-    BadKey { path: PathBuf, detail: String },
-    #[error("certificate {path} cannot be parsed: {detail}")]
-    BadCertificate { path: PathBuf, detail: String },
+    #[error("private key in {path} cannot be used: {source}; use an RSA, ECDSA (P-256/P-384) or Ed25519 key")]
+    BadKey {
+        path: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("certificate {path} cannot be parsed: {source}")]
+    BadCertificate {
+        path: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
     #[error("private key {key} does not match the certificate {cert}; pass the key that belongs to the first certificate in the chain (fullchain.pem goes with privkey.pem)")]
     KeyMismatch { cert: PathBuf, key: PathBuf },
-    #[error("CA file {path} holds no certificate usable as a trust anchor: {detail}")]
-    BadCa { path: PathBuf, detail: String },
+    #[error("CA file {path} holds no certificate usable as a trust anchor: {source}")]
+    BadCa {
+        path: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
     #[error("TLS configuration failed: {0}")]
     Config(#[from] rustls::Error),
+}
+
+/// A PEM parse error in words: "no PEM section found" rather than the parser's name for it.
+fn pem_detail(e: &rustls_pki_types::pem::Error) -> String {
+    match e {
+        rustls_pki_types::pem::Error::NoItemsFound => "no PEM section found".into(),
+        other => other.to_string(),
+    }
 }
 
 /// Where a certificate chain and its key come from.
@@ -99,10 +121,10 @@ fn looks_like_pem(bytes: &[u8]) -> bool {
 pub fn certs_from_pem(bytes: &[u8], path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(bytes)
         .collect::<Result<_, _>>()
-        .map_err(|e| TlsError::NotPem {
+        .map_err(|source| TlsError::NotPem {
             what: "certificate",
             path: path.to_path_buf(),
-            detail: e.to_string(),
+            source,
         })?;
     if certs.is_empty() {
         if looks_like_pem(bytes) {
@@ -113,7 +135,7 @@ pub fn certs_from_pem(bytes: &[u8], path: &Path) -> Result<Vec<CertificateDer<'s
         return Err(TlsError::NotPem {
             what: "certificate",
             path: path.to_path_buf(),
-            detail: "no PEM section found".into(),
+            source: rustls_pki_types::pem::Error::NoItemsFound,
         });
     }
     Ok(certs)
@@ -128,15 +150,10 @@ pub fn key_from_pem(bytes: &[u8], path: &Path) -> Result<PrivateKeyDer<'static>,
                 path: path.to_path_buf(),
             })
         }
-        Err(rustls_pki_types::pem::Error::NoItemsFound) => Err(TlsError::NotPem {
+        Err(source) => Err(TlsError::NotPem {
             what: "key",
             path: path.to_path_buf(),
-            detail: "no PEM section found".into(),
-        }),
-        Err(e) => Err(TlsError::NotPem {
-            what: "key",
-            path: path.to_path_buf(),
-            detail: e.to_string(),
+            source,
         }),
     }
 }
@@ -150,14 +167,13 @@ pub fn certified_key_from_pem(
 ) -> Result<Arc<CertifiedKey>, TlsError> {
     let chain = certs_from_pem(cert_pem, cert_path)?;
     let key = key_from_pem(key_pem, key_path)?;
-    let signing_key =
-        provider()
-            .key_provider
-            .load_private_key(key)
-            .map_err(|e| TlsError::BadKey {
-                path: key_path.to_path_buf(),
-                detail: e.to_string(),
-            })?;
+    let signing_key = provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|source| TlsError::BadKey {
+            path: key_path.to_path_buf(),
+            source,
+        })?;
     let certified = CertifiedKey::new(chain, signing_key);
     match certified.keys_match() {
         Ok(()) => {}
@@ -169,10 +185,10 @@ pub fn certified_key_from_pem(
                 key: key_path.to_path_buf(),
             })
         }
-        Err(e) => {
+        Err(source) => {
             return Err(TlsError::BadCertificate {
                 path: cert_path.to_path_buf(),
-                detail: e.to_string(),
+                source,
             })
         }
     }
@@ -323,9 +339,9 @@ pub fn client_config(extra_ca: Option<&Path>) -> Result<Arc<ClientConfig>, TlsEr
         let pem = read_file("CA", path)?;
         let certs = certs_from_pem(&pem, path)?;
         for cert in certs {
-            roots.add(cert).map_err(|e| TlsError::BadCa {
+            roots.add(cert).map_err(|source| TlsError::BadCa {
                 path: path.to_path_buf(),
-                detail: e.to_string(),
+                source,
             })?;
         }
     }

@@ -3,8 +3,10 @@
 //! A listener (`--listen`) and the backend (`--upstream`) name only `scheme://host:port`;
 //! the client (load generator, tests) also names the application and stream, as ffmpeg
 //! takes them. The four URL schemes are [`Scheme`]; RTMPE is not one of them (it is sniffed
-//! on every plain listener). Errors name the setting that held the URL (`--listen`,
-//! `listen[1]`, `upstream.url`, `url`) and say how to write it.
+//! on every plain listener). [`HttpUrl`] is the `http://` endpoint the gateway calls (the
+//! auth callbacks), split by the same host and port rules. Errors name the setting that
+//! held the URL (`--listen`, `listen[1]`, `upstream.url`, `auth.on_play`, `url`) and say how
+//! to write it.
 
 use std::fmt;
 
@@ -126,7 +128,7 @@ impl RtmpUrl {
             )
         })?;
         let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
-        let (host, port) = split_host_port(KEY, url, authority)?;
+        let (host, port) = split_host_port(KEY, url, authority, "rtmp://[::1]/live")?;
         let (app, stream) = path.split_once('/').unwrap_or((path, ""));
         if app.is_empty() {
             return Err(invalid(
@@ -157,6 +159,61 @@ impl RtmpUrl {
     }
 }
 
+/// An `http://host[:port][/path]` URL: an HTTP endpoint the gateway calls (the auth
+/// callbacks, plain HTTP as nginx-rtmp's are). Host and port follow the RTMP URLs' rules
+/// (the same splitter); the default port is 80.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpUrl {
+    /// An IP literal (IPv6 without brackets) or a name.
+    pub host: String,
+    pub port: u16,
+    /// The path and query, starting with `/`.
+    pub path: String,
+}
+
+impl HttpUrl {
+    /// Parses the URL held by setting `key`.
+    pub fn parse(key: &str, url: &str) -> Result<HttpUrl, UrlError> {
+        const EXAMPLE: &str = "http://127.0.0.1:8000/auth";
+        let bad = |why: &str| {
+            invalid(
+                key,
+                format!("'{url}' {why}; write it as http://HOST[:PORT]/PATH, e.g. {EXAMPLE}"),
+            )
+        };
+        let rest = url.strip_prefix("http://").ok_or_else(|| {
+            bad("is not an http:// URL (callbacks are plain HTTP, as nginx-rtmp's)")
+        })?;
+        let (authority, path) = match rest.find('/') {
+            Some(i) => rest.split_at(i),
+            None => (rest, "/"),
+        };
+        let (host, port) = split_host_port(key, url, authority, "http://[::1]:8000/auth")?;
+        if port == Some(0) {
+            return Err(bad("has port 0"));
+        }
+        if path.chars().any(|c| c.is_control() || c == ' ') {
+            return Err(bad("has spaces or control characters in its path"));
+        }
+        Ok(HttpUrl {
+            host: host.to_owned(),
+            port: port.unwrap_or(80),
+            path: path.to_owned(),
+        })
+    }
+}
+
+/// `http://host:port/path`, an IPv6 host in brackets.
+impl fmt::Display for HttpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "http://[{}]:{}{}", self.host, self.port, self.path)
+        } else {
+            write!(f, "http://{}:{}{}", self.host, self.port, self.path)
+        }
+    }
+}
+
 /// Splits `scheme://rest`; `example` shows the expected shape in the error.
 fn split_scheme<'a>(
     key: &str,
@@ -171,11 +228,13 @@ fn split_scheme<'a>(
     })
 }
 
-/// Splits `host[:port]`; the host may be `[v6]`, and an IPv6 host must be.
+/// Splits `host[:port]`; the host may be `[v6]`, and an IPv6 host must be. `v6_example` is
+/// a URL of the caller's kind with a bracketed IPv6 host, for the error.
 fn split_host_port<'a>(
     key: &str,
     url: &str,
     authority: &'a str,
+    v6_example: &str,
 ) -> Result<(&'a str, Option<u16>), UrlError> {
     let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
         let (host, after) = v6.split_once(']').ok_or_else(|| {
@@ -195,7 +254,7 @@ fn split_host_port<'a>(
     } else if authority.matches(':').count() > 1 {
         return Err(invalid(
             key,
-            format!("'{url}': put an IPv6 address in brackets, e.g. rtmp://[::]:1935"),
+            format!("'{url}': put an IPv6 address in brackets, e.g. {v6_example}"),
         ));
     } else {
         match authority.split_once(':') {
@@ -235,7 +294,7 @@ fn split_endpoint<'a>(
             format!("'{url}' has a path, query or user part; give only scheme://host:port (the client's app and stream names pass through unchanged)"),
         ));
     }
-    let (host, port) = split_host_port(key, url, rest)?;
+    let (host, port) = split_host_port(key, url, rest, "rtmp://[::]:1935")?;
     Ok((scheme, host, port))
 }
 
@@ -335,6 +394,23 @@ mod tests {
         assert_eq!(u.to_string(), "rtmps://backend.example.com:443");
         assert!(parse_upstream("k", "rtmpt://x:80").is_err());
         assert!(parse_upstream("k", "rtmp://x:0").is_err());
+    }
+
+    #[test]
+    fn http_urls_share_the_host_rules() {
+        let u = HttpUrl::parse("k", "http://[::1]:81/auth?x=1").unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.port, u.path.as_str()),
+            ("::1", 81, "/auth?x=1")
+        );
+        assert_eq!(u.to_string(), "http://[::1]:81/auth?x=1");
+        assert_eq!(HttpUrl::parse("k", "http://auth").unwrap().path, "/");
+        let err = |url: &str| HttpUrl::parse("auth.on_play", url).unwrap_err().to_string();
+        assert!(err("https://a/x").contains("not an http:// URL"));
+        assert!(err("http://::1/x").contains("e.g. http://[::1]:8000/auth"));
+        assert!(err("http://a:0/x").contains("port 0"));
+        assert!(err("http://a:99999/x").starts_with("auth.on_play: "));
+        assert!(err("http://a/x y").contains("spaces"));
     }
 
     #[test]

@@ -11,28 +11,29 @@ pub struct OverBudget {
     pub requested: usize,
     pub used: usize,
     pub limit: usize,
-    /// It was the address's share (`max_memory_per_ip`) that was spent, not the process's.
+    /// It was the address's share that was spent, not the process's.
     pub per_address: bool,
+    /// What to do next, in the application's own terms (the setting to raise), appended to
+    /// the message in parentheses; empty for none. This crate knows no configuration.
+    pub remedy: &'static str,
 }
 
 impl fmt::Display for OverBudget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.per_address {
-            write!(
-                f,
-                "memory budget of this address spent: {} more bytes wanted, {} of {} in use \
-                 by its connections (limits.max_memory_per_ip; raise it if one address \
-                 legitimately carries many large streams)",
-                self.requested, self.used, self.limit
-            )
+        let (whose, by) = if self.per_address {
+            (" of this address", " by its connections")
         } else {
-            write!(
-                f,
-                "memory budget spent: {} more bytes wanted, {} of {} in use \
-                 (limits.max_memory; raise it if the machine has room)",
-                self.requested, self.used, self.limit
-            )
+            ("", "")
+        };
+        write!(
+            f,
+            "memory budget{whose} spent: {} more bytes wanted, {} of {} in use{by}",
+            self.requested, self.used, self.limit
+        )?;
+        if !self.remedy.is_empty() {
+            write!(f, " ({})", self.remedy)?;
         }
+        Ok(())
     }
 }
 

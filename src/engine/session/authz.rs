@@ -12,7 +12,7 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use super::{Session, SessionError};
+use super::{EngineConnection, SessionError};
 use crate::auth::{Action, AuthRequest, Decision};
 use crate::rtmp::amf0::Amf0Value;
 use crate::rtmp::session::{ConnectRequest, RequestId, StreamRequest};
@@ -62,7 +62,7 @@ fn with_query(name: &str, query: &str) -> String {
     }
 }
 
-impl Session {
+impl EngineConnection {
     /// `connect`, through `[auth]` when it is configured.
     pub(super) fn authorize_connect(&mut self, c: &ConnectRequest) -> Result<(), SessionError> {
         let Some(auth) = self.engine.config().auth.clone() else {
