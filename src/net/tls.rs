@@ -39,8 +39,9 @@ pub enum TlsError {
     NotPem {
         what: &'static str,
         path: PathBuf,
+        /// None when the file has no PEM section at all.
         #[source]
-        source: rustls_pki_types::pem::Error,
+        source: Option<rustls_pki_types::pem::Error>,
     },
     #[error("a TLS listener needs a certificate and none is configured, and this build has no built-in dev certificate (built without the dev-cert feature, as the container image is): mount your certificate and key and set [tls] cert and key (or --tls-cert and --tls-key)")]
     NoDevCertificate,
@@ -72,11 +73,11 @@ pub enum TlsError {
     Config(#[from] rustls::Error),
 }
 
-/// A PEM parse error in words: "no PEM section found" rather than the parser's name for it.
-fn pem_detail(e: &rustls_pki_types::pem::Error) -> String {
+/// What is wrong with a file that is not PEM: the parser's error, or no PEM section at all.
+fn pem_detail(e: &Option<rustls_pki_types::pem::Error>) -> String {
     match e {
-        rustls_pki_types::pem::Error::NoItemsFound => "no PEM section found".into(),
-        other => other.to_string(),
+        Some(e) => e.to_string(),
+        None => "no PEM section found".into(),
     }
 }
 
@@ -121,10 +122,10 @@ fn looks_like_pem(bytes: &[u8]) -> bool {
 pub fn certs_from_pem(bytes: &[u8], path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(bytes)
         .collect::<Result<_, _>>()
-        .map_err(|source| TlsError::NotPem {
+        .map_err(|e| TlsError::NotPem {
             what: "certificate",
             path: path.to_path_buf(),
-            source,
+            source: Some(e),
         })?;
     if certs.is_empty() {
         if looks_like_pem(bytes) {
@@ -135,7 +136,7 @@ pub fn certs_from_pem(bytes: &[u8], path: &Path) -> Result<Vec<CertificateDer<'s
         return Err(TlsError::NotPem {
             what: "certificate",
             path: path.to_path_buf(),
-            source: rustls_pki_types::pem::Error::NoItemsFound,
+            source: None,
         });
     }
     Ok(certs)
@@ -150,10 +151,15 @@ pub fn key_from_pem(bytes: &[u8], path: &Path) -> Result<PrivateKeyDer<'static>,
                 path: path.to_path_buf(),
             })
         }
-        Err(source) => Err(TlsError::NotPem {
+        Err(rustls_pki_types::pem::Error::NoItemsFound) => Err(TlsError::NotPem {
             what: "key",
             path: path.to_path_buf(),
-            source,
+            source: None,
+        }),
+        Err(e) => Err(TlsError::NotPem {
+            what: "key",
+            path: path.to_path_buf(),
+            source: Some(e),
         }),
     }
 }
