@@ -111,6 +111,11 @@ pub struct Limits {
     /// Messages of one publisher queued for its origin in edge mode; a publisher whose
     /// origin takes them slower is closed (its bytes are charged to the budget meanwhile).
     pub max_edge_forward_queue: usize,
+    /// Streams an edge pulls from origins at once (one origin connection each); a play
+    /// past it waits for a publisher that never comes (logged). Each player connection
+    /// plays one stream at a time, and a pull that never got media ends as soon as its
+    /// stream has no player, so a client switching names cannot pile pulls up.
+    pub max_edge_pulls: usize,
 }
 
 impl Default for Limits {
@@ -152,6 +157,7 @@ impl Default for Limits {
             max_auth_callbacks: 64,
             max_auth_cache_entries: 4096,
             max_edge_forward_queue: 1024,
+            max_edge_pulls: 1000,
         }
     }
 }

@@ -22,6 +22,11 @@ const IDLE_SECS: u64 = 2;
 
 /// An edge gateway in front of `origins` (rtmp://HOST:PORT each), one listener.
 fn edge(origins: &[String]) -> Gateway {
+    edge_with(origins, "")
+}
+
+/// The same with more of the config file (`extra` follows the `[upstream]` table).
+fn edge_with(origins: &[String], extra: &str) -> Gateway {
     let mut args: Vec<String> = vec![
         "--listen".into(),
         "rtmp://127.0.0.1:0".into(),
@@ -35,7 +40,9 @@ fn edge(origins: &[String]) -> Gateway {
     }
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     Gateway::builder()
-        .config(&format!("[upstream]\nedge_idle_secs = {IDLE_SECS}\n"))
+        .config(&format!(
+            "[upstream]\nedge_idle_secs = {IDLE_SECS}\n{extra}"
+        ))
         .env("RUST_LOG", "info,rtmpgate::engine::edge=debug")
         .args(&refs)
         .start()
@@ -710,4 +717,41 @@ fn killed_origin_its_streams_move_to_the_other_and_the_edge_re_pulls() {
             .count(),
         1
     );
+}
+
+#[test]
+fn auth_applies_to_edge_players_and_a_denied_play_starts_no_pull() {
+    let origin = Nginx::start();
+    let gw = edge_with(
+        &[origin.upstream()],
+        "[auth]\nplay_keys = { live = [\"k1\"] }\n",
+    );
+    let src = source_flv(SECONDS);
+    let want = framemd5(&src);
+    let dir = temp_dir();
+    let (denied_out, allowed_out) = (dir.path().join("d.flv"), dir.path().join("a.flv"));
+    let mut denied = play_rtmpdump(&format!("{}/live/guarded", gw.url("rtmp")), &denied_out);
+    assert!(
+        denied.wait_timeout(Duration::from_secs(10)).is_some(),
+        "the player without a key was not refused"
+    );
+    assert!(gw.log().contains("play denied by [auth]"), "{}", gw.log());
+    assert!(
+        !gw.log().contains("edge pull live/guarded"),
+        "a denied play started a pull"
+    );
+    assert_eq!(origin.clients(), 0);
+    let mut allowed = play_ffmpeg(
+        &format!("{}/live/guarded?key=k1", gw.url("rtmp")),
+        &allowed_out,
+    );
+    assert!(wait_until(Duration::from_secs(10), || gw
+        .log()
+        .contains("edge pull live/guarded: playing from")));
+    let mut publisher = publish(&peers().ffmpeg, &origin.url("live/guarded"), &src);
+    assert!(publisher
+        .wait_timeout(Duration::from_secs(30))
+        .is_some_and(|s| s.success()));
+    wait_players(std::slice::from_mut(&mut allowed), PLAYER_TAIL);
+    assert_whole_run("player with the key", &want, &framemd5(&allowed_out), 700);
 }

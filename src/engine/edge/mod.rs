@@ -143,6 +143,9 @@ pub fn settings(
     }))
 }
 
+/// Plays refused a pull by `limits.max_edge_pulls`: one line a second.
+static FULL: crate::throttle::LogThrottle = crate::throttle::LogThrottle::new();
+
 /// How long an origin that failed is tried after the others.
 const ORIGIN_DOWN: Duration = Duration::from_secs(10);
 /// The first wait before a pull reconnects.
@@ -318,6 +321,16 @@ impl Edge {
         if pulls.contains_key(key) {
             return;
         }
+        if pulls.len() >= self.limits.max_edge_pulls {
+            drop(pulls);
+            if let Some(also) = FULL.should_log("like it") {
+                tracing::warn!(
+                    "edge: {} streams are pulled already (limits.max_edge_pulls); {key} is not pulled, its player waits{also}",
+                    self.limits.max_edge_pulls
+                );
+            }
+            return;
+        }
         let id = self.next_pull.fetch_add(1, Ordering::Relaxed);
         pulls.insert(key.clone(), id);
         drop(pulls);
@@ -404,6 +417,44 @@ mod tests {
             Duration::from_secs(1),
         )
         .unwrap()
+    }
+
+    #[tokio::test]
+    async fn pulls_are_bounded_and_an_unwatched_pull_without_media_ends_at_once() {
+        let limits = Limits {
+            max_edge_pulls: 2,
+            ..Limits::default()
+        };
+        let s = EdgeSettings {
+            // Nothing listens on port 1: every connect is refused at once.
+            origins: vec![parse_upstream("k", "rtmp://127.0.0.1:1").unwrap()],
+            backup: Vec::new(),
+            idle: Duration::from_secs(3600),
+            reconnect_max: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(1),
+            ca: None,
+        };
+        let hub = Hub::new(HubConfig::default());
+        let e = Edge::new(s, limits, hub.clone(), Duration::from_secs(60)).unwrap();
+        let players: Vec<_> = (0..3)
+            .map(|i| hub.play(&StreamKey::new("live", &format!("k{i}"))))
+            .collect();
+        for i in 0..3 {
+            e.want(&StreamKey::new("live", &format!("k{i}")));
+        }
+        assert_eq!(e.pulls(), 2, "limits.max_edge_pulls");
+        // The players leave: the pulls never had media, so they end without edge_idle_secs.
+        drop(players);
+        let t = tokio::time::Instant::now();
+        while e.pulls() > 0 && t.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            e.pulls(),
+            0,
+            "pulls left {:?} after their players",
+            t.elapsed()
+        );
     }
 
     #[test]

@@ -54,6 +54,8 @@ struct PullState {
     pending_meta: Option<bytes::Bytes>,
     /// The origin's timestamp of the last media frame (metadata mid-segment takes it).
     last_ts: u32,
+    /// Media came on some connection of this pull.
+    ever_media: bool,
 }
 
 impl PullState {
@@ -64,7 +66,14 @@ impl PullState {
             self.unwatched_since = None;
         } else {
             let since = *self.unwatched_since.get_or_insert(now);
-            if now.saturating_duration_since(since) >= edge.settings.idle
+            // A pull that never carried media is not kept for later players: a client
+            // playing name after name must not leave a pull behind for each.
+            let linger = if self.ever_media {
+                edge.settings.idle
+            } else {
+                Duration::ZERO
+            };
+            if now.saturating_duration_since(since) >= linger
                 && edge.finish_if_unwatched(&self.key, self.id)
             {
                 return true;
@@ -98,6 +107,7 @@ pub(super) async fn run(edge: Arc<Edge>, key: StreamKey, id: u64) {
         wait_key: true,
         pending_meta: None,
         last_ts: 0,
+        ever_media: false,
     };
     let mut failures: u32 = 0;
     let warnings = LogThrottle::new();
@@ -271,6 +281,7 @@ fn on_event(edge: &Edge, st: &mut PullState, ev: ClientEvent) -> Result<bool, Co
             };
             st.last_media = Instant::now();
             st.last_ts = msg.timestamp;
+            st.ever_media = true;
             let p = publisher(edge, st)?;
             if let Some(meta) = meta {
                 p.push(DATA_AMF0, msg.timestamp, meta)
