@@ -484,9 +484,34 @@ impl Tunnel {
             return unknown_session();
         };
         let _active = Active::begin(&session);
-        let bounds = session.bounds;
         let deadline = Instant::now() + self.limits().tunnel_order_wait();
+        if let Err(refused) = self.place(id, &session, seq, op, deadline).await {
+            return refused;
+        }
+        self.await_turn(&session, seq, deadline).await;
+        if !hold.is_zero() {
+            let hold = Instant::now() + hold;
+            session
+                .wait_until(hold, |st| {
+                    (st.pending() > 0 || st.client_closed || st.backend_gone).then_some(())
+                })
+                .await;
+        }
+        self.reply(id, &session)
+    }
 
+    /// Places request `seq`'s operation in the session's order (waiting, until `deadline`,
+    /// for room in the reorder window) and charges it to the memory budget; the error is the
+    /// reply that refuses it.
+    async fn place(
+        &self,
+        id: &str,
+        session: &TunnelSession,
+        seq: u64,
+        op: Op,
+        deadline: Instant,
+    ) -> Result<(), Reply> {
+        let bounds = session.bounds;
         let mut op = Some(op);
         let mut over_budget = None;
         let placed = session
@@ -519,25 +544,27 @@ impl Tunnel {
         session.notify();
         if let Some(e) = over_budget {
             self.end_session(id, &format!("request body refused: {e}"));
-            return text(
+            return Err(text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "gateway memory budget spent; session closed\n",
-            );
+            ));
         }
         match placed {
-            Some(Ok(Placed::Queued | Placed::Duplicate)) => {}
-            Some(Err(StatusCode::NOT_FOUND)) => return unknown_session(),
-            Some(Err(status)) => return text(status, "RTMPT sequence number out of range\n"),
-            None => {
-                return text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "RTMPT session is not taking data; retry later\n",
-                )
-            }
+            Some(Ok(Placed::Queued | Placed::Duplicate)) => Ok(()),
+            Some(Err(StatusCode::NOT_FOUND)) => Err(unknown_session()),
+            Some(Err(status)) => Err(text(status, "RTMPT sequence number out of range\n")),
+            None => Err(text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "RTMPT session is not taking data; retry later\n",
+            )),
         }
+    }
 
-        // Wait for our turn: this is the backpressure towards a fast client. A consumer
-        // blocked on a full reply queue must not wait for us, so that ends the wait too.
+    /// Waits (until `deadline`) for request `seq` to be applied: this is the backpressure
+    /// towards a fast client. A consumer blocked on a full reply queue must not wait for us,
+    /// so that ends the wait too.
+    async fn await_turn(&self, session: &TunnelSession, seq: u64, deadline: Instant) {
+        let bounds = session.bounds;
         let our_turn = |st: &mut session::State| {
             (st.order.applied(seq)
                 || st.client_closed
@@ -556,16 +583,11 @@ impl Tunnel {
             session.notify();
             session.wait_until(deadline, our_turn).await;
         }
+    }
 
-        if !hold.is_zero() {
-            let hold = Instant::now() + hold;
-            session
-                .wait_until(hold, |st| {
-                    (st.pending() > 0 || st.client_closed || st.backend_gone).then_some(())
-                })
-                .await;
-        }
-
+    /// The reply to a poll: the polling byte and every pending server byte; the session
+    /// ends with it when the backend is gone and this was its last data.
+    fn reply(&self, id: &str, session: &TunnelSession) -> Reply {
         let (reply, finished) = {
             let mut st = session.lock();
             if st.client_closed {
