@@ -204,6 +204,55 @@ async fn refuse_stream<S: AsyncWrite + Unpin>(s: &mut S, e: &Early, why: &str) {
     send_and_close(s, &msg, e.chunk_size).await;
 }
 
+/// An `onStatus` error on `stream_id`.
+fn status_message(stream_id: u32, code: &str, why: &str) -> Message {
+    message::command_message(
+        stream_id,
+        "onStatus",
+        0.0,
+        &[Amf0Value::Null, status_info(code, why)],
+    )
+}
+
+/// Sends `msg` to a client whose read chunk size is unknown (the backend may have set one
+/// the relay never saw: nginx-rtmp sets 4096 after connect, and a status chunked at 128 is
+/// then misread, rtmpdump: "error decoding invoke packet"): a Set Chunk Size of
+/// [`STATUS_CHUNK`] first, the status in one chunk, then a lingering close. An ffmpeg
+/// publisher echoes the Set Chunk Size back before it reads the status; the lingering close
+/// reads (and drops) what the client still sends, for at most [`LINGER_CLOSE`], so that
+/// write does not fail on a closed socket before the status is read.
+async fn send_status_and_linger<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, msg: &Message) {
+    let mut out = BytesMut::new();
+    let mut enc = ChunkEncoder::new();
+    enc.write(
+        CONTROL_CSID,
+        &message::set_chunk_size(STATUS_CHUNK),
+        &mut out,
+    );
+    enc.set_chunk_size(STATUS_CHUNK);
+    enc.write(STATUS_CSID, msg, &mut out);
+    let _ = s.write_all(&out).await;
+    let _ = s.flush().await;
+    let _ = s.shutdown().await;
+    let drain = async {
+        let mut sink = [0u8; 1024];
+        while let Ok(n) = s.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER_CLOSE, drain).await;
+}
+
+/// The chunk size announced before a status sent by [`send_status_and_linger`]: more than
+/// any status message the relay sends (a description is at most a few hundred bytes).
+const STATUS_CHUNK: u32 = 4096;
+/// The chunk stream of protocol control messages.
+const CONTROL_CSID: u32 = 2;
+/// How long a denied client may take to read its status and hang up.
+const LINGER_CLOSE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The info object of an error status.
 fn status_info(code: &str, why: &str) -> Amf0Value {
     Amf0Value::object([
@@ -422,9 +471,9 @@ pub async fn serve(up: &Upstream, mut client: ClientStream) {
     drop(raw_charge);
     let mut client = Prefixed::new(rest, client);
     let watch = Some(Box::new(watch));
-    let status_chunk = early
-        .as_ref()
-        .map_or(DEFAULT_CHUNK, Rechunk::<Leg>::client_chunk_size);
+    // Hash groups know the size the client reads at; otherwise the backend may have set
+    // one the relay never saw (it does not parse the backend's side).
+    let known_chunk = early.as_ref().map(Rechunk::<Leg>::client_chunk_size);
     let result = match early {
         Some(e) => {
             let mut back = Rechunk::new(&mut leg, e, limits, &budget, &label);
@@ -437,13 +486,11 @@ pub async fn serve(up: &Upstream, mut client: ClientStream) {
         // The backend's side is normally quiet while a client waits for its publish or
         // play to be answered, so the status lands between the backend's messages.
         let _ = leg.shutdown().await;
-        let msg = message::command_message(
-            d.stream_id,
-            "onStatus",
-            0.0,
-            &[Amf0Value::Null, status_info(d.code, &d.reason)],
-        );
-        send_and_close(&mut client, &msg, status_chunk).await;
+        let msg = status_message(d.stream_id, d.code, &d.reason);
+        match known_chunk {
+            Some(size) => send_and_close(&mut client, &msg, size).await,
+            None => send_status_and_linger(&mut client, &msg).await,
+        }
     }
     if let Err(e) = result {
         if e.kind() == io::ErrorKind::PermissionDenied || e.kind() == io::ErrorKind::InvalidData {
@@ -609,6 +656,39 @@ impl Watch {
 mod tests {
     use super::*;
     use crate::limits::Limits;
+
+    #[tokio::test]
+    async fn a_status_at_an_unknown_chunk_size_announces_its_own_and_lingers() {
+        let (mut gw, mut client) = tokio::io::duplex(64 * 1024);
+        let why = "a token is required (?token=...&expires=...) ".repeat(4);
+        let msg = status_message(1, "NetStream.Publish.BadName", &why);
+        let send = tokio::spawn(async move { send_status_and_linger(&mut gw, &msg).await });
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        // Still open for reading: what the client sends now (an echoed Set Chunk Size) is
+        // taken, not refused.
+        client.write_all(&[0u8; 16]).await.unwrap();
+        drop(client);
+        send.await.unwrap();
+        // Read at 128 until the Set Chunk Size, then at its size, as a client does.
+        let mut dec = crate::rtmp::chunk::ChunkDecoder::new(&Limits::default());
+        let mut buf = BytesMut::from(&got[..]);
+        let first = dec.decode(&mut buf).unwrap().unwrap();
+        assert_eq!(first.msg_type, message::SET_CHUNK_SIZE);
+        assert_eq!(
+            dec.chunk_size(),
+            STATUS_CHUNK,
+            "the decoder follows Set Chunk Size"
+        );
+        let status = dec.decode(&mut buf).unwrap().unwrap();
+        let c = message::decode_command(&status, &AmfLimits::default()).unwrap();
+        let desc = c
+            .arg(0)
+            .and_then(|o| o.get("description"))
+            .and_then(Amf0Value::as_str);
+        assert_eq!(desc, Some(why.as_str()));
+        assert!(buf.is_empty());
+    }
 
     #[tokio::test]
     async fn reads_exactly_up_to_connect() {

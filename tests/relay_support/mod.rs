@@ -115,6 +115,11 @@ impl StatNginx {
             .unwrap_or(0)
     }
 
+    /// nginx's error.log so far (at `info`: every connect, publish and play it handled).
+    pub fn error_log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("error.log")).unwrap_or_default()
+    }
+
     pub fn kill(&mut self) {
         self.proc.kill();
     }
