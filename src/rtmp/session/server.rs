@@ -724,15 +724,7 @@ impl ServerSession {
         });
         match name {
             "connect" => self.on_connect(txn, arg(0))?,
-            "createStream" => {
-                if self.streams_created >= self.cfg.max_streams {
-                    self.send(CSID_COMMAND, &cmd::call_failed(txn, name));
-                } else {
-                    self.streams_created += 1;
-                    let id = f64::from(self.streams_created);
-                    self.send(CSID_COMMAND, &cmd::result(txn, vec![Amf0Value::Number(id)]));
-                }
-            }
+            "createStream" => self.on_create_stream(txn),
             "releaseStream" | "_checkbw" => {
                 self.send(CSID_COMMAND, &cmd::result(txn, vec![Amf0Value::Undefined]));
                 if name == "releaseStream" {
@@ -740,25 +732,9 @@ impl ServerSession {
                     self.events.push_back(ServerEvent::ReleaseStream { name });
                 }
             }
-            "FCPublish" => {
-                let m = cmd::on_fc("onFCPublish", "NetStream.Publish.Start", arg_str(1));
-                self.send(CSID_COMMAND, &m);
-                self.send(CSID_COMMAND, &cmd::result(txn, vec![Amf0Value::Undefined]));
-                let name = arg_str(1).to_owned();
-                self.events.push_back(ServerEvent::FcPublish { name });
+            "FCPublish" | "FCUnpublish" | "FCSubscribe" | "FCUnsubscribe" => {
+                self.on_fc(name, txn, arg_str(1))
             }
-            "FCUnpublish" => {
-                let m = cmd::on_fc("onFCUnpublish", "NetStream.Unpublish.Success", arg_str(1));
-                self.send(CSID_COMMAND, &m);
-                self.send(CSID_COMMAND, &cmd::result(txn, vec![Amf0Value::Undefined]));
-                let name = arg_str(1).to_owned();
-                self.events.push_back(ServerEvent::FcUnpublish { name });
-            }
-            "FCSubscribe" => {
-                let m = cmd::on_fc("onFCSubscribe", "NetStream.Play.Start", arg_str(1));
-                self.send(CSID_COMMAND, &m);
-            }
-            "FCUnsubscribe" => {}
             "publish" => {
                 let kind = arg_str(2);
                 let kind = if kind.is_empty() { "live" } else { kind }.to_owned();
@@ -768,49 +744,11 @@ impl ServerSession {
                 let start = arg(2).and_then(Amf0Value::as_f64);
                 self.on_play(stream_id, arg_str(1), start);
             }
-            "play2" => {
-                // play2 switches renditions; on a live stream with one rendition, starting
-                // play when not yet playing is all that makes sense.
-                let name = arg(1)
-                    .and_then(|o| o.get("streamName"))
-                    .and_then(Amf0Value::as_str)
-                    .unwrap_or_default()
-                    .to_owned();
-                if self.playing.is_none() && !name.is_empty() {
-                    self.on_play(stream_id, &name, None);
-                }
-            }
+            "play2" => self.on_play2(stream_id, arg(1)),
             "pause" | "pauseRaw" => {
-                let paused = arg(1).and_then(Amf0Value::as_bool).unwrap_or(true);
-                if let Some(p) = &self.playing {
-                    let (sid, pname) = (p.stream_id, p.name.clone());
-                    let (code, desc) = if paused {
-                        ("NetStream.Pause.Notify", "Paused live stream.")
-                    } else {
-                        ("NetStream.Unpause.Notify", "Unpaused live stream.")
-                    };
-                    self.send(
-                        CSID_COMMAND,
-                        &cmd::on_status(sid, "status", code, desc, Some(&pname)),
-                    );
-                    self.events.push_back(ServerEvent::Pause {
-                        stream_id: sid,
-                        paused,
-                    });
-                }
+                self.on_pause(arg(1).and_then(Amf0Value::as_bool).unwrap_or(true))
             }
-            "seek" => {
-                if let Some(sid) = self.playing.as_ref().map(|p| p.stream_id) {
-                    let m = cmd::on_status(
-                        sid,
-                        "status",
-                        "NetStream.Seek.Notify",
-                        "Seeking is not possible on a live stream; playing on.",
-                        None,
-                    );
-                    self.send(CSID_COMMAND, &m);
-                }
-            }
+            "seek" => self.on_seek(),
             "deleteStream" => {
                 let sid = arg(1).and_then(Amf0Value::as_f64).unwrap_or(0.0);
                 self.close_stream(sid as u32);
@@ -823,20 +761,104 @@ impl ServerSession {
                 );
             }
             "receiveAudio" | "receiveVideo" => {
-                let on = arg(1).and_then(Amf0Value::as_bool).unwrap_or(true);
-                if let Some(sid) = self.playing.as_ref().map(|p| p.stream_id) {
-                    self.events.push_back(if name == "receiveAudio" {
-                        ServerEvent::ReceiveAudio { stream_id: sid, on }
-                    } else {
-                        ServerEvent::ReceiveVideo { stream_id: sid, on }
-                    });
-                }
+                self.on_receive(name, arg(1).and_then(Amf0Value::as_bool).unwrap_or(true))
             }
             // Replies to what we sent (onBWDone...), and FMS bandwidth-check chatter.
             "_result" | "_error" | "onStatus" | "onBWDone" | "_onbwcheck" | "_onbwdone" => {}
             _ => self.send(CSID_COMMAND, &cmd::call_failed(txn, name)),
         }
         Ok(())
+    }
+
+    /// createStream: the next stream id, or `_error` past `max_streams`.
+    fn on_create_stream(&mut self, txn: f64) {
+        if self.streams_created >= self.cfg.max_streams {
+            self.send(CSID_COMMAND, &cmd::call_failed(txn, "createStream"));
+        } else {
+            self.streams_created += 1;
+            let id = f64::from(self.streams_created);
+            self.send(CSID_COMMAND, &cmd::result(txn, vec![Amf0Value::Number(id)]));
+        }
+    }
+
+    /// FCPublish, FCUnpublish, FCSubscribe (FMLE's and Akamai's calls around publish and
+    /// play): the `onFC*` notice clients wait for, a `_result` where one is expected, and an
+    /// event for the publish pair. FCUnsubscribe needs nothing.
+    fn on_fc(&mut self, command: &str, txn: f64, stream: &str) {
+        let (notice, code) = match command {
+            "FCPublish" => ("onFCPublish", "NetStream.Publish.Start"),
+            "FCUnpublish" => ("onFCUnpublish", "NetStream.Unpublish.Success"),
+            "FCSubscribe" => ("onFCSubscribe", "NetStream.Play.Start"),
+            _ => return,
+        };
+        self.send(CSID_COMMAND, &cmd::on_fc(notice, code, stream));
+        let name = stream.to_owned();
+        let event = match command {
+            "FCPublish" => ServerEvent::FcPublish { name },
+            "FCUnpublish" => ServerEvent::FcUnpublish { name },
+            _ => return,
+        };
+        self.send(CSID_COMMAND, &cmd::result(txn, vec![Amf0Value::Undefined]));
+        self.events.push_back(event);
+    }
+
+    /// play2 switches renditions; on a live stream with one rendition, starting play when
+    /// not yet playing is all that makes sense.
+    fn on_play2(&mut self, stream_id: u32, params: Option<&Amf0Value>) {
+        let name = params
+            .and_then(|o| o.get("streamName"))
+            .and_then(Amf0Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        if self.playing.is_none() && !name.is_empty() {
+            self.on_play(stream_id, &name, None);
+        }
+    }
+
+    /// pause / pauseRaw while playing: the Pause/Unpause notice, and an event.
+    fn on_pause(&mut self, paused: bool) {
+        let Some(p) = &self.playing else {
+            return;
+        };
+        let (sid, pname) = (p.stream_id, p.name.clone());
+        let (code, desc) = if paused {
+            ("NetStream.Pause.Notify", "Paused live stream.")
+        } else {
+            ("NetStream.Unpause.Notify", "Unpaused live stream.")
+        };
+        self.send(
+            CSID_COMMAND,
+            &cmd::on_status(sid, "status", code, desc, Some(&pname)),
+        );
+        self.events.push_back(ServerEvent::Pause {
+            stream_id: sid,
+            paused,
+        });
+    }
+
+    /// seek while playing: a live stream cannot seek; say so and play on.
+    fn on_seek(&mut self) {
+        if let Some(sid) = self.playing.as_ref().map(|p| p.stream_id) {
+            let m = cmd::on_status(
+                sid,
+                "status",
+                "NetStream.Seek.Notify",
+                "Seeking is not possible on a live stream; playing on.",
+                None,
+            );
+            self.send(CSID_COMMAND, &m);
+        }
+    }
+
+    /// receiveAudio / receiveVideo while playing: an event for the application.
+    fn on_receive(&mut self, command: &str, on: bool) {
+        if let Some(sid) = self.playing.as_ref().map(|p| p.stream_id) {
+            self.events.push_back(if command == "receiveAudio" {
+                ServerEvent::ReceiveAudio { stream_id: sid, on }
+            } else {
+                ServerEvent::ReceiveVideo { stream_id: sid, on }
+            });
+        }
     }
 
     fn on_connect(&mut self, txn: f64, object: Option<&Amf0Value>) -> Result<(), ServerError> {
