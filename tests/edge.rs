@@ -15,7 +15,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
-use sha2::{Digest, Sha256};
 
 const SECONDS: u32 = 6;
 const IDLE_SECS: u64 = 2;
@@ -48,22 +47,24 @@ fn edge_with(origins: &[String], extra: &str) -> Gateway {
         .start()
 }
 
-/// The README's rendezvous rule: the origin with the largest first 8 bytes (big-endian) of
-/// SHA-256(origin URL, 0, app, 0, stream).
+/// The README's rendezvous rule with every weight 1: the origin whose 64-bit hash of
+/// ("app/stream", 0, origin URL) is largest (FNV-1a 64, then the splitmix64 finalizer), as
+/// the highest `weight / -ln(u)` falls on the largest `u`.
 fn hashed_origin<'a>(origins: &'a [String], app: &str, name: &str) -> &'a str {
-    origins
-        .iter()
-        .max_by_key(|o| {
-            let mut h = Sha256::new();
-            h.update(o.as_bytes());
-            h.update([0]);
-            h.update(app.as_bytes());
-            h.update([0]);
-            h.update(name.as_bytes());
-            let d = h.finalize();
-            u64::from_be_bytes(d[..8].try_into().unwrap())
-        })
-        .unwrap()
+    let key = format!("{app}/{name}");
+    let hash = |id: &str| {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for &b in key.as_bytes().iter().chain(&[0u8]).chain(id.as_bytes()) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h ^= h >> 30;
+        h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        h ^= h >> 27;
+        h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+        h ^ (h >> 31)
+    };
+    origins.iter().max_by_key(|o| hash(o)).unwrap()
 }
 
 /// Waits (bounded) for every player to stop by itself, else kills it and fails.
@@ -754,4 +755,71 @@ fn auth_applies_to_edge_players_and_a_denied_play_starts_no_pull() {
         .is_some_and(|s| s.success()));
     wait_players(std::slice::from_mut(&mut allowed), PLAYER_TAIL);
     assert_whole_run("player with the key", &want, &framemd5(&allowed_out), 700);
+}
+
+#[test]
+fn a_relay_hash_group_and_an_edge_send_a_stream_to_the_same_origin() {
+    let oa = Nginx::start();
+    let ob = Nginx::start();
+    let origins = [oa.upstream(), ob.upstream()];
+    // A stream each origin wins, so that agreeing by chance on one origin cannot pass.
+    let names: Vec<String> = origins
+        .iter()
+        .map(|o| {
+            (0..200)
+                .map(|i| format!("h{i}"))
+                .find(|n| hashed_origin(&origins, "live", n) == o)
+                .unwrap()
+        })
+        .collect();
+    let relay = Gateway::builder()
+        .config(&format!(
+            "[[upstreams]]\nname = \"origins\"\nbalance = \"hash\"\nbackends = [\"{}\", \"{}\"]\n",
+            origins[1], origins[0]
+        ))
+        .args(&["--listen", "rtmp://127.0.0.1:0", "--admin", "off"])
+        .start();
+    let e = edge(&origins);
+    let src = source_flv(SECONDS);
+    let want = framemd5(&src);
+    let dir = temp_dir();
+    let mut players = Vec::new();
+    let mut outs = Vec::new();
+    for (i, n) in names.iter().enumerate() {
+        let out = dir.path().join(format!("p{i}.flv"));
+        players.push(play_ffmpeg(&format!("{}/live/{n}", e.url("rtmp")), &out));
+        outs.push(out);
+    }
+    assert!(wait_until(Duration::from_secs(10), || names.iter().all(
+        |n| e
+            .log()
+            .contains(&format!("edge pull live/{n}: playing from"))
+    )));
+    // Publishers through the relay's hash group.
+    let mut pubs: Vec<Proc> = names
+        .iter()
+        .map(|n| {
+            publish(
+                &peers().ffmpeg,
+                &format!("{}/live/{n}", relay.url("rtmp")),
+                &src,
+            )
+        })
+        .collect();
+    for p in &mut pubs {
+        assert!(
+            p.wait_timeout(Duration::from_secs(30))
+                .is_some_and(|s| s.success()),
+            "{}",
+            p.log()
+        );
+    }
+    wait_players(&mut players, PLAYER_TAIL);
+    for (n, out) in names.iter().zip(&outs) {
+        assert_whole_run(&format!("edge player of {n}"), &want, &framemd5(out), 700);
+    }
+    for (n, o) in names.iter().zip(&origins) {
+        let line = format!("edge pull live/{n}: playing from {o}");
+        assert!(e.log().contains(&line), "missing '{line}' in:\n{}", e.log());
+    }
 }

@@ -39,13 +39,22 @@ impl Config {
         // Edge mode: the upstream's default group are the origins, and the engine serves.
         let origins = upstream.as_ref().map(|up| {
             let default = up.groups.iter().find(|g| g.apps.is_empty());
-            let urls = |list: Option<&Vec<crate::upstream::settings::BackendSettings>>| {
-                list.map(|l| l.iter().map(|b| b.url.clone()).collect())
-                    .unwrap_or_default()
-            };
+            let origins = default
+                .map(|g| {
+                    g.backends
+                        .iter()
+                        .map(|b| crate::engine::edge::OriginSettings {
+                            url: b.url.clone(),
+                            weight: b.weight,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
             crate::engine::edge::OriginList {
-                origins: urls(default.map(|g| &g.backends)),
-                backup: urls(default.map(|g| &g.backup)),
+                origins,
+                backup: default
+                    .map(|g| g.backup.iter().map(|b| b.url.clone()).collect())
+                    .unwrap_or_default(),
                 connect_timeout: up.connect_timeout,
                 ca: up.ca.clone(),
             }

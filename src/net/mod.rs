@@ -8,11 +8,13 @@
 //! | [`tls`] | TLS server and client configuration, the one PEM loader, SNI certificates |
 //! | [`proxy_protocol`] | PROXY protocol v1/v2: encode (to a backend), parse (from a load balancer) |
 //! | [`socket`] | binding listening sockets, the options every TCP connection gets |
+//! | [`rendezvous`] | rendezvous hashing of a stream over servers (relay `hash` groups, edge origins) |
 //! | [`hex`] | a peer's first bytes, short, for log lines |
 
 pub mod addr;
 pub mod hex;
 pub mod proxy_protocol;
+pub mod rendezvous;
 pub mod socket;
 pub mod tls;
 pub mod url;

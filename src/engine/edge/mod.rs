@@ -23,19 +23,24 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
-
 use super::hub::{Hub, StreamKey};
 use crate::limits::Limits;
 use crate::net::url::RtmpUrl;
 
 pub use push::{Forward, ForwardError};
 
+/// One origin and its weight (its share of the streams).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OriginSettings {
+    pub url: RtmpUrl,
+    pub weight: u32,
+}
+
 /// Edge mode's settings: the origins (the default upstream group), and the pull's timing.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EdgeSettings {
     /// Origins ranked per stream by rendezvous hashing.
-    pub origins: Vec<RtmpUrl>,
+    pub origins: Vec<OriginSettings>,
     /// Tried, in order, after every origin of `origins` (the group's `backup`).
     pub backup: Vec<RtmpUrl>,
     /// How long a pull stays after its stream's last player has left.
@@ -85,7 +90,7 @@ pub struct EdgeSettingsError {
 /// default group: `--upstream`, `upstream.url`, or the `[[upstreams]]` group without apps).
 #[derive(Clone, Debug, Default)]
 pub struct OriginList {
-    pub origins: Vec<RtmpUrl>,
+    pub origins: Vec<OriginSettings>,
     pub backup: Vec<RtmpUrl>,
     pub connect_timeout: Duration,
     pub ca: Option<PathBuf>,
@@ -174,6 +179,7 @@ struct Origin {
     url: RtmpUrl,
     /// What the rendezvous score hashes: the URL as written, the same on every edge.
     id: String,
+    weight: u32,
     backup: bool,
     down_until: Mutex<Option<Instant>>,
 }
@@ -196,21 +202,12 @@ impl Origin {
     }
 }
 
-/// The rendezvous score of `origin` for `key`: the first 8 bytes of
-/// SHA-256(origin, 0, app, 0, name). A stable hash, so every edge and every build agrees.
-fn score(origin: &str, key: &StreamKey) -> u64 {
-    let mut h = Sha256::new();
-    h.update(origin.as_bytes());
-    h.update([0]);
-    h.update(key.app.as_bytes());
-    h.update([0]);
-    h.update(key.name.as_bytes());
-    let d = h.finalize();
-    let mut b = [0u8; 8];
-    for (o, i) in b.iter_mut().zip(d.iter()) {
-        *o = *i;
-    }
-    u64::from_be_bytes(b)
+/// The rendezvous score of `origin` for `key` ([`crate::net::rendezvous`]): the same as a
+/// relay's `balance = "hash"` group gives the same URL, so relays and edges in front of
+/// the same servers send a stream to the same one.
+fn score(origin: &Origin, key: &StreamKey) -> f64 {
+    let k = crate::net::rendezvous::stream_key(&key.app, &key.name);
+    crate::net::rendezvous::hrw_score(&k, &origin.id, origin.weight)
 }
 
 /// The edge: origins, the running pulls, and what every pull and forward needs.
@@ -247,11 +244,12 @@ impl Edge {
         let origins: Vec<Origin> = settings
             .origins
             .iter()
-            .map(|u| (u, false))
-            .chain(settings.backup.iter().map(|u| (u, true)))
-            .map(|(u, backup)| Origin {
+            .map(|o| (&o.url, o.weight, false))
+            .chain(settings.backup.iter().map(|u| (u, 1, true)))
+            .map(|(u, weight, backup)| Origin {
                 url: u.clone(),
                 id: u.to_string(),
+                weight,
                 backup,
                 down_until: Mutex::new(None),
             })
@@ -291,16 +289,20 @@ impl Edge {
     /// that failed in the last [`ORIGIN_DOWN`] after the others, then the backups.
     fn ranked(&self, key: &StreamKey) -> Vec<&Origin> {
         let now = Instant::now();
-        let mut v: Vec<(bool, bool, u64, &Origin)> = self
+        let mut v: Vec<(bool, bool, f64, &Origin)> = self
             .origins
             .iter()
             .map(|o| {
-                let s = if o.backup { 0 } else { score(&o.id, key) };
+                let s = if o.backup { 0.0 } else { score(o, key) };
                 (o.backup, o.is_down(now), s, o)
             })
             .collect();
         // Backups keep their configured order (the sort is stable, their scores equal).
-        v.sort_by(|a, b| (a.0, a.1, b.2).cmp(&(b.0, b.1, a.2)));
+        v.sort_by(|a, b| {
+            (a.0, a.1)
+                .cmp(&(b.0, b.1))
+                .then_with(|| b.2.total_cmp(&a.2))
+        });
         v.into_iter().map(|(_, _, _, o)| o).collect()
     }
 
@@ -310,7 +312,7 @@ impl Edge {
         self.origins
             .iter()
             .filter(|o| !o.backup)
-            .max_by_key(|o| score(&o.id, &key))
+            .max_by(|a, b| score(a, &key).total_cmp(&score(b, &key)))
             .map(|o| o.url.clone())
     }
 
@@ -400,7 +402,10 @@ mod tests {
     fn edge(urls: &[&str]) -> Arc<Edge> {
         let origins = urls
             .iter()
-            .map(|u| parse_upstream("k", u).unwrap())
+            .map(|u| OriginSettings {
+                url: parse_upstream("k", u).unwrap(),
+                weight: 1,
+            })
             .collect();
         let s = EdgeSettings {
             origins,
@@ -427,7 +432,10 @@ mod tests {
         };
         let s = EdgeSettings {
             // Nothing listens on port 1: every connect is refused at once.
-            origins: vec![parse_upstream("k", "rtmp://127.0.0.1:1").unwrap()],
+            origins: vec![OriginSettings {
+                url: parse_upstream("k", "rtmp://127.0.0.1:1").unwrap(),
+                weight: 1,
+            }],
             backup: Vec::new(),
             idle: Duration::from_secs(3600),
             reconnect_max: Duration::from_secs(1),
