@@ -165,7 +165,7 @@ async fn rtmp_connect(leg: &mut Leg, backend: &Backend, probe: &Probe) -> Result
                             .unwrap_or_default()
                     };
                     return Err(format!(
-                        "connect to app '{}' answered _error {} {}",
+                        "connect to app '{}' answered _error {} {} (the rtmp check connects to the app in the backend's URL, rtmp://HOST:PORT/APP, else the group's first app)",
                         probe.app,
                         field("code"),
                         field("description")
@@ -191,7 +191,7 @@ async fn rtmp_connect(leg: &mut Leg, backend: &Backend, probe: &Probe) -> Result
         charge.shrink(room.saturating_sub(n));
         if n == 0 {
             return Err(format!(
-                "closed without answering connect to app '{}'",
+                "closed without answering connect to app '{}' (nginx-rtmp closes a connect to an app it does not serve; name one it serves in the backend's URL, rtmp://HOST:PORT/APP)",
                 probe.app
             ));
         }
