@@ -5,7 +5,8 @@
 //! compared with the source (framemd5, whole run). Then that backend is killed: the
 //! stream's next publisher and players land together on the backend next in the stream's
 //! order. And a PROXY v2 header per backend: a second rtmpgate accepting PROXY headers is
-//! the backend, and logs the real client addresses the front gateway saw; `[auth]` keys in
+//! the backend, and logs the real client addresses the front gateway saw (players over
+//! rtmp and rtmpe, frames); `[auth]` keys in
 //! a hash group refuse a wrong key with the reason.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -112,10 +113,11 @@ fn hash_keeps_every_player_on_its_publishers_backend_and_moves_a_dead_ones_strea
     assert!(!gw.log_contains("refused the replayed"), "{}", gw.log());
 }
 
-/// The client ports in `log`'s "session opened: rtmp 127.0.0.1:PORT" lines.
+/// The client ports in `log`'s "session opened: TRANSPORT 127.0.0.1:PORT" lines.
 fn client_ports(log: &str) -> BTreeSet<u16> {
     log.lines()
-        .filter_map(|l| l.split("session opened: rtmp 127.0.0.1:").nth(1))
+        .filter_map(|l| l.split("session opened: ").nth(1))
+        .filter_map(|l| l.split(" 127.0.0.1:").nth(1))
         .filter_map(|rest| {
             rest.split(|c: char| !c.is_ascii_digit())
                 .next()?
@@ -157,15 +159,20 @@ fn proxy_v2_per_backend_carries_the_client_address() {
         &[
             (PlayerKind::Rtmpdump, url.clone()),
             (PlayerKind::Ffmpeg, url.clone()),
+            // RTMPE: the gateway announces the large chunk size only to players there.
+            (
+                PlayerKind::StaticFfmpeg,
+                format!("{}/live/pp", gw.url("rtmpe")),
+            ),
         ],
     );
     for r in &got {
         r.assert_run_of(&src);
     }
-    // Every client the front gateway saw (a publisher and two players) is named to the
+    // Every client the front gateway saw (a publisher and three players) is named to the
     // backend by its own address and port, not the gateway's outgoing one.
     let front = client_ports(&gw.log());
-    assert!(front.len() >= 3, "{}", gw.log());
+    assert!(front.len() >= 4, "{}", gw.log());
     assert!(
         wait_until(Duration::from_secs(5), || client_ports(&backend.log())
             .is_superset(&front)),

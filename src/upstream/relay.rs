@@ -278,9 +278,7 @@ async fn send_and_close<S: AsyncWrite + Unpin>(s: &mut S, msg: &Message, chunk_s
 /// The chunk stream of the gateway's own status messages (a full header, so it does not
 /// depend on the backend's header compression on that chunk stream).
 const STATUS_CSID: u32 = 5;
-/// The chunk size a client reads at before anyone changed it. In connect mode (not hash)
-/// the backend's own Set Chunk Size is not followed, so a status after it is chunked at
-/// this size too (status messages are about this size).
+/// The chunk size a client reads at before anyone changed it: a refused connect's.
 const DEFAULT_CHUNK: u32 = 128;
 
 /// A publish or play the guard refused: answered with onStatus after the relay stops.
