@@ -346,6 +346,9 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
         out.push("cluster (node id, link and peers)");
     }
     let (a, b) = (&old.engine, &new.engine);
+    if a.edge != b.edge {
+        out.push("edge mode and its origins (upstream.mode, the origins, edge_*: the running pulls keep them)");
+    }
     if a.chunk_size != b.chunk_size
         || a.queue_messages != b.queue_messages
         || a.gop_cache != b.gop_cache

@@ -221,7 +221,9 @@ async fn pump(edge: &Edge, st: &mut PullState, mut conn: OriginConn) -> (End, bo
     let mut counted = conn.bytes_in;
     m.bytes_pulled.fetch_add(counted, Ordering::Relaxed);
     let mut media = false;
-    let silent = edge.limits.idle_timeout();
+    // An origin holding a play for a stream nobody publishes sends nothing (nginx-rtmp
+    // pings after 60 s): the relay's idle timeout, longer than that, says when it is dead.
+    let silent = edge.limits.relay_idle_timeout().unwrap_or(Duration::MAX);
     let mut last_byte = Instant::now();
     let mut tick = tokio::time::interval(CHECK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
