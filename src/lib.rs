@@ -48,9 +48,9 @@
 //!              +--------------------+--------------------+
 //!              v                                         v
 //!     upstream: connect to the backend,        engine: handshake, then rtmp::session
-//!     PROXY header, copy both ways             (chunks, commands, requests) + hub glue;
-//!                                              hub: publisher -> prechunked frames ->
-//!                                              bounded ring -> players
+//!     PROXY header, copy both ways; connect    (chunks, commands, requests) + hub glue;
+//!     mode reads up to connect first, hash     hub: publisher -> prechunked frames ->
+//!     groups answer on rtmp::session first     bounded ring -> players
 //! ```
 //!
 //! Everything after `ClientStream` is transport-blind: a new transport touches only `door`.
