@@ -465,6 +465,55 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_slow_origin_fills_the_forward_queue_and_the_publisher_is_told() {
+        // An origin that completes TCP connects (the kernel's backlog) and never answers.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("rtmp://{}", silent.local_addr().unwrap());
+        let limits = Limits {
+            max_edge_forward_queue: 4,
+            ..Limits::default()
+        };
+        let s = EdgeSettings {
+            origins: vec![OriginSettings {
+                url: parse_upstream("k", &url).unwrap(),
+                weight: 1,
+            }],
+            backup: Vec::new(),
+            idle: Duration::from_secs(1),
+            reconnect_max: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(30),
+            ca: None,
+        };
+        let e = Edge::new(
+            s,
+            limits,
+            Hub::new(HubConfig::default()),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        let f = e.forward("live", "slow", "");
+        let budget = crate::budget::PeerBudget::global_only();
+        let mut sent = 0;
+        let err = loop {
+            match f.send(
+                &budget,
+                crate::rtmp::message::VIDEO,
+                sent,
+                bytes::Bytes::from_static(&[0x17, 1, 0, 0, 0]),
+            ) {
+                Ok(()) => sent += 1,
+                Err(e) => break e,
+            }
+            assert!(
+                sent <= 4,
+                "the queue took more than limits.max_edge_forward_queue"
+            );
+        };
+        assert_eq!(sent, 4);
+        assert!(matches!(err, ForwardError::Full(_, 4)), "{err}");
+    }
+
     #[test]
     fn rendezvous_agrees_whatever_the_order_and_moves_only_a_dead_origins_streams() {
         let a = edge(&["rtmp://o1:1935", "rtmp://o2:1935", "rtmp://o3:1935"]);
