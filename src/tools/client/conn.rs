@@ -375,3 +375,109 @@ fn describe_reply(ok: bool, values: &[Amf0Value]) -> String {
     let name = if ok { "_result" } else { "_error" };
     format!("{name} {}: {}", field("code"), field("description"))
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use rtmpgate::engine::{Engine, EngineConfig};
+    use rtmpgate::stream::{ClientStream, Transport};
+    use tokio::net::TcpListener;
+    use tokio::time::timeout;
+
+    use super::*;
+
+    /// The gateway's own engine on a loopback port (plain RTMP).
+    async fn engine() -> u16 {
+        let engine = Engine::new(Limits::default(), EngineConfig::default());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((tcp, peer)) = listener.accept().await {
+                let local = tcp.local_addr().unwrap();
+                let client = ClientStream::new(Box::new(tcp), Transport::Rtmp, peer, local);
+                tokio::spawn(engine.clone().serve(client));
+            }
+        });
+        port
+    }
+
+    async fn open(port: u16, url: &RtmpUrl, publisher: bool) -> RtmpConnection {
+        let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let mut conn = RtmpConnection::over_tcp(tcp).await.unwrap();
+        if publisher {
+            conn.set_chunk_size(PUBLISH_CHUNK_SIZE).await.unwrap();
+        }
+        conn.connect(url, publisher).await.unwrap();
+        conn
+    }
+
+    /// A video tag body of `len` bytes: AVC keyframe or inter frame, numbered.
+    fn frame(i: u32, key: bool, len: usize) -> Bytes {
+        let mut b = vec![if key { 0x17 } else { 0x27 }, 1, 0, 0, 0];
+        b.extend_from_slice(&i.to_be_bytes());
+        b.resize(len, (i % 251) as u8);
+        Bytes::from(b)
+    }
+
+    #[tokio::test]
+    async fn publishes_and_plays_every_frame_through_the_engine() {
+        let port = engine().await;
+        let url = RtmpUrl::parse(&format!("rtmp://127.0.0.1:{port}/live/t")).unwrap();
+        let mut publisher = open(port, &url, true).await;
+        let sid = publisher.publish("t").await.unwrap();
+        let mut player = open(port, &url, false).await;
+        let (_, early) = player.play("t").await.unwrap();
+        assert!(early.is_empty(), "nothing was published yet");
+
+        // Frames larger than the chunk size, so each crosses several chunks both ways.
+        let header = Bytes::from_static(&[0x17, 0, 0, 0, 0, 1, 0x64, 0, 0x1e]);
+        publisher.queue_media(sid, message::VIDEO, 0, header);
+        let sent: Vec<Bytes> = (0..30).map(|i| frame(i, i % 10 == 0, 10_000)).collect();
+        for (i, f) in sent.iter().enumerate() {
+            publisher.queue_media(sid, message::VIDEO, i as u32 * 33, f.clone());
+        }
+        publisher.flush().await.unwrap();
+
+        let mut got = Vec::new();
+        let wait = timeout(Duration::from_secs(10), async {
+            while got.len() < sent.len() {
+                if let ClientEvent::Media(m) = player.recv().await.unwrap() {
+                    // The AVC sequence header (packet type 0) is not one of the frames.
+                    if m.msg_type == message::VIDEO && m.payload.get(1) != Some(&0) {
+                        got.push(m.payload);
+                    }
+                }
+            }
+        })
+        .await;
+        assert!(
+            wait.is_ok(),
+            "{} of {} frames within 10 s",
+            got.len(),
+            sent.len()
+        );
+        assert!(got == sent, "the frames differ from what was published");
+        assert!(player.bytes_in > 300_000 && publisher.bytes_out > 300_000);
+    }
+
+    #[tokio::test]
+    async fn a_refused_publish_says_why() {
+        let port = engine().await;
+        let url = RtmpUrl::parse(&format!("rtmp://127.0.0.1:{port}/live/k")).unwrap();
+        let mut first = open(port, &url, true).await;
+        first.publish("k").await.unwrap();
+        let mut second = open(port, &url, true).await;
+        let err = timeout(Duration::from_secs(10), second.publish("k"))
+            .await
+            .expect("an answer within 10 s")
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("refused publish") && text.contains("NetStream.Publish.BadName"),
+            "{text}"
+        );
+    }
+}
