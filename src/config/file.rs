@@ -196,6 +196,7 @@ pub struct FileUpstream {
     pub health_interval_secs: Option<u64>,
     pub health_rise: Option<u32>,
     pub health_fall: Option<u32>,
+    pub write_batch_ms: Option<u64>,
 }
 
 /// A TOML error's text (several lines: the key, the line with a caret), indented under the

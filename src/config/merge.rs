@@ -280,6 +280,16 @@ fn upstream(
             "must be at least 1 second",
         ));
     }
+    let write_batch = match file.write_batch_ms {
+        None => crate::upstream::DEFAULT_WRITE_BATCH,
+        Some(v) if v > 1000 => {
+            return Err(invalid(
+                "upstream.write_batch_ms",
+                format!("{v} ms would delay every frame that long; use at most 1000 (0 to 100 is usual)"),
+            ))
+        }
+        Some(v) => Duration::from_millis(v),
+    };
     match url {
         Some(url) => Ok(Some(UpstreamSettings {
             url,
@@ -290,6 +300,7 @@ fn upstream(
             ca,
             proxy_protocol,
             connect_timeout: Duration::from_secs(connect_secs),
+            write_batch,
         })),
         None if ca.is_some() || proxy_protocol.is_some() => Err(invalid(
             "--upstream",

@@ -227,6 +227,22 @@ fn engine_table() {
 }
 
 #[test]
+fn upstream_write_batch_default_and_bound() {
+    let up = |text: &str| merge(&["--upstream", "rtmp://127.0.0.1:1936"], text);
+    let c = up("").unwrap();
+    assert_eq!(
+        c.upstream.unwrap().write_batch,
+        crate::upstream::DEFAULT_WRITE_BATCH
+    );
+    let c = up("[upstream]\nwrite_batch_ms = 0\n").unwrap();
+    assert_eq!(c.upstream.unwrap().write_batch, Duration::ZERO);
+    let e = up("[upstream]\nwrite_batch_ms = 5000\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("upstream.write_batch_ms: "), "{e}");
+}
+
+#[test]
 fn tls_only_when_needed() {
     let c = merge(&["--listen", "rtmp://127.0.0.1:0"], "").unwrap();
     assert!(c.tls.is_none());

@@ -9,6 +9,9 @@
 //! watching its commands ([`scan`], [`guard`]). The copy ([`pump`]) uses one buffer per
 //! direction; when one side ends, the other is flushed and shut down; the remaining
 //! direction gets a short grace period to deliver what is in flight, then both are closed.
+//! Once media flows from the backend, that direction reads on shared ticks
+//! (`[upstream] write_batch_ms`, [`PumpTimes`]): one read and one write per window instead
+//! of one per message the backend wrote.
 
 pub mod guard;
 pub mod hashed;
@@ -45,11 +48,41 @@ use settings::{HealthSettings, RelayMode};
 /// Each direction starts with a small buffer (a player's side only ever carries acks) and
 /// doubles it, up to [`PUMP_BUF_MAX`], whenever a read fills it (a media stream), so ten
 /// thousand idle players cost little and a busy stream moves a video frame in one read.
-const PUMP_BUF_MIN: usize = 4 * 1024;
+/// What the handshake grew is given back while the direction is still starting up (less than
+/// [`STARTUP_BYTES`] carried) and has nothing to read: an idle connection holds only this.
+const PUMP_BUF_MIN: usize = 512;
 /// Largest buffer per direction.
 const PUMP_BUF_MAX: usize = 64 * 1024;
 /// How long the other direction may run on after one side has closed.
 const LINGER: Duration = Duration::from_secs(5);
+/// A direction that has carried less than this is starting up (the handshake, the replies to
+/// connect, createStream and play: a few kB). Its reads never wait for the merge window's
+/// tick, and its buffer shrinks back to [`PUMP_BUF_MIN`] whenever it has nothing to read.
+const STARTUP_BYTES: u64 = 64 * 1024;
+/// `[upstream] write_batch_ms` when it is not set.
+pub const DEFAULT_WRITE_BATCH: Duration = Duration::from_millis(40);
+
+/// The pump's clocks: when an idle session is closed, and the merge window of the
+/// backend-to-client direction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PumpTimes {
+    /// Close the session after this long without a byte either way (None: never).
+    pub idle: Option<Duration>,
+    /// Once media flows from the backend, read it (and write it to the client) once per
+    /// window of this length, on ticks shared by the whole process, instead of once per
+    /// message: fewer reads, writes and wake-ups per player, at the cost of at most one
+    /// window of added latency (half of one on average). Zero: read as soon as bytes arrive.
+    pub write_batch: Duration,
+}
+
+impl From<Option<Duration>> for PumpTimes {
+    fn from(idle: Option<Duration>) -> Self {
+        PumpTimes {
+            idle,
+            write_batch: Duration::ZERO,
+        }
+    }
+}
 
 /// Upstream settings: the backend's URL and how to reach it (`--upstream*`, `[upstream]`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,6 +99,8 @@ pub struct UpstreamSettings {
     pub ca: Option<PathBuf>,
     pub proxy_protocol: Option<ProxyVersion>,
     pub connect_timeout: Duration,
+    /// `[upstream] write_batch_ms`: the backend-to-client merge window ([`PumpTimes`]).
+    pub write_batch: Duration,
 }
 
 /// The shared authorizer; two settings are equal when they hold the same one (a reload
@@ -257,6 +292,8 @@ pub struct Upstream {
     connect_timeout: Duration,
     /// Close a relayed session after this long without a byte either way (None: never).
     idle_timeout: Option<Duration>,
+    /// The backend-to-client merge window ([`PumpTimes::write_batch`]).
+    write_batch: Duration,
     limits: Limits,
     guard: Arc<dyn RelayGuard>,
     /// No backend reachable: every client would log a line; at most one a second.
@@ -309,6 +346,7 @@ impl Upstream {
             health: settings.health,
             connect_timeout: settings.connect_timeout,
             idle_timeout: limits.relay_idle_timeout(),
+            write_batch: settings.write_batch,
             limits: limits.clone(),
             guard: match &settings.auth {
                 Some(a) => Arc::new(guard::AuthGuard {
@@ -325,6 +363,14 @@ impl Upstream {
     pub fn with_guard(mut self, guard: Arc<dyn RelayGuard>) -> Self {
         self.guard = guard;
         self
+    }
+
+    /// The pump's idle timeout and merge window, for every relayed session.
+    pub(crate) fn pump_times(&self) -> PumpTimes {
+        PumpTimes {
+            idle: self.idle_timeout,
+            write_batch: self.write_batch,
+        }
     }
 
     /// The first backend of the default group (for status lines).
@@ -371,7 +417,9 @@ impl Upstream {
     pub async fn serve(&self, client: ClientStream) {
         match self.mode {
             RelayMode::Bytes => self.serve_bytes(client).await,
-            RelayMode::Connect => relay::serve(self, client).await,
+            // Boxed: a future is as large as its largest branch and is held for the whole
+            // session, so the connect-aware relay's state would cost every byte-relayed client.
+            RelayMode::Connect => Box::pin(relay::serve(self, client)).await,
         }
     }
 
@@ -395,7 +443,9 @@ impl Upstream {
                 }
                 Ok::<_, UpstreamError>(leg)
             };
-            let r = match tokio::time::timeout(self.connect_timeout, attempt).await {
+            // Boxed: the TCP, TLS and RTMP handshake state lives on the heap only while
+            // connecting, not in the session's future for as long as the session lasts.
+            let r = match tokio::time::timeout(self.connect_timeout, Box::pin(attempt)).await {
                 Ok(r) => r,
                 Err(_) => Err(UpstreamError::ConnectTimeout {
                     url: backend.connector.url.clone(),
@@ -444,7 +494,7 @@ impl Upstream {
             return;
         };
         let _active = backend.hold();
-        if let Err(e) = pump(&mut client, &mut leg, self.idle_timeout).await {
+        if let Err(e) = pump(&mut client, &mut leg, self.pump_times()).await {
             tracing::debug!(
                 "{label}: forwarding to {} ended: {e}",
                 backend.connector.url
@@ -478,12 +528,21 @@ struct OneWay {
     /// The connect-aware relay's command watch on the client's bytes: only what it has
     /// scanned and allowed is written.
     watch: Option<Box<relay::Watch>>,
+    /// The merge window (zero: none) and, once media flows, the tick the next read waits
+    /// for (allocated the first time, then reset: one timer per direction).
+    batch: Duration,
+    tick: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The next read waits for `tick`.
+    wait_tick: bool,
 }
 
 impl OneWay {
-    fn new(watch: Option<Box<relay::Watch>>) -> Self {
+    fn new(watch: Option<Box<relay::Watch>>, batch: Duration) -> Self {
         OneWay {
             watch,
+            batch,
+            tick: None,
+            wait_tick: false,
             grow: false,
             buf: vec![0u8; PUMP_BUF_MIN].into_boxed_slice(),
             start: 0,
@@ -507,6 +566,18 @@ impl OneWay {
     {
         loop {
             if self.start == self.end && !self.read_done {
+                if self.wait_tick {
+                    if let Some(tick) = &mut self.tick {
+                        if tick.as_mut().poll(cx).is_pending() {
+                            if self.need_flush {
+                                ready!(w.as_mut().poll_flush(cx))?;
+                                self.need_flush = false;
+                            }
+                            return Poll::Pending;
+                        }
+                    }
+                    self.wait_tick = false;
+                }
                 if self.grow {
                     let len = self.buf.len().saturating_mul(2).min(PUMP_BUF_MAX);
                     self.buf = vec![0u8; len].into_boxed_slice();
@@ -515,6 +586,10 @@ impl OneWay {
                 let mut rb = ReadBuf::new(&mut self.buf);
                 match r.as_mut().poll_read(cx, &mut rb) {
                     Poll::Pending => {
+                        if self.total < STARTUP_BYTES && self.buf.len() > PUMP_BUF_MIN {
+                            self.buf = vec![0u8; PUMP_BUF_MIN].into_boxed_slice();
+                            self.grow = false;
+                        }
                         // Nothing more to read now: push out what was written (TLS buffers).
                         if self.need_flush {
                             ready!(w.as_mut().poll_flush(cx))?;
@@ -537,7 +612,13 @@ impl OneWay {
                             if let Some(w) = &mut self.watch {
                                 w.rewind();
                             }
-                            self.grow = n == self.buf.len() && n < PUMP_BUF_MAX;
+                            let full = n == self.buf.len();
+                            self.grow = full && n < PUMP_BUF_MAX;
+                            // A short read emptied the socket: with a window, media that
+                            // follows is read on the next tick. A full one reads on at once.
+                            if !full && !self.batch.is_zero() && self.total >= STARTUP_BYTES {
+                                self.arm_tick();
+                            }
                         }
                     }
                 }
@@ -578,30 +659,65 @@ impl OneWay {
     }
 }
 
+impl OneWay {
+    /// The next read waits for the first shared tick after now.
+    fn arm_tick(&mut self) {
+        let at = next_tick(tokio::time::Instant::now(), self.batch);
+        match &mut self.tick {
+            Some(t) => t.as_mut().reset(at),
+            None => self.tick = Some(Box::pin(tokio::time::sleep_until(at))),
+        }
+        self.wait_tick = true;
+    }
+}
+
+/// The first tick of a `window`-long period strictly after `now`, counted from one
+/// process-wide origin, so every relayed session's tick falls in the same timer slot and the
+/// worker runs them back to back (the engine's merge window keeps its own clock the same
+/// way, `engine::tick`). `now` itself when the window is zero or the clock would overflow.
+fn next_tick(now: tokio::time::Instant, window: Duration) -> tokio::time::Instant {
+    static ORIGIN: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
+    let w = window.as_nanos();
+    if w == 0 {
+        return now;
+    }
+    let origin = *ORIGIN.get_or_init(|| now);
+    let since = now.saturating_duration_since(origin).as_nanos();
+    let ticks = since / w + 1;
+    let Some(at) = ticks.checked_mul(w).and_then(|n| u64::try_from(n).ok()) else {
+        return now;
+    };
+    origin.checked_add(Duration::from_nanos(at)).unwrap_or(now)
+}
+
 /// Copies both ways between `a` (the client) and `b` (the backend) until both are done, one
 /// fails, one is done and the other has not finished within [`LINGER`], or (with `idle`)
-/// no byte has moved either way for that long. Returns (bytes a->b, bytes b->a).
-pub async fn pump<A, B>(a: &mut A, b: &mut B, idle: Option<Duration>) -> io::Result<(u64, u64)>
+/// no byte has moved either way for that long. The direction from `b` to `a` reads on the
+/// merge window's ticks once media flows ([`PumpTimes::write_batch`]). Returns (bytes a->b,
+/// bytes b->a).
+pub async fn pump<A, B>(a: &mut A, b: &mut B, times: impl Into<PumpTimes>) -> io::Result<(u64, u64)>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    pump_watched(a, b, idle, None).await
+    pump_watched(a, b, times, None).await
 }
 
 /// [`pump`], with the bytes from `a` to `b` passing through a command watch.
 pub(crate) async fn pump_watched<A, B>(
     a: &mut A,
     b: &mut B,
-    idle: Option<Duration>,
+    times: impl Into<PumpTimes>,
     watch: Option<Box<relay::Watch>>,
 ) -> io::Result<(u64, u64)>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let mut a_to_b = OneWay::new(watch);
-    let mut b_to_a = OneWay::new(None);
+    let times = times.into();
+    let idle = times.idle;
+    let mut a_to_b = OneWay::new(watch, Duration::ZERO);
+    let mut b_to_a = OneWay::new(None, times.write_batch);
     let mut ab_done = false;
     let mut ba_done = false;
     // Bytes moved either way so far, for the idle check.
@@ -740,6 +856,52 @@ mod tests {
             took <= Duration::from_secs(300 + 2 * 180),
             "closed too late: {took:?}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pump_batches_the_backend_side_only_once_media_flows() {
+        let (mut client, mut gw_client) = tokio::io::duplex(256 * 1024);
+        let (mut gw_backend, mut backend) = tokio::io::duplex(256 * 1024);
+        let window = Duration::from_millis(80);
+        let times = PumpTimes {
+            idle: None,
+            write_batch: window,
+        };
+        let task = tokio::spawn(async move { pump(&mut gw_client, &mut gw_backend, times).await });
+        // Starting up (handshake, replies): every reply is passed on at once, no tick waited
+        // for (with paused time, any wait on a timer would advance the clock).
+        let t0 = tokio::time::Instant::now();
+        for _ in 0..3 {
+            backend.write_all(&[7u8; 1500]).await.unwrap();
+            let mut got = [0u8; 1500];
+            client.read_exact(&mut got).await.unwrap();
+        }
+        assert_eq!(t0.elapsed(), Duration::ZERO, "a startup reply waited for a tick");
+        // Media: past STARTUP_BYTES, a message waits for the next shared tick, at most one
+        // window, and several messages written within a window arrive together.
+        let media = vec![9u8; STARTUP_BYTES as usize];
+        backend.write_all(&media).await.unwrap();
+        let mut got = vec![0u8; media.len()];
+        client.read_exact(&mut got).await.unwrap();
+        let t1 = tokio::time::Instant::now();
+        backend.write_all(b"frame one").await.unwrap();
+        backend.write_all(b"frame two").await.unwrap();
+        let mut two = [0u8; 18];
+        client.read_exact(&mut two).await.unwrap();
+        assert_eq!(&two, b"frame oneframe two");
+        let waited = t1.elapsed();
+        assert!(waited > Duration::ZERO, "media did not wait for the tick");
+        assert!(waited <= window, "media waited {waited:?}, more than one window");
+        // The client's side is never held back.
+        let t2 = tokio::time::Instant::now();
+        client.write_all(b"ack").await.unwrap();
+        let mut ack = [0u8; 3];
+        backend.read_exact(&mut ack).await.unwrap();
+        assert_eq!(t2.elapsed(), Duration::ZERO);
+        drop(client);
+        drop(backend);
+        // Ends (the result of writing to a dropped peer does not matter here).
+        let _ = task.await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]

@@ -475,9 +475,9 @@ pub async fn serve(up: &Upstream, mut client: ClientStream) {
     let result = match early {
         Some(e) => {
             let mut back = Rechunk::new(&mut leg, e, limits, &budget, &label);
-            super::pump_watched(&mut client, &mut back, up.idle_timeout, watch).await
+            super::pump_watched(&mut client, &mut back, up.pump_times(), watch).await
         }
-        None => super::pump_watched(&mut client, &mut leg, up.idle_timeout, watch).await,
+        None => super::pump_watched(&mut client, &mut leg, up.pump_times(), watch).await,
     };
     let denial = denied.lock().ok().and_then(|mut d| d.take());
     if let Some(d) = denial {
