@@ -280,16 +280,18 @@ fn upstream(
             "must be at least 1 second",
         ));
     }
-    let write_batch = match file.write_batch_ms {
-        None => crate::upstream::DEFAULT_WRITE_BATCH,
-        Some(v) if v > 1000 => {
-            return Err(invalid(
-                "upstream.write_batch_ms",
-                format!("{v} ms would delay every frame that long; use at most 1000 (0 to 100 is usual)"),
-            ))
-        }
-        Some(v) => Duration::from_millis(v),
-    };
+    let write_batch = file
+        .write_batch_ms
+        .map_or(crate::upstream::DEFAULT_WRITE_BATCH, Duration::from_millis);
+    if write_batch > Duration::from_secs(1) {
+        let ms = write_batch.as_millis();
+        return Err(invalid(
+            "upstream.write_batch_ms",
+            format!(
+                "{ms} ms would delay every frame that long; use at most 1000 (0 to 100 is usual)"
+            ),
+        ));
+    }
     match url {
         Some(url) => Ok(Some(UpstreamSettings {
             url,

@@ -876,7 +876,11 @@ mod tests {
             let mut got = [0u8; 1500];
             client.read_exact(&mut got).await.unwrap();
         }
-        assert_eq!(t0.elapsed(), Duration::ZERO, "a startup reply waited for a tick");
+        assert_eq!(
+            t0.elapsed(),
+            Duration::ZERO,
+            "a startup reply waited for a tick"
+        );
         // Media: past STARTUP_BYTES, a message waits for the next shared tick, at most one
         // window, and several messages written within a window arrive together.
         let media = vec![9u8; STARTUP_BYTES as usize];
@@ -891,7 +895,10 @@ mod tests {
         assert_eq!(&two, b"frame oneframe two");
         let waited = t1.elapsed();
         assert!(waited > Duration::ZERO, "media did not wait for the tick");
-        assert!(waited <= window, "media waited {waited:?}, more than one window");
+        assert!(
+            waited <= window,
+            "media waited {waited:?}, more than one window"
+        );
         // The client's side is never held back.
         let t2 = tokio::time::Instant::now();
         client.write_all(b"ack").await.unwrap();
