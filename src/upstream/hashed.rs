@@ -286,10 +286,13 @@ impl<L> Rechunk<L> {
         }
     }
 
-    /// The backend's id for a message stream, as the client knows it.
+    /// The backend's id for a message stream, as the client knows it. A backend that gives
+    /// the same id to several createStreams (nginx-rtmp answers 1 to each) is taken to mean
+    /// the latest of the gateway's: a client plays or publishes on the stream it created last.
     fn map_id(&self, id: u32) -> u32 {
         self.ids
             .iter()
+            .rev()
             .find(|(b, _)| *b == id)
             .map_or(id, |(_, g)| *g)
     }
@@ -588,6 +591,24 @@ mod tests {
         assert_eq!(got[2].payload, video.payload);
         assert_eq!((got[2].stream_id, got[2].timestamp), (1, 40));
         assert_eq!(name(&got[3]), "_result 9");
+    }
+
+    #[tokio::test]
+    async fn a_backend_numbering_every_stream_1_maps_to_the_latest() {
+        let mut e = early(Action::Play);
+        e.answered = vec![1.0, 2.0, 3.0];
+        e.create_txns = vec![2.0, 3.0];
+        e.stream_id = 2;
+        let one = || Amf0Value::Number(1.0);
+        let backend = [
+            command_message(0, "_result", 1.0, &[Amf0Value::Null, Amf0Value::Null]),
+            command_message(0, "_result", 2.0, &[Amf0Value::Null, one()]),
+            command_message(0, "_result", 3.0, &[Amf0Value::Null, one()]),
+            command_message(1, "onStatus", 0.0, &[Amf0Value::Null]),
+        ];
+        let got = client_reads(&rechunk(e, &backend).await);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].stream_id, 2);
     }
 
     #[tokio::test]
