@@ -89,12 +89,14 @@ async fn tcp_connect(url: &RtmpUrl) -> Result<TcpStream, String> {
 }
 
 impl OriginConn {
-    /// Connects to `url` (an origin, no app), runs the handshake, `connect` to `app` and
-    /// `createStream`, all within `timeout`.
+    /// Connects to `url` (an origin, no app), runs the handshake, `connect` to `app` (with
+    /// the role's properties: [`player_props`](crate::rtmp::session::client::player_props)
+    /// or `publisher_props`, as ffmpeg sends them) and `createStream`, all within `timeout`.
     pub async fn open(
         url: &RtmpUrl,
         tls: Option<&Arc<rustls::ClientConfig>>,
         app: &str,
+        props: Vec<(&'static str, crate::rtmp::amf0::Amf0Value)>,
         limits: &Limits,
         timeout: Duration,
     ) -> Result<OriginConn, ConnError> {
@@ -105,7 +107,7 @@ impl OriginConn {
             what,
             secs,
         };
-        tokio::time::timeout(timeout, Self::open_inner(url, tls, app, limits))
+        tokio::time::timeout(timeout, Self::open_inner(url, tls, app, props, limits))
             .await
             .map_err(|_| t("connecting, handshake, connect and createStream"))?
     }
@@ -114,6 +116,7 @@ impl OriginConn {
         url: &RtmpUrl,
         tls: Option<&Arc<rustls::ClientConfig>>,
         app: &str,
+        props: Vec<(&'static str, crate::rtmp::amf0::Amf0Value)>,
         limits: &Limits,
     ) -> Result<OriginConn, ConnError> {
         let id = url.to_string();
@@ -158,7 +161,7 @@ impl OriginConn {
         c.handshake().await?;
         let tc_url = format!("{}/{app}", url);
         let proto = |e: crate::rtmp::session::ClientError| c_proto(&url.to_string(), e);
-        c.session.connect(app, &tc_url, Vec::new()).map_err(proto)?;
+        c.session.connect(app, &tc_url, props).map_err(proto)?;
         c.flush().await?;
         loop {
             match c.next_event().await? {

@@ -24,6 +24,9 @@ use crate::rtmp::message::{Control, UserControl, DATA_AMF0, VIDEO};
 use crate::rtmp::session::ClientEvent;
 use crate::throttle::LogThrottle;
 
+/// The SetBufferLength a pull sends after play (ffmpeg's default `rtmp_buffer`).
+const PLAY_BUFFER_MS: u32 = 3000;
+
 /// How often a pull looks at its stream's player count.
 const CHECK_EVERY: Duration = Duration::from_millis(250);
 
@@ -189,6 +192,7 @@ async fn connect(edge: &Edge, key: &StreamKey) -> Result<OriginConn, ConnError> 
             &origin.url,
             edge.tls.as_ref(),
             &key.app,
+            crate::rtmp::session::client::player_props(),
             &edge.limits,
             edge.settings.connect_timeout,
         )
@@ -198,6 +202,16 @@ async fn connect(edge: &Edge, key: &StreamKey) -> Result<OriginConn, ConnError> 
                 origin.mark(true);
                 let sid = c.stream_id;
                 c.session().play(sid, &key.name);
+                // The buffer a player asks for after play, as ffmpeg (rtmp_buffer, 3 s) and
+                // librtmp do; some servers send nothing before it.
+                let buffer = UserControl::SetBufferLength {
+                    stream_id: sid,
+                    ms: PLAY_BUFFER_MS,
+                };
+                c.session().send(
+                    crate::rtmp::session::command::CSID_CONTROL,
+                    &buffer.to_message(),
+                );
                 c.flush().await?;
                 return Ok(c);
             }

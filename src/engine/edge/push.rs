@@ -199,7 +199,16 @@ async fn open(
     published: &str,
 ) -> Result<OriginConn, ConnError> {
     let timeout = edge.settings.connect_timeout;
-    let mut c = OriginConn::open(url, edge.tls.as_ref(), &key.app, &edge.limits, timeout).await?;
+    let props = crate::rtmp::session::client::publisher_props();
+    let mut c = OriginConn::open(
+        url,
+        edge.tls.as_ref(),
+        &key.app,
+        props,
+        &edge.limits,
+        timeout,
+    )
+    .await?;
     let sid = c.stream_id;
     c.session().publish(sid, published);
     c.flush().await?;
