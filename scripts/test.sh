@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The project's one test command (README, CI): installs the real peers if missing, then
 # checks formatting, builds, runs clippy with warnings as errors, and runs every unit and
-# integration test of the workspace (rtmpgate and the protocol crate rtmpgate-proto in
-# src/rtmp). Every step runs even when an earlier one failed (except tests after a failed
-# build; every test binary runs even if one fails), and a summary at the end says which steps
-# and tests failed. Exit status 0 only if all passed.
+# integration test of the workspace (rtmpgate, the protocol crate rtmpgate-proto in
+# src/rtmp, and the tools crate rtmpgate-tools in src/tools: the client and rtmpgate-bench).
+# Every step runs even when an earlier one failed (except tests after a failed build; every
+# test binary runs even if one fails), and a summary at the end says which steps and tests
+# failed. Exit status 0 only if all passed.
 #
 # Environment:
 #   RTMPGATE_TEST_TIMEOUT  bound on the `cargo test` step, in minutes (default 45)
