@@ -823,3 +823,53 @@ fn a_relay_hash_group_and_an_edge_send_a_stream_to_the_same_origin() {
         assert!(e.log().contains(&line), "missing '{line}' in:\n{}", e.log());
     }
 }
+
+#[test]
+fn rtmps_origin_pull_and_forward_over_tls_with_a_private_ca() {
+    let origin = Nginx::start();
+    let tls_front = Stunnel::start(origin.addr(), TlsMode::Server);
+    let certs = dev_certs();
+    let upstream = format!("rtmps://127.0.0.1:{}", tls_front.port());
+    let gw = Gateway::builder()
+        .config(&format!("[upstream]\nedge_idle_secs = {IDLE_SECS}\n"))
+        .args(&[
+            "--listen",
+            "rtmp://127.0.0.1:0",
+            "--admin",
+            "off",
+            "--edge",
+            "--upstream",
+            &upstream,
+            "--upstream-ca",
+            certs.ca.to_str().unwrap(),
+        ])
+        .start();
+    let src = source_flv(SECONDS);
+    let want = framemd5(&src);
+    let dir = temp_dir();
+    let out = dir.path().join("p.flv");
+    let url = format!("{}/live/tls", gw.url("rtmp"));
+    let mut player = play_rtmpdump(&url, &out);
+    assert!(wait_until(Duration::from_secs(10), || gw.log().contains(
+        &format!("edge pull live/tls: playing from {upstream}")
+    )));
+    // The publisher is forwarded by the same edge, over TLS too.
+    let mut publisher = publish(&peers().ffmpeg, &url, &src);
+    assert!(
+        publisher
+            .wait_timeout(Duration::from_secs(30))
+            .is_some_and(|s| s.success()),
+        "{}",
+        publisher.log()
+    );
+    wait_players(std::slice::from_mut(&mut player), PLAYER_TAIL);
+    assert_whole_run(
+        "player through an rtmps:// origin",
+        &want,
+        &framemd5(&out),
+        700,
+    );
+    assert!(gw
+        .log()
+        .contains(&format!("edge forward live/tls: publishing to {upstream}")));
+}
