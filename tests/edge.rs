@@ -577,6 +577,8 @@ fn compose_recipe_three_edges_behind_haproxy_and_two_origins() {
         ("rtmpt rtmpdump", base("rtmpt", p_http), true),
         ("rtmpt ffmpeg", base("rtmpt", p_http), false),
         ("rtmp rtmpdump 2", base("rtmp", p_rtmp), true),
+        // RTMPTS: the tunnel inside TLS, through the RTMPS frontend (L4, TLS passthrough).
+        ("rtmpts ffmpeg", base("rtmpts", p_rtmps), false),
     ];
     let mut players = Vec::new();
     let mut outs = Vec::new();
