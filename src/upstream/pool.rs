@@ -9,8 +9,7 @@
 //! gets its weight's share of the streams, and when one is down only its streams move,
 //! each to its own next-highest backend.
 
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 #[cfg(test)]
 use super::settings::BackendSettings;
@@ -117,10 +116,55 @@ pub struct Group {
     pub backends: Vec<Arc<Backend>>,
     pub balance: Balance,
     pub health: HealthKind,
-    next: AtomicUsize,
-    /// Round-robin: the primaries' indices (into the primaries) in one cycle, each as
-    /// often as its weight, spread out (smooth weighted round-robin).
-    cycle: Vec<usize>,
+    /// Round-robin's turn among the primaries that are up.
+    rotation: Mutex<Rotation>,
+}
+
+/// Smooth weighted round-robin (as nginx spreads upstream weights) over the primaries
+/// that are up: each turn every one of them gains its weight, the largest total is picked
+/// and loses the sum. Weights 3, 1, 1 give 0, 1, 0, 2, 0 (never three in a row). A
+/// backend that is down takes no turn, so its share goes to the others in proportion to
+/// their weights (not all to the one after it).
+#[derive(Debug, Default)]
+struct Rotation {
+    /// Which primaries took part in the last turn; when that changes the totals restart
+    /// from zero (they then stay within the weights' sum either way).
+    up: Vec<bool>,
+    /// Each primary's running total.
+    current: Vec<i64>,
+}
+
+impl Rotation {
+    /// The primary (index into `weights`) whose turn it is among those `up`; None when
+    /// none is.
+    fn pick(&mut self, weights: &[u32], up: &[bool]) -> Option<usize> {
+        if self.up != up || self.current.len() != weights.len() {
+            self.up = up.to_vec();
+            self.current = vec![0; weights.len()];
+        }
+        let total: i64 = weights
+            .iter()
+            .zip(up)
+            .filter(|(_, &u)| u)
+            .map(|(&w, _)| i64::from(w))
+            .sum();
+        let mut best: Option<(usize, i64)> = None;
+        for (i, ((c, &w), &u)) in self.current.iter_mut().zip(weights).zip(up).enumerate() {
+            if !u {
+                continue;
+            }
+            *c += i64::from(w);
+            match best {
+                Some((_, v)) if *c <= v => {}
+                _ => best = Some((i, *c)),
+            }
+        }
+        let (i, _) = best?;
+        if let Some(c) = self.current.get_mut(i) {
+            *c -= total;
+        }
+        Some(i)
+    }
 }
 
 impl Group {
@@ -130,19 +174,13 @@ impl Group {
             .into_iter()
             .map(|(c, backup, w)| Arc::new(Backend::weighted(&settings.name, c, backup, w)))
             .collect();
-        let weights: Vec<u32> = backends
-            .iter()
-            .filter(|b| !b.backup)
-            .map(|b| b.weight)
-            .collect();
         Group {
             name: settings.name.clone(),
             apps: settings.apps.clone(),
-            cycle: smooth_cycle(&weights),
             backends,
             balance: settings.balance,
             health: settings.health,
-            next: AtomicUsize::new(0),
+            rotation: Mutex::default(),
         }
     }
 
@@ -171,11 +209,19 @@ impl Group {
             Balance::First => self.backends.clone(),
             Balance::RoundRobin => {
                 let prim: Vec<&Arc<Backend>> = self.backends.iter().filter(|b| !b.backup).collect();
-                let turn = self.next.fetch_add(1, Relaxed);
-                let start = match self.cycle.len() {
-                    0 => 0,
-                    n => self.cycle.get(turn % n).copied().unwrap_or(0),
-                };
+                let weights: Vec<u32> = prim.iter().map(|b| b.weight).collect();
+                let mut up: Vec<bool> = prim.iter().map(|b| b.is_up()).collect();
+                if !up.contains(&true) {
+                    // All down: rotate over all of them (one may be back before its check).
+                    up.fill(true);
+                }
+                // The rotation holds only counters: a panic elsewhere cannot break it.
+                let start = self
+                    .rotation
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .pick(&weights, &up)
+                    .unwrap_or(0);
                 let mut v: Vec<Arc<Backend>> = Vec::with_capacity(self.backends.len());
                 for i in 0..prim.len() {
                     if let Some(b) = prim.get((start + i) % prim.len()) {
@@ -215,32 +261,6 @@ impl Group {
         order.sort_by_key(|b| (!b.is_up(), b.backup));
         order
     }
-}
-
-/// One cycle of smooth weighted round-robin over `weights` (as nginx spreads upstream
-/// weights): each step every entry gains its weight, the largest total is picked and
-/// loses the sum. Weights 3, 1, 1 give 0, 1, 0, 2, 0 (never three in a row). The cycle is
-/// the weights' sum long, at most MAX_WEIGHT * MAX_GROUP_BACKENDS.
-fn smooth_cycle(weights: &[u32]) -> Vec<usize> {
-    let total: i64 = weights.iter().map(|&w| i64::from(w)).sum();
-    let mut current = vec![0i64; weights.len()];
-    let mut cycle = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
-    for _ in 0..total {
-        let mut best = 0usize;
-        let mut best_value = i64::MIN;
-        for (i, (c, &w)) in current.iter_mut().zip(weights).enumerate() {
-            *c += i64::from(w);
-            if *c > best_value {
-                best = i;
-                best_value = *c;
-            }
-        }
-        if let Some(c) = current.get_mut(best) {
-            *c -= total;
-        }
-        cycle.push(best);
-    }
-    cycle
 }
 
 // The rendezvous score and the stream key live in the net layer, shared with edge mode's
@@ -484,7 +504,11 @@ mod tests {
         );
         let firsts: Vec<u16> = (0..8).map(|_| ports(&g.candidates())[0]).collect();
         assert_eq!(firsts, [1, 1, 2, 1, 1, 1, 2, 1]);
-        assert_eq!(smooth_cycle(&[3, 1, 1]), [0, 1, 0, 2, 0]);
+        let mut r = Rotation::default();
+        let turns: Vec<usize> = (0..5)
+            .filter_map(|_| r.pick(&[3, 1, 1], &[true; 3]))
+            .collect();
+        assert_eq!(turns, [0, 1, 0, 2, 0]);
         let g = weighted(
             Balance::LeastConnections,
             &["rtmp://h:1", "rtmp://h:2"],
@@ -551,6 +575,80 @@ mod tests {
             }
             assert_eq!(*now.last().unwrap(), 3, "the dead one is tried last");
         }
+    }
+
+    /// The first choice of `n` clients, counted by port.
+    fn firsts(g: &Group, n: usize) -> std::collections::BTreeMap<u16, usize> {
+        let mut counts = std::collections::BTreeMap::new();
+        for _ in 0..n {
+            *counts.entry(ports(&g.candidates())[0]).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    /// Asserts each port's share of `n` first choices within 3% of `n` of its expected one.
+    fn assert_shares(counts: &std::collections::BTreeMap<u16, usize>, want: &[(u16, f64)]) {
+        let n: usize = counts.values().sum();
+        assert_eq!(counts.len(), want.len(), "{counts:?}");
+        for &(port, share) in want {
+            let got = counts.get(&port).copied().unwrap_or(0) as f64;
+            let expected = share * n as f64;
+            assert!(
+                (got - expected).abs() <= 0.03 * n as f64,
+                "backend {port}: {got} of {n} first choices, expected {expected} ({counts:?})"
+            );
+        }
+    }
+
+    #[test]
+    fn round_robin_shares_a_down_backends_turns_among_the_others() {
+        let g = group(
+            Balance::RoundRobin,
+            &["rtmp://h:1", "rtmp://h:2", "rtmp://h:3"],
+            &["rtmp://h:9"],
+        );
+        assert_shares(
+            &firsts(&g, 300),
+            &[(1, 1. / 3.), (2, 1. / 3.), (3, 1. / 3.)],
+        );
+        // 2 is down: 1 and 3 share its turns (not 3 taking them all: 1/3 and 2/3).
+        g.backends[1].connected(false, "refused");
+        let counts = firsts(&g, 3000);
+        assert_shares(&counts, &[(1, 0.5), (3, 0.5)]);
+        // Every order still tries the other survivor, then the backup, then 2.
+        assert!(matches!(
+            ports(&g.candidates())[..],
+            [1, 3, 9, 2] | [3, 1, 9, 2]
+        ));
+        // Back up: three equal shares again.
+        g.backends[1].connected(true, "");
+        assert_shares(
+            &firsts(&g, 300),
+            &[(1, 1. / 3.), (2, 1. / 3.), (3, 1. / 3.)],
+        );
+        // Weights are kept among the backends that are up: 3:1:1 with the 1 in the
+        // middle down is 3:1 (not 3:2 to the one after the down backend).
+        let g = weighted(
+            Balance::RoundRobin,
+            &["rtmp://h:1", "rtmp://h:2", "rtmp://h:3"],
+            &[3, 1, 1],
+            &[],
+        );
+        g.backends[1].connected(false, "refused");
+        assert_shares(&firsts(&g, 4000), &[(1, 0.75), (3, 0.25)]);
+        // And 1:1:3 with the 3 down splits evenly between the other two.
+        let g = weighted(
+            Balance::RoundRobin,
+            &["rtmp://h:1", "rtmp://h:2", "rtmp://h:3"],
+            &[1, 1, 3],
+            &[],
+        );
+        g.backends[2].connected(false, "refused");
+        assert_shares(&firsts(&g, 4000), &[(1, 0.5), (2, 0.5)]);
+        // All down: the rotation turns over all of them (one may be back before its check).
+        g.backends[0].connected(false, "refused");
+        g.backends[1].connected(false, "refused");
+        assert_shares(&firsts(&g, 500), &[(1, 0.2), (2, 0.2), (3, 0.6)]);
     }
 
     #[test]
