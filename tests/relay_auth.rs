@@ -84,21 +84,28 @@ fn tokens_addresses_and_callbacks_through_the_relay() {
         let cb_ok = ffmpeg_publish(&format!("{r1}/cb/ok1"));
         (
             [
-                ("no token over rtmps", no_token, "a token is required"),
+                // The engine's wording (one function words both): the status code, the
+                // action, the reason's label, what failed and what to do.
+                (
+                    "no token over rtmps",
+                    no_token,
+                    "Server error: NetStream.Publish.BadName: publish denied (token_missing): \
+                     a token is required",
+                ),
                 (
                     "another stream's token",
                     wrong,
-                    "the token is not valid for this stream",
+                    "publish denied (token_invalid): the token is not valid for this stream",
                 ),
                 (
                     "an expired token over rtmpt",
                     expired,
-                    "the token has expired",
+                    "publish denied (token_expired): the token has expired",
                 ),
                 (
                     "a denied address",
                     address,
-                    "your address is not allowed to do this",
+                    "publish denied (address): your address is not allowed to do this",
                 ),
                 (
                     "rtmpdump playing without a token",
@@ -108,14 +115,22 @@ fn tokens_addresses_and_callbacks_through_the_relay() {
                 (
                     "the callback's 403",
                     cb_deny,
-                    "the authorization server refused",
+                    "publish denied (callback_denied): the authorization server refused",
                 ),
+                // A relay cannot rename (it forwards the client's bytes): the client is told
+                // so and what to do instead.
                 (
                     "the callback's 302 (a relay cannot rename)",
                     cb_rename,
-                    "which a relay cannot do",
+                    "publish denied (rename_unsupported): the authorization server renamed the \
+                     stream, which the relay cannot do",
                 ),
-                ("the callback's timeout", cb_slow, "did not answer in time"),
+                (
+                    "the callback's timeout",
+                    cb_slow,
+                    "publish denied (callback_timeout): the authorization server did not \
+                     answer in time",
+                ),
             ],
             slow_took,
             cb_ok,
@@ -148,6 +163,13 @@ fn tokens_addresses_and_callbacks_through_the_relay() {
     for (what, out, needle) in &denied_runs {
         out.assert_denied(what, needle);
     }
+    // What to do instead of a rename, whole (ffmpeg prints at most 255 characters).
+    let (what, rename, _) = &denied_runs[6];
+    assert!(what.contains("302"), "{what}");
+    rename.assert_denied(
+        what,
+        "serve this app from the engine, or have the callback answer 2xx.",
+    );
     // The callback's timeout (1 s) answered the publisher well before the service's 4 s.
     assert!(
         slow_took < Duration::from_secs(4),
@@ -160,8 +182,9 @@ fn tokens_addresses_and_callbacks_through_the_relay() {
         ("token_invalid", 1),
         ("token_expired", 1),
         ("address", 1),
-        // The 302 is counted by [auth] as allowed (renamed); the relay then refuses it.
         ("callback_denied", 1),
+        // The 302 is a denial through the relay, counted as one (not as allowed).
+        ("rename_unsupported", 1),
         ("callback_timeout", 1),
     ] {
         let action_n = |a| denied(&m, a, reason);
@@ -175,6 +198,12 @@ fn tokens_addresses_and_callbacks_through_the_relay() {
                 .join("\n")
         );
     }
+    // Allowed publishes: the token's and the callback's 2xx (the 302 is not among them).
+    let allowed = m
+        .lines()
+        .find_map(|l| l.strip_prefix("rtmpgate_auth_allowed_total{action=\"publish\"} "))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    assert_eq!(allowed, Some(2), "rtmpgate_auth_allowed_total:\n{m}");
     // The callback was asked about each cb publish; nginx-rtmp saw only the allowed ones.
     let asked: Vec<String> = service
         .calls_to("/gw/publish")

@@ -102,7 +102,8 @@ fn nginx_on_publish_and_rtmpgate_auth_coexist_behind_the_relay() {
     // Denied by rtmpgate: the status and the reason.
     ffmpeg_publish(&format!("{base}/gw/deny2?token=good")).assert_denied(
         "rtmpgate's on_publish denial",
-        "Server error: the authorization server refused",
+        "Server error: NetStream.Publish.BadName: publish denied (callback_denied): the \
+         authorization server refused",
     );
     // The exact status each way, seen by a raw client: rtmpgate's BadName for its own app,
     // nginx-rtmp's hang-up (no status) for nginx's app, through the gateway as straight.
@@ -115,7 +116,7 @@ fn nginx_on_publish_and_rtmpgate_auth_coexist_behind_the_relay() {
     let gw_denial = raw_publish(gw_addr, "gw", "deny4?token=good");
     assert!(
         gw_denial
-            .starts_with("onStatus NetStream.Publish.BadName the authorization server refused"),
+            .starts_with("onStatus NetStream.Publish.BadName NetStream.Publish.BadName: publish denied (callback_denied): the authorization server refused"),
         "{gw_denial}"
     );
     let nginx_via_gw = raw_publish(gw_addr, "live", "deny5?token=good");

@@ -26,7 +26,7 @@ pub fn encode(e: &mut DescriptorEncoder) -> fmt::Result {
     }
     let mut m = e.encode_descriptor(
         "rtmpgate_auth_allowed",
-        "Connects, publishes and plays [auth] allowed (renamed ones included), by action.",
+        "Connects, publishes and plays [auth] allowed (renamed ones included; the relay denies renames), by action.",
         None,
         MetricType::Counter,
     )?;

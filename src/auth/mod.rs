@@ -13,10 +13,12 @@
 //!    or on connect's app (the tcUrl query);
 //! 4. an HTTP callback compatible with nginx-rtmp's `on_connect`/`on_publish`/`on_play`
 //!    ([`callback`]): 2xx allows, 3xx with `Location` renames the stream, anything else (or
-//!    no answer within the timeout) denies.
+//!    no answer within the timeout) denies. The relay cannot rename (it forwards the
+//!    client's bytes): it asks [`Auth::authorize_unrenamed`], for which a rename denies.
 //!
 //! Every denial is logged (the stream name without its query: never a token or a key given
-//! as `?key=`) and counted in `rtmpgate_auth_denied_total{action,reason}`.
+//! as `?key=`) and counted in `rtmpgate_auth_denied_total{action,reason}`; the client gets
+//! [`DenyReason::status_description`], from the engine and the relay alike.
 
 pub mod callback;
 pub mod metrics;
@@ -111,10 +113,13 @@ pub enum DenyReason {
     CallbackError,
     /// `limits.max_auth_callbacks` callbacks were already waiting for an answer.
     CallbackBusy,
+    /// The callback renamed a relayed client's stream (3xx `Location`), which the relay
+    /// cannot do: it forwards the client's bytes unchanged.
+    RenameUnsupported,
 }
 
 impl DenyReason {
-    pub const ALL: [DenyReason; 9] = [
+    pub const ALL: [DenyReason; 10] = [
         DenyReason::Address,
         DenyReason::Key,
         DenyReason::TokenMissing,
@@ -124,6 +129,7 @@ impl DenyReason {
         DenyReason::CallbackTimeout,
         DenyReason::CallbackError,
         DenyReason::CallbackBusy,
+        DenyReason::RenameUnsupported,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -137,6 +143,7 @@ impl DenyReason {
             DenyReason::CallbackTimeout => "callback_timeout",
             DenyReason::CallbackError => "callback_error",
             DenyReason::CallbackBusy => "callback_busy",
+            DenyReason::RenameUnsupported => "rename_unsupported",
         }
     }
 
@@ -152,7 +159,24 @@ impl DenyReason {
             DenyReason::CallbackTimeout => "the authorization server did not answer in time",
             DenyReason::CallbackError => "the authorization server could not be asked",
             DenyReason::CallbackBusy => "too many authorizations pending; try again",
+            DenyReason::RenameUnsupported => {
+                // With its code and action it stays under ffmpeg's 255 characters.
+                "the authorization server renamed the stream, which the relay cannot do (it \
+                 forwards the client's bytes unchanged); serve this app from the engine, or \
+                 have the callback answer 2xx"
+            }
         }
+    }
+
+    /// The description a denied client gets with `action`'s status code (the engine and
+    /// the relay both send it): `NetStream.Publish.BadName: publish denied (token_missing):
+    /// a token is required (?token=...&expires=...).`
+    pub fn status_description(self, action: Action) -> String {
+        format!(
+            "{}: {action} denied ({self}): {}.",
+            action.denial_code(),
+            self.description()
+        )
     }
 
     fn index(self) -> usize {
@@ -454,15 +478,42 @@ impl Auth {
     /// Waits at most `callback_timeout_ms` (plus the wait for a free callback slot, within
     /// the same bound). Counts and logs the outcome.
     pub async fn authorize(&self, req: &AuthRequest) -> Decision {
-        let d = match self.settings.check_local(req, unix_now()) {
+        let d = self.decide(req).await;
+        self.record(req, &d);
+        d
+    }
+
+    /// [`Auth::authorize`] for a client that cannot be renamed (a relayed one: the relay
+    /// forwards its bytes unchanged): a callback's rename is a denial,
+    /// [`DenyReason::RenameUnsupported`], counted and logged as one.
+    pub async fn authorize_unrenamed(&self, req: &AuthRequest) -> Decision {
+        let d = match self.decide(req).await {
+            Decision::Rename(to) => {
+                info!(
+                    "auth: {} {} from {}: the callback renamed it to {}/{}, which a relay cannot do",
+                    req.action,
+                    req.target(),
+                    token::addr_text(req.addr),
+                    req.app,
+                    truncate(&to, 64)
+                );
+                Decision::Deny(DenyReason::RenameUnsupported)
+            }
+            d => d,
+        };
+        self.record(req, &d);
+        d
+    }
+
+    /// The local rules, then the callback if one is configured; neither counted nor logged.
+    async fn decide(&self, req: &AuthRequest) -> Decision {
+        match self.settings.check_local(req, unix_now()) {
             Err(r) => Decision::Deny(r),
             Ok(()) => match self.settings.rules_for(&req.app).callback(req.action) {
                 Some(url) => self.callbacks.ask(url, req).await,
                 None => Decision::Allow,
             },
-        };
-        self.record(req, &d);
-        d
+        }
     }
 
     /// Sends the `on_done` notice for a publish or play that ended, if one is configured:
@@ -563,5 +614,23 @@ mod tests {
         let p = c.for_stream(Action::Play, &format!("n?{}", "a=1&".repeat(5000)));
         assert!(p.args.len() <= MAX_ARGS);
         assert_eq!(truncate("abc", 2), "ab");
+    }
+
+    #[test]
+    fn status_descriptions_name_the_code_action_and_reason() {
+        assert_eq!(
+            DenyReason::TokenMissing.status_description(Action::Publish),
+            "NetStream.Publish.BadName: publish denied (token_missing): \
+             a token is required (?token=...&expires=...)."
+        );
+        let d = DenyReason::RenameUnsupported.status_description(Action::Play);
+        assert!(d.starts_with("NetStream.Play.Failed: play denied (rename_unsupported): "));
+        assert!(d.ends_with("answer 2xx."), "{d}");
+        // ffmpeg prints at most 255 characters of a status description.
+        for r in DenyReason::ALL {
+            for a in Action::DECIDED {
+                assert!(r.status_description(a).len() <= 255, "{r} {a}");
+            }
+        }
     }
 }

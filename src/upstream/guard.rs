@@ -134,19 +134,14 @@ impl RelayGuard for AuthGuard {
                 Action::Publish => (A::Publish, base.for_stream(A::Publish, name)),
                 Action::Play => (A::Play, base.for_stream(A::Play, name)),
             };
-            match auth.authorize(&req).await {
-                Decision::Allow => Verdict::Allow,
-                // The relay forwards the client's bytes unchanged, so it cannot rename.
-                Decision::Rename(to) => Verdict::Deny {
-                    code: action.denial_code(),
-                    reason: format!(
-                        "the callback renamed the stream to '{}', which a relay cannot do (it forwards the client's bytes unchanged); answer 2xx for relayed clients",
-                        to.chars().take(64).collect::<String>()
-                    ),
-                },
+            // The relay forwards the client's bytes unchanged, so a callback's rename is a
+            // denial (counted as one); the client gets the engine's wording.
+            match auth.authorize_unrenamed(&req).await {
+                // (authorize_unrenamed turns every rename into a denial.)
+                Decision::Allow | Decision::Rename(_) => Verdict::Allow,
                 Decision::Deny(r) => Verdict::Deny {
                     code: action.denial_code(),
-                    reason: r.description().to_string(),
+                    reason: r.status_description(action),
                 },
             }
         })

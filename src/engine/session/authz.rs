@@ -151,17 +151,13 @@ impl EngineConnection {
                 return Ok(());
             }
             (held, Decision::Deny(reason)) => {
-                let code = req.action.denial_code();
-                let description = format!(
-                    "{code}: {} denied ({reason}): {}.",
-                    req.action,
-                    reason.description()
-                );
                 let id = match held {
                     Held::Connect(id) => id,
                     Held::Stream(request) => request.request_id,
                 };
-                self.proto.reject_with(id, code, &description);
+                let description = reason.status_description(req.action);
+                self.proto
+                    .reject_with(id, req.action.denial_code(), &description);
                 reason
             }
         };
