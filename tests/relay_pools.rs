@@ -1,5 +1,6 @@
 //! Backend pools with real peers: round-robin spreads 300 RTMP clients over three
-//! nginx-rtmp backends (counted by the gateway's metrics and by each nginx's own stat page);
+//! nginx-rtmp backends (counted by the gateway's metrics and by each nginx's own stat page),
+//! a fourth backend that refuses connections taking no share (not even its successor's);
 //! `health_check = "rtmp"` marks down listeners that accept TCP but do not speak RTMP (one
 //! silent, one answering the handshake with garbage after it) while `tcp` keeps them up,
 //! sends no client to them, and marks one up again once a real nginx-rtmp takes its port,
@@ -23,12 +24,16 @@ const CLIENTS: usize = 300;
 fn round_robin_spreads_300_clients_within_10_percent() {
     let backends: Vec<StatNginx> = (0..3).map(|_| StatNginx::start(&["live"])).collect();
     let urls: Vec<String> = backends.iter().map(StatNginx::upstream).collect();
+    // Down from the first client sent to it (refused), between the first and the second:
+    // its turns must be shared by all three (given all to the second, that one would
+    // serve about 150 of the 300).
+    let dead = format!("rtmp://127.0.0.1:{}", free_port());
     let gw = Gateway::builder()
         .args(&["--listen", "rtmp://127.0.0.1:0", "--admin", "127.0.0.1:0"])
         .config(&format!(
             "[upstream]\nrelay = \"connect\"\nhealth_interval_secs = 60\n\n\
              [[upstreams]]\nname = \"rr\"\napps = [\"live\"]\nbalance = \"round-robin\"\n\
-             health_check = \"tcp\"\nbackends = [\"{}\", \"{}\", \"{}\"]\n",
+             health_check = \"tcp\"\nbackends = [\"{}\", \"{dead}\", \"{}\", \"{}\"]\n",
             urls[0], urls[1], urls[2]
         ))
         .start();
@@ -100,6 +105,16 @@ fn round_robin_spreads_300_clients_within_10_percent() {
         );
         assert_eq!(tcp_counts[i], *n, "established connections on backend {i}");
     }
+    assert_eq!(
+        backend_up(&m, "rr", &dead),
+        Some(0),
+        "{dead} not marked down:\n{m}"
+    );
+    assert_eq!(
+        backend_clients(&m, "rr", &dead),
+        Some(0),
+        "clients on {dead}:\n{m}"
+    );
     // The clients leave: the gateway's counts go back to zero.
     drop(clients);
     assert!(
