@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+mod edge_support;
 
 use std::path::Path;
 use std::process::Command;
@@ -15,6 +16,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
+use edge_support::*;
 
 const SECONDS: u32 = 6;
 const IDLE_SECS: u64 = 2;
@@ -45,40 +47,6 @@ fn edge_with(origins: &[String], extra: &str) -> Gateway {
         .env("RUST_LOG", "info,rtmpgate::engine::edge=debug")
         .args(&refs)
         .start()
-}
-
-/// The README's rendezvous rule with every weight 1: the origin whose 64-bit hash of
-/// ("app/stream", 0, origin URL) is largest (FNV-1a 64, then the splitmix64 finalizer), as
-/// the highest `weight / -ln(u)` falls on the largest `u`.
-fn hashed_origin<'a>(origins: &'a [String], app: &str, name: &str) -> &'a str {
-    let key = format!("{app}/{name}");
-    let hash = |id: &str| {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for &b in key.as_bytes().iter().chain(&[0u8]).chain(id.as_bytes()) {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        h ^= h >> 30;
-        h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        h ^= h >> 27;
-        h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
-        h ^ (h >> 31)
-    };
-    origins.iter().max_by_key(|o| hash(o)).unwrap()
-}
-
-/// Waits (bounded) for every player to stop by itself, else kills it and fails.
-fn wait_players(players: &mut [Proc], within: Duration) {
-    let deadline = Instant::now() + within;
-    for p in players.iter_mut() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        assert!(
-            p.wait_timeout(left).is_some(),
-            "{} did not stop within {within:?}: {}",
-            p.name(),
-            p.log()
-        );
-    }
 }
 
 fn video(frames: &[Frame]) -> Vec<Frame> {
@@ -322,13 +290,6 @@ fn two_origins_each_stream_goes_to_its_hashed_origin_and_edges_agree() {
     }
 }
 
-fn recipe(name: &str) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("examples/cluster")
-        .join(name);
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
 /// The compose file, parsed by PyYAML (anchors and merge keys resolved) into JSON.
 fn compose() -> serde_json::Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/cluster/docker-compose.yml");
@@ -438,134 +399,14 @@ fn check_compose(haproxy: &str, node: &str) {
     );
 }
 
-/// Connections established to `ip:port` now (/proc/net/tcp, local address).
-fn established_at(ip: [u8; 4], port: u16) -> usize {
-    let want = format!("{:08X}:{port:04X}", u32::from_le_bytes(ip));
-    std::fs::read_to_string("/proc/net/tcp")
-        .unwrap_or_default()
-        .lines()
-        .skip(1)
-        .filter(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.get(1) == Some(&want.as_str()) && f.get(3) == Some(&"01")
-        })
-        .count()
-}
-
-/// An origin from the recipe's nginx-origin.conf, listening on `ip`:1935.
-fn start_origin(conf: &str, ip: &str) -> (Proc, tempfile::TempDir) {
-    let dir = temp_dir();
-    let d = dir.path().display();
-    let module = peers().nginx_rtmp_module.display().to_string();
-    let body: String = conf
-        .lines()
-        .filter(|l| !l.starts_with("load_module") && !l.starts_with("error_log"))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    assert!(body.contains("listen 1935;"));
-    let text = format!(
-        "load_module {module};\ndaemon off; master_process off;\nerror_log {d}/error.log warn; pid {d}/nginx.pid;\n{}",
-        body.replace("listen 1935;", &format!("listen {ip}:1935;"))
-    );
-    let path = dir.path().join("nginx.conf");
-    std::fs::write(&path, text).unwrap();
-    let mut cmd = Command::new(&peers().nginx);
-    cmd.arg("-c").arg(&path).arg("-p").arg(dir.path());
-    let mut proc = Proc::spawn(&format!("nginx origin {ip}"), cmd);
-    let addr: std::net::SocketAddr = format!("{ip}:1935").parse().unwrap();
-    assert!(
-        wait_until(START_TIMEOUT, || accepts(addr) || !proc.is_running()) && proc.is_running(),
-        "origin {ip} did not start: {}{}",
-        proc.log(),
-        std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default()
-    );
-    (proc, dir)
-}
-
 #[test]
 fn compose_recipe_three_edges_behind_haproxy_and_two_origins() {
     let haproxy_cfg = recipe("haproxy.cfg");
     let node_toml = recipe("rtmpgate-node.toml");
     check_compose(&haproxy_cfg, &node_toml);
-    // The same configs, natively: 10.0.0.x becomes 127.0.0.x.
-    let origin_conf = recipe("nginx-origin.conf");
-    let _origins = [
-        start_origin(&origin_conf, "127.0.0.21"),
-        start_origin(&origin_conf, "127.0.0.22"),
-    ];
-    let certs = dev_certs();
-    let nodes: Vec<Gateway> = (1..=3)
-        .map(|i| {
-            let conf = node_toml
-                .replace("0.0.0.0", &format!("127.0.0.1{i}"))
-                .replace("10.0.0.", "127.0.0.")
-                .replace(
-                    "/etc/rtmpgate/certs/fullchain.pem",
-                    &certs.chain.display().to_string(),
-                )
-                .replace(
-                    "/etc/rtmpgate/certs/privkey.pem",
-                    &certs.key.display().to_string(),
-                );
-            let gw = Gateway::builder()
-                .config(&conf)
-                .env(
-                    "RTMPGATE_ADMIN_TOKEN",
-                    "compose-test-admin-token-0123456789abcdef",
-                )
-                .env(
-                    "RTMPGATE_CLUSTER_SECRET",
-                    "compose-test-cluster-secret-0123456789abcdef",
-                )
-                .env("RUST_LOG", "info,rtmpgate::engine::edge=debug")
-                .args(&["--node-id", &format!("n{i}")])
-                .start();
-            for port in [1935, 8443, 8080, 9935] {
-                let a: std::net::SocketAddr = format!("127.0.0.1{i}:{port}").parse().unwrap();
-                assert!(
-                    wait_until(START_TIMEOUT, || accepts(a)),
-                    "n{i} does not listen on {a}"
-                );
-            }
-            gw
-        })
-        .collect();
-    // HAProxy with the recipe: its frontends on the test's ports, and 127.0.0.10 as its
-    // source address (in the compose network its container has 10.0.0.10 anyway).
-    let (p_rtmp, p_rtmps, p_http) = (free_port(), free_port(), free_port());
-    let mut conf = String::new();
-    for l in haproxy_cfg
-        .lines()
-        .filter(|l| !l.trim_start().starts_with('#'))
-    {
-        let l = match l.trim() {
-            "bind :1935" => format!("  bind 127.0.0.10:{p_rtmp}"),
-            "bind :443" => format!("  bind 127.0.0.10:{p_rtmps}"),
-            "bind :80" => format!("  bind 127.0.0.10:{p_http}"),
-            "maxconn 100000" => "  maxconn 1000".to_string(),
-            "defaults" => "defaults\n  source 127.0.0.10".to_string(),
-            _ => l.replace("10.0.0.", "127.0.0."),
-        };
-        conf.push_str(&l);
-        conf.push('\n');
-    }
-    assert!(
-        !conf.contains(" :"),
-        "a frontend port the test does not map: {conf}"
-    );
-    let hdir = temp_dir();
-    let hpath = hdir.path().join("haproxy.cfg");
-    std::fs::write(&hpath, &conf).unwrap();
-    let mut cmd = Command::new(&peers().haproxy);
-    cmd.arg("-db").arg("-f").arg(&hpath);
-    let mut haproxy = Proc::spawn("haproxy", cmd);
-    let front: std::net::SocketAddr = format!("127.0.0.10:{p_http}").parse().unwrap();
-    assert!(
-        wait_until(START_TIMEOUT, || accepts(front) || !haproxy.is_running())
-            && haproxy.is_running(),
-        "haproxy did not start: {}",
-        haproxy.log()
-    );
+    let c = Compose::start(&haproxy_cfg, &node_toml);
+    let nodes = &c.nodes;
+    let (p_rtmp, p_rtmps, p_http) = (c.p_rtmp, c.p_rtmps, c.p_http);
     let src = source_flv(SECONDS);
     let want = framemd5(&src);
     let dir = temp_dir();
