@@ -70,6 +70,20 @@ pub struct FileEngine {
     pub write_batch_ms: Option<u64>,
     /// `"deny"` or `"replace"`.
     pub publisher_takeover: Option<crate::engine::hub::PublisherTakeover>,
+    /// `[[engine.push]]`: restream destinations.
+    #[serde(default)]
+    pub push: Vec<FilePush>,
+}
+
+/// One `[[engine.push]]` table: streams published to `app` (a name or a `*` glob) are
+/// pushed to `url` (`rtmp://` or `rtmps://HOST[:PORT]/APP/KEY`, `{name}` replaced by the
+/// published name); `ca` adds trusted CA certificates for an rtmps:// destination.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct FilePush {
+    pub app: String,
+    pub url: String,
+    pub ca: Option<PathBuf>,
 }
 
 impl FileEngine {
@@ -87,6 +101,7 @@ impl FileEngine {
             || self.max_streams_per_connection.is_some()
             || self.write_batch_ms.is_some()
             || self.publisher_takeover.is_some()
+            || !self.push.is_empty()
     }
 
     /// The engine's configuration with these keys applied, checked.
@@ -158,6 +173,21 @@ impl FileEngine {
         }
         if let Some(v) = self.publisher_takeover {
             cfg.publisher_takeover = v;
+        }
+        for (i, p) in self.push.iter().enumerate() {
+            let dest = crate::engine::restream::Destination::parse(&p.url)
+                .map_err(|e| invalid(format!("engine.push[{i}].url"), e.0))?;
+            if p.app.is_empty() || p.app.len() > 256 {
+                return Err(invalid(
+                    format!("engine.push[{i}].app"),
+                    "name an app (or a glob such as \"live*\"), at most 256 bytes",
+                ));
+            }
+            cfg.push.push(crate::engine::restream::PushTarget {
+                app: p.app.clone(),
+                dest,
+                ca: p.ca.clone(),
+            });
         }
         Ok(cfg)
     }

@@ -102,6 +102,9 @@ impl Config {
         }
         engine.auth = auth.clone();
         engine.edge = edge;
+        for p in &mut engine.push {
+            p.ca = p.ca.take().map(rel);
+        }
         let accept_proxy_protocol =
             cli.accept_proxy_protocol || file.accept_proxy_protocol.unwrap_or(false);
         let trusted_proxies = trusted_proxies(cli, file.trusted_proxies)?;

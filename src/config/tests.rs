@@ -320,3 +320,26 @@ fn clap_is_consistent() {
     assert!(Cli::try_parse_from(["rtmpgate", "--tls-cert", "a.pem"]).is_err());
     assert!(Cli::try_parse_from(["rtmpgate", "--upstream-proxy-protocol", "v3"]).is_err());
 }
+
+#[test]
+fn engine_push_tables_and_their_errors_never_show_the_key() {
+    let c = merge(
+        &[],
+        "[[engine.push]]\napp = \"live*\"\nurl = \"rtmps://ingest.example.com/app/sk_SECRET\"\nca = \"ca.pem\"\n",
+    )
+    .unwrap();
+    let p = &c.engine.push[0];
+    assert_eq!(p.app, "live*");
+    assert_eq!(p.dest.redacted(), "rtmps://ingest.example.com:443/app/***");
+    assert_eq!(p.ca.as_deref(), Some(Path::new("/etc/rtmpgate/ca.pem")));
+    let e = merge(
+        &[],
+        "[[engine.push]]\napp = \"live\"\nurl = \"rtmpt://h/app/sk_SECRET\"\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("engine.push[0].url") && !e.contains("SECRET"),
+        "{e}"
+    );
+}

@@ -6,6 +6,7 @@
 
 pub mod edge;
 pub mod hub;
+pub mod restream;
 pub mod session;
 pub mod tick;
 
@@ -55,6 +56,9 @@ pub struct EngineConfig {
     /// Edge mode (`[upstream] mode = "edge"`): players' streams are pulled from these
     /// origins, publishers forwarded to them ([`edge`]).
     pub edge: Option<edge::EdgeSettings>,
+    /// `[[engine.push]]`: destinations every stream published to a matching app is pushed
+    /// to ([`restream`]).
+    pub push: Vec<restream::PushTarget>,
 }
 
 impl Default for EngineConfig {
@@ -75,6 +79,7 @@ impl Default for EngineConfig {
             auth: None,
             publisher_takeover: hub::PublisherTakeover::Deny,
             edge: None,
+            push: Vec::new(),
         }
     }
 }

@@ -129,6 +129,9 @@ struct PublishState {
     stream_id: u32,
     /// Where the media goes: the hub, or (edge mode) the stream's origin.
     sink: Sink,
+    /// The pushes of this stream to `[[engine.push]]` destinations; after `sink`, so they
+    /// stop once the hub has the publisher's last frame and its Unpublished.
+    _restreams: Option<super::restream::Restreams>,
 }
 
 enum Sink {
@@ -741,6 +744,7 @@ impl EngineConnection {
             self.publishing = Some(PublishState {
                 stream_id: request.stream_id,
                 sink: Sink::Origin(forward),
+                _restreams: None,
             });
             self.proto.accept(request.request_id);
             return;
@@ -752,9 +756,18 @@ impl EngineConnection {
                 info!(session = self.id, "{}: publish {key}", self.label);
                 crate::sessions::tag_stream(crate::sessions::Role::Publisher, &key.app, &key.name);
                 self.role = format!("publish {key}");
+                let cfg = self.engine.config();
+                let restreams = super::restream::start(
+                    &cfg.push,
+                    self.engine.hub(),
+                    self.engine.limits(),
+                    cfg.write_timeout,
+                    &key,
+                );
                 self.publishing = Some(PublishState {
                     stream_id: request.stream_id,
                     sink: Sink::Hub(publisher),
+                    _restreams: restreams,
                 });
                 self.proto.accept(request.request_id);
             }

@@ -197,6 +197,60 @@ impl OriginConn {
         }
     }
 
+    /// Publishes `name` (live) on the stream createStream gave us, with releaseStream and
+    /// FCPublish first as OBS and ffmpeg send them (platform ingests expect them), and waits
+    /// up to `timeout` for NetStream.Publish.Start. `what` names the publish in errors (the
+    /// name itself may be a secret stream key, so it is never put in one).
+    pub async fn publish(
+        &mut self,
+        name: &str,
+        what: &str,
+        timeout: Duration,
+    ) -> Result<(), ConnError> {
+        use crate::rtmp::amf0::Amf0Value;
+        let sid = self.stream_id;
+        let args = [Amf0Value::Null, Amf0Value::string(name)];
+        for call in ["releaseStream", "FCPublish"] {
+            self.session
+                .call(0, call, &args)
+                .map_err(|e| c_proto(&self.url, e))?;
+        }
+        self.session.publish(sid, name);
+        self.flush().await?;
+        let started = tokio::time::timeout(timeout, async {
+            loop {
+                match self.next_event().await? {
+                    ClientEvent::Status {
+                        code,
+                        level,
+                        description,
+                        ..
+                    } => {
+                        if code == "NetStream.Publish.Start" {
+                            return Ok(());
+                        }
+                        if level == "error" {
+                            return Err(ConnError::Refused {
+                                url: self.url.clone(),
+                                what: what.to_owned(),
+                                detail: format!("{code} {description}").chars().take(200).collect(),
+                            });
+                        }
+                    }
+                    _ => self.flush().await?,
+                }
+            }
+        })
+        .await;
+        started.unwrap_or_else(|_| {
+            Err(ConnError::Timeout {
+                url: self.url.clone(),
+                what: "waiting for NetStream.Publish.Start",
+                secs: timeout.as_secs(),
+            })
+        })
+    }
+
     fn refused(&self, what: &str, values: &[crate::rtmp::amf0::Amf0Value]) -> ConnError {
         let detail = values
             .iter()

@@ -13,7 +13,7 @@
 //! origins picks the same one without talking to the others, and when that origin fails,
 //! the stream moves to the next in its own ranking (the others keep theirs).
 
-mod conn;
+pub(crate) mod conn;
 mod pull;
 mod push;
 

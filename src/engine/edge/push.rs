@@ -209,40 +209,7 @@ async fn open(
         timeout,
     )
     .await?;
-    let sid = c.stream_id;
-    c.session().publish(sid, published);
-    c.flush().await?;
-    let started = tokio::time::timeout(timeout, async {
-        loop {
-            match c.next_event().await? {
-                ClientEvent::Status {
-                    code,
-                    level,
-                    description,
-                    ..
-                } => {
-                    if code == "NetStream.Publish.Start" {
-                        return Ok(());
-                    }
-                    if level == "error" {
-                        return Err(ConnError::Refused {
-                            url: c.url.clone(),
-                            what: format!("publish {key}"),
-                            detail: format!("{code} {description}").chars().take(200).collect(),
-                        });
-                    }
-                }
-                _ => c.flush().await?,
-            }
-        }
-    })
-    .await;
-    match started {
-        Ok(r) => r.map(|()| c),
-        Err(_) => Err(ConnError::Timeout {
-            url: url.to_string(),
-            what: "waiting for NetStream.Publish.Start",
-            secs: timeout.as_secs(),
-        }),
-    }
+    c.publish(published, &format!("publish {key}"), timeout)
+        .await?;
+    Ok(c)
 }
