@@ -38,6 +38,9 @@ pub const RECONNECT_MIN: Duration = Duration::from_millis(500);
 pub const RECONNECT_MAX: Duration = Duration::from_secs(8);
 /// Chunk stream for data messages sent to a destination.
 const DATA_CSID: u32 = 5;
+/// Hub events taken into one write: what is chunked and held for a destination at once is
+/// this many frames, not the whole ring of one that fell behind.
+const BATCH_EVENTS: usize = 64;
 /// How long the last frames may take to go out after the publisher has left.
 const CLOSE_FLUSH: Duration = Duration::from_secs(2);
 /// `{name}` in a destination URL is replaced by the published stream's name.
@@ -448,8 +451,8 @@ async fn pump(
                     // The publisher left: what was sent so far is all there is.
                     return finish(ctx, conn, stop).await;
                 }
-                // Take whatever else is there into the same write.
-                loop {
+                // Take more of what is there into the same write (a bounded batch).
+                for _ in 1..BATCH_EVENTS {
                     let ev = match player.rx.try_recv() {
                         Ok(ev) => Ok(ev),
                         Err(tokio::sync::broadcast::error::TryRecvError::Lagged(n)) => Err(RecvError::Lagged(n)),
@@ -469,13 +472,9 @@ async fn pump(
                 Err(e) => return Ended::Failed(e.to_string()),
             },
             _ = stop.changed() => {
-                // The publisher left: send what the hub still holds for us, then close.
-                while let Ok(ev) = player.rx.try_recv() {
-                    if on_event(ctx, &mut conn, sid, &mut player, &mut pos, Ok(ev)) {
-                        break;
-                    }
-                }
-                return finish(ctx, conn, stop).await;
+                // The publisher left: send what the hub still holds for us (batch by batch,
+                // within CLOSE_FLUSH), then close.
+                return drain(ctx, conn, &mut player, &mut pos).await;
             }
         }
     }
@@ -499,6 +498,41 @@ async fn flush(
         },
         _ = stop.changed() => Err(Ended::Stopped),
     }
+}
+
+/// After the publisher left: what the hub still holds for this destination, a batch per
+/// write, all within [`CLOSE_FLUSH`]; then deleteStream and close.
+async fn drain(ctx: &Ctx, mut conn: OriginConn, player: &mut Player, pos: &mut Pos) -> Ended {
+    let sid = conn.stream_id;
+    let before = conn.bytes_out;
+    let sent = tokio::time::timeout(CLOSE_FLUSH, async {
+        loop {
+            let mut more = false;
+            for _ in 0..BATCH_EVENTS {
+                match player.rx.try_recv() {
+                    Ok(ev) => {
+                        if on_event(ctx, &mut conn, sid, player, pos, Ok(ev)) {
+                            return conn.flush().await;
+                        }
+                        more = true;
+                    }
+                    Err(_) => break,
+                }
+            }
+            conn.flush().await?;
+            if !more {
+                return Ok(());
+            }
+        }
+    })
+    .await;
+    ctx.metrics
+        .bytes
+        .fetch_add(conn.bytes_out.saturating_sub(before), Ordering::Relaxed);
+    if matches!(sent, Ok(Ok(()))) {
+        conn.close().await;
+    }
+    Ended::Stopped
 }
 
 /// The last frames out (bounded by [`CLOSE_FLUSH`]), deleteStream, close.
