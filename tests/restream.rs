@@ -3,7 +3,9 @@
 //! of nginx-rtmp, as a platform's RTMPS ingest), and players on both, and a local player,
 //! get every frame (framemd5 against the source); a destination killed and restarted gets
 //! the stream again after the backoff while the other destination and the local player
-//! lose nothing, and a destination that accepts and never reads holds up nobody; the
+//! lose nothing, and a destination that accepts and never reads holds up nobody; one that
+//! stops reading mid-stream (nginx SIGSTOPped, 2.7 MB/s of noise) skips to a keyframe
+//! (counted) while the publisher keeps real time and the other destination gets every frame; the
 //! destinations' stream keys appear neither in the log nor in /metrics.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -271,6 +273,74 @@ fn a_destination_restarted_gets_the_stream_again_and_a_stalled_one_holds_up_nobo
         sample(&m, "rtmpgate_restream_connects_total", &restarted_dest),
         2.0,
         "{m}"
+    );
+    assert_no_key(&gw, &m);
+}
+
+#[test]
+fn a_destination_that_stops_reading_mid_stream_skips_to_a_keyframe_and_slows_nobody() {
+    // 2.7 MB/s of noise: a destination that stops reading fills the socket buffers within
+    // a couple of seconds and then the ring (2 x max_lag_bytes = 4 MiB) overtakes it.
+    const SECONDS: u32 = 9;
+    let mut stopped = Nginx::start();
+    let mut steady = Nginx::start();
+    let gw = gateway(&format!(
+        "[engine]\nmax_lag_bytes = 2097152\n\
+         [[engine.push]]\napp = \"live\"\nurl = \"rtmp://127.0.0.1:{}/live/t_{SECRET}\"\n\
+         [[engine.push]]\napp = \"live\"\nurl = \"rtmp://127.0.0.1:{}/live/u_{SECRET}\"\n",
+        stopped.port(),
+        steady.port()
+    ));
+    let src = noise_source_flv(SECONDS);
+    let want = framemd5(&src);
+    let dir = temp_dir();
+    let outs = ["stopped.flv", "steady.flv"].map(|n| dir.path().join(n));
+    let mut stopped_player = play_ffmpeg(&stopped.url(&format!("live/t_{SECRET}")), &outs[0]);
+    let mut steady_player = play_ffmpeg(&steady.url(&format!("live/u_{SECRET}")), &outs[1]);
+    thread::sleep(Duration::from_millis(1500));
+    let started = Instant::now();
+    let mut publisher = publish(&peers().ffmpeg, &format!("{}/live/s", gw.url("rtmp")), &src);
+    assert!(
+        gw.wait_log_count("***: publishing", 2, Duration::from_secs(10)),
+        "{}",
+        gw.log()
+    );
+    thread::sleep(Duration::from_millis(1000));
+    stopped.proc.signal("STOP");
+    thread::sleep(Duration::from_secs(4));
+    stopped.proc.signal("CONT");
+    wait_ok(&mut publisher, Duration::from_secs(u64::from(SECONDS) + 30));
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(u64::from(SECONDS) + 6),
+        "publishing {SECONDS} s of media took {took:?} with a destination stopped"
+    );
+    stop_when_idle(&mut steady_player, &outs[1], &mut steady);
+    stop_when_idle(&mut stopped_player, &outs[0], &mut stopped);
+    let stopped_dest = format!("rtmp://127.0.0.1:{}/live/***", stopped.port());
+    let steady_dest = format!("rtmp://127.0.0.1:{}/live/***", steady.port());
+    let m = metrics(&gw);
+    eprintln!(
+        "skips: stopped {}, steady {}",
+        sample(&m, "rtmpgate_restream_skips_total", &stopped_dest),
+        sample(&m, "rtmpgate_restream_skips_total", &steady_dest)
+    );
+    assert!(
+        sample(&m, "rtmpgate_restream_skips_total", &stopped_dest) >= 1.0,
+        "the stopped destination never skipped:\n{m}\n{}",
+        gw.log()
+    );
+    assert_eq!(
+        sample(&m, "rtmpgate_restream_skips_total", &steady_dest),
+        0.0,
+        "{m}"
+    );
+    assert_whole_run("steady destination", &want, &framemd5(&outs[1]), 700);
+    // The stopped one resumed at a keyframe: its last part is a contiguous run of the source.
+    let got = framemd5(&outs[0]);
+    assert!(
+        count_media(&got, "video") < count_media(&want, "video"),
+        "the stopped destination got every frame: nothing was skipped"
     );
     assert_no_key(&gw, &m);
 }
