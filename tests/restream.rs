@@ -42,6 +42,22 @@ fn metrics(gw: &Gateway) -> String {
     body
 }
 
+/// GET /api/v1/restream from the admin listener.
+fn api_restream(gw: &Gateway) -> String {
+    let addr: SocketAddr = admin_addr(gw);
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /api/v1/restream HTTP/1.0\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    assert!(
+        body.starts_with("HTTP/1.1 200") || body.starts_with("HTTP/1.0 200"),
+        "{body}"
+    );
+    body
+}
+
 /// The sample of `name` whose labels contain `dest` (0 when absent).
 fn sample(metrics: &str, name: &str, dest: &str) -> f64 {
     metrics
@@ -129,6 +145,17 @@ fn one_publish_reaches_an_rtmp_and_an_rtmps_destination_and_a_local_player() {
         gw.log()
     );
     let during = metrics(&gw);
+    let api = api_restream(&gw);
+    assert!(
+        !api.contains(SECRET),
+        "a stream key in /api/v1/restream: {api}"
+    );
+    let rtmps_api = format!(
+        "\"destination\":\"rtmps://127.0.0.1:{}/live/***\"",
+        tls.port()
+    );
+    assert!(api.contains(&rtmps_api), "{api}");
+    assert_eq!(api.matches("\"publishing\":1").count(), 2, "{api}");
     wait_ok(&mut publisher, Duration::from_secs(u64::from(SECONDS) + 30));
     let [a, b, c] = &mut players;
     stop_when_idle(a, &outs[0], &mut plain);

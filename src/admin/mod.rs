@@ -435,12 +435,19 @@ fn route(
         (&Method::GET, "/api/v1/summary") => json(StatusCode::OK, &api::summary(state)),
         (&Method::GET, "/api/v1/sessions") => api::sessions(state, req.uri().query()),
         (&Method::GET, "/api/v1/streams") => json(StatusCode::OK, &api::streams(state)),
-        (_, "/" | "/healthz" | "/readyz" | "/metrics" | "/api/v1/summary" | "/api/v1/streams") => {
+        (&Method::GET, "/api/v1/restream") => {
+            json(StatusCode::OK, &crate::engine::restream::snapshot())
+        }
+        (
+            _,
+            "/" | "/healthz" | "/readyz" | "/metrics" | "/api/v1/summary" | "/api/v1/streams"
+            | "/api/v1/restream",
+        ) => {
             error(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here")
         }
         _ => error(
             StatusCode::NOT_FOUND,
-            "no such admin endpoint; see /, /metrics, /healthz, /readyz, /api/v1/sessions, /api/v1/streams",
+            "no such admin endpoint; see /, /metrics, /healthz, /readyz, /api/v1/sessions, /api/v1/streams, /api/v1/restream",
         ),
     }
 }

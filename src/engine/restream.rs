@@ -244,6 +244,29 @@ pub fn encode_metrics(e: &mut prometheus_client::encoding::DescriptorEncoder) ->
     Ok(())
 }
 
+/// `GET /api/v1/restream`: each destination configured since start, keyed as in /metrics
+/// (the key shown as `***`), with its counters.
+pub fn snapshot() -> serde_json::Value {
+    let rows: Vec<Arc<DestMetrics>> = registry().lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let list: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|m| {
+            serde_json::json!({
+                "app": m.app,
+                "destination": m.destination,
+                "streams": n(&m.streams),
+                "publishing": n(&m.publishing),
+                "connects": n(&m.connects),
+                "failures": n(&m.failures),
+                "skips": n(&m.skips),
+                "bytes": n(&m.bytes),
+            })
+        })
+        .collect();
+    serde_json::json!({ "destinations": list })
+}
+
 /// Held with a publish: dropping it (the publisher left) ends the pushes of its stream,
 /// after the frames already in the hub have gone out (bounded by [`CLOSE_FLUSH`]).
 pub struct Restreams {
