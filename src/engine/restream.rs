@@ -441,6 +441,11 @@ struct Pos {
     has_video: bool,
     /// Fell behind: waiting for a keyframe (audio only: the next audio frame).
     skipping: bool,
+    /// The chunked copies queued for the next write, on the process's memory budget
+    /// (`try_set` to the bytes queued; back to zero after each write).
+    charge: crate::budget::Charge,
+    /// The budget refused a frame: the session ends (and reconnects later).
+    over_budget: bool,
 }
 
 /// Writes the player's frames to the connection until the publisher leaves (Stopped) or
@@ -455,15 +460,23 @@ async fn pump(
     let mut pos = Pos {
         has_video: player.has_video,
         skipping: player.live && player.has_video && !player.has_keyframe,
+        charge: crate::budget::Charge::global(),
+        over_budget: false,
     };
     for f in std::mem::take(&mut player.start) {
         send_frame(ctx, &mut conn, sid, &player, &mut pos, &f);
     }
     let mut counted = conn.bytes_out;
     loop {
+        if pos.over_budget {
+            return Ended::Failed(
+                "the memory budget (limits.max_memory) refused the frames queued for it".into(),
+            );
+        }
         if let Err(e) = flush(ctx, &mut conn, stop).await {
             return e;
         }
+        pos.charge.shrink(pos.charge.bytes());
         ctx.metrics
             .bytes
             .fetch_add(conn.bytes_out.saturating_sub(counted), Ordering::Relaxed);
@@ -543,7 +556,8 @@ async fn drain(ctx: &Ctx, mut conn: OriginConn, player: &mut Player, pos: &mut P
                 }
             }
             conn.flush().await?;
-            if !more {
+            pos.charge.shrink(pos.charge.bytes());
+            if !more || pos.over_budget {
                 return Ok(());
             }
         }
@@ -631,6 +645,11 @@ fn send_frame(
             }
             pos.skipping = false;
         }
+    }
+    // Charged before the copy is made; a refusal ends this destination's session only.
+    if pos.over_budget || pos.charge.try_grow(f.payload.len()).is_err() {
+        pos.over_budget = true;
+        return;
     }
     match f.msg_type {
         AUDIO | VIDEO => conn
