@@ -55,8 +55,14 @@ pub enum LinkError {
     ConnectTimeout(Duration),
     #[error("TLS to the peer failed: {0}")]
     Tls(#[source] std::io::Error),
-    #[error("an https:// peer, but the TLS client could not be set up: {0}")]
-    NoTls(String),
+    #[error("an https:// peer, but no TLS client is set up (list the peer as https:// in cluster.peers, or set cluster.tls with cluster.peers_dns)")]
+    NoTls,
+    #[error("'{host}' is not a name a TLS certificate can be checked against")]
+    BadName {
+        host: String,
+        #[source]
+        source: rustls_pki_types::InvalidDnsNameError,
+    },
     #[error("HTTP exchange failed: {0}")]
     Http(#[source] hyper::Error),
     #[error("no answer within {0:?}")]
@@ -73,7 +79,8 @@ type Sender = SendRequest<Full<Bytes>>;
 pub struct Link {
     node_id: String,
     secret: Vec<u8>,
-    tls: Result<TlsConnector, String>,
+    /// None when no peer is https:// (start refuses an https:// set-up whose client failed).
+    tls: Option<TlsConnector>,
     connect_timeout: Duration,
     idle: Mutex<HashMap<PeerAddr, Vec<Sender>>>,
 }
@@ -82,7 +89,7 @@ impl Link {
     pub fn new(
         node_id: String,
         secret: Vec<u8>,
-        tls: Result<TlsConnector, String>,
+        tls: Option<TlsConnector>,
         connect_timeout: Duration,
     ) -> Link {
         Link {
@@ -179,9 +186,12 @@ impl Link {
             .map_err(LinkError::Connect)?;
         let _ = tcp.set_nodelay(true);
         let io: Box<dyn ByteStream> = if peer.tls {
-            let connector = self.tls.as_ref().map_err(|e| LinkError::NoTls(e.clone()))?;
-            let name = ServerName::try_from(peer.host.clone())
-                .map_err(|e| LinkError::NoTls(format!("'{}': {e}", peer.host)))?;
+            let connector = self.tls.as_ref().ok_or(LinkError::NoTls)?;
+            let name =
+                ServerName::try_from(peer.host.clone()).map_err(|source| LinkError::BadName {
+                    host: peer.host.clone(),
+                    source,
+                })?;
             let tls = tokio::time::timeout(self.connect_timeout, connector.connect(name, tcp))
                 .await
                 .map_err(|_| LinkError::ConnectTimeout(self.connect_timeout))?
@@ -215,10 +225,9 @@ fn join(mut frames: Vec<Bytes>) -> Bytes {
     buf.freeze()
 }
 
-/// A TLS connector trusting the system roots plus `ca`; Err keeps the reason for the
-/// request that needs it.
-pub fn tls_connector(ca: Option<&std::path::Path>) -> Result<TlsConnector, String> {
-    crate::net::tls::client_config(ca)
-        .map(|c| TlsConnector::from(Arc::clone(&c)))
-        .map_err(|e| e.to_string())
+/// A TLS connector trusting the system roots plus `ca`.
+pub fn tls_connector(
+    ca: Option<&std::path::Path>,
+) -> Result<TlsConnector, crate::net::tls::TlsError> {
+    crate::net::tls::client_config(ca).map(|c| TlsConnector::from(Arc::clone(&c)))
 }

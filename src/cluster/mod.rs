@@ -78,13 +78,12 @@ impl Cluster {
         let needs_tls = settings.peers.iter().any(|p| p.tls)
             || (settings.peers_dns.is_some() && settings.tls.is_some());
         let tls = if needs_tls {
-            link::tls_connector(settings.ca.as_deref())
+            let connector = link::tls_connector(settings.ca.as_deref())
+                .context("cluster: the TLS client for https:// peers")?;
+            Some(connector)
         } else {
-            Err("no https:// peer configured".to_string())
+            None
         };
-        if let (true, Err(e)) = (needs_tls, &tls) {
-            anyhow::bail!("cluster: the TLS client for https:// peers: {e}");
-        }
         let cluster = Arc::new(Cluster {
             node_id: settings.node_id.clone(),
             link: Link::new(

@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::net::tls::CertSource;
+use crate::net::url::{split_host_port, UrlError};
 
 /// Longest node id. A session id is `NODE-` plus 32 hex digits and must stay under the
 /// 64 bytes ffmpeg accepts (rtmphttp.c's client_id buffer).
@@ -129,22 +130,21 @@ fn parse_peer(text: &str) -> Result<PeerUrl, ClusterSettingsError> {
         return Err(bad());
     };
     let rest = rest.strip_suffix('/').unwrap_or(rest);
-    let (host, port) = split_host_port(rest).ok_or_else(bad)?;
+    let (host, port) = host_and_port("cluster.peers", text, rest).map_err(|_| bad())?;
     Ok(PeerUrl { tls, host, port })
 }
 
-/// `HOST:PORT` or `[V6]:PORT`, with a non-empty host and a port.
-fn split_host_port(s: &str) -> Option<(String, u16)> {
-    let (host, port) = s.rsplit_once(':')?;
-    let host = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
-    if host.is_empty() || host.contains('/') || host.contains(':') && !s.starts_with('[') {
-        return None;
+/// `HOST:PORT` or `[V6]:PORT` held by setting `key` (inside `text`), with a non-empty host
+/// and a port other than 0: the net layer's one host:port splitter, plus "a port is required".
+fn host_and_port(key: &str, text: &str, authority: &str) -> Result<(String, u16), UrlError> {
+    let (host, port) = split_host_port(key, text, authority, "http://[::1]:7935")?;
+    match port {
+        Some(port) if port != 0 && !host.contains('/') => Ok((host.to_string(), port)),
+        _ => Err(UrlError {
+            key: key.to_string(),
+            message: format!("'{text}' needs a port from 1 to 65535 after the host"),
+        }),
     }
-    let port: u16 = port.parse().ok()?;
-    (port != 0).then(|| (host.to_string(), port))
 }
 
 impl ClusterSettings {
@@ -193,12 +193,14 @@ impl ClusterSettings {
             .map(|p| parse_peer(p))
             .collect::<Result<Vec<_>, _>>()?;
         let peers_dns = match file.peers_dns {
-            Some(text) => Some(split_host_port(&text).ok_or_else(|| {
-                invalid(
-                    "cluster.peers_dns",
-                    format!("'{text}' is not NAME:PORT (a DNS name and the nodes' link port)"),
-                )
-            })?),
+            Some(text) => Some(
+                host_and_port("cluster.peers_dns", &text, &text).map_err(|_| {
+                    invalid(
+                        "cluster.peers_dns",
+                        format!("'{text}' is not NAME:PORT (a DNS name and the nodes' link port)"),
+                    )
+                })?,
+            ),
             None => None,
         };
         let listen = match listen_text {

@@ -229,8 +229,9 @@ fn split_scheme<'a>(
 }
 
 /// Splits `host[:port]`; the host may be `[v6]`, and an IPv6 host must be. `v6_example` is
-/// a URL of the caller's kind with a bracketed IPv6 host, for the error.
-fn split_host_port<'a>(
+/// a URL of the caller's kind with a bracketed IPv6 host, for the error. Every URL and
+/// `HOST:PORT` setting of the gateway goes through here (the cluster's peers too).
+pub fn split_host_port<'a>(
     key: &str,
     url: &str,
     authority: &'a str,

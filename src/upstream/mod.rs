@@ -566,88 +566,14 @@ impl OneWay {
     {
         loop {
             if self.start == self.end && !self.read_done {
-                if self.wait_tick {
-                    if let Some(tick) = &mut self.tick {
-                        if tick.as_mut().poll(cx).is_pending() {
-                            if self.need_flush {
-                                ready!(w.as_mut().poll_flush(cx))?;
-                                self.need_flush = false;
-                            }
-                            return Poll::Pending;
-                        }
-                    }
-                    self.wait_tick = false;
-                }
-                if self.grow {
-                    let len = self.buf.len().saturating_mul(2).min(PUMP_BUF_MAX);
-                    self.buf = vec![0u8; len].into_boxed_slice();
-                    self.grow = false;
-                }
-                let mut rb = ReadBuf::new(&mut self.buf);
-                match r.as_mut().poll_read(cx, &mut rb) {
-                    Poll::Pending => {
-                        if self.total < STARTUP_BYTES && self.buf.len() > PUMP_BUF_MIN {
-                            self.buf = vec![0u8; PUMP_BUF_MIN].into_boxed_slice();
-                            self.grow = false;
-                        }
-                        // Nothing more to read now: push out what was written (TLS buffers).
-                        if self.need_flush {
-                            ready!(w.as_mut().poll_flush(cx))?;
-                            self.need_flush = false;
-                        }
-                        return Poll::Pending;
-                    }
-                    // A TLS peer that closes without close_notify has still ended its stream.
-                    Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                        self.read_done = true;
-                    }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Ready(Ok(())) => {
-                        let n = rb.filled().len();
-                        if n == 0 {
-                            self.read_done = true;
-                        } else {
-                            self.start = 0;
-                            self.end = n;
-                            if let Some(w) = &mut self.watch {
-                                w.rewind();
-                            }
-                            let full = n == self.buf.len();
-                            self.grow = full && n < PUMP_BUF_MAX;
-                            // A short read emptied the socket: with a window, media that
-                            // follows is read on the next tick. A full one reads on at once.
-                            if !full && !self.batch.is_zero() && self.total >= STARTUP_BYTES {
-                                self.arm_tick();
-                            }
-                        }
-                    }
-                }
+                ready!(self.poll_fill(cx, r.as_mut(), w.as_mut()))?;
             }
-            let limit = match &mut self.watch {
-                None => self.end,
-                Some(watch) => {
-                    watch.advance(cx, self.buf.get(..self.end).unwrap_or_default())?;
-                    watch.allowed().min(self.end)
-                }
-            };
-            while self.start < limit {
-                let n = ready!(w.as_mut().poll_write(cx, &self.buf[self.start..limit]))?;
-                if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                }
-                // An AsyncWrite never reports more than it was given; do not trust it with
-                // the slice bounds anyway.
-                self.start = self.start.saturating_add(n).min(limit);
-                self.total += n as u64;
-                self.need_flush = true;
-            }
+            let limit = self.allowed(cx)?;
+            ready!(self.poll_write_until(cx, w.as_mut(), limit))?;
             if self.start < self.end {
                 // Held for a verdict (the watch's future will wake us): push out what
                 // was written before it.
-                if self.need_flush {
-                    ready!(w.as_mut().poll_flush(cx))?;
-                    self.need_flush = false;
-                }
+                ready!(self.poll_flush_written(cx, w.as_mut()))?;
                 return Poll::Pending;
             }
             if self.read_done {
@@ -656,6 +582,126 @@ impl OneWay {
                 return Poll::Ready(Ok(self.total));
             }
         }
+    }
+
+    /// Refills the empty buffer from `r` (after the merge window's tick, once media flows),
+    /// or notes that `r` has ended. Pending (after flushing what was written to `w`) when
+    /// there is nothing to read yet.
+    fn poll_fill<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: Pin<&mut R>,
+        w: Pin<&mut W>,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        if self.wait_tick {
+            if let Some(tick) = &mut self.tick {
+                if tick.as_mut().poll(cx).is_pending() {
+                    ready!(self.poll_flush_written(cx, w))?;
+                    return Poll::Pending;
+                }
+            }
+            self.wait_tick = false;
+        }
+        if self.grow {
+            let len = self.buf.len().saturating_mul(2).min(PUMP_BUF_MAX);
+            self.buf = vec![0u8; len].into_boxed_slice();
+            self.grow = false;
+        }
+        let mut rb = ReadBuf::new(&mut self.buf);
+        match r.poll_read(cx, &mut rb) {
+            Poll::Pending => {
+                if self.total < STARTUP_BYTES && self.buf.len() > PUMP_BUF_MIN {
+                    self.buf = vec![0u8; PUMP_BUF_MIN].into_boxed_slice();
+                    self.grow = false;
+                }
+                // Nothing more to read now: push out what was written (TLS buffers).
+                ready!(self.poll_flush_written(cx, w))?;
+                Poll::Pending
+            }
+            // A TLS peer that closes without close_notify has still ended its stream.
+            Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                self.read_done = true;
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Ready(Ok(())) => {
+                let n = rb.filled().len();
+                if n == 0 {
+                    self.read_done = true;
+                } else {
+                    self.start = 0;
+                    self.end = n;
+                    if let Some(w) = &mut self.watch {
+                        w.rewind();
+                    }
+                    let full = n == self.buf.len();
+                    self.grow = full && n < PUMP_BUF_MAX;
+                    // A short read emptied the socket: with a window, media that follows is
+                    // read on the next tick. A full one reads on at once.
+                    if !full && !self.batch.is_zero() && self.total >= STARTUP_BYTES {
+                        self.arm_tick();
+                    }
+                }
+                Poll::Ready(Ok(()))
+            }
+        }
+    }
+
+    /// How far into the buffer may be written: all of it, or what the command watch has
+    /// scanned and allowed.
+    fn allowed(&mut self, cx: &mut Context<'_>) -> io::Result<usize> {
+        Ok(match &mut self.watch {
+            None => self.end,
+            Some(watch) => {
+                watch.advance(cx, self.buf.get(..self.end).unwrap_or_default())?;
+                watch.allowed().min(self.end)
+            }
+        })
+    }
+
+    /// Writes the buffer from `start` up to `limit`.
+    fn poll_write_until<W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut w: Pin<&mut W>,
+        limit: usize,
+    ) -> Poll<io::Result<()>>
+    where
+        W: AsyncWrite + ?Sized,
+    {
+        while self.start < limit {
+            let chunk = self.buf.get(self.start..limit).unwrap_or_default();
+            let n = ready!(w.as_mut().poll_write(cx, chunk))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            // An AsyncWrite never reports more than it was given; do not trust it with the
+            // slice bounds anyway.
+            self.start = self.start.saturating_add(n).min(limit);
+            self.total += n as u64;
+            self.need_flush = true;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Flushes `w` if something was written since the last flush.
+    fn poll_flush_written<W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        w: Pin<&mut W>,
+    ) -> Poll<io::Result<()>>
+    where
+        W: AsyncWrite + ?Sized,
+    {
+        if self.need_flush {
+            ready!(w.poll_flush(cx))?;
+            self.need_flush = false;
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
