@@ -49,14 +49,6 @@ fn edge_with(origins: &[String], extra: &str) -> Gateway {
         .start()
 }
 
-fn video(frames: &[Frame]) -> Vec<Frame> {
-    frames
-        .iter()
-        .filter(|f| f.media == "video")
-        .cloned()
-        .collect()
-}
-
 #[test]
 fn players_of_one_stream_share_one_pull_then_it_ends_when_idle() {
     let origin = Nginx::start();
@@ -146,16 +138,6 @@ fn players_of_one_stream_share_one_pull_then_it_ends_when_idle() {
 
 /// The run of `got`'s video that starts at its LAST occurrence of the source's first video
 /// frame (the second publish, after the origin came back).
-fn after_restart(want_video: &[Frame], got: &[Frame]) -> Vec<Frame> {
-    let v = video(got);
-    let first = &want_video[0].hash;
-    let at = v.iter().rposition(|f| &f.hash == first).unwrap_or(0);
-    assert!(
-        at > 0,
-        "the source's first frame came only once: no second publish was played"
-    );
-    v[at..].to_vec()
-}
 
 #[test]
 fn origin_restart_the_pull_reconnects_and_players_carry_on() {

@@ -2,7 +2,10 @@
 //! two nginx-rtmp origins, all natively on 127.0.0.x): the dead node's players are closed
 //! within 1 s of the kill (measured per player, far below their own 60 s give-up), they
 //! reconnect through HAProxy, land on the other nodes and get frames; the players on the other
-//! nodes lose no packet (framemd5 of the whole run).
+//! nodes lose no packet (framemd5 of the whole run). And the publisher's own node killed:
+//! the publisher is closed within 1 s, every player ends (closed, or the origin's
+//! UnpublishNotify), players and publisher come back through HAProxy once it has marked the
+//! node down, and every player on the two live nodes gets the new publish whole.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -64,6 +67,24 @@ fn reconnect(c: &Compose, kind: Kind, dir: &std::path::Path, i: usize) -> (Proc,
 /// polls the dead session every 50 ms. For it the refusal is the close, logged at once.
 fn tunnel_failed(p: &Proc) -> bool {
     p.log().contains("HTTP error")
+}
+
+/// Waits (bounded: its health check runs every second, one failure marks a node down) until
+/// HAProxy has marked node `n` (0-based) down in the three balanced backends: until then a
+/// new connection may still go to it (and wait out HAProxy's retries 1 s apart).
+fn wait_marked_down(c: &Compose, n: usize) {
+    let lines: Vec<String> = ["rtmp_nodes", "rtmps_nodes", "rtmpt_nodes"]
+        .iter()
+        .map(|b| format!("Server {b}/n{} is DOWN", n + 1))
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let log = c.haproxy.log();
+            lines.iter().all(|l| log.contains(l))
+        }),
+        "HAProxy did not mark n{} down within 5 s",
+        n + 1
+    );
 }
 
 #[test]
@@ -235,4 +256,135 @@ fn killed_edge_node_its_players_reconnect_and_the_others_lose_nothing() {
         dead.len(),
         "the reconnected players did not all land on the live nodes: {before:?} -> {after:?}"
     );
+}
+
+/// The publisher's own node SIGKILLed: the publisher (over RTMPS through HAProxy) is closed,
+/// publishes again through HAProxy onto a live node, and the players of the live nodes get
+/// the new publish (a contiguous run of it from its first video frame).
+#[test]
+fn killed_publisher_node_the_publisher_reconnects_and_the_stream_resumes_everywhere() {
+    let c = Compose::start(&recipe("haproxy.cfg"), &recipe("rtmpgate-node.toml"));
+    let src = source_flv(8);
+    let want = video(&framemd5(&src));
+    let dir = temp_dir();
+    let kinds = [
+        Kind {
+            scheme: "rtmp",
+            rtmpdump: true,
+        },
+        Kind {
+            scheme: "rtmp",
+            rtmpdump: true,
+        },
+        Kind {
+            scheme: "rtmp",
+            rtmpdump: true,
+        },
+        Kind {
+            scheme: "rtmpt",
+            rtmpdump: true,
+        },
+        Kind {
+            scheme: "rtmpt",
+            rtmpdump: true,
+        },
+        Kind {
+            scheme: "rtmpt",
+            rtmpdump: true,
+        },
+    ];
+    let waiting = format!("play {STREAM} (");
+    let mut players = Vec::new();
+    let mut outs = Vec::new();
+    for (i, k) in kinds.iter().enumerate() {
+        let out = dir.path().join(format!("p{i}.flv"));
+        players.push(k.start(&c, &out));
+        outs.push(out);
+    }
+    assert!(
+        wait_until(Duration::from_secs(15), || c
+            .nodes
+            .iter()
+            .map(|n| n.count_log(&waiting))
+            .sum::<usize>()
+            == kinds.len()),
+        "not every player reached a node"
+    );
+    let mut first = publish(&peers().ffmpeg, &c.url("rtmps", STREAM), &src);
+    let forward = format!("edge forward {STREAM}: publishing to");
+    assert!(wait_until(Duration::from_secs(10), || c
+        .nodes
+        .iter()
+        .any(|n| n.log_contains(&forward))));
+    let on_pub = c
+        .nodes
+        .iter()
+        .position(|n| n.log_contains(&forward))
+        .unwrap();
+    thread::sleep(Duration::from_secs(2));
+    c.nodes[on_pub].signal("KILL");
+    let killed = Instant::now();
+    assert!(
+        first.wait_timeout(CLOSED_WITHIN).is_some(),
+        "the publisher was not closed within {CLOSED_WITHIN:?} of its node's death"
+    );
+    eprintln!(
+        "publisher on n{} closed after {:?}",
+        on_pub + 1,
+        killed.elapsed()
+    );
+    // Every player ends: the dead node's are closed with it, the others get the origin's
+    // UnpublishNotify (rtmpdump stops on it, as players do when a publisher leaves).
+    wait_players(&mut players, Duration::from_secs(5));
+    // They all come back through HAProxy (onto the live nodes) before the publisher does.
+    wait_marked_down(&c, on_pub);
+    let before: Vec<usize> = c.nodes.iter().map(|n| n.count_log(&waiting)).collect();
+    let mut again = Vec::new();
+    for (i, k) in kinds.iter().enumerate() {
+        again.push(reconnect(&c, *k, dir.path(), i));
+    }
+    let after: Vec<usize> = c.nodes.iter().map(|n| n.count_log(&waiting)).collect();
+    eprintln!(
+        "plays per node {before:?} -> {after:?} (n{} dead)",
+        on_pub + 1
+    );
+    assert_eq!(after[on_pub], before[on_pub]);
+    assert!(
+        (0..3)
+            .filter(|&n| n != on_pub)
+            .all(|n| after[n] > before[n]),
+        "the players did not come back on both live nodes: {before:?} -> {after:?}"
+    );
+    let mut second = None;
+    for _ in 0..12 {
+        let mut p = publish(&peers().ffmpeg, &c.url("rtmps", STREAM), &src);
+        if p.wait_timeout(Duration::from_millis(1500)).is_none() {
+            second = Some(p);
+            break;
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    let mut second = second.expect("the publisher could not publish again through HAProxy");
+    assert!(
+        second
+            .wait_timeout(Duration::from_secs(40))
+            .is_some_and(|s| s.success()),
+        "{}",
+        second.log()
+    );
+    for ((p, out), k) in again.iter_mut().zip(&kinds) {
+        assert!(
+            p.wait_timeout(PLAYER_TAIL).is_some(),
+            "{} did not stop",
+            p.name()
+        );
+        let got = video(&framemd5(out));
+        let r = assert_contiguous_run(
+            &format!("{} back after the publisher's node died", k.name()),
+            &want,
+            &got,
+            0.9,
+        );
+        assert_eq!(r.start("video"), Some(0), "{r}");
+    }
 }

@@ -105,12 +105,19 @@ pub struct Compose {
     pub p_rtmp: u16,
     pub p_rtmps: u16,
     pub p_http: u16,
+    /// Held while the recipe runs: its addresses and ports (127.0.0.11-13:1935...) are fixed,
+    /// so two tests of one binary take turns. Last, so the processes are gone when it frees.
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
+
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Compose {
     /// Starts the recipe's origins, nodes and HAProxy from its config files (`haproxy_cfg`,
     /// `node_toml`), each waited for (bounded) until it listens.
     pub fn start(haproxy_cfg: &str, node_toml: &str) -> Compose {
+        // A test that failed while holding it poisons it; the next one may still run.
+        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         // The same configs, natively: 10.0.0.x becomes 127.0.0.x.
         let origin_conf = recipe("nginx-origin.conf");
         let _origins = [
@@ -198,6 +205,7 @@ impl Compose {
             p_rtmp,
             p_rtmps,
             p_http,
+            _serial: serial,
         }
     }
 
@@ -210,4 +218,26 @@ impl Compose {
         };
         format!("{scheme}://127.0.0.10:{port}/{stream}")
     }
+}
+
+/// The video packets of `frames`.
+pub fn video(frames: &[Frame]) -> Vec<Frame> {
+    frames
+        .iter()
+        .filter(|f| f.media == "video")
+        .cloned()
+        .collect()
+}
+
+/// The video packets from the last time the source's first video frame came (a second
+/// publish of the same file), asserting it came twice.
+pub fn after_restart(want_video: &[Frame], got: &[Frame]) -> Vec<Frame> {
+    let v = video(got);
+    let first = &want_video[0].hash;
+    let at = v.iter().rposition(|f| &f.hash == first).unwrap_or(0);
+    assert!(
+        at > 0,
+        "the source's first frame came only once: no second publish was played"
+    );
+    v[at..].to_vec()
 }
