@@ -166,7 +166,7 @@ pub async fn answer_until_stream<S: AsyncRead + AsyncWrite + Unpin>(
             proto::Poll::Event(_) => {}
             proto::Poll::NeedInput => {
                 write_output(s, &mut session).await?;
-                read_more(s, raw, charge, limits).await?;
+                read_more(s, raw, charge, limits, "a publish or play").await?;
             }
             proto::Poll::RateLimited(wait) => {
                 write_output(s, &mut session).await?;
@@ -197,16 +197,19 @@ async fn write_output<S: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Reads the next bytes of the client into `raw`, within `limits.max_connect_bytes`.
-async fn read_more<S: AsyncRead + Unpin>(
+/// Reads the next bytes of the client into `raw`, charged to `charge` and bounded by
+/// `limits.max_connect_bytes`; `awaited` names what the gateway is waiting for (the connect,
+/// or a hash group's publish or play), for the errors. Used by both relay modes.
+pub(super) async fn read_more<S: AsyncRead + Unpin>(
     s: &mut S,
     raw: &mut BytesMut,
     charge: &mut Charge,
     limits: &Limits,
+    awaited: &str,
 ) -> Result<(), String> {
     if raw.len() >= limits.max_connect_bytes {
         return Err(format!(
-            "{} bytes without a publish or play (limits.max_connect_bytes bounds what a hash group's client may send before naming its stream)",
+            "{} bytes without {awaited} (limits.max_connect_bytes bounds what a client may send before it)",
             raw.len()
         ));
     }
@@ -219,9 +222,10 @@ async fn read_more<S: AsyncRead + Unpin>(
         .read_buf(&mut bytes::BufMut::limit(&mut *raw, room))
         .await
         .map_err(|e| format!("reading: {e}"))?;
+    // Charge what the buffer holds, not each read's room.
     charge.shrink(room.saturating_sub(n));
     if n == 0 {
-        return Err("the client closed before publish or play".to_string());
+        return Err(format!("the client closed before {awaited}"));
     }
     Ok(())
 }

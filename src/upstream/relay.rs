@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::guard::{Action, RelayGuard, Request, Verdict, VerdictFuture};
@@ -34,9 +34,6 @@ use crate::rtmp::handshake::{self, ClientHandshake, HandshakeKind, C0C1_LEN, PAC
 use crate::rtmp::message::{self, Command, Message};
 use crate::sessions::{self, Role};
 use crate::stream::{ClientStream, Prefixed, Transport};
-
-/// Bytes read from the client per read before `connect` is complete.
-const READ_STEP: usize = 4096;
 
 /// How the gateway greets a backend: digest when the client used digest with us.
 #[derive(Clone, Copy, Debug)]
@@ -153,27 +150,7 @@ async fn read_connect<S: AsyncRead + Unpin>(
                 scanned,
             ));
         }
-        if raw.len() >= limits.max_connect_bytes {
-            return Err(format!(
-                "{} bytes without a complete connect (limits.max_connect_bytes)",
-                raw.len()
-            ));
-        }
-        let room = READ_STEP.min(limits.max_connect_bytes - raw.len());
-        charge
-            .try_grow(room)
-            .map_err(|e| format!("closed to keep the process within its memory: {e}"))?;
-        raw.reserve(room);
-        let before = raw.len();
-        let n = s
-            .read_buf(&mut (&mut *raw).limit(room))
-            .await
-            .map_err(|e| format!("reading: {e}"))?;
-        // Charge what the buffer holds, not each read's room.
-        charge.shrink(room.saturating_sub(n));
-        if n == 0 || raw.len() == before {
-            return Err("the client closed before connect".to_string());
-        }
+        super::hashed::read_more(s, raw, charge, limits, "a complete connect").await?;
     }
 }
 
