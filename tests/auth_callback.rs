@@ -342,5 +342,8 @@ fn callbacks_in_flight_are_bounded() {
         calls.len()
     );
     assert_eq!(timeout + busy, 3, "{m}");
-    assert_eq!(timeout as usize, calls.len(), "{m}");
+    // Every call the service saw timed out. Not the converse: a publisher that got the slot
+    // just before its own deadline times out before its request reaches the service (seen
+    // once under load: 3 timed out, 2 calls seen), so the counts need not be equal.
+    assert!(calls.len() <= timeout as usize, "{m}");
 }
