@@ -5,6 +5,7 @@
 //! stream name.
 
 pub mod edge;
+pub mod flv;
 pub mod hub;
 pub mod restream;
 pub mod session;
