@@ -81,11 +81,29 @@ pub fn play_ffmpeg_with(ffmpeg: &Path, url: &str, out: &Path) -> Proc {
 
 /// Plays `url` (live) with rtmpdump into `out`; it gives up after PLAYER_IDLE_SECS without
 /// data.
+///
+/// rtmpdump writes its file through stdio, 4 KiB at a time, so a player the harness has to
+/// SIGKILL loses up to 4 KiB it had received (the last packets, the last one cut short).
+/// Over RTMPT that happens: librtmp's wait for the next reply loops on the tunnel's answered
+/// idle polls without looking at its Ctrl-C flag, so a SIGINT that lands between two polls
+/// rather than inside a blocking recv is never acted on (seen once in CI: 93 ms of audio
+/// missing, the player killed). Its output therefore goes to stdout, unbuffered by
+/// `stdbuf -o0` (every RTMP_Read is written at once), into `out`: whatever it received is in
+/// the file however it ends.
 pub fn play_rtmpdump(url: &str, out: &Path) -> Proc {
-    let mut cmd = Command::new(&peers().rtmpdump);
-    cmd.args(["-v", "-m", &PLAYER_IDLE_SECS.to_string(), "-r", url, "-o"])
-        .arg(out);
-    Proc::spawn(&format!("rtmpdump player of {url}"), cmd)
+    let file = fs::File::create(out)
+        .unwrap_or_else(|e| panic!("cannot create {} for rtmpdump: {e}", out.display()));
+    let mut cmd = Command::new("stdbuf");
+    cmd.arg("-o0").arg(&peers().rtmpdump).args([
+        "-v",
+        "-m",
+        &PLAYER_IDLE_SECS.to_string(),
+        "-r",
+        url,
+        "-o",
+        "-",
+    ]);
+    Proc::spawn_to(&format!("rtmpdump player of {url}"), cmd, file)
 }
 
 /// Waits for `publisher` to finish (at most `within`) with success, then for `player` to stop

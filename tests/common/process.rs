@@ -114,6 +114,26 @@ impl Proc {
         }
     }
 
+    /// Starts `cmd` with stdin closed, stdout written to `out` and stderr captured.
+    pub fn spawn_to(name: &str, mut cmd: Command, out: fs::File) -> Proc {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
+        let log = LogTail::default();
+        if let Some(err) = child.stderr.take() {
+            log.follow(err);
+        }
+        Proc {
+            name: name.to_string(),
+            child,
+            log,
+            status: None,
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
