@@ -388,3 +388,179 @@ fn killed_publisher_node_the_publisher_reconnects_and_the_stream_resumes_everywh
         assert_eq!(r.start("video"), Some(0), "{r}");
     }
 }
+
+/// The stream's origin SIGKILLed behind the compose recipe's HAProxy: the forwarded
+/// publisher is closed at once, every node's pull moves to the next origin in the stream's
+/// rendezvous order (tried at once, the dead one refusing), the publisher's new publish
+/// through HAProxy is forwarded there, and both the players that stayed on their edges and
+/// new players started after the kill (rtmpdump and ffmpeg do not reconnect by themselves)
+/// get the new publish whole. The other origin then holds exactly one pull per node.
+#[test]
+fn killed_origin_through_haproxy_publisher_and_pulls_move_to_the_next_origin() {
+    let mut c = Compose::start(&recipe("haproxy.cfg"), &recipe("rtmpgate-node.toml"));
+    let origins = [
+        "rtmp://127.0.0.21:1935".to_string(),
+        "rtmp://127.0.0.22:1935".to_string(),
+    ];
+    // A stream whose first origin is origin-a (c.origins[0]), so origin-b is its next.
+    let name = (0..200)
+        .map(|i| format!("o{i}"))
+        .find(|n| hashed_origin(&origins, "live", n) == origins[0])
+        .unwrap();
+    let stream = format!("live/{name}");
+    let src = source_flv(8);
+    let want = framemd5(&src);
+    let want_video = video(&want);
+    let dir = temp_dir();
+    // "(waiting for a publisher)" before the stream exists on the node, "(live)" after.
+    let waiting = format!("play {stream} (");
+    let plays = |c: &Compose| c.nodes.iter().map(|n| n.count_log(&waiting)).sum::<usize>();
+    let start_players = |c: &Compose, tag: &str| -> Vec<(Proc, PathBuf, &'static str)> {
+        ["rtmp", "rtmp", "rtmp", "rtmpt", "rtmpt", "rtmpt"]
+            .iter()
+            .enumerate()
+            .map(|(i, scheme)| {
+                let out = dir.path().join(format!("{tag}{i}.flv"));
+                (play_rtmpdump(&c.url(scheme, &stream), &out), out, *scheme)
+            })
+            .collect()
+    };
+    let mut old = start_players(&c, "old");
+    assert!(
+        wait_until(Duration::from_secs(15), || plays(&c) == old.len()),
+        "not every player reached a node"
+    );
+    let to_a = format!("edge forward {stream}: publishing to {}", origins[0]);
+    let mut first = publish(&peers().ffmpeg, &c.url("rtmps", &stream), &src);
+    assert!(
+        wait_until(Duration::from_secs(10), || c
+            .nodes
+            .iter()
+            .any(|n| n.log_contains(&to_a))),
+        "the publisher was not forwarded to origin-a: {}",
+        first.log()
+    );
+    let pulling =
+        |n: &Gateway, o: &str| n.log_contains(&format!("edge pull {stream}: playing from {o}"));
+    let with_players: Vec<usize> = (0..3)
+        .filter(|&k| c.nodes[k].log_contains(&waiting))
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(10), || with_players
+            .iter()
+            .all(|&k| pulling(&c.nodes[k], &origins[0]))),
+        "the nodes did not all pull from origin-a"
+    );
+    thread::sleep(Duration::from_secs(2));
+    c.origins[0].0.kill();
+    let killed = Instant::now();
+    // The forwarded publisher is closed once its origin connection drops, and each node's
+    // pull reconnects at once, trying origin-a (refused) and then origin-b; both logged.
+    let mut publisher_closed = None;
+    let mut moved: Vec<Option<Duration>> = vec![None; 3];
+    while killed.elapsed() < Duration::from_secs(5) {
+        if publisher_closed.is_none() && first.try_status().is_some() {
+            publisher_closed = Some(killed.elapsed());
+        }
+        for &k in &with_players {
+            if moved[k].is_none() && pulling(&c.nodes[k], &origins[1]) {
+                moved[k] = Some(killed.elapsed());
+            }
+        }
+        if publisher_closed.is_some() && with_players.iter().all(|&k| moved[k].is_some()) {
+            break;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    eprintln!(
+        "origin-a killed: publisher closed after {publisher_closed:?}, pulls on origin-b after {moved:?}"
+    );
+    // Bounds: the publisher's close is a socket's EOF passed on (tens of ms measured); the
+    // pull's move is one reconnect without backoff (a refused connect, then a new one).
+    // Both allow 20 times what was measured on a loaded machine.
+    assert!(
+        publisher_closed.is_some_and(|d| d <= Duration::from_secs(1)),
+        "the publisher was not closed within 1 s of its origin's death: {publisher_closed:?}"
+    );
+    for &k in &with_players {
+        assert!(
+            moved[k].is_some_and(|d| d <= Duration::from_secs(2)),
+            "n{}: the pull did not move to origin-b within 2 s: {:?}",
+            k + 1,
+            moved[k]
+        );
+    }
+    // New players through HAProxy (a real player's reconnect), then the publisher again.
+    let mut new = start_players(&c, "new");
+    assert!(
+        wait_until(Duration::from_secs(15), || plays(&c) == 2 * old.len()),
+        "not every new player reached a node"
+    );
+    let to_b = format!("edge forward {stream}: publishing to {}", origins[1]);
+    let republished = Instant::now();
+    let mut second = publish(&peers().ffmpeg, &c.url("rtmps", &stream), &src);
+    // Measured 0.5 s, most of it ffmpeg's own start (reading the file, TLS): the dead
+    // origin costs one refused connect, or nothing once marked down. 5 s is ten times that.
+    assert!(
+        wait_until(Duration::from_secs(5), || c
+            .nodes
+            .iter()
+            .any(|n| n.log_contains(&to_b))),
+        "the new publish was not forwarded to origin-b within 5 s: {}",
+        second.log()
+    );
+    eprintln!(
+        "the new publish reached origin-b {:?} after it started",
+        republished.elapsed()
+    );
+    // While it runs: origin-b holds one pull per node with players, plus the publisher.
+    let all_players: Vec<usize> = (0..3)
+        .filter(|&k| c.nodes[k].log_contains(&waiting))
+        .collect();
+    let on_pub = (0..3).find(|&k| c.nodes[k].log_contains(&to_b)).unwrap();
+    thread::sleep(Duration::from_secs(2));
+    for (k, n) in c.nodes.iter().enumerate() {
+        let want_conns = usize::from(all_players.contains(&k)) + usize::from(k == on_pub);
+        assert_eq!(
+            connections_of(n.pid(), [127, 0, 0, 22], 1935),
+            want_conns,
+            "n{}: connections to origin-b",
+            k + 1
+        );
+    }
+    assert!(
+        second
+            .wait_timeout(Duration::from_secs(40))
+            .is_some_and(|s| s.success()),
+        "{}",
+        second.log()
+    );
+    for (p, out, scheme) in new.iter_mut() {
+        assert!(
+            p.wait_timeout(PLAYER_TAIL).is_some(),
+            "{} did not stop",
+            p.name()
+        );
+        assert_whole_run(
+            &format!("new {scheme} rtmpdump player"),
+            &want,
+            &framemd5(out),
+            PlayerKind::Rtmpdump.max_tail_ms(),
+        );
+    }
+    for (p, out, scheme) in old.iter_mut() {
+        assert!(
+            p.wait_timeout(PLAYER_TAIL).is_some(),
+            "{} did not stop",
+            p.name()
+        );
+        let run = after_restart(&want_video, &framemd5(out));
+        let r = assert_contiguous_run(
+            &format!("{scheme} rtmpdump player that stayed on its edge"),
+            &want_video,
+            &run,
+            0.95,
+        );
+        assert_eq!(r.start("video"), Some(0), "{r}");
+    }
+}

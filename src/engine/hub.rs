@@ -757,6 +757,18 @@ impl Publisher {
         self.ousted.notified().await;
     }
 
+    /// Drops what players joining later would start with (metadata, sequence headers, the
+    /// GOP) while keeping the key published. An edge's pull calls it when its origin
+    /// connection is lost: those frames lead nowhere (the next connection starts at a new
+    /// keyframe, maybe of a new publish), so a player joining meanwhile would be shown a past
+    /// picture first. Players already subscribed are not affected.
+    pub fn forget_caches(&self) {
+        let mut st = lock(&self.slot.state);
+        if st.publisher == Some(self.id) {
+            st.clear_caches();
+        }
+    }
+
     /// Players currently subscribed to this stream.
     pub fn players(&self) -> usize {
         lock(&self.slot.state).players
@@ -1070,6 +1082,37 @@ mod tests {
         assert_eq!(f.timestamp, 1066);
         assert!(pl.rx.try_recv().is_err());
         assert_eq!(pl.lag_bytes(&f), 0);
+    }
+
+    #[test]
+    fn forgotten_caches_start_a_late_player_on_the_next_frames_only() {
+        let hub = hub();
+        let p = hub.publish(&key("f")).unwrap();
+        let mut early = hub.play(&key("f"));
+        p.push(VIDEO, 0, Bytes::from_static(AVC_HEADER)).unwrap();
+        p.push(VIDEO, 0, Bytes::from_static(AVC_KEY)).unwrap();
+        p.push(VIDEO, 33, Bytes::from_static(AVC_INTER)).unwrap();
+        p.forget_caches();
+        // Still published (no Unpublished for anyone), nothing to start a newcomer with.
+        let mut late = hub.play(&key("f"));
+        assert!(late.live && late.start.is_empty() && !late.has_keyframe);
+        p.push(VIDEO, 66, Bytes::from_static(AVC_KEY)).unwrap();
+        assert_eq!(frame(late.rx.try_recv().unwrap()).timestamp, 66);
+        // A player already subscribed keeps everything, in order.
+        let mut got = Vec::new();
+        while let Ok(ev) = early.rx.try_recv() {
+            if let Event::Frame(f) = ev {
+                got.push(f.timestamp);
+            }
+        }
+        assert_eq!(got, [0, 0, 33, 66]);
+        // A replaced publisher's handle cannot clear its successor's caches.
+        let q = hub
+            .publish_with(&key("f"), PublisherTakeover::Replace)
+            .unwrap();
+        q.push(VIDEO, 100, Bytes::from_static(AVC_KEY)).unwrap();
+        p.forget_caches();
+        assert!(hub.play(&key("f")).has_keyframe);
     }
 
     #[test]

@@ -105,6 +105,10 @@ pub struct Compose {
     pub p_rtmp: u16,
     pub p_rtmps: u16,
     pub p_http: u16,
+    /// The configuration files as run (HAProxy's, each node's), for tests that check they
+    /// are the recipe's with only addresses, ports and paths changed.
+    pub haproxy_conf: String,
+    pub node_confs: Vec<String>,
     /// Held while the recipe runs: its addresses and ports (127.0.0.11-13:1935...) are fixed,
     /// so two tests of one binary take turns. Last, so the processes are gone when it frees.
     _serial: std::sync::MutexGuard<'static, ()>,
@@ -125,6 +129,7 @@ impl Compose {
             start_origin(&origin_conf, "127.0.0.22"),
         ];
         let certs = dev_certs();
+        let mut node_confs = Vec::new();
         let nodes: Vec<Gateway> = (1..=3)
             .map(|i| {
                 let conf = node_toml
@@ -138,6 +143,7 @@ impl Compose {
                         "/etc/rtmpgate/certs/privkey.pem",
                         &certs.key.display().to_string(),
                     );
+                node_confs.push(conf.clone());
                 let gw = Gateway::builder()
                     .config(&conf)
                     .env(
@@ -205,6 +211,8 @@ impl Compose {
             p_rtmp,
             p_rtmps,
             p_http,
+            haproxy_conf: conf,
+            node_confs,
             _serial: serial,
         }
     }
@@ -240,4 +248,135 @@ pub fn after_restart(want_video: &[Frame], got: &[Frame]) -> Vec<Frame> {
         "the source's first frame came only once: no second publish was played"
     );
     v[at..].to_vec()
+}
+
+/// Established TCP connections that process `pid` holds to `ip:port` (its sockets in
+/// /proc/PID/fd matched with /proc/net/tcp's remote address): which node holds how many
+/// connections to an origin, which the origin's own socket table cannot tell apart (every
+/// node connects from 127.0.0.1).
+pub fn connections_of(pid: u32, ip: [u8; 4], port: u16) -> usize {
+    let want = format!("{:08X}:{port:04X}", u32::from_le_bytes(ip));
+    let inodes: std::collections::HashSet<String> = std::fs::read_to_string("/proc/net/tcp")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&want.as_str()) && f.get(3) == Some(&"01"))
+                .then(|| f.get(9).map(|s| format!("socket:[{s}]")))
+                .flatten()
+        })
+        .collect();
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter(|t| inodes.contains(t.to_string_lossy().as_ref()))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// A recipe file's configuration lines (comments and blank lines dropped) with every IPv4
+/// address, port and quoted absolute path made a placeholder: what may differ between the
+/// recipe and the files a test runs.
+pub fn shape_of(text: &str) -> Vec<String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            // HAProxy's "bind :1935" (every address) becomes the test's "bind 127.0.0.10:P".
+            let l = l.replace(" :", " ADDR:");
+            let c: Vec<char> = l.chars().collect();
+            let mut out = String::new();
+            let mut i = 0;
+            while i < c.len() {
+                if c[i].is_ascii_digit() && (i == 0 || !c[i - 1].is_ascii_alphanumeric()) {
+                    let mut j = i;
+                    while j < c.len() && (c[j].is_ascii_digit() || c[j] == '.') {
+                        j += 1;
+                    }
+                    let tok: String = c[i..j].iter().collect();
+                    let parts: Vec<&str> = tok.split('.').collect();
+                    if parts.len() == 4 && parts.iter().all(|p| p.parse::<u8>().is_ok()) {
+                        out.push_str("ADDR");
+                    } else if i > 0 && c[i - 1] == ':' {
+                        out.push_str("PORT");
+                    } else {
+                        out.push_str(&tok);
+                    }
+                    i = j;
+                } else if c[i] == '"' && c.get(i + 1) == Some(&'/') {
+                    let end = c[i + 1..]
+                        .iter()
+                        .position(|&x| x == '"')
+                        .map_or(c.len(), |p| i + 1 + p);
+                    out.push_str("\"PATH");
+                    i = end;
+                } else {
+                    out.push(c[i]);
+                    i += 1;
+                }
+            }
+            out
+        })
+        .collect()
+}
+
+/// Asserts the files `c` runs are the recipe's, changed only in addresses, ports and paths,
+/// plus what the native run needs and says: HAProxy's `maxconn` (100000 needs more file
+/// descriptors than a test process may open) and its `source` line (its container's address
+/// in the compose network); nginx's module path, foreground mode, log and pid files (the
+/// container image's defaults) and its listen address.
+pub fn assert_recipe_as_run(c: &Compose) {
+    let haproxy: Vec<String> = shape_of(&recipe("haproxy.cfg"))
+        .into_iter()
+        .map(|l| {
+            if l == "maxconn 100000" {
+                "maxconn 1000".to_string()
+            } else {
+                l
+            }
+        })
+        .collect();
+    let ran: Vec<String> = shape_of(&c.haproxy_conf)
+        .into_iter()
+        .filter(|l| l != "source ADDR")
+        .collect();
+    assert_eq!(
+        haproxy, ran,
+        "haproxy.cfg was changed beyond addresses and ports"
+    );
+    let node = shape_of(&recipe("rtmpgate-node.toml"));
+    for (i, conf) in c.node_confs.iter().enumerate() {
+        assert_eq!(
+            node,
+            shape_of(conf),
+            "n{}: rtmpgate-node.toml was changed beyond addresses, ports and paths",
+            i + 1
+        );
+    }
+    let process_lines = ["load_module ", "error_log ", "daemon "];
+    let origin: Vec<String> = shape_of(&recipe("nginx-origin.conf"))
+        .into_iter()
+        .filter(|l| !process_lines.iter().any(|p| l.starts_with(p)))
+        .map(|l| {
+            if l == "listen 1935;" {
+                "listen ADDR:PORT;".to_string()
+            } else {
+                l
+            }
+        })
+        .collect();
+    for (_, dir) in &c.origins {
+        let conf = std::fs::read_to_string(dir.path().join("nginx.conf")).unwrap();
+        let ran: Vec<String> = shape_of(&conf)
+            .into_iter()
+            .filter(|l| !process_lines.iter().any(|p| l.starts_with(p)))
+            .collect();
+        assert_eq!(
+            origin, ran,
+            "nginx-origin.conf was changed beyond its listen address"
+        );
+    }
 }

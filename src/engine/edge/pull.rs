@@ -126,6 +126,11 @@ pub(super) async fn run(edge: Arc<Edge>, key: StreamKey, id: u64) {
                 st.wait_key = true;
                 let (end, media) = pump(&edge, &mut st, conn).await;
                 got_media = media;
+                if let Some(p) = &st.held {
+                    // Players joining before the next connection's media must not start
+                    // on this one's last GOP (a past picture, maybe of an ended publish).
+                    p.forget_caches();
+                }
                 match end {
                     End::Unwatched => break 'pull,
                     End::Failed(e) => {
