@@ -77,24 +77,12 @@ impl AdminSettings {
                 ));
             }
         }
-        let rel = |p: PathBuf| match base {
-            Some(dir) if p.is_relative() => dir.join(p),
-            _ => p,
-        };
-        let tls = match (file.cert, file.key) {
-            (Some(cert), Some(key)) => Some(CertSource::Files {
-                cert: rel(cert),
-                key: rel(key),
-            }),
-            (None, None) => None,
-            _ => {
-                return Err(invalid(
-                    "admin.cert",
-                    "admin.cert and admin.key go together; set both (PEM files, as for [tls])"
-                        .into(),
-                ))
-            }
-        };
+        let tls = CertSource::pair(file.cert, file.key, base).map_err(|_| {
+            invalid(
+                "admin.cert",
+                "admin.cert and admin.key go together; set both (PEM files, as for [tls])".into(),
+            )
+        })?;
         if text.trim().eq_ignore_ascii_case("off") {
             return Ok(AdminSettings {
                 listen: None,

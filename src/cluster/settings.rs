@@ -237,23 +237,12 @@ impl ClusterSettings {
             }
             _ => {}
         }
-        let rel = |p: PathBuf| match base {
-            Some(dir) if p.is_relative() => dir.join(p),
-            _ => p,
-        };
-        let tls = match (file.cert, file.key) {
-            (Some(cert), Some(key)) => Some(CertSource::Files {
-                cert: rel(cert),
-                key: rel(key),
-            }),
-            (None, None) => None,
-            _ => {
-                return Err(invalid(
-                    "cluster.cert",
-                    "cluster.cert and cluster.key go together (PEM chain and its key)".into(),
-                ))
-            }
-        };
+        let tls = CertSource::pair(file.cert, file.key, base).map_err(|_| {
+            invalid(
+                "cluster.cert",
+                "cluster.cert and cluster.key go together (PEM chain and its key)".into(),
+            )
+        })?;
         let connect_timeout = Duration::from_millis(
             file.connect_timeout_ms
                 .unwrap_or(DEFAULT_CONNECT_TIMEOUT_MS)
@@ -266,7 +255,7 @@ impl ClusterSettings {
             peers_dns,
             secret,
             tls,
-            ca: file.ca.map(rel),
+            ca: file.ca.map(|p| crate::net::tls::relative_to(base, p)),
             connect_timeout,
         }))
     }

@@ -90,6 +90,39 @@ pub enum CertSource {
     EmbeddedDev,
 }
 
+/// `path` as the config file at `base` means it: a relative path is taken from the file's
+/// directory, not from wherever the process was started.
+pub fn relative_to(base: Option<&Path>, path: PathBuf) -> PathBuf {
+    match base {
+        Some(dir) if path.is_relative() => dir.join(path),
+        _ => path,
+    }
+}
+
+/// A settings section set `cert` without `key` or the other way round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnpairedCert;
+
+impl CertSource {
+    /// A settings section's `cert` and `key`: both (paths relative to `base`, the config
+    /// file's directory, when given), or neither (None). `Err` when only one is set: the
+    /// caller names its own keys in the message.
+    pub fn pair(
+        cert: Option<PathBuf>,
+        key: Option<PathBuf>,
+        base: Option<&Path>,
+    ) -> Result<Option<CertSource>, UnpairedCert> {
+        match (cert, key) {
+            (Some(cert), Some(key)) => Ok(Some(CertSource::Files {
+                cert: relative_to(base, cert),
+                key: relative_to(base, key),
+            })),
+            (None, None) => Ok(None),
+            _ => Err(UnpairedCert),
+        }
+    }
+}
+
 impl std::fmt::Display for CertSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
