@@ -42,6 +42,8 @@
 //!     0x06 / 0x08 / 0x09 -> RTMPE (decrypting adapter) ----------+
 //!     "POST ..."       -> RTMPT tunnel (hyper): /open /send       |
 //!                         /idle /close, one session = one pipe --+
+//!     "GET ..." etc.   -> request head read (bounded) -> transport |
+//!                         http/https, head attached (HTTP-FLV) ---+
 //!                                                                v
 //!                     ClientStream (bytes + transport + peer + session label)
 //!                                   |
@@ -51,9 +53,12 @@
 //!     PROXY header, copy both ways; connect    (chunks, commands, requests) + hub glue;
 //!     mode reads up to connect first, hash     hub: publisher -> prechunked frames ->
 //!     groups answer on rtmp::session first     bounded ring -> players
+//!     (http: 501, it needs the engine)         (http: engine::httpflv, the hub as FLV)
 //! ```
 //!
-//! Everything after `ClientStream` is transport-blind: a new transport touches only `door`.
+//! Everything after `ClientStream` is transport-blind, but for plain HTTP requests (transport
+//! `http`/`https`, HTTP-FLV), which carry their request head: a new RTMP transport touches
+//! only `door`.
 
 pub mod access;
 pub mod admin;

@@ -15,13 +15,15 @@ use std::time::Duration;
 use crate::stream::Transport;
 
 /// Every transport, in the order the per-transport counters are kept and printed.
-pub const TRANSPORTS: [Transport; 6] = [
+pub const TRANSPORTS: [Transport; 8] = [
     Transport::Rtmp,
     Transport::Rtmps,
     Transport::Rtmpt,
     Transport::Rtmpts,
     Transport::Rtmpe,
     Transport::Rtmpte,
+    Transport::Http,
+    Transport::Https,
 ];
 
 /// The position of `t` in [`TRANSPORTS`].
@@ -33,6 +35,8 @@ pub fn transport_index(t: Transport) -> usize {
         Transport::Rtmpts => 3,
         Transport::Rtmpe => 4,
         Transport::Rtmpte => 5,
+        Transport::Http => 6,
+        Transport::Https => 7,
     }
 }
 
@@ -237,7 +241,7 @@ impl Histogram {
 pub struct Metrics {
     pub connections_accepted: AtomicU64,
     pub connections_open: AtomicI64,
-    transports: [PerTransport; 6],
+    transports: [PerTransport; TRANSPORTS.len()],
     refused: [AtomicU64; Refusal::ALL.len()],
     pub tls_handshakes: AtomicU64,
     pub tls_failures: AtomicU64,
@@ -282,7 +286,7 @@ impl Metrics {
         Metrics {
             connections_accepted: AtomicU64::new(0),
             connections_open: AtomicI64::new(0),
-            transports: [const { PerTransport::new() }; 6],
+            transports: [const { PerTransport::new() }; TRANSPORTS.len()],
             refused: [const { AtomicU64::new(0) }; Refusal::ALL.len()],
             tls_handshakes: AtomicU64::new(0),
             tls_failures: AtomicU64::new(0),

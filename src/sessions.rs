@@ -154,8 +154,8 @@ impl Sessions {
 
     /// Bytes (received, sent) per transport since start, in [`metrics::TRANSPORTS`] order:
     /// the open sessions' counts plus the closed sessions' totals.
-    pub fn bytes_by_transport(&self) -> [(u64, u64); 6] {
-        let mut open = [(0u64, 0u64); 6];
+    pub fn bytes_by_transport(&self) -> [(u64, u64); metrics::TRANSPORTS.len()] {
+        let mut open = [(0u64, 0u64); metrics::TRANSPORTS.len()];
         for e in self.table.iter() {
             if let Some(slot) = open.get_mut(metrics::transport_index(e.transport)) {
                 slot.0 = slot.0.saturating_add(e.bytes_received());
@@ -163,7 +163,7 @@ impl Sessions {
             }
         }
         let m = metrics::global();
-        let mut out = [(0u64, 0u64); 6];
+        let mut out = [(0u64, 0u64); metrics::TRANSPORTS.len()];
         for ((t, o), slot) in metrics::TRANSPORTS.iter().zip(open).zip(out.iter_mut()) {
             *slot = m.transport(*t).totals(o.0, o.1);
         }

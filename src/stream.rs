@@ -28,6 +28,10 @@ pub enum Transport {
     Rtmpe,
     /// RTMPE inside the HTTP tunnel (`rtmpte://`).
     Rtmpte,
+    /// A plain HTTP request that is not the tunnel (`http://HOST/APP/STREAM.flv`: HTTP-FLV).
+    Http,
+    /// The same inside TLS (`https://`).
+    Https,
 }
 
 impl Transport {
@@ -40,12 +44,22 @@ impl Transport {
             Transport::Rtmpts => "rtmpts",
             Transport::Rtmpe => "rtmpe",
             Transport::Rtmpte => "rtmpte",
+            Transport::Http => "http",
+            Transport::Https => "https",
         }
     }
 
     /// True when the bytes crossed the network inside TLS.
     pub fn is_tls(self) -> bool {
-        matches!(self, Transport::Rtmps | Transport::Rtmpts)
+        matches!(
+            self,
+            Transport::Rtmps | Transport::Rtmpts | Transport::Https
+        )
+    }
+
+    /// True for a plain HTTP request (HTTP-FLV), not RTMP in any form.
+    pub fn is_http(self) -> bool {
+        matches!(self, Transport::Http | Transport::Https)
     }
 
     /// True when the bytes came through the HTTP tunnel.
@@ -87,6 +101,8 @@ pub struct ClientStream {
     pub local: SocketAddr,
     /// For tunnels: a short, loggable prefix of the session id (never the whole id).
     pub session: Option<String>,
+    /// For [`Transport::Http`]/[`Transport::Https`]: the request head the door read.
+    pub http: Option<Box<crate::net::http::RequestHead>>,
 }
 
 impl ClientStream {
@@ -102,12 +118,19 @@ impl ClientStream {
             peer,
             local,
             session: None,
+            http: None,
         }
     }
 
     /// Attach the loggable tunnel session label.
     pub fn with_session(mut self, label: String) -> Self {
         self.session = Some(label);
+        self
+    }
+
+    /// Attach the HTTP request head the door read (HTTP-FLV).
+    pub fn with_http(mut self, head: crate::net::http::RequestHead) -> Self {
+        self.http = Some(Box::new(head));
         self
     }
 

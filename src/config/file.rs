@@ -73,6 +73,10 @@ pub struct FileEngine {
     /// `[[engine.push]]`: restream destinations.
     #[serde(default)]
     pub push: Vec<FilePush>,
+    /// HTTP-FLV's `Access-Control-Allow-Origin`: `"*"`, one origin, or `""` for none.
+    pub http_flv_cors: Option<String>,
+    /// HTTP-FLV: how long a request for an unpublished stream waits before its 404.
+    pub http_flv_wait_ms: Option<u64>,
 }
 
 /// One `[[engine.push]]` table: streams published to `app` (a name or a `*` glob) are
@@ -102,6 +106,8 @@ impl FileEngine {
             || self.write_batch_ms.is_some()
             || self.publisher_takeover.is_some()
             || !self.push.is_empty()
+            || self.http_flv_cors.is_some()
+            || self.http_flv_wait_ms.is_some()
     }
 
     /// The engine's configuration with these keys applied, checked.
@@ -173,6 +179,27 @@ impl FileEngine {
         }
         if let Some(v) = self.publisher_takeover {
             cfg.publisher_takeover = v;
+        }
+        if let Some(v) = &self.http_flv_cors {
+            // Echoed in a header: one line of visible ASCII, bounded.
+            let ok = v.len() <= 1024 && v.bytes().all(|b| (0x20..0x7f).contains(&b));
+            if !ok {
+                return Err(invalid(
+                    "engine.http_flv_cors",
+                    "use \"*\", one origin such as \"https://example.com\", or \"\" for no CORS \
+                     header (printable ASCII, at most 1024 bytes)",
+                ));
+            }
+            cfg.http_flv_cors = (!v.trim().is_empty()).then(|| v.trim().to_owned());
+        }
+        if let Some(v) = self.http_flv_wait_ms {
+            if v > 600_000 {
+                return Err(invalid(
+                    "engine.http_flv_wait_ms",
+                    format!("{v} ms would hold a request for a missing stream over 10 minutes; use at most 600000 (0 answers 404 at once)"),
+                ));
+            }
+            cfg.http_flv_wait = Duration::from_millis(v);
         }
         for (i, p) in self.push.iter().enumerate() {
             let dest = crate::engine::restream::Destination::parse(&p.url)

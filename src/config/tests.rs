@@ -343,3 +343,32 @@ fn engine_push_tables_and_their_errors_never_show_the_key() {
         "{e}"
     );
 }
+
+#[test]
+fn http_flv_keys() {
+    let d = merge(&[], "").unwrap().engine;
+    assert_eq!(d.http_flv_cors.as_deref(), Some("*"));
+    assert_eq!(d.http_flv_wait, Duration::from_secs(5));
+    let c = merge(
+        &[],
+        "[engine]\nhttp_flv_cors = \"https://page.example\"\nhttp_flv_wait_ms = 0\n",
+    )
+    .unwrap()
+    .engine;
+    assert_eq!(c.http_flv_cors.as_deref(), Some("https://page.example"));
+    assert_eq!(c.http_flv_wait, Duration::ZERO);
+    // "" turns the header off.
+    let c = merge(&[], "[engine]\nhttp_flv_cors = \"\"\n")
+        .unwrap()
+        .engine;
+    assert_eq!(c.http_flv_cors, None);
+    // A value that would break the header line is refused.
+    let e = merge(&[], "[engine]\nhttp_flv_cors = \"a\\r\\nX-Evil: 1\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("engine.http_flv_cors: "), "{e}");
+    let e = merge(&[], "[engine]\nhttp_flv_wait_ms = 700000\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("engine.http_flv_wait_ms: "), "{e}");
+}

@@ -575,8 +575,9 @@ async fn handle(
             });
             return;
         }
+        let post = head.starts_with(b"POST ");
         let io = Prefixed::new(head, tcp);
-        dispatch(&ctx, io, kind, peer, local, false, &label).await;
+        dispatch(&ctx, io, kind, post, peer, local, false, &label).await;
         return;
     }
 
@@ -647,8 +648,9 @@ async fn serve_tls(
         log_unknown(peer, label, &head, lines);
         return;
     }
+    let post = head.starts_with(b"POST ");
     let io = Prefixed::new(head, tls);
-    dispatch(ctx, io, kind, peer, local, true, label).await;
+    dispatch(ctx, io, kind, post, peer, local, true, label).await;
 }
 
 fn log_unknown(peer: SocketAddr, label: &str, head: &[u8], lines: &PeerLines) {
@@ -705,11 +707,14 @@ async fn sniff_in_time<S: tokio::io::AsyncRead + Unpin>(
     }
 }
 
-/// Hands a sniffed connection to the right layer.
+/// Hands a sniffed connection to the right layer. `post`: an HTTP request that opens with
+/// POST (the RTMPT tunnel's only method); any other HTTP request is a plain one (HTTP-FLV).
+#[allow(clippy::too_many_arguments)]
 async fn dispatch<I: ByteStream + 'static>(
     ctx: &Arc<Ctx>,
     io: I,
     kind: Kind,
+    post: bool,
     peer: SocketAddr,
     local: SocketAddr,
     tls: bool,
@@ -725,7 +730,8 @@ async fn dispatch<I: ByteStream + 'static>(
             let stream = ClientStream::new(Box::new(io), transport, peer, local);
             (ctx.handler)(stream).await;
         }
-        Kind::Http => Box::pin(ctx.tunnel.serve_connection(io, peer, local, tls)).await,
+        Kind::Http if post => Box::pin(ctx.tunnel.serve_connection(io, peer, local, tls)).await,
+        Kind::Http => Box::pin(serve_http(ctx, io, peer, local, tls, label)).await,
         Kind::Rtmpe if tls => {
             metrics::refused(Refusal::WrongListener);
             ctx.conns.lines.info(peer.ip(), "rtmpe in tls", || {
@@ -756,6 +762,68 @@ async fn dispatch<I: ByteStream + 'static>(
             });
         }
     }
+}
+
+/// A plain HTTP request (GET, HEAD, OPTIONS...; not the tunnel): its head is read within
+/// `limits.max_http_header` bytes and `limits.http_header_timeout_secs`, then the stream goes
+/// to the same handler as RTMP clients, as transport `http`/`https` with the head attached
+/// (the engine serves HTTP-FLV; the relay answers that it cannot). A malformed or oversized
+/// head, and an RTMPT path asked with another method than POST, are answered here.
+async fn serve_http<I: ByteStream + 'static>(
+    ctx: &Arc<Ctx>,
+    mut io: I,
+    peer: SocketAddr,
+    local: SocketAddr,
+    tls: bool,
+    label: &str,
+) {
+    use crate::net::http;
+    let limits = ctx.opts.get().limits.clone();
+    let reply_within = limits.http_header_timeout();
+    let head = match http::read_head(
+        &mut io,
+        Vec::new(),
+        limits.max_http_header,
+        limits.http_header_timeout(),
+    )
+    .await
+    {
+        Ok(head) => head,
+        Err(e) => {
+            ctx.conns.lines.info(peer.ip(), "bad http", || {
+                format!("closing {peer} on {label}: {e}")
+            });
+            if let Some((status, reason)) = e.status() {
+                let body = format!("{e}\n");
+                http::answer(
+                    &mut io,
+                    &http::response(status, reason, &[], &body, false),
+                    reply_within,
+                )
+                .await;
+            }
+            return;
+        }
+    };
+    if crate::door::rtmpt::path::parse(&head.path).is_ok() {
+        // An RTMPT path with another method: a confused tunnel client, told what to use.
+        let reply = http::response(
+            405,
+            "Method Not Allowed",
+            &[("Allow", "POST")],
+            "RTMPT requests must be POST\n",
+            head.method == http::Method::Head,
+        );
+        http::answer(&mut io, &reply, reply_within).await;
+        return;
+    }
+    let transport = if tls {
+        Transport::Https
+    } else {
+        Transport::Http
+    };
+    let stream = ClientStream::new(Box::new(io), transport, peer, local).with_http(head);
+    (ctx.handler)(stream).await;
 }
 
 /// What a tunnel session's byte stream goes through before the handler: its first byte

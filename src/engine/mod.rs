@@ -6,6 +6,7 @@
 
 pub mod edge;
 pub mod flv;
+pub mod httpflv;
 pub mod hub;
 pub mod restream;
 pub mod session;
@@ -60,6 +61,12 @@ pub struct EngineConfig {
     /// `[[engine.push]]`: destinations every stream published to a matching app is pushed
     /// to ([`restream`]).
     pub push: Vec<restream::PushTarget>,
+    /// HTTP-FLV ([`httpflv`]): the `Access-Control-Allow-Origin` its answers carry (`*`, one
+    /// origin, or None for no CORS header: same-origin pages only).
+    pub http_flv_cors: Option<String>,
+    /// HTTP-FLV: how long a request for a stream nobody publishes waits for a publisher
+    /// before it is answered 404.
+    pub http_flv_wait: Duration,
 }
 
 impl Default for EngineConfig {
@@ -81,6 +88,8 @@ impl Default for EngineConfig {
             publisher_takeover: hub::PublisherTakeover::Deny,
             edge: None,
             push: Vec::new(),
+            http_flv_cors: Some("*".to_owned()),
+            http_flv_wait: Duration::from_secs(5),
         }
     }
 }
@@ -204,6 +213,10 @@ impl Engine {
     /// Serve one client stream until its session ends.
     pub async fn serve(self: Arc<Self>, stream: ClientStream) {
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        if stream.transport.is_http() {
+            // Boxed: an RTMP session's future must not carry the HTTP player's state.
+            return Box::pin(httpflv::serve(self, stream, id)).await;
+        }
         session::run(self, stream, id).await;
     }
 

@@ -10,9 +10,11 @@
 //! | [`socket`] | binding listening sockets, the options every TCP connection gets |
 //! | [`rendezvous`] | rendezvous hashing of a stream over servers (relay `hash` groups, edge origins) |
 //! | [`hex`] | a peer's first bytes, short, for log lines |
+//! | [`http`] | a plain HTTP request head (HTTP-FLV's GET, HEAD, OPTIONS), bounded, and short answers |
 
 pub mod addr;
 pub mod hex;
+pub mod http;
 pub mod proxy_protocol;
 pub mod rendezvous;
 pub mod socket;

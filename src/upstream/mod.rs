@@ -415,6 +415,9 @@ impl Upstream {
 
     /// Serves one client until either side is done. Failures are logged here.
     pub async fn serve(&self, client: ClientStream) {
+        if client.transport.is_http() {
+            return not_relayed(client).await;
+        }
         match self.mode {
             RelayMode::Bytes => self.serve_bytes(client).await,
             // Boxed: a future is as large as its largest branch and is held for the whole
@@ -843,6 +846,31 @@ where
         }
     }
     Ok((a_to_b.total, b_to_a.total))
+}
+
+/// A plain HTTP request (HTTP-FLV's `GET /APP/STREAM.flv`) reached a relaying gateway: the
+/// backend speaks RTMP, so there is nothing to relay it to. Answered at once with 501 and
+/// why, never left hanging.
+async fn not_relayed(mut client: ClientStream) {
+    use crate::net::http;
+    let head_only = client
+        .http
+        .as_ref()
+        .is_some_and(|h| h.method == http::Method::Head);
+    tracing::info!(
+        "{}: HTTP request answered 501: HTTP-FLV needs the built-in engine (this gateway relays to --upstream)",
+        client.label()
+    );
+    let reply = http::response(
+        501,
+        "Not Implemented",
+        &[],
+        "HTTP-FLV playback needs rtmpgate's built-in engine; this gateway relays RTMP to a \
+         backend (--upstream / [upstream]), which HTTP cannot be relayed to. Play the stream \
+         over rtmp:// instead, or serve it from a gateway without an upstream.\n",
+        head_only,
+    );
+    http::answer(&mut client, &reply, std::time::Duration::from_secs(5)).await;
 }
 
 #[cfg(test)]
