@@ -49,6 +49,7 @@ checks=(
     "curl:curl"
     "openssl:openssl"
     "python3:python3"
+    "docker-compose:docker-compose"
     "chromium:chromium"
 )
 missing=()

@@ -381,6 +381,41 @@ fn check_compose(haproxy: &str, node: &str) {
     );
 }
 
+/// A real Compose implementation validates the recipe (schema, anchors, interpolation)
+/// without a Docker engine: `docker-compose config` (Debian's 1.29, from
+/// scripts/install-peers.sh). With the two secrets set it passes; without them it refuses,
+/// naming the variable (the file's `${VAR:?...}` guard).
+#[test]
+fn compose_file_validates_with_docker_compose() {
+    let bin = which("docker-compose").expect(
+        "docker-compose is missing: run scripts/install-peers.sh (Debian package docker-compose)",
+    );
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/cluster/docker-compose.yml");
+    let config = |with_secrets: bool| {
+        let mut cmd = Command::new(&bin);
+        cmd.arg("-f").arg(&file).args(["config", "-q"]);
+        cmd.env_remove("RTMPGATE_ADMIN_TOKEN")
+            .env_remove("RTMPGATE_CLUSTER_SECRET");
+        if with_secrets {
+            cmd.env("RTMPGATE_ADMIN_TOKEN", "t".repeat(64))
+                .env("RTMPGATE_CLUSTER_SECRET", "s".repeat(64));
+        }
+        run_capture(&mut cmd, Duration::from_secs(60))
+    };
+    let (status, _, err) = config(true);
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "docker-compose config refused the recipe: {}",
+        String::from_utf8_lossy(&err)
+    );
+    let (status, _, err) = config(false);
+    let err = String::from_utf8_lossy(&err);
+    assert!(
+        status.is_some_and(|s| !s.success()) && err.contains("set RTMPGATE_ADMIN_TOKEN"),
+        "the recipe ran without its secrets: {status:?} {err}"
+    );
+}
+
 #[test]
 fn compose_recipe_three_edges_behind_haproxy_and_two_origins() {
     let haproxy_cfg = recipe("haproxy.cfg");
