@@ -116,6 +116,11 @@ pub struct Limits {
     /// plays one stream at a time, and a pull that never got media ends as soon as its
     /// stream has no player, so a client switching names cannot pile pulls up.
     pub max_edge_pulls: usize,
+    /// Keyframes indexed in one recorded file (`[engine] record`); the next keyframe starts
+    /// a new file. Bounds the index held per recording (16 bytes each) and the final
+    /// onMetaData (18 bytes each; twice this many AMF values must stay under
+    /// `max_amf_entries` for the file's metadata to be read back by this gateway).
+    pub max_record_keyframes: usize,
 }
 
 impl Default for Limits {
@@ -158,6 +163,7 @@ impl Default for Limits {
             max_auth_cache_entries: 4096,
             max_edge_forward_queue: 1024,
             max_edge_pulls: 1000,
+            max_record_keyframes: 20_000,
         }
     }
 }

@@ -273,6 +273,7 @@ fn reload_on_sighup(reloader: Arc<Reloader>) -> anyhow::Result<()> {
 
 async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     check_fd_limit(&config);
+    rtmpgate::engine::record::ignore_file_size_signal();
     let limits = Arc::new(config.limits.clone());
     let budget = config.limits.memory_budget();
     rtmpgate::budget::global().set_limit(budget);
@@ -405,6 +406,8 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     if left > 0 {
         sessions.wait_idle(std::time::Duration::from_secs(1)).await;
     }
+    // Recordings still open (their publishers outlived the drain) get their final file.
+    rtmpgate::engine::record::finish_all(rtmpgate::engine::record::FINISH_WAIT).await;
     tracing::info!("shut down after {} session(s) in total", sessions.opened());
     Ok(())
 }

@@ -438,16 +438,20 @@ fn route(
         (&Method::GET, "/api/v1/restream") => {
             json(StatusCode::OK, &crate::engine::restream::snapshot())
         }
+        (&Method::GET, "/api/v1/recordings") => {
+            json(StatusCode::OK, &crate::engine::record::snapshot())
+        }
         (
             _,
             "/" | "/healthz" | "/readyz" | "/metrics" | "/api/v1/summary" | "/api/v1/streams"
-            | "/api/v1/restream",
+            | "/api/v1/restream"
+            | "/api/v1/recordings",
         ) => {
             error(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here")
         }
         _ => error(
             StatusCode::NOT_FOUND,
-            "no such admin endpoint; see /, /metrics, /healthz, /readyz, /api/v1/sessions, /api/v1/streams, /api/v1/restream",
+            "no such admin endpoint; see /, /metrics, /healthz, /readyz, /api/v1/sessions, /api/v1/streams, /api/v1/restream, /api/v1/recordings",
         ),
     }
 }

@@ -334,6 +334,7 @@ impl Collector for Gateway {
                 crate::engine::edge::encode_metrics(&mut e)?;
             }
             crate::engine::restream::encode_metrics(&mut e)?;
+            crate::engine::record::encode_metrics(&mut e)?;
             let streams = engine.hub().snapshot();
             let publishers = streams.iter().filter(|s| s.publishing).count();
             let players: usize = streams.iter().map(|s| s.players).sum();

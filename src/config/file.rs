@@ -77,6 +77,19 @@ pub struct FileEngine {
     pub http_flv_cors: Option<String>,
     /// HTTP-FLV: how long a request for an unpublished stream waits before its 404.
     pub http_flv_wait_ms: Option<u64>,
+    /// `"off"`, `"all"`, or a list of apps (names or `*` globs) to record.
+    pub record: Option<FileRecord>,
+    pub record_dir: Option<PathBuf>,
+    pub record_max_secs: Option<u64>,
+    pub record_max_bytes: Option<u64>,
+}
+
+/// `[engine] record`: a word (`"off"`, `"all"`) or a list of apps.
+#[derive(Deserialize, Debug, Clone)]
+#[serde(untagged)]
+pub enum FileRecord {
+    Word(String),
+    Apps(Vec<String>),
 }
 
 /// One `[[engine.push]]` table: streams published to `app` (a name or a `*` glob) are
@@ -108,6 +121,10 @@ impl FileEngine {
             || !self.push.is_empty()
             || self.http_flv_cors.is_some()
             || self.http_flv_wait_ms.is_some()
+            || self.record.is_some()
+            || self.record_dir.is_some()
+            || self.record_max_secs.is_some()
+            || self.record_max_bytes.is_some()
     }
 
     /// The engine's configuration with these keys applied, checked.
@@ -216,7 +233,62 @@ impl FileEngine {
                 ca: p.ca.clone(),
             });
         }
+        cfg.record = self.record_settings()?.map(std::sync::Arc::new);
         Ok(cfg)
+    }
+}
+
+impl FileEngine {
+    /// `record`, `record_dir`, `record_max_*` checked together (None: nothing recorded).
+    fn record_settings(
+        &self,
+    ) -> Result<Option<crate::engine::record::RecordSettings>, ConfigError> {
+        use crate::engine::record::{RecordApps, RecordSettings};
+        let usage = "write \"off\", \"all\", or a list of apps such as [\"live\", \"event*\"]";
+        let apps = match &self.record {
+            None => None,
+            Some(FileRecord::Word(w)) => match w.as_str() {
+                "off" => None,
+                "all" => Some(RecordApps::All),
+                other => {
+                    return Err(invalid(
+                        "engine.record",
+                        format!(
+                            "\"{}\" is not a choice; {usage}",
+                            other.chars().take(64).collect::<String>()
+                        ),
+                    ))
+                }
+            },
+            Some(FileRecord::Apps(list)) => {
+                if let Some(bad) = list.iter().find(|a| a.is_empty() || a.len() > 256) {
+                    return Err(invalid(
+                        "engine.record",
+                        format!(
+                            "app name of {} bytes; name each app (or glob) in 1 to 256 bytes",
+                            bad.len()
+                        ),
+                    ));
+                }
+                // An empty list records nothing, as "off" does.
+                (!list.is_empty()).then(|| RecordApps::Apps(list.clone()))
+            }
+        };
+        let Some(apps) = apps else {
+            return Ok(None);
+        };
+        let Some(dir) = self.record_dir.clone() else {
+            return Err(invalid(
+                "engine.record_dir",
+                "recording is on (engine.record) but no directory is set; set record_dir to the directory the FLV files go to",
+            ));
+        };
+        Ok(Some(RecordSettings {
+            apps,
+            dir,
+            max_secs: self.record_max_secs.unwrap_or(0),
+            max_bytes: self.record_max_bytes.unwrap_or(0),
+        }))
     }
 }
 

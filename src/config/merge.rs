@@ -105,6 +105,9 @@ impl Config {
         for p in &mut engine.push {
             p.ca = p.ca.take().map(rel);
         }
+        if let Some(r) = engine.record.as_mut() {
+            std::sync::Arc::make_mut(r).dir = rel(r.dir.clone());
+        }
         let accept_proxy_protocol =
             cli.accept_proxy_protocol || file.accept_proxy_protocol.unwrap_or(false);
         let trusted_proxies = trusted_proxies(cli, file.trusted_proxies)?;

@@ -8,6 +8,7 @@ pub mod edge;
 pub mod flv;
 pub mod httpflv;
 pub mod hub;
+pub mod record;
 pub mod restream;
 pub mod session;
 pub mod tick;
@@ -67,6 +68,8 @@ pub struct EngineConfig {
     /// HTTP-FLV: how long a request for a stream nobody publishes waits for a publisher
     /// before it is answered 404.
     pub http_flv_wait: Duration,
+    /// `[engine] record*`: which apps are recorded and where (None: `record = "off"`).
+    pub record: Option<Arc<record::RecordSettings>>,
 }
 
 impl Default for EngineConfig {
@@ -90,6 +93,7 @@ impl Default for EngineConfig {
             push: Vec::new(),
             http_flv_cors: Some("*".to_owned()),
             http_flv_wait: Duration::from_secs(5),
+            record: None,
         }
     }
 }

@@ -132,6 +132,9 @@ struct PublishState {
     /// The pushes of this stream to `[[engine.push]]` destinations; after `sink`, so they
     /// stop once the hub has the publisher's last frame and its Unpublished.
     _restreams: Option<super::restream::Restreams>,
+    /// The recording of this publish (`[engine] record`): after `sink` as well, so it ends
+    /// once the hub has the publisher's last frame.
+    _recording: Option<super::record::Recording>,
 }
 
 enum Sink {
@@ -745,6 +748,7 @@ impl EngineConnection {
                 stream_id: request.stream_id,
                 sink: Sink::Origin(forward),
                 _restreams: None,
+                _recording: None,
             });
             self.proto.accept(request.request_id);
             return;
@@ -764,10 +768,17 @@ impl EngineConnection {
                     cfg.write_timeout,
                     &key,
                 );
+                let recording = super::record::start(
+                    cfg.record.as_ref(),
+                    self.engine.hub(),
+                    self.engine.limits(),
+                    &key,
+                );
                 self.publishing = Some(PublishState {
                     stream_id: request.stream_id,
                     sink: Sink::Hub(publisher),
                     _restreams: restreams,
+                    _recording: recording,
                 });
                 self.proto.accept(request.request_id);
             }
