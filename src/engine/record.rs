@@ -39,11 +39,12 @@ use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::{watch, Notify};
 use tracing::{info, warn};
 
+use super::flv::{self, TagKind};
 use super::hub::{Event, Frame, FrameKind, Hub, Player, StreamKey};
 use crate::limits::Limits;
 use crate::rtmp::amf::AmfLimits;
 use crate::rtmp::amf0::Amf0Value;
-use crate::rtmp::message::{AUDIO, DATA_AMF0, VIDEO};
+use crate::rtmp::message::{AUDIO, VIDEO};
 
 /// Frame bytes gathered before a write is handed to a blocking thread.
 pub const BATCH_BYTES: usize = 256 * 1024;
@@ -461,10 +462,20 @@ struct Current {
     opened: Instant,
     /// Bytes of the `.part` once everything queued is written.
     pos: u64,
-    /// Tags waiting for the next write: (FLV tag type, file timestamp, frame).
-    batch: Vec<(u8, u32, Arc<Frame>)>,
+    /// Tags waiting for the next write.
+    batch: Vec<Tag>,
     batch_bytes: usize,
     batch_since: Option<tokio::time::Instant>,
+}
+
+/// One tag waiting to be written.
+struct Tag {
+    kind: TagKind,
+    /// On the file's timeline.
+    ts: u32,
+    body: bytes::Bytes,
+    /// Holds the frame's charge on the memory budget until the tag is written.
+    _frame: Arc<Frame>,
 }
 
 /// The recorder's position in the stream.
@@ -636,14 +647,15 @@ fn skipped(ctx: &Ctx, st: &mut State, why: &str) {
     }
 }
 
-/// The FLV tag type of a hub frame (None: nothing FLV can carry).
-fn tag_type(f: &Frame) -> Option<u8> {
-    match f.msg_type {
-        AUDIO => Some(flv::TAG_AUDIO),
-        VIDEO => Some(flv::TAG_VIDEO),
-        DATA_AMF0 => Some(flv::TAG_SCRIPT),
-        _ => None,
-    }
+/// The FLV tag of a hub frame: its kind and body (None: nothing FLV can carry).
+fn tag_of(f: &Frame) -> Option<(TagKind, bytes::Bytes)> {
+    let kind = TagKind::from_msg_type(f.msg_type)?;
+    let body = match kind {
+        TagKind::Script => flv::script_body(&f.payload),
+        _ => f.payload.clone(),
+    };
+    // RTMP's own length field is 24 bits too: never over, but not written if it were.
+    (body.len() <= flv::MAX_BODY_LEN).then_some((kind, body))
 }
 
 /// A keyframe a player can start decoding at: what the index lists. The hub's `VideoKey`
@@ -668,7 +680,7 @@ fn is_seek_point(f: &Frame) -> bool {
 /// Queues one frame (opening, splitting and writing files as needed); false on a disk
 /// error (logged and counted: the recording stops).
 async fn take_frame(ctx: &Ctx, st: &mut State, player: &Player, f: &Arc<Frame>) -> bool {
-    let Some(tag) = tag_type(f) else {
+    let Some(tag) = tag_of(f) else {
         return true;
     };
     match f.kind {
@@ -739,7 +751,9 @@ async fn take_frame(ctx: &Ctx, st: &mut State, player: &Player, f: &Arc<Frame>) 
                 .into_iter()
                 .flatten()
             {
-                queue(ctx, st, &h, tag_type(&h).unwrap_or(flv::TAG_VIDEO), 0);
+                if let Some(tag) = tag_of(&h) {
+                    queue(ctx, st, &h, tag, 0);
+                }
             }
         }
     }
@@ -759,7 +773,7 @@ async fn take_frame(ctx: &Ctx, st: &mut State, player: &Player, f: &Arc<Frame>) 
 }
 
 /// Adds one tag to the current file's batch.
-fn queue(ctx: &Ctx, st: &mut State, f: &Arc<Frame>, tag: u8, ts: u32) {
+fn queue(ctx: &Ctx, st: &mut State, f: &Arc<Frame>, tag: (TagKind, bytes::Bytes), ts: u32) {
     let Some(cur) = st.cur.as_mut() else {
         return;
     };
@@ -773,10 +787,15 @@ fn queue(ctx: &Ctx, st: &mut State, f: &Arc<Frame>, tag: u8, ts: u32) {
         _ => {}
     }
     cur.last_ts = cur.last_ts.max(ts);
-    let len = flv::tag_len(f.payload.len());
+    let len = flv::tag_len(tag.1.len());
     cur.pos = cur.pos.saturating_add(len as u64);
     cur.batch_bytes = cur.batch_bytes.saturating_add(len);
-    cur.batch.push((tag, ts, f.clone()));
+    cur.batch.push(Tag {
+        kind: tag.0,
+        ts,
+        body: tag.1,
+        _frame: f.clone(),
+    });
     cur.batch_since
         .get_or_insert_with(tokio::time::Instant::now);
 }
@@ -1047,9 +1066,10 @@ impl FileOut {
     /// The FLV header (both streams announced: which come is not known yet) and the
     /// publisher's metadata.
     fn write_head(&mut self, meta: Option<&Frame>) -> io::Result<()> {
-        let mut head = flv::file_header(true, true).to_vec();
+        let mut head = bytes::BytesMut::from(&flv::header(true, true)[..]);
         if let Some(m) = meta {
-            flv::push_tag(&mut head, flv::TAG_SCRIPT, 0, &m.payload);
+            flv::write_tag(TagKind::Script, 0, &flv::script_body(&m.payload), &mut head)
+                .map_err(io::Error::other)?;
         }
         self.w.write_all(&head)?;
         self.pos = head.len() as u64;
@@ -1057,18 +1077,17 @@ impl FileOut {
         Ok(())
     }
 
-    fn write_tags(&mut self, tags: &[(u8, u32, Arc<Frame>)]) -> Result<(), Failure> {
-        for (kind, ts, f) in tags {
-            let head = flv::tag_header(*kind, f.payload.len(), *ts);
-            let tail = flv::prev_tag_size(f.payload.len());
+    fn write_tags(&mut self, tags: &[Tag]) -> Result<(), Failure> {
+        for t in tags {
+            let head = flv::tag_header(t.kind, t.ts, t.body.len())
+                .map_err(|e| Failure(format!("writing {}: {e}", self.part.display())))?;
+            let tail = flv::prev_tag_size(t.body.len());
             self.w
                 .write_all(&head)
-                .and_then(|()| self.w.write_all(&f.payload))
+                .and_then(|()| self.w.write_all(&t.body))
                 .and_then(|()| self.w.write_all(&tail))
                 .map_err(|e| Failure::io("writing", &self.part, &e))?;
-            self.pos = self
-                .pos
-                .saturating_add(flv::tag_len(f.payload.len()) as u64);
+            self.pos = self.pos.saturating_add(flv::tag_len(t.body.len()) as u64);
         }
         // Pushed to the OS each batch: a disk error shows now, and a crash loses one batch.
         self.w
@@ -1161,7 +1180,7 @@ fn final_head(plan: &Plan, prefix: u64, data_len: u64) -> Vec<u8> {
     let mut props: Vec<(String, Amf0Value)> = plan
         .meta
         .as_ref()
-        .and_then(|m| crate::rtmp::amf0::decode_all(&m.payload, &plan.amf).ok())
+        .and_then(|m| crate::rtmp::amf0::decode_all(&flv::script_body(&m.payload), &plan.amf).ok())
         .and_then(|v| {
             v.into_iter().nth(1).and_then(|o| match o {
                 Amf0Value::Object(p) | Amf0Value::EcmaArray(p) => Some(p),
@@ -1209,49 +1228,17 @@ fn final_head(plan: &Plan, prefix: u64, data_len: u64) -> Vec<u8> {
                 ),
             ]),
         ));
-        let body = crate::rtmp::amf0::encode_all(&[
-            Amf0Value::string("onMetaData"),
-            Amf0Value::EcmaArray(p),
-        ]);
-        let mut head = flv::file_header(plan.has_audio, plan.has_video).to_vec();
-        flv::push_tag(&mut head, flv::TAG_SCRIPT, 0, &body);
-        head
+        let body = flv::on_metadata(p);
+        let mut head = bytes::BytesMut::from(&flv::header(plan.has_audio, plan.has_video)[..]);
+        // The index is bounded (limits.max_record_keyframes): far below FLV's 16 MiB body.
+        if flv::write_tag(TagKind::Script, 0, &body, &mut head).is_err() {
+            head.truncate(flv::HEADER_LEN);
+        }
+        head.to_vec()
     };
     // Every number is an 8-byte double: the length does not depend on the offsets.
     let len = build(0).len() as u64;
     build(len)
-}
-
-/// FLV tags (until the shared writer `engine::flv` lands: then this goes).
-mod flv {
-    pub const TAG_AUDIO: u8 = 8;
-    pub const TAG_VIDEO: u8 = 9;
-    pub const TAG_SCRIPT: u8 = 18;
-
-    pub fn file_header(audio: bool, video: bool) -> [u8; 13] {
-        let flags = if audio { 4 } else { 0 } | if video { 1 } else { 0 };
-        [b'F', b'L', b'V', 1, flags, 0, 0, 0, 9, 0, 0, 0, 0]
-    }
-
-    pub fn tag_header(kind: u8, len: usize, ts: u32) -> [u8; 11] {
-        let l = (len as u32).to_be_bytes();
-        let t = ts.to_be_bytes();
-        [kind, l[1], l[2], l[3], t[1], t[2], t[3], t[0], 0, 0, 0]
-    }
-
-    pub fn prev_tag_size(len: usize) -> [u8; 4] {
-        ((len as u32).saturating_add(11)).to_be_bytes()
-    }
-
-    pub fn tag_len(len: usize) -> usize {
-        len.saturating_add(15)
-    }
-
-    pub fn push_tag(out: &mut Vec<u8>, kind: u8, ts: u32, payload: &[u8]) {
-        out.extend_from_slice(&tag_header(kind, payload.len(), ts));
-        out.extend_from_slice(payload);
-        out.extend_from_slice(&prev_tag_size(payload.len()));
-    }
 }
 
 #[cfg(test)]

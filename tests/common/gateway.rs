@@ -16,6 +16,9 @@ pub struct GatewayBuilder {
     pub(crate) config: Option<String>,
     pub(crate) listeners: Option<usize>,
     pub(crate) env: Vec<(String, String)>,
+    /// A command line the gateway runs under (`unshare ...`, `prlimit ...`), which must end
+    /// by exec'ing it (same pid) with the arguments that follow.
+    pub(crate) wrap: Vec<String>,
 }
 
 impl GatewayBuilder {
@@ -53,6 +56,13 @@ impl GatewayBuilder {
     /// or the three default listeners when there are none).
     pub fn listeners(mut self, n: usize) -> Self {
         self.listeners = Some(n);
+        self
+    }
+
+    /// Runs the gateway as the last argument of this command line (which must exec it, so
+    /// the pid the harness kills is the gateway's).
+    pub fn wrap(mut self, cmd: &[&str]) -> Self {
+        self.wrap = cmd.iter().map(|s| s.to_string()).collect();
         self
     }
 
@@ -127,7 +137,15 @@ impl GatewayBuilder {
     }
 
     pub(crate) fn command(&self, dir: &TempDir) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rtmpgate"));
+        let bin = env!("CARGO_BIN_EXE_rtmpgate");
+        let mut cmd = match self.wrap.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
         // The gateway finds its dev certificate in certs/ relative to the checkout.
         cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
         if let Some(toml) = &self.config {
