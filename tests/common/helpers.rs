@@ -16,12 +16,25 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// A loopback port that was free a moment ago (bound to port 0, then released).
+/// A loopback port that was free a moment ago (bound to port 0, then released), and not
+/// handed out before by this process. The kernel may give a released port again at once:
+/// two calls in a row returned the same port, so HAProxy bound its RTMP and HTTP frontends
+/// to one port (it can, with SO_REUSEPORT) and the kernel spread the connections over both:
+/// an RTMP publisher landed on the HTTP frontend and was closed in its handshake
+/// (`cluster::example_haproxy_recipe_routes_by_node_prefix`, a flake under load).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("cannot bind 127.0.0.1:0 to find a free port")
+    static GIVEN: Mutex<std::collections::BTreeSet<u16>> =
+        Mutex::new(std::collections::BTreeSet::new());
+    for _ in 0..1000 {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("cannot bind 127.0.0.1:0 to find a free port");
+        if GIVEN.lock().unwrap_or_else(|e| e.into_inner()).insert(port) {
+            return port;
+        }
+    }
+    panic!("bind(127.0.0.1:0) gave only ports handed out before, 1000 times");
 }
 
 /// A fresh temporary directory, removed when dropped.

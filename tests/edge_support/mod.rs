@@ -112,6 +112,41 @@ pub struct Compose {
     /// Held while the recipe runs: its addresses and ports (127.0.0.11-13:1935...) are fixed,
     /// so two tests of one binary take turns. Last, so the processes are gone when it frees.
     _serial: std::sync::MutexGuard<'static, ()>,
+    _machine: MachineLock,
+}
+
+/// The same turn-taking across processes: test binaries of this recipe run by other
+/// worktrees or shells on the machine at the same moment (a node failing with "address
+/// already in use" on 127.0.0.11:9935 was seen when two ran at once). An flock on a file in
+/// the temporary directory, released when the file closes, also when a test dies.
+pub struct MachineLock(std::fs::File);
+
+impl MachineLock {
+    /// Waits for the lock, at most 10 minutes (far longer than any test holding it).
+    fn take() -> MachineLock {
+        use std::os::unix::io::AsRawFd;
+        let path = std::env::temp_dir().join("rtmpgate-compose-recipe.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            // SAFETY: flock on a descriptor this function owns; no memory is involved.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if rc == 0 {
+                return MachineLock(file);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "another run held the compose recipe's addresses ({}) for 10 minutes",
+                path.display()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
 }
 
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -122,6 +157,7 @@ impl Compose {
     pub fn start(haproxy_cfg: &str, node_toml: &str) -> Compose {
         // A test that failed while holding it poisons it; the next one may still run.
         let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let machine = MachineLock::take();
         // The same configs, natively: 10.0.0.x becomes 127.0.0.x.
         let origin_conf = recipe("nginx-origin.conf");
         let _origins = [
@@ -214,6 +250,7 @@ impl Compose {
             haproxy_conf: conf,
             node_confs,
             _serial: serial,
+            _machine: machine,
         }
     }
 
