@@ -776,3 +776,52 @@ fn base64_decode(s: &str) -> Vec<u8> {
     }
     out
 }
+
+// ---------------------------------------------------------------------------------------------
+// Edge mode
+// ---------------------------------------------------------------------------------------------
+
+/// In edge mode (`--edge`, an nginx-rtmp origin) an HTTP-FLV request pulls the stream from
+/// the origin like an RTMP play: curl, started before the publisher, gets every packet the
+/// publisher sent to the origin, and its body ends when the origin says the stream stopped.
+#[test]
+fn an_edge_serves_http_flv_pulled_from_its_origin() {
+    let origin = Nginx::start();
+    let upstream = origin.upstream();
+    let gw = Gateway::builder()
+        .config("[engine]\nhttp_flv_wait_ms = 60000\n")
+        .args(&[
+            "--listen",
+            "rtmp://127.0.0.1:0",
+            "--admin",
+            "off",
+            "--edge",
+            "--upstream",
+            &upstream,
+        ])
+        .start();
+    let dir = temp_dir();
+    let src = source_flv(5);
+    let want = framemd5(&src);
+    let out = dir.path().join("edge.flv");
+    let mut curl = curl_play(&http_url(&gw, "live/edged"), &out, &["--http1.1"]);
+    assert!(
+        wait_until(Duration::from_secs(15), || gw
+            .log()
+            .contains("edge pull live/edged: playing from")),
+        "the HTTP request started no pull:\n{}",
+        gw.log()
+    );
+    let mut publisher = publish(&peers().ffmpeg, &origin.url("live/edged"), &src);
+    assert!(publisher
+        .wait_timeout(Duration::from_secs(60))
+        .is_some_and(|s| s.success()));
+    let st = curl.wait_timeout(PLAYER_TAIL);
+    assert!(
+        st.is_some_and(|s| s.success()),
+        "curl did not end with success after the origin's publisher left: {st:?} {}\n{}",
+        curl.log(),
+        gw.log()
+    );
+    assert_whole_run("curl from an edge", &want, &framemd5(&out), 50);
+}
