@@ -163,7 +163,7 @@ fn numbers(v: &Amf0Value) -> Vec<f64> {
 
 /// Asserts `file`'s onMetaData has a duration (the last tag's time) and a keyframe index that
 /// is exactly the file's keyframe tags; returns the duration.
-fn assert_seekable(file: &Path) -> f64 {
+fn assert_seekable(file: &Path, min_keyframes: usize) -> f64 {
     let data = std::fs::read(file).unwrap();
     let tags = flv_tags(&data);
     let props = metadata(&tags);
@@ -186,7 +186,7 @@ fn assert_seekable(file: &Path) -> f64 {
     let positions = numbers(prop(&index, "filepositions"));
     let want = keyframe_tags(&tags);
     assert!(
-        want.len() >= 2,
+        want.len() >= min_keyframes,
         "only {} keyframes in {}",
         want.len(),
         file.display()
@@ -274,7 +274,7 @@ fn records_every_packet_with_duration_and_a_seekable_keyframe_index() {
     );
 
     // The metadata: duration and index, as ffprobe and the file's own tags say.
-    let duration = assert_seekable(file);
+    let duration = assert_seekable(file, 5);
     let probed = media_seconds(file).expect("ffprobe reads the recording");
     assert!(
         (probed - duration).abs() < 0.0005,
@@ -449,7 +449,7 @@ fn shutting_down_mid_publish_finalizes_the_recording() {
     assert!(log.contains("finalizing 1 recording(s)"), "{log}");
     let files = finished_recordings(rec.path());
     assert_eq!(files.len(), 1, "{files:?}");
-    let duration = assert_seekable(&files[0]);
+    let duration = assert_seekable(&files[0], 3);
     assert!((2.0..20.0).contains(&duration), "{duration} s");
     // What was recorded is the source from its start, packet for packet.
     let got = framemd5(&files[0]);
@@ -457,4 +457,49 @@ fn shutting_down_mid_publish_finalizes_the_recording() {
     for media in ["video", "audio"] {
         assert_eq!(run.start(media), Some(0), "{media}: {run}");
     }
+}
+
+#[test]
+fn record_max_secs_splits_at_keyframes_into_files_that_join_up() {
+    let rec = temp_dir();
+    let gw = Gateway::builder()
+        .config(&format!(
+            "[engine]\nrecord = \"all\"\nrecord_dir = \"{}\"\nrecord_max_secs = 2\n",
+            rec.path().display()
+        ))
+        .args(&["--listen", "rtmp://127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .start();
+    let src = source_flv(5);
+    let want = framemd5(&src);
+    let mut publisher = publish(&peers().ffmpeg, &format!("{}/live/s", gw.url("rtmp")), &src);
+    wait_ok(&mut publisher, Duration::from_secs(60));
+    let files = finished_recordings(rec.path());
+    // Keyframes every second: files start at 0, 2 and 4 s (the names sort by start time, and
+    // two files started within the same second would be named _2, which sorts after).
+    assert_eq!(files.len(), 3, "{files:?}\n{}", gw.log());
+    let mut next: Option<(usize, usize)> = None;
+    let mut total = (0, 0);
+    for f in &files {
+        let duration = assert_seekable(f, 1);
+        assert!(duration <= 2.1, "{}: {duration} s", f.display());
+        // Each file is a run of the source from a keyframe, starting where the last ended
+        // (audio that arrived before the keyframe stays in the previous file).
+        let got = framemd5(f);
+        let run = assert_contiguous_run(&f.display().to_string(), &want, &got, 0.0);
+        let (v, a) = (count_media(&got, "video"), count_media(&got, "audio"));
+        if let Some((nv, na)) = next {
+            assert_eq!(run.start("video"), Some(nv), "{}: video", f.display());
+            assert_eq!(run.start("audio"), Some(na), "{}: audio", f.display());
+        }
+        let (sv, sa) = (run.start("video").unwrap(), run.start("audio").unwrap());
+        next = Some((sv + v, sa + a));
+        total = (total.0 + v, total.1 + a);
+    }
+    assert_eq!(
+        total,
+        (count_media(&want, "video"), count_media(&want, "audio")),
+        "the files together hold the source"
+    );
+    assert_eq!(metric(&gw, "rtmpgate_record_files_total"), Some(3.0));
+    assert_eq!(metric(&gw, "rtmpgate_record_started_total"), Some(1.0));
 }

@@ -1273,6 +1273,125 @@ mod tests {
         assert_eq!(utc_stamp(4_102_444_800), "21000101T000000Z");
     }
 
+    /// The tags of an FLV file: (type, timestamp, first body byte, offset).
+    fn tags(data: &[u8]) -> Vec<(u8, u32, u8, u64)> {
+        let mut p = flv::HEADER_LEN;
+        let mut out = Vec::new();
+        while p + 11 <= data.len() {
+            let len = u32::from_be_bytes([0, data[p + 1], data[p + 2], data[p + 3]]) as usize;
+            let ts = u32::from_be_bytes([data[p + 7], data[p + 4], data[p + 5], data[p + 6]]);
+            out.push((
+                data[p],
+                ts,
+                data.get(p + 11).copied().unwrap_or(0),
+                p as u64,
+            ));
+            p += flv::tag_len(len);
+        }
+        out
+    }
+
+    #[test]
+    fn a_recorder_that_falls_behind_skips_to_the_next_keyframe_and_counts_it() {
+        use crate::engine::hub::HubConfig;
+        const AVC_HEADER: &[u8] = &[0x17, 0, 0, 0, 0, 1, 2];
+        const AVC_KEY: &[u8] = &[0x17, 1, 0, 0, 0, 9];
+        const AVC_INTER: &[u8] = &[0x27, 1, 0, 0, 0, 8];
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let skips_before = registry().totals.skips.load(Ordering::Relaxed);
+        rt.block_on(async {
+            let hub = Hub::new(HubConfig {
+                queue_messages: 16,
+                ..HubConfig::default()
+            });
+            let key = StreamKey::new("live", "slow");
+            let p = hub.publish(&key).unwrap();
+            let settings = Arc::new(RecordSettings {
+                apps: RecordApps::All,
+                dir: dir.path().to_path_buf(),
+                max_secs: 0,
+                max_bytes: 0,
+            });
+            let rec = start(Some(&settings), &hub, &Limits::default(), &key).unwrap();
+            let push = |ts: u32, b: &'static [u8]| {
+                p.push(VIDEO, ts, bytes::Bytes::from_static(b)).unwrap()
+            };
+            push(0, AVC_HEADER);
+            push(0, AVC_KEY);
+            // The recorder (on this thread) takes them and opens its file: wait (at most
+            // 10 s) until it has queued the keyframe.
+            let queued = || {
+                lock(&registry().active)
+                    .values()
+                    .any(|i| i.stream == "live/slow" && i.keyframes.load(Ordering::Relaxed) == 1)
+            };
+            for _ in 0..200 {
+                if queued() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert!(queued(), "the recorder did not take the first keyframe");
+            // Then it cannot run while 100 frames come: a disk that slow. The ring (16) laps
+            // and the publisher never waits.
+            for i in 1..=100u32 {
+                push(i * 33, AVC_INTER);
+            }
+            push(3400, AVC_KEY);
+            for i in 1..=5u32 {
+                push(3400 + i * 33, AVC_INTER);
+            }
+            drop(p);
+            drop(rec);
+            for _ in 0..200 {
+                let done = std::fs::read_dir(dir.path())
+                    .unwrap()
+                    .filter_map(|e| e.ok())
+                    .any(|e| e.file_name().to_string_lossy().ends_with("Z.flv"));
+                if done {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        assert!(registry().totals.skips.load(Ordering::Relaxed) > skips_before);
+        let file = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .find(|e| e.file_name().to_string_lossy().ends_with("Z.flv"))
+            .expect("the recording was finalized")
+            .path();
+        let data = std::fs::read(&file).unwrap();
+        let t = tags(&data);
+        // onMetaData, header, keyframe; then the next keyframe and what follows it: the
+        // frames in between, which the ring no longer held, are skipped, not half-written.
+        let video: Vec<(u32, u8)> = t.iter().filter(|x| x.0 == 9).map(|x| (x.1, x.2)).collect();
+        let mut want = vec![(0, 0x17), (0, 0x17), (3400, 0x17)];
+        want.extend((1..=5u32).map(|i| (3400 + i * 33, 0x27)));
+        assert_eq!(video, want);
+        assert_eq!(t[0].0, flv::TagKind::Script as u8);
+        // The index lists the two keyframes written, at their offsets.
+        let keys: Vec<f64> = t
+            .iter()
+            .filter(|x| x.0 == 9 && x.2 == 0x17)
+            .skip(1)
+            .map(|x| x.3 as f64)
+            .collect();
+        let body =
+            &data[flv::HEADER_LEN + flv::TAG_HEADER_LEN..usize::try_from(t[1].3).unwrap() - 4];
+        let meta = crate::rtmp::amf0::decode_all(body, &AmfLimits::default()).unwrap();
+        let index = meta[1].get("keyframes").unwrap();
+        let positions: Vec<f64> = match index.get("filepositions").unwrap() {
+            Amf0Value::StrictArray(v) => v.iter().filter_map(Amf0Value::as_f64).collect(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(positions, keys);
+    }
+
     #[test]
     fn apps_and_globs() {
         let a = RecordApps::Apps(vec!["live".into(), "event*".into()]);
