@@ -121,6 +121,12 @@ pub struct Limits {
     /// onMetaData (18 bytes each; twice this many AMF values must stay under
     /// `max_amf_entries` for the file's metadata to be read back by this gateway).
     pub max_record_keyframes: usize,
+    /// Largest FLV tag a VOD file (`[engine] vod_dir`) may declare; a larger one ends that
+    /// play (NetStream.Play.Failed) before anything that size is read.
+    pub max_vod_tag_bytes: usize,
+    /// Entries of a VOD file's `onMetaData` keyframe index used for seeking (the rest are
+    /// ignored; a seek past them scans the file's tags instead).
+    pub max_vod_index_entries: usize,
 }
 
 impl Default for Limits {
@@ -164,6 +170,8 @@ impl Default for Limits {
             max_edge_forward_queue: 1024,
             max_edge_pulls: 1000,
             max_record_keyframes: 20_000,
+            max_vod_tag_bytes: 8 * 1024 * 1024,
+            max_vod_index_entries: 100_000,
         }
     }
 }

@@ -82,6 +82,8 @@ pub struct FileEngine {
     pub record_dir: Option<PathBuf>,
     pub record_max_secs: Option<u64>,
     pub record_max_bytes: Option<u64>,
+    /// Directory of FLV files served on demand.
+    pub vod_dir: Option<PathBuf>,
 }
 
 /// `[engine] record`: a word (`"off"`, `"all"`) or a list of apps.
@@ -125,6 +127,7 @@ impl FileEngine {
             || self.record_dir.is_some()
             || self.record_max_secs.is_some()
             || self.record_max_bytes.is_some()
+            || self.vod_dir.is_some()
     }
 
     /// The engine's configuration with these keys applied, checked.
@@ -218,6 +221,8 @@ impl FileEngine {
             }
             cfg.http_flv_wait = Duration::from_millis(v);
         }
+        // Made absolute (relative to the file) and checked by `merge`.
+        cfg.vod_dir.clone_from(&self.vod_dir);
         for (i, p) in self.push.iter().enumerate() {
             let dest = crate::engine::restream::Destination::parse(&p.url)
                 .map_err(|e| invalid(format!("engine.push[{i}].url"), e.0))?;

@@ -108,6 +108,22 @@ impl Config {
         if let Some(r) = engine.record.as_mut() {
             std::sync::Arc::make_mut(r).dir = rel(r.dir.clone());
         }
+        if let Some(d) = engine.vod_dir.take().map(rel) {
+            // Canonical once here: a play's path is checked against the resolved directory.
+            let dir = std::fs::canonicalize(&d)
+                .ok()
+                .filter(|c| c.is_dir())
+                .ok_or_else(|| {
+                    invalid(
+                        "engine.vod_dir",
+                        format!(
+                            "{} is not a readable directory; create it or fix the path",
+                            d.display()
+                        ),
+                    )
+                })?;
+            engine.vod_dir = Some(dir);
+        }
         let accept_proxy_protocol =
             cli.accept_proxy_protocol || file.accept_proxy_protocol.unwrap_or(false);
         let trusted_proxies = trusted_proxies(cli, file.trusted_proxies)?;

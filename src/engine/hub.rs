@@ -527,6 +527,13 @@ impl Hub {
             .collect()
     }
 
+    /// `key` has a publisher now (a play of its name goes to the live stream, not a VOD
+    /// file of that name).
+    pub fn is_published(&self, key: &StreamKey) -> bool {
+        let slot = lock(&self.slots).get(key).cloned();
+        slot.is_some_and(|s| lock(&s.state).publisher.is_some())
+    }
+
     /// Players subscribed to `key` now (0 when the key is unknown): an edge's pull, an
     /// internal publisher, ends when its stream has had none for a while.
     pub fn players(&self, key: &StreamKey) -> usize {

@@ -7,11 +7,13 @@
 pub mod edge;
 pub mod flv;
 pub mod httpflv;
+pub mod flv_read;
 pub mod hub;
 pub mod record;
 pub mod restream;
 pub mod session;
 pub mod tick;
+pub mod vod;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -70,6 +72,10 @@ pub struct EngineConfig {
     pub http_flv_wait: Duration,
     /// `[engine] record*`: which apps are recorded and where (None: `record = "off"`).
     pub record: Option<Arc<record::RecordSettings>>,
+    /// `vod_dir`: a play of a name that is an FLV file in this directory (and not a live
+    /// stream) plays the file ([`vod`]). Canonical (symlinks resolved) once the
+    /// configuration is loaded, so confinement checks compare like with like.
+    pub vod_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for EngineConfig {
@@ -94,6 +100,7 @@ impl Default for EngineConfig {
             http_flv_cors: Some("*".to_owned()),
             http_flv_wait: Duration::from_secs(5),
             record: None,
+            vod_dir: None,
         }
     }
 }

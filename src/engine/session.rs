@@ -198,9 +198,14 @@ struct EngineConnection {
     warnings: LogThrottle,
     /// Authorization state ([`authz`]): connect's fields, a decision being waited for.
     authz: authz::AuthState,
+    /// A play of a VOD file ([`vod`]), instead of `playing`.
+    vod: Option<vod::VodState>,
+    /// The start position of the play being decided (play's third argument).
+    play_start: Option<f64>,
 }
 
 mod authz;
+mod vod;
 
 /// Serve one client stream, then log what happened.
 pub(crate) async fn run(engine: Arc<Engine>, mut io: ClientStream, id: u64) {
@@ -315,6 +320,7 @@ impl EngineConnection {
             // `ServerConfig::chunk_size_on_connect`).
             chunk_size_on_connect: !rtmpe,
             player_wait: cfg.player_wait,
+            stream_length_by_app: cfg.vod_dir.is_some(),
         };
         let proto = ServerSession::new(proto_cfg, decoder, now());
         EngineConnection {
@@ -338,6 +344,8 @@ impl EngineConnection {
             role: String::new(),
             warnings: LogThrottle::new(),
             authz: authz::AuthState::default(),
+            vod: None,
+            play_start: None,
         }
     }
 
@@ -461,6 +469,7 @@ impl EngineConnection {
                         }
                     }
                 }
+                item = vod::next_item(&mut self.vod) => self.on_vod_item(item),
                 () = replaced(&self.publishing) => return Err(self.on_replaced()),
                 () = forward_closed(&self.publishing) => {
                     let key = self.role.trim_start_matches("publish ").to_owned();
@@ -668,10 +677,14 @@ impl EngineConnection {
             ServerEvent::PublishRequested { request, .. } => {
                 self.authorize_stream(Action::Publish, &request)?;
             }
-            ServerEvent::PlayRequested { request, .. } => {
+            ServerEvent::PlayRequested { request, start } => {
+                self.play_start = start;
                 self.authorize_stream(Action::Play, &request)?;
             }
+            ServerEvent::Seek { ms, .. } => self.vod_seek(ms),
+            ServerEvent::StreamLength { txn, name } => self.vod_stream_length(txn, &name),
             ServerEvent::StreamDeleted { stream_id } => self.close_stream(stream_id),
+            ServerEvent::Pause { paused, .. } if self.vod.is_some() => self.vod_pause(paused),
             ServerEvent::Pause { paused, .. } => {
                 if let Some(p) = &mut self.playing {
                     p.paused = paused;
@@ -799,6 +812,10 @@ impl EngineConnection {
     fn on_play(&mut self, request: &StreamRequest) {
         // A second play on the connection replaces the first (and what it had still to send).
         self.playing = None;
+        let start = self.play_start.take();
+        if self.play_vod(request, start) {
+            return;
+        }
         let key = StreamKey::new(&request.app, &request.name);
         let mut player = self.engine.hub().play(&key);
         if let Some(edge) = self.engine.edge() {
@@ -853,12 +870,14 @@ impl EngineConnection {
 
     fn close_stream(&mut self, stream_id: u32) {
         let publish = self.publishing.as_ref().map(|p| p.stream_id) == Some(stream_id);
-        let play = self.playing.as_ref().map(|p| p.stream_id) == Some(stream_id);
+        let play = self.playing.as_ref().map(|p| p.stream_id) == Some(stream_id)
+            || self.vod.as_ref().map(|v| v.stream_id()) == Some(stream_id);
         if publish {
             self.publishing = None;
         }
         if play {
             self.playing = None;
+            self.vod = None;
         }
         self.notify_done(publish, play);
     }

@@ -181,7 +181,7 @@ impl EngineConnection {
                 // A new play replaces the one before: that one is done.
                 self.notify_done(false, true);
                 self.on_play(request);
-                if self.playing.is_some() {
+                if self.playing.is_some() || self.vod.is_some() {
                     self.authz.play_done = req;
                 }
             }

@@ -164,6 +164,23 @@ pub fn data_start(stream_id: u32) -> Message {
     )
 }
 
+/// `onPlayStatus` NetStream.Play.Complete, a data message as FMS sends it at the end of a
+/// recorded stream: librtmp (rtmpdump) ends its download on it.
+pub fn play_complete(stream_id: u32, duration_ms: u64, bytes: u64) -> Message {
+    data(
+        stream_id,
+        &[
+            s("onPlayStatus"),
+            obj(vec![
+                ("level", s("status")),
+                ("code", s("NetStream.Play.Complete")),
+                ("duration", Amf0Value::Number(duration_ms as f64 / 1000.0)),
+                ("bytes", Amf0Value::Number(bytes as f64)),
+            ]),
+        ],
+    )
+}
+
 /// An app or stream name as a hub key: the part before any `?query` (tokens, auth), and
 /// only if it is non-empty, within `max_len` and free of control characters.
 pub fn clean_name(raw: &str, max_len: usize) -> Option<String> {

@@ -49,6 +49,10 @@ pub struct ServerConfig {
     /// How long a player waits for a publisher (before the first, or after one leaves)
     /// before it is told NetStream.Play.Stop and the session ends.
     pub player_wait: Duration,
+    /// getStreamLength is the application's to answer ([`ServerEvent::StreamLength`], then
+    /// [`ServerSession::stream_length`]): the engine with a VOD directory knows files'
+    /// durations. Otherwise it is answered at once with 0 (live streams have no length).
+    pub stream_length_by_app: bool,
 }
 
 impl Default for ServerConfig {
@@ -61,6 +65,7 @@ impl Default for ServerConfig {
             max_streams: 16,
             chunk_size_on_connect: true,
             player_wait: Duration::from_secs(60),
+            stream_length_by_app: false,
         }
     }
 }
@@ -140,6 +145,19 @@ pub enum ServerEvent {
     Pause {
         stream_id: u32,
         paused: bool,
+    },
+    /// seek on a play accepted with [`ServerSession::accept_recorded`] (a live play is
+    /// answered without one): the application moves the play and calls
+    /// [`ServerSession::seeked`]. `ms` is the position asked for (finite, not negative).
+    Seek {
+        stream_id: u32,
+        ms: f64,
+    },
+    /// getStreamLength, when [`ServerConfig::stream_length_by_app`]: answer with
+    /// [`ServerSession::stream_length`]. `name` is as the client sent it.
+    StreamLength {
+        txn: f64,
+        name: String,
     },
     /// receiveAudio / receiveVideo on the accepted play.
     ReceiveAudio {
@@ -254,6 +272,8 @@ enum Pending {
 struct Playing {
     stream_id: u32,
     name: String,
+    /// A recorded stream (a file): seek is the application's, and notices say so.
+    recorded: bool,
     /// When the wait for a publisher ends (Play.Stop), while there is none.
     wait_until: Option<Instant>,
 }
@@ -278,6 +298,8 @@ pub struct ServerSession {
     /// The parts of an aggregate message still to be handled, one per poll step.
     aggregate: std::vec::IntoIter<Message>,
     pending: Option<Pending>,
+    /// Set while [`ServerSession::accept_recorded`] runs `accept`.
+    accepting_recorded: bool,
     next_request: u64,
     /// The session ends with this at the next poll (a refused connect).
     closing: Option<ServerError>,
@@ -308,6 +330,7 @@ impl ServerSession {
             events: Events::default(),
             aggregate: Vec::new().into_iter(),
             pending: None,
+            accepting_recorded: false,
             next_request: 1,
             closing: None,
             app: None,
@@ -458,6 +481,10 @@ impl ServerSession {
                 stream_id, name, ..
             } => {
                 self.raise_chunk_size();
+                if self.accepting_recorded {
+                    // FMS and nginx-rtmp announce a file this way; Flash shows its duration.
+                    self.send_control(&UserControl::StreamIsRecorded(stream_id).to_message());
+                }
                 self.send_control(&UserControl::StreamBegin(stream_id).to_message());
                 let desc = format!("Started playing {name}.");
                 for code in ["NetStream.Play.Reset", "NetStream.Play.Start"] {
@@ -466,13 +493,82 @@ impl ServerSession {
                 }
                 self.send(CSID_COMMAND, &cmd::sample_access(stream_id));
                 self.send(CSID_COMMAND, &cmd::data_start(stream_id));
+                let recorded = std::mem::take(&mut self.accepting_recorded);
                 self.playing = Some(Playing {
                     stream_id,
                     name,
+                    recorded,
                     wait_until: None,
                 });
             }
         }
+    }
+
+    /// Grants a play of a recorded stream (a file): as [`ServerSession::accept`], with
+    /// StreamIsRecorded first, and seek raised as [`ServerEvent::Seek`] from then on.
+    pub fn accept_recorded(&mut self, id: RequestId) {
+        self.accepting_recorded = true;
+        self.accept(id);
+        self.accepting_recorded = false;
+    }
+
+    /// The recorded play moved to `ms` (the keyframe at or before what seek asked): the
+    /// old position's StreamEOF, StreamIsRecorded and StreamBegin, Seek.Notify, Play.Start.
+    pub fn seeked(&mut self, ms: u32) {
+        let Some(p) = &self.playing else {
+            return;
+        };
+        let (sid, name) = (p.stream_id, p.name.clone());
+        self.send_control(&UserControl::StreamEof(sid).to_message());
+        self.send_control(&UserControl::StreamIsRecorded(sid).to_message());
+        self.send_control(&UserControl::StreamBegin(sid).to_message());
+        let desc = format!("Seeking {ms} ms (stream ID: {sid}).");
+        let m = cmd::on_status(sid, "status", "NetStream.Seek.Notify", &desc, Some(&name));
+        self.send(CSID_COMMAND, &m);
+        let desc = format!("Started playing {name}.");
+        let m = cmd::on_status(sid, "status", "NetStream.Play.Start", &desc, Some(&name));
+        self.send(CSID_COMMAND, &m);
+    }
+
+    /// The recorded play reached the end of its file: StreamEOF, onPlayStatus
+    /// NetStream.Play.Complete (Flash, librtmp) and onStatus NetStream.Play.Stop (ffmpeg
+    /// stops on it). The play stays (a seek may restart it).
+    pub fn play_complete(&mut self, duration_ms: u64, bytes: u64) {
+        let Some(p) = &self.playing else {
+            return;
+        };
+        let (sid, name) = (p.stream_id, p.name.clone());
+        self.send_control(&UserControl::StreamEof(sid).to_message());
+        self.send(CSID_COMMAND, &cmd::play_complete(sid, duration_ms, bytes));
+        let desc = format!("Stopped playing {name}.");
+        let m = cmd::on_status(sid, "status", "NetStream.Play.Stop", &desc, Some(&name));
+        self.send(CSID_COMMAND, &m);
+    }
+
+    /// The accepted play cannot go on (an unreadable file): NetStream.Play.Failed with
+    /// `description`, then StreamEOF. The play is over; the connection stays.
+    pub fn play_failed(&mut self, description: &str) {
+        let Some(p) = self.playing.take() else {
+            return;
+        };
+        let m = cmd::on_status(
+            p.stream_id,
+            "error",
+            "NetStream.Play.Failed",
+            description,
+            Some(&p.name),
+        );
+        self.send(CSID_COMMAND, &m);
+        self.send_control(&UserControl::StreamEof(p.stream_id).to_message());
+    }
+
+    /// Answers getStreamLength (see [`ServerConfig::stream_length_by_app`]): `secs`, 0 for
+    /// a live stream or an unknown name.
+    pub fn stream_length(&mut self, txn: f64, secs: f64) {
+        self.send(
+            CSID_COMMAND,
+            &cmd::result(txn, vec![Amf0Value::Number(secs)]),
+        );
     }
 
     /// Refuses a request with the protocol's code for it (Connect.Rejected,
@@ -748,12 +844,17 @@ impl ServerSession {
             "pause" | "pauseRaw" => {
                 self.on_pause(arg(1).and_then(Amf0Value::as_bool).unwrap_or(true))
             }
-            "seek" => self.on_seek(),
+            "seek" => self.on_seek(arg(1).and_then(Amf0Value::as_f64)),
             "deleteStream" => {
                 let sid = arg(1).and_then(Amf0Value::as_f64).unwrap_or(0.0);
                 self.close_stream(sid as u32);
             }
             "closeStream" => self.close_stream(stream_id),
+            "getStreamLength" if self.cfg.stream_length_by_app => {
+                let name = arg_str(1).to_owned();
+                self.events
+                    .push_back(ServerEvent::StreamLength { txn, name });
+            }
             "getStreamLength" => {
                 self.send(
                     CSID_COMMAND,
@@ -836,8 +937,15 @@ impl ServerSession {
         });
     }
 
-    /// seek while playing: a live stream cannot seek; say so and play on.
-    fn on_seek(&mut self) {
+    /// seek while playing: a recorded play's is the application's; a live stream cannot
+    /// seek, so say so and play on.
+    fn on_seek(&mut self, ms: Option<f64>) {
+        if let Some(p) = self.playing.as_ref().filter(|p| p.recorded) {
+            let ms = ms.filter(|m| m.is_finite()).unwrap_or(0.0).max(0.0);
+            let stream_id = p.stream_id;
+            self.events.push_back(ServerEvent::Seek { stream_id, ms });
+            return;
+        }
         if let Some(sid) = self.playing.as_ref().map(|p| p.stream_id) {
             let m = cmd::on_status(
                 sid,
