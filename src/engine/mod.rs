@@ -6,8 +6,8 @@
 
 pub mod edge;
 pub mod flv;
-pub mod httpflv;
 pub mod flv_read;
+pub mod httpflv;
 pub mod hub;
 pub mod record;
 pub mod restream;
