@@ -372,3 +372,55 @@ fn http_flv_keys() {
         .to_string();
     assert!(e.starts_with("engine.http_flv_wait_ms: "), "{e}");
 }
+
+#[test]
+fn record_keys() {
+    use crate::engine::record::RecordApps;
+    assert!(merge(&[], "").unwrap().engine.record.is_none());
+    assert!(merge(&[], "[engine]\nrecord = \"off\"\n")
+        .unwrap()
+        .engine
+        .record
+        .is_none());
+    assert!(merge(&[], "[engine]\nrecord = []\nrecord_dir = \"r\"\n")
+        .unwrap()
+        .engine
+        .record
+        .is_none());
+    let c = merge(
+        &[],
+        "[engine]\nrecord = \"all\"\nrecord_dir = \"rec\"\nrecord_max_secs = 3600\n",
+    )
+    .unwrap()
+    .engine
+    .record
+    .unwrap();
+    assert_eq!(c.apps, RecordApps::All);
+    // Relative to the config file.
+    assert_eq!(c.dir, PathBuf::from("/etc/rtmpgate/rec"));
+    assert_eq!((c.max_secs, c.max_bytes), (3600, 0));
+    let c = merge(
+        &[],
+        "[engine]\nrecord = [\"live\", \"ev*\"]\nrecord_dir = \"/abs\"\n",
+    )
+    .unwrap()
+    .engine
+    .record
+    .unwrap();
+    assert_eq!(c.apps, RecordApps::Apps(vec!["live".into(), "ev*".into()]));
+    assert_eq!(c.dir, PathBuf::from("/abs"));
+    for (text, key) in [
+        (
+            "[engine]\nrecord = \"yes\"\nrecord_dir = \"r\"\n",
+            "engine.record: ",
+        ),
+        (
+            "[engine]\nrecord = [\"\"]\nrecord_dir = \"r\"\n",
+            "engine.record: ",
+        ),
+        ("[engine]\nrecord = \"all\"\n", "engine.record_dir: "),
+    ] {
+        let e = merge(&[], text).unwrap_err().to_string();
+        assert!(e.starts_with(key), "{text}: {e}");
+    }
+}
