@@ -21,9 +21,9 @@
 //! | 2 | [`budget`], [`metrics`], [`live`] | the process-wide memory budget peers' buffers are charged to; process-wide counters (relaxed atomics); a setting a reload replaces |
 //! | 3 | [`sessions`] | the table of open client sessions: counts bytes, logs open/close, tagged by the engine and the relay (role, stream), listed and kicked by the admin API |
 //! | 4 | [`limits`] | every limit with its default (`[limits]`), and the codec's limit types built from it |
-//! | 5 | [`door`] | listeners, first-byte sniffing, the RTMPT tunnel (hyper), the RTMPE layer, admission per address |
+//! | 5 | [`door`] | listeners, first-byte sniffing, the RTMPT tunnel (hyper), the RTMPE layer, admission per address; other plain HTTP requests (HTTP-FLV) handed on with their head |
 //! | 5 | [`auth`] | authorization of connect, publish and play (addresses, keys, HMAC tokens, nginx-rtmp compatible HTTP callbacks), shared by the engine and the relay |
-//! | 6 | [`engine`] | the built-in live server: one session task per client over the codec, and the hub (publish, play, GOP cache, fan-out ring); edge mode ([`engine::edge`]: one pull per stream from its origin into the hub, publishers forwarded, origins by rendezvous hashing) |
+//! | 6 | [`engine`] | the built-in live server: one session task per client over the codec, and the hub (publish, play, GOP cache, fan-out ring); HTTP-FLV playback ([`engine::httpflv`], FLV tags from [`engine::flv`]); edge mode ([`engine::edge`]: one pull per stream from its origin into the hub, publishers forwarded, origins by rendezvous hashing) |
 //! | 6 | [`upstream`] | the relay: backend groups, health checks, one connection to a backend per client and a byte pump (or connect-aware) |
 //! | 6 | [`cluster`] | several nodes behind one balancer: node-prefixed tunnel session ids, the signed internal link that forwards another node's session requests, the node directory |
 //! | 7 | [`admin`] | the admin listener on its own thread and runtime: `/metrics`, `/healthz`, `/readyz`, the JSON API, the status page |
