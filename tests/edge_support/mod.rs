@@ -417,3 +417,55 @@ pub fn assert_recipe_as_run(c: &Compose) {
         );
     }
 }
+
+/// For a failure report: every established connection to `ip:port` (its client side's
+/// address) and the process holding that client side (pid and command), found by the
+/// socket's inode in every /proc/PID/fd.
+pub fn who_is_connected_to(ip: [u8; 4], port: u16) -> Vec<String> {
+    let want = format!("{:08X}:{port:04X}", u32::from_le_bytes(ip));
+    let rows: Vec<(String, String)> = std::fs::read_to_string("/proc/net/tcp")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&want.as_str()) && f.get(3) == Some(&"01"))
+                .then(|| Some((f.get(1)?.to_string(), format!("socket:[{}]", f.get(9)?))))
+                .flatten()
+        })
+        .collect();
+    let mut owners = std::collections::HashMap::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        for fd in std::fs::read_dir(e.path().join("fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Ok(t) = std::fs::read_link(fd.path()) {
+                let t = t.to_string_lossy().to_string();
+                if rows.iter().any(|(_, inode)| *inode == t) {
+                    let cmd = std::fs::read_to_string(e.path().join("cmdline"))
+                        .unwrap_or_default()
+                        .replace('\0', " ");
+                    owners.insert(
+                        t,
+                        format!("pid {pid} {}", cmd.chars().take(120).collect::<String>()),
+                    );
+                }
+            }
+        }
+    }
+    rows.into_iter()
+        .map(|(local, inode)| {
+            format!(
+                "{local} {}",
+                owners
+                    .get(&inode)
+                    .map_or("(owner not found)", String::as_str)
+            )
+        })
+        .collect()
+}
