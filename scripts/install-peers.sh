@@ -50,6 +50,7 @@ checks=(
     "openssl:openssl"
     "python3:python3"
     "docker-compose:docker-compose"
+    "ss:iproute2"
     "chromium:chromium"
 )
 missing=()

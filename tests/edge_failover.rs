@@ -519,10 +519,11 @@ fn killed_origin_through_haproxy_publisher_and_pulls_move_to_the_next_origin() {
         .collect();
     let on_pub = (0..3).find(|&k| c.nodes[k].log_contains(&to_b)).unwrap();
     thread::sleep(Duration::from_secs(2));
+    let snap = Snapshot::take([127, 0, 0, 22], 1935);
     for (k, n) in c.nodes.iter().enumerate() {
         let want_conns = usize::from(all_players.contains(&k)) + usize::from(k == on_pub);
         assert_eq!(
-            connections_of(n.pid(), [127, 0, 0, 22], 1935),
+            snap.held_by(n.pid()),
             want_conns,
             "n{}: connections to origin-b",
             k + 1

@@ -287,33 +287,6 @@ pub fn after_restart(want_video: &[Frame], got: &[Frame]) -> Vec<Frame> {
     v[at..].to_vec()
 }
 
-/// Established TCP connections that process `pid` holds to `ip:port` (its sockets in
-/// /proc/PID/fd matched with /proc/net/tcp's remote address): which node holds how many
-/// connections to an origin, which the origin's own socket table cannot tell apart (every
-/// node connects from 127.0.0.1).
-pub fn connections_of(pid: u32, ip: [u8; 4], port: u16) -> usize {
-    let want = format!("{:08X}:{port:04X}", u32::from_le_bytes(ip));
-    let inodes: std::collections::HashSet<String> = std::fs::read_to_string("/proc/net/tcp")
-        .unwrap_or_default()
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.get(2) == Some(&want.as_str()) && f.get(3) == Some(&"01"))
-                .then(|| f.get(9).map(|s| format!("socket:[{s}]")))
-                .flatten()
-        })
-        .collect();
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| std::fs::read_link(e.path()).ok())
-                .filter(|t| inodes.contains(t.to_string_lossy().as_ref()))
-                .count()
-        })
-        .unwrap_or(0)
-}
-
 /// A recipe file's configuration lines (comments and blank lines dropped) with every IPv4
 /// address, port and quoted absolute path made a placeholder: what may differ between the
 /// recipe and the files a test runs.
@@ -468,4 +441,54 @@ pub fn who_is_connected_to(ip: [u8; 4], port: u16) -> Vec<String> {
             )
         })
         .collect()
+}
+
+/// One look at the established connections whose server side is `ip:port`: how many there
+/// are, and which process holds each client side, from one `ss -tnp` (iproute2) call, so a
+/// sample is one instant. Not from /proc/net/tcp: with the thousands of TIME_WAIT sockets a
+/// test suite leaves behind, reading it took 0.6 s on the loaded development machine, which
+/// left a 6 s window only a handful of samples; ss filters by state and address in the
+/// kernel.
+pub struct Snapshot {
+    pub at_server: usize,
+    /// pid -> client sides held.
+    clients: std::collections::HashMap<u32, usize>,
+}
+
+impl Snapshot {
+    pub fn take(ip: [u8; 4], port: u16) -> Snapshot {
+        let addr = format!("{}.{}.{}.{}:{port}", ip[0], ip[1], ip[2], ip[3]);
+        let mut cmd = Command::new("ss");
+        cmd.args(["-Htnp", "state", "established"])
+            .arg(format!("( src {addr} or dst {addr} )"));
+        let (status, out, err) = run_capture(&mut cmd, Duration::from_secs(10));
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "ss (iproute2; scripts/install-peers.sh) failed: {}",
+            String::from_utf8_lossy(&err)
+        );
+        let mut at_server = 0;
+        let mut clients = std::collections::HashMap::new();
+        for l in String::from_utf8_lossy(&out).lines() {
+            // Recv-Q Send-Q Local Peer [users:(("name",pid=N,fd=M),...)]
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.get(2) == Some(&addr.as_str()) {
+                at_server += 1;
+            } else if f.get(3) == Some(&addr.as_str()) {
+                let users = f.get(4).copied().unwrap_or("");
+                for pid in users.split("pid=").skip(1) {
+                    let digits: String = pid.chars().take_while(char::is_ascii_digit).collect();
+                    if let Ok(pid) = digits.parse::<u32>() {
+                        *clients.entry(pid).or_insert(0) += 1;
+                    }
+                }
+            }
+        }
+        Snapshot { at_server, clients }
+    }
+
+    /// How many of the connections' client sides process `pid` holds.
+    pub fn held_by(&self, pid: u32) -> usize {
+        self.clients.get(&pid).copied().unwrap_or(0)
+    }
 }
