@@ -61,6 +61,13 @@ const LINGER: Duration = Duration::from_secs(5);
 const STARTUP_BYTES: u64 = 64 * 1024;
 /// `[upstream] write_batch_ms` when it is not set.
 pub const DEFAULT_WRITE_BATCH: Duration = Duration::from_millis(40);
+/// A merge window that carried this much (four full buffers) belongs to a bulk transfer: its
+/// reads are already full-sized, so waiting for the next tick saves no read or write and only
+/// stalls the backend (a 40 ms wait at gigabit rates is more than the socket buffers hold, and
+/// nginx-rtmp drops what its queue for the player cannot take). Such a direction reads as soon
+/// as bytes arrive until a whole window carries less again. At 40 ms this is 52 Mb/s per
+/// player; a 1.6-8 Mb/s stream carries 8-40 kB per window and keeps the window.
+const BULK_WINDOW_BYTES: u64 = 4 * PUMP_BUF_MAX as u64;
 
 /// The pump's clocks: when an idle session is closed, and the merge window of the
 /// backend-to-client direction.
@@ -537,6 +544,12 @@ struct OneWay {
     tick: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The next read waits for `tick`.
     wait_tick: bool,
+    /// Which window (counted on the shared ticks) the last read fell in, the bytes read in
+    /// it, and in the window before it: a direction whose window carried
+    /// [`BULK_WINDOW_BYTES`] does not wait for ticks.
+    window_no: u128,
+    window_bytes: u64,
+    prev_window_bytes: u64,
 }
 
 impl OneWay {
@@ -546,6 +559,9 @@ impl OneWay {
             batch,
             tick: None,
             wait_tick: false,
+            window_no: 0,
+            window_bytes: 0,
+            prev_window_bytes: 0,
             grow: false,
             buf: vec![0u8; PUMP_BUF_MIN].into_boxed_slice(),
             start: 0,
@@ -644,9 +660,13 @@ impl OneWay {
                     let full = n == self.buf.len();
                     self.grow = full && n < PUMP_BUF_MAX;
                     // A short read emptied the socket: with a window, media that follows is
-                    // read on the next tick. A full one reads on at once.
-                    if !full && !self.batch.is_zero() && self.total >= STARTUP_BYTES {
-                        self.arm_tick();
+                    // read on the next tick, unless the direction is a bulk transfer. A full
+                    // one reads on at once.
+                    if !self.batch.is_zero() && self.total >= STARTUP_BYTES {
+                        let bulk = self.count_window(n);
+                        if !full && !bulk {
+                            self.arm_tick();
+                        }
                     }
                 }
                 Poll::Ready(Ok(()))
@@ -709,6 +729,24 @@ impl OneWay {
 }
 
 impl OneWay {
+    /// Counts a read of `n` bytes in the current window; true when this window or the one
+    /// before it carried [`BULK_WINDOW_BYTES`] (a bulk transfer: do not wait for ticks).
+    fn count_window(&mut self, n: usize) -> bool {
+        let now = window_index(tokio::time::Instant::now(), self.batch);
+        if now != self.window_no {
+            // The window before this one, if the last read fell in it; else it carried nothing.
+            self.prev_window_bytes = if now == self.window_no.saturating_add(1) {
+                self.window_bytes
+            } else {
+                0
+            };
+            self.window_no = now;
+            self.window_bytes = 0;
+        }
+        self.window_bytes = self.window_bytes.saturating_add(n as u64);
+        self.window_bytes.max(self.prev_window_bytes) >= BULK_WINDOW_BYTES
+    }
+
     /// The next read waits for the first shared tick after now.
     fn arm_tick(&mut self) {
         let at = next_tick(tokio::time::Instant::now(), self.batch);
@@ -725,18 +763,32 @@ impl OneWay {
 /// worker runs them back to back (the engine's merge window keeps its own clock the same
 /// way, `engine::tick`). `now` itself when the window is zero or the clock would overflow.
 fn next_tick(now: tokio::time::Instant, window: Duration) -> tokio::time::Instant {
-    static ORIGIN: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
     let w = window.as_nanos();
     if w == 0 {
         return now;
     }
-    let origin = *ORIGIN.get_or_init(|| now);
-    let since = now.saturating_duration_since(origin).as_nanos();
-    let ticks = since / w + 1;
+    let ticks = window_index(now, window).saturating_add(1);
     let Some(at) = ticks.checked_mul(w).and_then(|n| u64::try_from(n).ok()) else {
         return now;
     };
-    origin.checked_add(Duration::from_nanos(at)).unwrap_or(now)
+    tick_origin(now)
+        .checked_add(Duration::from_nanos(at))
+        .unwrap_or(now)
+}
+
+/// The process-wide origin of the merge window's ticks (the first time anyone asked).
+fn tick_origin(now: tokio::time::Instant) -> tokio::time::Instant {
+    static ORIGIN: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
+    *ORIGIN.get_or_init(|| now)
+}
+
+/// Which `window`-long period of the shared ticks `now` falls in (0 for a zero window).
+fn window_index(now: tokio::time::Instant, window: Duration) -> u128 {
+    let w = window.as_nanos();
+    if w == 0 {
+        return 0;
+    }
+    now.saturating_duration_since(tick_origin(now)).as_nanos() / w
 }
 
 /// Copies both ways between `a` (the client) and `b` (the backend) until both are done, one
@@ -982,6 +1034,71 @@ mod tests {
         drop(client);
         drop(backend);
         // Ends (the result of writing to a dropped peer does not matter here).
+        let _ = task.await.unwrap();
+    }
+
+    /// A backend that sends faster than one window can hold (as fast as it goes, 16 KiB at a
+    /// time) is read as soon as bytes arrive once a window carried BULK_WINDOW_BYTES: the
+    /// merge window must not cap a bulk transfer at what the sockets hold per tick. With every
+    /// short read waiting for a tick (the behaviour before), 4 MiB through this 256 KiB pipe
+    /// takes at least 16 windows; the bound allows 4.
+    #[tokio::test(start_paused = true)]
+    async fn pump_does_not_hold_back_a_bulk_transfer() {
+        let (mut client, mut gw_client) = tokio::io::duplex(256 * 1024);
+        let (mut gw_backend, mut backend) = tokio::io::duplex(256 * 1024);
+        let window = Duration::from_millis(40);
+        let times = PumpTimes {
+            idle: None,
+            write_batch: window,
+        };
+        let task = tokio::spawn(async move { pump(&mut gw_client, &mut gw_backend, times).await });
+        let total = 4 * 1024 * 1024 + STARTUP_BYTES as usize;
+        let sender = tokio::spawn(async move {
+            let piece = vec![5u8; 16 * 1024];
+            let mut sent = 0;
+            while sent < total {
+                backend.write_all(&piece).await.unwrap();
+                sent += piece.len();
+                // One piece per write the gateway can see (nginx-rtmp writes message by
+                // message): without the yield the pipe would only ever hold full reads.
+                tokio::task::yield_now().await;
+            }
+            backend
+        });
+        let t0 = tokio::time::Instant::now();
+        let mut got = vec![0u8; total];
+        client.read_exact(&mut got).await.unwrap();
+        let took = t0.elapsed();
+        assert!(got.iter().all(|&b| b == 5));
+        assert!(
+            took <= 4 * window,
+            "a bulk transfer waited {took:?} for ticks ({} windows)",
+            took.as_millis() / window.as_millis()
+        );
+        // Slow again (one small message per two windows): back to one read per tick, so
+        // a window that carries little still merges.
+        let mut backend = sender.await.unwrap();
+        for _ in 0..3 {
+            tokio::time::sleep(2 * window).await;
+        }
+        // The first message after the pause is read at once (the read was waiting); it
+        // empties the socket, so what follows waits for the tick again.
+        backend.write_all(b"x").await.unwrap();
+        let mut x = [0u8; 1];
+        client.read_exact(&mut x).await.unwrap();
+        let t1 = tokio::time::Instant::now();
+        backend.write_all(b"slow one").await.unwrap();
+        backend.write_all(b"slow two").await.unwrap();
+        let mut two = [0u8; 16];
+        client.read_exact(&mut two).await.unwrap();
+        assert_eq!(&two, b"slow oneslow two");
+        let waited = t1.elapsed();
+        assert!(
+            waited > Duration::ZERO && waited <= window,
+            "a slow stream's message waited {waited:?} (expected: until the next tick)"
+        );
+        drop(client);
+        drop(backend);
         let _ = task.await.unwrap();
     }
 
