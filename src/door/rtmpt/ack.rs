@@ -41,6 +41,10 @@ pub(crate) fn tcp_of<I: Any>(io: &I) -> Option<&TcpStream> {
     if let Some(p) = any.downcast_ref::<Prefixed<TlsStream<Prefixed<TcpStream>>>>() {
         return Some(p.get_ref().get_ref().0.get_ref());
     }
+    // What a TLS listener hands on (boxed, door::listener::serve_tls says why).
+    if let Some(p) = any.downcast_ref::<Box<Prefixed<TlsStream<Prefixed<TcpStream>>>>>() {
+        return Some(p.get_ref().get_ref().0.get_ref());
+    }
     None
 }
 
