@@ -731,3 +731,122 @@ fn many_stalled_players_of_a_big_file_hold_bounded_charged_memory() {
         budget_used(admin)
     );
 }
+
+/// Publishes synthetic H.264-shaped video on `APP/name` at 30 fps until `stop`: a sequence
+/// header, then a keyframe every 15 frames; byte 5 of every frame is `mark`, so a player can
+/// tell the renditions apart.
+fn publish_marked(
+    addr: SocketAddr,
+    name: &'static str,
+    mark: u8,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut c = Raw::connect(addr, "vod");
+        let sid = c.create_stream();
+        c.session.publish(sid, name);
+        c.flush();
+        c.status("NetStream.Publish.Start");
+        let header = bytes::Bytes::from(vec![0x17, 0, 0, 0, 0, mark, 1, 0x64, 0, 0x1f]);
+        c.session.send_media(sid, VIDEO, 0, header);
+        let t0 = Instant::now();
+        let mut n: u32 = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed)
+            && t0.elapsed() < Duration::from_secs(60)
+        {
+            let head = if n % 15 == 0 { 0x17 } else { 0x27 };
+            let mut body = vec![head, 1, 0, 0, 0, mark];
+            body.extend_from_slice(&n.to_be_bytes());
+            body.resize(200, mark);
+            c.session.send_media(sid, VIDEO, n * 33, body.into());
+            c.flush();
+            n += 1;
+            std::thread::sleep(Duration::from_millis(33));
+        }
+    })
+}
+
+/// Sends play2 with `transition: "switch"` to `name`.
+fn switch_to(c: &mut Raw, sid: u32, name: &str, old: &str) {
+    let opts = Amf0Value::object([
+        ("streamName", Amf0Value::string(name)),
+        ("oldStreamName", Amf0Value::string(old)),
+        ("transition", Amf0Value::string("switch")),
+        ("start", Amf0Value::Number(-2.0)),
+        ("len", Amf0Value::Number(-1.0)),
+        ("offset", Amf0Value::Number(0.0)),
+    ]);
+    c.session.notify(sid, "play2", &[Amf0Value::Null, opts]);
+    c.flush();
+}
+
+/// After a switch: Play.Transition, then onPlayStatus TransitionComplete, then video that
+/// starts with a keyframe; returns that first video payload's mark byte and the next 20's.
+fn after_switch(c: &mut Raw, what: &str) -> Vec<(u8, u8)> {
+    c.status("NetStream.Play.Transition");
+    c.until("TransitionComplete", RAW_WAIT, |e| {
+        matches!(e, ClientEvent::Data { values, .. }
+            if values.first().and_then(Amf0Value::as_str) == Some("onPlayStatus")
+                && values.get(1).and_then(|o| o.get("code")).and_then(Amf0Value::as_str)
+                    == Some("NetStream.Play.TransitionComplete"))
+    });
+    let mut frames = Vec::new();
+    while frames.len() < 20 {
+        let Some(ev) = c.next(RAW_WAIT) else {
+            panic!("{what}: video stopped after the switch: {:?}", c.tail());
+        };
+        if let ClientEvent::Media(m) = &ev {
+            // Sequence headers (packet type 0) may come first; frames are what is checked.
+            if m.msg_type == VIDEO && m.payload.get(1) == Some(&1) {
+                frames.push((m.payload[0], m.payload.get(5).copied().unwrap_or(0)));
+            }
+        }
+    }
+    assert_eq!(
+        frames[0].0, 0x17,
+        "{what}: the first frame after TransitionComplete is not a keyframe: {frames:?}"
+    );
+    frames
+}
+
+#[test]
+fn play2_switch_moves_a_player_between_renditions_at_a_keyframe() {
+    let v = Vod::start();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pubs = [
+        publish_marked(v.addr(), "hi", b'H', stop.clone()),
+        publish_marked(v.addr(), "lo", b'L', stop.clone()),
+    ];
+    let mut c = Raw::connect(v.addr(), "vod");
+    let sid = c.create_stream();
+    c.play(sid, "hi", -2.0);
+    c.status("NetStream.Play.Start");
+    c.until(
+        "a frame of hi",
+        RAW_WAIT,
+        |e| matches!(e, ClientEvent::Media(m) if m.payload.get(5) == Some(&b'H')),
+    );
+
+    // Live to live: every frame after TransitionComplete is lo's, from a keyframe.
+    switch_to(&mut c, sid, "lo", "hi");
+    let frames = after_switch(&mut c, "hi -> lo");
+    assert!(frames.iter().all(|f| f.1 == b'L'), "hi -> lo: {frames:?}");
+
+    // Live to a VOD file: the file's frames (no mark) from a keyframe.
+    switch_to(&mut c, sid, "clip", "lo");
+    let frames = after_switch(&mut c, "lo -> clip");
+    assert!(
+        frames.iter().all(|f| f.1 != b'L' && f.1 != b'H'),
+        "lo -> clip: {frames:?}"
+    );
+
+    // And back to live.
+    switch_to(&mut c, sid, "hi", "clip");
+    let frames = after_switch(&mut c, "clip -> hi");
+    assert!(frames.iter().all(|f| f.1 == b'H'), "clip -> hi: {frames:?}");
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for p in pubs {
+        p.join().unwrap();
+    }
+}

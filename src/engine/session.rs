@@ -123,6 +123,9 @@ struct PlayState {
     /// The player waited for a publisher: `play_at` is when it arrived.
     waited: bool,
     first_frame: bool,
+    /// A play2 switch brought the play here: TransitionComplete goes out before its first
+    /// keyframe (or first audio, for a stream without video).
+    transition: bool,
 }
 
 struct PublishState {
@@ -202,6 +205,8 @@ struct EngineConnection {
     vod: Option<vod::VodState>,
     /// The start position of the play being decided (play's third argument).
     play_start: Option<f64>,
+    /// The play being decided is a play2 switch of the current one.
+    play_switch: bool,
 }
 
 mod authz;
@@ -346,6 +351,7 @@ impl EngineConnection {
             authz: authz::AuthState::default(),
             vod: None,
             play_start: None,
+            play_switch: false,
         }
     }
 
@@ -677,8 +683,13 @@ impl EngineConnection {
             ServerEvent::PublishRequested { request, .. } => {
                 self.authorize_stream(Action::Publish, &request)?;
             }
-            ServerEvent::PlayRequested { request, start } => {
+            ServerEvent::PlayRequested {
+                request,
+                start,
+                switch,
+            } => {
                 self.play_start = start;
+                self.play_switch = switch;
                 self.authorize_stream(Action::Play, &request)?;
             }
             ServerEvent::Seek { ms, .. } => self.vod_seek(ms),
@@ -813,7 +824,8 @@ impl EngineConnection {
         // A second play on the connection replaces the first (and what it had still to send).
         self.playing = None;
         let start = self.play_start.take();
-        if self.play_vod(request, start) {
+        let switch = std::mem::take(&mut self.play_switch);
+        if self.play_vod(request, start, switch) {
             return;
         }
         let key = StreamKey::new(&request.app, &request.name);
@@ -865,6 +877,7 @@ impl EngineConnection {
             play_at: Instant::now(),
             waited: false,
             first_frame: false,
+            transition: switch,
         });
     }
 
@@ -1005,7 +1018,17 @@ impl EngineConnection {
                 }
             }
         }
+        let complete = p.transition
+            && (f.kind == FrameKind::VideoKey || (f.msg_type == AUDIO && !p.has_video));
+        if complete {
+            p.transition = false;
+        }
         let (head, body) = f.chunks_for(p.stream_id, self.proto.out_chunk_size(), shared_cs);
+        if complete {
+            // The new rendition starts with this keyframe: say so just before it.
+            self.proto.transition_complete();
+            self.send_replies();
+        }
         if let Some(h) = head {
             self.push_bytes(h);
         }

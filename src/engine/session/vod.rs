@@ -34,6 +34,9 @@ pub(super) struct VodState {
     /// The offset after the last tag queued and its timestamp: where a resume continues.
     resume: Option<(u64, u32)>,
     bytes: u64,
+    /// A play2 switch brought the play here: TransitionComplete before the first keyframe.
+    transition: bool,
+    saw_video: bool,
 }
 
 impl VodState {
@@ -66,8 +69,14 @@ impl EngineConnection {
 
     /// Serves `request` from a VOD file when its name means one; false when it is a live
     /// play (no VOD directory, no such file, or a bare name with a live publisher).
-    pub(super) fn play_vod(&mut self, request: &StreamRequest, start: Option<f64>) -> bool {
-        self.vod = None;
+    pub(super) fn play_vod(
+        &mut self,
+        request: &StreamRequest,
+        start: Option<f64>,
+        switch: bool,
+    ) -> bool {
+        // A switch from one file to another continues at the same position.
+        let was_at = self.vod.take().and_then(|v| v.resume).map(|r| r.1);
         let Some(dir) = self.engine.config().vod_dir.clone() else {
             return false;
         };
@@ -109,7 +118,10 @@ impl EngineConnection {
             // A bare name that is live right now is the live stream.
             return false;
         }
-        let from = start_ms(start);
+        let from = match (switch, was_at) {
+            (true, Some(ts)) => ts,
+            _ => start_ms(start),
+        };
         self.plays = self.plays.saturating_add(1);
         if let Some(also) = self.warnings.should_log("lines") {
             info!(
@@ -140,6 +152,8 @@ impl EngineConnection {
             start_ms: from,
             resume: None,
             bytes: 0,
+            transition: switch,
+            saw_video: false,
         });
         true
     }
@@ -174,6 +188,18 @@ impl EngineConnection {
                     _ => CSID_DATA,
                 };
                 v.resume = Some((tag.end(), tag.timestamp));
+                let complete =
+                    v.transition && (tag.is_keyframe() || (tag.tag_type == AUDIO && !v.saw_video));
+                v.saw_video |= tag.tag_type == VIDEO;
+                if complete {
+                    // The new rendition starts with this keyframe: say so just before it.
+                    v.transition = false;
+                    self.proto.transition_complete();
+                    self.send_replies();
+                }
+                let Some(v) = &mut self.vod else {
+                    return;
+                };
                 v.bytes = v.bytes.saturating_add(tag.body.len() as u64);
                 let msg = Message::new(tag.tag_type, tag.timestamp, v.stream_id, tag.body);
                 self.write_now = true;

@@ -181,6 +181,22 @@ pub fn play_complete(stream_id: u32, duration_ms: u64, bytes: u64) -> Message {
     )
 }
 
+/// `onPlayStatus` NetStream.Play.TransitionComplete: a play2 switch reached the new
+/// rendition (FMS sends it as a data message, like Play.Complete).
+pub fn transition_complete(stream_id: u32, name: &str) -> Message {
+    data(
+        stream_id,
+        &[
+            s("onPlayStatus"),
+            obj(vec![
+                ("level", s("status")),
+                ("code", s("NetStream.Play.TransitionComplete")),
+                ("details", s(name)),
+            ]),
+        ],
+    )
+}
+
 /// An app or stream name as a hub key: the part before any `?query` (tokens, auth), and
 /// only if it is non-empty, within `max_len` and free of control characters.
 pub fn clean_name(raw: &str, max_len: usize) -> Option<String> {

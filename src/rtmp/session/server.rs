@@ -124,6 +124,10 @@ pub enum ServerEvent {
         request: Box<StreamRequest>,
         /// Start position as sent (-2: live or recorded, -1: live only), if any.
         start: Option<f64>,
+        /// play2 with transition "switch": move the current play to this name at the new
+        /// rendition's next keyframe (accept answers NetStream.Play.Transition; then
+        /// [`ServerSession::transition_complete`]). A refusal leaves the play as it was.
+        switch: bool,
     },
     /// deleteStream or closeStream: whatever was published or played on it is over.
     StreamDeleted {
@@ -264,6 +268,8 @@ enum Pending {
         id: RequestId,
         stream_id: u32,
         name: String,
+        /// A play2 switch: the play goes on, under the new name, once accepted.
+        switch: bool,
     },
 }
 
@@ -478,6 +484,31 @@ impl ServerSession {
                 self.send(CSID_COMMAND, &m);
             }
             Pending::Play {
+                stream_id,
+                name,
+                switch: true,
+                ..
+            } => {
+                // play2 "switch": the play goes on; the application moves it to the new
+                // rendition at its next keyframe and then calls `transition_complete`.
+                let desc = format!("Transition to {name}.");
+                let m = cmd::on_status(
+                    stream_id,
+                    "status",
+                    "NetStream.Play.Transition",
+                    &desc,
+                    Some(&name),
+                );
+                self.send(CSID_COMMAND, &m);
+                let recorded = std::mem::take(&mut self.accepting_recorded);
+                self.playing = Some(Playing {
+                    stream_id,
+                    name,
+                    recorded,
+                    wait_until: None,
+                });
+            }
+            Pending::Play {
                 stream_id, name, ..
             } => {
                 self.raise_chunk_size();
@@ -560,6 +591,17 @@ impl ServerSession {
         );
         self.send(CSID_COMMAND, &m);
         self.send_control(&UserControl::StreamEof(p.stream_id).to_message());
+    }
+
+    /// The play moved to the rendition a play2 switch asked for (its first keyframe is
+    /// next): onPlayStatus NetStream.Play.TransitionComplete, as Flash's dynamic streaming
+    /// waits for.
+    pub fn transition_complete(&mut self) {
+        let Some(p) = &self.playing else {
+            return;
+        };
+        let m = cmd::transition_complete(p.stream_id, &p.name);
+        self.send(CSID_COMMAND, &m);
     }
 
     /// Answers getStreamLength (see [`ServerConfig::stream_length_by_app`]): `secs`, 0 for
@@ -903,16 +945,30 @@ impl ServerSession {
         self.events.push_back(event);
     }
 
-    /// play2 switches renditions; on a live stream with one rendition, starting play when
-    /// not yet playing is all that makes sense.
+    /// play2 (NetStreamPlayOptions): transition "switch" or "swap" while playing moves the
+    /// play to `streamName` (dynamic streaming between renditions); anything else, when
+    /// not playing yet, starts a play of `streamName` from `start`.
     fn on_play2(&mut self, stream_id: u32, params: Option<&Amf0Value>) {
-        let name = params
-            .and_then(|o| o.get("streamName"))
+        let field = |k: &str| params.and_then(|o| o.get(k));
+        let name = field("streamName")
             .and_then(Amf0Value::as_str)
             .unwrap_or_default()
             .to_owned();
-        if self.playing.is_none() && !name.is_empty() {
-            self.on_play(stream_id, &name, None);
+        let transition = field("transition")
+            .and_then(Amf0Value::as_str)
+            .unwrap_or_default();
+        if name.is_empty() {
+            return;
+        }
+        let playing = self
+            .playing
+            .as_ref()
+            .is_some_and(|p| p.stream_id == stream_id);
+        if playing && matches!(transition, "switch" | "swap") {
+            self.on_play_switch(stream_id, &name);
+        } else if self.playing.is_none() {
+            let start = field("start").and_then(Amf0Value::as_f64);
+            self.on_play(stream_id, &name, start);
         }
     }
 
@@ -1066,10 +1122,32 @@ impl ServerSession {
             id: request.request_id,
             stream_id,
             name: request.name.clone(),
+            switch: false,
         });
         self.events.push_back(ServerEvent::PlayRequested {
             request: Box::new(request),
             start,
+            switch: false,
+        });
+    }
+
+    /// play2 with transition "switch" (or "swap") while playing: a request to move the play
+    /// to `raw`; the play goes on as it is until the application accepts.
+    fn on_play_switch(&mut self, stream_id: u32, raw: &str) {
+        let Some(request) = self.stream_request(stream_id, raw) else {
+            self.bad_play_name(stream_id, raw);
+            return;
+        };
+        self.pending = Some(Pending::Play {
+            id: request.request_id,
+            stream_id,
+            name: request.name.clone(),
+            switch: true,
+        });
+        self.events.push_back(ServerEvent::PlayRequested {
+            request: Box::new(request),
+            start: None,
+            switch: true,
         });
     }
 

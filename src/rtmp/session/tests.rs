@@ -562,7 +562,7 @@ fn the_application_can_refuse_connect_publish_and_play() {
             );
             server.reject_with(request.request_id, "NetStream.Publish.Unauthorized", "no");
         }
-        ServerEvent::PlayRequested { request, start } => {
+        ServerEvent::PlayRequested { request, start, .. } => {
             assert_eq!(request.query, "token=worse");
             assert_eq!(*start, Some(-2.0));
             server.reject(request.request_id, "no");
