@@ -1,8 +1,9 @@
 //! Recording (`[engine] record`) against real peers: ffmpeg publishes the test source through
 //! the gateway and the recorded FLV holds every packet of it (framemd5), an `onMetaData` whose
 //! `duration` ffprobe reports and whose keyframe index is the file's own keyframe tags (parsed
-//! here), and seeks with `ffmpeg -ss` like the source; only the listed apps are recorded; a
-//! record_dir that cannot be created and a full disk (a 256 KiB tmpfs in a mount namespace, or
+//! here), and seeks with `ffmpeg -ss` like the source; only the listed apps are recorded;
+//! `record_max_secs` splits into files that join up; a record_dir that cannot be created, a
+//! read-only one and a full disk (a 256 KiB tmpfs in a mount namespace, or
 //! a file size limit where namespaces are not allowed) stop the recording with one log line
 //! while a player gets every frame; and a gateway shut down mid-publish finalizes the file.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -346,6 +347,12 @@ fn a_record_dir_that_cannot_be_created_stops_the_recording_not_the_stream() {
     let gw = gateway("\"all\"", &blocker.join("rec"));
     play_while_recording_fails(&gw);
     let log = gw.log();
+    eprintln!(
+        "{}",
+        log.lines()
+            .find(|l| l.contains("recording live/s stopped: "))
+            .unwrap_or("no `stopped` line")
+    );
     assert_eq!(gw.count_log("recording live/s stopped: "), 1, "{log}");
     assert!(
         log.contains("creating the directory")
@@ -358,6 +365,86 @@ fn a_record_dir_that_cannot_be_created_stops_the_recording_not_the_stream() {
         Some(1.0)
     );
     assert_eq!(metric(&gw, "rtmpgate_record_active"), Some(0.0));
+}
+
+#[test]
+fn a_read_only_record_dir_stops_the_recording_not_the_stream() {
+    // Read-only for root too: a read-only bind mount of the directory onto itself, in a
+    // user+mount namespace of the gateway's own. Where namespaces are not allowed, a
+    // directory without write permission does it for a non-root user; root, whom no mode
+    // denies, gets the directory under a regular file instead (the test above).
+    let rec = temp_dir();
+    let dir = rec.path().join("ro");
+    std::fs::create_dir(&dir).unwrap();
+    let d = dir.display().to_string();
+    let script = "mount --bind \"$0\" \"$0\" && mount -o remount,bind,ro \"$0\"";
+    let ns = |script: &str| -> Vec<String> {
+        [
+            "unshare",
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "sh",
+            "-c",
+            script,
+            &d,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let probe = ns(script);
+    let namespaces = Command::new(&probe[0])
+        .args(&probe[1..])
+        .status()
+        .is_ok_and(|s| s.success());
+    let (builder, record_dir, error) = if namespaces {
+        let wrap = ns(&format!("{script} && exec \"$@\""));
+        let wrap: Vec<&str> = wrap.iter().map(String::as_str).collect();
+        (
+            Gateway::builder().wrap(&wrap),
+            dir.clone(),
+            "Read-only file system",
+        )
+    } else if !is_root() {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o555)).unwrap();
+        (Gateway::builder(), dir.clone(), "Permission denied")
+    } else {
+        eprintln!("root without namespaces: a directory under a regular file stands in");
+        let blocker = rec.path().join("a-file");
+        std::fs::write(&blocker, b"x").unwrap();
+        (Gateway::builder(), blocker.join("rec"), "Not a directory")
+    };
+    let gw = gateway_with(builder, "\"all\"", &record_dir);
+    play_while_recording_fails(&gw);
+    let log = gw.log();
+    eprintln!(
+        "{}",
+        log.lines()
+            .find(|l| l.contains("recording live/s stopped: "))
+            .unwrap_or("no `stopped` line")
+    );
+    assert_eq!(gw.count_log("recording live/s stopped: "), 1, "{log}");
+    assert!(
+        log.contains(error) && log.contains("the stream goes on without recording"),
+        "the log does not say what failed ({error}):\n{log}"
+    );
+    if error != "Not a directory" {
+        assert!(
+            log.contains("make engine.record_dir writable by the gateway's user"),
+            "{log}"
+        );
+    }
+    assert_eq!(
+        metric(&gw, "rtmpgate_record_failures_total{stage=\"open\"}"),
+        Some(1.0)
+    );
+}
+
+fn is_root() -> bool {
+    let out = Command::new("id").arg("-u").output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim() == "0"
 }
 
 /// How the disk-full test fills a disk: a 256 KiB tmpfs mounted in a mount namespace of the
@@ -406,6 +493,12 @@ fn a_full_disk_stops_the_recording_not_the_stream() {
     let gw = gateway_with(Gateway::builder().wrap(&wrap), "\"all\"", rec.path());
     play_while_recording_fails(&gw);
     let log = gw.log();
+    eprintln!(
+        "{}",
+        log.lines()
+            .find(|l| l.contains("recording live/s stopped: "))
+            .unwrap_or("no `stopped` line")
+    );
     assert_eq!(gw.count_log("recording live/s stopped: "), 1, "{log}");
     assert!(
         log.contains("recording live/s stopped: writing ")
