@@ -127,6 +127,9 @@ pub struct Limits {
     /// Entries of a VOD file's `onMetaData` keyframe index used for seeking (the rest are
     /// ignored; a seek past them scans the file's tags instead).
     pub max_vod_index_entries: usize,
+    /// Restream destinations the admin API may add (`POST /api/v1/restream`), each one
+    /// connection per publish of its stream; past it an add is refused until one is removed.
+    pub max_api_pushes: usize,
 }
 
 impl Default for Limits {
@@ -172,6 +175,7 @@ impl Default for Limits {
             max_record_keyframes: 20_000,
             max_vod_tag_bytes: 8 * 1024 * 1024,
             max_vod_index_entries: 100_000,
+            max_api_pushes: 64,
         }
     }
 }

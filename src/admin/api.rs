@@ -268,6 +268,7 @@ pub fn streams(state: &State) -> Value {
             "name": info.key.name,
             "publisher": publisher,
             "players": info.players,
+            "pushes": info.pushes,
             "bytes_in": info.bytes_in,
             "bytes_out": bytes_out,
             "bitrate_in_bps": sample.bps_in,

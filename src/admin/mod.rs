@@ -4,13 +4,16 @@
 //! It runs on a thread and runtime of its own, with its own socket, so a flood of clients on
 //! the client listeners (which keeps the main runtime's workers busy) cannot starve the
 //! operator's view of it. Every connection is bounded: at most [`MAX_CONNECTIONS`] at once,
-//! request heads of at most [`MAX_HEAD`] bytes within [`HEAD_TIMEOUT`], no request bodies
-//! read. A bearer token, when set, guards `/metrics` and `/api/`; the page, `/healthz` and
-//! `/readyz` stay open (load balancers probe them, and the page holds no data: it asks for
-//! the token and sends it with its API calls).
+//! request heads of at most [`MAX_HEAD`] bytes within [`HEAD_TIMEOUT`], and no request body
+//! read except `POST /api/v1/restream`'s (at most [`restream::MAX_BODY`] bytes, within
+//! [`HEAD_TIMEOUT`], after the token checked out). A bearer token, when set, guards
+//! `/metrics` and `/api/`; the page, `/healthz` and `/readyz` stay open (load balancers
+//! probe them, and the page holds no data: it asks for the token and sends it with its API
+//! calls).
 
 pub mod api;
 pub mod prom;
+mod restream;
 mod settings;
 
 pub use settings::{AdminSettings, AdminSettingsError, FileAdmin, DEFAULT_ADMIN};
@@ -276,7 +279,16 @@ async fn serve(listener: std::net::TcpListener, tls: Option<TlsAcceptor>, state:
             let service = hyper::service::service_fn(move |req| {
                 let state = state.clone();
                 let registry = registry.clone();
-                async move { Ok::<_, Infallible>(route(req, &state, &registry, peer)) }
+                async move {
+                    // The one request with a body: read (bounded) before answering.
+                    if req.method() == Method::POST && req.uri().path() == "/api/v1/restream" {
+                        if let Some(refused) = unauthorized(&req, &state) {
+                            return Ok::<_, Infallible>(refused);
+                        }
+                        return Ok(restream::add(req, &state, peer).await);
+                    }
+                    Ok::<_, Infallible>(route(req, &state, &registry, peer))
+                }
             });
             let mut http = hyper::server::conn::http1::Builder::new();
             http.timer(TokioTimer::new())
@@ -365,6 +377,20 @@ pub fn json_bytes(status: StatusCode, body: serde_json::Result<Vec<u8>>) -> Repl
     }
 }
 
+/// The 401 for a request without the token (None: it may go on).
+fn unauthorized<B>(req: &Request<B>, state: &State) -> Option<Reply> {
+    if authorized(req, state.token.get().as_deref()) {
+        return None;
+    }
+    let mut r = error(
+        StatusCode::UNAUTHORIZED,
+        "this admin listener needs its token: send `Authorization: Bearer TOKEN` ([admin] token)",
+    );
+    r.headers_mut()
+        .insert("www-authenticate", HeaderValue::from_static("Bearer"));
+    Some(r)
+}
+
 fn error(status: StatusCode, message: &str) -> Reply {
     json(status, &serde_json::json!({ "error": message }))
 }
@@ -381,14 +407,10 @@ fn route(
     let path = req.uri().path();
     let method = req.method();
     let open = matches!(path, "/" | "/healthz" | "/readyz");
-    if !open && !authorized(&req, state.token.get().as_deref()) {
-        let mut r = error(
-            StatusCode::UNAUTHORIZED,
-            "this admin listener needs its token: send `Authorization: Bearer TOKEN` ([admin] token)",
-        );
-        r.headers_mut()
-            .insert("www-authenticate", HeaderValue::from_static("Bearer"));
-        return r;
+    if !open {
+        if let Some(refused) = unauthorized(&req, state) {
+            return refused;
+        }
     }
     if method == Method::POST && path == "/api/v1/reload" {
         let Some(reload) = state.reloader.get() else {
@@ -406,6 +428,9 @@ fn route(
     if method == Method::DELETE {
         if let Some(id) = path.strip_prefix("/api/v1/sessions/") {
             return api::kick(state, id, peer);
+        }
+        if let Some(id) = path.strip_prefix("/api/v1/restream/") {
+            return restream::remove(state, id, peer);
         }
     }
     match (method, path) {
@@ -435,18 +460,16 @@ fn route(
         (&Method::GET, "/api/v1/summary") => json(StatusCode::OK, &api::summary(state)),
         (&Method::GET, "/api/v1/sessions") => api::sessions(state, req.uri().query()),
         (&Method::GET, "/api/v1/streams") => json(StatusCode::OK, &api::streams(state)),
-        (&Method::GET, "/api/v1/restream") => {
-            json(StatusCode::OK, &crate::engine::restream::snapshot())
-        }
         (&Method::GET, "/api/v1/recordings") => {
             json(StatusCode::OK, &crate::engine::record::snapshot())
         }
-        (
-            _,
-            "/" | "/healthz" | "/readyz" | "/metrics" | "/api/v1/summary" | "/api/v1/streams"
-            | "/api/v1/restream"
-            | "/api/v1/recordings",
-        ) => {
+        (&Method::GET, "/api/v1/restream") => restream::list(state),
+        (_, "/api/v1/restream") => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "GET lists the destinations, POST adds one; DELETE /api/v1/restream/ID removes one",
+        ),
+        (_, "/" | "/healthz" | "/readyz" | "/metrics" | "/api/v1/summary" | "/api/v1/streams"
+            | "/api/v1/recordings") => {
             error(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here")
         }
         _ => error(

@@ -333,11 +333,12 @@ impl Collector for Gateway {
             if engine.edge().is_some() {
                 crate::engine::edge::encode_metrics(&mut e)?;
             }
-            crate::engine::restream::encode_metrics(&mut e)?;
+            crate::engine::restream::encode_metrics(&mut e, Some(engine.api_pushes()))?;
             crate::engine::record::encode_metrics(&mut e)?;
             let streams = engine.hub().snapshot();
             let publishers = streams.iter().filter(|s| s.publishing).count();
             let players: usize = streams.iter().map(|s| s.players).sum();
+            let pushes: usize = streams.iter().map(|s| s.pushes).sum();
             let gop: usize = streams.iter().map(|s| s.gop_bytes).sum();
             gauge(
                 &mut e,
@@ -354,8 +355,14 @@ impl Collector for Gateway {
             gauge(
                 &mut e,
                 "rtmpgate_engine_players",
-                "Players subscribed to engine streams.",
+                "Players subscribed to engine streams (restream pushes not included).",
                 players as i64,
+            )?;
+            gauge(
+                &mut e,
+                "rtmpgate_engine_pushes",
+                "Restream pushes ([[engine.push]] and the admin API's) reading engine streams.",
+                pushes as i64,
             )?;
             gauge(
                 &mut e,

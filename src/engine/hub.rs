@@ -329,7 +329,10 @@ struct SlotState {
     publisher: Option<u64>,
     /// Wakes the current publisher's session when another one replaces it.
     ousted: Option<Arc<Notify>>,
+    /// Subscriptions: players and pushes ([`Hub::play_push`]) alike.
     players: usize,
+    /// Of `players`, the restream pushes (reported apart: they are not audience).
+    pushes: usize,
     meta: Option<Arc<Frame>>,
     video_header: Option<Arc<Frame>>,
     audio_header: Option<Arc<Frame>>,
@@ -373,6 +376,7 @@ impl SlotState {
             publisher: None,
             ousted: None,
             players: 0,
+            pushes: 0,
             meta: None,
             video_header: None,
             audio_header: None,
@@ -461,7 +465,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct StreamInfo {
     pub key: StreamKey,
     pub publishing: bool,
+    /// Players (restream pushes not included).
     pub players: usize,
+    /// Restream pushes reading the stream ([`Hub::play_push`]).
+    pub pushes: usize,
     /// Media payload bytes published on the key since it was created.
     pub bytes_in: u64,
     /// The sequence headers (codec configuration), as sent.
@@ -517,7 +524,8 @@ impl Hub {
                 StreamInfo {
                     key: slot.key.clone(),
                     publishing: st.publisher.is_some(),
-                    players: st.players,
+                    players: st.players.saturating_sub(st.pushes),
+                    pushes: st.pushes,
                     bytes_in: slot.total.load(Ordering::Relaxed),
                     video_header: st.video_header.as_ref().map(|f| f.payload.clone()),
                     audio_header: st.audio_header.as_ref().map(|f| f.payload.clone()),
@@ -630,11 +638,24 @@ impl Hub {
     /// need a new timestamp are re-chunked once per start timestamp (outside the locks) and
     /// cached for the next players.
     pub fn play(self: &Arc<Self>, key: &StreamKey) -> Player {
+        self.subscribe(key, false)
+    }
+
+    /// As [`Hub::play`], for a restream push: the same subscription, counted as a push
+    /// rather than a player in [`Hub::snapshot`].
+    pub fn play_push(self: &Arc<Self>, key: &StreamKey) -> Player {
+        self.subscribe(key, true)
+    }
+
+    fn subscribe(self: &Arc<Self>, key: &StreamKey, push: bool) -> Player {
         let mut slots = lock(&self.slots);
         let slot = self.slot(&mut slots, key);
         let mut st = lock(&slot.state);
         // Counted while the hub's lock is held, so `release` cannot drop the slot under us.
         st.players = st.players.saturating_add(1);
+        if push {
+            st.pushes = st.pushes.saturating_add(1);
+        }
         drop(slots);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let rx = st.tx.subscribe();
@@ -713,6 +734,7 @@ impl Hub {
             hub: self.clone(),
             slot,
             id,
+            push,
             rx,
             start,
             live,
@@ -909,6 +931,8 @@ pub struct Player {
     hub: Arc<Hub>,
     slot: Arc<Slot>,
     id: u64,
+    /// A restream push ([`Hub::play_push`]), counted apart from players.
+    push: bool,
     /// Everything published after the start frames, in order.
     pub rx: broadcast::Receiver<Event>,
     /// Metadata, sequence headers and the GOP since the last keyframe, to send first.
@@ -953,6 +977,9 @@ impl Drop for Player {
         {
             let mut st = lock(&self.slot.state);
             st.players = st.players.saturating_sub(1);
+            if self.push {
+                st.pushes = st.pushes.saturating_sub(1);
+            }
             let id = self.id;
             st.waiting.retain(|w| *w != id);
             st.handoff.retain(|(w, _)| *w != id);

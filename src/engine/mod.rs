@@ -127,6 +127,9 @@ pub struct Engine {
     edge: Option<Arc<edge::Edge>>,
     /// Shared by every generation (see [`Engine::reconfigured`]): ids stay unique.
     next_session: Arc<AtomicU64>,
+    /// Restream destinations added through the admin API (shared by every generation: a
+    /// reload keeps them).
+    api_pushes: Arc<restream::ApiPushes>,
 }
 
 impl Engine {
@@ -175,6 +178,7 @@ impl Engine {
         edge: Option<Arc<edge::Edge>>,
     ) -> Arc<Engine> {
         Arc::new(Engine {
+            api_pushes: restream::ApiPushes::new(limits.max_api_pushes),
             limits,
             cfg,
             hub,
@@ -195,7 +199,9 @@ impl Engine {
         cfg.gop_max_bytes = hub.gop_max_bytes;
         cfg.gop_max_messages = hub.gop_max_messages;
         cfg.max_lag_bytes = hub.max_lag_bytes;
+        self.api_pushes.set_max(limits.max_api_pushes);
         Arc::new(Engine {
+            api_pushes: self.api_pushes.clone(),
             limits,
             cfg,
             hub: self.hub.clone(),
@@ -214,6 +220,11 @@ impl Engine {
 
     pub fn hub(&self) -> &Arc<hub::Hub> {
         &self.hub
+    }
+
+    /// Restream destinations added through the admin API.
+    pub fn api_pushes(&self) -> &Arc<restream::ApiPushes> {
+        &self.api_pushes
     }
 
     /// Edge mode's pulls and forwards, when on.

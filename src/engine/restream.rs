@@ -10,12 +10,17 @@
 //! drops or refuses is reconnected with exponential backoff (from [`RECONNECT_MIN`] to
 //! [`RECONNECT_MAX`]), starting again from the hub's metadata, headers and GOP cache.
 //!
+//! Besides the configured tables, destinations for one stream can be added and removed at
+//! run time through the admin API ([`ApiPushes`]): such a push starts at once when the
+//! stream is live and with each later publish of it, until it is removed.
+//!
 //! The stream key (the URL's last path segment, or its `?` query) is a secret: logs,
 //! errors and metrics show the destination as `scheme://host:port/app/***`, and anything
 //! a destination says back is scrubbed of the key before it is logged.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -209,10 +214,21 @@ fn metrics_for(t: &PushTarget) -> Arc<DestMetrics> {
 }
 
 /// `rtmpgate_restream_*{app, destination}` for `/metrics` (nothing when no push is set).
-pub fn encode_metrics(e: &mut prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+pub fn encode_metrics(
+    e: &mut prometheus_client::encoding::DescriptorEncoder,
+    api: Option<&ApiPushes>,
+) -> std::fmt::Result {
     use prometheus_client::metrics::MetricType;
     let rows: Vec<Arc<DestMetrics>> = registry().lock().unwrap_or_else(|e| e.into_inner()).clone();
-    if rows.is_empty() {
+    // API-added destinations: their rows also name the stream and the id to DELETE.
+    let api_rows: Vec<(u64, String, Arc<DestMetrics>)> = api.map_or_else(Vec::new, |a| {
+        a.lock()
+            .entries
+            .iter()
+            .map(|p| (p.id, p.key.name.clone(), p.metrics.clone()))
+            .collect()
+    });
+    if rows.is_empty() && api_rows.is_empty() {
         return Ok(());
     }
     type Pick = fn(&DestMetrics) -> &AtomicU64;
@@ -240,37 +256,138 @@ pub fn encode_metrics(e: &mut prometheus_client::encoding::DescriptorEncoder) ->
                 _ => f.encode_gauge(&i64::try_from(n).unwrap_or(i64::MAX))?,
             }
         }
+        for (id, stream, m) in &api_rows {
+            let id = id.to_string();
+            let labels = [
+                ("app", m.app.as_str()),
+                ("destination", m.destination.as_str()),
+                ("stream", stream.as_str()),
+                ("id", id.as_str()),
+            ];
+            let n = pick(m).load(Ordering::Relaxed);
+            let mut f = d.encode_family(&labels)?;
+            match kind {
+                MetricType::Counter => {
+                    f.encode_counter::<prometheus_client::encoding::NoLabelSet, _, u64>(&n, None)?
+                }
+                _ => f.encode_gauge(&i64::try_from(n).unwrap_or(i64::MAX))?,
+            }
+        }
     }
     Ok(())
 }
 
 /// `GET /api/v1/restream`: each destination configured since start, keyed as in /metrics
-/// (the key shown as `***`), with its counters.
-pub fn snapshot() -> serde_json::Value {
+/// (the key shown as `***`), with its counters; then those added through the API (with
+/// their `id`, `stream` and who added them).
+pub fn snapshot(api: Option<&ApiPushes>) -> serde_json::Value {
     let rows: Vec<Arc<DestMetrics>> = registry().lock().unwrap_or_else(|e| e.into_inner()).clone();
     let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    let list: Vec<serde_json::Value> = rows
-        .iter()
-        .map(|m| {
-            serde_json::json!({
-                "app": m.app,
-                "destination": m.destination,
-                "streams": n(&m.streams),
-                "publishing": n(&m.publishing),
-                "connects": n(&m.connects),
-                "failures": n(&m.failures),
-                "skips": n(&m.skips),
-                "bytes": n(&m.bytes),
-            })
+    let row = |m: &DestMetrics| {
+        serde_json::json!({
+            "source": "config",
+            "app": m.app,
+            "destination": m.destination,
+            "streams": n(&m.streams),
+            "publishing": n(&m.publishing),
+            "connects": n(&m.connects),
+            "failures": n(&m.failures),
+            "skips": n(&m.skips),
+            "bytes": n(&m.bytes),
         })
-        .collect();
+    };
+    let mut list: Vec<serde_json::Value> = rows.iter().map(|m| row(m)).collect();
+    if let Some(api) = api {
+        for p in &api.lock().entries {
+            let mut v = row(&p.metrics);
+            if let Some(o) = v.as_object_mut() {
+                o.insert("source".into(), "api".into());
+                o.insert("id".into(), p.id.into());
+                o.insert("stream".into(), p.key.name.clone().into());
+                o.insert("added_by".into(), p.added_by.clone().into());
+            }
+            list.push(v);
+        }
+    }
     serde_json::json!({ "destinations": list })
 }
 
 /// Held with a publish: dropping it (the publisher left) ends the pushes of its stream,
 /// after the frames already in the hub have gone out (bounded by [`CLOSE_FLUSH`]).
 pub struct Restreams {
+    /// This publish in the API's table of live streams (taken out on drop, so a
+    /// destination added after the publisher left waits for the next publish).
+    api: Arc<ApiPushes>,
+    key: StreamKey,
+    generation: u64,
     _stop: watch::Sender<()>,
+}
+
+impl Drop for Restreams {
+    fn drop(&mut self) {
+        let mut inner = self.api.lock();
+        if inner
+            .live
+            .get(&self.key)
+            .is_some_and(|l| l.generation == self.generation)
+        {
+            inner.live.remove(&self.key);
+        }
+    }
+}
+
+/// What starting one more push of a live publish needs.
+#[derive(Clone)]
+struct Launch {
+    hub: Arc<Hub>,
+    limits: Limits,
+    write_timeout: Duration,
+    /// Ends (its sender dropped) when the publisher leaves.
+    stop: watch::Receiver<()>,
+    /// The runtime the publish runs on: an API request (served on the admin listener's
+    /// own thread) starts pushes there, not on the admin thread.
+    rt: tokio::runtime::Handle,
+    generation: u64,
+}
+
+impl Launch {
+    /// Subscribes to the hub now and runs the push to `dest` until the publisher leaves
+    /// (or, for an API destination, until `cancel` ends: its removal).
+    fn spawn(
+        &self,
+        key: &StreamKey,
+        dest: &Destination,
+        ca: Option<PathBuf>,
+        metrics: Arc<DestMetrics>,
+        cancel: Option<watch::Receiver<()>>,
+    ) {
+        let ctx = Ctx {
+            hub: self.hub.clone(),
+            limits: self.limits.clone(),
+            key: key.clone(),
+            dest: dest.clone(),
+            ca,
+            connect_timeout: Duration::from_secs(self.limits.handshake_timeout_secs.max(1)),
+            write_timeout: self.write_timeout,
+            max_lag: self.hub.config().max_lag_bytes,
+            ring: self.hub.config().queue_messages,
+            metrics,
+            label: format!("{key} -> {}", dest.redacted()),
+        };
+        let player = self.hub.play_push(key);
+        let stop = self.stop.clone();
+        self.rt.spawn(async move {
+            let Some(mut cancel) = cancel else {
+                return run(ctx, player, stop).await;
+            };
+            let label = ctx.label.clone();
+            tokio::select! {
+                () = run(ctx, player, stop) => {}
+                // Removed through the API: dropping the session closes its connection now.
+                _ = cancel.changed() => info!("restream {label}: stopped (removed through the admin API)"),
+            }
+        });
+    }
 }
 
 /// What one destination's task needs.
@@ -289,40 +406,196 @@ struct Ctx {
     label: String,
 }
 
-/// Starts pushing `key` (just published on `hub`) to every target whose app matches.
-/// Call it right after the publish took the key: each destination subscribes to the hub
-/// here, before the first frame, so the first connection sends the stream from its start.
+/// Starts pushing `key` (just published on `hub`) to every target whose app matches and
+/// to the destinations the admin API added for it, and registers the publish so that
+/// destinations added later start at once. Call it on the runtime the sessions run on,
+/// right after the publish took the key: each destination subscribes to the hub here,
+/// before the first frame, so the first connection sends the stream from its start.
 pub fn start(
     targets: &[PushTarget],
+    api: &Arc<ApiPushes>,
     hub: &Arc<Hub>,
     limits: &Limits,
     write_timeout: Duration,
     key: &StreamKey,
-) -> Option<Restreams> {
-    let mut matching = targets
-        .iter()
-        .filter(|t| app_matches(&t.app, &key.app))
-        .peekable();
-    matching.peek()?;
+) -> Restreams {
     let (stop_tx, stop_rx) = watch::channel(());
-    for t in matching {
-        let ctx = Ctx {
-            hub: hub.clone(),
-            limits: limits.clone(),
-            key: key.clone(),
-            dest: t.dest.clone(),
-            ca: t.ca.clone(),
-            connect_timeout: Duration::from_secs(limits.handshake_timeout_secs.max(1)),
-            write_timeout,
-            max_lag: hub.config().max_lag_bytes,
-            ring: hub.config().queue_messages,
-            metrics: metrics_for(t),
-            label: format!("{key} -> {}", t.dest.redacted()),
-        };
-        let player = hub.play(key);
-        tokio::spawn(run(ctx, player, stop_rx.clone()));
+    let mut inner = api.lock();
+    inner.generation = inner.generation.wrapping_add(1);
+    let launch = Launch {
+        hub: hub.clone(),
+        limits: limits.clone(),
+        write_timeout,
+        stop: stop_rx,
+        rt: tokio::runtime::Handle::current(),
+        generation: inner.generation,
+    };
+    for t in targets.iter().filter(|t| app_matches(&t.app, &key.app)) {
+        launch.spawn(key, &t.dest, t.ca.clone(), metrics_for(t), None);
     }
-    Some(Restreams { _stop: stop_tx })
+    // Under the table's lock: an API add or removal happens wholly before or after this.
+    for p in inner.entries.iter().filter(|p| &p.key == key) {
+        launch.spawn(
+            key,
+            &p.dest,
+            None,
+            p.metrics.clone(),
+            Some(p.cancel.subscribe()),
+        );
+    }
+    let generation = launch.generation;
+    inner.live.insert(key.clone(), launch);
+    drop(inner);
+    Restreams {
+        api: api.clone(),
+        key: key.clone(),
+        generation,
+        _stop: stop_tx,
+    }
+}
+
+/// Destinations added through the admin API (`POST /api/v1/restream`), each for one stream,
+/// and the streams publishing now. Runtime state shared by every engine generation: a
+/// configuration reload keeps it, a restart forgets it.
+pub struct ApiPushes {
+    inner: Mutex<ApiInner>,
+    /// `limits.max_api_pushes` (a reload updates it; entries above a lowered limit stay).
+    max: AtomicUsize,
+}
+
+#[derive(Default)]
+struct ApiInner {
+    next_id: u64,
+    /// Bumped by every publish, so a publish that ended does not remove its successor.
+    generation: u64,
+    entries: Vec<ApiPush>,
+    live: HashMap<StreamKey, Launch>,
+}
+
+struct ApiPush {
+    id: u64,
+    key: StreamKey,
+    dest: Destination,
+    /// Who added it (the admin client's address), for the list and the logs.
+    added_by: String,
+    metrics: Arc<DestMetrics>,
+    /// Dropped on removal: the push running for it stops at once.
+    cancel: watch::Sender<()>,
+}
+
+/// Why an API destination was not added; the texts name what to fix and never hold the
+/// URL (it carries the stream key).
+#[derive(Debug, thiserror::Error)]
+pub enum AddError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0} destinations were added through the API already (limits.max_api_pushes); remove one with DELETE /api/v1/restream/ID first")]
+    Full(usize),
+    #[error("this destination is already added for this stream, as id {0}")]
+    Duplicate(u64),
+}
+
+impl ApiPushes {
+    pub fn new(max: usize) -> Arc<ApiPushes> {
+        Arc::new(ApiPushes {
+            inner: Mutex::new(ApiInner::default()),
+            max: AtomicUsize::new(max),
+        })
+    }
+
+    /// A reload's `limits.max_api_pushes`.
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ApiInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds a destination for `app`/`stream` (already checked by the caller: exact names
+    /// within `limits.max_name_len`) and, when the stream is live, starts pushing to it at
+    /// once from the hub's metadata, headers and GOP cache. Returns what the API answers.
+    pub fn add(
+        &self,
+        app: &str,
+        stream: &str,
+        url: &str,
+        added_by: &str,
+    ) -> Result<serde_json::Value, AddError> {
+        let dest = Destination::parse(url).map_err(|e| AddError::Invalid(format!("url: {e}")))?;
+        let key = StreamKey::new(app, stream);
+        let mut inner = self.lock();
+        if let Some(p) = inner
+            .entries
+            .iter()
+            .find(|p| p.key == key && p.dest == dest)
+        {
+            return Err(AddError::Duplicate(p.id));
+        }
+        let max = self.max.load(Ordering::Relaxed);
+        if inner.entries.len() >= max {
+            return Err(AddError::Full(max));
+        }
+        inner.next_id = inner.next_id.saturating_add(1);
+        let id = inner.next_id;
+        let metrics = Arc::new(DestMetrics {
+            app: app.to_owned(),
+            destination: dest.redacted(),
+            ..DestMetrics::default()
+        });
+        let (cancel, _) = watch::channel(());
+        let live = inner.live.get(&key).cloned();
+        if let Some(launch) = &live {
+            launch.spawn(&key, &dest, None, metrics.clone(), Some(cancel.subscribe()));
+        }
+        info!(
+            "restream {key} -> {}: added through the admin API by {added_by} (id {id}){}",
+            dest.redacted(),
+            if live.is_some() {
+                "; the stream is live, pushing now"
+            } else {
+                "; pushing from its next publish"
+            }
+        );
+        let answer = serde_json::json!({
+            "id": id,
+            "app": app,
+            "stream": stream,
+            "destination": dest.redacted(),
+            "live": live.is_some(),
+        });
+        inner.entries.push(ApiPush {
+            id,
+            key,
+            dest,
+            added_by: added_by.to_owned(),
+            metrics,
+            cancel,
+        });
+        Ok(answer)
+    }
+
+    /// Removes destination `id`: its push stops at once (its connection is closed), the
+    /// stream's other destinations and players carry on. None when there is no such id.
+    pub fn remove(&self, id: u64, asked_by: &str) -> Option<serde_json::Value> {
+        let mut inner = self.lock();
+        let at = inner.entries.iter().position(|p| p.id == id)?;
+        let p = inner.entries.swap_remove(at);
+        // Keep the list in the order the destinations were added.
+        inner.entries.sort_by_key(|p| p.id);
+        drop(inner);
+        info!(
+            "restream {} -> {}: removed through the admin API by {asked_by} (id {id})",
+            p.key,
+            p.dest.redacted()
+        );
+        Some(serde_json::json!({
+            "removed": id,
+            "app": p.key.app,
+            "stream": p.key.name,
+            "destination": p.dest.redacted(),
+        }))
+    }
 }
 
 /// Why one publish session to a destination ended.
@@ -335,7 +608,8 @@ enum Ended {
 
 async fn run(ctx: Ctx, first: Player, mut stop: watch::Receiver<()>) {
     let m = ctx.metrics.clone();
-    m.streams.fetch_add(1, Ordering::Relaxed);
+    // Guards, not pairs of calls: a removal through the API drops this future anywhere.
+    let _streaming = Up::new(&m.streams);
     let mut first = Some(first);
     let mut wait = RECONNECT_MIN;
     info!("restream {}: connecting", ctx.label);
@@ -347,16 +621,16 @@ async fn run(ctx: Ctx, first: Player, mut stop: watch::Receiver<()>) {
         match opened {
             Ok(conn) => {
                 m.connects.fetch_add(1, Ordering::Relaxed);
-                m.publishing.fetch_add(1, Ordering::Relaxed);
+                let publishing = Up::new(&m.publishing);
                 info!("restream {}: publishing", ctx.label);
                 // The subscription taken at publish time, unless it fell behind meanwhile
                 // (then its headers are gone: a new one starts from the hub's caches).
                 let player = match first.take() {
                     Some(p) if p.rx.len() < ctx.ring / 2 => p,
-                    _ => ctx.hub.play(&ctx.key),
+                    _ => ctx.hub.play_push(&ctx.key),
                 };
                 let ended = pump(&ctx, conn, player, &mut stop).await;
-                m.publishing.fetch_sub(1, Ordering::Relaxed);
+                drop(publishing);
                 match ended {
                     Ended::Stopped => break,
                     Ended::Failed(why) => {
@@ -390,8 +664,23 @@ async fn run(ctx: Ctx, first: Player, mut stop: watch::Receiver<()>) {
         }
         wait = wait.saturating_mul(2).min(RECONNECT_MAX);
     }
-    m.streams.fetch_sub(1, Ordering::Relaxed);
     info!("restream {}: stopped (the publisher left)", ctx.label);
+}
+
+/// One more in a gauge for as long as it lives.
+struct Up<'a>(&'a AtomicU64);
+
+impl<'a> Up<'a> {
+    fn new(gauge: &'a AtomicU64) -> Up<'a> {
+        gauge.fetch_add(1, Ordering::Relaxed);
+        Up(gauge)
+    }
+}
+
+impl Drop for Up<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Anything a destination or the network said, without the stream key in it.
@@ -422,11 +711,11 @@ async fn open(ctx: &Ctx) -> Result<OriginConn, ConnError> {
     };
     let (app, key) = ctx.dest.for_name(&ctx.key.name);
     let timeout = ctx.connect_timeout;
-    let mut c = OriginConn::open(
+    let mut c = OriginConn::open_publisher(
         &ctx.dest.server,
         tls.as_ref(),
         &app,
-        crate::rtmp::session::client::publisher_props(),
+        &key,
         &ctx.limits,
         timeout,
     )

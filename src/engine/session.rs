@@ -787,6 +787,7 @@ impl EngineConnection {
                 let cfg = self.engine.config();
                 let restreams = super::restream::start(
                     &cfg.push,
+                    self.engine.api_pushes(),
                     self.engine.hub(),
                     self.engine.limits(),
                     cfg.write_timeout,
@@ -801,7 +802,7 @@ impl EngineConnection {
                 self.publishing = Some(PublishState {
                     stream_id: request.stream_id,
                     sink: Sink::Hub(publisher),
-                    _restreams: restreams,
+                    _restreams: Some(restreams),
                     _recording: recording,
                 });
                 self.proto.accept(request.request_id);

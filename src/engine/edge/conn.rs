@@ -68,6 +68,9 @@ pub struct OriginConn {
     pub bytes_in: u64,
     /// Bytes written to the origin (handshake included).
     pub bytes_out: u64,
+    /// releaseStream and FCPublish already went out before createStream
+    /// ([`OriginConn::open_publisher`]): [`OriginConn::publish`] does not repeat them.
+    announced: bool,
 }
 
 async fn tcp_connect(url: &RtmpUrl) -> Result<TcpStream, String> {
@@ -107,9 +110,34 @@ impl OriginConn {
             what,
             secs,
         };
-        tokio::time::timeout(timeout, Self::open_inner(url, tls, app, props, limits))
+        tokio::time::timeout(
+            timeout,
+            Self::open_inner(url, tls, app, props, limits, None),
+        )
+        .await
+        .map_err(|_| t("connecting, handshake, connect and createStream"))?
+    }
+
+    /// As [`OriginConn::open`] for a publisher of `name`: connect, then releaseStream and
+    /// FCPublish, then createStream, in the order ffmpeg and OBS send them (some platform
+    /// ingests key their state on it). Follow with [`OriginConn::publish`].
+    pub async fn open_publisher(
+        url: &RtmpUrl,
+        tls: Option<&Arc<rustls::ClientConfig>>,
+        app: &str,
+        name: &str,
+        limits: &Limits,
+        timeout: Duration,
+    ) -> Result<OriginConn, ConnError> {
+        let props = crate::rtmp::session::client::publisher_props();
+        let opened = Self::open_inner(url, tls, app, props, limits, Some(name));
+        tokio::time::timeout(timeout, opened)
             .await
-            .map_err(|_| t("connecting, handshake, connect and createStream"))?
+            .map_err(|_| ConnError::Timeout {
+                url: url.to_string(),
+                what: "connecting, handshake, connect, releaseStream, FCPublish and createStream",
+                secs: timeout.as_secs(),
+            })?
     }
 
     async fn open_inner(
@@ -118,6 +146,7 @@ impl OriginConn {
         app: &str,
         props: Vec<(&'static str, crate::rtmp::amf0::Amf0Value)>,
         limits: &Limits,
+        publisher: Option<&str>,
     ) -> Result<OriginConn, ConnError> {
         let id = url.to_string();
         let tcp = tcp_connect(url)
@@ -157,6 +186,7 @@ impl OriginConn {
             stream_id: 0,
             bytes_in: 0,
             bytes_out: 0,
+            announced: false,
         };
         c.handshake().await?;
         let tc_url = format!("{}/{app}", url);
@@ -179,6 +209,9 @@ impl OriginConn {
                 _ => c.flush().await?,
             }
         }
+        if let Some(name) = publisher {
+            c.announce(name).map_err(proto)?;
+        }
         c.session.create_stream().map_err(proto)?;
         c.flush().await?;
         loop {
@@ -198,7 +231,7 @@ impl OriginConn {
     }
 
     /// Publishes `name` (live) on the stream createStream gave us, with releaseStream and
-    /// FCPublish first as OBS and ffmpeg send them (platform ingests expect them), and waits
+    /// FCPublish first unless [`OriginConn::open_publisher`] sent them already, and waits
     /// up to `timeout` for NetStream.Publish.Start. `what` names the publish in errors (the
     /// name itself may be a secret stream key, so it is never put in one).
     pub async fn publish(
@@ -207,13 +240,9 @@ impl OriginConn {
         what: &str,
         timeout: Duration,
     ) -> Result<(), ConnError> {
-        use crate::rtmp::amf0::Amf0Value;
         let sid = self.stream_id;
-        let args = [Amf0Value::Null, Amf0Value::string(name)];
-        for call in ["releaseStream", "FCPublish"] {
-            self.session
-                .call(0, call, &args)
-                .map_err(|e| c_proto(&self.url, e))?;
+        if !self.announced {
+            self.announce(name).map_err(|e| c_proto(&self.url, e))?;
         }
         self.session.publish(sid, name);
         self.flush().await?;
@@ -249,6 +278,18 @@ impl OriginConn {
                 secs: timeout.as_secs(),
             })
         })
+    }
+
+    /// Queues releaseStream and FCPublish of `name` (their answers, if any, are not waited
+    /// for: servers differ, and publish's own status is what counts).
+    fn announce(&mut self, name: &str) -> Result<(), crate::rtmp::session::ClientError> {
+        use crate::rtmp::amf0::Amf0Value;
+        let args = [Amf0Value::Null, Amf0Value::string(name)];
+        for call in ["releaseStream", "FCPublish"] {
+            self.session.call(0, call, &args)?;
+        }
+        self.announced = true;
+        Ok(())
     }
 
     fn refused(&self, what: &str, values: &[crate::rtmp::amf0::Amf0Value]) -> ConnError {
