@@ -167,16 +167,25 @@ fn tunnel_sessions_survive_per_request_round_robin() {
         4,
         "four tunnel sessions (a publisher, three players)"
     );
-    // Every node forwarded requests for sessions it does not own.
-    for at in &nodes {
+    // Every node forwarded requests for sessions it does not own. A node that owns every
+    // session has none to forward: round robin per request may send all four /open to one
+    // node (seen under load: [4, 0, 0]), so only nodes with a session elsewhere must.
+    for (k, at) in nodes.iter().enumerate() {
         let n: usize = nodes
             .iter()
             .filter(|o| o.id != at.id)
             .map(|o| at.gw.count_log(&format!("to node {}", o.id)))
             .sum();
-        eprintln!("node {} forwarded {n} requests", at.id);
+        let elsewhere: usize = (0..nodes.len())
+            .filter(|&j| j != k)
+            .map(|j| opened[j])
+            .sum();
+        eprintln!(
+            "node {} forwarded {n} requests ({elsewhere} sessions on other nodes)",
+            at.id
+        );
         assert!(
-            n > 0,
+            elsewhere == 0 || n > 0,
             "node {} forwarded no request: the balancer did not spread sessions' requests",
             at.id
         );
