@@ -428,6 +428,7 @@ pub fn start(
         max_keyframes: limits.max_record_keyframes.max(2),
         amf: limits.into(),
         max_lag: hub.config().max_lag_bytes,
+        hub: hub.clone(),
         info,
     };
     let player = hub.play(key);
@@ -442,6 +443,8 @@ struct Ctx {
     max_keyframes: usize,
     amf: AmfLimits,
     max_lag: u64,
+    /// To read the stream's current headers after a skip.
+    hub: Arc<Hub>,
     info: Arc<RecInfo>,
 }
 
@@ -485,6 +488,9 @@ struct State {
     /// Fell behind: waiting for a keyframe (audio only: the next audio frame).
     skipping: bool,
     last_skip_log: Option<Instant>,
+    /// Frames were lost (the ring overtook the recorder): headers among them may have
+    /// changed, so they are read again from the hub where the recording resumes.
+    resync: bool,
     skips_unlogged: u64,
     /// The latest metadata and sequence headers: a split file starts with them.
     meta: Option<Arc<Frame>>,
@@ -507,6 +513,7 @@ async fn run(ctx: Ctx, _active: Active, mut player: Player, mut stop: watch::Rec
         has_video: player.has_video,
         skipping: player.live && player.has_video && !player.has_keyframe,
         last_skip_log: None,
+        resync: false,
         skips_unlogged: 0,
         meta: None,
         video_header: None,
@@ -619,6 +626,7 @@ async fn on_event(
         Ok(Event::Filler) => Step::Go,
         Err(RecvError::Lagged(n)) => {
             skipped(ctx, st, &format!("fell {n} messages behind"));
+            st.resync = true;
             Step::Go
         }
     }
@@ -677,6 +685,29 @@ fn is_seek_point(f: &Frame) -> bool {
     !matches!(b0 & 0x0f, 7 | 12 | 13) || p.get(1) == Some(&1)
 }
 
+/// After lost frames, at the keyframe the recording resumes at: the stream's metadata and
+/// sequence headers as the hub has them now (a new one may have been among the lost
+/// frames: an encoder changing resolution), queued before the keyframe where they differ
+/// from the last ones recorded. A subscription taken and dropped at once (rare: a skip).
+fn resync_headers(ctx: &Ctx, st: &mut State, ts: u32) {
+    let now = ctx.hub.play(&ctx.key);
+    for h in now.start.iter().filter(|f| f.kind.is_header()) {
+        let last = match h.kind {
+            FrameKind::Meta => &mut st.meta,
+            FrameKind::VideoHeader => &mut st.video_header,
+            _ => &mut st.audio_header,
+        };
+        if last.as_ref().is_some_and(|l| l.payload == h.payload) {
+            continue;
+        }
+        *last = Some(h.clone());
+        if let (Some(cur), Some(tag)) = (st.cur.as_ref(), tag_of(h)) {
+            let at = ts.saturating_sub(cur.base_ts);
+            queue(ctx, st, h, tag, at);
+        }
+    }
+}
+
 /// Queues one frame (opening, splitting and writing files as needed); false on a disk
 /// error (logged and counted: the recording stops).
 async fn take_frame(ctx: &Ctx, st: &mut State, player: &Player, f: &Arc<Frame>) -> bool {
@@ -703,6 +734,9 @@ async fn take_frame(ctx: &Ctx, st: &mut State, player: &Player, f: &Arc<Frame>) 
                 return true;
             }
             st.skipping = false;
+            if std::mem::take(&mut st.resync) {
+                resync_headers(ctx, st, f.timestamp);
+            }
         }
     }
     // A new file starts at a keyframe (audio only: any audio frame) once the current one is
@@ -1297,6 +1331,8 @@ mod tests {
         const AVC_HEADER: &[u8] = &[0x17, 0, 0, 0, 0, 1, 2];
         const AVC_KEY: &[u8] = &[0x17, 1, 0, 0, 0, 9];
         const AVC_INTER: &[u8] = &[0x27, 1, 0, 0, 0, 8];
+        // A new decoder configuration (another resolution) among the frames lost.
+        const AVC_HEADER_2: &[u8] = &[0x17, 0, 0, 0, 0, 1, 3];
         let dir = tempfile::tempdir().unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -1339,11 +1375,25 @@ mod tests {
             // Then it cannot run while 100 frames come: a disk that slow. The ring (16) laps
             // and the publisher never waits.
             for i in 1..=100u32 {
-                push(i * 33, AVC_INTER);
+                push(i * 33, if i == 50 { AVC_HEADER_2 } else { AVC_INTER });
             }
             push(3400, AVC_KEY);
             for i in 1..=5u32 {
                 push(3400 + i * 33, AVC_INTER);
+            }
+            // The publisher stays until the recorder has resumed (its headers are the hub's
+            // while it publishes).
+            let keyframes = || {
+                lock(&registry().active)
+                    .values()
+                    .find(|i| i.stream == "live/slow")
+                    .map_or(0, |i| i.keyframes.load(Ordering::Relaxed))
+            };
+            for _ in 0..200 {
+                if keyframes() == 2 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
             drop(p);
             drop(rec);
@@ -1370,17 +1420,19 @@ mod tests {
         // onMetaData, header, keyframe; then the next keyframe and what follows it: the
         // frames in between, which the ring no longer held, are skipped, not half-written.
         let video: Vec<(u32, u8)> = t.iter().filter(|x| x.0 == 9).map(|x| (x.1, x.2)).collect();
-        let mut want = vec![(0, 0x17), (0, 0x17), (3400, 0x17)];
+        // The new header comes back from the hub before the keyframe the recording resumes at.
+        let mut want = vec![(0, 0x17), (0, 0x17), (3400, 0x17), (3400, 0x17)];
         want.extend((1..=5u32).map(|i| (3400 + i * 33, 0x27)));
         assert_eq!(video, want);
         assert_eq!(t[0].0, flv::TagKind::Script as u8);
-        // The index lists the two keyframes written, at their offsets.
-        let keys: Vec<f64> = t
+        // The index lists the two keyframes written, at their offsets (the 0x17 video tags
+        // are: header, keyframe, new header, keyframe).
+        let k: Vec<f64> = t
             .iter()
             .filter(|x| x.0 == 9 && x.2 == 0x17)
-            .skip(1)
             .map(|x| x.3 as f64)
             .collect();
+        let keys = vec![k[1], k[3]];
         let body =
             &data[flv::HEADER_LEN + flv::TAG_HEADER_LEN..usize::try_from(t[1].3).unwrap() - 4];
         let meta = crate::rtmp::amf0::decode_all(body, &AmfLimits::default()).unwrap();
