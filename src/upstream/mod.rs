@@ -45,11 +45,12 @@ use guard::RelayGuard;
 use pool::{Backend, Group, Pools};
 use settings::{HealthSettings, RelayMode};
 
-/// Each direction starts with a small buffer (a player's side only ever carries acks) and
-/// doubles it, up to [`PUMP_BUF_MAX`], whenever a read fills it (a media stream), so ten
-/// thousand idle players cost little and a busy stream moves a video frame in one read.
-/// What the handshake grew is given back while the direction is still starting up (less than
-/// [`STARTUP_BYTES`] carried) and has nothing to read: an idle connection holds only this.
+/// Each direction starts with no buffer, reads its first bytes into the stack and then into a
+/// buffer of this size (a player's side only ever carries acks), doubled, up to
+/// [`PUMP_BUF_MAX`], whenever a read fills it (a media stream), so ten thousand idle players
+/// cost little and a busy stream moves a video frame in one read. While the direction is
+/// still starting up (less than [`STARTUP_BYTES`] carried) its buffer is freed whenever it
+/// has nothing to read: an idle connection holds no pump buffer.
 const PUMP_BUF_MIN: usize = 512;
 /// Largest buffer per direction.
 const PUMP_BUF_MAX: usize = 64 * 1024;
@@ -563,7 +564,7 @@ impl OneWay {
             window_bytes: 0,
             prev_window_bytes: 0,
             grow: false,
-            buf: vec![0u8; PUMP_BUF_MIN].into_boxed_slice(),
+            buf: Box::default(),
             start: 0,
             end: 0,
             read_done: false,
@@ -630,11 +631,19 @@ impl OneWay {
             self.buf = vec![0u8; len].into_boxed_slice();
             self.grow = false;
         }
-        let mut rb = ReadBuf::new(&mut self.buf);
+        // A direction with no buffer (idle while starting up) reads into the stack first and
+        // allocates only once bytes arrive, so an idle connection holds no pump buffer at all.
+        let mut probe = [0u8; PUMP_BUF_MIN];
+        let probing = self.buf.is_empty();
+        let mut rb = if probing {
+            ReadBuf::new(&mut probe)
+        } else {
+            ReadBuf::new(&mut self.buf)
+        };
         match r.poll_read(cx, &mut rb) {
             Poll::Pending => {
-                if self.total < STARTUP_BYTES && self.buf.len() > PUMP_BUF_MIN {
-                    self.buf = vec![0u8; PUMP_BUF_MIN].into_boxed_slice();
+                if self.total < STARTUP_BYTES && !self.buf.is_empty() {
+                    self.buf = Box::default();
                     self.grow = false;
                 }
                 // Nothing more to read now: push out what was written (TLS buffers).
@@ -649,6 +658,13 @@ impl OneWay {
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Ready(Ok(())) => {
                 let n = rb.filled().len();
+                if n > 0 && probing {
+                    let mut buf = vec![0u8; PUMP_BUF_MIN].into_boxed_slice();
+                    if let (Some(to), Some(from)) = (buf.get_mut(..n), probe.get(..n)) {
+                        to.copy_from_slice(from);
+                    }
+                    self.buf = buf;
+                }
                 if n == 0 {
                     self.read_done = true;
                 } else {
