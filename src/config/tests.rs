@@ -424,3 +424,18 @@ fn record_keys() {
         assert!(e.starts_with(key), "{text}: {e}");
     }
 }
+
+#[test]
+fn vod_dir_must_be_a_directory_and_is_kept_canonical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let toml = format!("[engine]\nvod_dir = \"{}/./\"\n", tmp.path().display());
+    let c = merge(&[], &toml).unwrap();
+    let want = std::fs::canonicalize(tmp.path()).unwrap();
+    assert_eq!(c.engine.vod_dir.as_deref(), Some(want.as_path()));
+    let missing = format!("[engine]\nvod_dir = \"{}/nope\"\n", tmp.path().display());
+    let e = merge(&[], &missing).unwrap_err().to_string();
+    assert!(
+        e.contains("engine.vod_dir") && e.contains("not a readable directory"),
+        "{e}"
+    );
+}
