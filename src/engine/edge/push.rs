@@ -199,12 +199,12 @@ async fn open(
     published: &str,
 ) -> Result<OriginConn, ConnError> {
     let timeout = edge.settings.connect_timeout;
-    let props = crate::rtmp::session::client::publisher_props();
-    let mut c = OriginConn::open(
+    // releaseStream and FCPublish before createStream, as the encoder itself sends them.
+    let mut c = OriginConn::open_publisher(
         url,
         edge.tls.as_ref(),
         &key.app,
-        props,
+        published,
         &edge.limits,
         timeout,
     )
