@@ -14,18 +14,16 @@ use crate::rtmp::amf0::{self, Amf0Value};
 
 /// Bytes of the FLV file header ("FLV", version, flags, header size) as FLV 1 defines it.
 pub const FILE_HEADER_LEN: usize = 9;
-/// Bytes of a tag header: type, body size (24 bits), timestamp (24 + 8 bits), stream id.
-pub const TAG_HEADER_LEN: usize = 11;
-/// Bytes of the PreviousTagSize field after each tag (and after the file header).
-pub const PREV_SIZE_LEN: usize = 4;
+// The tag header and PreviousTagSize lengths are the writer's (`super::flv`): one format.
+pub use super::flv::{PREV_TAG_SIZE_LEN as PREV_SIZE_LEN, TAG_HEADER_LEN};
 /// A header size field larger than this is not an FLV file (FLV 1 writes 9; the field
 /// exists for extensions nobody made).
 const MAX_HEADER_SIZE: u32 = 1024;
 
 /// FLV tag types (the same numbers as the RTMP message types they become).
-pub const TAG_AUDIO: u8 = 8;
-pub const TAG_VIDEO: u8 = 9;
-pub const TAG_SCRIPT: u8 = 18;
+pub const TAG_AUDIO: u8 = super::flv::TagKind::Audio as u8;
+pub const TAG_VIDEO: u8 = super::flv::TagKind::Video as u8;
+pub const TAG_SCRIPT: u8 = super::flv::TagKind::Script as u8;
 
 /// What one file may make the reader hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

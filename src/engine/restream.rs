@@ -242,19 +242,22 @@ pub fn encode_metrics(
     ];
     for (name, help, kind, pick) in families {
         let mut d = e.encode_descriptor(name, help, None, kind)?;
+        // One series: a counter or a gauge of `n` under `labels`.
+        let mut series = |labels: &[(&str, &str)], n: u64| -> std::fmt::Result {
+            let mut f = d.encode_family(&labels)?;
+            match kind {
+                MetricType::Counter => {
+                    f.encode_counter::<prometheus_client::encoding::NoLabelSet, _, u64>(&n, None)
+                }
+                _ => f.encode_gauge(&i64::try_from(n).unwrap_or(i64::MAX)),
+            }
+        };
         for m in &rows {
             let labels = [
                 ("app", m.app.as_str()),
                 ("destination", m.destination.as_str()),
             ];
-            let n = pick(m).load(Ordering::Relaxed);
-            let mut f = d.encode_family(&labels)?;
-            match kind {
-                MetricType::Counter => {
-                    f.encode_counter::<prometheus_client::encoding::NoLabelSet, _, u64>(&n, None)?
-                }
-                _ => f.encode_gauge(&i64::try_from(n).unwrap_or(i64::MAX))?,
-            }
+            series(&labels, pick(m).load(Ordering::Relaxed))?;
         }
         for (id, stream, m) in &api_rows {
             let id = id.to_string();
@@ -264,14 +267,7 @@ pub fn encode_metrics(
                 ("stream", stream.as_str()),
                 ("id", id.as_str()),
             ];
-            let n = pick(m).load(Ordering::Relaxed);
-            let mut f = d.encode_family(&labels)?;
-            match kind {
-                MetricType::Counter => {
-                    f.encode_counter::<prometheus_client::encoding::NoLabelSet, _, u64>(&n, None)?
-                }
-                _ => f.encode_gauge(&i64::try_from(n).unwrap_or(i64::MAX))?,
-            }
+            series(&labels, pick(m).load(Ordering::Relaxed))?;
         }
     }
     Ok(())

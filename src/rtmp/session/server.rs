@@ -1112,42 +1112,36 @@ impl ServerSession {
     }
 
     fn on_play(&mut self, stream_id: u32, raw: &str, start: Option<f64>) {
-        let Some(request) = self.stream_request(stream_id, raw) else {
-            self.bad_play_name(stream_id, raw);
-            return;
-        };
-        // A second play on the connection replaces the first.
-        self.playing = None;
-        self.pending = Some(Pending::Play {
-            id: request.request_id,
-            stream_id,
-            name: request.name.clone(),
-            switch: false,
-        });
-        self.events.push_back(ServerEvent::PlayRequested {
-            request: Box::new(request),
-            start,
-            switch: false,
-        });
+        self.request_play(stream_id, raw, start, false);
     }
 
     /// play2 with transition "switch" (or "swap") while playing: a request to move the play
     /// to `raw`; the play goes on as it is until the application accepts.
     fn on_play_switch(&mut self, stream_id: u32, raw: &str) {
+        self.request_play(stream_id, raw, None, true);
+    }
+
+    /// Raises `PlayRequested` for `raw` (or answers a bad name); the application's answer
+    /// settles the pending play.
+    fn request_play(&mut self, stream_id: u32, raw: &str, start: Option<f64>, switch: bool) {
         let Some(request) = self.stream_request(stream_id, raw) else {
             self.bad_play_name(stream_id, raw);
             return;
         };
+        if !switch {
+            // A second play on the connection replaces the first.
+            self.playing = None;
+        }
         self.pending = Some(Pending::Play {
             id: request.request_id,
             stream_id,
             name: request.name.clone(),
-            switch: true,
+            switch,
         });
         self.events.push_back(ServerEvent::PlayRequested {
             request: Box::new(request),
-            start: None,
-            switch: true,
+            start,
+            switch,
         });
     }
 
