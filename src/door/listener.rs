@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-use crate::door::admit::{ConnLimiter, PeerLines};
+use crate::door::admit::{ConnLimiter, IpGuard, PeerLines};
 use crate::door::rtmpe;
 use crate::door::rtmpt::Tunnel;
 use crate::door::sniff::{self, Kind};
@@ -506,69 +506,20 @@ async fn handle(
     };
     tune_socket(&tcp);
     let first = opts.limits.first_bytes_timeout();
-
-    let (peer, head) = if opts.accept_proxy_protocol {
-        let trusted = &opts.trusted_proxies;
-        if !trusted.is_empty() && !trusted.iter().any(|c| c.contains(peer.ip())) {
-            // Only a load balancer may say who the client is; anyone else could claim any
-            // address (and with it another address's limits).
-            metrics::refused(Refusal::ProxyProtocol);
-            if let Some(also) = ctx.conns.refusals.should_log("refused") {
-                tracing::warn!(
-                    "refusing {peer} on {label}: not a trusted proxy (trusted_proxies); with \
-                     accept_proxy_protocol every connection must come through a listed load \
-                     balancer{also}"
-                );
-            }
-            return;
-        }
-        match tokio::time::timeout(first, proxy_protocol::read_header(&mut tcp)).await {
-            Ok(Ok((client, rest))) => (client.unwrap_or(peer), rest),
-            Ok(Err(e)) => {
-                metrics::refused(Refusal::ProxyProtocol);
-                ctx.conns.lines.info(peer.ip(), "proxy header", || {
-                    format!("closing {peer} on {label}: {e}")
-                });
-                return;
-            }
-            Err(_) => {
-                metrics::refused(Refusal::ProxyProtocol);
-                ctx.conns.lines.info(peer.ip(), "no proxy header", || {
-                    format!(
-                        "dropping {peer} on {label}: no PROXY protocol header within {} s",
-                        first.as_secs()
-                    )
-                });
-                return;
-            }
-        }
-    } else {
-        (peer, BytesMut::new())
-    };
-    let Some(_per_ip) = ctx.conns.admit_ip(peer.ip()) else {
-        metrics::refused(Refusal::MaxConnectionsPerIp);
-        if let Some(also) = ctx.conns.refusals.should_log("refused") {
-            tracing::warn!(
-                "refusing {peer} on {label}: {} connections from this address already open \
-                 (limits.max_connections_per_ip){also}",
-                opts.limits.max_connections_per_ip
-            );
-        }
+    // The PROXY header, the per-address admission and the sniff run in their own boxed
+    // future, freed once they are done: their timers and reads would otherwise be part of
+    // this task, which lives as long as the connection (several hundred bytes for each
+    // idle connection).
+    let Some((peer, _per_ip, kind, head)) =
+        Box::pin(admit_and_sniff(&ctx, &opts, &mut tcp, peer, first, &label)).await
+    else {
         return;
     };
-
-    let lines = &ctx.conns.lines;
-    let Some((kind, head)) = sniff_in_time(&mut tcp, head, first, peer, &label, lines).await else {
-        return;
-    };
-    if kind == Kind::Unknown {
-        log_unknown(peer, &label, &head, lines);
-        return;
-    }
+    drop(opts);
     if !scheme.is_tls() {
         if kind == Kind::Tls {
             metrics::refused(Refusal::WrongListener);
-            lines.info(peer.ip(), "tls on plain", || {
+            ctx.conns.lines.info(peer.ip(), "tls on plain", || {
                 format!(
                     "closing {peer} on {label}: a TLS handshake on a plain listener; TLS \
                      clients (rtmps://, rtmpts://) need an rtmps:// listener"
@@ -584,7 +535,7 @@ async fn handle(
 
     if kind != Kind::Tls {
         metrics::refused(Refusal::WrongListener);
-        lines.info(peer.ip(), "plain on tls", || {
+        ctx.conns.lines.info(peer.ip(), "plain on tls", || {
             format!(
                 "closing {peer} on {label}: {} on a TLS listener (first bytes {}); connect \
                  with rtmps:// or rtmpts://, or add a plain rtmp:// listener",
@@ -598,6 +549,77 @@ async fn handle(
     // an async fn's state is as large as its largest branch and is held for the whole
     // connection, so inlining them would cost every plain RTMP connection several KiB.
     Box::pin(serve_tls(&ctx, tcp, head, peer, local, first, &label)).await;
+}
+
+/// A connection's PROXY protocol header (when expected), its admission against the
+/// per-address limit, and the sniff of its first bytes: the client's address, the
+/// per-address slot (held for the connection's life), what the bytes are and the bytes
+/// read. None when the connection was refused or closed (logged here).
+async fn admit_and_sniff(
+    ctx: &Ctx,
+    opts: &DoorOptions,
+    tcp: &mut TcpStream,
+    peer: SocketAddr,
+    first: Duration,
+    label: &str,
+) -> Option<(SocketAddr, IpGuard, Kind, bytes::Bytes)> {
+    let (peer, head) = if opts.accept_proxy_protocol {
+        let trusted = &opts.trusted_proxies;
+        if !trusted.is_empty() && !trusted.iter().any(|c| c.contains(peer.ip())) {
+            // Only a load balancer may say who the client is; anyone else could claim any
+            // address (and with it another address's limits).
+            metrics::refused(Refusal::ProxyProtocol);
+            if let Some(also) = ctx.conns.refusals.should_log("refused") {
+                tracing::warn!(
+                    "refusing {peer} on {label}: not a trusted proxy (trusted_proxies); with \
+                     accept_proxy_protocol every connection must come through a listed load \
+                     balancer{also}"
+                );
+            }
+            return None;
+        }
+        match tokio::time::timeout(first, proxy_protocol::read_header(tcp)).await {
+            Ok(Ok((client, rest))) => (client.unwrap_or(peer), rest),
+            Ok(Err(e)) => {
+                metrics::refused(Refusal::ProxyProtocol);
+                ctx.conns.lines.info(peer.ip(), "proxy header", || {
+                    format!("closing {peer} on {label}: {e}")
+                });
+                return None;
+            }
+            Err(_) => {
+                metrics::refused(Refusal::ProxyProtocol);
+                ctx.conns.lines.info(peer.ip(), "no proxy header", || {
+                    format!(
+                        "dropping {peer} on {label}: no PROXY protocol header within {} s",
+                        first.as_secs()
+                    )
+                });
+                return None;
+            }
+        }
+    } else {
+        (peer, BytesMut::new())
+    };
+    let Some(per_ip) = ctx.conns.admit_ip(peer.ip()) else {
+        metrics::refused(Refusal::MaxConnectionsPerIp);
+        if let Some(also) = ctx.conns.refusals.should_log("refused") {
+            tracing::warn!(
+                "refusing {peer} on {label}: {} connections from this address already open \
+                 (limits.max_connections_per_ip){also}",
+                opts.limits.max_connections_per_ip
+            );
+        }
+        return None;
+    };
+
+    let lines = &ctx.conns.lines;
+    let (kind, head) = sniff_in_time(tcp, head, first, peer, label, lines).await?;
+    if kind == Kind::Unknown {
+        log_unknown(peer, label, &head, lines);
+        return None;
+    }
+    Some((peer, per_ip, kind, head))
 }
 
 /// A connection on a TLS listener: the TLS handshake, then the same sniff and dispatch as a

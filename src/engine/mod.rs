@@ -232,22 +232,24 @@ impl Engine {
         self.edge.as_ref()
     }
 
-    /// Serve one client stream until its session ends.
-    pub async fn serve(self: Arc<Self>, stream: ClientStream) {
+    /// Serve one client stream until its session ends (the future, boxed: each kind of
+    /// session carries only its own state; a plain fn, because an async fn wrapping the
+    /// session's future would keep a second copy of its arguments, the stream included,
+    /// for the whole session).
+    pub fn serve(
+        self: Arc<Self>,
+        stream: ClientStream,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
         if stream.transport.is_http() {
-            // Boxed: an RTMP session's future must not carry the HTTP player's state.
-            return Box::pin(httpflv::serve(self, stream, id)).await;
+            return Box::pin(httpflv::serve(self, stream, id));
         }
-        session::run(self, stream, id).await;
+        Box::pin(session::run(self, stream, id))
     }
 
     /// The handler the front door calls for each client stream.
     pub fn handler(self: &Arc<Self>) -> StreamHandler {
         let engine = self.clone();
-        Arc::new(move |stream| {
-            let engine = engine.clone();
-            Box::pin(engine.serve(stream))
-        })
+        Arc::new(move |stream| engine.clone().serve(stream))
     }
 }

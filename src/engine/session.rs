@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tracing::{debug, info, warn};
 
@@ -50,9 +50,9 @@ const BATCH_BYTES: usize = 1024 * 1024;
 const COALESCE_MAX: usize = 256 * 1024;
 /// Buffers handed to one vectored write.
 const IOV_MAX: usize = 64;
-/// Read buffer room: small for players (their commands and acks are a few hundred bytes;
-/// this is most of an idle connection's memory), grown (doubling) for publishers whose
-/// reads fill it.
+/// Read buffer room: small for players (their commands and acks are a few hundred bytes),
+/// grown (doubling) for publishers whose reads fill it. At `READ_MIN` the read goes through
+/// a buffer on the stack (see [`read_some`]), so an idle connection holds no read buffer.
 const READ_MIN: usize = 1024;
 const READ_MAX: usize = 64 * 1024;
 
@@ -192,7 +192,8 @@ struct EngineConnection {
     plays: u64,
     bytes_in: u64,
     bytes_out: u64,
-    publishing: Option<PublishState>,
+    /// Boxed, like `vod`: an idle connection (or a player) carries only the pointer.
+    publishing: Option<Box<PublishState>>,
     playing: Option<PlayState>,
     /// What the session did, for the close line: "publish live/key".
     role: String,
@@ -200,9 +201,10 @@ struct EngineConnection {
     /// refused publish), at most one a second.
     warnings: LogThrottle,
     /// Authorization state ([`authz`]): connect's fields, a decision being waited for.
-    authz: authz::AuthState,
+    /// None when the engine has no `[auth]` (boxed: see [`authz::AuthState`]).
+    authz: Option<Box<authz::AuthState>>,
     /// A play of a VOD file ([`vod`]), instead of `playing`.
-    vod: Option<vod::VodState>,
+    vod: Option<Box<vod::VodState>>,
     /// The start position of the play being decided (play's third argument).
     play_start: Option<f64>,
     /// The play being decided is a play2 switch of the current one.
@@ -222,7 +224,9 @@ pub(crate) async fn run(engine: Arc<Engine>, mut io: ClientStream, id: u64) {
     let budget = PeerBudget::for_peer(io.peer.ip());
     let rtmpe = matches!(io.transport, Transport::Rtmpe | Transport::Rtmpte);
     let mut s = EngineConnection::new(engine, id, label.clone(), budget, rtmpe);
-    s.authz.peer = io.peer.ip();
+    if s.engine.config().auth.is_some() {
+        s.authz = Some(Box::new(authz::AuthState::new(io.peer.ip())));
+    }
     let res = s.serve(&mut io).await;
     s.notify_done(true, true);
     // Players learn at once that their publisher left, before any wait on this socket.
@@ -287,19 +291,59 @@ async fn next_event(
     }
 }
 
-/// Completes when this session's publisher has been replaced by another one.
-async fn replaced(publishing: &Option<PublishState>) {
-    match publishing.as_ref().map(|p| &p.sink) {
-        Some(Sink::Hub(p)) => p.replaced().await,
-        _ => std::future::pending().await,
+/// Reads what the client sent into `rbuf`: `(bytes read, whether they filled the room)`.
+/// With `room` at [`READ_MIN`] (players, idle connections) the read goes into a buffer on
+/// the stack of the poll and only the bytes that came are copied into `rbuf`, so a
+/// connection waiting for its client holds no read buffer (most of an idle connection's
+/// memory otherwise); past it (a publisher whose reads filled it) `room` bytes are reserved
+/// in `rbuf` and read into in place. Cancel-safe: nothing is read unless it is returned.
+async fn read_some(
+    io: &mut ClientStream,
+    rbuf: &mut BytesMut,
+    room: usize,
+) -> std::io::Result<(usize, bool)> {
+    if room > READ_MIN {
+        if rbuf.capacity() - rbuf.len() < room / 2 {
+            rbuf.reserve(room);
+        }
+        let spare = rbuf.capacity() - rbuf.len();
+        let n = io.read_buf(rbuf).await?;
+        return Ok((n, n >= spare));
     }
+    std::future::poll_fn(|cx| {
+        let mut stack = [0u8; READ_MIN];
+        let mut buf = ReadBuf::new(&mut stack);
+        std::task::ready!(std::pin::Pin::new(&mut *io).poll_read(cx, &mut buf))?;
+        let got = buf.filled();
+        rbuf.extend_from_slice(got);
+        std::task::Poll::Ready(Ok((got.len(), got.len() >= READ_MIN)))
+    })
+    .await
 }
 
-/// Completes when this session's forward to its origin (edge mode) has ended.
-async fn forward_closed(publishing: &Option<PublishState>) {
+/// How a publish ended without the client ending it.
+enum PublishEnd {
+    /// Another publisher took the key over.
+    Replaced,
+    /// Edge mode: the forward to the origin ended.
+    ForwardClosed,
+}
+
+/// Completes when this session's publish ends from outside: its publisher replaced by
+/// another one, or (edge mode) its forward to the origin closed. One future for both
+/// sinks (a publish has one), so the session's future holds the larger of the two waits,
+/// not both.
+async fn publish_ended(publishing: &Option<Box<PublishState>>) -> PublishEnd {
     match publishing.as_ref().map(|p| &p.sink) {
-        Some(Sink::Origin(f)) => f.closed().await,
-        _ => std::future::pending().await,
+        Some(Sink::Hub(p)) => {
+            p.replaced().await;
+            PublishEnd::Replaced
+        }
+        Some(Sink::Origin(f)) => {
+            f.closed().await;
+            PublishEnd::ForwardClosed
+        }
+        None => std::future::pending().await,
     }
 }
 
@@ -348,7 +392,7 @@ impl EngineConnection {
             playing: None,
             role: String::new(),
             warnings: LogThrottle::new(),
-            authz: authz::AuthState::default(),
+            authz: None,
             vod: None,
             play_start: None,
             play_switch: false,
@@ -363,7 +407,8 @@ impl EngineConnection {
         let idle = self.engine.limits().idle_timeout();
         let mut rbuf = BytesMut::new();
         // Players read little (commands, acks); publishers a lot: grow the buffer only when
-        // reads fill it, so a thousand idle players do not each hold 64 KiB.
+        // reads fill it, so a thousand idle players do not each hold 64 KiB. At READ_MIN
+        // nothing is held between reads (`read_some`).
         let mut read_room = READ_MIN;
         let mut last_activity = Instant::now();
         // One timer for the session, moved only when it fires early (a timer per wake-up
@@ -398,7 +443,7 @@ impl EngineConnection {
                 self.flush(io).await?;
                 last_activity = Instant::now();
             }
-            if self.authz.waiting() {
+            if self.authz.as_ref().is_some_and(|a| a.waiting()) {
                 // A callback decides a connect, publish or play: this session waits (at
                 // most the callback timeout), the others carry on.
                 let decided = self.await_decision().await;
@@ -426,10 +471,12 @@ impl EngineConnection {
                     timer.as_mut().reset(w.into());
                 }
             }
-            if rbuf.capacity() - rbuf.len() < read_room / 2 {
-                rbuf.reserve(read_room);
+            if read_room <= READ_MIN && rbuf.is_empty() {
+                // Everything read was decoded: free the buffer while the client is quiet.
+                // (Its `capacity()` is no guide: a buffer advanced to its end reports none
+                // while it still holds the whole allocation.)
+                rbuf = BytesMut::new();
             }
-            let room = rbuf.capacity() - rbuf.len();
             // The next tick to drain the ring at; at once when the last drain stopped at its
             // bound (through the select, so the client's input is still read meanwhile).
             let tick_at = ticking.then(|| {
@@ -441,12 +488,12 @@ impl EngineConnection {
                 }
             });
             tokio::select! {
-                r = io.read_buf(&mut rbuf) => {
-                    let n = r?;
+                r = read_some(io, &mut rbuf, read_room) => {
+                    let (n, filled) = r?;
                     if n == 0 {
                         return Ok(());
                     }
-                    if n >= room {
+                    if filled {
                         read_room = (read_room * 2).min(READ_MAX);
                     }
                     self.bytes_in = self.bytes_in.saturating_add(n as u64);
@@ -476,13 +523,15 @@ impl EngineConnection {
                     }
                 }
                 item = vod::next_item(&mut self.vod) => self.on_vod_item(item),
-                () = replaced(&self.publishing) => return Err(self.on_replaced()),
-                () = forward_closed(&self.publishing) => {
-                    let key = self.role.trim_start_matches("publish ").to_owned();
-                    return Err(SessionError::Edge(format!(
-                        "the origin connection for {key} ended (see the edge forward line)"
-                    )));
-                }
+                end = publish_ended(&self.publishing) => match end {
+                    PublishEnd::Replaced => return Err(self.on_replaced()),
+                    PublishEnd::ForwardClosed => {
+                        let key = self.role.trim_start_matches("publish ").to_owned();
+                        return Err(SessionError::Edge(format!(
+                            "the origin connection for {key} ended (see the edge forward line)"
+                        )));
+                    }
+                },
                 () = &mut timer => {
                     let now = now();
                     if wait_at.is_some_and(|w| w <= now) {
@@ -576,13 +625,20 @@ impl EngineConnection {
         }
         while !self.pending.is_empty() {
             let n = if vectored {
-                let mut iov = [IoSlice::new(&[]); IOV_MAX];
-                let mut k = 0;
-                for (slot, b) in iov.iter_mut().zip(self.pending.iter()) {
-                    *slot = IoSlice::new(b);
-                    k += 1;
-                }
-                tokio::time::timeout_at(deadline, io.write_vectored(&iov[..k])).await
+                let pending = &self.pending;
+                let io = &mut *io;
+                // The IoSlice array is built inside each poll, on the stack: held across the
+                // await it would be 1 KiB of every session's future, idle or not.
+                let write = std::future::poll_fn(|cx| {
+                    let mut iov = [IoSlice::new(&[]); IOV_MAX];
+                    let mut k = 0;
+                    for (slot, b) in iov.iter_mut().zip(pending.iter()) {
+                        *slot = IoSlice::new(b);
+                        k += 1;
+                    }
+                    std::pin::Pin::new(&mut *io).poll_write_vectored(cx, &iov[..k])
+                });
+                tokio::time::timeout_at(deadline, write).await
             } else {
                 let Some(front) = self.pending.front() else {
                     break;
@@ -768,12 +824,12 @@ impl EngineConnection {
             );
             crate::sessions::tag_stream(crate::sessions::Role::Publisher, &key.app, &key.name);
             self.role = format!("publish {key}");
-            self.publishing = Some(PublishState {
+            self.publishing = Some(Box::new(PublishState {
                 stream_id: request.stream_id,
                 sink: Sink::Origin(forward),
                 _restreams: None,
                 _recording: None,
-            });
+            }));
             self.proto.accept(request.request_id);
             return;
         }
@@ -799,12 +855,12 @@ impl EngineConnection {
                     self.engine.limits(),
                     &key,
                 );
-                self.publishing = Some(PublishState {
+                self.publishing = Some(Box::new(PublishState {
                     stream_id: request.stream_id,
                     sink: Sink::Hub(publisher),
                     _restreams: Some(restreams),
                     _recording: recording,
-                });
+                }));
                 self.proto.accept(request.request_id);
             }
             Err(e) => {
@@ -1034,5 +1090,33 @@ impl EngineConnection {
             self.push_bytes(h);
         }
         self.push_bytes(body);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// Every idle connection holds its session's whole future (a state machine as large as
+    /// its largest await point, plus everything it keeps across awaits): 5.1 KiB of it
+    /// before the rarely used parts were boxed, most of an idle connection's memory. This
+    /// keeps a new field or an inline await from growing it unnoticed; a larger state
+    /// belongs in a box that only the sessions using it allocate.
+    #[test]
+    fn an_idle_session_future_stays_small() {
+        let engine = Engine::new(
+            crate::limits::Limits::default(),
+            super::super::EngineConfig::default(),
+        );
+        let (_client, server) = tokio::io::duplex(64);
+        let addr: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let stream = ClientStream::new(Box::new(server), Transport::Rtmp, addr, addr);
+        let fut = run(engine, stream, 1);
+        let size = std::mem::size_of_val(&fut);
+        assert!(
+            size <= 3 * 1024,
+            "the engine session's future is {size} bytes"
+        );
     }
 }

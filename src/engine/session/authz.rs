@@ -10,7 +10,7 @@
 //! NetConnection.Connect.Rejected, `onStatus` NetStream.Publish.BadName or
 //! NetStream.Play.Failed) and closes the connection once it is written.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use super::{EngineConnection, SessionError};
 use crate::auth::{Action, AuthRequest, Decision};
@@ -23,9 +23,11 @@ enum Held {
     Stream(Box<StreamRequest>),
 }
 
+/// Held boxed, and only by the sessions of an engine with `[auth]` configured: four
+/// requests' fields inline are about 1 KiB, which every idle connection would carry.
 pub(super) struct AuthState {
     /// The client's address.
-    pub(super) peer: IpAddr,
+    peer: IpAddr,
     /// connect's fields: each publish and play request starts from them.
     base: Option<AuthRequest>,
     held: Option<(Held, AuthRequest)>,
@@ -34,10 +36,10 @@ pub(super) struct AuthState {
     play_done: Option<AuthRequest>,
 }
 
-impl Default for AuthState {
-    fn default() -> Self {
+impl AuthState {
+    pub(super) fn new(peer: IpAddr) -> Self {
         AuthState {
-            peer: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            peer,
             base: None,
             held: None,
             publish_done: None,
@@ -65,7 +67,8 @@ fn with_query(name: &str, query: &str) -> String {
 impl EngineConnection {
     /// `connect`, through `[auth]` when it is configured.
     pub(super) fn authorize_connect(&mut self, c: &ConnectRequest) -> Result<(), SessionError> {
-        let Some(auth) = self.engine.config().auth.clone() else {
+        let (Some(auth), Some(state)) = (self.engine.config().auth.clone(), self.authz.as_mut())
+        else {
             self.proto.accept(c.request_id);
             return Ok(());
         };
@@ -83,11 +86,11 @@ impl EngineConnection {
         }
         let object = Amf0Value::object(fields);
         let max = self.engine.limits().max_name_len;
-        let req = AuthRequest::connect_bounded(self.authz.peer, self.id, Some(&object), max);
-        self.authz.base = Some(req.clone());
+        let req = AuthRequest::connect_bounded(state.peer, self.id, Some(&object), max);
+        state.base = Some(req.clone());
         let held = Held::Connect(c.request_id);
         if auth.needs_callback(Action::Connect, &req.app) {
-            self.authz.held = Some((held, req));
+            state.held = Some((held, req));
             return Ok(());
         }
         let d = auth.decide_local(&req);
@@ -101,7 +104,8 @@ impl EngineConnection {
         request: &StreamRequest,
     ) -> Result<(), SessionError> {
         let auth = self.engine.config().auth.clone();
-        let (Some(auth), Some(base)) = (auth, &self.authz.base) else {
+        let base = self.authz.as_ref().and_then(|a| a.base.as_ref());
+        let (Some(auth), Some(base)) = (auth, base) else {
             self.serve_stream(action, request, None);
             return Ok(());
         };
@@ -113,7 +117,9 @@ impl EngineConnection {
             ..request.clone()
         }));
         if auth.needs_callback(action, &req.app) {
-            self.authz.held = Some((held, req));
+            if let Some(state) = self.authz.as_mut() {
+                state.held = Some((held, req));
+            }
             return Ok(());
         }
         let d = auth.decide_local(&req);
@@ -122,11 +128,13 @@ impl EngineConnection {
 
     /// Waits for the held request's callback and acts on the answer.
     pub(super) async fn await_decision(&mut self) -> Result<(), SessionError> {
-        let Some((held, req)) = self.authz.held.take() else {
+        let Some((held, req)) = self.authz.as_mut().and_then(|a| a.held.take()) else {
             return Ok(());
         };
         let d = match self.engine.config().auth.clone() {
-            Some(auth) => auth.authorize(&req).await,
+            // Boxed: the callback's HTTP exchange is about 2 KiB of state, which inline
+            // would be part of every session's future for its whole life.
+            Some(auth) => Box::pin(auth.authorize(&req)).await,
             None => Decision::Allow,
         };
         self.decided(held, req, d)
@@ -174,7 +182,9 @@ impl EngineConnection {
                 let was = self.publishing.is_some();
                 self.on_publish(request);
                 if !was && self.publishing.is_some() {
-                    self.authz.publish_done = req;
+                    if let Some(state) = self.authz.as_mut() {
+                        state.publish_done = req;
+                    }
                 }
             }
             _ => {
@@ -182,7 +192,9 @@ impl EngineConnection {
                 self.notify_done(false, true);
                 self.on_play(request);
                 if self.playing.is_some() || self.vod.is_some() {
-                    self.authz.play_done = req;
+                    if let Some(state) = self.authz.as_mut() {
+                        state.play_done = req;
+                    }
                 }
             }
         }
@@ -190,11 +202,12 @@ impl EngineConnection {
 
     /// Sends `on_done` for the publish and/or play that ended (if they were authorized).
     pub(super) fn notify_done(&mut self, publish: bool, play: bool) {
-        let Some(auth) = self.engine.config().auth.clone() else {
+        let (Some(auth), Some(state)) = (self.engine.config().auth.clone(), self.authz.as_mut())
+        else {
             return;
         };
-        let publish = publish.then(|| self.authz.publish_done.take()).flatten();
-        let play = play.then(|| self.authz.play_done.take()).flatten();
+        let publish = publish.then(|| state.publish_done.take()).flatten();
+        let play = play.then(|| state.play_done.take()).flatten();
         for req in publish.iter().chain(play.iter()) {
             auth.notify_done(req);
         }

@@ -46,7 +46,7 @@ impl VodState {
 }
 
 /// The connection's file reader's next item; pending when there is none.
-pub(super) async fn next_item(vod: &mut Option<VodState>) -> Item {
+pub(super) async fn next_item(vod: &mut Option<Box<VodState>>) -> Item {
     match vod.as_mut().and_then(|v| v.reader.as_mut()) {
         Some(r) => r.next().await,
         None => std::future::pending().await,
@@ -141,7 +141,7 @@ impl EngineConnection {
             self.vod_limits(),
             &self.budget,
         );
-        self.vod = Some(VodState {
+        self.vod = Some(Box::new(VodState {
             stream_id: request.stream_id,
             path,
             key,
@@ -154,7 +154,7 @@ impl EngineConnection {
             bytes: 0,
             transition: switch,
             saw_video: false,
-        });
+        }));
         true
     }
 

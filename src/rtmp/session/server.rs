@@ -366,7 +366,10 @@ impl ServerSession {
         if self.out.is_empty() {
             return None;
         }
-        Some(self.out.split().freeze())
+        // The whole buffer goes: `split` would leave `out` sharing the allocation (its
+        // spare capacity), keeping the last replies' bytes alive for as long as the
+        // connection is idle.
+        Some(std::mem::take(&mut self.out).freeze())
     }
 
     /// Everything taken so far is written: the reply bound starts again.
