@@ -11,7 +11,8 @@
 //! direction gets a short grace period to deliver what is in flight, then both are closed.
 //! Once media flows from the backend, that direction reads on shared ticks
 //! (`[upstream] write_batch_ms`, [`PumpTimes`]): one read and one write per window instead
-//! of one per message the backend wrote.
+//! of one per message the backend wrote; while it waits, a plain backend socket's
+//! SO_RCVLOWAT is raised, so the backend's messages wake no thread before the tick.
 
 pub mod guard;
 pub mod hashed;
@@ -60,6 +61,12 @@ const LINGER: Duration = Duration::from_secs(5);
 /// connect, createStream and play: a few kB). Its reads never wait for the merge window's
 /// tick, and its buffer shrinks back to [`PUMP_BUF_MIN`] whenever it has nothing to read.
 const STARTUP_BYTES: u64 = 64 * 1024;
+/// SO_RCVLOWAT of a plain backend socket while its direction waits for the merge window's
+/// tick ([`OneWay::raise_lowat`]): above what a stream brings in one window (8 kB at
+/// 1.6 Mb/s and 40 ms, 40 kB at 8 Mb/s), so its messages raise no readiness before the
+/// tick reads them; at most half the default receive buffer (128 KiB), so the kernel
+/// neither grows the buffer nor clamps the window for it.
+const TICK_LOWAT: i32 = 32 * 1024;
 /// `[upstream] write_batch_ms` when it is not set.
 pub const DEFAULT_WRITE_BATCH: Duration = Duration::from_millis(40);
 /// A merge window that carried this much (four full buffers) belongs to a bulk transfer: its
@@ -209,6 +216,38 @@ impl AsyncWrite for Leg {
             Leg::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Leg::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
         }
+    }
+}
+
+/// A side of the pump that may be a plain TCP socket underneath. The backend-to-client
+/// direction tunes the backend's socket while it waits for the merge window's tick (see
+/// [`OneWay::raise_lowat`]); anything else (TLS, a re-chunker, a client stream) is left as it is.
+pub trait PlainTcp {
+    /// The socket, when reading it directly reads exactly the bytes `poll_read` would.
+    fn plain_tcp(&self) -> Option<&TcpStream> {
+        None
+    }
+}
+
+impl PlainTcp for Leg {
+    fn plain_tcp(&self) -> Option<&TcpStream> {
+        match self {
+            Leg::Tcp(s) => Some(s),
+            Leg::Tls(_) => None,
+        }
+    }
+}
+
+// The client's side is never read on ticks (and the session layer counts its bytes as
+// they are read), so it offers no socket.
+impl PlainTcp for ClientStream {}
+impl<S> PlainTcp for crate::stream::Prefixed<S> {}
+impl<L> PlainTcp for hashed::Rechunk<L> {}
+impl PlainTcp for tokio::io::DuplexStream {}
+
+impl PlainTcp for TcpStream {
+    fn plain_tcp(&self) -> Option<&TcpStream> {
+        Some(self)
     }
 }
 
@@ -551,6 +590,9 @@ struct OneWay {
     window_no: u128,
     window_bytes: u64,
     prev_window_bytes: u64,
+    /// The reader's socket has SO_RCVLOWAT raised while this direction waits for a tick
+    /// ([`OneWay::raise_lowat`]); the read after the tick then goes to the socket directly.
+    lowat_raised: bool,
 }
 
 impl OneWay {
@@ -563,6 +605,7 @@ impl OneWay {
             window_no: 0,
             window_bytes: 0,
             prev_window_bytes: 0,
+            lowat_raised: false,
             grow: false,
             buf: Box::default(),
             start: 0,
@@ -581,7 +624,7 @@ impl OneWay {
         mut w: Pin<&mut W>,
     ) -> Poll<io::Result<u64>>
     where
-        R: AsyncRead + ?Sized,
+        R: AsyncRead + PlainTcp + ?Sized,
         W: AsyncWrite + ?Sized,
     {
         loop {
@@ -610,13 +653,14 @@ impl OneWay {
     fn poll_fill<R, W>(
         &mut self,
         cx: &mut Context<'_>,
-        r: Pin<&mut R>,
+        mut r: Pin<&mut R>,
         w: Pin<&mut W>,
     ) -> Poll<io::Result<()>>
     where
-        R: AsyncRead + ?Sized,
+        R: AsyncRead + PlainTcp + ?Sized,
         W: AsyncWrite + ?Sized,
     {
+        let mut after_tick = false;
         if self.wait_tick {
             if let Some(tick) = &mut self.tick {
                 if tick.as_mut().poll(cx).is_pending() {
@@ -625,11 +669,41 @@ impl OneWay {
                 }
             }
             self.wait_tick = false;
+            after_tick = true;
         }
         if self.grow {
             let len = self.buf.len().saturating_mul(2).min(PUMP_BUF_MAX);
             self.buf = vec![0u8; len].into_boxed_slice();
             self.grow = false;
+        }
+        if after_tick && self.lowat_raised && !self.buf.is_empty() {
+            // The socket raised no readiness for what arrived during the window (that was
+            // the point), so tokio's readiness says nothing: ask the socket itself.
+            if let Some(tcp) = r.plain_tcp() {
+                use std::io::Read;
+                let sock = socket2::SockRef::from(tcp);
+                match (&*sock).read(&mut self.buf) {
+                    Ok(0) => {
+                        self.read_done = true;
+                        return Poll::Ready(Ok(()));
+                    }
+                    Ok(n) => {
+                        self.took(n, Some(tcp))?;
+                        return Poll::Ready(Ok(()));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        // Nothing came in a whole window: wait for the next byte through
+                        // tokio as usual, with the threshold back at one byte.
+                        self.lower_lowat(tcp)?;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                        cx.waker().wake_by_ref();
+                        self.wait_tick = true;
+                        return Poll::Pending;
+                    }
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+            }
         }
         // A direction with no buffer (idle while starting up) reads into the stack first and
         // allocates only once bytes arrive, so an idle connection holds no pump buffer at all.
@@ -640,7 +714,7 @@ impl OneWay {
         } else {
             ReadBuf::new(&mut self.buf)
         };
-        match r.poll_read(cx, &mut rb) {
+        match r.as_mut().poll_read(cx, &mut rb) {
             Poll::Pending => {
                 if self.total < STARTUP_BYTES && !self.buf.is_empty() {
                     self.buf = Box::default();
@@ -668,26 +742,62 @@ impl OneWay {
                 if n == 0 {
                     self.read_done = true;
                 } else {
-                    self.start = 0;
-                    self.end = n;
-                    if let Some(w) = &mut self.watch {
-                        w.rewind();
-                    }
-                    let full = n == self.buf.len();
-                    self.grow = full && n < PUMP_BUF_MAX;
-                    // A short read emptied the socket: with a window, media that follows is
-                    // read on the next tick, unless the direction is a bulk transfer. A full
-                    // one reads on at once.
-                    if !self.batch.is_zero() && self.total >= STARTUP_BYTES {
-                        let bulk = self.count_window(n);
-                        if !full && !bulk {
-                            self.arm_tick();
-                        }
-                    }
+                    self.took(n, r.plain_tcp())?;
                 }
                 Poll::Ready(Ok(()))
             }
         }
+    }
+
+    /// `n` bytes were read into the buffer: set it up for writing and decide when the next
+    /// read happens.
+    fn took(&mut self, n: usize, tcp: Option<&TcpStream>) -> io::Result<()> {
+        self.start = 0;
+        self.end = n;
+        if let Some(w) = &mut self.watch {
+            w.rewind();
+        }
+        let full = n == self.buf.len();
+        self.grow = full && n < PUMP_BUF_MAX;
+        // A short read emptied the socket: with a window, media that follows is
+        // read on the next tick, unless the direction is a bulk transfer. A full
+        // one reads on at once.
+        let mut waits = false;
+        if !self.batch.is_zero() && self.total >= STARTUP_BYTES {
+            let bulk = self.count_window(n);
+            if !full && !bulk {
+                self.arm_tick();
+                waits = true;
+            }
+        }
+        if let Some(tcp) = tcp {
+            if waits && !self.lowat_raised {
+                self.raise_lowat(tcp);
+            } else if !waits && self.lowat_raised {
+                self.lower_lowat(tcp)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// While this direction waits for a tick, the reader's socket should not report each
+    /// message the backend writes: every report wakes the worker thread (epoll), only for
+    /// it to find that no task wants the bytes yet. SO_RCVLOWAT makes the socket report
+    /// readable only once that much is buffered (or on FIN, or when its receive window runs
+    /// low), so a stream's messages wake no one until the tick reads them all in one call.
+    fn raise_lowat(&mut self, tcp: &TcpStream) {
+        if set_rcvlowat(tcp, TICK_LOWAT).is_ok() {
+            #[cfg(test)]
+            LOWAT_RAISED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.lowat_raised = true;
+        }
+    }
+
+    /// Back to reporting every byte (before waiting on tokio's readiness again).
+    fn lower_lowat(&mut self, tcp: &TcpStream) -> io::Result<()> {
+        set_rcvlowat(tcp, 1)?;
+        self.lowat_raised = false;
+        Ok(())
     }
 
     /// How far into the buffer may be written: all of it, or what the command watch has
@@ -774,6 +884,38 @@ impl OneWay {
     }
 }
 
+/// Times a socket's SO_RCVLOWAT was raised, for the tests.
+#[cfg(test)]
+static LOWAT_RAISED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Sets SO_RCVLOWAT on a TCP socket.
+#[cfg(target_os = "linux")]
+fn set_rcvlowat(tcp: &TcpStream, bytes: i32) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let v: libc::c_int = bytes;
+    // SAFETY: the fd is the live socket `tcp` borrows for the call; the option value is a
+    // c_int passed with its own size.
+    let r = unsafe {
+        libc::setsockopt(
+            tcp.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&v as *const libc::c_int).cast::<libc::c_void>(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_rcvlowat(_tcp: &TcpStream, _bytes: i32) -> io::Result<()> {
+    Err(io::ErrorKind::Unsupported.into())
+}
+
 /// The first tick of a `window`-long period strictly after `now`, counted from one
 /// process-wide origin, so every relayed session's tick falls in the same timer slot and the
 /// worker runs them back to back (the engine's merge window keeps its own clock the same
@@ -814,8 +956,8 @@ fn window_index(now: tokio::time::Instant, window: Duration) -> u128 {
 /// bytes b->a).
 pub async fn pump<A, B>(a: &mut A, b: &mut B, times: impl Into<PumpTimes>) -> io::Result<(u64, u64)>
 where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    A: AsyncRead + AsyncWrite + PlainTcp + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + PlainTcp + Unpin + ?Sized,
 {
     pump_watched(a, b, times, None).await
 }
@@ -828,8 +970,8 @@ pub(crate) async fn pump_watched<A, B>(
     watch: Option<Box<relay::Watch>>,
 ) -> io::Result<(u64, u64)>
 where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    A: AsyncRead + AsyncWrite + PlainTcp + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + PlainTcp + Unpin + ?Sized,
 {
     let times = times.into();
     let idle = times.idle;
@@ -1116,6 +1258,74 @@ mod tests {
         drop(client);
         drop(backend);
         let _ = task.await.unwrap();
+    }
+
+    /// Two connected loopback sockets: (ours, theirs).
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (theirs, ours) = tokio::join!(TcpStream::connect(addr), l.accept());
+        (ours.unwrap().0, theirs.unwrap())
+    }
+
+    /// With a plain backend socket, the direction waiting for a tick raises the socket's
+    /// SO_RCVLOWAT (so the backend's messages wake no one) and reads it directly at the
+    /// tick: a message far below the mark still arrives by the next tick, a window with
+    /// nothing in it puts the mark back (the next message is read when it comes), and the
+    /// backend closing while the mark is raised ends the stream.
+    #[tokio::test]
+    async fn pump_reads_a_raised_low_water_mark_socket_at_each_tick() {
+        let (mut gw_client, mut client) = tcp_pair().await;
+        let (mut gw_backend, mut backend) = tcp_pair().await;
+        let times = PumpTimes {
+            idle: None,
+            write_batch: Duration::from_millis(40),
+        };
+        let raised = LOWAT_RAISED.load(std::sync::atomic::Ordering::Relaxed);
+        let task = tokio::spawn(async move {
+            let r = pump(&mut gw_client, &mut gw_backend, times).await;
+            (r, gw_client, gw_backend)
+        });
+        // Liveness bound only (not a speed check): a message held by the mark would never come.
+        let bound = Duration::from_secs(10);
+        let startup = vec![3u8; STARTUP_BYTES as usize];
+        backend.write_all(&startup).await.unwrap();
+        let mut got = vec![0u8; startup.len()];
+        client.read_exact(&mut got).await.unwrap();
+        for i in 0..5u8 {
+            backend.write_all(&[i; 10]).await.unwrap();
+            let mut m = [0u8; 10];
+            tokio::time::timeout(bound, client.read_exact(&mut m))
+                .await
+                .expect("a small message was held back")
+                .unwrap();
+            assert_eq!(m, [i; 10]);
+        }
+        assert!(
+            LOWAT_RAISED.load(std::sync::atomic::Ordering::Relaxed) > raised,
+            "the backend socket's low-water mark was never raised"
+        );
+        // Three windows without a byte, then one message.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        backend.write_all(b"after a pause").await.unwrap();
+        let mut m = [0u8; 13];
+        tokio::time::timeout(bound, client.read_exact(&mut m))
+            .await
+            .expect("the message after a pause was held back")
+            .unwrap();
+        assert_eq!(&m, b"after a pause");
+        // A message, then the backend closes while the mark is up again.
+        backend.write_all(b"last").await.unwrap();
+        drop(backend);
+        let mut rest = Vec::new();
+        tokio::time::timeout(bound, client.read_to_end(&mut rest))
+            .await
+            .expect("the backend's close was not passed on")
+            .unwrap();
+        assert_eq!(&rest, b"last");
+        drop(client);
+        let (r, _, _) = task.await.unwrap();
+        assert_eq!(r.unwrap().1, STARTUP_BYTES + 50 + 13 + 4);
     }
 
     #[tokio::test(start_paused = true)]
