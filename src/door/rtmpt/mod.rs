@@ -1,8 +1,9 @@
 //! RTMPT/RTMPTS: the HTTP tunnel (open, send, idle, close) turned into one byte stream per session.
 //!
-//! Served with hyper's HTTP/1 server, configured for what real clients need (read from
-//! ffmpeg's rtmphttp.c and librtmp's rtmp.c, and checked against both): `HTTP/1.1 200 OK`, Title-Case `Content-Length`, keep-alive,
-//! never chunked, never an empty send/idle body. A session lives in a table, not on a TCP
+//! Served by the tunnel's own HTTP/1.1 server (`http1`: no buffer held between requests;
+//! hyper held ~19 KiB per connection), speaking what real clients need (read from ffmpeg's
+//! rtmphttp.c and librtmp's rtmp.c, and checked against both): `HTTP/1.1 200 OK`, Title-Case
+//! `Content-Length`, keep-alive, never chunked, never an empty send/idle body. A session lives in a table, not on a TCP
 //! connection: its requests may come over several connections, and their bodies are applied
 //! in sequence-number order. Each session becomes a [`ClientStream`] over a [`TunnelPipe`]
 //! handed to the stream handler, exactly like a raw RTMP connection.
@@ -30,16 +31,15 @@
 //! a request's turn in sequence order (`tunnel_order_wait_ms`). Request bodies and every
 //! session buffer are charged to the process's memory budget (`crate::budget`).
 //!
-//! `pipeline_flush` is deliberately left off: with it, hyper does not flush a reply while a
-//! pipelined request is buffered, so librtmp's send reply would wait behind a held idle.
-//! TCP_QUICKACK is set after each read (see `ack`): without it every ffmpeg request waits
+//! Every reply is flushed as soon as it is written, even with a pipelined request already
+//! read: librtmp's send reply must not wait behind a held idle. TCP_QUICKACK is set after each read (see `ack`): without it every ffmpeg request waits
 //! ~40 ms for its body.
 
 mod ack;
+mod http1;
 pub mod path;
 mod session;
 
-use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -50,23 +50,18 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use dashmap::DashMap;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Body as _;
-use hyper::body::Incoming;
-use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use http_body_util::Full;
+use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
+use hyper::{Response, StatusCode};
 use rand::RngCore;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
-use tracing::{debug, info, trace, warn};
+use tracing::{debug, info, warn};
 
 use self::path::Command;
 pub use self::session::TunnelPipe;
 use self::session::{Bounds, Op, PlaceError, Placed, TunnelSession};
-use crate::budget::{self, Charge};
+use crate::budget;
 use crate::door::admit::{Admission, ConnLimiter};
 use crate::limits::Limits;
 use crate::live::Live;
@@ -253,124 +248,29 @@ impl Tunnel {
         } else {
             Transport::Rtmpt
         };
-        let this = Arc::clone(self);
-        let service = service_fn(move |req| {
-            let this = Arc::clone(&this);
-            async move { Ok::<_, Infallible>(this.handle(req, transport, peer, local).await) }
-        });
-        let mut builder = http1::Builder::new();
-        builder
-            .timer(TokioTimer::new())
-            .header_read_timeout(self.limits().http_header_timeout())
-            .max_header_size(self.limits().max_http_header)
-            .title_case_headers(true)
-            .keep_alive(true);
-        let io = ack::EagerAck::new(io);
-        if !io.has_socket() {
-            debug!(%peer, "RTMPT connection: TCP socket not reachable, ACKs stay delayed");
-        }
-        let conn = builder.serve_connection(TokioIo::new(io), service);
-        tokio::pin!(conn);
-        let mut shutdown = self.shutdown_tx.subscribe();
-        let result = tokio::select! {
-            r = conn.as_mut() => r,
-            _ = async { drop(shutdown.wait_for(|down| *down).await) } => {
-                conn.as_mut().graceful_shutdown();
-                match tokio::time::timeout(SHUTDOWN_GRACE, conn.as_mut()).await {
-                    Ok(r) => r,
-                    Err(_) => Ok(()),
-                }
-            }
-        };
-        if let Err(e) = result {
-            debug!(%peer, %transport, "RTMPT connection ended with an HTTP error: {e}");
-        }
+        http1::serve(self, io, peer, local, transport).await;
     }
 
-    async fn handle(
-        self: Arc<Self>,
-        req: Request<Incoming>,
+    /// The answer to a POST whose path is an RTMPT `command` and whose body was read
+    /// (`path` is forwarded as it is when another node owns the session).
+    async fn answer(
+        self: &Arc<Self>,
+        command: Command<'_>,
+        path: &str,
+        body: Vec<Bytes>,
         transport: Transport,
         peer: SocketAddr,
         local: SocketAddr,
     ) -> Reply {
-        let started = Instant::now();
-        let (parts, body) = req.into_parts();
-        if parts.method != Method::POST {
-            let mut r = text(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "RTMPT requests must be POST\n",
-            );
-            r.headers_mut()
-                .insert(ALLOW, HeaderValue::from_static("POST"));
-            return r;
-        }
-        let command = match path::parse(parts.uri.path()) {
-            Ok(c) => c,
-            Err(e) => {
-                debug!(%peer, path = %short(parts.uri.path()), "RTMPT request refused: {e}");
-                return text(StatusCode::NOT_FOUND, "not an RTMPT request\n");
-            }
-        };
-        // Checked before the body is read, from what the client declared.
-        let declared = parts
-            .headers
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > self.limits().max_http_body as u64) {
-            return too_large();
-        }
-        // hyper's header timeout does not cover the body; a trickled body is cut off too.
-        // The body is charged to the memory budget (and the client address's share) as it
-        // arrives, until it is answered.
-        let mut body_charge = budget::PeerBudget::for_peer(peer.ip()).charge();
-        let read = read_body(body, self.limits().max_http_body, &mut body_charge);
-        let body = match tokio::time::timeout(self.limits().idle_timeout(), read).await {
-            Ok(Ok(b)) => b,
-            Ok(Err(BodyError::TooLarge)) => return too_large(),
-            Ok(Err(BodyError::OverBudget(e))) => {
-                if let Some(also) = self.conns.refusals.should_log("refused") {
-                    warn!(%peer, "RTMPT request refused: {e}{also}");
-                }
-                return text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "gateway memory budget spent; retry later\n",
-                );
-            }
-            Err(_) => {
-                debug!(%peer, "RTMPT request body not received within limits.idle_timeout_secs");
-                return text(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "request body not received in time\n",
-                );
-            }
-            Ok(Err(BodyError::Http(e))) => {
-                debug!(%peer, "RTMPT request body could not be read: {e}");
-                return text(StatusCode::BAD_REQUEST, "request body could not be read\n");
-            }
-        };
-        let body_read = Instant::now();
-        let reply = match command {
+        match command {
             // Red5 answers 404; clients ignore the answer and go on to /open/1.
             Command::Ident => text(StatusCode::NOT_FOUND, "\n"),
             Command::Open => self.open(transport, peer, local),
             _ => match self.remote(command) {
-                Some((fwd, owner)) => fwd.forward(owner, parts.uri.path(), body).await,
+                Some((fwd, owner)) => fwd.forward(owner, path, body).await,
                 None => self.session_request(command, body).await,
             },
-        };
-        drop(body_charge);
-        trace!(
-            %peer,
-            request = %loggable(command),
-            status = reply.status().as_u16(),
-            reply_len = reply.body().size_hint().exact().unwrap_or(0),
-            body_wait_us = body_read.saturating_duration_since(started).as_micros() as u64,
-            answer_us = body_read.elapsed().as_micros() as u64,
-            "RTMPT request"
-        );
-        reply
+        }
     }
 
     /// `/send`, `/idle` and `/close` for a session of this node.
@@ -763,56 +663,6 @@ impl Drop for Active<'_> {
         st.active_requests = st.active_requests.saturating_sub(1);
         st.last_request = Instant::now();
     }
-}
-
-enum BodyError {
-    TooLarge,
-    OverBudget(budget::OverBudget),
-    Http(hyper::Error),
-}
-
-/// Frames kept as they are before a body is copied into one buffer: a normal body is one
-/// or a few frames, while a hostile chunked body of one-byte chunks must not become
-/// millions of `Bytes` handles.
-const MAX_BODY_FRAMES: usize = 16;
-
-/// Read a request body, at most `max` bytes: the frames hyper produced (no copy), or one
-/// buffer when there are many.
-async fn read_body(
-    mut body: Incoming,
-    max: usize,
-    charge: &mut Charge,
-) -> Result<Vec<Bytes>, BodyError> {
-    let mut frames: Vec<Bytes> = Vec::new();
-    let mut joined: Option<bytes::BytesMut> = None;
-    let mut total = 0usize;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(BodyError::Http)?;
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        total = total.saturating_add(data.len());
-        if total > max {
-            return Err(BodyError::TooLarge);
-        }
-        charge.try_grow(data.len()).map_err(BodyError::OverBudget)?;
-        if let Some(buf) = joined.as_mut() {
-            buf.extend_from_slice(&data);
-        } else if frames.len() < MAX_BODY_FRAMES {
-            frames.push(data);
-        } else {
-            let mut buf = bytes::BytesMut::with_capacity(total);
-            for f in frames.drain(..) {
-                buf.extend_from_slice(&f);
-            }
-            buf.extend_from_slice(&data);
-            joined = Some(buf);
-        }
-    }
-    if let Some(buf) = joined {
-        frames.push(buf.freeze());
-    }
-    Ok(frames)
 }
 
 /// 128 random bits from the OS-seeded CSPRNG, as 32 lowercase hex digits (URL-safe).

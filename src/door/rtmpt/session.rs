@@ -162,6 +162,11 @@ impl Order {
             return None;
         }
         let op = entry.remove();
+        if self.held.is_empty() {
+            // An emptied BTreeMap keeps its root node (~370 bytes here); a session that
+            // waits holds none.
+            self.held = BTreeMap::new();
+        }
         self.held_bytes = self.held_bytes.saturating_sub(op.len());
         self.next = Some(next.saturating_add(1));
         Some(op)
@@ -332,7 +337,9 @@ impl State {
         if let Some(first) = self.outbound.first_mut() {
             *first = poll.first().copied().unwrap_or(1);
         }
-        let body = self.outbound.split().freeze();
+        // The whole buffer goes with the reply: `split` would leave its spare capacity
+        // behind, and the buffer (3 KiB after the handshake) would stay with an idle session.
+        let body = std::mem::take(&mut self.outbound).freeze();
         self.bytes_out = self
             .bytes_out
             .saturating_add(body.len().saturating_sub(1) as u64);
@@ -435,7 +442,7 @@ impl TunnelPipe {
             let mut st = self.session.lock();
             st.backend_gone = true;
             // Nobody will read these any more.
-            st.inbound.clear();
+            st.inbound = VecDeque::new();
             st.inbound_len = 0;
             let bounds = self.session.bounds;
             st.drain(&bounds);
@@ -470,6 +477,10 @@ impl AsyncRead for TunnelPipe {
                 st.inbound.pop_front();
             }
             st.inbound_len = st.inbound_len.saturating_sub(n);
+        }
+        if st.inbound.is_empty() {
+            // Its ring keeps its capacity otherwise; a waiting session holds none.
+            st.inbound = VecDeque::new();
         }
         // Room may have opened for bodies that were waiting.
         st.drain(&bounds);
