@@ -408,7 +408,10 @@ pub fn accounted(inner: StreamHandler, sessions: Arc<Sessions>) -> StreamHandler
             kick: kick_handle,
             tag: Mutex::new(Tag::default()),
         });
-        let stream = stream.map_io(move |io| Box::new(Counted { io, counters }));
+        let direct = counters.clone();
+        let mut stream = stream.map_reads(move |io| Box::new(Counted { io, counters }));
+        // The engine's fan-out lane writes some players' media to their sockets directly.
+        stream.sent = Some(Arc::new(move |n| direct.sent(n)));
         sessions.active.fetch_add(1, Ordering::AcqRel);
         sessions.table.insert(id, live.clone());
         for t in [per_transport, &*per_listener] {

@@ -7,6 +7,7 @@ use std::fmt;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::RawFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -103,7 +104,16 @@ pub struct ClientStream {
     pub session: Option<String>,
     /// For [`Transport::Http`]/[`Transport::Https`]: the request head the door read.
     pub http: Option<Box<crate::net::http::RequestHead>>,
+    /// A plain TCP client (`rtmp://`): the socket's descriptor, owned by `io` (see
+    /// [`ClientStream::with_socket_fd`]), so the engine can write media to it directly.
+    socket_fd: Option<RawFd>,
+    /// Counts bytes written to the client other than through `io` (the session table's
+    /// counters, when the door counts this stream).
+    pub sent: Option<SentHook>,
 }
+
+/// Adds bytes written to a client outside its counted stream to its session's counters.
+pub type SentHook = Arc<dyn Fn(usize) + Send + Sync>;
 
 impl ClientStream {
     pub fn new(
@@ -119,7 +129,31 @@ impl ClientStream {
             local,
             session: None,
             http: None,
+            socket_fd: None,
+            sent: None,
         }
+    }
+
+    /// A plain `rtmp://` client on `tcp` (whose media the engine may write to the socket
+    /// directly, see [`ClientStream::socket_fd`]).
+    pub fn tcp(tcp: tokio::net::TcpStream, peer: SocketAddr, local: SocketAddr) -> Self {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&tcp);
+        ClientStream::new(Box::new(tcp), Transport::Rtmp, peer, local).with_socket_fd(fd)
+    }
+
+    /// Records that `io` is (a wrapper that only changes reads around) the plain TCP socket
+    /// `fd`: the door says so for `rtmp://` clients, passing the descriptor of the socket it
+    /// moved into `io`, which stays open for as long as this stream lives.
+    pub(crate) fn with_socket_fd(mut self, fd: RawFd) -> Self {
+        self.socket_fd = Some(fd);
+        self
+    }
+
+    /// The descriptor of the plain TCP socket under `io` (None for TLS, tunnels, RTMPE): open
+    /// for as long as this stream lives, so whoever writes to it must stop before the stream
+    /// is dropped (the engine's lane: see `engine::lane::Seat`).
+    pub(crate) fn socket_fd(&self) -> Option<RawFd> {
+        self.socket_fd
     }
 
     /// Attach the loggable tunnel session label.
@@ -134,8 +168,21 @@ impl ClientStream {
         self
     }
 
-    /// Replace the inner byte stream, keeping the labels (used by the RTMPE layer).
+    /// Replace the inner byte stream, keeping the labels (used by the RTMPE layer). The new
+    /// stream may change what is written (RTMPE encrypts), so the socket is no longer
+    /// written to directly: use [`ClientStream::map_reads`] for a wrapper that writes through.
     pub fn map_io(self, f: impl FnOnce(Box<dyn ByteStream>) -> Box<dyn ByteStream>) -> Self {
+        ClientStream {
+            io: f(self.io),
+            socket_fd: None,
+            ..self
+        }
+    }
+
+    /// As [`ClientStream::map_io`], for a wrapper that writes every byte through unchanged (it
+    /// counts them, or puts bytes back in front of the reads): the socket can still be written
+    /// to directly.
+    pub fn map_reads(self, f: impl FnOnce(Box<dyn ByteStream>) -> Box<dyn ByteStream>) -> Self {
         ClientStream {
             io: f(self.io),
             ..self

@@ -528,8 +528,9 @@ async fn handle(
             return;
         }
         let post = head.starts_with(b"POST ");
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&tcp);
         let io = Prefixed::new(head, tcp);
-        dispatch(&ctx, io, kind, post, peer, local, false, &label).await;
+        dispatch(&ctx, io, kind, post, peer, local, Some(fd), &label).await;
         return;
     }
 
@@ -644,7 +645,7 @@ async fn serve_tls(
     else {
         return;
     };
-    dispatch(ctx, io, kind, post, peer, local, true, label).await;
+    dispatch(ctx, io, kind, post, peer, local, None, label).await;
 }
 
 /// The stream a TLS listener hands on: the sniffed bytes replayed in front of the TLS stream,
@@ -753,6 +754,8 @@ async fn sniff_in_time<S: tokio::io::AsyncRead + Unpin>(
 
 /// Hands a sniffed connection to the right layer. `post`: an HTTP request that opens with
 /// POST (the RTMPT tunnel's only method); any other HTTP request is a plain one (HTTP-FLV).
+/// `plain`: the TCP socket's descriptor when `io` is that socket with the sniffed bytes put
+/// back in front of its reads (None on a TLS listener).
 #[allow(clippy::too_many_arguments)]
 async fn dispatch<I: ByteStream + 'static>(
     ctx: &Arc<Ctx>,
@@ -761,9 +764,10 @@ async fn dispatch<I: ByteStream + 'static>(
     post: bool,
     peer: SocketAddr,
     local: SocketAddr,
-    tls: bool,
+    plain: Option<std::os::fd::RawFd>,
     label: &str,
 ) {
+    let tls = plain.is_none();
     match kind {
         Kind::Rtmp => {
             let transport = if tls {
@@ -771,7 +775,11 @@ async fn dispatch<I: ByteStream + 'static>(
             } else {
                 Transport::Rtmp
             };
-            let stream = ClientStream::new(Box::new(io), transport, peer, local);
+            let mut stream = ClientStream::new(Box::new(io), transport, peer, local);
+            if let Some(fd) = plain {
+                // `io` owns this socket and writes go straight to it (the engine's lane).
+                stream = stream.with_socket_fd(fd);
+            }
             (ctx.handler)(stream).await;
         }
         Kind::Http if post => Box::pin(ctx.tunnel.serve_connection(io, peer, local, tls)).await,

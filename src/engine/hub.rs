@@ -970,6 +970,24 @@ impl Player {
             .load(Ordering::Relaxed)
             .saturating_sub(frame.offset)
     }
+
+    /// The same lag reading, for whoever writes this player's frames (the fan-out lane).
+    pub fn lag_probe(&self) -> LagProbe {
+        LagProbe(self.slot.clone())
+    }
+}
+
+/// How far behind live a player writing a frame is ([`Player::lag_bytes`]), without the
+/// subscription itself.
+pub struct LagProbe(Arc<Slot>);
+
+impl LagProbe {
+    pub fn lag_bytes(&self, frame: &Frame) -> u64 {
+        self.0
+            .total
+            .load(Ordering::Relaxed)
+            .saturating_sub(frame.offset)
+    }
 }
 
 impl Drop for Player {

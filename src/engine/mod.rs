@@ -9,6 +9,7 @@ pub mod flv;
 pub mod flv_read;
 pub mod httpflv;
 pub mod hub;
+pub(crate) mod lane;
 pub mod record;
 pub mod restream;
 pub mod session;
@@ -130,6 +131,8 @@ pub struct Engine {
     /// Restream destinations added through the admin API (shared by every generation: a
     /// reload keeps them).
     api_pushes: Arc<restream::ApiPushes>,
+    /// Where steady players' media is written on the merge window's ticks ([`lane`]).
+    lanes: lane::Lanes,
 }
 
 impl Engine {
@@ -179,6 +182,7 @@ impl Engine {
     ) -> Arc<Engine> {
         Arc::new(Engine {
             api_pushes: restream::ApiPushes::new(limits.max_api_pushes),
+            lanes: lane::Lanes::new(cfg.write_batch),
             limits,
             cfg,
             hub,
@@ -202,6 +206,8 @@ impl Engine {
         self.api_pushes.set_max(limits.max_api_pushes);
         Arc::new(Engine {
             api_pushes: self.api_pushes.clone(),
+            // The new window's lanes (the sessions of the old generation keep theirs).
+            lanes: lane::Lanes::new(cfg.write_batch),
             limits,
             cfg,
             hub: self.hub.clone(),
@@ -225,6 +231,11 @@ impl Engine {
     /// Restream destinations added through the admin API.
     pub fn api_pushes(&self) -> &Arc<restream::ApiPushes> {
         &self.api_pushes
+    }
+
+    /// The fan-out lanes steady players are written from.
+    pub(crate) fn lanes(&self) -> &lane::Lanes {
+        &self.lanes
     }
 
     /// Edge mode's pulls and forwards, when on.

@@ -27,7 +27,7 @@ use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tracing::{debug, info, warn};
 
 use super::hub::{Event, Frame, FrameKind, Player, Publisher, StreamKey};
-use super::{tick, Engine};
+use super::{lane, tick, Engine};
 use crate::auth::{Action, DenyReason};
 use crate::budget::{Charge, OverBudget, PeerBudget};
 use crate::rtmp::chunk::{self, ChunkDecoder};
@@ -209,6 +209,10 @@ struct EngineConnection {
     play_start: Option<f64>,
     /// The play being decided is a play2 switch of the current one.
     play_switch: bool,
+    /// The player's place in a fan-out lane ([`lane`]), which then holds its ring receiver
+    /// and writes its media on the ticks; taken back before the session writes or decides
+    /// anything itself.
+    seat: Option<lane::Seat>,
 }
 
 mod authz;
@@ -228,6 +232,8 @@ pub(crate) async fn run(engine: Arc<Engine>, mut io: ClientStream, id: u64) {
         s.authz = Some(Box::new(authz::AuthState::new(io.peer.ip())));
     }
     let res = s.serve(&mut io).await;
+    // Out of its lane before anything else is written (what the lane left unwritten first).
+    let _ = s.leave_lane();
     s.notify_done(true, true);
     // Players learn at once that their publisher left, before any wait on this socket.
     drop(s.publishing.take());
@@ -289,6 +295,22 @@ async fn next_event(
         (Some(p), None) => Some(p.player.rx.recv().await),
         (None, _) => std::future::pending().await,
     }
+}
+
+/// Completes when the lane hands this session's player back.
+async fn lane_returned(
+    seat: &mut Option<lane::Seat>,
+) -> Result<lane::Returned, tokio::sync::oneshot::error::RecvError> {
+    match seat {
+        Some(s) => s.returned().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A lane dropped a player without handing it back (its task died): the session cannot
+/// know what was written, so it ends.
+fn lane_gone() -> SessionError {
+    SessionError::Io(std::io::Error::other("the fan-out lane lost this player"))
 }
 
 /// Reads what the client sent into `rbuf`: `(bytes read, whether they filled the room)`.
@@ -396,6 +418,7 @@ impl EngineConnection {
             vod: None,
             play_start: None,
             play_switch: false,
+            seat: None,
         }
     }
 
@@ -479,6 +502,10 @@ impl EngineConnection {
             }
             // The next tick to drain the ring at; at once when the last drain stopped at its
             // bound (through the select, so the client's input is still read meanwhile).
+            if ticking && self.seat.is_none() && !self.ring_more {
+                // Steady: the lane writes this player's next ticks, without waking this task.
+                self.join_lane(io);
+            }
             let tick_at = ticking.then(|| {
                 let now = Instant::now();
                 if self.ring_more {
@@ -487,8 +514,12 @@ impl EngineConnection {
                     tick::next_after(now, batch)
                 }
             });
+            let seated = self.seat.is_some();
             tokio::select! {
                 r = read_some(io, &mut rbuf, read_room) => {
+                    // What the client sent may need a reply or change the play: after the
+                    // media the lane has written, so take the player back first.
+                    self.leave_lane()?;
                     let (n, filled) = r?;
                     if n == 0 {
                         return Ok(());
@@ -507,7 +538,13 @@ impl EngineConnection {
                         paused = self.on_bytes(&mut rbuf)?;
                     }
                 }
-                ev = next_event(&mut self.playing, tick_at) => {
+                ret = lane_returned(&mut self.seat) => {
+                    let ret = ret.map_err(|_| lane_gone())?;
+                    if self.on_lane_return(ret) {
+                        last_activity = Instant::now();
+                    }
+                }
+                ev = next_event(&mut self.playing, tick_at), if !seated => {
                     match ev {
                         Some(ev) => {
                             self.on_event(ev);
@@ -522,7 +559,10 @@ impl EngineConnection {
                         }
                     }
                 }
-                item = vod::next_item(&mut self.vod) => self.on_vod_item(item),
+                item = vod::next_item(&mut self.vod) => {
+                    self.leave_lane()?;
+                    self.on_vod_item(item);
+                }
                 end = publish_ended(&self.publishing) => match end {
                     PublishEnd::Replaced => return Err(self.on_replaced()),
                     PublishEnd::ForwardClosed => {
@@ -533,6 +573,9 @@ impl EngineConnection {
                     }
                 },
                 () = &mut timer => {
+                    if self.leave_lane()? {
+                        last_activity = Instant::now();
+                    }
                     let now = now();
                     if wait_at.is_some_and(|w| w <= now) {
                         return self.stop_waiting(io).await;
@@ -588,6 +631,99 @@ impl EngineConnection {
         }
         self.write_now = true;
         self.push_bytes(b);
+    }
+
+    /// Hands the player to the engine's lane when it is in steady state: a plain TCP client,
+    /// live, with nothing of its own queued or decided, and nothing that filters or delays
+    /// its frames (the lane writes every frame as is).
+    fn join_lane(&mut self, io: &ClientStream) {
+        if io.transport != Transport::Rtmp
+            || !self.pending.is_empty()
+            || self.write_now
+            || self.more_input
+            || self.publishing.is_some()
+            || self.vod.is_some()
+            || self.authz.as_ref().is_some_and(|a| a.waiting())
+            || self.proto.poll_timeout().is_some()
+        {
+            return;
+        }
+        let Some(p) = &self.playing else {
+            return;
+        };
+        if !p.live
+            || p.skipping
+            || p.paused
+            || !p.receive_audio
+            || !p.receive_video
+            || p.transition
+            || !p.first_frame
+            || !p.start.is_empty()
+        {
+            return;
+        }
+        // The lane writes to this socket only while this session holds the seat, which is
+        // dropped before `io` (see `lane`).
+        let (Some(sock), Some(p)) = (io.socket_fd(), self.playing.as_mut()) else {
+            return;
+        };
+        // The receiver moves to the lane; the session's is a closed stand-in until it is back.
+        let (_, idle) = tokio::sync::broadcast::channel(1);
+        let rx = std::mem::replace(&mut p.player.rx, idle);
+        let join = lane::Join {
+            sock,
+            rx,
+            lag: p.player.lag_probe(),
+            stream_id: p.stream_id,
+            chunk_size: self.proto.out_chunk_size(),
+            shared_chunk_size: self.engine.hub().config().chunk_size,
+            max_lag_bytes: self.engine.config().max_lag_bytes,
+            has_video: p.has_video,
+            sent: io.sent.clone(),
+        };
+        match self.engine.lanes().join(self.id, join) {
+            Ok(seat) => self.seat = Some(seat),
+            Err(join) => p.player.rx = join.rx,
+        }
+    }
+
+    /// Takes the player back from its lane, if it is in one; true when the lane wrote to
+    /// the client meanwhile.
+    fn leave_lane(&mut self) -> Result<bool, SessionError> {
+        let Some(seat) = self.seat.take() else {
+            return Ok(false);
+        };
+        let ret = seat.reclaim().ok_or_else(lane_gone)?;
+        Ok(self.on_lane_return(ret))
+    }
+
+    /// The lane handed the player back: its receiver, what the socket did not take (written
+    /// first), and the event it stopped at, handled here as if drained here. True when the
+    /// lane wrote to the client.
+    fn on_lane_return(&mut self, ret: lane::Returned) -> bool {
+        self.seat = None;
+        self.bytes_out = self.bytes_out.saturating_add(ret.written);
+        if let Some(p) = &mut self.playing {
+            p.player.rx = ret.rx;
+            p.has_video = ret.has_video;
+        }
+        for b in ret.leftover {
+            self.write_now = true;
+            self.push_bytes(b);
+        }
+        // Ejected at an event or at the drain's bound: carry on as a tick here would (handle
+        // it, drain the rest, write at once).
+        let resume = ret.event.is_some() || ret.more;
+        if let Some(ev) = ret.event {
+            self.on_event(ev);
+        }
+        if resume {
+            self.drain_events();
+        }
+        if !self.pending.is_empty() {
+            self.write_now = true;
+        }
+        ret.written > 0
     }
 
     /// A play's start frames are still to be queued.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use rtmpgate::engine::{Engine, EngineConfig};
 use rtmpgate::limits::Limits;
-use rtmpgate::stream::{ClientStream, Transport};
+use rtmpgate::stream::ClientStream;
 
 /// Log lines of every engine in this test binary (tests use distinct stream names).
 pub fn logs() -> &'static Arc<Mutex<Vec<u8>>> {
@@ -91,7 +91,8 @@ impl Server {
                     let _ = socket2::SockRef::from(&tcp).set_send_buffer_size(n);
                 }
                 let local = tcp.local_addr().unwrap_or(addr);
-                let stream = ClientStream::new(Box::new(tcp), Transport::Rtmp, peer, local);
+                // As the door makes it: the engine may write to the socket directly.
+                let stream = ClientStream::tcp(tcp, peer, local);
                 tokio::spawn(handler(stream));
             }
         });

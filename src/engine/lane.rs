@@ -1,0 +1,563 @@
+//! The fan-out lane: players whose media flows steadily are written on the merge window's
+//! ticks by one task per shard, with non-blocking vectored writes straight to their sockets,
+//! instead of each player's own task being woken for every tick (a timer, a task wake-up and
+//! a poll of every branch of its `select!`, per player per tick: about half of the engine's
+//! user-space time with 1,000 players, see bench/RESULTS.md).
+//!
+//! A player's session hands its ring receiver to the lane once it is in steady state (plain
+//! TCP, live, nothing of its own queued, not skipping, paused or filtering) and keeps reading
+//! its client meanwhile. The lane gives the receiver back (ejects it) whenever the session is
+//! needed: a write the socket did not take whole (the unwritten rest goes back with it and
+//! the session writes it under its write timeout, so a slow player is handled exactly as
+//! before), an event other than a frame, a frame too far behind live (the session starts
+//! skipping), or a drain that reached its bound. The session takes it back itself before it
+//! writes anything of its own (a reply must follow the media already sent) or ends. Handing
+//! over happens under the shard's lock, which a tick holds while it writes, so a player is
+//! never written by both at once and never mid-message when it changes hands.
+//!
+//! The lane writes to the descriptor of the session's own socket (no second descriptor: an
+//! engine client costs one, as the door's descriptor budget assumes). That is sound because
+//! a player is in a lane only while its session holds its [`Seat`], whose drop removes it
+//! (waiting for a tick in progress), and the seat is dropped before the socket: the session
+//! leaves its lane when it stops serving, and the connection state holding the seat is a
+//! local of the session's async fn, which drops its locals before its parameters (the
+//! socket) whether it returns or is cancelled.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::os::fd::{BorrowedFd, RawFd};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::broadcast::{
+    self,
+    error::{RecvError, TryRecvError},
+};
+use tokio::sync::oneshot;
+
+use super::hub::{Event, LagProbe};
+use super::tick;
+use crate::rtmp::message::VIDEO;
+use crate::stream::SentHook;
+
+/// Events a lane drains for one player per tick, and bytes it queues, before it writes them
+/// and hands the player back to its session (which drains the rest at once): the same bounds
+/// as a session's own drain.
+const BATCH_EVENTS: usize = 256;
+const BATCH_BYTES: usize = 1024 * 1024;
+/// Buffers handed to one vectored write.
+const IOV_MAX: usize = 64;
+/// Bytes written before they are added to the session table's counters: adding every write
+/// touches a cold cache line per player per tick (6% of the engine's samples at 1,000
+/// players); the counters lag by at most this much per player (and are exact once the
+/// player leaves the lane).
+const SENT_BATCH: usize = 256 * 1024;
+
+/// What a player's session hands the lane.
+pub(crate) struct Join {
+    /// The player's socket ([`crate::stream::ClientStream::socket_fd`]), non-blocking; open
+    /// for as long as the [`Seat`] (see the module's note).
+    pub sock: RawFd,
+    pub rx: broadcast::Receiver<Event>,
+    pub lag: LagProbe,
+    /// The player's message stream and chunk size, and the hub's (see `Frame::chunks_for`).
+    pub stream_id: u32,
+    pub chunk_size: u32,
+    pub shared_chunk_size: u32,
+    pub max_lag_bytes: u64,
+    pub has_video: bool,
+    /// Counts the bytes written for the session table (the lane bypasses the counted stream).
+    pub sent: Option<SentHook>,
+}
+
+/// What the lane hands back to a player's session.
+pub(crate) struct Returned {
+    pub rx: broadcast::Receiver<Event>,
+    /// Bytes of a write the socket did not take whole: the session writes them first.
+    pub leftover: Vec<Bytes>,
+    /// The event the lane stopped at, for the session to handle as its own.
+    pub event: Option<Result<Event, RecvError>>,
+    /// The drain reached its bound: the ring holds more.
+    pub more: bool,
+    pub has_video: bool,
+    /// Bytes the lane wrote to the client.
+    pub written: u64,
+}
+
+struct Entry {
+    id: u64,
+    join: Join,
+    written: u64,
+    /// Written but not yet added to the session table's counters (`SENT_BATCH`).
+    unsent: usize,
+    back: oneshot::Sender<Returned>,
+}
+
+impl Entry {
+    fn count_sent(&mut self) {
+        if let (Some(sent), n) = (&self.join.sent, self.unsent) {
+            if n > 0 {
+                sent(n);
+            }
+        }
+        self.unsent = 0;
+    }
+
+    fn into_returned(
+        mut self,
+        leftover: Vec<Bytes>,
+        event: Option<Result<Event, RecvError>>,
+        more: bool,
+    ) -> (oneshot::Sender<Returned>, Returned) {
+        self.count_sent();
+        let ret = Returned {
+            rx: self.join.rx,
+            leftover,
+            event,
+            more,
+            has_video: self.join.has_video,
+            written: self.written,
+        };
+        (self.back, ret)
+    }
+
+    /// Drains this player's ring and writes what it holds; Some when the player goes back
+    /// to its session (with the unwritten bytes, the event stopped at, and whether more is
+    /// left).
+    #[allow(clippy::type_complexity)]
+    fn tick(
+        &mut self,
+        bufs: &mut VecDeque<Bytes>,
+    ) -> Option<(Vec<Bytes>, Option<Result<Event, RecvError>>, bool)> {
+        bufs.clear();
+        let j = &mut self.join;
+        let mut queued = 0usize;
+        let mut event = None;
+        let mut more = true;
+        for _ in 0..BATCH_EVENTS {
+            if queued >= BATCH_BYTES {
+                break;
+            }
+            let ev = match j.rx.try_recv() {
+                Ok(ev) => ev,
+                Err(TryRecvError::Empty) => {
+                    more = false;
+                    break;
+                }
+                Err(TryRecvError::Closed) => {
+                    more = false;
+                    event = Some(Err(RecvError::Closed));
+                    break;
+                }
+                Err(TryRecvError::Lagged(n)) => {
+                    more = false;
+                    event = Some(Err(RecvError::Lagged(n)));
+                    break;
+                }
+            };
+            match ev {
+                Event::Frame(f) => {
+                    // Past the lag bound the session starts skipping, exactly as it would.
+                    if !f.kind.is_header() && j.lag.lag_bytes(&f) > j.max_lag_bytes {
+                        more = false;
+                        event = Some(Ok(Event::Frame(f)));
+                        break;
+                    }
+                    if f.msg_type == VIDEO {
+                        j.has_video = true;
+                    }
+                    let (head, body) = f.chunks_for(j.stream_id, j.chunk_size, j.shared_chunk_size);
+                    for b in head.into_iter().chain(std::iter::once(body)) {
+                        if !b.is_empty() {
+                            queued = queued.saturating_add(b.len());
+                            bufs.push_back(b);
+                        }
+                    }
+                }
+                Event::Filler => {}
+                other => {
+                    more = false;
+                    event = Some(Ok(other));
+                    break;
+                }
+            }
+        }
+        let stuck = self.write(bufs);
+        if stuck || event.is_some() || more {
+            return Some((bufs.drain(..).collect(), event, more));
+        }
+        None
+    }
+
+    /// Writes `bufs` without waiting; true when the socket did not take all of it (full, or
+    /// failed: the session's own write of the rest meets the error and ends the session).
+    fn write(&mut self, bufs: &mut VecDeque<Bytes>) -> bool {
+        while !bufs.is_empty() {
+            let mut iov = [IoSlice::new(&[]); IOV_MAX];
+            let mut k = 0;
+            for (slot, b) in iov.iter_mut().zip(bufs.iter()) {
+                *slot = IoSlice::new(b);
+                k += 1;
+            }
+            // sendmsg rather than writev: the socket call skips the file layer's work
+            // (vfs_writev, fdget_pos: 8% of the engine's samples at 1,000 players).
+            // SAFETY: the descriptor stays open while this entry is in its lane (the module's
+            // note: the seat that removes it is dropped before the socket is).
+            let fd = unsafe { BorrowedFd::borrow_raw(self.join.sock) };
+            let sock = socket2::SockRef::from(&fd);
+            let n = match sock.send_vectored_with_flags(iov.get(..k).unwrap_or(&[]), SEND_FLAGS) {
+                Ok(0) => return true,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => return true,
+            };
+            self.written = self.written.saturating_add(n as u64);
+            self.unsent = self.unsent.saturating_add(n);
+            if self.unsent >= SENT_BATCH {
+                self.count_sent();
+            }
+            let mut left = n;
+            while left > 0 {
+                let Some(front) = bufs.front_mut() else {
+                    break;
+                };
+                if front.len() <= left {
+                    left -= front.len();
+                    bufs.pop_front();
+                } else {
+                    let _ = front.split_to(left);
+                    left = 0;
+                }
+            }
+        }
+        false
+    }
+}
+
+/// How far the order of a lane's players moves from one tick to the next (a prime, so the
+/// start visits every position over the ticks).
+const ROTATE_STEP: usize = 7919;
+
+/// Never wait (the socket is non-blocking anyway), and a closed peer is an error, not a
+/// SIGPIPE.
+const SEND_FLAGS: libc::c_int = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+
+struct LaneState {
+    entries: Vec<Entry>,
+    /// The shard's task is running (it ends when its last player leaves).
+    running: bool,
+}
+
+struct Lane {
+    state: Mutex<LaneState>,
+}
+
+fn lock(m: &Mutex<LaneState>) -> MutexGuard<'_, LaneState> {
+    // A panic while holding the lock leaves plain data behind, still usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Lane {
+    async fn run(self: Arc<Lane>, window: Duration) {
+        let mut bufs = VecDeque::new();
+        let mut ticks: usize = 0;
+        loop {
+            let due = tick::next_after(Instant::now(), window);
+            tokio::time::sleep_until(due.into()).await;
+            let mut st = lock(&self.state);
+            if st.entries.is_empty() {
+                st.running = false;
+                return;
+            }
+            // A tick writes its players one after another (a few ms for a thousand): start
+            // each tick somewhere else, so no player is always the last one written.
+            ticks = ticks.wrapping_add(1);
+            let len = st.entries.len();
+            st.entries
+                .rotate_left(ticks.wrapping_mul(ROTATE_STEP) % len);
+            let mut i = 0;
+            while let Some(e) = st.entries.get_mut(i) {
+                let Some((leftover, event, more)) = e.tick(&mut bufs) else {
+                    i += 1;
+                    continue;
+                };
+                let e = st.entries.swap_remove(i);
+                let (back, ret) = e.into_returned(leftover, event, more);
+                // A session that has gone drops its seat, which removes its entry: a
+                // closed channel here cannot happen, and would only drop the receiver.
+                let _ = back.send(ret);
+            }
+        }
+    }
+}
+
+/// The engine's lanes: one shard per worker thread, so players are written in parallel on a
+/// multi-core machine (a shard's tick runs on one thread at a time).
+pub(crate) struct Lanes {
+    shards: Vec<Arc<Lane>>,
+    window: Duration,
+}
+
+impl Lanes {
+    pub fn new(window: Duration) -> Lanes {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Lanes {
+            shards: (0..n)
+                .map(|_| {
+                    Arc::new(Lane {
+                        state: Mutex::new(LaneState {
+                            entries: Vec::new(),
+                            running: false,
+                        }),
+                    })
+                })
+                .collect(),
+            window,
+        }
+    }
+
+    /// The lane writes this player from its next tick on; None when there is no window
+    /// (every frame is written as it comes) or no runtime to tick on.
+    pub fn join(&self, id: u64, join: Join) -> Result<Seat, Join> {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return Err(join);
+        };
+        if self.window.is_zero() || self.shards.is_empty() {
+            return Err(join);
+        }
+        let at = usize::try_from(id).unwrap_or(0) % self.shards.len();
+        let Some(lane) = self.shards.get(at).cloned() else {
+            return Err(join);
+        };
+        let (back, returned) = oneshot::channel();
+        let mut st = lock(&lane.state);
+        st.entries.push(Entry {
+            id,
+            join,
+            written: 0,
+            unsent: 0,
+            back,
+        });
+        if !st.running {
+            st.running = true;
+            rt.spawn(lane.clone().run(self.window));
+        }
+        drop(st);
+        Ok(Seat { lane, id, returned })
+    }
+}
+
+/// A player's place in a lane, held by its session; dropping it removes the player.
+pub(crate) struct Seat {
+    lane: Arc<Lane>,
+    id: u64,
+    returned: oneshot::Receiver<Returned>,
+}
+
+impl Seat {
+    /// Completes when the lane hands the player back (Err: the lane is gone, never in
+    /// practice: entries leave only through a return or this seat's drop).
+    pub async fn returned(&mut self) -> Result<Returned, oneshot::error::RecvError> {
+        (&mut self.returned).await
+    }
+
+    /// Takes the player back now: from the lane, or (when a tick handed it back a moment
+    /// ago) from the channel. None only if the lane is gone.
+    pub fn reclaim(mut self) -> Option<Returned> {
+        let entry = {
+            let mut st = lock(&self.lane.state);
+            let at = st.entries.iter().position(|e| e.id == self.id);
+            at.map(|at| st.entries.swap_remove(at))
+        };
+        match entry {
+            Some(e) => Some(e.into_returned(Vec::new(), None, false).1),
+            None => self.returned.try_recv().ok(),
+        }
+    }
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        let mut st = lock(&self.lane.state);
+        if let Some(at) = st.entries.iter().position(|e| e.id == self.id) {
+            st.entries.swap_remove(at).count_sent();
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::engine::hub::{Hub, HubConfig, StreamKey, SHARED_STREAM_ID};
+    use crate::rtmp::message::AUDIO;
+    use std::io::Read;
+    use std::net::TcpStream;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A connected pair: the server's end (non-blocking, as tokio's sockets are) and the
+    /// client's.
+    fn pair() -> (TcpStream, TcpStream) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (server, _) = l.accept().unwrap();
+        server.set_nonblocking(true).unwrap();
+        (server, client)
+    }
+
+    fn read_n(c: &mut TcpStream, n: usize) -> Vec<u8> {
+        let mut got = vec![0u8; n];
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.read_exact(&mut got).unwrap();
+        got
+    }
+
+    #[tokio::test]
+    async fn writes_frames_on_ticks_and_hands_the_player_back_at_an_event() {
+        let hub = Hub::new(HubConfig::default());
+        let key = StreamKey::new("live", "s");
+        let publisher = hub.publish(&key).unwrap();
+        let mut player = hub.play(&key);
+        let (server, mut client) = pair();
+        let counted = Arc::new(AtomicUsize::new(0));
+        let c2 = counted.clone();
+        let lanes = Lanes::new(Duration::from_millis(10));
+        let (_, idle) = broadcast::channel(1);
+        let join = Join {
+            sock: std::os::fd::AsRawFd::as_raw_fd(&server),
+            rx: std::mem::replace(&mut player.rx, idle),
+            lag: player.lag_probe(),
+            stream_id: SHARED_STREAM_ID,
+            chunk_size: 4096,
+            shared_chunk_size: 4096,
+            max_lag_bytes: 1 << 20,
+            has_video: false,
+            sent: Some(Arc::new(move |n| {
+                c2.fetch_add(n, Ordering::Relaxed);
+            })),
+        };
+        let Ok(mut seat) = lanes.join(7, join) else {
+            panic!("no lane");
+        };
+        // Two frames, written as the hub chunked them, by the lane's next tick.
+        let mut want = Vec::new();
+        let mut sub = hub.play(&key);
+        for i in 0..2u8 {
+            publisher
+                .push(AUDIO, u32::from(i) * 20, Bytes::from(vec![0xaf, 1, i]))
+                .unwrap();
+            if let Ok(Event::Frame(f)) = sub.rx.recv().await {
+                want.extend_from_slice(&f.chunked);
+            }
+        }
+        let got = tokio::task::spawn_blocking(move || {
+            let got = read_n(&mut client, want.len());
+            (got, want, client)
+        })
+        .await
+        .unwrap();
+        assert_eq!(got.0, got.1);
+        // The publisher leaving is an event for the session: the player comes back with it.
+        drop(publisher);
+        let ret = tokio::time::timeout(Duration::from_secs(5), seat.returned())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(ret.event, Some(Ok(Event::Unpublished))));
+        assert!(ret.leftover.is_empty());
+        assert_eq!(ret.written as usize, got.1.len());
+        // Counted once it left the lane.
+        assert_eq!(counted.load(Ordering::Relaxed), got.1.len());
+        drop(got);
+    }
+
+    #[tokio::test]
+    async fn a_full_socket_hands_the_unwritten_rest_back() {
+        let hub = Hub::new(HubConfig::default());
+        let key = StreamKey::new("live", "full");
+        let publisher = hub.publish(&key).unwrap();
+        let mut player = hub.play(&key);
+        let (server, client) = pair();
+        socket2::SockRef::from(&server)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        let lanes = Lanes::new(Duration::from_millis(10));
+        let (_, idle) = broadcast::channel(1);
+        let join = Join {
+            sock: std::os::fd::AsRawFd::as_raw_fd(&server),
+            rx: std::mem::replace(&mut player.rx, idle),
+            lag: player.lag_probe(),
+            stream_id: SHARED_STREAM_ID,
+            chunk_size: 4096,
+            shared_chunk_size: 4096,
+            max_lag_bytes: 64 << 20,
+            has_video: false,
+            sent: None,
+        };
+        let Ok(mut seat) = lanes.join(1, join) else {
+            panic!("no lane");
+        };
+        // Far more than the socket's buffers take while the client reads nothing.
+        for i in 0..64u32 {
+            publisher
+                .push(AUDIO, i * 20, Bytes::from(vec![0xaf; 64 * 1024]))
+                .unwrap();
+        }
+        let ret = tokio::time::timeout(Duration::from_secs(5), seat.returned())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            !ret.leftover.is_empty(),
+            "the rest comes back to the session"
+        );
+        assert!(ret.event.is_none());
+        drop(client);
+    }
+
+    #[tokio::test]
+    async fn reclaim_takes_the_player_back_between_ticks() {
+        let hub = Hub::new(HubConfig::default());
+        let key = StreamKey::new("live", "back");
+        let _publisher = hub.publish(&key).unwrap();
+        let mut player = hub.play(&key);
+        let (server, _client) = pair();
+        let lanes = Lanes::new(Duration::from_millis(10));
+        let (_, idle) = broadcast::channel(1);
+        let join = Join {
+            sock: std::os::fd::AsRawFd::as_raw_fd(&server),
+            rx: std::mem::replace(&mut player.rx, idle),
+            lag: player.lag_probe(),
+            stream_id: SHARED_STREAM_ID,
+            chunk_size: 4096,
+            shared_chunk_size: 4096,
+            max_lag_bytes: 1 << 20,
+            has_video: true,
+            sent: None,
+        };
+        let Ok(seat) = lanes.join(3, join) else {
+            panic!("no lane");
+        };
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        let ret = seat.reclaim().expect("back from the lane");
+        assert!(ret.event.is_none() && ret.leftover.is_empty() && !ret.more);
+        assert!(ret.has_video);
+        // Without a window there is no lane.
+        let none = Lanes::new(Duration::ZERO);
+        let (_, rx) = broadcast::channel(1);
+        let (server, _c) = pair();
+        let join = Join {
+            sock: std::os::fd::AsRawFd::as_raw_fd(&server),
+            rx,
+            lag: player.lag_probe(),
+            stream_id: SHARED_STREAM_ID,
+            chunk_size: 4096,
+            shared_chunk_size: 4096,
+            max_lag_bytes: 1 << 20,
+            has_video: false,
+            sent: None,
+        };
+        assert!(none.join(4, join).is_err());
+    }
+}
