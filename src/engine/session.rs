@@ -227,7 +227,8 @@ pub(crate) async fn run(engine: Arc<Engine>, mut io: ClientStream, id: u64) {
     debug!(session = id, "engine session open: {label}");
     let budget = PeerBudget::for_peer(io.peer.ip());
     let rtmpe = matches!(io.transport, Transport::Rtmpe | Transport::Rtmpte);
-    let mut s = EngineConnection::new(engine, id, label.clone(), budget, rtmpe);
+    // One copy of the label, the connection's (kept for the close line below).
+    let mut s = EngineConnection::new(engine, id, label, budget, rtmpe);
     if s.engine.config().auth.is_some() {
         s.authz = Some(Box::new(authz::AuthState::new(io.peer.ip())));
     }
@@ -261,7 +262,8 @@ pub(crate) async fn run(engine: Arc<Engine>, mut io: ClientStream, id: u64) {
     };
     info!(
         session = id,
-        "session close: {label} {} in={}B out={}B duration={secs:.1}s skips={skips}: {how}",
+        "session close: {} {} in={}B out={}B duration={secs:.1}s skips={skips}: {how}",
+        s.label,
         if s.role.is_empty() { "-" } else { &s.role },
         s.bytes_in,
         s.bytes_out,

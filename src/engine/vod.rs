@@ -466,11 +466,13 @@ impl Drop for Reader {
 }
 
 impl Reader {
-    /// The next item; pending while none is due. After End or Failed, pending forever.
-    pub async fn next(&mut self) -> Item {
-        match self.rx.recv().await {
-            Some(item) => item,
-            None => std::future::pending().await,
+    /// The next item; pending while none is due. After End or Failed, pending forever. A
+    /// poll, so that its caller keeps no future between polls.
+    pub fn poll_next(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Item> {
+        match self.rx.poll_recv(cx) {
+            std::task::Poll::Ready(Some(item)) => std::task::Poll::Ready(item),
+            // The reader's task is done (it sends End or Failed last): nothing more comes.
+            std::task::Poll::Ready(None) | std::task::Poll::Pending => std::task::Poll::Pending,
         }
     }
 }

@@ -446,6 +446,10 @@ impl ChunkDecoder {
         let idx = match h.idx {
             Some(i) => i,
             None => {
+                // Exactly one more: a client uses two or three chunk streams for as long as
+                // it is connected, and a Vec's doubling would hold room for four (a new
+                // chunk stream is rare, and bounded by max_chunk_streams).
+                self.streams.reserve_exact(1);
                 self.streams.push(InStream {
                     csid: h.csid,
                     msg_type: 0,
@@ -648,7 +652,11 @@ impl ChunkEncoder {
         };
         match prev.and_then(|i| self.streams.get_mut(i)) {
             Some(s) => *s = state,
-            None => self.streams.push(state),
+            None => {
+                // Exactly one more, as the decoder's (held for the connection's life).
+                self.streams.reserve_exact(1);
+                self.streams.push(state);
+            }
         }
         if msg.msg_type == message::SET_CHUNK_SIZE {
             if let Ok(n) = message::parse_set_chunk_size(&msg.payload) {
@@ -672,7 +680,11 @@ impl ChunkEncoder {
         };
         match self.streams.iter_mut().find(|s| s.csid == csid) {
             Some(s) => *s = state,
-            None => self.streams.push(state),
+            None => {
+                // Exactly one more, as the decoder's (held for the connection's life).
+                self.streams.reserve_exact(1);
+                self.streams.push(state);
+            }
         }
     }
 }

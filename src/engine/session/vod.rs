@@ -46,11 +46,18 @@ impl VodState {
 }
 
 /// The connection's file reader's next item; pending when there is none.
-pub(super) async fn next_item(vod: &mut Option<Box<VodState>>) -> Item {
-    match vod.as_mut().and_then(|v| v.reader.as_mut()) {
-        Some(r) => r.next().await,
-        None => std::future::pending().await,
-    }
+pub(super) fn next_item(
+    vod: &mut Option<Box<VodState>>,
+) -> impl std::future::Future<Output = Item> + '_ {
+    // A poll, not an async fn: the session's select holds this future inline for its whole
+    // life, and a channel receive awaited in an async fn would be part of it even when the
+    // connection plays no file.
+    std::future::poll_fn(
+        move |cx| match vod.as_mut().and_then(|v| v.reader.as_mut()) {
+            Some(r) => r.poll_next(cx),
+            None => std::task::Poll::Pending,
+        },
+    )
 }
 
 /// A play's start position (ms) from play's third argument: -2/-1 (live, or any) and

@@ -303,12 +303,14 @@ pub struct ServerSession {
     events: Events,
     /// The parts of an aggregate message still to be handled, one per poll step.
     aggregate: std::vec::IntoIter<Message>,
-    pending: Option<Pending>,
+    /// Boxed (as `closing`): only a connection with a request being decided holds one, and
+    /// inline every idle connection would carry its size.
+    pending: Option<Box<Pending>>,
     /// Set while [`ServerSession::accept_recorded`] runs `accept`.
     accepting_recorded: bool,
     next_request: u64,
-    /// The session ends with this at the next poll (a refused connect).
-    closing: Option<ServerError>,
+    /// The session ends with this at the next poll (a refused connect). Boxed: rare.
+    closing: Option<Box<ServerError>>,
     app: Option<String>,
     streams_created: u32,
     publishing: Option<u32>,
@@ -382,7 +384,7 @@ impl ServerSession {
     pub fn poll(&mut self, buf: &mut BytesMut, now: Instant) -> Result<Poll, ServerError> {
         loop {
             if let Some(e) = self.closing.take() {
-                return Err(e);
+                return Err(*e);
             }
             if let Some(ev) = self.events.pop_front() {
                 return Ok(Poll::Event(ev));
@@ -619,7 +621,7 @@ impl ServerSession {
     /// Refuses a request with the protocol's code for it (Connect.Rejected,
     /// Publish.BadName, Play.Failed) and `description` for the person behind the client.
     pub fn reject(&mut self, id: RequestId, description: &str) {
-        let code = match &self.pending {
+        let code = match self.pending.as_deref() {
             Some(Pending::Connect { .. }) => "NetConnection.Connect.Rejected",
             Some(Pending::Publish { .. }) => "NetStream.Publish.BadName",
             Some(Pending::Play { .. }) => "NetStream.Play.Failed",
@@ -638,7 +640,7 @@ impl ServerSession {
             Pending::Connect { txn, .. } => {
                 // FMS answers a refused connect with `_error` carrying Connect.Rejected.
                 self.send(CSID_COMMAND, &cmd::error(txn, code, description));
-                self.closing = Some(ServerError::Rejected(description.to_owned()));
+                self.closing = Some(Box::new(ServerError::Rejected(description.to_owned())));
             }
             Pending::Publish {
                 stream_id, name, ..
@@ -659,7 +661,7 @@ impl ServerSession {
     pub fn rename(&mut self, id: RequestId, raw: &str) -> Option<String> {
         let max = self.cfg.limits.max_name_len;
         let Some(Pending::Publish { id: p, name, .. } | Pending::Play { id: p, name, .. }) =
-            &mut self.pending
+            self.pending.as_deref_mut()
         else {
             return None;
         };
@@ -670,7 +672,7 @@ impl ServerSession {
             name.clone_from(&clean);
             return Some(clean);
         }
-        match self.pending.take() {
+        match self.pending.take().map(|p| *p) {
             Some(Pending::Publish { stream_id, .. }) => self.bad_publish_name(stream_id, raw),
             Some(Pending::Play { stream_id, .. }) => self.bad_play_name(stream_id, raw),
             _ => {}
@@ -728,14 +730,14 @@ impl ServerSession {
     }
 
     fn take_pending(&mut self, id: RequestId) -> Option<Pending> {
-        let matches = match &self.pending {
+        let matches = match self.pending.as_deref() {
             Some(Pending::Connect { id: p, .. })
             | Some(Pending::Publish { id: p, .. })
             | Some(Pending::Play { id: p, .. }) => *p == id,
             None => false,
         };
         if matches {
-            self.pending.take()
+            self.pending.take().map(|p| *p)
         } else {
             None
         }
@@ -1052,12 +1054,12 @@ impl ServerSession {
             return Err(ServerError::Rejected(format!("bad app name {raw_app:?}")));
         };
         let request_id = self.request_id();
-        self.pending = Some(Pending::Connect {
+        self.pending = Some(Box::new(Pending::Connect {
             id: request_id,
             txn,
             app: app.clone(),
             object_encoding,
-        });
+        }));
         let request = ConnectRequest {
             request_id,
             app,
@@ -1103,11 +1105,11 @@ impl ServerSession {
             self.send(CSID_COMMAND, &m);
             return;
         }
-        self.pending = Some(Pending::Publish {
+        self.pending = Some(Box::new(Pending::Publish {
             id: request.request_id,
             stream_id,
             name: request.name.clone(),
-        });
+        }));
         self.events.push_back(ServerEvent::PublishRequested {
             request: Box::new(request),
             publish_type,
@@ -1135,12 +1137,12 @@ impl ServerSession {
             // A second play on the connection replaces the first.
             self.playing = None;
         }
-        self.pending = Some(Pending::Play {
+        self.pending = Some(Box::new(Pending::Play {
             id: request.request_id,
             stream_id,
             name: request.name.clone(),
             switch,
-        });
+        }));
         self.events.push_back(ServerEvent::PlayRequested {
             request: Box::new(request),
             start,
