@@ -235,10 +235,6 @@ impl Entry {
     }
 }
 
-/// How far the order of a lane's players moves from one tick to the next (a prime, so the
-/// start visits every position over the ticks).
-const ROTATE_STEP: usize = 7919;
-
 /// Never wait (the socket is non-blocking anyway), and a closed peer is an error, not a
 /// SIGPIPE.
 const SEND_FLAGS: libc::c_int = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
@@ -261,7 +257,6 @@ fn lock(m: &Mutex<LaneState>) -> MutexGuard<'_, LaneState> {
 impl Lane {
     async fn run(self: Arc<Lane>, window: Duration) {
         let mut bufs = VecDeque::new();
-        let mut ticks: usize = 0;
         loop {
             let due = tick::next_after(Instant::now(), window);
             tokio::time::sleep_until(due.into()).await;
@@ -270,12 +265,11 @@ impl Lane {
                 st.running = false;
                 return;
             }
-            // A tick writes its players one after another (a few ms for a thousand): start
-            // each tick somewhere else, so no player is always the last one written.
-            ticks = ticks.wrapping_add(1);
-            let len = st.entries.len();
-            st.entries
-                .rotate_left(ticks.wrapping_mul(ROTATE_STEP) % len);
+            // The players are written in the same order every tick (a few ms for a thousand),
+            // so each one is written one window after the last time and a frame waits at
+            // most one window whatever the player's place. (Moving the start each tick made
+            // the gaps uneven: up to a window plus the tick's length. A player leaving moves
+            // the last one up, whose gap is then shorter, never longer.)
             let mut i = 0;
             while let Some(e) = st.entries.get_mut(i) {
                 let Some((leftover, event, more)) = e.tick(&mut bufs) else {
