@@ -530,7 +530,24 @@ async fn handle(
         let post = head.starts_with(b"POST ");
         let fd = std::os::fd::AsRawFd::as_raw_fd(&tcp);
         let io = Prefixed::new(head, tcp);
-        dispatch(&ctx, io, kind, post, peer, local, Some(fd), &label).await;
+        if kind == Kind::Rtmp {
+            // The common case, awaited here: only the handler's boxed future is held across
+            // it. Through `dispatch` its arguments and state would be part of this task for
+            // the whole session; the other kinds go there boxed.
+            (ctx.handler)(rtmp_stream(io, peer, local, Some(fd))).await;
+            return;
+        }
+        Box::pin(dispatch(
+            &ctx,
+            io,
+            kind,
+            post,
+            peer,
+            local,
+            Some(fd),
+            &label,
+        ))
+        .await;
         return;
     }
 
@@ -752,6 +769,26 @@ async fn sniff_in_time<S: tokio::io::AsyncRead + Unpin>(
     }
 }
 
+/// An RTMP client's stream: rtmps:// unless `plain` names its socket (rtmp://).
+fn rtmp_stream<I: ByteStream + 'static>(
+    io: I,
+    peer: SocketAddr,
+    local: SocketAddr,
+    plain: Option<std::os::fd::RawFd>,
+) -> ClientStream {
+    let transport = if plain.is_none() {
+        Transport::Rtmps
+    } else {
+        Transport::Rtmp
+    };
+    let mut stream = ClientStream::new(Box::new(io), transport, peer, local);
+    if let Some(fd) = plain {
+        // `io` owns this socket and writes go straight to it (the engine's lane).
+        stream = stream.with_socket_fd(fd);
+    }
+    stream
+}
+
 /// Hands a sniffed connection to the right layer. `post`: an HTTP request that opens with
 /// POST (the RTMPT tunnel's only method); any other HTTP request is a plain one (HTTP-FLV).
 /// `plain`: the TCP socket's descriptor when `io` is that socket with the sniffed bytes put
@@ -769,19 +806,7 @@ async fn dispatch<I: ByteStream + 'static>(
 ) {
     let tls = plain.is_none();
     match kind {
-        Kind::Rtmp => {
-            let transport = if tls {
-                Transport::Rtmps
-            } else {
-                Transport::Rtmp
-            };
-            let mut stream = ClientStream::new(Box::new(io), transport, peer, local);
-            if let Some(fd) = plain {
-                // `io` owns this socket and writes go straight to it (the engine's lane).
-                stream = stream.with_socket_fd(fd);
-            }
-            (ctx.handler)(stream).await;
-        }
+        Kind::Rtmp => (ctx.handler)(rtmp_stream(io, peer, local, plain)).await,
         Kind::Http if post => Box::pin(ctx.tunnel.serve_connection(io, peer, local, tls)).await,
         Kind::Http => Box::pin(serve_http(ctx, io, peer, local, tls, label)).await,
         Kind::Rtmpe if tls => {
