@@ -194,7 +194,9 @@ struct EngineConnection {
     bytes_out: u64,
     /// Boxed, like `vod`: an idle connection (or a player) carries only the pointer.
     publishing: Option<Box<PublishState>>,
-    playing: Option<PlayState>,
+    /// Boxed (as `publishing` and `vod`): a connection that plays nothing carries only the
+    /// pointer.
+    playing: Option<Box<PlayState>>,
     /// What the session did, for the close line: "publish live/key".
     role: String,
     /// The lines this peer can cause by repeating itself (malformed messages, play,
@@ -286,7 +288,7 @@ fn now() -> Instant {
 /// The player's next event, or None at `tick_at` (a player draining its ring on the merge
 /// window's ticks is not woken by each frame).
 async fn next_event(
-    playing: &mut Option<PlayState>,
+    playing: &mut Option<Box<PlayState>>,
     tick_at: Option<Instant>,
 ) -> Option<Result<Event, RecvError>> {
     match (playing, tick_at) {
@@ -1056,7 +1058,7 @@ impl EngineConnection {
             self.proto.wait_for_publisher(now);
         }
         let start = std::mem::take(&mut player.start).into();
-        self.playing = Some(PlayState {
+        self.playing = Some(Box::new(PlayState {
             stream_id: request.stream_id,
             start,
             live: player.live,
@@ -1073,7 +1075,7 @@ impl EngineConnection {
             waited: false,
             first_frame: false,
             transition: switch,
-        });
+        }));
     }
 
     fn close_stream(&mut self, stream_id: u32) {
