@@ -368,14 +368,15 @@ impl<I: ByteStream + 'static> Conn<I> {
             if body.len().saturating_add(size) > max {
                 return Err(BodyError::TooLarge);
             }
-            charge.try_grow(size).map_err(BodyError::OverBudget)?;
-            body.reserve(size);
+            // Charged and stored as the bytes come, not as declared: a chunk announced but
+            // never sent holds nothing.
             let mut left = size;
             while left > 0 {
                 if self.buf.is_empty() {
                     self.fill().await?;
                 }
                 let k = left.min(self.buf.len());
+                charge.try_grow(k).map_err(BodyError::OverBudget)?;
                 body.extend_from_slice(&self.buf[..k]);
                 self.buf.advance(k);
                 left -= k;
