@@ -593,6 +593,12 @@ struct OneWay {
     /// The reader's socket has SO_RCVLOWAT raised while this direction waits for a tick
     /// ([`OneWay::raise_lowat`]); the read after the tick then goes to the socket directly.
     lowat_raised: bool,
+    /// The windows in which the last two reads right after a tick filled the largest buffer
+    /// (more than a buffer arrived while waiting). Two ticks in a row like that make the
+    /// window after the second one bulk: the sockets may hold less than
+    /// [`BULK_WINDOW_BYTES`], so windows spent waiting could never show it otherwise. One
+    /// alone is a burst (a key frame), not a rate.
+    tick_full: [Option<u128>; 2],
 }
 
 impl OneWay {
@@ -606,6 +612,7 @@ impl OneWay {
             window_bytes: 0,
             prev_window_bytes: 0,
             lowat_raised: false,
+            tick_full: [None, None],
             grow: false,
             buf: Box::default(),
             start: 0,
@@ -688,7 +695,7 @@ impl OneWay {
                         return Poll::Ready(Ok(()));
                     }
                     Ok(n) => {
-                        self.took(n, Some(tcp))?;
+                        self.took(n, Some(tcp), true)?;
                         return Poll::Ready(Ok(()));
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -742,7 +749,7 @@ impl OneWay {
                 if n == 0 {
                     self.read_done = true;
                 } else {
-                    self.took(n, r.plain_tcp())?;
+                    self.took(n, r.plain_tcp(), after_tick)?;
                 }
                 Poll::Ready(Ok(()))
             }
@@ -751,7 +758,7 @@ impl OneWay {
 
     /// `n` bytes were read into the buffer: set it up for writing and decide when the next
     /// read happens.
-    fn took(&mut self, n: usize, tcp: Option<&TcpStream>) -> io::Result<()> {
+    fn took(&mut self, n: usize, tcp: Option<&TcpStream>, after_tick: bool) -> io::Result<()> {
         self.start = 0;
         self.end = n;
         if let Some(w) = &mut self.watch {
@@ -764,7 +771,14 @@ impl OneWay {
         // one reads on at once.
         let mut waits = false;
         if !self.batch.is_zero() && self.total >= STARTUP_BYTES {
-            let bulk = self.count_window(n);
+            let mut bulk = self.count_window(n);
+            if after_tick && full && n == PUMP_BUF_MAX {
+                self.tick_full = [self.tick_full[1], Some(self.window_no)];
+            }
+            if let [Some(a), Some(b)] = self.tick_full {
+                // The two ticks were consecutive, and this is their window or the next.
+                bulk |= b <= a.saturating_add(2) && self.window_no <= b.saturating_add(1);
+            }
             if !full && !bulk {
                 self.arm_tick();
                 waits = true;
@@ -1255,6 +1269,46 @@ mod tests {
             waited > Duration::ZERO && waited <= window,
             "a slow stream's message waited {waited:?} (expected: until the next tick)"
         );
+        drop(client);
+        drop(backend);
+        let _ = task.await.unwrap();
+    }
+
+    /// The same with sockets that hold less than BULK_WINDOW_BYTES between them: a window
+    /// spent waiting for a tick can then never carry enough to count as bulk, so the rule
+    /// must also take a read right after a tick that fills the largest buffer as bulk.
+    /// Before that, this transfer moved one pipe-full per window (64 windows).
+    #[tokio::test(start_paused = true)]
+    async fn pump_does_not_cap_a_bulk_transfer_at_what_the_sockets_hold() {
+        let (mut client, mut gw_client) = tokio::io::duplex(64 * 1024);
+        let (mut gw_backend, mut backend) = tokio::io::duplex(64 * 1024);
+        let window = Duration::from_millis(40);
+        let times = PumpTimes {
+            idle: None,
+            write_batch: window,
+        };
+        let task = tokio::spawn(async move { pump(&mut gw_client, &mut gw_backend, times).await });
+        let total = 4 * 1024 * 1024 + STARTUP_BYTES as usize;
+        let sender = tokio::spawn(async move {
+            let piece = vec![5u8; 16 * 1024];
+            let mut sent = 0;
+            while sent < total {
+                backend.write_all(&piece).await.unwrap();
+                sent += piece.len();
+                tokio::task::yield_now().await;
+            }
+            backend
+        });
+        let t0 = tokio::time::Instant::now();
+        let mut got = vec![0u8; total];
+        client.read_exact(&mut got).await.unwrap();
+        let took = t0.elapsed();
+        assert!(
+            took <= 8 * window,
+            "a bulk transfer waited {took:?} for ticks ({} windows)",
+            took.as_millis() / window.as_millis()
+        );
+        let backend = sender.await.unwrap();
         drop(client);
         drop(backend);
         let _ = task.await.unwrap();
