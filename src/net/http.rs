@@ -120,6 +120,38 @@ fn kept(v: &[u8]) -> String {
 /// Parses a complete head from `buf`: `Ok(None)` when more bytes are needed, else the head
 /// and the bytes it took (anything after is a body or the next request).
 pub fn parse(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HeadError> {
+    parse_request(buf, |req| {
+        let method = Method::parse(req.method.unwrap_or_default());
+        let target = req.path.unwrap_or_default();
+        let (path, query) = target.split_once('?').unwrap_or((target, ""));
+        let mut host = None;
+        let mut origin = None;
+        for h in req.headers.iter() {
+            if h.name.eq_ignore_ascii_case("host") {
+                host = Some(kept(h.value));
+            } else if h.name.eq_ignore_ascii_case("origin") {
+                origin = Some(kept(h.value));
+            }
+        }
+        Ok(RequestHead {
+            method,
+            path: path.to_owned(),
+            query: query.to_owned(),
+            minor_version: req.version.unwrap_or(0),
+            host,
+            origin,
+        })
+    })
+}
+
+/// Runs httparse over `buf` with room for [`MAX_HEADERS`] header lines and hands a complete
+/// request to `read`: `Ok(None)` while more bytes are needed, else what `read` made of it and
+/// the bytes the head took. Every HTTP head the gateway parses itself ([`parse`] here, the
+/// RTMPT tunnel's own server) maps httparse's errors in this one place.
+pub fn parse_request<T>(
+    buf: &[u8],
+    read: impl FnOnce(&httparse::Request<'_, '_>) -> Result<T, HeadError>,
+) -> Result<Option<(T, usize)>, HeadError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let used = match req.parse(buf) {
@@ -128,29 +160,7 @@ pub fn parse(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HeadError> {
         Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooManyHeaders),
         Err(e) => return Err(HeadError::Malformed(e.to_string())),
     };
-    let method = Method::parse(req.method.unwrap_or_default());
-    let target = req.path.unwrap_or_default();
-    let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let mut host = None;
-    let mut origin = None;
-    for h in req.headers.iter() {
-        if h.name.eq_ignore_ascii_case("host") {
-            host = Some(kept(h.value));
-        } else if h.name.eq_ignore_ascii_case("origin") {
-            origin = Some(kept(h.value));
-        }
-    }
-    Ok(Some((
-        RequestHead {
-            method,
-            path: path.to_owned(),
-            query: query.to_owned(),
-            minor_version: req.version.unwrap_or(0),
-            host,
-            origin,
-        },
-        used,
-    )))
+    Ok(Some((read(&req)?, used)))
 }
 
 /// Reads a request head from `io`, starting from `buf` (bytes already read, e.g. by the

@@ -21,7 +21,7 @@
 //! then the connection closes; so is a request whose body was not read (refused early).
 //!
 //! Bounds, from [`Limits`]: the head (`max_http_header` bytes, then 431; at most
-//! [`MAX_HEADERS`] lines, then 431) within `http_header_timeout_secs` of the moment the
+//! [`MAX_HEADERS`](crate::net::http::MAX_HEADERS) lines, then 431) within `http_header_timeout_secs` of the moment the
 //! connection starts waiting for it (408 if bytes came, else a silent close: this also
 //! bounds an idle keep-alive connection, as hyper's header timeout did); the body
 //! (`max_http_body` bytes, then 413, declared lengths checked before anything is read)
@@ -53,7 +53,7 @@ use super::ack::EagerAck;
 use super::path;
 use super::{loggable, short, text, too_large, Reply, Tunnel, SHUTDOWN_GRACE};
 use crate::budget::{self, Charge, OverBudget};
-use crate::net::http::{HeadError, MAX_HEADERS};
+use crate::net::http::{parse_request, HeadError};
 use crate::stream::{ByteStream, Transport};
 
 /// Bytes read onto the stack while a connection waits for its next request: a poll, a
@@ -126,82 +126,73 @@ impl From<io::Error> for BodyError {
 /// Parses a complete head from `buf`: `Ok(None)` when more bytes are needed, else the head
 /// and the bytes it took.
 fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, HeadError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    let used = match req.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooManyHeaders),
-        Err(e) => return Err(HeadError::Malformed(e.to_string())),
-    };
-    let method = match req.method.unwrap_or_default() {
-        "POST" => Method::Post,
-        "HEAD" => Method::Head,
-        _ => Method::Other,
-    };
-    let http11 = req.version.unwrap_or(0) >= 1;
-    let mut length: Option<u64> = None;
-    let mut chunked = false;
-    let mut close = false;
-    let mut keep_alive_token = false;
-    let mut expect_continue = false;
-    for h in req.headers.iter() {
-        if h.name.eq_ignore_ascii_case(CONTENT_LENGTH.as_str()) {
-            // Several Content-Length headers must agree (RFC 9112 6.3), digits only.
-            let v = std::str::from_utf8(h.value).unwrap_or_default().trim();
-            let n = (!v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-                .then(|| v.parse::<u64>().ok())
-                .flatten()
-                .ok_or_else(|| HeadError::Malformed("bad Content-Length".into()))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(HeadError::Malformed("conflicting Content-Length".into()));
+    parse_request(buf, |req| {
+        let method = match req.method.unwrap_or_default() {
+            "POST" => Method::Post,
+            "HEAD" => Method::Head,
+            _ => Method::Other,
+        };
+        let http11 = req.version.unwrap_or(0) >= 1;
+        let mut length: Option<u64> = None;
+        let mut chunked = false;
+        let mut close = false;
+        let mut keep_alive_token = false;
+        let mut expect_continue = false;
+        for h in req.headers.iter() {
+            if h.name.eq_ignore_ascii_case(CONTENT_LENGTH.as_str()) {
+                // Several Content-Length headers must agree (RFC 9112 6.3), digits only.
+                let v = std::str::from_utf8(h.value).unwrap_or_default().trim();
+                let n = (!v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                    .then(|| v.parse::<u64>().ok())
+                    .flatten()
+                    .ok_or_else(|| HeadError::Malformed("bad Content-Length".into()))?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(HeadError::Malformed("conflicting Content-Length".into()));
+                }
+                length = Some(n);
+            } else if h.name.eq_ignore_ascii_case(TRANSFER_ENCODING.as_str()) {
+                // Only chunked as the last coding frames a request body we can read.
+                let last = tokens(h.value).last().unwrap_or_default();
+                if !last.eq_ignore_ascii_case("chunked") {
+                    return Err(HeadError::Malformed(
+                        "Transfer-Encoding other than chunked".into(),
+                    ));
+                }
+                chunked = true;
+            } else if h.name.eq_ignore_ascii_case(CONNECTION.as_str()) {
+                for t in tokens(h.value) {
+                    close |= t.eq_ignore_ascii_case("close");
+                    keep_alive_token |= t.eq_ignore_ascii_case("keep-alive");
+                }
+            } else if h.name.eq_ignore_ascii_case("expect") {
+                expect_continue = h.value.eq_ignore_ascii_case(b"100-continue");
             }
-            length = Some(n);
-        } else if h.name.eq_ignore_ascii_case(TRANSFER_ENCODING.as_str()) {
-            // Only chunked as the last coding frames a request body we can read.
-            let last = tokens(h.value).last().unwrap_or_default();
-            if !last.eq_ignore_ascii_case("chunked") {
+        }
+        let framing = match (chunked, length) {
+            // Both framings at once is how requests are smuggled past a proxy: refused.
+            (true, Some(_)) => {
                 return Err(HeadError::Malformed(
-                    "Transfer-Encoding other than chunked".into(),
-                ));
+                    "both Content-Length and Transfer-Encoding".into(),
+                ))
             }
-            chunked = true;
-        } else if h.name.eq_ignore_ascii_case(CONNECTION.as_str()) {
-            for t in tokens(h.value) {
-                close |= t.eq_ignore_ascii_case("close");
-                keep_alive_token |= t.eq_ignore_ascii_case("keep-alive");
+            (true, None) if !http11 => {
+                return Err(HeadError::Malformed(
+                    "Transfer-Encoding in an HTTP/1.0 request".into(),
+                ))
             }
-        } else if h.name.eq_ignore_ascii_case("expect") {
-            expect_continue = h.value.eq_ignore_ascii_case(b"100-continue");
-        }
-    }
-    let framing = match (chunked, length) {
-        // Both framings at once is how requests are smuggled past a proxy: refused.
-        (true, Some(_)) => {
-            return Err(HeadError::Malformed(
-                "both Content-Length and Transfer-Encoding".into(),
-            ))
-        }
-        (true, None) if !http11 => {
-            return Err(HeadError::Malformed(
-                "Transfer-Encoding in an HTTP/1.0 request".into(),
-            ))
-        }
-        (true, None) => Framing::Chunked,
-        (false, Some(n)) => Framing::Length(n),
-        (false, None) => Framing::Empty,
-    };
-    Ok(Some((
-        Head {
+            (true, None) => Framing::Chunked,
+            (false, Some(n)) => Framing::Length(n),
+            (false, None) => Framing::Empty,
+        };
+        Ok(Head {
             method,
             path: target_path(req.path.unwrap_or_default()).to_owned(),
             framing,
             keep_alive: !close && (http11 || keep_alive_token),
             expect_continue,
             http11,
-        },
-        used,
-    )))
+        })
+    })
 }
 
 /// A comma-separated header value's tokens, trimmed (invalid UTF-8 gives none).
