@@ -611,4 +611,238 @@ mod tests {
         };
         assert!(none.join(4, join).is_err());
     }
+
+    /// Many players of one stream in one lane whose task never ticks on its own (an hour's
+    /// window), so a test can drive a tick chunk by chunk: their seats, their clients, and
+    /// the lane.
+    struct Crowd {
+        seats: Vec<Option<Seat>>,
+        clients: Vec<TcpStream>,
+        // The server ends stay open for the whole test (a seat's drop must keep the lane
+        // off them by itself).
+        _servers: Vec<TcpStream>,
+        lane: Arc<Lane>,
+        lanes: Lanes,
+    }
+
+    fn seat_player(
+        lanes: &Lanes,
+        hub: &Arc<Hub>,
+        key: &StreamKey,
+        id: u64,
+    ) -> (Seat, TcpStream, TcpStream) {
+        let mut player = hub.play(key);
+        let (server, client) = pair();
+        let (_, idle) = broadcast::channel(1);
+        let join = Join {
+            sock: std::os::fd::AsRawFd::as_raw_fd(&server),
+            rx: std::mem::replace(&mut player.rx, idle),
+            lag: player.lag_probe(),
+            stream_id: SHARED_STREAM_ID,
+            chunk_size: 4096,
+            shared_chunk_size: 4096,
+            max_lag_bytes: 1 << 20,
+            has_video: false,
+            sent: None,
+        };
+        let Ok(seat) = lanes.join(id, join) else {
+            panic!("no lane");
+        };
+        client.set_nonblocking(true).unwrap();
+        (seat, server, client)
+    }
+
+    fn crowd(hub: &Arc<Hub>, key: &StreamKey, n: usize) -> Crowd {
+        let lanes = Lanes::new(Duration::from_secs(3600));
+        let mut c = Crowd {
+            seats: Vec::new(),
+            clients: Vec::new(),
+            _servers: Vec::new(),
+            lane: lanes.shards[0].clone(),
+            lanes,
+        };
+        for i in 0..n {
+            // Every id on the first shard, whatever the machine's thread count.
+            let id = (i * c.lanes.shards.len()) as u64;
+            let (seat, server, client) = seat_player(&c.lanes, hub, key, id);
+            c.seats.push(Some(seat));
+            c._servers.push(server);
+            c.clients.push(client);
+        }
+        c
+    }
+
+    /// What a client has received so far (the lane's writes reach a loopback peer before
+    /// `sendmsg` returns).
+    fn received(c: &mut TcpStream) -> Vec<u8> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match c.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        got
+    }
+
+    /// Publishes one audio frame; its bytes as the lane writes them.
+    async fn frame(
+        publisher: &crate::engine::hub::Publisher,
+        sub: &mut crate::engine::hub::Player,
+        ts: u32,
+    ) -> Vec<u8> {
+        publisher
+            .push(AUDIO, ts, Bytes::from(vec![0xaf, 1, ts as u8, 7]))
+            .unwrap();
+        match sub.rx.recv().await {
+            Ok(Event::Frame(f)) => f.chunked.to_vec(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_player_leaving_mid_tick_is_not_written_after_its_seat_drops() {
+        let hub = Hub::new(HubConfig::default());
+        let key = StreamKey::new("live", "leave");
+        let publisher = hub.publish(&key).unwrap();
+        let mut sub = hub.play(&key);
+        let n = 3 * CHUNK + 5;
+        let mut c = crowd(&hub, &key, n);
+        let a = frame(&publisher, &mut sub, 0).await;
+        let mut bufs = VecDeque::new();
+        assert!(c.lane.tick_starts());
+        let mut at = 0;
+        assert!(
+            !c.lane.write_chunk(&mut at, &mut bufs),
+            "more than one chunk"
+        );
+        assert_eq!(at, CHUNK);
+        // Between chunks: players written already and players not yet written leave (their
+        // seats drop, or their sessions take them back), the last one among them.
+        let gone = [3, CHUNK + 1, 2 * CHUNK + 7, n - 1];
+        for &i in &gone {
+            if i % 2 == 0 {
+                drop(c.seats[i].take());
+            } else {
+                let ret = c.seats[i].take().unwrap().reclaim().expect("taken back");
+                assert!(ret.leftover.is_empty() && ret.event.is_none());
+            }
+        }
+        let before: Vec<Vec<u8>> = gone.iter().map(|&i| received(&mut c.clients[i])).collect();
+        while !c.lane.write_chunk(&mut at, &mut bufs) {}
+        c.lane.tick_ends();
+        for (k, &i) in gone.iter().enumerate() {
+            let after = received(&mut c.clients[i]);
+            assert!(after.is_empty(), "player {i} was written after it left");
+            // Written in this tick only if its chunk came before it left.
+            let want: &[u8] = if i < CHUNK { &a } else { &[] };
+            assert_eq!(before[k], want, "player {i}");
+        }
+        for i in (0..n).filter(|i| !gone.contains(i)) {
+            assert_eq!(received(&mut c.clients[i]), a, "player {i}");
+        }
+        // Another tick writes the others and nobody who left.
+        let b = frame(&publisher, &mut sub, 20).await;
+        assert!(c.lane.tick_starts());
+        let mut at = 0;
+        while !c.lane.write_chunk(&mut at, &mut bufs) {}
+        c.lane.tick_ends();
+        assert_eq!(
+            lock(&c.lane.state).entries.len(),
+            n - gone.len(),
+            "holes compacted"
+        );
+        for i in 0..n {
+            let got = received(&mut c.clients[i]);
+            if gone.contains(&i) {
+                assert!(got.is_empty(), "player {i} was written after it left");
+            } else {
+                assert_eq!(got, b, "player {i}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn every_player_is_written_once_per_tick_whoever_leaves_or_joins_mid_tick() {
+        let hub = Hub::new(HubConfig::default());
+        let key = StreamKey::new("live", "once");
+        let publisher = hub.publish(&key).unwrap();
+        let mut sub = hub.play(&key);
+        let n = 3 * CHUNK + 5;
+        let mut c = crowd(&hub, &key, n);
+        // A late joiner, subscribed now: it joins the lane in the middle of the tick.
+        let late_id = (n * c.lanes.shards.len()) as u64;
+        let mut late_player = hub.play(&key);
+        let a = frame(&publisher, &mut sub, 0).await;
+        let mut bufs = VecDeque::new();
+        assert!(c.lane.tick_starts());
+        let mut at = 0;
+        let mut chunks = 0;
+        let mut gone = Vec::new();
+        let mut frames = vec![a];
+        let mut late = None;
+        loop {
+            let done = c.lane.write_chunk(&mut at, &mut bufs);
+            chunks += 1;
+            if done {
+                break;
+            }
+            // A frame between every two chunks: a player written twice in this tick would
+            // get it, a player skipped would miss everything.
+            let ts = 20 * chunks as u32;
+            frames.push(frame(&publisher, &mut sub, ts).await);
+            // A player before the cursor and one after it leave, which must move nobody.
+            for i in [at - 2, at + 1] {
+                if i < n && c.seats[i].is_some() {
+                    drop(c.seats[i].take());
+                    gone.push((i, i < at));
+                }
+            }
+            if late.is_none() {
+                let (_, idle) = broadcast::channel(1);
+                let (server, client) = pair();
+                client.set_nonblocking(true).unwrap();
+                let join = Join {
+                    sock: std::os::fd::AsRawFd::as_raw_fd(&server),
+                    rx: std::mem::replace(&mut late_player.rx, idle),
+                    lag: late_player.lag_probe(),
+                    stream_id: SHARED_STREAM_ID,
+                    chunk_size: 4096,
+                    shared_chunk_size: 4096,
+                    max_lag_bytes: 1 << 20,
+                    has_video: false,
+                    sent: None,
+                };
+                let Ok(seat) = c.lanes.join(late_id, join) else {
+                    panic!("no lane");
+                };
+                late = Some((seat, server, client));
+            }
+        }
+        c.lane.tick_ends();
+        assert_eq!(
+            chunks, 4,
+            "{n} players in chunks of {CHUNK}, plus the late joiner"
+        );
+        // Player i was written once, by chunk i / CHUNK, with every frame published before.
+        for i in 0..n {
+            let got = received(&mut c.clients[i]);
+            let k = i / CHUNK;
+            // A player that left before its chunk got nothing.
+            let want = if gone.contains(&(i, false)) {
+                Vec::new()
+            } else {
+                frames[..=k].concat()
+            };
+            assert_eq!(got, want, "player {i} (chunk {k})");
+        }
+        // The late joiner, added after the others, was written once at the tick's end.
+        let (late_seat, _late_server, mut late_client) = late.unwrap();
+        assert_eq!(received(&mut late_client), frames.concat());
+        drop(late_seat);
+        assert_eq!(gone.len(), 6);
+    }
 }
