@@ -955,9 +955,9 @@ mod tests {
             while !c.lane.write_chunk(phase, &mut at, &mut bufs) {}
             c.lane.tick_ends();
             // This sub-tick wrote its group, and nobody else.
-            for i in 0..n {
-                let got = received(&mut c.clients[i]);
-                let want: &[u8] = if phase_of[i] == phase { &a } else { &[] };
+            for (i, (client, p)) in c.clients.iter_mut().zip(&phase_of).enumerate() {
+                let got = received(client);
+                let want: &[u8] = if *p == phase { &a } else { &[] };
                 assert_eq!(got, want, "player {i} at phase {phase}");
             }
         }
