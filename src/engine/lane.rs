@@ -16,15 +16,10 @@
 //! players, so a player is never written by both at once and never mid-message when it
 //! changes hands.
 //!
-//! A lane's players are split into [`PHASES`] groups, each written on its own sub-tick of the
-//! window (every player still once per window, one window apart), so a lane wakes a
-//! fraction of its clients at a time rather than all of them at once.
-//!
 //! A tick writes its players in chunks of [`CHUNK`] and lets the runtime run other tasks
 //! between chunks, with the lock released: one uninterrupted tick over a thousand players
 //! (about 10 ms) kept the publisher's socket unread meanwhile, so a frame arriving then
-//! reached the players later in the order a window later than it could have (the probe's
-//! p99 at 1,000 players rose from 96 to 110-118 ms, its p50 from 49 to 58-72).
+//! reached every player a window late (p99 at 1,000 players rose from 96 to 110-118 ms).
 //! To keep each player written exactly once per tick, in the same order every tick (so its
 //! writes stay one window apart), a player leaving between chunks leaves a hole in its place
 //! instead of moving another player into it; holes are compacted when the tick ends, and a
@@ -68,12 +63,6 @@ const IOV_MAX: usize = 64;
 /// Players a tick writes before it lets other tasks run (the publisher's reads among them):
 /// a few hundred microseconds of writes, against a window of tens of milliseconds.
 const CHUNK: usize = 32;
-/// Groups a lane's players are split into, each written on its own sub-tick of the window
-/// (every player still once per window): writing all of them on the same instant woke a
-/// thousand clients at once, and on a shared machine the last ones woken waited behind the
-/// rest (the probe's p99 at 1,000 players, bench/RESULTS.md). Eight groups of a 80 ms window
-/// are written 10 ms apart.
-const PHASES: usize = 8;
 /// Bytes written before they are added to the session table's counters: adding every write
 /// touches a cold cache line per player per tick (6% of the engine's samples at 1,000
 /// players); the counters lag by at most this much per player (and are exact once the
@@ -117,8 +106,6 @@ struct Entry {
     written: u64,
     /// Written but not yet added to the session table's counters (`SENT_BATCH`).
     unsent: usize,
-    /// The sub-tick of the window this player is written on (below the lane's phases).
-    phase: usize,
     back: oneshot::Sender<Returned>,
 }
 
@@ -271,8 +258,6 @@ struct LaneState {
     /// In the order they are written; None where a player left since the last tick's end
     /// (see the module's note).
     entries: Vec<Option<Entry>>,
-    /// Players per phase, so a new one joins the smallest group.
-    per_phase: Vec<usize>,
     /// The shard's task is running (it ends when its last player leaves).
     running: bool,
 }
@@ -287,33 +272,22 @@ fn lock(m: &Mutex<LaneState>) -> MutexGuard<'_, LaneState> {
 }
 
 impl Lane {
-    async fn run(self: Arc<Lane>, window: Duration, phases: usize) {
+    async fn run(self: Arc<Lane>, window: Duration) {
         let mut bufs = VecDeque::new();
-        let phases = phases.max(1);
-        // Sub-ticks on the same process-wide grid (phase 0 falls on the window's ticks).
-        let period = Some(window / u32::try_from(phases).unwrap_or(1))
-            .filter(|p| !p.is_zero())
-            .unwrap_or(window);
-        let mut last = None;
         loop {
-            let (due, n) = tick::next_numbered(Instant::now(), period);
+            let due = tick::next_after(Instant::now(), window);
             tokio::time::sleep_until(due.into()).await;
-            // A sub-tick missed (the task ran late) is written now rather than a window
-            // later, so no group waits more than a window plus the lateness.
-            for phase in phases_due(last, n, phases) {
-                if !self.tick_starts() {
-                    return;
-                }
-                let mut at = 0;
-                while !self.write_chunk(phase, &mut at, &mut bufs) {
-                    // The lock is not held here: the publisher's frames are read meanwhile
-                    // (and reach the players after this one in this very tick), sessions
-                    // take their players back, new ones join.
-                    tokio::task::yield_now().await;
-                }
-                self.tick_ends();
+            if !self.tick_starts() {
+                return;
             }
-            last = Some(n);
+            let mut at = 0;
+            while !self.write_chunk(&mut at, &mut bufs) {
+                // The lock is not held here: the publisher's frames are read meanwhile (and
+                // reach the players after this one in this very tick), sessions take their
+                // players back, new ones join.
+                tokio::task::yield_now().await;
+            }
+            self.tick_ends();
         }
     }
 
@@ -322,34 +296,29 @@ impl Lane {
         let mut st = lock(&self.state);
         if st.entries.iter().all(Option::is_none) {
             st.entries.clear();
-            st.per_phase.iter_mut().for_each(|n| *n = 0);
             st.running = false;
             return false;
         }
         true
     }
 
-    /// Writes the next [`CHUNK`] players of `phase` from place `*at` on; true when the
-    /// tick has reached the end. The players are written in the same order every tick, so
-    /// each one is written one window after the last time and a frame waits at most one
+    /// Writes the next [`CHUNK`] places from `*at` on; true when the tick has reached the
+    /// end. The players are written in the same order every tick (a few ms for a thousand),
+    /// so each one is written one window after the last time and a frame waits at most one
     /// window whatever the player's place. (Moving the start each tick made the gaps uneven:
     /// up to a window plus the tick's length.)
-    fn write_chunk(&self, phase: usize, at: &mut usize, bufs: &mut VecDeque<Bytes>) -> bool {
+    fn write_chunk(&self, at: &mut usize, bufs: &mut VecDeque<Bytes>) -> bool {
         let mut st = lock(&self.state);
-        let mut written = 0;
-        while written < CHUNK {
+        let end = at.saturating_add(CHUNK).min(st.entries.len());
+        while *at < end {
             let slot = st.entries.get_mut(*at);
+            *at += 1;
             let Some(slot) = slot else {
                 break;
             };
-            *at += 1;
             let Some(e) = slot else {
                 continue;
             };
-            if e.phase != phase {
-                continue;
-            }
-            written += 1;
             let Some((leftover, event, more)) = e.tick(bufs) else {
                 continue;
             };
@@ -357,7 +326,6 @@ impl Lane {
             let Some(e) = slot.take() else {
                 continue;
             };
-            st.left(e.phase);
             let (back, ret) = e.into_returned(leftover, event, more);
             // A session that has gone drops its seat, which removes its entry: a closed
             // channel here cannot happen, and would only drop the receiver.
@@ -374,44 +342,11 @@ impl Lane {
     /// Takes the player out, leaving a hole in its place.
     fn take(&self, id: u64) -> Option<Entry> {
         let mut st = lock(&self.state);
-        let e = st
-            .entries
+        st.entries
             .iter_mut()
             .find(|e| e.as_ref().is_some_and(|e| e.id == id))
-            .and_then(Option::take)?;
-        st.left(e.phase);
-        Some(e)
+            .and_then(Option::take)
     }
-}
-
-impl LaneState {
-    /// The group a new player joins: the smallest.
-    fn emptiest_phase(&self) -> usize {
-        let mut best = 0;
-        for (i, n) in self.per_phase.iter().enumerate() {
-            if self.per_phase.get(best).is_some_and(|b| n < b) {
-                best = i;
-            }
-        }
-        best
-    }
-
-    fn left(&mut self, phase: usize) {
-        if let Some(n) = self.per_phase.get_mut(phase) {
-            *n = n.saturating_sub(1);
-        }
-    }
-}
-
-/// The phases to write at sub-tick `n`, the last one written being `last`: `n`'s, after
-/// those of the sub-ticks missed since (at most one window's worth: each group once).
-fn phases_due(last: Option<u128>, n: u128, phases: usize) -> impl Iterator<Item = usize> {
-    let k = phases.max(1) as u128;
-    let from = match last {
-        Some(l) if l < n => l.saturating_add(1).max(n.saturating_sub(k - 1)),
-        _ => n,
-    };
-    (from..=n).map(move |t| (t % k) as usize)
 }
 
 /// The engine's lanes: one shard per worker thread, so players are written in parallel on a
@@ -419,16 +354,10 @@ fn phases_due(last: Option<u128>, n: u128, phases: usize) -> impl Iterator<Item 
 pub(crate) struct Lanes {
     shards: Vec<Arc<Lane>>,
     window: Duration,
-    phases: usize,
 }
 
 impl Lanes {
     pub fn new(window: Duration) -> Lanes {
-        Lanes::with_phases(window, PHASES)
-    }
-
-    fn with_phases(window: Duration, phases: usize) -> Lanes {
-        let phases = phases.max(1);
         let n = std::thread::available_parallelism().map_or(1, |n| n.get());
         Lanes {
             shards: (0..n)
@@ -436,14 +365,12 @@ impl Lanes {
                     Arc::new(Lane {
                         state: Mutex::new(LaneState {
                             entries: Vec::new(),
-                            per_phase: vec![0; phases],
                             running: false,
                         }),
                     })
                 })
                 .collect(),
             window,
-            phases,
         }
     }
 
@@ -462,21 +389,16 @@ impl Lanes {
         };
         let (back, returned) = oneshot::channel();
         let mut st = lock(&lane.state);
-        let phase = st.emptiest_phase();
-        if let Some(n) = st.per_phase.get_mut(phase) {
-            *n += 1;
-        }
         st.entries.push(Some(Entry {
             id,
             join,
             written: 0,
             unsent: 0,
-            phase,
             back,
         }));
         if !st.running {
             st.running = true;
-            rt.spawn(lane.clone().run(self.window, self.phases));
+            rt.spawn(lane.clone().run(self.window));
         }
         drop(st);
         Ok(Seat { lane, id, returned })
@@ -730,8 +652,8 @@ mod tests {
         (seat, server, client)
     }
 
-    fn crowd(hub: &Arc<Hub>, key: &StreamKey, n: usize, phases: usize) -> Crowd {
-        let lanes = Lanes::with_phases(Duration::from_secs(3600), phases);
+    fn crowd(hub: &Arc<Hub>, key: &StreamKey, n: usize) -> Crowd {
+        let lanes = Lanes::new(Duration::from_secs(3600));
         let mut c = Crowd {
             seats: Vec::new(),
             clients: Vec::new(),
@@ -788,13 +710,13 @@ mod tests {
         let publisher = hub.publish(&key).unwrap();
         let mut sub = hub.play(&key);
         let n = 3 * CHUNK + 5;
-        let mut c = crowd(&hub, &key, n, 1);
+        let mut c = crowd(&hub, &key, n);
         let a = frame(&publisher, &mut sub, 0).await;
         let mut bufs = VecDeque::new();
         assert!(c.lane.tick_starts());
         let mut at = 0;
         assert!(
-            !c.lane.write_chunk(0, &mut at, &mut bufs),
+            !c.lane.write_chunk(&mut at, &mut bufs),
             "more than one chunk"
         );
         assert_eq!(at, CHUNK);
@@ -810,7 +732,7 @@ mod tests {
             }
         }
         let before: Vec<Vec<u8>> = gone.iter().map(|&i| received(&mut c.clients[i])).collect();
-        while !c.lane.write_chunk(0, &mut at, &mut bufs) {}
+        while !c.lane.write_chunk(&mut at, &mut bufs) {}
         c.lane.tick_ends();
         for (k, &i) in gone.iter().enumerate() {
             let after = received(&mut c.clients[i]);
@@ -826,7 +748,7 @@ mod tests {
         let b = frame(&publisher, &mut sub, 20).await;
         assert!(c.lane.tick_starts());
         let mut at = 0;
-        while !c.lane.write_chunk(0, &mut at, &mut bufs) {}
+        while !c.lane.write_chunk(&mut at, &mut bufs) {}
         c.lane.tick_ends();
         assert_eq!(
             lock(&c.lane.state).entries.len(),
@@ -850,7 +772,7 @@ mod tests {
         let publisher = hub.publish(&key).unwrap();
         let mut sub = hub.play(&key);
         let n = 3 * CHUNK + 5;
-        let mut c = crowd(&hub, &key, n, 1);
+        let mut c = crowd(&hub, &key, n);
         // A late joiner, subscribed now: it joins the lane in the middle of the tick.
         let late_id = (n * c.lanes.shards.len()) as u64;
         let mut late_player = hub.play(&key);
@@ -862,12 +784,8 @@ mod tests {
         let mut gone = Vec::new();
         let mut frames = vec![a];
         let mut late = None;
-        // The places each chunk went over.
-        let mut spans = Vec::new();
         loop {
-            let from = at;
-            let done = c.lane.write_chunk(0, &mut at, &mut bufs);
-            spans.push(from..at);
+            let done = c.lane.write_chunk(&mut at, &mut bufs);
             chunks += 1;
             if done {
                 break;
@@ -909,15 +827,10 @@ mod tests {
             chunks, 4,
             "{n} players in chunks of {CHUNK}, plus the late joiner"
         );
-        // The chunks went over every place once, in order.
-        assert_eq!(spans.first().map(|r| r.start), Some(0));
-        assert!(spans.windows(2).all(|w| w[0].end == w[1].start));
-        assert_eq!(spans.last().map(|r| r.end), Some(n + 1));
-        // Player i was written once, by the chunk that went over its place, with every
-        // frame published before.
+        // Player i was written once, by chunk i / CHUNK, with every frame published before.
         for i in 0..n {
             let got = received(&mut c.clients[i]);
-            let k = spans.iter().position(|r| r.contains(&i)).unwrap();
+            let k = i / CHUNK;
             // A player that left before its chunk got nothing.
             let want = if gone.contains(&(i, false)) {
                 Vec::new()
@@ -931,52 +844,5 @@ mod tests {
         assert_eq!(received(&mut late_client), frames.concat());
         drop(late_seat);
         assert_eq!(gone.len(), 6);
-    }
-
-    #[tokio::test]
-    async fn the_players_are_spread_over_the_phases_and_written_once_a_window() {
-        let hub = Hub::new(HubConfig::default());
-        let key = StreamKey::new("live", "phases");
-        let publisher = hub.publish(&key).unwrap();
-        let mut sub = hub.play(&key);
-        let n = 10;
-        let mut c = crowd(&hub, &key, n, 4);
-        assert_eq!(lock(&c.lane.state).per_phase, [3, 3, 2, 2]);
-        let phase_of: Vec<usize> = lock(&c.lane.state)
-            .entries
-            .iter()
-            .map(|e| e.as_ref().unwrap().phase)
-            .collect();
-        let a = frame(&publisher, &mut sub, 0).await;
-        let mut bufs = VecDeque::new();
-        for phase in 0..4 {
-            assert!(c.lane.tick_starts());
-            let mut at = 0;
-            while !c.lane.write_chunk(phase, &mut at, &mut bufs) {}
-            c.lane.tick_ends();
-            // This sub-tick wrote its group, and nobody else.
-            for (i, (client, p)) in c.clients.iter_mut().zip(&phase_of).enumerate() {
-                let got = received(client);
-                let want: &[u8] = if *p == phase { &a } else { &[] };
-                assert_eq!(got, want, "player {i} at phase {phase}");
-            }
-        }
-        // A player leaving frees its place in its group: the next one joins that group.
-        drop(c.seats[0].take());
-        assert_eq!(lock(&c.lane.state).per_phase, [2, 3, 2, 2]);
-        let (_seat, _server, _client) = seat_player(&c.lanes, &hub, &key, 1000 * 8);
-        assert_eq!(lock(&c.lane.state).per_phase, [3, 3, 2, 2]);
-    }
-
-    #[test]
-    fn missed_sub_ticks_are_written_late_each_group_once() {
-        let due = |last, n| phases_due(last, n, 8).collect::<Vec<_>>();
-        assert_eq!(due(None, 13), [5]);
-        assert_eq!(due(Some(12), 13), [5]);
-        // Two sub-ticks missed: their groups first, in order.
-        assert_eq!(due(Some(10), 13), [3, 4, 5]);
-        // Far behind: every group once, the current one last.
-        assert_eq!(due(Some(0), 13), [6, 7, 0, 1, 2, 3, 4, 5]);
-        assert_eq!(phases_due(Some(3), 9, 1).collect::<Vec<_>>(), [0]);
     }
 }

@@ -16,26 +16,17 @@ fn origin() -> Instant {
 /// The first tick of a `window`-long period strictly after `now` (`now` itself when the
 /// window is zero, or when the clock would overflow).
 pub fn next_after(now: Instant, window: Duration) -> Instant {
-    next_numbered(now, window).0
-}
-
-/// [`next_after`], with the tick's number since the origin (0 when the window is zero or
-/// the clock would overflow): the fan-out lane tells its sub-ticks apart by it.
-pub fn next_numbered(now: Instant, window: Duration) -> (Instant, u128) {
     let w = window.as_nanos();
     if w == 0 {
-        return (now, 0);
+        return now;
     }
     let origin = origin();
     let since = now.saturating_duration_since(origin).as_nanos();
     let ticks = since / w + 1;
     let Some(at) = ticks.checked_mul(w).and_then(|n| u64::try_from(n).ok()) else {
-        return (now, 0);
+        return now;
     };
-    match origin.checked_add(Duration::from_nanos(at)) {
-        Some(t) => (t, ticks),
-        None => (now, 0),
-    }
+    origin.checked_add(Duration::from_nanos(at)).unwrap_or(now)
 }
 
 #[cfg(test)]
@@ -55,9 +46,5 @@ mod tests {
         // At the tick itself, the next one.
         assert_eq!(next_after(t, w), t + w);
         assert_eq!(next_after(now, Duration::ZERO), now);
-        // Numbered: consecutive ticks, consecutive numbers.
-        let (a, n) = next_numbered(now, w);
-        let (b, m) = next_numbered(a, w);
-        assert_eq!((a, b, m), (t, t + w, n + 1));
     }
 }
