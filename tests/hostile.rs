@@ -619,7 +619,7 @@ fn too_many_from_one_ip(t: &Target, ip: Ipv4Addr) -> Outcome {
 /// A real TLS ClientHello (from rustls), then garbage: the TLS listener drops the peer.
 fn garbage_after_client_hello(t: &Target, ip: Ipv4Addr) -> Outcome {
     let roots = rustls::RootCertStore::empty();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?

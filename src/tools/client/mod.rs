@@ -33,7 +33,7 @@ pub struct TlsOptions {
 impl TlsOptions {
     /// A connector for these options; build it once and share it.
     pub fn connector(&self) -> Result<TlsConnector, ClientError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| ClientError::tls("protocol versions", e))?;
