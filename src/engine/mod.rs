@@ -133,6 +133,9 @@ pub struct Engine {
     api_pushes: Arc<restream::ApiPushes>,
     /// Where steady players' media is written on the merge window's ticks ([`lane`]).
     lanes: lane::Lanes,
+    /// The protocol's settings for this generation's sessions, plain and over RTMPE: shared,
+    /// not copied into each session.
+    proto: [Arc<crate::rtmp::session::ServerConfig>; 2],
 }
 
 impl Engine {
@@ -183,6 +186,7 @@ impl Engine {
         Arc::new(Engine {
             api_pushes: restream::ApiPushes::new(limits.max_api_pushes),
             lanes: lane::Lanes::new(cfg.write_batch),
+            proto: Self::proto_configs(&limits, &cfg),
             limits,
             cfg,
             hub,
@@ -208,12 +212,28 @@ impl Engine {
             api_pushes: self.api_pushes.clone(),
             // The new window's lanes (the sessions of the old generation keep theirs).
             lanes: lane::Lanes::new(cfg.write_batch),
+            proto: Self::proto_configs(&limits, &cfg),
             limits,
             cfg,
             hub: self.hub.clone(),
             edge: self.edge.clone(),
             next_session: self.next_session.clone(),
         })
+    }
+
+    fn proto_configs(
+        limits: &Limits,
+        cfg: &EngineConfig,
+    ) -> [Arc<crate::rtmp::session::ServerConfig>; 2] {
+        [
+            session::proto_config(limits, cfg, false),
+            session::proto_config(limits, cfg, true),
+        ]
+    }
+
+    /// The protocol's settings for a session of this generation, over RTMPE or not.
+    pub(crate) fn proto_config(&self, rtmpe: bool) -> Arc<crate::rtmp::session::ServerConfig> {
+        self.proto[usize::from(rtmpe)].clone()
     }
 
     pub fn limits(&self) -> &Limits {

@@ -180,7 +180,8 @@ struct EngineConnection {
     /// messages, replies and published frames are charged to.
     budget: PeerBudget,
     /// The budget refused a reply's bytes: the session ends (checked between messages).
-    refused: Option<OverBudget>,
+    /// Boxed: rare, and 48 bytes of every connection inline.
+    refused: Option<Box<OverBudget>>,
     /// Decoding stopped with input left in the read buffer (the replies were over their bound).
     more_input: bool,
     /// What is queued must be written without waiting for the merge window (replies, a
@@ -221,55 +222,86 @@ mod authz;
 mod vod;
 
 /// Serve one client stream, then log what happened.
-pub(crate) async fn run(engine: Arc<Engine>, mut io: ClientStream, id: u64) {
-    let started = Instant::now();
-    let label = io.label();
-    // The door logs every session's open and close line with its bytes; the engine adds
-    // what the session did (its role) and why it ended.
-    debug!(session = id, "engine session open: {label}");
-    let budget = PeerBudget::for_peer(io.peer.ip());
-    let rtmpe = matches!(io.transport, Transport::Rtmpe | Transport::Rtmpte);
-    // One copy of the label, the connection's (kept for the close line below).
-    let mut s = EngineConnection::new(engine, id, label, budget, rtmpe);
-    if s.engine.config().auth.is_some() {
-        s.authz = Some(Box::new(authz::AuthState::new(io.peer.ip())));
-    }
-    let res = s.serve(&mut io).await;
-    // Out of its lane before anything else is written (what the lane left unwritten first).
-    let _ = s.leave_lane();
-    s.notify_done(true, true);
-    // Players learn at once that their publisher left, before any wait on this socket.
-    drop(s.publishing.take());
-    let skips = s.playing.take().map_or(0, |p| p.skips);
-    // Let a well-behaved client see our last replies (a refusal, Play.Stop); never wait long
-    // for a broken one.
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        let _ = s.flush(&mut io).await;
-        let _ = io.shutdown().await;
-    })
-    .await;
-    let secs = started.elapsed().as_secs_f64();
-    let how = match &res {
-        Ok(()) => "closed by client".to_owned(),
-        // Players such as ffmpeg reset the connection instead of closing it: still a close.
-        Err(SessionError::Io(e))
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
-            ) =>
-        {
-            "closed by client (reset)".to_owned()
+///
+/// A plain fn returning an `async move` block, not an `async fn`: an async fn's state keeps
+/// its arguments where they were passed and a second copy where the body moves them (the
+/// stream is 144 bytes), for the whole session; the block's captures are used in place.
+pub(crate) fn run(
+    engine: Arc<Engine>,
+    mut io: ClientStream,
+    id: u64,
+) -> impl std::future::Future<Output = ()> + Send {
+    async move {
+        let started = Instant::now();
+        let budget = PeerBudget::for_peer(io.peer.ip());
+        let rtmpe = matches!(io.transport, Transport::Rtmpe | Transport::Rtmpte);
+        // One copy of the label, the connection's (kept for the close line below; made in
+        // the call, so that no local holds it across the session's awaits).
+        let mut s = EngineConnection::new(engine, id, io.label(), budget, rtmpe);
+        // The door logs every session's open and close line with its bytes; the engine adds
+        // what the session did (its role) and why it ended.
+        debug!(session = id, "engine session open: {}", s.label);
+        if s.engine.config().auth.is_some() {
+            s.authz = Some(Box::new(authz::AuthState::new(io.peer.ip())));
         }
-        Err(e) => e.to_string(),
-    };
-    info!(
-        session = id,
-        "session close: {} {} in={}B out={}B duration={secs:.1}s skips={skips}: {how}",
-        s.label,
-        if s.role.is_empty() { "-" } else { &s.role },
-        s.bytes_in,
-        s.bytes_out,
-    );
+        let res = s.serve(&mut io).await;
+        // Out of its lane before anything else is written (what the lane left unwritten first).
+        let _ = s.leave_lane();
+        s.notify_done(true, true);
+        // Players learn at once that their publisher left, before any wait on this socket.
+        drop(s.publishing.take());
+        let skips = s.playing.take().map_or(0, |p| p.skips);
+        // Let a well-behaved client see our last replies (a refusal, Play.Stop); never wait long
+        // for a broken one.
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let _ = s.flush(&mut io).await;
+            let _ = io.shutdown().await;
+        })
+        .await;
+        let secs = started.elapsed().as_secs_f64();
+        let how = match &res {
+            Ok(()) => "closed by client".to_owned(),
+            // Players such as ffmpeg reset the connection instead of closing it: still a close.
+            Err(SessionError::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+                ) =>
+            {
+                "closed by client (reset)".to_owned()
+            }
+            Err(e) => e.to_string(),
+        };
+        info!(
+            session = id,
+            "session close: {} {} in={}B out={}B duration={secs:.1}s skips={skips}: {how}",
+            s.label,
+            if s.role.is_empty() { "-" } else { &s.role },
+            s.bytes_in,
+            s.bytes_out,
+        );
+    }
+}
+
+/// The protocol's settings for the engine's sessions, over RTMPE or not: made once per
+/// engine generation and shared by its sessions ([`Engine::proto_config`]).
+pub(super) fn proto_config(
+    limits: &crate::limits::Limits,
+    cfg: &super::EngineConfig,
+    rtmpe: bool,
+) -> Arc<ServerConfig> {
+    Arc::new(ServerConfig {
+        limits: limits.into(),
+        chunk_size: cfg.chunk_size,
+        window_ack_size: cfg.window_ack_size,
+        peer_bandwidth: cfg.peer_bandwidth,
+        max_streams: cfg.max_streams_per_connection,
+        // Over RTMPE the large chunk size waits until the client plays (see
+        // `ServerConfig::chunk_size_on_connect`).
+        chunk_size_on_connect: !rtmpe,
+        player_wait: cfg.player_wait,
+        stream_length_by_app: cfg.vod_dir.is_some(),
+    })
 }
 
 /// `now + d`, or far in the future when a configured duration would overflow the clock.
@@ -384,20 +416,7 @@ impl EngineConnection {
         // Partial messages and replies count against the process's budget and the client
         // address's share of it.
         let decoder = ChunkDecoder::with_charge(engine.limits(), budget.charge());
-        let cfg = engine.config();
-        let proto_cfg = ServerConfig {
-            limits: engine.limits().into(),
-            chunk_size: cfg.chunk_size,
-            window_ack_size: cfg.window_ack_size,
-            peer_bandwidth: cfg.peer_bandwidth,
-            max_streams: cfg.max_streams_per_connection,
-            // Over RTMPE the large chunk size waits until the client plays (see
-            // `ServerConfig::chunk_size_on_connect`).
-            chunk_size_on_connect: !rtmpe,
-            player_wait: cfg.player_wait,
-            stream_length_by_app: cfg.vod_dir.is_some(),
-        };
-        let proto = ServerSession::new(proto_cfg, decoder, now());
+        let proto = ServerSession::new(engine.proto_config(rtmpe), decoder, now());
         EngineConnection {
             engine,
             id,
@@ -503,6 +522,16 @@ impl EngineConnection {
                 // (Its `capacity()` is no guide: a buffer advanced to its end reports none
                 // while it still holds the whole allocation.)
                 rbuf = BytesMut::new();
+            }
+            if self.playing.is_none()
+                && self.vod.is_none()
+                && self.pending.is_empty()
+                && self.pending.capacity() > 0
+            {
+                // The connect replies are written: a connection that plays nothing writes
+                // rarely, so its write queue is not kept between writes (a player's is: it
+                // writes every tick).
+                self.pending = VecDeque::new();
             }
             // The next tick to drain the ring at; at once when the last drain stopped at its
             // bound (through the select, so the client's input is still read meanwhile).
@@ -630,7 +659,7 @@ impl EngineConnection {
         };
         if let Err(e) = self.reply_charge.try_grow(b.len()) {
             // Dropped, and the session ends before it decodes another message.
-            self.refused.get_or_insert(e);
+            self.refused.get_or_insert(Box::new(e));
             return;
         }
         self.write_now = true;
@@ -821,7 +850,7 @@ impl EngineConnection {
         let now = now();
         loop {
             if let Some(e) = self.refused.take() {
-                return Err(SessionError::OverBudget(e));
+                return Err(SessionError::OverBudget(*e));
             }
             let polled = self.proto.poll(rbuf, now);
             self.send_replies();
@@ -856,7 +885,7 @@ impl EngineConnection {
 
     fn check_refused(&mut self) -> Result<(), SessionError> {
         match self.refused.take() {
-            Some(e) => Err(SessionError::OverBudget(e)),
+            Some(e) => Err(SessionError::OverBudget(*e)),
             None => Ok(()),
         }
     }

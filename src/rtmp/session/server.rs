@@ -19,6 +19,7 @@
 //! decoder's own limits and memory charge.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -221,22 +222,21 @@ pub enum ServerError {
     NoPublisher(Duration),
 }
 
-/// The events one message raises, in order: at most two (a command and what it
-/// requests), held inline so an idle connection allocates nothing for them; more would go
-/// to `more` (not expected).
+/// The events one message raises, in order. The first is held inline (a media message
+/// raises one, so a publisher allocates nothing per message); a second (a command and what
+/// it requests) goes to `more`, which is freed once drained: an idle connection holds no
+/// allocation for them, and a second inline slot would be 56 bytes of every connection.
 #[derive(Debug, Default)]
 pub(super) struct Events {
     first: Option<ServerEvent>,
-    second: Option<ServerEvent>,
     more: VecDeque<ServerEvent>,
 }
 
 impl Events {
     pub(super) fn push_back(&mut self, ev: ServerEvent) {
-        if self.first.is_none() && self.second.is_none() && self.more.is_empty() {
+        // `first` is empty only when `more` is (see `pop_front`).
+        if self.first.is_none() {
             self.first = Some(ev);
-        } else if self.second.is_none() && self.more.is_empty() {
-            self.second = Some(ev);
         } else {
             self.more.push_back(ev);
         }
@@ -244,8 +244,10 @@ impl Events {
 
     pub(super) fn pop_front(&mut self) -> Option<ServerEvent> {
         let ev = self.first.take()?;
-        self.first = self.second.take();
-        self.second = self.more.pop_front();
+        self.first = self.more.pop_front();
+        if self.more.is_empty() && self.more.capacity() > 0 {
+            self.more = VecDeque::new();
+        }
         Some(ev)
     }
 }
@@ -287,7 +289,9 @@ struct Playing {
 /// One client connection's protocol state on the server side.
 #[derive(Debug)]
 pub struct ServerSession {
-    cfg: ServerConfig,
+    /// Shared: every connection of one engine generation has the same settings, and a copy
+    /// would be 96 bytes of every connection.
+    cfg: Arc<ServerConfig>,
     decoder: ChunkDecoder,
     encoder: ChunkEncoder,
     /// Encoded messages not yet taken by the application.
@@ -301,8 +305,9 @@ pub struct ServerSession {
     rate: MessageRate,
     protocol_errors: u32,
     events: Events,
-    /// The parts of an aggregate message still to be handled, one per poll step.
-    aggregate: std::vec::IntoIter<Message>,
+    /// The parts of an aggregate message still to be handled, one per poll step (boxed:
+    /// only a publisher sending aggregates has any).
+    aggregate: Option<Box<std::vec::IntoIter<Message>>>,
     /// Boxed (as `closing`): only a connection with a request being decided holds one, and
     /// inline every idle connection would carry its size.
     pending: Option<Box<Pending>>,
@@ -314,13 +319,15 @@ pub struct ServerSession {
     app: Option<String>,
     streams_created: u32,
     publishing: Option<u32>,
-    playing: Option<Playing>,
+    /// Boxed: only a player has one.
+    playing: Option<Box<Playing>>,
 }
 
 impl ServerSession {
     /// A session whose peer's chunks `decoder` reassembles (built with the caller's limits
     /// and memory charge); `now` starts the message-rate clock.
-    pub fn new(cfg: ServerConfig, decoder: ChunkDecoder, now: Instant) -> Self {
+    pub fn new(cfg: impl Into<Arc<ServerConfig>>, decoder: ChunkDecoder, now: Instant) -> Self {
+        let cfg = cfg.into();
         let rate = MessageRate::per_second(cfg.limits.max_messages_per_sec, now);
         let ack_window = u64::from(cfg.window_ack_size);
         ServerSession {
@@ -336,7 +343,7 @@ impl ServerSession {
             rate,
             protocol_errors: 0,
             events: Events::default(),
-            aggregate: Vec::new().into_iter(),
+            aggregate: None,
             pending: None,
             accepting_recorded: false,
             next_request: 1,
@@ -389,9 +396,14 @@ impl ServerSession {
             if let Some(ev) = self.events.pop_front() {
                 return Ok(Poll::Event(ev));
             }
-            if let Some(part) = self.aggregate.next() {
-                self.on_message(part)?;
-                continue;
+            if let Some(parts) = &mut self.aggregate {
+                match parts.next() {
+                    Some(part) => {
+                        self.on_message(part)?;
+                        continue;
+                    }
+                    None => self.aggregate = None,
+                }
             }
             if self.pending.is_some() {
                 self.ack();
@@ -506,12 +518,12 @@ impl ServerSession {
                 );
                 self.send(CSID_COMMAND, &m);
                 let recorded = std::mem::take(&mut self.accepting_recorded);
-                self.playing = Some(Playing {
+                self.playing = Some(Box::new(Playing {
                     stream_id,
                     name,
                     recorded,
                     wait_until: None,
-                });
+                }));
             }
             Pending::Play {
                 stream_id, name, ..
@@ -530,12 +542,12 @@ impl ServerSession {
                 self.send(CSID_COMMAND, &cmd::sample_access(stream_id));
                 self.send(CSID_COMMAND, &cmd::data_start(stream_id));
                 let recorded = std::mem::take(&mut self.accepting_recorded);
-                self.playing = Some(Playing {
+                self.playing = Some(Box::new(Playing {
                     stream_id,
                     name,
                     recorded,
                     wait_until: None,
-                });
+                }));
             }
         }
     }
@@ -810,7 +822,7 @@ impl ServerSession {
             }
             // Its parts are handled one by one by `poll` (split_aggregate refuses nested ones).
             message::AGGREGATE => match message::split_aggregate(&msg) {
-                Ok(parts) => self.aggregate = parts.into_iter(),
+                Ok(parts) => self.aggregate = Some(Box::new(parts.into_iter())),
                 Err(e) => self.protocol_error(format!("bad aggregate message: {e}"))?,
             },
             message::WINDOW_ACK_SIZE => {
