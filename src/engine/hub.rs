@@ -782,8 +782,10 @@ impl Publisher {
 
     /// Completes once another publisher has replaced this one (`PublisherTakeover::Replace`):
     /// its frames go nowhere from then on, and its session should tell the client and close.
-    pub async fn replaced(&self) {
-        self.ousted.notified().await;
+    /// Owns what it waits on, so a session can keep it with the publish (not borrowed from it).
+    pub fn replaced(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let ousted = self.ousted.clone();
+        async move { ousted.notified().await }
     }
 
     /// Drops what players joining later would start with (metadata, sequence headers, the

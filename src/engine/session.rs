@@ -126,6 +126,8 @@ struct PlayState {
     /// A play2 switch brought the play here: TransitionComplete goes out before its first
     /// keyframe (or first audio, for a stream without video).
     transition: bool,
+    /// The merge window's next tick ([`next_event`]), made at the first.
+    tick: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
 struct PublishState {
@@ -138,6 +140,9 @@ struct PublishState {
     /// The recording of this publish (`[engine] record`): after `sink` as well, so it ends
     /// once the hub has the publisher's last frame.
     _recording: Option<super::record::Recording>,
+    /// Completes when the publish ends from outside ([`publish_ended`]): made once per
+    /// publish, owning what it waits on.
+    ended: std::pin::Pin<Box<dyn std::future::Future<Output = PublishEnd> + Send>>,
 }
 
 enum Sink {
@@ -244,7 +249,22 @@ pub(crate) fn run(
         if s.engine.config().auth.is_some() {
             s.authz = Some(Box::new(authz::AuthState::new(io.peer.ip())));
         }
-        let res = s.serve(&mut io).await;
+        // How it ended, as the close line says it: a String (24 bytes), not the result
+        // (64), because the place an await's output goes is part of the future while it
+        // is awaited, here for the whole session.
+        let how = match s.serve(&mut io).await {
+            Ok(()) => "closed by client".to_owned(),
+            // Players such as ffmpeg reset the connection instead of closing it: still a close.
+            Err(SessionError::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+                ) =>
+            {
+                "closed by client (reset)".to_owned()
+            }
+            Err(e) => e.to_string(),
+        };
         // Out of its lane before anything else is written (what the lane left unwritten first).
         let _ = s.leave_lane();
         s.notify_done(true, true);
@@ -259,19 +279,6 @@ pub(crate) fn run(
         })
         .await;
         let secs = started.elapsed().as_secs_f64();
-        let how = match &res {
-            Ok(()) => "closed by client".to_owned(),
-            // Players such as ffmpeg reset the connection instead of closing it: still a close.
-            Err(SessionError::Io(e))
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
-                ) =>
-            {
-                "closed by client (reset)".to_owned()
-            }
-            Err(e) => e.to_string(),
-        };
         info!(
             session = id,
             "session close: {} {} in={}B out={}B duration={secs:.1}s skips={skips}: {how}",
@@ -324,8 +331,17 @@ async fn next_event(
     tick_at: Option<Instant>,
 ) -> Option<Result<Event, RecvError>> {
     match (playing, tick_at) {
-        (Some(_), Some(at)) => {
-            tokio::time::sleep_until(at.into()).await;
+        (Some(p), Some(at)) => {
+            // The player's own timer, kept with its play and moved to each tick: a Sleep
+            // awaited here would be 112 bytes of every session's future, playing or not.
+            let at = tokio::time::Instant::from_std(at);
+            let tick = p
+                .tick
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+            if tick.deadline() != at {
+                tick.as_mut().reset(at);
+            }
+            tick.await;
             None
         }
         (Some(p), None) => Some(p.player.rx.recv().await),
@@ -388,21 +404,17 @@ enum PublishEnd {
 }
 
 /// Completes when this session's publish ends from outside: its publisher replaced by
-/// another one, or (edge mode) its forward to the origin closed. One future for both
-/// sinks (a publish has one), so the session's future holds the larger of the two waits,
-/// not both.
-async fn publish_ended(publishing: &Option<Box<PublishState>>) -> PublishEnd {
-    match publishing.as_ref().map(|p| &p.sink) {
-        Some(Sink::Hub(p)) => {
-            p.replaced().await;
-            PublishEnd::Replaced
-        }
-        Some(Sink::Origin(f)) => {
-            f.closed().await;
-            PublishEnd::ForwardClosed
-        }
-        None => std::future::pending().await,
-    }
+/// another one, or (edge mode) its forward to the origin closed. A poll of the wait the
+/// publish keeps ([`PublishState::ended`]), not an async fn: the session's select holds this
+/// future inline for the session's whole life, publishing or not, and the waits themselves
+/// (80 and 112 bytes) would be part of every connection.
+fn publish_ended(
+    publishing: &mut Option<Box<PublishState>>,
+) -> impl std::future::Future<Output = PublishEnd> + '_ {
+    std::future::poll_fn(move |cx| match publishing.as_mut() {
+        Some(p) => p.ended.as_mut().poll(cx),
+        None => std::task::Poll::Pending,
+    })
 }
 
 impl EngineConnection {
@@ -446,10 +458,16 @@ impl EngineConnection {
     }
 
     async fn serve(&mut self, io: &mut ClientStream) -> Result<(), SessionError> {
-        let hs = self.engine.limits().handshake_timeout();
-        tokio::time::timeout(hs, self.handshake(io))
-            .await
-            .map_err(|_| SessionError::HandshakeTimeout(hs))??;
+        {
+            // In a block: a local left in scope would be kept in the session's future past
+            // the handshake, for the connection's life.
+            let hs = self.engine.limits().handshake_timeout();
+            // Boxed: once per connection, and inline its reads and timer would stay part of
+            // the session's future for the connection's life.
+            Box::pin(tokio::time::timeout(hs, self.handshake(io)))
+                .await
+                .map_err(|_| SessionError::HandshakeTimeout(hs))??;
+        }
         let idle = self.engine.limits().idle_timeout();
         let mut rbuf = BytesMut::new();
         // Players read little (commands, acks); publishers a lot: grow the buffer only when
@@ -492,7 +510,8 @@ impl EngineConnection {
             if self.authz.as_ref().is_some_and(|a| a.waiting()) {
                 // A callback decides a connect, publish or play: this session waits (at
                 // most the callback timeout), the others carry on.
-                let decided = self.await_decision().await;
+                // Boxed: only with `[auth]`, once per decision.
+                let decided = Box::pin(self.await_decision()).await;
                 // A denial's reply goes out even though it ends the session.
                 self.send_replies();
                 decided?;
@@ -548,6 +567,11 @@ impl EngineConnection {
                 }
             });
             let seated = self.seat.is_some();
+            // Set by the select's branches, acted on after it: an await inside a branch
+            // keeps the select's output alive across it, which puts that output (88 bytes)
+            // in every state of the session's future, idle or not.
+            let mut paused = None;
+            let mut player_wait_over = false;
             tokio::select! {
                 r = read_some(io, &mut rbuf, read_room) => {
                     // What the client sent may need a reply or change the play: after the
@@ -563,13 +587,7 @@ impl EngineConnection {
                     self.bytes_in = self.bytes_in.saturating_add(n as u64);
                     self.proto.received(n);
                     last_activity = Instant::now();
-                    let mut paused = self.on_bytes(&mut rbuf)?;
-                    while let Some(wait) = paused {
-                        // Past limits.max_messages_per_sec: the rest waits in the buffer
-                        // (and the kernel's) until the bucket has refilled.
-                        tokio::time::sleep(wait).await;
-                        paused = self.on_bytes(&mut rbuf)?;
-                    }
+                    paused = self.on_bytes(&mut rbuf)?;
                 }
                 ret = lane_returned(&mut self.seat) => {
                     let ret = ret.map_err(|_| lane_gone())?;
@@ -596,7 +614,7 @@ impl EngineConnection {
                     self.leave_lane()?;
                     self.on_vod_item(item);
                 }
-                end = publish_ended(&self.publishing) => match end {
+                end = publish_ended(&mut self.publishing) => match end {
                     PublishEnd::Replaced => return Err(self.on_replaced()),
                     PublishEnd::ForwardClosed => {
                         let key = self.role.trim_start_matches("publish ").to_owned();
@@ -610,16 +628,28 @@ impl EngineConnection {
                         last_activity = Instant::now();
                     }
                     let now = now();
-                    if wait_at.is_some_and(|w| w <= now) {
-                        return self.stop_waiting(io).await;
+                    player_wait_over = wait_at.is_some_and(|w| w <= now);
+                    if !player_wait_over {
+                        let idle_at =
+                            last_activity.checked_add(idle).unwrap_or_else(|| after(idle));
+                        if idle_at <= now {
+                            return Err(SessionError::Idle(idle));
+                        }
+                        let next = wait_at.map_or(idle_at, |w| w.min(idle_at));
+                        timer.as_mut().reset(next.into());
                     }
-                    let idle_at = last_activity.checked_add(idle).unwrap_or_else(|| after(idle));
-                    if idle_at <= now {
-                        return Err(SessionError::Idle(idle));
-                    }
-                    let next = wait_at.map_or(idle_at, |w| w.min(idle_at));
-                    timer.as_mut().reset(next.into());
                 }
+            }
+            while let Some(wait) = paused {
+                // Past limits.max_messages_per_sec: the rest waits in the buffer (and the
+                // kernel's) until the bucket has refilled.
+                tokio::time::sleep(wait).await;
+                paused = self.on_bytes(&mut rbuf)?;
+            }
+            if player_wait_over {
+                // Boxed: once per session at most, and inline its state would be part of
+                // every session's future.
+                return Box::pin(self.stop_waiting(io)).await;
             }
         }
     }
@@ -995,6 +1025,13 @@ impl EngineConnection {
             self.role = format!("publish {key}");
             self.publishing = Some(Box::new(PublishState {
                 stream_id: request.stream_id,
+                ended: {
+                    let closed = forward.closed();
+                    Box::pin(async move {
+                        closed.await;
+                        PublishEnd::ForwardClosed
+                    })
+                },
                 sink: Sink::Origin(forward),
                 _restreams: None,
                 _recording: None,
@@ -1024,8 +1061,13 @@ impl EngineConnection {
                     self.engine.limits(),
                     &key,
                 );
+                let replaced = publisher.replaced();
                 self.publishing = Some(Box::new(PublishState {
                     stream_id: request.stream_id,
+                    ended: Box::pin(async move {
+                        replaced.await;
+                        PublishEnd::Replaced
+                    }),
                     sink: Sink::Hub(publisher),
                     _restreams: Some(restreams),
                     _recording: recording,
@@ -1104,6 +1146,7 @@ impl EngineConnection {
             waited: false,
             first_frame: false,
             transition: switch,
+            tick: None,
         }));
     }
 
@@ -1269,9 +1312,11 @@ mod tests {
 
     /// Every idle connection holds its session's whole future (a state machine as large as
     /// its largest await point, plus everything it keeps across awaits): 5.1 KiB of it
-    /// before the rarely used parts were boxed, most of an idle connection's memory. This
-    /// keeps a new field or an inline await from growing it unnoticed; a larger state
-    /// belongs in a box that only the sessions using it allocate.
+    /// before the rarely used parts were boxed, 2,136 bytes before its arguments stopped
+    /// being held twice and the rare awaits (handshake, `[auth]` decision, end of a player's
+    /// wait) were boxed, 1,400 bytes since (debug build). This keeps a new field or an inline
+    /// await from growing it unnoticed; a larger state belongs in a box that only the
+    /// sessions using it allocate.
     #[test]
     fn an_idle_session_future_stays_small() {
         let engine = Engine::new(
@@ -1284,7 +1329,7 @@ mod tests {
         let fut = run(engine, stream, 1);
         let size = std::mem::size_of_val(&fut);
         assert!(
-            size <= 3 * 1024,
+            size <= 1536,
             "the engine session's future is {size} bytes"
         );
     }

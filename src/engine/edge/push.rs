@@ -74,9 +74,12 @@ impl Forward {
         })
     }
 
-    /// Completes when the origin side has ended (refused, dropped, unreachable).
-    pub async fn closed(&self) {
-        self.tx.closed().await;
+    /// Completes when the origin side has ended (refused, dropped, unreachable). Owns a
+    /// sender of its own, so a session can keep it with the publish: the channel then closes
+    /// for the origin side once both are dropped (they are, together, with the publish).
+    pub fn closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let tx = self.tx.clone();
+        async move { tx.closed().await }
     }
 
     pub fn key(&self) -> &StreamKey {
