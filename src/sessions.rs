@@ -78,7 +78,9 @@ pub struct SessionEntry {
     /// Aborts the session's handler (admin API). Lock-free: each poll of a pending session
     /// costs an atomic load and a waker registration, no mutex.
     kick: AbortHandle,
-    tag: Mutex<Tag>,
+    /// Boxed: set once the session publishes or plays (an idle connection has none, and
+    /// inline it would be 96 bytes of every connection's entry).
+    tag: Mutex<Option<Box<Tag>>>,
 }
 
 impl SessionEntry {
@@ -93,7 +95,12 @@ impl SessionEntry {
     }
 
     pub fn tag(&self) -> Tag {
-        self.tag.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.tag
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_deref()
+            .cloned()
+            .unwrap_or_default()
     }
 }
 
@@ -116,7 +123,10 @@ pub fn tag_stream(role: Role, app: &str, name: &str) {
 
 /// Updates the current task's session details (no-op outside an accounted session).
 pub fn tag_current(f: impl FnOnce(&mut Tag)) {
-    let _ = CURRENT.try_with(|live| f(&mut live.tag.lock().unwrap_or_else(|e| e.into_inner())));
+    let _ = CURRENT.try_with(|live| {
+        let mut tag = live.tag.lock().unwrap_or_else(|e| e.into_inner());
+        f(tag.get_or_insert_with(Box::default))
+    });
 }
 
 impl Sessions {
@@ -215,6 +225,12 @@ struct Counters {
     to_client: AtomicU64,
     transport: &'static PerTransport,
     listener: Arc<PerTransport>,
+}
+
+impl crate::stream::CountSent for Counters {
+    fn count_sent(&self, n: usize) {
+        self.sent(n);
+    }
 }
 
 impl Counters {
@@ -406,12 +422,12 @@ pub fn accounted(inner: StreamHandler, sessions: Arc<Sessions>) -> StreamHandler
             started_at: SystemTime::now(),
             counters: counters.clone(),
             kick: kick_handle,
-            tag: Mutex::new(Tag::default()),
+            tag: Mutex::new(None),
         });
         let direct = counters.clone();
         let mut stream = stream.map_reads(move |io| Box::new(Counted { io, counters }));
         // The engine's fan-out lane writes some players' media to their sockets directly.
-        stream.sent = Some(Arc::new(move |n| direct.sent(n)));
+        stream.sent = Some(direct);
         sessions.active.fetch_add(1, Ordering::AcqRel);
         sessions.table.insert(id, live.clone());
         for t in [per_transport, &*per_listener] {

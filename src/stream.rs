@@ -113,7 +113,20 @@ pub struct ClientStream {
 }
 
 /// Adds bytes written to a client outside its counted stream to its session's counters.
-pub type SentHook = Arc<dyn Fn(usize) + Send + Sync>;
+/// A trait object rather than a closure, so the session table's counters can be the hook
+/// themselves (a closure around them was one more allocation for every connection).
+pub type SentHook = Arc<dyn CountSent>;
+
+/// Counts bytes written to a client (see [`SentHook`]).
+pub trait CountSent: Send + Sync {
+    fn count_sent(&self, n: usize);
+}
+
+impl<F: Fn(usize) + Send + Sync> CountSent for F {
+    fn count_sent(&self, n: usize) {
+        self(n)
+    }
+}
 
 impl ClientStream {
     pub fn new(

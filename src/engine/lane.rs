@@ -113,7 +113,7 @@ impl Entry {
     fn count_sent(&mut self) {
         if let (Some(sent), n) = (&self.join.sent, self.unsent) {
             if n > 0 {
-                sent(n);
+                sent.count_sent(n);
             }
         }
         self.unsent = 0;
