@@ -34,8 +34,6 @@ const TRANSPORT: u64 = 192 * KIB;
 /// Heap per decoded AMF value, its key and the vectors' doubling (a `(String, Amf0Value)`
 /// entry is 104 bytes today; the test checks it stays within half of this).
 const AMF_VALUE: u64 = 256;
-/// hyper's HTTP/1 read buffer limit (its default `max_buf_size`: 8 KiB + 100 x 4 KiB).
-const HYPER_READ: u64 = 8192 + 4096 * 100;
 /// What a player takes from the ring before writing (`BATCH_BYTES` in src/engine/session.rs).
 const BATCH: u64 = MIB;
 
@@ -95,10 +93,19 @@ fn figures(l: &Limits, e: &EngineConfig) -> Vec<Figure> {
     let tunnel_buffers =
         (pending + body) + ((l.max_tunnel_reorder_bytes as u64).max(body) + body) + pending + 1;
     let tunnel_session = player + tunnel_buffers;
-    let http_connection = body + pending + 1 + HYPER_READ + TRANSPORT;
+    // The tunnel's HTTP/1.1 server states its own bound (read buffer, body, reply), from
+    // the limits and its buffer sizes: read here, not restated, so that a buffer of that
+    // server growing makes this table, and the README, stale.
+    let http = rtmpgate::door::rtmpt::connection_bound(l);
+    assert_eq!(
+        http.body as u64, body,
+        "the body being read is max_http_body"
+    );
+    let http_connection = http.total() as u64 + TRANSPORT;
 
     // Not charged to the budget, per place (connection, HTTP connection or tunnel session).
-    let uncharged_place = (READ_BUF + TRANSPORT).max(pending + 1 + HYPER_READ + TRANSPORT);
+    let http_uncharged = (http.read_buffer + http.reply) as u64 + TRANSPORT;
+    let uncharged_place = (READ_BUF + TRANSPORT).max(http_uncharged);
 
     vec![
         Figure {

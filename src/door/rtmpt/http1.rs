@@ -53,6 +53,7 @@ use super::ack::EagerAck;
 use super::path;
 use super::{loggable, short, text, too_large, Reply, Tunnel, SHUTDOWN_GRACE};
 use crate::budget::{self, Charge, OverBudget};
+use crate::limits::Limits;
 use crate::net::http::{parse_request, HeadError};
 use crate::stream::{ByteStream, Transport};
 
@@ -76,6 +77,68 @@ const DISCARD_MAX: u64 = 64 * 1024;
 /// A body up to this size is copied behind the reply head and sent in one write; a larger
 /// one is sent from where it is, in one vectored write with the head.
 const COPY_BODY: usize = 4096;
+
+/// The most a reply's head takes: the status line and the headers a tunnel reply carries
+/// (Content-Type, Cache-Control, Allow, Content-Length, Date, Connection; about 200 bytes).
+/// A unit test keeps the largest one under it.
+const REPLY_HEAD_MAX: usize = 512;
+
+/// What one tunnel HTTP connection can hold at once under `limits`, part by part: the
+/// figures README's worst-case table states (`tests/limits_worst_case.rs` reads them from
+/// here, and this module's tests hold the code to them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectionBound {
+    /// The read buffer, uncharged: a head (`max_http_header`), or a chunk-size line or the
+    /// trailers (`max(max_http_header, MAX_CHUNK_LINE)`) and its CRLF, plus the rest of one
+    /// read ([`FIRST_READ`]). It grows by doubling, capped there; it is freed between
+    /// requests.
+    pub read_buffer: usize,
+    /// The request body being read, charged to the memory budget (and the address's share)
+    /// before each buffer is made: buffers of at most [`BODY_CHUNK`], or a chunked body's one
+    /// buffer, whose capacity is what is charged.
+    pub body: usize,
+    /// The reply being written, uncharged once the session handed it over: the session's
+    /// bytes (`max_tunnel_pending` and the polling byte), its head, and the copy of a body of
+    /// up to [`COPY_BODY`] bytes sent behind the head in one write.
+    pub reply: usize,
+}
+
+impl ConnectionBound {
+    /// Everything at once (an upper bound: the body is handed to its session before the
+    /// reply is made).
+    pub fn total(&self) -> usize {
+        self.read_buffer + self.body + self.reply
+    }
+}
+
+/// What one tunnel HTTP connection can hold at once (see [`ConnectionBound`]).
+pub fn connection_bound(limits: &Limits) -> ConnectionBound {
+    ConnectionBound {
+        read_buffer: read_buffer_max(limits),
+        body: limits.max_http_body,
+        reply: limits.max_tunnel_pending.max(1) + 1 + REPLY_HEAD_MAX + COPY_BODY,
+    }
+}
+
+fn read_buffer_max(limits: &Limits) -> usize {
+    limits.max_http_header.max(MAX_CHUNK_LINE) + 2 + FIRST_READ
+}
+
+/// Makes room in `buf` for `more` bytes: doubling, as `BytesMut` grows, but never past
+/// `cap` (or what it must hold), so a buffer fed in small pieces stays within its bound
+/// rather than at up to twice it. Returns how much the capacity grew (what to charge).
+fn grow_within(buf: &mut BytesMut, more: usize, cap: usize) -> usize {
+    let need = buf.len().saturating_add(more);
+    let had = buf.capacity();
+    if need <= had {
+        return 0;
+    }
+    let grown = had.saturating_mul(2).max(need).min(cap.max(need));
+    let mut next = BytesMut::with_capacity(grown);
+    next.extend_from_slice(buf);
+    *buf = next;
+    grown.saturating_sub(had)
+}
 
 /// How a request's body is delimited.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -238,6 +301,8 @@ fn chunk_size(line: &[u8]) -> Result<usize, BodyError> {
 struct Conn<I> {
     io: EagerAck<I>,
     buf: BytesMut,
+    /// What `buf` may grow to ([`ConnectionBound::read_buffer`]).
+    read_cap: usize,
 }
 
 impl<I: ByteStream + 'static> Conn<I> {
@@ -250,6 +315,7 @@ impl<I: ByteStream + 'static> Conn<I> {
             let room = max.clamp(1, FIRST_READ);
             let mut rb = ReadBuf::uninit(&mut stack[..room]);
             ready!(Pin::new(&mut self.io).poll_read(cx, &mut rb))?;
+            grow_within(&mut self.buf, rb.filled().len(), self.read_cap);
             self.buf.extend_from_slice(rb.filled());
             Poll::Ready(Ok(rb.filled().len()))
         })
@@ -306,7 +372,11 @@ impl<I: ByteStream + 'static> Conn<I> {
                 if left > 0 && !self.buf.is_empty() {
                     let k = left.min(self.buf.len());
                     charge.try_grow(k).map_err(BodyError::OverBudget)?;
-                    frames.push(self.buf.split_to(k).freeze());
+                    // Copied (at most a read buffer's worth, once per request): a frame split
+                    // off the read buffer would keep its whole allocation alive, uncharged,
+                    // for as long as the session holds the body.
+                    frames.push(Bytes::copy_from_slice(&self.buf[..k]));
+                    self.buf.advance(k);
                     left -= k;
                 }
                 while left > 0 {
@@ -367,7 +437,17 @@ impl<I: ByteStream + 'static> Conn<I> {
                     self.fill().await?;
                 }
                 let k = left.min(self.buf.len());
-                charge.try_grow(k).map_err(BodyError::OverBudget)?;
+                // What is charged is the buffer's capacity, which grows by doubling up to
+                // `max` (checked above: the body fits).
+                let need = body.len().saturating_add(k);
+                if need > body.capacity() {
+                    let had = body.capacity();
+                    let grown = had.saturating_mul(2).max(need).min(max.max(need));
+                    charge
+                        .try_grow(grown - had)
+                        .map_err(BodyError::OverBudget)?;
+                    grow_within(&mut body, k, grown);
+                }
                 body.extend_from_slice(&self.buf[..k]);
                 self.buf.advance(k);
                 left -= k;
@@ -423,6 +503,8 @@ impl<I: ByteStream + 'static> Conn<I> {
     async fn write(&mut self, mut head: Vec<u8>, body: &[u8], within: Duration) -> bool {
         let write = async {
             if body.len() <= COPY_BODY {
+                // Exactly: the head and this copy stay within REPLY_HEAD_MAX + COPY_BODY.
+                head.reserve_exact(body.len());
                 head.extend_from_slice(body);
                 self.io.write_all(&head).await?;
             } else {
@@ -597,6 +679,7 @@ pub(super) async fn serve<I: ByteStream + 'static>(
     let mut conn = Conn {
         io,
         buf: BytesMut::new(),
+        read_cap: read_buffer_max(&tunnel.limits()),
     };
     let mut shutdown = tunnel.shutdown_tx.subscribe();
     loop {
@@ -815,6 +898,7 @@ const CLOSE: KeepAlive = KeepAlive {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncWriteExt as _;
 
     fn head(raw: &str) -> Head {
         parse_head(raw.as_bytes()).unwrap().unwrap().0
@@ -867,6 +951,122 @@ mod tests {
         // Agreeing repeats are one length.
         let h = head("POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n");
         assert_eq!(h.framing, Framing::Length(3));
+    }
+
+    /// Without the cap, a buffer fed in pieces doubles past its bound (to 32,000 bytes
+    /// here).
+    #[test]
+    fn buffers_grow_within_their_cap() {
+        let cap = 20_000;
+        let mut buf = BytesMut::new();
+        let mut grown = 0;
+        while buf.len() < cap {
+            let k = 1000.min(cap - buf.len());
+            grown += grow_within(&mut buf, k, cap);
+            buf.extend_from_slice(&[7u8; 1000][..k]);
+            assert!(buf.capacity() <= cap, "{} > {cap}", buf.capacity());
+        }
+        assert_eq!(grown, buf.capacity());
+    }
+
+    /// A connection fed in small pieces: a head of `max_http_header` bytes read as
+    /// `read_head` reads it, then a chunked body of `max_http_body` (less than a chunk) in
+    /// 1,000-byte chunks. The read buffer stays within the README's figure
+    /// (`connection_bound`: 32,000 bytes without the cap), and the body's buffer, whose
+    /// capacity is what is charged, within `max_http_body` (8,192,000 by plain doubling).
+    #[tokio::test]
+    async fn a_connection_holds_what_its_bound_says() {
+        let limits = Limits::default();
+        let bound = connection_bound(&limits);
+        let mut raw = vec![b'x'; limits.max_http_header];
+        raw.extend_from_slice(b"\r\n");
+        let chunks = limits.max_http_body / 1000;
+        for _ in 0..chunks {
+            raw.extend_from_slice(b"3e8\r\n");
+            raw.extend_from_slice(&[b'a'; 1000]);
+            raw.extend_from_slice(b"\r\n");
+        }
+        raw.extend_from_slice(b"0\r\nX-Trailer: 1\r\n\r\n");
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let writer = tokio::spawn(async move {
+            for piece in raw.chunks(1000) {
+                client.write_all(piece).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            client
+        });
+        let mut conn = Conn {
+            io: EagerAck::new(server),
+            buf: BytesMut::new(),
+            read_cap: read_buffer_max(&limits),
+        };
+        // As `read_head` reads (never more than the head's bound held).
+        while conn.buf.len() < limits.max_http_header {
+            let room = limits.max_http_header - conn.buf.len();
+            assert!(conn.read_more(room).await.unwrap() > 0);
+            assert!(
+                conn.buf.capacity() <= bound.read_buffer,
+                "read buffer {} > {}",
+                conn.buf.capacity(),
+                bound.read_buffer
+            );
+        }
+        conn.buf.advance(limits.max_http_header);
+        let line = conn.line(MAX_CHUNK_LINE).await.unwrap();
+        assert_eq!(line, 0);
+        conn.buf.advance(2);
+        let mut charge = budget::PeerBudget::for_peer(addr().ip()).charge();
+        let body = conn
+            .read_body(
+                Framing::Chunked,
+                limits.max_http_body,
+                limits.max_http_header,
+                &mut charge,
+            )
+            .await
+            .unwrap();
+        let len: usize = body.iter().map(Bytes::len).sum();
+        assert_eq!(len, chunks * 1000);
+        assert!(
+            charge.bytes() >= len && charge.bytes() <= bound.body,
+            "{} charged for a body of {len}",
+            charge.bytes()
+        );
+        drop(writer.await.unwrap());
+    }
+
+    /// The largest head a tunnel reply gets stays within `REPLY_HEAD_MAX`, which the
+    /// README's per-connection figure counts.
+    #[test]
+    fn reply_heads_fit_their_bound() {
+        let mut r = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "RTMPT requests must be POST\n",
+        );
+        r.headers_mut()
+            .insert(ALLOW, hyper::header::HeaderValue::from_static("POST"));
+        let ka = KeepAlive {
+            keep: false,
+            http10: false,
+        };
+        let (head, _) = serialize(r, false, ka);
+        assert!(head.len() <= REPLY_HEAD_MAX, "{} bytes", head.len());
+        let mut r = Reply::new(http_body_util::Full::new(Bytes::from(vec![1u8; COPY_BODY])));
+        *r.status_mut() = StatusCode::OK;
+        r.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("application/x-fcs"),
+        );
+        r.headers_mut().insert(
+            hyper::header::CACHE_CONTROL,
+            hyper::header::HeaderValue::from_static("no-cache"),
+        );
+        let (head, _) = serialize(r, false, ka);
+        assert!(head.len() <= REPLY_HEAD_MAX, "{} bytes", head.len());
+    }
+
+    fn addr() -> SocketAddr {
+        "127.0.0.1:1".parse().unwrap()
     }
 
     #[test]

@@ -58,6 +58,7 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+pub use self::http1::{connection_bound, ConnectionBound};
 use self::path::Command;
 pub use self::session::TunnelPipe;
 use self::session::{Bounds, Op, PlaceError, Placed, TunnelSession};
