@@ -898,7 +898,6 @@ const CLOSE: KeepAlive = KeepAlive {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncWriteExt as _;
 
     fn head(raw: &str) -> Head {
         parse_head(raw.as_bytes()).unwrap().unwrap().0
