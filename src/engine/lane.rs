@@ -464,6 +464,29 @@ mod tests {
         got
     }
 
+    /// What a player's session hands the lane for `server`: the player's ring receiver
+    /// (an idle one left in its place) and the hub's chunk size.
+    fn join_for(
+        server: &TcpStream,
+        player: &mut crate::engine::hub::Player,
+        max_lag_bytes: u64,
+        has_video: bool,
+        sent: Option<SentHook>,
+    ) -> Join {
+        let (_, idle) = broadcast::channel(1);
+        Join {
+            sock: std::os::fd::AsRawFd::as_raw_fd(server),
+            rx: std::mem::replace(&mut player.rx, idle),
+            lag: player.lag_probe(),
+            stream_id: SHARED_STREAM_ID,
+            chunk_size: 4096,
+            shared_chunk_size: 4096,
+            max_lag_bytes,
+            has_video,
+            sent,
+        }
+    }
+
     #[tokio::test]
     async fn writes_frames_on_ticks_and_hands_the_player_back_at_an_event() {
         let hub = Hub::new(HubConfig::default());
@@ -474,20 +497,15 @@ mod tests {
         let counted = Arc::new(AtomicUsize::new(0));
         let c2 = counted.clone();
         let lanes = Lanes::new(Duration::from_millis(10));
-        let (_, idle) = broadcast::channel(1);
-        let join = Join {
-            sock: std::os::fd::AsRawFd::as_raw_fd(&server),
-            rx: std::mem::replace(&mut player.rx, idle),
-            lag: player.lag_probe(),
-            stream_id: SHARED_STREAM_ID,
-            chunk_size: 4096,
-            shared_chunk_size: 4096,
-            max_lag_bytes: 1 << 20,
-            has_video: false,
-            sent: Some(Arc::new(move |n| {
+        let join = join_for(
+            &server,
+            &mut player,
+            1 << 20,
+            false,
+            Some(Arc::new(move |n| {
                 c2.fetch_add(n, Ordering::Relaxed);
             })),
-        };
+        );
         let Ok(mut seat) = lanes.join(7, join) else {
             panic!("no lane");
         };
@@ -534,18 +552,7 @@ mod tests {
             .set_send_buffer_size(4096)
             .unwrap();
         let lanes = Lanes::new(Duration::from_millis(10));
-        let (_, idle) = broadcast::channel(1);
-        let join = Join {
-            sock: std::os::fd::AsRawFd::as_raw_fd(&server),
-            rx: std::mem::replace(&mut player.rx, idle),
-            lag: player.lag_probe(),
-            stream_id: SHARED_STREAM_ID,
-            chunk_size: 4096,
-            shared_chunk_size: 4096,
-            max_lag_bytes: 64 << 20,
-            has_video: false,
-            sent: None,
-        };
+        let join = join_for(&server, &mut player, 64 << 20, false, None);
         let Ok(mut seat) = lanes.join(1, join) else {
             panic!("no lane");
         };
@@ -575,18 +582,7 @@ mod tests {
         let mut player = hub.play(&key);
         let (server, _client) = pair();
         let lanes = Lanes::new(Duration::from_millis(10));
-        let (_, idle) = broadcast::channel(1);
-        let join = Join {
-            sock: std::os::fd::AsRawFd::as_raw_fd(&server),
-            rx: std::mem::replace(&mut player.rx, idle),
-            lag: player.lag_probe(),
-            stream_id: SHARED_STREAM_ID,
-            chunk_size: 4096,
-            shared_chunk_size: 4096,
-            max_lag_bytes: 1 << 20,
-            has_video: true,
-            sent: None,
-        };
+        let join = join_for(&server, &mut player, 1 << 20, true, None);
         let Ok(seat) = lanes.join(3, join) else {
             panic!("no lane");
         };
@@ -596,19 +592,8 @@ mod tests {
         assert!(ret.has_video);
         // Without a window there is no lane.
         let none = Lanes::new(Duration::ZERO);
-        let (_, rx) = broadcast::channel(1);
         let (server, _c) = pair();
-        let join = Join {
-            sock: std::os::fd::AsRawFd::as_raw_fd(&server),
-            rx,
-            lag: player.lag_probe(),
-            stream_id: SHARED_STREAM_ID,
-            chunk_size: 4096,
-            shared_chunk_size: 4096,
-            max_lag_bytes: 1 << 20,
-            has_video: false,
-            sent: None,
-        };
+        let join = join_for(&server, &mut player, 1 << 20, false, None);
         assert!(none.join(4, join).is_err());
     }
 
@@ -633,18 +618,7 @@ mod tests {
     ) -> (Seat, TcpStream, TcpStream) {
         let mut player = hub.play(key);
         let (server, client) = pair();
-        let (_, idle) = broadcast::channel(1);
-        let join = Join {
-            sock: std::os::fd::AsRawFd::as_raw_fd(&server),
-            rx: std::mem::replace(&mut player.rx, idle),
-            lag: player.lag_probe(),
-            stream_id: SHARED_STREAM_ID,
-            chunk_size: 4096,
-            shared_chunk_size: 4096,
-            max_lag_bytes: 1 << 20,
-            has_video: false,
-            sent: None,
-        };
+        let join = join_for(&server, &mut player, 1 << 20, false, None);
         let Ok(seat) = lanes.join(id, join) else {
             panic!("no lane");
         };
@@ -802,20 +776,9 @@ mod tests {
                 }
             }
             if late.is_none() {
-                let (_, idle) = broadcast::channel(1);
                 let (server, client) = pair();
                 client.set_nonblocking(true).unwrap();
-                let join = Join {
-                    sock: std::os::fd::AsRawFd::as_raw_fd(&server),
-                    rx: std::mem::replace(&mut late_player.rx, idle),
-                    lag: late_player.lag_probe(),
-                    stream_id: SHARED_STREAM_ID,
-                    chunk_size: 4096,
-                    shared_chunk_size: 4096,
-                    max_lag_bytes: 1 << 20,
-                    has_video: false,
-                    sent: None,
-                };
+                let join = join_for(&server, &mut late_player, 1 << 20, false, None);
                 let Ok(seat) = c.lanes.join(late_id, join) else {
                     panic!("no lane");
                 };
