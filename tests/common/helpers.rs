@@ -89,28 +89,39 @@ pub fn cpu_ticks(pid: u32) -> u64 {
 
 /// Established TCP connections on loopback whose local port is `port` (the server side of
 /// connections to a listener on that port), from /proc/net/tcp and tcp6.
+///
+/// The kernel writes those tables a page at a time and resumes each page by position in a
+/// hash bucket, so while other sockets come and go one read can list a connection twice, or
+/// miss one. With a few thousand sockets churning on the machine (another process's load),
+/// a read listed 39 connections up to 100 times; counting lines made
+/// `attack_tunnel::open_flood_with_upstream_opens_at_most_the_cap_of_backend_connections`
+/// see 54 backend connections for 39 sessions. So connections are counted once each by
+/// their (local, remote) address pair, over two reads (one that missed a connection is
+/// covered by the other).
 pub fn established_on(port: u16) -> usize {
-    let mut n = 0;
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = fs::read_to_string(table) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            // sl local_address rem_address st ...; st 01 is ESTABLISHED.
-            let (Some(local), Some(st)) = (f.get(1), f.get(3)) else {
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..2 {
+        for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+            let Ok(text) = fs::read_to_string(table) else {
                 continue;
             };
-            let lport = local
-                .rsplit(':')
-                .next()
-                .and_then(|p| u16::from_str_radix(p, 16).ok());
-            if *st == "01" && lport == Some(port) {
-                n += 1;
+            for line in text.lines().skip(1) {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                // sl local_address rem_address st ...; st 01 is ESTABLISHED.
+                let (Some(local), Some(remote), Some(st)) = (f.get(1), f.get(2), f.get(3)) else {
+                    continue;
+                };
+                let lport = local
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| u16::from_str_radix(p, 16).ok());
+                if *st == "01" && lport == Some(port) {
+                    seen.insert((local.to_string(), remote.to_string()));
+                }
             }
         }
     }
-    n
+    seen.len()
 }
 
 /// Where test media and certificates are cached across test runs: target/test-media.
