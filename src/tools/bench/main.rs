@@ -18,7 +18,9 @@ use rtmpgate_tools::client::{RtmpUrl, TlsOptions};
 use tokio::sync::watch;
 
 use roles::{idle_conn, player, publisher, ramp, Ctx};
-use stats::{fmt_ms, json_num, mbps, percentiles, snap, Counters, Histogram, Snap, Stats};
+use stats::{
+    fmt_ms, json_num, mbps, percentiles, snap, Counters, Histogram, PlayerBytes, Snap, Stats,
+};
 
 const ABOUT: &str = "Load-test an RTMP server or gateway: publishers and players over \
 rtmp, rtmps, rtmpt or rtmpts, with per-frame latency, loss and corruption checks.";
@@ -168,6 +170,7 @@ fn prepare(args: Args) -> Result<(Arc<Ctx>, watch::Sender<bool>)> {
     };
     let filler = filler(args.frame_bytes.max((args.bitrate / 8) as usize / 2));
     let (stop_tx, stop) = watch::channel(false);
+    let players_bytes_in = (0..args.players).map(|_| PlayerBytes::default()).collect();
     let ctx = Arc::new(Ctx {
         args,
         url,
@@ -175,6 +178,7 @@ fn prepare(args: Args) -> Result<(Arc<Ctx>, watch::Sender<bool>)> {
         tls,
         stats: Stats {
             c: Counters::default(),
+            players_bytes_in,
             latency: Histogram::new(),
             ttff: Mutex::new(Vec::new()),
             errors: Mutex::new(Vec::new()),
@@ -270,7 +274,7 @@ async fn run_stream(ctx: &Arc<Ctx>, stop_tx: watch::Sender<bool>) -> Result<()> 
     let window = Window {
         start,
         end: (
-            snap(c, t0.elapsed().as_secs_f64()),
+            snap(&ctx.stats, t0.elapsed().as_secs_f64()),
             ctx.stats.latency.snapshot(),
         ),
         lost_at_end: c.frames_lost.load(Ordering::Relaxed),
@@ -307,10 +311,9 @@ async fn start_publishers(ctx: &Arc<Ctx>, tasks: &mut tokio::task::JoinSet<()>) 
 /// the counters and histogram when measurement started (after the ramp and --warmup).
 async fn progress(ctx: &Ctx, t0: Instant, run_start: f64) -> (Snap, Vec<u64>) {
     let args = &ctx.args;
-    let c = &ctx.stats.c;
     let secs = || t0.elapsed().as_secs_f64();
     let end_at = run_start + args.duration.max(0.0);
-    let mut last = snap(c, secs());
+    let mut last = snap(&ctx.stats, secs());
     let mut last_hist = ctx.stats.latency.snapshot();
     let mut measured: Option<(Snap, Vec<u64>)> = None;
     let ramp_secs = if args.connect_rate > 0.0 {
@@ -328,7 +331,7 @@ async fn progress(ctx: &Ctx, t0: Instant, run_start: f64) -> (Snap, Vec<u64>) {
             break;
         }
         if measured.is_none() && now >= measure_from {
-            measured = Some((snap(c, now), ctx.stats.latency.snapshot()));
+            measured = Some((snap(&ctx.stats, now), ctx.stats.latency.snapshot()));
         }
         let next = (now + 1.0).min(end_at).max(measure_from.min(end_at));
         let wait = if measured.is_none() && measure_from > now && measure_from < now + 1.0 {
@@ -337,7 +340,7 @@ async fn progress(ctx: &Ctx, t0: Instant, run_start: f64) -> (Snap, Vec<u64>) {
             next - now
         };
         tokio::time::sleep(Duration::from_secs_f64(wait.max(0.001))).await;
-        let s = snap(c, secs());
+        let s = snap(&ctx.stats, secs());
         let hist = ctx.stats.latency.snapshot();
         if !args.quiet && s.at - last.at >= 0.9 {
             progress_line(ctx, &last, &last_hist, &s, &hist, run_start);
@@ -345,7 +348,12 @@ async fn progress(ctx: &Ctx, t0: Instant, run_start: f64) -> (Snap, Vec<u64>) {
             last_hist = hist;
         }
     }
-    measured.unwrap_or_else(|| (snap(c, run_start), vec![0; ctx.stats.latency.buckets.len()]))
+    measured.unwrap_or_else(|| {
+        (
+            snap(&ctx.stats, run_start),
+            vec![0; ctx.stats.latency.buckets.len()],
+        )
+    })
 }
 
 /// One progress line on stderr: rates and latency since the previous line.
@@ -402,7 +410,7 @@ fn summary(ctx: &Ctx, w: Window) {
     let ttff = ctx.stats.ttff.lock().map(|v| v.clone()).unwrap_or_default();
     let mut from_connect: Vec<f64> = ttff.iter().map(|t| t.0).collect();
     let mut from_play: Vec<f64> = ttff.iter().map(|t| t.1).collect();
-    let total_bytes_in = c.bytes_in.load(Ordering::Relaxed);
+    let total_bytes_in = ctx.stats.bytes_in();
     let total_bytes_out = c.bytes_out.load(Ordering::Relaxed);
     let summary = format!(
         "{{\"mode\":\"stream\",\"url\":\"{}\",\"play_url\":\"{}\",\"publishers\":{},\"players\":{},\"bitrate\":{},\"fps\":{},\

@@ -275,7 +275,9 @@ pub async fn player(ctx: Arc<Ctx>, index: usize) {
         on_media(m, &mut first);
     }
     let mut stop = ctx.stop.clone();
-    let mut counted = conn.bytes_in;
+    // Bytes read since play started, stored after every message (see `PlayerBytes`).
+    let base = conn.bytes_in;
+    let bytes_in = ctx.stats.players_bytes_in.get(index);
     let mut result = Ok(());
     loop {
         tokio::select! {
@@ -284,9 +286,8 @@ pub async fn player(ctx: Arc<Ctx>, index: usize) {
                     if let ClientEvent::Media(msg) = &ev {
                         on_media(msg, &mut first);
                     }
-                    if conn.bytes_in - counted >= 64 * 1024 {
-                        c.bytes_in.fetch_add(conn.bytes_in - counted, Ordering::Relaxed);
-                        counted = conn.bytes_in;
+                    if let Some(b) = bytes_in {
+                        b.0.store(conn.bytes_in - base, Ordering::Relaxed);
                     }
                 }
                 Err(e) => { result = Err(e); break; }
@@ -294,8 +295,6 @@ pub async fn player(ctx: Arc<Ctx>, index: usize) {
             _ = stop.changed() => break,
         }
     }
-    c.bytes_in
-        .fetch_add(conn.bytes_in - counted, Ordering::Relaxed);
     c.players_live.fetch_sub(1, Ordering::Relaxed);
     if let Err(e) = result {
         if !*ctx.stop.borrow() {
