@@ -87,19 +87,20 @@ pub enum ChunkError {
 
 #[derive(Debug)]
 struct InStream {
-    csid: u32,
-    msg_type: u8,
-    stream_id: u32,
-    msg_len: u32,
+    head: ChunkStreamHead,
     /// Absolute timestamp of the message in progress, or of the last one.
     timestamp: u32,
-    /// Last timestamp field (absolute after fmt 0, else a delta), reused by fmt 3.
-    ts_field: u32,
-    /// The last header that set `ts_field` used the 32-bit extended form.
-    extended: bool,
     /// Body of the message in progress. A Vec, for exact control of its capacity.
     body: Vec<u8>,
-    in_progress: bool,
+}
+
+impl ChunkStreamState for InStream {
+    fn head(&self) -> &ChunkStreamHead {
+        &self.head
+    }
+    fn received(&self) -> usize {
+        self.body.len()
+    }
 }
 
 /// A fully available chunk header, parsed but not yet applied.
@@ -121,20 +122,50 @@ pub struct ChunkHeader {
 }
 type Header = ChunkHeader;
 
-/// What a chunk-header parse needs to know of the chunk stream a header names.
-#[derive(Clone, Copy, Debug)]
-pub struct OpenChunkStream {
-    pub msg_len: u32,
+/// A chunk stream's state as its headers left it, kept alike by both readers of chunk
+/// streams ([`ChunkDecoder`], and the relay's pass-through scanner, which keeps no media):
+/// what a later header on the chunk stream may leave out, and is checked against.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ChunkStreamHead {
+    pub csid: u32,
     pub msg_type: u8,
     pub stream_id: u32,
-    /// Last timestamp field, reused by fmt 3 (and repeated by an extended continuation).
+    pub msg_len: u32,
+    /// Last timestamp field (absolute after fmt 0, else a delta), reused by fmt 3 (and
+    /// repeated by an extended continuation).
     pub ts_field: u32,
     /// The last header that set `ts_field` used the 32-bit extended form.
     pub extended: bool,
     /// A message is in progress on this chunk stream.
     pub in_progress: bool,
-    /// Payload bytes of the message in progress received so far (for the error message).
-    pub received: usize,
+}
+
+impl ChunkStreamHead {
+    /// A chunk stream a fmt 0 header opens; that header is applied next.
+    pub fn new(csid: u32) -> Self {
+        ChunkStreamHead {
+            csid,
+            ..ChunkStreamHead::default()
+        }
+    }
+
+    /// Applies a header [`parse_chunk_header`] found for this chunk stream: it starts a
+    /// message (true), or continues the one in progress (false; a fmt 3 continuation
+    /// changes nothing).
+    pub fn apply(&mut self, h: &ChunkHeader) -> bool {
+        if self.in_progress {
+            return false;
+        }
+        self.msg_len = h.msg_len;
+        self.msg_type = h.msg_type;
+        self.stream_id = h.stream_id;
+        if h.fmt < 3 {
+            self.extended = h.extended;
+        }
+        self.ts_field = h.ts_field.unwrap_or(self.ts_field);
+        self.in_progress = true;
+        true
+    }
 }
 
 /// The limits a chunk-header parse checks before anything is allocated.
@@ -144,15 +175,32 @@ pub struct HeaderLimits {
     pub max_chunk_streams: usize,
 }
 
+impl From<&ChunkLimits> for HeaderLimits {
+    fn from(l: &ChunkLimits) -> Self {
+        HeaderLimits {
+            // No header can declare more than its 24-bit field holds.
+            max_message_len: l.max_message_len.min(MAX_MESSAGE_LEN),
+            max_chunk_streams: l.max_chunk_streams,
+        }
+    }
+}
+
+/// A chunk stream as its reader keeps it ([`ChunkDecoder`]'s, or the relay's pass-through
+/// scanner's): its header state, and how much of the message in progress has arrived.
+pub trait ChunkStreamState {
+    fn head(&self) -> &ChunkStreamHead;
+    /// Payload bytes of the message in progress received so far (for the error message).
+    fn received(&self) -> usize;
+}
+
 /// Parses one chunk header at the start of `buf`: `Ok(None)` when more bytes are needed.
-/// `find(csid)` names the open chunk stream (its index and state) or None; `open` is how
-/// many are open. The one header parser of the project: [`ChunkDecoder`] uses it, and so
-/// does the relay's pass-through scanner, so the two can never disagree on where a chunk
-/// ends (the same errors, the same fmt 3 extended-timestamp rule).
-pub fn parse_chunk_header(
+/// `streams` are the chunk streams open so far (the header's `idx` is an index into them).
+/// The one header parser of the project: [`ChunkDecoder`] uses it, and so does the relay's
+/// pass-through scanner, so the two can never disagree on where a chunk ends (the same
+/// errors, the same fmt 3 extended-timestamp rule).
+pub fn parse_chunk_header<S: ChunkStreamState>(
     buf: &[u8],
-    find: impl Fn(u32) -> Option<(usize, OpenChunkStream)>,
-    open: usize,
+    streams: &[S],
     limits: HeaderLimits,
 ) -> Result<Option<ChunkHeader>, ChunkError> {
     let Some(&b0) = buf.first() else {
@@ -174,12 +222,12 @@ pub fn parse_chunk_header(
     let Some(m) = buf.get(basic..basic + mh) else {
         return Ok(None);
     };
-    let found = find(csid);
-    let idx = found.map(|(i, _)| i);
-    let stream = found.map(|(_, s)| s);
+    let idx = streams.iter().position(|s| s.head().csid == csid);
+    let open = idx.and_then(|i| streams.get(i));
+    let stream = open.map(S::head);
     match (fmt, stream) {
         (1..=3, None) => return Err(ChunkError::UnopenedChunkStream { csid, fmt }),
-        (0, None) if open >= limits.max_chunk_streams => {
+        (0, None) if streams.len() >= limits.max_chunk_streams => {
             return Err(ChunkError::TooManyChunkStreams {
                 csid,
                 limit: limits.max_chunk_streams,
@@ -190,7 +238,7 @@ pub fn parse_chunk_header(
                 csid,
                 fmt,
                 len: s.msg_len,
-                received: s.received,
+                received: open.map_or(0, S::received),
             })
         }
         _ => {}
@@ -294,8 +342,7 @@ pub struct ChunkDecoder {
     chunk_size: u32,
     min_chunk_size: u32,
     max_chunk_size: u32,
-    max_message_len: u32,
-    max_chunk_streams: usize,
+    header_limits: HeaderLimits,
     max_partial_bytes: usize,
     streams: Vec<InStream>,
     /// Chunk whose payload is arriving: index into `streams`, payload bytes still due.
@@ -326,8 +373,7 @@ impl ChunkDecoder {
             chunk_size: DEFAULT_CHUNK_SIZE,
             min_chunk_size,
             max_chunk_size: limits.max_chunk_size.max(min_chunk_size),
-            max_message_len: limits.max_message_len.min(MAX_MESSAGE_LEN),
-            max_chunk_streams: limits.max_chunk_streams,
+            header_limits: HeaderLimits::from(&limits),
             max_partial_bytes: limits.max_partial_bytes,
             streams: Vec::new(),
             current: None,
@@ -378,11 +424,11 @@ impl ChunkDecoder {
                     self.current = None;
                     continue;
                 };
-                if let Err(budget) = append(&mut s.body, &buf[..n], s.msg_len, self.charge.as_mut())
-                {
+                let (csid, msg_len) = (s.head.csid, s.head.msg_len);
+                if let Err(budget) = append(&mut s.body, &buf[..n], msg_len, self.charge.as_mut()) {
                     return Err(ChunkError::OverBudget {
-                        csid: s.csid,
-                        len: s.msg_len,
+                        csid,
+                        len: msg_len,
                         budget,
                     });
                 }
@@ -395,12 +441,12 @@ impl ChunkDecoder {
                     return Ok(None);
                 }
                 self.current = None;
-                if s.body.len() >= s.msg_len as usize {
+                if s.body.len() >= s.head.msg_len as usize {
                     return self.complete(idx).map(Some);
                 }
                 continue;
             }
-            let Some(h) = self.parse_header(buf)? else {
+            let Some(h) = parse_chunk_header(buf, &self.streams, self.header_limits)? else {
                 return Ok(None);
             };
             buf.advance(h.len);
@@ -410,35 +456,13 @@ impl ChunkDecoder {
             let Some(s) = self.streams.get(idx) else {
                 continue;
             };
-            let due = (s.msg_len as usize).saturating_sub(s.body.len());
+            let due = (s.head.msg_len as usize).saturating_sub(s.body.len());
             if due == 0 {
                 return self.complete(idx).map(Some);
             }
             let chunk = due.min(self.chunk_size as usize) as u32;
             self.current = Some((idx, chunk));
         }
-    }
-
-    fn parse_header(&self, buf: &[u8]) -> Result<Option<Header>, ChunkError> {
-        let find = |csid: u32| {
-            let i = self.streams.iter().position(|s| s.csid == csid)?;
-            let s = self.streams.get(i)?;
-            let open = OpenChunkStream {
-                msg_len: s.msg_len,
-                msg_type: s.msg_type,
-                stream_id: s.stream_id,
-                ts_field: s.ts_field,
-                extended: s.extended,
-                in_progress: s.in_progress,
-                received: s.body.len(),
-            };
-            Some((i, open))
-        };
-        let limits = HeaderLimits {
-            max_message_len: self.max_message_len,
-            max_chunk_streams: self.max_chunk_streams,
-        };
-        parse_chunk_header(buf, find, self.streams.len(), limits)
     }
 
     /// Applies a parsed header to its chunk stream; returns the stream's index.
@@ -451,15 +475,9 @@ impl ChunkDecoder {
                 // chunk stream is rare, and bounded by max_chunk_streams).
                 self.streams.reserve_exact(1);
                 self.streams.push(InStream {
-                    csid: h.csid,
-                    msg_type: 0,
-                    stream_id: 0,
-                    msg_len: 0,
+                    head: ChunkStreamHead::new(h.csid),
                     timestamp: 0,
-                    ts_field: 0,
-                    extended: false,
                     body: Vec::new(),
-                    in_progress: false,
                 });
                 self.streams.len() - 1
             }
@@ -467,24 +485,14 @@ impl ChunkDecoder {
         let Some(s) = self.streams.get_mut(idx) else {
             return idx;
         };
-        if s.in_progress {
-            // A fmt 3 continuation: nothing in the header changes.
-            return idx;
+        if s.head.apply(&h) {
+            let field = s.head.ts_field;
+            s.timestamp = if h.fmt == 0 {
+                field
+            } else {
+                s.timestamp.wrapping_add(field)
+            };
         }
-        s.msg_len = h.msg_len;
-        s.msg_type = h.msg_type;
-        s.stream_id = h.stream_id;
-        if h.fmt < 3 {
-            s.extended = h.extended;
-        }
-        let field = h.ts_field.unwrap_or(s.ts_field);
-        s.ts_field = field;
-        s.timestamp = if h.fmt == 0 {
-            field
-        } else {
-            s.timestamp.wrapping_add(field)
-        };
-        s.in_progress = true;
         idx
     }
 
@@ -497,12 +505,12 @@ impl ChunkDecoder {
         // The body leaves the decoder: whoever keeps it charges it (the hub's ring, say).
         self.charge.shrink(body.capacity());
         let payload = bytes::Bytes::from(body);
-        s.in_progress = false;
+        s.head.in_progress = false;
         self.partial_bytes = self.partial_bytes.saturating_sub(payload.len());
         let msg = Message {
-            msg_type: s.msg_type,
+            msg_type: s.head.msg_type,
             timestamp: s.timestamp,
-            stream_id: s.stream_id,
+            stream_id: s.head.stream_id,
             payload,
         };
         match msg.msg_type {
@@ -519,12 +527,12 @@ impl ChunkDecoder {
             }
             message::ABORT => {
                 let csid = message::parse_abort(&msg.payload)?;
-                if let Some(s) = self.streams.iter_mut().find(|s| s.csid == csid) {
-                    if s.in_progress {
+                if let Some(s) = self.streams.iter_mut().find(|s| s.head.csid == csid) {
+                    if s.head.in_progress {
                         self.partial_bytes = self.partial_bytes.saturating_sub(s.body.len());
                         self.charge.shrink(s.body.capacity());
                         s.body = Vec::new();
-                        s.in_progress = false;
+                        s.head.in_progress = false;
                     }
                 }
             }
@@ -1163,7 +1171,7 @@ mod tests {
         let mut d = dec();
         assert_eq!(d.decode(&mut b).unwrap(), None);
         let s = &d.streams[0];
-        assert_eq!(s.msg_len, 0xff_ffff);
+        assert_eq!(s.head.msg_len, 0xff_ffff);
         assert!(s.body.capacity() < 1024, "capacity {}", s.body.capacity());
         assert_eq!(d.partial_bytes(), 3);
     }

@@ -16,8 +16,8 @@
 use crate::budget::Charge;
 use crate::limits::Limits;
 use crate::rtmp::chunk::{
-    parse_chunk_header, ChunkError, ChunkHeader, HeaderLimits, OpenChunkStream, DEFAULT_CHUNK_SIZE,
-    MAX_MESSAGE_LEN,
+    parse_chunk_header, ChunkError, ChunkHeader, ChunkLimits, ChunkStreamHead, ChunkStreamState,
+    HeaderLimits, DEFAULT_CHUNK_SIZE,
 };
 use crate::rtmp::message::{self, Message, ABORT, COMMAND_AMF0, COMMAND_AMF3, SET_CHUNK_SIZE};
 
@@ -34,17 +34,20 @@ fn wanted(msg_type: u8) -> bool {
 
 #[derive(Debug)]
 struct Cs {
-    csid: u32,
-    msg_type: u8,
-    stream_id: u32,
-    msg_len: u32,
-    ts_field: u32,
-    extended: bool,
+    head: ChunkStreamHead,
     /// Payload bytes of the message in progress still due.
     due: u32,
-    in_progress: bool,
     /// The body of a wanted message in progress.
     body: Vec<u8>,
+}
+
+impl ChunkStreamState for Cs {
+    fn head(&self) -> &ChunkStreamHead {
+        &self.head
+    }
+    fn received(&self) -> usize {
+        self.head.msg_len.saturating_sub(self.due) as usize
+    }
 }
 
 type Header = ChunkHeader;
@@ -55,8 +58,7 @@ pub struct ChunkScanner {
     chunk_size: u32,
     min_chunk_size: u32,
     max_chunk_size: u32,
-    max_message_len: u32,
-    max_chunk_streams: usize,
+    header_limits: HeaderLimits,
     streams: Vec<Cs>,
     /// The chunk whose payload is passing: stream index, payload bytes left in the chunk.
     current: Option<(usize, u32)>,
@@ -76,8 +78,7 @@ impl ChunkScanner {
             chunk_size: DEFAULT_CHUNK_SIZE,
             min_chunk_size,
             max_chunk_size: limits.max_chunk_size.max(min_chunk_size),
-            max_message_len: limits.max_message_len.min(MAX_MESSAGE_LEN),
-            max_chunk_streams: limits.max_chunk_streams,
+            header_limits: HeaderLimits::from(&ChunkLimits::from(limits)),
             streams: Vec::new(),
             current: None,
             head: [0; MAX_HEADER],
@@ -108,15 +109,15 @@ impl ChunkScanner {
                     self.current = None;
                     continue;
                 };
-                if wanted(s.msg_type) {
+                if wanted(s.head.msg_type) {
                     let grow = (s.body.len() + n).saturating_sub(s.body.capacity());
                     if grow > 0 {
                         // Bodies grow to exactly what arrived (commands are small).
                         self.charge
                             .try_grow(grow)
                             .map_err(|budget| ChunkError::OverBudget {
-                                csid: s.csid,
-                                len: s.msg_len,
+                                csid: s.head.csid,
+                                len: s.head.msg_len,
                                 budget,
                             })?;
                         s.body.reserve_exact(grow);
@@ -146,7 +147,7 @@ impl ChunkScanner {
                 let take = (MAX_HEADER - had).min(rest.len());
                 let mut tmp = self.head;
                 tmp[had..had + take].copy_from_slice(&rest[..take]);
-                match self.parse_header(&tmp[..had + take])? {
+                match parse_chunk_header(&tmp[..had + take], &self.streams, self.header_limits)? {
                     Some(h) => {
                         self.head_len = 0;
                         pos += h.len - had;
@@ -163,13 +164,13 @@ impl ChunkScanner {
                 if rest.is_empty() {
                     break;
                 }
-                match self.parse_header(rest)? {
+                match parse_chunk_header(rest, &self.streams, self.header_limits)? {
                     Some(h) => {
                         pos += h.len;
                         h
                     }
                     None => {
-                        // Shorter than MAX_HEADER, or parse_header would have decided.
+                        // Shorter than MAX_HEADER, or the parse would have decided.
                         let n = rest.len().min(MAX_HEADER);
                         self.head[..n].copy_from_slice(&rest[..n]);
                         self.head_len = n;
@@ -196,43 +197,13 @@ impl ChunkScanner {
         Ok((pos, None))
     }
 
-    /// [`ChunkDecoder`](crate::rtmp::chunk::ChunkDecoder)'s own header parse (same errors,
-    /// same extended-timestamp rule); `None` when more bytes are needed.
-    fn parse_header(&self, buf: &[u8]) -> Result<Option<Header>, ChunkError> {
-        let find = |csid: u32| {
-            let i = self.streams.iter().position(|s| s.csid == csid)?;
-            let s = self.streams.get(i)?;
-            let open = OpenChunkStream {
-                msg_len: s.msg_len,
-                msg_type: s.msg_type,
-                stream_id: s.stream_id,
-                ts_field: s.ts_field,
-                extended: s.extended,
-                in_progress: s.in_progress,
-                received: s.msg_len.saturating_sub(s.due) as usize,
-            };
-            Some((i, open))
-        };
-        let limits = HeaderLimits {
-            max_message_len: self.max_message_len,
-            max_chunk_streams: self.max_chunk_streams,
-        };
-        parse_chunk_header(buf, find, self.streams.len(), limits)
-    }
-
     fn apply_header(&mut self, h: Header) -> usize {
         let idx = match h.idx {
             Some(i) => i,
             None => {
                 self.streams.push(Cs {
-                    csid: h.csid,
-                    msg_type: 0,
-                    stream_id: 0,
-                    msg_len: 0,
-                    ts_field: 0,
-                    extended: false,
+                    head: ChunkStreamHead::new(h.csid),
                     due: 0,
-                    in_progress: false,
                     body: Vec::new(),
                 });
                 self.streams.len() - 1
@@ -241,18 +212,9 @@ impl ChunkScanner {
         let Some(s) = self.streams.get_mut(idx) else {
             return idx;
         };
-        if s.in_progress {
-            return idx;
+        if s.head.apply(&h) {
+            s.due = h.msg_len;
         }
-        s.msg_len = h.msg_len;
-        s.msg_type = h.msg_type;
-        s.stream_id = h.stream_id;
-        if h.fmt < 3 {
-            s.extended = h.extended;
-        }
-        s.ts_field = h.ts_field.unwrap_or(s.ts_field);
-        s.due = h.msg_len;
-        s.in_progress = true;
         idx
     }
 
@@ -262,13 +224,13 @@ impl ChunkScanner {
         let Some(s) = self.streams.get_mut(idx) else {
             return Ok(None);
         };
-        s.in_progress = false;
-        if !wanted(s.msg_type) {
+        s.head.in_progress = false;
+        if !wanted(s.head.msg_type) {
             return Ok(None);
         }
         let body = std::mem::take(&mut s.body);
         self.charge.shrink(body.capacity());
-        let msg = Message::new(s.msg_type, 0, s.stream_id, body);
+        let msg = Message::new(s.head.msg_type, 0, s.head.stream_id, body);
         match msg.msg_type {
             SET_CHUNK_SIZE => {
                 let size = message::parse_set_chunk_size(&msg.payload)?;
@@ -284,11 +246,11 @@ impl ChunkScanner {
             }
             ABORT => {
                 let csid = message::parse_abort(&msg.payload)?;
-                if let Some(s) = self.streams.iter_mut().find(|s| s.csid == csid) {
-                    if s.in_progress {
+                if let Some(s) = self.streams.iter_mut().find(|s| s.head.csid == csid) {
+                    if s.head.in_progress {
                         self.charge.shrink(s.body.capacity());
                         s.body = Vec::new();
-                        s.in_progress = false;
+                        s.head.in_progress = false;
                         s.due = 0;
                     }
                 }
