@@ -89,6 +89,24 @@ pub fn cpu_ticks(pid: u32) -> u64 {
 
 /// Established TCP connections on loopback whose local port is `port` (the server side of
 /// connections to a listener on that port), from /proc/net/tcp and tcp6.
+pub fn established_on(port: u16) -> usize {
+    established_where(|local| {
+        let lport = local
+            .rsplit(':')
+            .next()
+            .and_then(|p| u16::from_str_radix(p, 16).ok());
+        lport == Some(port)
+    })
+}
+
+/// Established TCP connections whose local address is `ip:port` (the server side of
+/// connections to a listener there), from /proc/net/tcp.
+pub fn established_at(ip: [u8; 4], port: u16) -> usize {
+    let want = format!("{:08X}:{port:04X}", u32::from_le_bytes(ip));
+    established_where(|local| local == want)
+}
+
+/// Established connections whose local address (as /proc/net/tcp writes it) `is_local`.
 ///
 /// The kernel writes those tables a page at a time and resumes each page by position in a
 /// hash bucket, so while other sockets come and go one read can list a connection twice, or
@@ -98,7 +116,7 @@ pub fn cpu_ticks(pid: u32) -> u64 {
 /// see 54 backend connections for 39 sessions. So connections are counted once each by
 /// their (local, remote) address pair, over two reads (one that missed a connection is
 /// covered by the other).
-pub fn established_on(port: u16) -> usize {
+fn established_where(is_local: impl Fn(&str) -> bool) -> usize {
     let mut seen = std::collections::HashSet::new();
     for _ in 0..2 {
         for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
@@ -111,11 +129,7 @@ pub fn established_on(port: u16) -> usize {
                 let (Some(local), Some(remote), Some(st)) = (f.get(1), f.get(2), f.get(3)) else {
                     continue;
                 };
-                let lport = local
-                    .rsplit(':')
-                    .next()
-                    .and_then(|p| u16::from_str_radix(p, 16).ok());
-                if *st == "01" && lport == Some(port) {
+                if *st == "01" && is_local(local) {
                     seen.insert((local.to_string(), remote.to_string()));
                 }
             }

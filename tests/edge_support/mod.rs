@@ -51,20 +51,6 @@ pub fn recipe(name: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// Connections established to `ip:port` now (/proc/net/tcp, local address).
-pub fn established_at(ip: [u8; 4], port: u16) -> usize {
-    let want = format!("{:08X}:{port:04X}", u32::from_le_bytes(ip));
-    std::fs::read_to_string("/proc/net/tcp")
-        .unwrap_or_default()
-        .lines()
-        .skip(1)
-        .filter(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.get(1) == Some(&want.as_str()) && f.get(3) == Some(&"01")
-        })
-        .count()
-}
-
 /// An origin from the recipe's nginx-origin.conf, listening on `ip`:1935.
 pub fn start_origin(conf: &str, ip: &str) -> (Proc, tempfile::TempDir) {
     let dir = temp_dir();
