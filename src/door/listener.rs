@@ -16,7 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_rustls::server::TlsStream;
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::LazyConfigAcceptor;
 
 use crate::door::admit::{ConnLimiter, IpGuard, PeerLines};
 use crate::door::rtmpe;
@@ -28,7 +28,7 @@ use crate::metrics::{self, Refusal};
 use crate::net::addr::Cidr;
 use crate::net::proxy_protocol;
 use crate::net::short_hex;
-use crate::net::socket::{bind_listener, tune_socket};
+use crate::net::socket::{bind_listener, tune_accepted};
 use crate::net::url::{RtmpUrl, Scheme};
 use crate::stream::{ByteStream, ClientStream, Prefixed, StreamHandler, Transport};
 
@@ -512,7 +512,7 @@ fn handle(
             }
             return;
         };
-        tune_socket(&tcp);
+        tune_accepted(&tcp);
         let first = opts.limits.first_bytes_timeout();
         // The PROXY header, the per-address admission and the sniff run in their own boxed
         // future, freed once they are done: their timers and reads would otherwise be part of
@@ -689,9 +689,19 @@ async fn accept_and_sniff(
     label: &str,
 ) -> Option<(Kind, bool, TlsIo)> {
     let config = ctx.opts.get().tls.clone()?;
-    let acceptor = TlsAcceptor::from(config);
-    let mut tls = match tokio::time::timeout(first, acceptor.accept(Prefixed::new(head, tcp))).await
-    {
+    // The ClientHello first, then the configuration for it: clients that prefer ChaCha20 get
+    // their own order (net::tls::config_for_client).
+    let handshake = async {
+        let hello = LazyConfigAcceptor::new(
+            rustls::server::Acceptor::default(),
+            Prefixed::new(head, tcp),
+        );
+        let start = hello.await?;
+        let config =
+            crate::net::tls::config_for_client(&config, start.client_hello().cipher_suites());
+        start.into_stream(config).await
+    };
+    let mut tls = match tokio::time::timeout(first, handshake).await {
         Ok(Ok(tls)) => {
             metrics::global().tls_handshake(true);
             tls

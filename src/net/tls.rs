@@ -137,9 +137,41 @@ impl std::fmt::Display for CertSource {
 /// The crypto provider used everywhere (server, relay client, cluster link, tools): aws-lc-rs.
 /// It signs RSA 2048 in about half ring's time (0.26 against 0.47 ms on the reference
 /// machine), which is most of a full handshake on an RSA certificate (bench/RESULTS.md).
+///
+/// Its cipher suites are rustls's defaults in [`SUITE_ORDER`]'s order: AES-128-GCM first.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    // A stable sort: suites the order does not name keep their place, after those it names.
+    provider.cipher_suites.sort_by_key(|s| {
+        SUITE_ORDER
+            .iter()
+            .position(|&named| named == s.suite())
+            .unwrap_or(SUITE_ORDER.len())
+    });
+    Arc::new(provider)
 }
+
+/// The cipher suites in the order the server picks them (the client's order is ignored, as
+/// haproxy does by default, except for clients that prefer ChaCha20-Poly1305: see
+/// [`config_for_client`]) and the client offers them. AES-128-GCM before AES-256-GCM:
+/// the suite's hash is SHA-256 instead of SHA-384, and every TLS 1.3 key derivation (HKDF,
+/// about twenty per handshake) and the transcript hash run on it; SHA-256 has instructions
+/// of its own on current x86 and ARM CPUs, SHA-384 does not, and AWS-LC's SHA-384 was 7 % of
+/// a full RSA 2048 handshake's server CPU (bench/RESULTS.md, seventh session). AES-128's 10
+/// rounds against AES-256's 14 make every record cheaper too. AES-128 matches the strength
+/// of X25519 (128-bit) and exceeds RSA 2048's (112-bit); Mozilla's recommended TLS order,
+/// Go and BoringSSL also put it first.
+const SUITE_ORDER: &[rustls::CipherSuite] = &[
+    rustls::CipherSuite::TLS13_AES_128_GCM_SHA256,
+    rustls::CipherSuite::TLS13_AES_256_GCM_SHA384,
+    rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256,
+    rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+    rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+    rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+    rustls::CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+    rustls::CipherSuite::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+    rustls::CipherSuite::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+];
 
 fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|error| TlsError::Read {
@@ -373,7 +405,36 @@ pub fn server_config_with(
         .with_no_client_auth()
         .with_cert_resolver(resolver);
     config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
+    // The server's order (SUITE_ORDER), not the client's: most clients (OpenSSL's, ffmpeg's,
+    // Python's) list AES-256-GCM first.
+    config.ignore_client_order = true;
     Ok(Arc::new(config))
+}
+
+/// The server configuration for a client whose ClientHello lists `suites`: `config` (the
+/// server's order, AES-128-GCM first) unless the first suite it lists that we know is a
+/// ChaCha20-Poly1305 one, which is how clients without AES instructions say that AES would be
+/// slow for them (Go's server reads it the same way): those get a copy that follows their
+/// order. Rare, so the copy is made per handshake rather than kept.
+pub fn config_for_client(
+    config: &Arc<ServerConfig>,
+    suites: &[rustls::CipherSuite],
+) -> Arc<ServerConfig> {
+    let first_known = suites.iter().find(|s| SUITE_ORDER.contains(s));
+    let chacha = first_known.is_some_and(|s| {
+        matches!(
+            s,
+            rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256
+                | rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
+                | rustls::CipherSuite::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256
+        )
+    });
+    if !chacha || !config.ignore_client_order {
+        return config.clone();
+    }
+    let mut theirs = ServerConfig::clone(config);
+    theirs.ignore_client_order = false;
+    Arc::new(theirs)
 }
 
 /// A TLS client configuration trusting the system roots plus, optionally, the certificates
@@ -606,6 +667,98 @@ mod tests {
                 "{version:?}"
             );
         }
+    }
+
+    /// A client offering only `suites`, in that order, trusting the dev CA.
+    fn client_offering(suites: &[rustls::SupportedCipherSuite]) -> rustls::ClientConnection {
+        let mut roots = RootCertStore::empty();
+        for cert in certs_from_pem(CA_PEM, Path::new("ca")).unwrap() {
+            roots.add(cert).unwrap();
+        }
+        let provider = CryptoProvider {
+            cipher_suites: suites.to_vec(),
+            ..rustls::crypto::aws_lc_rs::default_provider()
+        };
+        let config = ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        rustls::ClientConnection::new(Arc::new(config), name).unwrap()
+    }
+
+    /// The suite a handshake through rustls's Acceptor and [`config_for_client`] (as the door
+    /// runs it) settles on, in memory.
+    fn suite_chosen(mut client: rustls::ClientConnection) -> rustls::CipherSuite {
+        let dev = load_certified_key(&CertSource::EmbeddedDev).unwrap();
+        let config = server_config(SniResolver::new(dev)).unwrap();
+        let mut acceptor = rustls::server::Acceptor::default();
+        let mut wire = Vec::new();
+        client.write_tls(&mut wire).unwrap();
+        acceptor.read_tls(&mut wire.as_slice()).unwrap();
+        let accepted = acceptor.accept().map_err(|(e, _)| e).unwrap().unwrap();
+        let config = config_for_client(&config, accepted.client_hello().cipher_suites());
+        let mut server = accepted
+            .into_connection(config)
+            .map_err(|(e, _)| e)
+            .unwrap();
+        for _ in 0..10 {
+            let mut wire = Vec::new();
+            server.write_tls(&mut wire).unwrap();
+            if !wire.is_empty() {
+                client.read_tls(&mut wire.as_slice()).unwrap();
+                client.process_new_packets().unwrap();
+            }
+            let mut wire = Vec::new();
+            client.write_tls(&mut wire).unwrap();
+            if !wire.is_empty() {
+                server.read_tls(&mut wire.as_slice()).unwrap();
+                server.process_new_packets().unwrap();
+            }
+        }
+        assert!(!client.is_handshaking() && !server.is_handshaking());
+        server.negotiated_cipher_suite().unwrap().suite()
+    }
+
+    #[test]
+    fn aes_128_before_aes_256_unless_the_client_prefers_chacha() {
+        use rustls::crypto::aws_lc_rs::cipher_suite as cs;
+        use rustls::CipherSuite as Cs;
+        // OpenSSL's order (ffmpeg, Python, curl): AES-256 first; the server takes AES-128.
+        let openssl = [
+            cs::TLS13_AES_256_GCM_SHA384,
+            cs::TLS13_CHACHA20_POLY1305_SHA256,
+            cs::TLS13_AES_128_GCM_SHA256,
+        ];
+        let chosen = suite_chosen(client_offering(&openssl));
+        assert_eq!(chosen, Cs::TLS13_AES_128_GCM_SHA256);
+        // The same in TLS 1.2 (the dev certificate is ECDSA).
+        let tls12 = [
+            cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+            cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+            cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        ];
+        let chosen = suite_chosen(client_offering(&tls12));
+        assert_eq!(chosen, Cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256);
+        // A client without AES instructions lists ChaCha20 first: it keeps it.
+        let no_aes = [
+            cs::TLS13_CHACHA20_POLY1305_SHA256,
+            cs::TLS13_AES_128_GCM_SHA256,
+            cs::TLS13_AES_256_GCM_SHA384,
+        ];
+        let chosen = suite_chosen(client_offering(&no_aes));
+        assert_eq!(chosen, Cs::TLS13_CHACHA20_POLY1305_SHA256);
+        let no_aes12 = [
+            cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+            cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        ];
+        let chosen = suite_chosen(client_offering(&no_aes12));
+        assert_eq!(chosen, Cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256);
+        // A client offering only AES-256 still gets it.
+        let only = [cs::TLS13_AES_256_GCM_SHA384];
+        let chosen = suite_chosen(client_offering(&only));
+        assert_eq!(chosen, Cs::TLS13_AES_256_GCM_SHA384);
     }
 
     #[test]
