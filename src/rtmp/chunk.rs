@@ -336,12 +336,52 @@ impl From<&ChunkLimits> for ChunkLimits {
     }
 }
 
+/// The peer's chunk size as both readers of its chunk stream follow it ([`ChunkDecoder`], and
+/// the relay's pass-through scanner): RTMP's initial size until the peer's Set Chunk Size,
+/// which must fall in the accepted range.
+#[derive(Clone, Copy, Debug)]
+pub struct PeerChunkSize {
+    size: u32,
+    min: u32,
+    max: u32,
+}
+
+impl PeerChunkSize {
+    pub fn new(limits: &ChunkLimits) -> Self {
+        // Never 0: a chunk of 0 payload bytes would never move a reader forward.
+        let min = limits.min_chunk_size.max(1);
+        PeerChunkSize {
+            size: DEFAULT_CHUNK_SIZE,
+            min,
+            max: limits.max_chunk_size.max(min),
+        }
+    }
+
+    /// The peer's current chunk size.
+    pub fn get(&self) -> u32 {
+        self.size
+    }
+
+    /// Applies the body of the peer's Set Chunk Size message; a size outside
+    /// `limits.min_chunk_size..=limits.max_chunk_size` is an error (the session closes).
+    pub fn set(&mut self, payload: &[u8]) -> Result<(), ChunkError> {
+        let size = message::parse_set_chunk_size(payload)?;
+        if size < self.min || size > self.max {
+            return Err(ChunkError::ChunkSizeOutOfRange {
+                size,
+                min: self.min,
+                max: self.max,
+            });
+        }
+        self.size = size;
+        Ok(())
+    }
+}
+
 /// Reassembles messages from the chunks a peer sends.
 #[derive(Debug)]
 pub struct ChunkDecoder {
-    chunk_size: u32,
-    min_chunk_size: u32,
-    max_chunk_size: u32,
+    chunk_size: PeerChunkSize,
     header_limits: HeaderLimits,
     max_partial_bytes: usize,
     streams: Vec<InStream>,
@@ -368,11 +408,8 @@ impl ChunkDecoder {
         charge: impl BufferCharge + 'static,
     ) -> Self {
         let limits = limits.into();
-        let min_chunk_size = limits.min_chunk_size.max(1);
         ChunkDecoder {
-            chunk_size: DEFAULT_CHUNK_SIZE,
-            min_chunk_size,
-            max_chunk_size: limits.max_chunk_size.max(min_chunk_size),
+            chunk_size: PeerChunkSize::new(&limits),
             header_limits: HeaderLimits::from(&limits),
             max_partial_bytes: limits.max_partial_bytes,
             streams: Vec::new(),
@@ -386,7 +423,7 @@ impl ChunkDecoder {
 
     /// The peer's current chunk size.
     pub fn chunk_size(&self) -> u32 {
-        self.chunk_size
+        self.chunk_size.get()
     }
 
     /// Bytes consumed so far (chunk headers and payload), for Acknowledgements.
@@ -460,7 +497,7 @@ impl ChunkDecoder {
             if due == 0 {
                 return self.complete(idx).map(Some);
             }
-            let chunk = due.min(self.chunk_size as usize) as u32;
+            let chunk = due.min(self.chunk_size.get() as usize) as u32;
             self.current = Some((idx, chunk));
         }
     }
@@ -514,17 +551,7 @@ impl ChunkDecoder {
             payload,
         };
         match msg.msg_type {
-            message::SET_CHUNK_SIZE => {
-                let size = message::parse_set_chunk_size(&msg.payload)?;
-                if size < self.min_chunk_size || size > self.max_chunk_size {
-                    return Err(ChunkError::ChunkSizeOutOfRange {
-                        size,
-                        min: self.min_chunk_size,
-                        max: self.max_chunk_size,
-                    });
-                }
-                self.chunk_size = size;
-            }
+            message::SET_CHUNK_SIZE => self.chunk_size.set(&msg.payload)?,
             message::ABORT => {
                 let csid = message::parse_abort(&msg.payload)?;
                 if let Some(s) = self.streams.iter_mut().find(|s| s.head.csid == csid) {
@@ -984,7 +1011,7 @@ mod tests {
             ]
         );
         let mut d = dec();
-        d.chunk_size = 2;
+        d.chunk_size.size = 2;
         let m = drain(&mut d, &mut out).unwrap();
         assert_eq!(m, vec![msg(9, 0x0100_0000, 0, b"xyz")]);
         assert!(out.is_empty());

@@ -17,7 +17,7 @@ use crate::budget::Charge;
 use crate::limits::Limits;
 use crate::rtmp::chunk::{
     parse_chunk_header, ChunkError, ChunkHeader, ChunkLimits, ChunkStreamHead, ChunkStreamState,
-    HeaderLimits, DEFAULT_CHUNK_SIZE,
+    HeaderLimits, PeerChunkSize,
 };
 use crate::rtmp::message::{self, Message, ABORT, COMMAND_AMF0, COMMAND_AMF3, SET_CHUNK_SIZE};
 
@@ -55,9 +55,7 @@ type Header = ChunkHeader;
 /// Follows one direction of a chunk stream; see the module documentation.
 #[derive(Debug)]
 pub struct ChunkScanner {
-    chunk_size: u32,
-    min_chunk_size: u32,
-    max_chunk_size: u32,
+    chunk_size: PeerChunkSize,
     header_limits: HeaderLimits,
     streams: Vec<Cs>,
     /// The chunk whose payload is passing: stream index, payload bytes left in the chunk.
@@ -73,12 +71,10 @@ pub struct ChunkScanner {
 impl ChunkScanner {
     /// A scanner whose kept bodies are charged to `charge` (a connection's charge).
     pub fn new(limits: &Limits, charge: Charge) -> Self {
-        let min_chunk_size = limits.min_chunk_size.max(1);
+        let limits = ChunkLimits::from(limits);
         ChunkScanner {
-            chunk_size: DEFAULT_CHUNK_SIZE,
-            min_chunk_size,
-            max_chunk_size: limits.max_chunk_size.max(min_chunk_size),
-            header_limits: HeaderLimits::from(&ChunkLimits::from(limits)),
+            chunk_size: PeerChunkSize::new(&limits),
+            header_limits: HeaderLimits::from(&limits),
             streams: Vec::new(),
             current: None,
             head: [0; MAX_HEADER],
@@ -190,7 +186,7 @@ impl ChunkScanner {
                 }
                 continue;
             }
-            let chunk = s.due.min(self.chunk_size);
+            let chunk = s.due.min(self.chunk_size.get());
             self.current = Some((idx, chunk));
         }
         self.bytes += pos as u64;
@@ -233,15 +229,7 @@ impl ChunkScanner {
         let msg = Message::new(s.head.msg_type, 0, s.head.stream_id, body);
         match msg.msg_type {
             SET_CHUNK_SIZE => {
-                let size = message::parse_set_chunk_size(&msg.payload)?;
-                if size < self.min_chunk_size || size > self.max_chunk_size {
-                    return Err(ChunkError::ChunkSizeOutOfRange {
-                        size,
-                        min: self.min_chunk_size,
-                        max: self.max_chunk_size,
-                    });
-                }
-                self.chunk_size = size;
+                self.chunk_size.set(&msg.payload)?;
                 Ok(None)
             }
             ABORT => {
