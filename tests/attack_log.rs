@@ -173,7 +173,7 @@ fn one_log_line_per_attacker_byte_is_gone_and_a_normal_stream_is_served() {
         "the attacker's connection was not closed within 15 s"
     );
     assert!(
-        gw.log_contains("limits.max_protocol_errors"),
+        gw.expect_log("limits.max_protocol_errors"),
         "the attacker was not closed for its malformed messages; log:\n{}",
         gw.log()
     );

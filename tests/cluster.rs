@@ -497,7 +497,9 @@ fn example_haproxy_recipe_routes_by_node_prefix() {
     assert_eq!(opened.iter().sum::<usize>(), 3, "three tunnel players");
     // The RTMP publisher's real address reached its node through PROXY v2.
     assert!(
-        nodes.iter().any(|n| n.gw.log_contains("rtmp 127.0.0.1:")),
+        wait_until(LOG_LAG, || nodes
+            .iter()
+            .any(|n| n.gw.log_contains("rtmp 127.0.0.1:"))),
         "no node logged the publisher"
     );
 }

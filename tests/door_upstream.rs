@@ -96,9 +96,9 @@ fn publish_and_play_over_rtmp_and_rtmps() {
     for r in &got {
         r.assert_run_of(&src);
     }
-    assert!(gw.log_contains("session opened: rtmps 127.0.0.1:"));
-    assert!(gw.log_contains("session closed: rtmp 127.0.0.1:"));
-    assert!(gw.log_contains(" bytes in, "));
+    assert!(gw.expect_log("session opened: rtmps 127.0.0.1:"));
+    assert!(gw.expect_log("session closed: rtmp 127.0.0.1:"));
+    assert!(gw.expect_log(" bytes in, "));
     gw.assert_fds_back_to(baseline, Duration::from_secs(10));
 }
 
@@ -419,11 +419,7 @@ fn check_config_bind_errors_and_shutdown() {
     assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", gw.log());
     assert!(t.elapsed() >= Duration::from_millis(900));
     assert!(t.elapsed() < Duration::from_secs(5));
-    assert!(
-        gw.log_contains("still open after the drain"),
-        "{}",
-        gw.log()
-    );
+    assert!(gw.expect_log("still open after the drain"), "{}", gw.log());
 }
 
 /// The issuer line of the certificate a TLS listener serves, as openssl s_client prints it.

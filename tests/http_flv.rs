@@ -375,7 +375,7 @@ fn auth_rules_and_callbacks_answer_403_with_the_reason() {
     );
     // Denials are counted and logged like RTMP ones.
     assert!(
-        gw.log_contains("auth: play live/(stream name withheld)"),
+        gw.expect_log("auth: play live/(stream name withheld)"),
         "{}",
         gw.log()
     );

@@ -315,11 +315,7 @@ fn records_every_packet_with_duration_and_a_seekable_keyframe_index() {
             Some(0.0)
         );
     }
-    assert!(
-        gw.log_contains("recording live/s: finished "),
-        "{}",
-        gw.log()
-    );
+    assert!(gw.expect_log("recording live/s: finished "), "{}", gw.log());
 }
 
 /// A player gets the whole stream (rtmpdump: every packet) while the recording of it fails.

@@ -104,7 +104,7 @@ fn hash_keeps_every_player_on_its_publishers_backend_and_moves_a_dead_ones_strea
     nginx[gone].take().unwrap().kill();
     check_stream(&rtmp, &rtmpt, &upstreams[next], &names[0]);
     assert!(
-        gw.log_contains(&format!("backend {} marked down", upstreams[gone])),
+        gw.expect_log(&format!("backend {} marked down", upstreams[gone])),
         "{}",
         gw.log()
     );

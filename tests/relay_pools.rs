@@ -309,7 +309,7 @@ fn reload_keeps_the_health_state_of_unchanged_backends() {
         gw.log()
     );
     assert!(
-        gw.log_contains("2 backend(s) keep their up/down state"),
+        gw.expect_log("2 backend(s) keep their up/down state"),
         "{}",
         gw.log()
     );

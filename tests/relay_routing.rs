@@ -276,7 +276,7 @@ fn bytes_mode_fails_over_at_tcp_connect() {
     for r in &got {
         r.assert_run_of(&src);
     }
-    assert!(gw.log_contains(&format!("backend {dead} marked down")));
+    assert!(gw.expect_log(&format!("backend {dead} marked down")));
 }
 
 /// `[auth]` governs relayed clients too (the relay switches to connect mode for it): a

@@ -287,7 +287,7 @@ fn a_destination_restarted_gets_the_stream_again_and_a_stalled_one_holds_up_nobo
     );
     let stalled = format!("rtmp://127.0.0.1:{stall_port}/live/***");
     assert!(
-        gw.log_contains(&format!("{stalled}: origin")),
+        gw.expect_log(&format!("{stalled}: origin")),
         "no line about the stalled destination:\n{}",
         gw.log()
     );

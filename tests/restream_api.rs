@@ -262,14 +262,14 @@ fn destinations_added_before_and_during_a_publish_and_one_removed() {
         removed_at.elapsed()
     );
     assert!(
-        gw.log_contains(&format!(
+        gw.expect_log(&format!(
             "{during_dest}: removed through the admin API by 127.0.0.1:"
         )),
         "{}",
         gw.log()
     );
     assert!(
-        gw.log_contains(&format!(
+        gw.expect_log(&format!(
             "{during_dest}: stopped (removed through the admin API)"
         )),
         "{}",

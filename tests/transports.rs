@@ -260,7 +260,7 @@ fn fault_upstream_down_closes_clients_promptly() {
         );
     }
     assert!(
-        gw.log_contains(&format!("cannot connect to upstream {dead}")),
+        gw.expect_log(&format!("cannot connect to upstream {dead}")),
         "no log line names the refused upstream {dead}"
     );
     gw.assert_fds_back_to(before.fds, Duration::from_secs(REAP_SECS + 10));
@@ -622,7 +622,7 @@ fn sigterm_drains_then_exits_zero() {
         "rtmpgate exited after {took:?}, before the {DRAIN:?} drain was over"
     );
     assert!(
-        gw.log_contains("closing 2 session(s) still open after the drain"),
+        gw.expect_log("closing 2 session(s) still open after the drain"),
         "the log does not say the two open sessions were closed after the drain"
     );
     assert!(

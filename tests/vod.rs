@@ -173,8 +173,8 @@ fn ffmpeg_and_rtmpdump_play_a_file_whole_at_its_pace() {
     // ffprobe's duration comes from getStreamLength and onMetaData.
     let d = media_seconds(std::path::Path::new(&v.url("clip"))).expect("ffprobe duration");
     assert!((d - f64::from(CLIP_SECS)).abs() < 0.2, "duration {d}");
-    assert!(v.gw.log_contains("play vod/clip (file "), "{}", v.gw.log());
-    assert!(v.gw.log_contains("reached the end"), "{}", v.gw.log());
+    assert!(v.gw.expect_log("play vod/clip (file "), "{}", v.gw.log());
+    assert!(v.gw.expect_log("reached the end"), "{}", v.gw.log());
 }
 
 #[test]
@@ -238,7 +238,7 @@ fn rtmpdump_start_seeks_to_the_keyframe_at_or_before() {
     ] {
         let line =
             format!("play vod/{name} (file) at 5500 ms: keyframe at {key} ms, found by {how}");
-        assert!(v.gw.log_contains(&line), "{line} not in {}", v.gw.log());
+        assert!(v.gw.expect_log(&line), "{line} not in {}", v.gw.log());
     }
 }
 
@@ -629,7 +629,7 @@ fn names_outside_the_directory_and_malformed_files_are_refused() {
             );
         }
     }
-    assert!(v.gw.log_contains("huge.flv"), "{}", v.gw.log());
+    assert!(v.gw.expect_log("huge.flv"), "{}", v.gw.log());
     // Still serving: the same connection plays the good file.
     c.play(sid, "clip", -2.0);
     c.until("media", RAW_WAIT, |e| media(e).is_some());

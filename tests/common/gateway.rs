@@ -231,9 +231,16 @@ impl Gateway {
         self.proc.log()
     }
 
-    /// True if a log line contains `needle`.
+    /// True if a log line that has arrived so far contains `needle`: for a line that is
+    /// expected after an event, [`Gateway::expect_log`].
     pub fn log_contains(&self, needle: &str) -> bool {
         self.proc.log.contains(needle)
+    }
+
+    /// Waits up to [`LOG_LAG`] for a log line containing `needle`: a line an event the test
+    /// saw has caused (the log arrives a moment after the event).
+    pub fn expect_log(&self, needle: &str) -> bool {
+        self.wait_log(needle, LOG_LAG)
     }
 
     /// Waits up to `timeout` for a log line containing `needle`.

@@ -50,6 +50,11 @@ pub use tempfile::TempDir;
 
 /// How long a gateway or peer may take to start listening.
 pub const START_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a test waits for a log line an event it saw has caused ([`Gateway::expect_log`]).
+/// The gateway's log reaches the test through another thread reading its stderr; on a loaded
+/// machine that thread ran behind: http_flv's 403 test saw its client denied, and a line
+/// logged 12 ms before the check was not there yet.
+pub const LOG_LAG: Duration = Duration::from_secs(10);
 /// How long a player may run on after its publisher finished, before it is killed.
 pub const PLAYER_TAIL: Duration = Duration::from_secs(20);
 /// Seconds of silence after which an ffmpeg or rtmpdump player gives up on its own. Far
