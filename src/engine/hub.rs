@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use tokio::sync::{broadcast, Notify};
 
+use super::log::{Log, LogRange};
 use crate::budget::{Charge, OverBudget, PeerBudget};
 use crate::rtmp::chunk;
 use crate::rtmp::message::{Message, AUDIO, VIDEO};
@@ -164,6 +165,9 @@ pub struct Frame {
     pub chunked: Bytes,
     /// Publisher bytes up to and including this frame: a player's lag is `total - offset`.
     pub offset: u64,
+    /// `chunked` in the stream's [`Log`], when it keeps one (the fan-out lane sends from
+    /// there while it holds the frame).
+    pub(crate) log: Option<LogRange>,
     /// This frame's bytes on the memory budget, returned when the last holder drops it.
     _charge: Charge,
 }
@@ -255,6 +259,8 @@ impl Frame {
             payload: self.payload.clone(),
             chunked: chunk::encode_fmt0_bytes(self.csid(), &msg, chunk_size),
             offset: self.offset,
+            // A late player's start frames are written by its session, never by the lane.
+            log: None,
             _charge: charge,
         })
     }
@@ -288,6 +294,9 @@ pub struct HubConfig {
     /// A late player starts from the cached GOP only if its keyframe is at most this many
     /// bytes behind live (else it waits for the next keyframe, as it would skip to it anyway).
     pub max_lag_bytes: u64,
+    /// Keep each stream's frames in a [`Log`] as well, for the fan-out lane to send from
+    /// (set when the engine has a merge window, hence a lane).
+    pub log: bool,
 }
 
 impl Default for HubConfig {
@@ -299,6 +308,7 @@ impl Default for HubConfig {
             gop_max_bytes: 16 * 1024 * 1024,
             gop_max_messages: 4096,
             max_lag_bytes: 8 * 1024 * 1024,
+            log: false,
         }
     }
 }
@@ -366,6 +376,10 @@ struct SlotState {
     /// Players subscribed to the one-slot channel, and the full-ring receivers handed to them.
     waiting: Vec<u64>,
     handoff: Vec<(u64, broadcast::Receiver<Event>)>,
+    /// The stream's frames for the fan-out lane ([`HubConfig::log`]); made at the first
+    /// frame, and not again once that failed.
+    log: Option<Arc<Log>>,
+    log_tried: bool,
 }
 
 impl SlotState {
@@ -396,6 +410,8 @@ impl SlotState {
             full_ring: false,
             waiting: Vec::new(),
             handoff: Vec::new(),
+            log: None,
+            log_tried: false,
         }
     }
 
@@ -816,11 +832,16 @@ impl Publisher {
         let kind = classify(msg_type, &payload);
         let len = u64::try_from(payload.len()).unwrap_or(u64::MAX);
         let cfg = &self.hub.cfg;
-        let (ts, offset) = {
+        let (ts, offset, log) = {
             let mut st = lock(&self.slot.state);
             if st.publisher != Some(self.id) {
                 return Ok(());
             }
+            if cfg.log && !st.log_tried {
+                st.log_tried = true;
+                st.log = Log::new();
+            }
+            let log = st.log.clone();
             let ts = st.map_ts(timestamp);
             // Audio and video interleave slightly out of order: continue after the largest.
             st.last_out = Some(st.last_out.map_or(ts, |l| l.max(ts)));
@@ -829,17 +850,18 @@ impl Publisher {
                 .total
                 .fetch_add(len, Ordering::Relaxed)
                 .saturating_add(len);
-            (ts, offset)
+            (ts, offset, log)
         };
         // The payload is already here (the decoder's charge for it ends with the message); the
         // frame's charge takes over before the chunked copy is made.
-        let charge = self
-            .budget
-            .try_charge(payload.len().saturating_add(fmt0_len(
-                payload.len(),
-                ts,
-                cfg.chunk_size,
-            )))?;
+        // With a log, the chunked bytes are held twice (memory and the log's pages).
+        let chunked_len = fmt0_len(payload.len(), ts, cfg.chunk_size);
+        let charge = self.budget.try_charge(
+            payload
+                .len()
+                .saturating_add(chunked_len)
+                .saturating_add(if log.is_some() { chunked_len } else { 0 }),
+        )?;
         let mut frame = Frame {
             kind,
             msg_type,
@@ -847,6 +869,7 @@ impl Publisher {
             payload,
             chunked: Bytes::new(),
             offset,
+            log: None,
             _charge: charge,
         };
         let msg = Message {
@@ -856,6 +879,9 @@ impl Publisher {
             payload: frame.payload.clone(),
         };
         frame.chunked = chunk::encode_fmt0_bytes(frame.csid(), &msg, cfg.chunk_size);
+        // Appended before the frame is sent: whoever receives it finds its bytes in the log.
+        // (A frame the log could not take is written from memory.)
+        frame.log = log.and_then(|l| l.append(&frame.chunked));
         let frame = Arc::new(frame);
         let mut st = lock(&self.slot.state);
         if st.publisher != Some(self.id) {

@@ -48,7 +48,7 @@ use tokio::sync::broadcast::{
 };
 use tokio::sync::oneshot;
 
-use super::hub::{Event, LagProbe};
+use super::hub::{Event, Frame, LagProbe};
 use super::tick;
 use crate::rtmp::message::VIDEO;
 use crate::stream::SentHook;
@@ -60,6 +60,8 @@ const BATCH_EVENTS: usize = 256;
 const BATCH_BYTES: usize = 1024 * 1024;
 /// Buffers handed to one vectored write.
 const IOV_MAX: usize = 64;
+/// Bytes asked of one `sendfile` (a drain queues at most about `BATCH_BYTES` anyway).
+const SENDFILE_MAX: usize = 2 * BATCH_BYTES;
 /// Players a tick writes before it lets other tasks run (the publisher's reads among them):
 /// a few hundred microseconds of writes, against a window of tens of milliseconds.
 const CHUNK: usize = 32;
@@ -98,6 +100,25 @@ pub(crate) struct Returned {
     pub has_video: bool,
     /// Bytes the lane wrote to the client.
     pub written: u64,
+}
+
+/// Bytes queued for one player: a frame's chunked bytes (or what is left of them), with the
+/// frame itself when they can be sent from its stream's log ([`super::log`]): holding the
+/// frame keeps its bytes in the log until the write is done.
+struct Piece {
+    bytes: Bytes,
+    frame: Option<Arc<Frame>>,
+}
+
+impl Piece {
+    /// Where `bytes` sit in the frame's log, and the log.
+    fn in_log(&self) -> Option<(&Arc<super::log::Log>, u64)> {
+        let f = self.frame.as_ref()?;
+        let range = f.log.as_ref()?;
+        // `bytes` is the end of `chunked` (a write that took part of it cut the front).
+        let skip = f.chunked.len().checked_sub(self.bytes.len())?;
+        Some((range.log(), range.at().checked_add(skip as u64)?))
+    }
 }
 
 struct Entry {
@@ -143,7 +164,7 @@ impl Entry {
     #[allow(clippy::type_complexity)]
     fn tick(
         &mut self,
-        bufs: &mut VecDeque<Bytes>,
+        bufs: &mut VecDeque<Piece>,
     ) -> Option<(Vec<Bytes>, Option<Result<Event, RecvError>>, bool)> {
         bufs.clear();
         let j = &mut self.join;
@@ -183,11 +204,21 @@ impl Entry {
                         j.has_video = true;
                     }
                     let (head, body) = f.chunks_for(j.stream_id, j.chunk_size, j.shared_chunk_size);
-                    for b in head.into_iter().chain(std::iter::once(body)) {
-                        if !b.is_empty() {
-                            queued = queued.saturating_add(b.len());
-                            bufs.push_back(b);
-                        }
+                    // The shared chunking as is: from the log, when the stream keeps one.
+                    let shared = head.is_none() && f.log.is_some();
+                    queued = queued.saturating_add(body.len());
+                    if let Some(h) = head.filter(|h| !h.is_empty()) {
+                        queued = queued.saturating_add(h.len());
+                        bufs.push_back(Piece {
+                            bytes: h,
+                            frame: None,
+                        });
+                    }
+                    if !body.is_empty() {
+                        bufs.push_back(Piece {
+                            bytes: body,
+                            frame: shared.then_some(f),
+                        });
                     }
                 }
                 Event::Filler => {}
@@ -200,28 +231,52 @@ impl Entry {
         }
         let stuck = self.write(bufs);
         if stuck || event.is_some() || more {
-            return Some((bufs.drain(..).collect(), event, more));
+            return Some((bufs.drain(..).map(|p| p.bytes).collect(), event, more));
         }
         None
     }
 
     /// Writes `bufs` without waiting; true when the socket did not take all of it (full, or
     /// failed: the session's own write of the rest meets the error and ends the session).
-    fn write(&mut self, bufs: &mut VecDeque<Bytes>) -> bool {
-        while !bufs.is_empty() {
-            let mut iov = [IoSlice::new(&[]); IOV_MAX];
-            let mut k = 0;
-            for (slot, b) in iov.iter_mut().zip(bufs.iter()) {
-                *slot = IoSlice::new(b);
-                k += 1;
-            }
-            // sendmsg rather than writev: the socket call skips the file layer's work
-            // (vfs_writev, fdget_pos: 8% of the engine's samples at 1,000 players).
+    /// Bytes that follow each other in a log go in one `sendfile`, the others in one vectored
+    /// `sendmsg`.
+    fn write(&mut self, bufs: &mut VecDeque<Piece>) -> bool {
+        while let Some(front) = bufs.front() {
             // SAFETY: the descriptor stays open while this entry is in its lane (the module's
             // note: the seat that removes it is dropped before the socket is).
             let fd = unsafe { BorrowedFd::borrow_raw(self.join.sock) };
-            let sock = socket2::SockRef::from(&fd);
-            let n = match sock.send_vectored_with_flags(iov.get(..k).unwrap_or(&[]), SEND_FLAGS) {
+            let sent = if let Some((log, at)) = front.in_log() {
+                // The run of pieces that continue each other in the same log.
+                let mut len = front.bytes.len();
+                for p in bufs.iter().skip(1) {
+                    match p.in_log() {
+                        Some((l, a))
+                            if Arc::ptr_eq(l, log)
+                                && Some(a) == at.checked_add(len as u64)
+                                && len < SENDFILE_MAX =>
+                        {
+                            len = len.saturating_add(p.bytes.len());
+                        }
+                        _ => break,
+                    }
+                }
+                log.send_to(fd, at, len.min(SENDFILE_MAX))
+            } else {
+                let mut iov = [IoSlice::new(&[]); IOV_MAX];
+                let mut k = 0;
+                for (slot, p) in iov.iter_mut().zip(bufs.iter()) {
+                    if p.in_log().is_some() {
+                        break;
+                    }
+                    *slot = IoSlice::new(&p.bytes);
+                    k += 1;
+                }
+                // sendmsg rather than writev: the socket call skips the file layer's work
+                // (vfs_writev, fdget_pos: 8% of the engine's samples at 1,000 players).
+                let sock = socket2::SockRef::from(&fd);
+                sock.send_vectored_with_flags(iov.get(..k).unwrap_or(&[]), SEND_FLAGS)
+            };
+            let n = match sent {
                 Ok(0) => return true,
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -237,11 +292,11 @@ impl Entry {
                 let Some(front) = bufs.front_mut() else {
                     break;
                 };
-                if front.len() <= left {
-                    left -= front.len();
+                if front.bytes.len() <= left {
+                    left -= front.bytes.len();
                     bufs.pop_front();
                 } else {
-                    let _ = front.split_to(left);
+                    let _ = front.bytes.split_to(left);
                     left = 0;
                 }
             }
@@ -273,7 +328,7 @@ fn lock(m: &Mutex<LaneState>) -> MutexGuard<'_, LaneState> {
 
 impl Lane {
     async fn run(self: Arc<Lane>, window: Duration) {
-        let mut bufs = VecDeque::new();
+        let mut bufs: VecDeque<Piece> = VecDeque::new();
         loop {
             let due = tick::next_after(Instant::now(), window);
             tokio::time::sleep_until(due.into()).await;
@@ -307,7 +362,7 @@ impl Lane {
     /// so each one is written one window after the last time and a frame waits at most one
     /// window whatever the player's place. (Moving the start each tick made the gaps uneven:
     /// up to a window plus the tick's length.)
-    fn write_chunk(&self, at: &mut usize, bufs: &mut VecDeque<Bytes>) -> bool {
+    fn write_chunk(&self, at: &mut usize, bufs: &mut VecDeque<Piece>) -> bool {
         let mut st = lock(&self.state);
         let end = at.saturating_add(CHUNK).min(st.entries.len());
         while *at < end {
@@ -443,9 +498,18 @@ mod tests {
     use super::*;
     use crate::engine::hub::{Hub, HubConfig, StreamKey, SHARED_STREAM_ID};
     use crate::rtmp::message::AUDIO;
-    use std::io::Read;
+    use std::io::{Read, Write};
     use std::net::TcpStream;
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A hub that keeps its streams' logs, as the engine's does with a merge window: the
+    /// lane sends from them.
+    fn logged_hub() -> Arc<Hub> {
+        Hub::new(HubConfig {
+            log: true,
+            ..HubConfig::default()
+        })
+    }
 
     /// A connected pair: the server's end (non-blocking, as tokio's sockets are) and the
     /// client's.
@@ -489,7 +553,7 @@ mod tests {
 
     #[tokio::test]
     async fn writes_frames_on_ticks_and_hands_the_player_back_at_an_event() {
-        let hub = Hub::new(HubConfig::default());
+        let hub = logged_hub();
         let key = StreamKey::new("live", "s");
         let publisher = hub.publish(&key).unwrap();
         let mut player = hub.play(&key);
@@ -543,7 +607,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_socket_hands_the_unwritten_rest_back() {
-        let hub = Hub::new(HubConfig::default());
+        let hub = logged_hub();
         let key = StreamKey::new("live", "full");
         let publisher = hub.publish(&key).unwrap();
         let mut player = hub.play(&key);
@@ -574,9 +638,97 @@ mod tests {
         drop(client);
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn what_the_log_sends_and_what_comes_back_are_the_frames_in_order() {
+        let hub = logged_hub();
+        let key = StreamKey::new("live", "order");
+        let publisher = hub.publish(&key).unwrap();
+        let mut player = hub.play(&key);
+        let mut sub = hub.play(&key);
+        let (server, mut client) = pair();
+        socket2::SockRef::from(&server)
+            .set_send_buffer_size(8192)
+            .unwrap();
+        let lanes = Lanes::new(Duration::from_millis(10));
+        let mut join = join_for(&server, &mut player, 64 << 20, false, None);
+        // A reader on another thread with a small socket buffer between: the lane's writes
+        // end part-way through a frame and, the reader having made room meanwhile, go on
+        // from there; or the socket is full and the player comes back with the rest.
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 64 * 1024];
+            client
+                .set_read_timeout(Some(Duration::from_millis(1000)))
+                .unwrap();
+            while let Ok(n) = client.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            got
+        });
+        let frames = tokio::spawn(async move {
+            let mut want = Vec::new();
+            for i in 0..100u32 {
+                let len = 20_000 + (i as usize * 7919) % 60_000;
+                publisher
+                    .push(AUDIO, i * 20, Bytes::from(vec![(i % 250) as u8; len]))
+                    .unwrap();
+                loop {
+                    match sub.rx.recv().await {
+                        Ok(Event::Frame(f)) => {
+                            assert!(f.log.is_some(), "the frame is in the log");
+                            want.extend_from_slice(&f.chunked);
+                            break;
+                        }
+                        // The ring's byte bound pushing old frames out.
+                        Ok(Event::Filler) => {}
+                        other => panic!("{other:?}"),
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            want
+        });
+        // The session's part: write what came back, and hand the player to the lane again,
+        // until the publisher has gone.
+        let mut returns = 0;
+        loop {
+            let Ok(mut seat) = lanes.join(1, join) else {
+                panic!("no lane");
+            };
+            let ret = tokio::time::timeout(Duration::from_secs(10), seat.returned())
+                .await
+                .unwrap()
+                .unwrap();
+            drop(seat);
+            returns += 1;
+            server.set_nonblocking(false).unwrap();
+            for b in &ret.leftover {
+                (&server).write_all(b).unwrap();
+            }
+            server.set_nonblocking(true).unwrap();
+            if matches!(ret.event, Some(Ok(Event::Unpublished))) {
+                break;
+            }
+            assert!(ret.event.is_none(), "{:?}", ret.event);
+            let (_, idle) = broadcast::channel(1);
+            join = join_for(&server, &mut player, 64 << 20, false, None);
+            join.rx = ret.rx;
+            drop(std::mem::replace(&mut player.rx, idle));
+        }
+        let want = frames.await.unwrap();
+        let got = tokio::task::spawn_blocking(move || reader.join().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(got.len(), want.len(), "after {returns} returns");
+        assert!(got == want, "the bytes differ from the frames");
+    }
+
     #[tokio::test]
     async fn reclaim_takes_the_player_back_between_ticks() {
-        let hub = Hub::new(HubConfig::default());
+        let hub = logged_hub();
         let key = StreamKey::new("live", "back");
         let _publisher = hub.publish(&key).unwrap();
         let mut player = hub.play(&key);
@@ -679,7 +831,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_player_leaving_mid_tick_is_not_written_after_its_seat_drops() {
-        let hub = Hub::new(HubConfig::default());
+        let hub = logged_hub();
         let key = StreamKey::new("live", "leave");
         let publisher = hub.publish(&key).unwrap();
         let mut sub = hub.play(&key);
@@ -741,7 +893,7 @@ mod tests {
 
     #[tokio::test]
     async fn every_player_is_written_once_per_tick_whoever_leaves_or_joins_mid_tick() {
-        let hub = Hub::new(HubConfig::default());
+        let hub = logged_hub();
         let key = StreamKey::new("live", "once");
         let publisher = hub.publish(&key).unwrap();
         let mut sub = hub.play(&key);

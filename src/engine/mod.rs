@@ -10,6 +10,7 @@ pub mod flv_read;
 pub mod httpflv;
 pub mod hub;
 pub(crate) mod lane;
+pub(crate) mod log;
 pub mod record;
 pub mod restream;
 pub mod session;
@@ -115,6 +116,8 @@ impl EngineConfig {
             gop_max_bytes: self.gop_max_bytes,
             gop_max_messages: self.gop_max_messages,
             max_lag_bytes: self.max_lag_bytes,
+            // Only the lane sends from the log, and there is a lane only with a window.
+            log: !self.write_batch.is_zero(),
         }
     }
 }
