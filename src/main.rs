@@ -239,7 +239,7 @@ fn check_fd_limit(config: &Config) {
     if needed > nofile.soft {
         tracing::warn!(
             "limits.max_connections = {} may need {needed} file descriptors ({} per connection{} \
-             + {} for the process) but the open-file limit is {}: past it new connections \
+             + {} for the process and its streams' logs) but the open-file limit is {}: past it new connections \
              fail to be accepted. Raise the hard limit (ulimit -Hn, LimitNOFILE= in a systemd \
              unit) or lower limits.max_connections to {}",
             config.limits.max_connections,
@@ -249,9 +249,11 @@ fn check_fd_limit(config: &Config) {
             } else {
                 ""
             },
-            fdlimit::RESERVED_FDS,
+            fdlimit::RESERVED_FDS + fdlimit::STREAM_LOG_FDS,
             nofile.soft,
-            nofile.soft.saturating_sub(fdlimit::RESERVED_FDS)
+            nofile
+                .soft
+                .saturating_sub(fdlimit::RESERVED_FDS + fdlimit::STREAM_LOG_FDS)
                 / fdlimit::fds_per_connection(upstream)
         );
     }

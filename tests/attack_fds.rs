@@ -61,7 +61,7 @@ fn soft_open_file_limit_is_raised_to_the_hard_limit() {
     );
     // 10,000 connections (the default) need more than 4,096: the warning gives the numbers.
     assert!(
-        log.contains("limits.max_connections = 10000 may need 10064 file descriptors"),
+        log.contains("limits.max_connections = 10000 may need 10128 file descriptors"),
         "{log}"
     );
 }

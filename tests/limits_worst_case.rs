@@ -190,7 +190,8 @@ fn figures(l: &Limits, e: &EngineConfig) -> Vec<Figure> {
         },
         Figure {
             row: "whole process: file descriptors",
-            value: l.max_connections as u64 + 64,
+            // 64 for the process, 64 for the streams' logs (`fdlimit::STREAM_LOG_FDS`).
+            value: l.max_connections as u64 + 128,
             count: true,
         },
     ]

@@ -13,6 +13,11 @@ use crate::limits::Limits;
 /// wakers, log pipes, certificate files being read.
 pub const RESERVED_FDS: u64 = 64;
 
+/// Descriptors the engine may hold for its streams' logs (`engine::log`, one per stream with
+/// players, for the fan-out lane to send from); a stream past the bound is written from
+/// memory instead.
+pub const STREAM_LOG_FDS: u64 = 64;
+
 /// The limit before and after the raise.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NoFile {
@@ -84,6 +89,7 @@ pub fn needed(limits: &Limits, upstream: bool) -> u64 {
     (limits.max_connections as u64)
         .saturating_mul(fds_per_connection(upstream))
         .saturating_add(RESERVED_FDS)
+        .saturating_add(STREAM_LOG_FDS)
 }
 
 #[cfg(test)]
@@ -104,7 +110,7 @@ mod tests {
             max_connections: 1000,
             ..Limits::default()
         };
-        assert_eq!(needed(&l, false), 1000 + RESERVED_FDS);
-        assert_eq!(needed(&l, true), 2000 + RESERVED_FDS);
+        assert_eq!(needed(&l, false), 1000 + RESERVED_FDS + STREAM_LOG_FDS);
+        assert_eq!(needed(&l, true), 2000 + RESERVED_FDS + STREAM_LOG_FDS);
     }
 }

@@ -10,7 +10,8 @@
 //! Memory: every frame holds a [`Charge`] on the process's budget and on its publisher's
 //! address's share for its bytes (payload and chunks) for as long as anything (ring, GOP
 //! cache, headers, a player's start) holds it; a publisher whose frame either refuses is
-//! closed. The ring is bounded in bytes as well
+//! closed. With a log ([`HubConfig::log`], for the fan-out lane), a frame's chunked bytes are
+//! in the stream's log as well, and charged twice. The ring is bounded in bytes as well
 //! as messages: past `2 x max_lag_bytes` the oldest frames are pushed out (no player may lag
 //! that far anyway; one that did skips to the next keyframe, as on any lag).
 
@@ -22,7 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use tokio::sync::{broadcast, Notify};
 
-use super::log::{Log, LogRange};
+use super::log::{self, Log, LogRange};
 use crate::budget::{Charge, OverBudget, PeerBudget};
 use crate::rtmp::chunk;
 use crate::rtmp::message::{Message, AUDIO, VIDEO};
@@ -376,10 +377,11 @@ struct SlotState {
     /// Players subscribed to the one-slot channel, and the full-ring receivers handed to them.
     waiting: Vec<u64>,
     handoff: Vec<(u64, broadcast::Receiver<Event>)>,
-    /// The stream's frames for the fan-out lane ([`HubConfig::log`]); made at the first
-    /// frame, and not again once that failed.
+    /// The stream's frames for the fan-out lane ([`HubConfig::log`]); made at a frame once
+    /// the stream has [`log::MIN_PLAYERS`] and the process room for one more, and not tried
+    /// again once the system refused one.
     log: Option<Arc<Log>>,
-    log_tried: bool,
+    log_refused: bool,
 }
 
 impl SlotState {
@@ -411,7 +413,7 @@ impl SlotState {
             waiting: Vec::new(),
             handoff: Vec::new(),
             log: None,
-            log_tried: false,
+            log_refused: false,
         }
     }
 
@@ -837,9 +839,14 @@ impl Publisher {
             if st.publisher != Some(self.id) {
                 return Ok(());
             }
-            if cfg.log && !st.log_tried {
-                st.log_tried = true;
+            if cfg.log
+                && st.log.is_none()
+                && !st.log_refused
+                && st.players >= log::MIN_PLAYERS
+                && log::room()
+            {
                 st.log = Log::new();
+                st.log_refused = st.log.is_none() && log::room();
             }
             let log = st.log.clone();
             let ts = st.map_ts(timestamp);

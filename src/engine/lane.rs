@@ -25,6 +25,15 @@
 //! instead of moving another player into it; holes are compacted when the tick ends, and a
 //! player joining mid-tick is added after the others.
 //!
+//! A frame of a stream that keeps a log ([`super::log`]: streams with players, when the
+//! engine has a merge window) is sent from there with `sendfile`: the socket gets references
+//! to the log's pages instead of a copy of the frame per player (the copy was a quarter of
+//! the engine's samples at 1,000 players; with it gone the engine took 0.75x the CPU at
+//! 3 Mb/s, bench/RESULTS.md). The frames of a tick follow each other in the log, so a
+//! player's tick is one `sendfile`, as it was one `sendmsg`; the lane holds the frames until
+//! the call returns, which keeps their bytes in the log. What a socket does not take goes back
+//! to the session as plain bytes, as before.
+//!
 //! The lane writes to the descriptor of the session's own socket (no second descriptor: an
 //! engine client costs one, as the door's descriptor budget assumes). That is sound because
 //! a player is in a lane only while its session holds its [`Seat`], whose drop takes it out

@@ -20,12 +20,23 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::door::fdlimit::STREAM_LOG_FDS;
 
 /// The unit in which the log's pages are kept or given back: small enough that the few
 /// frames a stream keeps for its life (codec headers, metadata) pin little, large enough that
 /// a stream punches a few times a second, not per frame.
 pub(crate) const SEGMENT: u64 = 16 * 1024;
+
+/// A stream gets a log once it has this many players: with one, sending from the log costs
+/// the copy into the log and saves none.
+pub(crate) const MIN_PLAYERS: usize = 2;
+
+/// Logs open in the process, at most [`STREAM_LOG_FDS`] (each is a descriptor, counted in the
+/// descriptors the process needs; a stream past the bound is written from memory).
+static OPEN: AtomicU64 = AtomicU64::new(0);
 
 /// One stream's log file.
 pub(crate) struct Log {
@@ -76,10 +87,20 @@ fn segments(at: u64, len: u64) -> std::ops::RangeInclusive<u64> {
 }
 
 impl Log {
-    /// A new, empty log; None where the system has no memory files (or no descriptor left:
-    /// the stream's players are then written from memory, as without a log).
+    /// A new, empty log; None when [`STREAM_LOG_FDS`] are open already, or where the system
+    /// has no memory files (or no descriptor left): the stream's players are then written
+    /// from memory, as without a log.
     pub fn new() -> Option<Arc<Log>> {
-        let fd = sys::memfd()?;
+        let taken = OPEN.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < STREAM_LOG_FDS).then_some(n + 1)
+        });
+        if taken.is_err() {
+            return None;
+        }
+        let Some(fd) = sys::memfd() else {
+            OPEN.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        };
         Some(Arc::new(Log {
             fd,
             state: Mutex::new(LogState {
@@ -145,6 +166,19 @@ impl Log {
     fn end(&self) -> u64 {
         lock(&self.state).end
     }
+}
+
+impl Drop for Log {
+    fn drop(&mut self) {
+        // The descriptor closes with `fd`, right after.
+        OPEN.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Whether another log may open now (no syscall: the hub asks on every frame of a stream
+/// that has none).
+pub(crate) fn room() -> bool {
+    OPEN.load(Ordering::Acquire) < STREAM_LOG_FDS
 }
 
 impl Drop for LogRange {
