@@ -14,6 +14,11 @@
 //! is punched. The lane writes a frame from the log only while it holds that frame, so what
 //! it sends was written whole and is still there.
 //!
+//! That holds for the base page size only: a hole punched through part of a larger page
+//! (transparent huge pages on tmpfs) zeroes that part in place, under whatever socket still
+//! holds it. So there is no log where the system could give the file pages larger than
+//! [`SEGMENT`] ([`huge_pages_off`]); the players are then written from memory.
+//!
 //! The file holds the live frames' bytes a second time (the chunked `Bytes` stay for the
 //! session's own writes): the hub charges them to the memory budget with the frame.
 
@@ -91,6 +96,9 @@ impl Log {
     /// has no memory files (or no descriptor left): the stream's players are then written
     /// from memory, as without a log.
     pub fn new() -> Option<Arc<Log>> {
+        if !huge_pages_off() {
+            return None;
+        }
         let taken = OPEN.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
             (n < STREAM_LOG_FDS).then_some(n + 1)
         });
@@ -166,6 +174,59 @@ impl Log {
     fn end(&self) -> u64 {
         lock(&self.state).end
     }
+}
+
+/// The policy selected in a sysfs THP setting ("always [never] advise" -> "never").
+fn selected(setting: &str) -> Option<&str> {
+    let start = setting.find('[')?;
+    let rest = setting.get(start + 1..)?;
+    rest.get(..rest.find(']')?)
+}
+
+/// Whether `top` (transparent_hugepage/shmem_enabled) and `sizes` (each
+/// hugepages-<size>kB/shmem_enabled with its size in KiB) keep a memory file written with
+/// `pwrite` in pages no larger than a segment: no policy that gives such writes large pages,
+/// for any size above [`SEGMENT`] (`inherit` follows `top`). Unreadable settings count as
+/// no huge pages (a kernel without them has no files).
+fn huge_pages_safe(top: Option<&str>, sizes: &[(u64, Option<&str>)]) -> bool {
+    let gives = |p: Option<&str>| matches!(p, Some("always" | "within_size" | "force"));
+    if gives(top) {
+        return false;
+    }
+    !sizes
+        .iter()
+        .any(|&(kib, p)| kib.saturating_mul(1024) > SEGMENT && gives(p))
+}
+
+/// [`huge_pages_safe`] for this system, read once.
+fn huge_pages_off() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| {
+        let dir = std::path::Path::new("/sys/kernel/mm/transparent_hugepage");
+        let top = std::fs::read_to_string(dir.join("shmem_enabled")).ok();
+        let mut sizes = Vec::new();
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Some(kib) = name
+                    .strip_prefix("hugepages-")
+                    .and_then(|n| n.strip_suffix("kB"))
+                    .and_then(|n| n.parse::<u64>().ok())
+                else {
+                    continue;
+                };
+                sizes.push((
+                    kib,
+                    std::fs::read_to_string(e.path().join("shmem_enabled")).ok(),
+                ));
+            }
+        }
+        let sizes: Vec<(u64, Option<&str>)> = sizes
+            .iter()
+            .map(|(k, s)| (*k, s.as_deref().and_then(selected)))
+            .collect();
+        huge_pages_safe(top.as_deref().and_then(selected), &sizes)
+    })
 }
 
 impl Drop for Log {
@@ -346,6 +407,33 @@ mod tests {
         drop(rc);
         let held = resident(&log);
         assert!(held <= SEGMENT, "{held} bytes held with no live frame");
+    }
+
+    #[test]
+    fn no_log_where_the_file_could_get_pages_larger_than_a_segment() {
+        assert_eq!(
+            selected("always inherit within_size advise [never]"),
+            Some("never")
+        );
+        assert_eq!(selected("[always] never"), Some("always"));
+        assert_eq!(selected("never"), None);
+        let never = Some("never");
+        assert!(huge_pages_safe(
+            never,
+            &[(2048, Some("inherit")), (64, never)]
+        ));
+        assert!(huge_pages_safe(Some("advise"), &[(2048, Some("advise"))]));
+        assert!(huge_pages_safe(None, &[]));
+        assert!(!huge_pages_safe(Some("always"), &[]));
+        assert!(!huge_pages_safe(Some("within_size"), &[]));
+        assert!(!huge_pages_safe(Some("force"), &[]));
+        assert!(!huge_pages_safe(never, &[(64, Some("always"))]));
+        assert!(!huge_pages_safe(never, &[(2048, Some("within_size"))]));
+        // Pages no larger than a segment are never cut by a punch.
+        assert!(huge_pages_safe(
+            never,
+            &[(16, Some("always")), (8, Some("always"))]
+        ));
     }
 
     #[test]
