@@ -28,8 +28,9 @@
 //! A frame of a stream that keeps a log ([`super::log`]: streams with players, when the
 //! engine has a merge window) is sent from there with `sendfile`: the socket gets references
 //! to the log's pages instead of a copy of the frame per player (the copy was a quarter of
-//! the engine's samples at 1,000 players; with it gone the engine took 0.75x the CPU at
-//! 3 Mb/s, bench/RESULTS.md). The frames of a tick follow each other in the log, so a
+//! the engine's samples at 1,000 players; without it the engine takes 0.83x the CPU at
+//! 1,000 players and 3 Mb/s, 0.95x at 1.6 Mb/s, where writes are smaller: bench/RESULTS.md).
+//! The frames of a tick follow each other in the log, so a
 //! player's tick is one `sendfile`, as it was one `sendmsg`; the lane holds the frames until
 //! the call returns, which keeps their bytes in the log. What a socket does not take goes back
 //! to the session as plain bytes, as before.
