@@ -33,7 +33,6 @@ use hyper::header::{HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::Semaphore;
-use tokio_rustls::TlsAcceptor;
 
 use crate::door::rtmpt::Tunnel;
 use crate::engine::Engine;
@@ -193,9 +192,7 @@ pub fn start(settings: &AdminSettings, state: Arc<State>) -> anyhow::Result<Opti
         Some(source) => {
             let key = tls::load_certified_key(source)
                 .with_context(|| format!("admin listener certificate ({source})"))?;
-            Some(TlsAcceptor::from(tls::server_config(SniResolver::new(
-                key,
-            ))?))
+            Some(tls::server_config(SniResolver::new(key))?)
         }
         None => None,
     };
@@ -239,7 +236,11 @@ fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     crate::net::socket::bind_listener(addr, None, 128)
 }
 
-async fn serve(listener: std::net::TcpListener, tls: Option<TlsAcceptor>, state: Arc<State>) {
+async fn serve(
+    listener: std::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    state: Arc<State>,
+) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -296,8 +297,9 @@ async fn serve(listener: std::net::TcpListener, tls: Option<TlsAcceptor>, state:
                 .max_buf_size(MAX_HEAD);
             let result = match tls {
                 None => http.serve_connection(TokioIo::new(tcp), service).await,
-                Some(acceptor) => {
-                    match tokio::time::timeout(HEAD_TIMEOUT, acceptor.accept(tcp)).await {
+                Some(config) => {
+                    let handshake = crate::net::tls_stream::TlsStream::accept(tcp, &[], &config);
+                    match tokio::time::timeout(HEAD_TIMEOUT, handshake).await {
                         Ok(Ok(stream)) => {
                             http.serve_connection(TokioIo::new(stream), service).await
                         }

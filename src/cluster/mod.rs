@@ -105,7 +105,7 @@ impl Cluster {
                         .context("cluster link certificate (cluster.cert, cluster.key)")?;
                     let config =
                         crate::net::tls::server_config(crate::net::tls::SniResolver::new(key))?;
-                    Some(tokio_rustls::TlsAcceptor::from(config))
+                    Some(config)
                 }
                 None => None,
             };

@@ -22,7 +22,6 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio_rustls::TlsAcceptor;
 
 use super::auth;
 use crate::budget::Charge;
@@ -42,7 +41,8 @@ pub struct Server {
     pub secret: Vec<u8>,
     pub limits: Arc<Limits>,
     pub tunnel: Weak<Tunnel>,
-    pub tls: Option<TlsAcceptor>,
+    /// The server's TLS configuration (TLS served by [`crate::net::tls_stream`]).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Server {
@@ -73,10 +73,10 @@ impl Server {
             let this = Arc::clone(&self);
             tokio::spawn(async move {
                 match &this.tls {
-                    Some(acceptor) => {
+                    Some(config) => {
                         let handshake = tokio::time::timeout(
                             this.limits.handshake_timeout(),
-                            acceptor.accept(tcp),
+                            crate::net::tls_stream::TlsStream::accept(tcp, &[], config),
                         )
                         .await;
                         match handshake {

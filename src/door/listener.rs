@@ -15,8 +15,6 @@ use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_rustls::server::TlsStream;
-use tokio_rustls::LazyConfigAcceptor;
 
 use crate::door::admit::{ConnLimiter, IpGuard, PeerLines};
 use crate::door::rtmpe;
@@ -29,6 +27,7 @@ use crate::net::addr::Cidr;
 use crate::net::proxy_protocol;
 use crate::net::short_hex;
 use crate::net::socket::{bind_listener, tune_accepted};
+use crate::net::tls_stream::TlsStream;
 use crate::net::url::{RtmpUrl, Scheme};
 use crate::stream::{ByteStream, ClientStream, Prefixed, StreamHandler, Transport};
 
@@ -676,7 +675,7 @@ async fn serve_tls(
 
 /// The stream a TLS listener hands on: the sniffed bytes replayed in front of the TLS stream,
 /// boxed (see [`serve_tls`]).
-pub(crate) type TlsIo = Box<Prefixed<TlsStream<Prefixed<TcpStream>>>>;
+pub(crate) type TlsIo = Box<Prefixed<TlsStream<TcpStream>>>;
 
 /// The TLS handshake and the sniff of the first decrypted bytes (and whether they start a
 /// POST: the tunnel); None when the connection is closed (logged here).
@@ -689,18 +688,9 @@ async fn accept_and_sniff(
     label: &str,
 ) -> Option<(Kind, bool, TlsIo)> {
     let config = ctx.opts.get().tls.clone()?;
-    // The ClientHello first, then the configuration for it: clients that prefer ChaCha20 get
-    // their own order (net::tls::config_for_client).
-    let handshake = async {
-        let hello = LazyConfigAcceptor::new(
-            rustls::server::Acceptor::default(),
-            Prefixed::new(head, tcp),
-        );
-        let start = hello.await?;
-        let config =
-            crate::net::tls::config_for_client(&config, start.client_hello().cipher_suites());
-        start.into_stream(config).await
-    };
+    // The bytes the door already read start the ClientHello; the configuration is chosen
+    // on it (clients that prefer ChaCha20 get their own order: net::tls::config_for_client).
+    let handshake = TlsStream::accept(tcp, &head, &config);
     let mut tls = match tokio::time::timeout(first, handshake).await {
         Ok(Ok(tls)) => {
             metrics::global().tls_handshake(true);

@@ -6,6 +6,7 @@
 //! | [`url`] | listener and upstream URLs (`scheme://host[:port]`) |
 //! | [`addr`] | address ranges (`trusted_proxies`) and per-address grouping (IPv6 prefixes) |
 //! | [`tls`] | TLS server and client configuration, the one PEM loader, SNI certificates |
+//! | [`tls_stream`] | the server side of TLS (rustls unbuffered): a stream holding no buffer while idle |
 //! | [`proxy_protocol`] | PROXY protocol v1/v2: encode (to a backend), parse (from a load balancer) |
 //! | [`socket`] | binding listening sockets, the options every TCP connection gets |
 //! | [`rendezvous`] | rendezvous hashing of a stream over servers (relay `hash` groups, edge origins) |
@@ -19,6 +20,7 @@ pub mod proxy_protocol;
 pub mod rendezvous;
 pub mod socket;
 pub mod tls;
+pub mod tls_stream;
 pub mod url;
 
 pub use hex::short_hex;

@@ -16,8 +16,8 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_rustls::server::TlsStream;
 
+use crate::net::tls_stream::TlsStream;
 use crate::stream::Prefixed;
 
 /// The TCP socket under `io`, if it is one of the shapes the door produces.
@@ -30,20 +30,14 @@ pub(crate) fn tcp_of<I: Any>(io: &I) -> Option<&TcpStream> {
         return Some(p.get_ref());
     }
     if let Some(t) = any.downcast_ref::<TlsStream<TcpStream>>() {
-        return Some(t.get_ref().0);
-    }
-    if let Some(t) = any.downcast_ref::<TlsStream<Prefixed<TcpStream>>>() {
-        return Some(t.get_ref().0.get_ref());
+        return Some(t.get_ref());
     }
     if let Some(p) = any.downcast_ref::<Prefixed<TlsStream<TcpStream>>>() {
-        return Some(p.get_ref().get_ref().0);
-    }
-    if let Some(p) = any.downcast_ref::<Prefixed<TlsStream<Prefixed<TcpStream>>>>() {
-        return Some(p.get_ref().get_ref().0.get_ref());
+        return Some(p.get_ref().get_ref());
     }
     // What a TLS listener hands on (boxed, door::listener::serve_tls says why).
-    if let Some(p) = any.downcast_ref::<Box<Prefixed<TlsStream<Prefixed<TcpStream>>>>>() {
-        return Some(p.get_ref().get_ref().0.get_ref());
+    if let Some(p) = any.downcast_ref::<Box<Prefixed<TlsStream<TcpStream>>>>() {
+        return Some(p.get_ref().get_ref());
     }
     None
 }

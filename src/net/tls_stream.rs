@@ -1,0 +1,1345 @@
+//! The server side of TLS over rustls's unbuffered API: a stream that owns its buffers and
+//! holds none while its connection is idle (the door's RTMPS and RTMPTS, the admin and
+//! cluster listeners).
+//!
+//! rustls's buffered `ServerConnection` (what tokio-rustls drives) keeps a 4 KiB read buffer
+//! for the life of every connection, resized before each read and never shrunk: a third of
+//! an idle RTMPS connection through the relay (bench/RESULTS.md, seventh session). Here each
+//! buffer exists only while it holds bytes:
+//! - `incoming`, ciphertext read from the socket: allocated for a read, kept only while it
+//!   holds part of a record (or of a handshake message), freed when every byte is processed;
+//! - `plain`, decrypted bytes the reader has not taken yet (a record larger than its buffer);
+//! - `outgoing`, records encrypted and not yet written: freed once the socket has them all.
+//!
+//! Every size is bounded here, before anything is allocated: a record is at most
+//! [`MAX_RECORD`] bytes (rustls refuses a header declaring more, and that refusal is worded
+//! below), at most [`INCOMING_MAX`] received bytes are held (a handshake message joined
+//! across records), a write takes at most [`WRITE_BATCH`] bytes and the next write waits
+//! until the socket took them (backpressure), and at most [`OUTGOING_MAX`] bytes wait to be
+//! sent (a certificate chain, or key updates answered to a peer that does not read).
+//!
+//! The cipher suite policy is [`crate::net::tls::config_for_client`]'s, decided on the
+//! ClientHello: rustls's `Acceptor` reads a copy of the first bytes to show it, and the
+//! connection then starts on the configuration chosen with the same bytes.
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use rustls::server::{Acceptor, UnbufferedServerConnection};
+use rustls::unbuffered::{
+    ConnectionState, EncodeError, EncryptError, InsufficientSizeError, UnbufferedStatus,
+    WriteTraffic,
+};
+use rustls::ServerConfig;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// The largest TLS record on the wire: a 5-byte header, then at most 2^14 bytes of data and
+/// 2,048 of cipher expansion (RFC 5246 section 6.2.3; TLS 1.3 allows less). rustls refuses a
+/// header declaring more before the record's bytes arrive.
+pub const MAX_RECORD: usize = 5 + 16_384 + 2_048;
+/// The most received bytes held at once. More than one record only while a handshake message
+/// spanning records is joined in place (rustls allows them up to 64 KiB; a ClientHello is
+/// 0.5-2 KiB).
+pub const INCOMING_MAX: usize = 4 * MAX_RECORD;
+/// The most plaintext one write takes: four full records, encrypted and written in one go
+/// (rustls's buffered stream took up to 64 KiB per write too).
+pub const WRITE_BATCH: usize = 64 * 1024;
+/// The most encrypted bytes waiting for the socket: a write's batch, plus what the
+/// connection adds on its own (the handshake's flight, key updates, alerts).
+pub const OUTGOING_MAX: usize = WRITE_BATCH + 4 * MAX_RECORD;
+/// Plaintext per record.
+const MAX_FRAGMENT: usize = 16_384;
+/// Room per record beyond its plaintext when sizing a buffer to encrypt into (the header,
+/// an explicit nonce, the tag and TLS 1.3's content type take 21 to 29 bytes); a connection
+/// needing more says so and the buffer is sized again.
+const RECORD_ROOM: usize = 64;
+
+/// What the caller wants from a turn of the connection.
+enum Want<'a, 'b> {
+    /// Only to move the handshake on.
+    Drive,
+    /// Plaintext, into this buffer.
+    Read(&'a mut ReadBuf<'b>),
+    /// To send these bytes (at most one batch).
+    Write(&'a [u8]),
+    /// To send close_notify.
+    Close,
+}
+
+/// Where a turn of the connection stopped.
+#[derive(Debug, PartialEq, Eq)]
+enum Progress {
+    /// Nothing more without more bytes from the peer.
+    NeedInput,
+    /// Plaintext went into the reader's buffer (or waits in `plain`).
+    Delivered,
+    /// The bytes to write are encrypted into `outgoing`.
+    Wrote,
+    /// close_notify was queued, or both sides have sent theirs.
+    Closed,
+}
+
+/// A TLS server connection over `IO` (the door's TCP socket).
+pub struct TlsStream<IO> {
+    io: IO,
+    conn: UnbufferedServerConnection,
+    /// Received bytes not processed yet (part of a record); no allocation when empty.
+    incoming: Vec<u8>,
+    /// Decrypted bytes the reader has not taken yet, from `plain_pos`.
+    plain: Vec<u8>,
+    plain_pos: usize,
+    /// Encrypted records the socket has not taken yet, from `out_pos`.
+    outgoing: Vec<u8>,
+    out_pos: usize,
+    /// The peer's close_notify came: reads end once `plain` is empty.
+    peer_closed: bool,
+    /// The socket reached its end.
+    io_eof: bool,
+    /// Our close_notify is queued: no more writes.
+    write_closed: bool,
+    /// The connection failed (the error went to the caller then): everything fails after.
+    failed: bool,
+}
+
+/// A rustls error as the stream's I/O error, worded for a log line.
+fn tls_error(e: rustls::Error) -> io::Error {
+    match e {
+        rustls::Error::InvalidMessage(rustls::InvalidMessage::MessageTooLarge) => io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "the peer declared a TLS record longer than TLS allows ({MAX_RECORD} bytes with \
+                 its header): not a TLS client, or a broken one"
+            ),
+        ),
+        e => io::Error::new(io::ErrorKind::InvalidData, e),
+    }
+}
+
+/// Marks the connection failed and passes its error on.
+fn fail(failed: &mut bool, e: io::Error) -> io::Error {
+    *failed = true;
+    e
+}
+
+fn failed_before() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::BrokenPipe,
+        "the TLS connection failed earlier (the error was returned then): close it",
+    )
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
+    /// The server's TLS handshake on `io`, whose first bytes (already read from it, e.g. by
+    /// the door's sniff) are `head`: reads the ClientHello, chooses the configuration for it
+    /// from `config` ([`crate::net::tls::config_for_client`]), and completes the handshake,
+    /// session tickets sent. The caller bounds the time it takes.
+    pub async fn accept(mut io: IO, head: &[u8], config: &Arc<ServerConfig>) -> io::Result<Self> {
+        if head.len() > INCOMING_MAX {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("TLS: {} bytes before the ClientHello was read", head.len()),
+            ));
+        }
+        let mut incoming = Vec::with_capacity(MAX_RECORD.max(head.len()));
+        incoming.extend_from_slice(head);
+        let chosen = read_client_hello(&mut io, &mut incoming, config).await?;
+        let mut stream = TlsStream {
+            io,
+            conn: UnbufferedServerConnection::new(chosen).map_err(tls_error)?,
+            incoming,
+            plain: Vec::new(),
+            plain_pos: 0,
+            outgoing: Vec::new(),
+            out_pos: 0,
+            peer_closed: false,
+            io_eof: false,
+            write_closed: false,
+            failed: false,
+        };
+        stream.handshake().await?;
+        Ok(stream)
+    }
+
+    /// Runs the handshake to its end: every flight written, the peer's Finished read, the
+    /// session tickets sent.
+    async fn handshake(&mut self) -> io::Result<()> {
+        loop {
+            let progress = match self.process(Want::Drive) {
+                Ok(p) => p,
+                Err(e) => {
+                    self.send_once();
+                    return Err(e);
+                }
+            };
+            poll_fn(|cx| self.poll_send(cx)).await?;
+            if !self.conn.is_handshaking() {
+                return Ok(());
+            }
+            if progress == Progress::Closed || self.peer_closed {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the peer sent close_notify during the TLS handshake",
+                ));
+            }
+            let n = poll_fn(|cx| self.poll_fill(cx)).await?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the peer closed the connection during the TLS handshake",
+                ));
+            }
+        }
+    }
+}
+
+impl<IO> TlsStream<IO> {
+    /// The socket (for socket options; reading or writing it directly breaks the stream).
+    pub fn get_ref(&self) -> &IO {
+        &self.io
+    }
+
+    /// Whether this session was resumed (a ticket) or ran a full handshake.
+    pub fn handshake_kind(&self) -> Option<rustls::HandshakeKind> {
+        self.conn.handshake_kind()
+    }
+
+    /// The cipher suite agreed on.
+    pub fn cipher_suite(&self) -> Option<rustls::CipherSuite> {
+        self.conn.negotiated_cipher_suite().map(|s| s.suite())
+    }
+
+    /// Bytes of heap the stream's own buffers hold now (their capacity): zero when idle.
+    pub fn buffered_capacity(&self) -> usize {
+        self.incoming.capacity() + self.plain.capacity() + self.outgoing.capacity()
+    }
+
+    /// Runs the connection over what `incoming` holds until it needs more bytes or has done
+    /// what `want` asks; handshake records go into `outgoing`, plaintext to the reader or
+    /// into `plain`. Processed bytes leave `incoming`, which is freed once empty.
+    fn process(&mut self, mut want: Want<'_, '_>) -> io::Result<Progress> {
+        if self.failed {
+            return Err(failed_before());
+        }
+        // Bytes at the front of `incoming` already processed: the next turn starts after
+        // them (rustls's "discard"), and they are removed once at the end.
+        let mut start = 0;
+        let mut delivered = false;
+        let result =
+            'turns: loop {
+                let input = self.incoming.get_mut(start..).unwrap_or_default();
+                let UnbufferedStatus { discard, state } = self.conn.process_tls_records(input);
+                let state = match state {
+                    Ok(state) => state,
+                    Err(e) => {
+                        start += discard;
+                        break Err(e);
+                    }
+                };
+                match state {
+                    ConnectionState::ReadTraffic(mut traffic) => {
+                        let mut extra = 0;
+                        while let Some(record) = traffic.next_record() {
+                            let record = match record {
+                                Ok(r) => r,
+                                Err(e) => {
+                                    start += discard + extra;
+                                    break 'turns Err(e);
+                                }
+                            };
+                            extra += record.discard;
+                            let mut rest = record.payload;
+                            if let Want::Read(buf) = &mut want {
+                                if self.plain_pos >= self.plain.len() {
+                                    let n = rest.len().min(buf.remaining());
+                                    let (now, later) = rest.split_at(n);
+                                    buf.put_slice(now);
+                                    rest = later;
+                                    delivered = true;
+                                }
+                            }
+                            if !rest.is_empty() {
+                                // A record larger than the reader's buffer, or decrypted while
+                                // driving or writing: kept for the next read (bounded by what
+                                // `incoming` held).
+                                if self.plain.len() - self.plain_pos + rest.len() > INCOMING_MAX {
+                                    return Err(fail(&mut self.failed, io::Error::new(
+                                    io::ErrorKind::InvalidData,
+                                    "TLS: more decrypted bytes waiting than were ever received",
+                                )));
+                                }
+                                self.plain.extend_from_slice(rest);
+                                delivered = true;
+                            }
+                        }
+                        start += discard + extra;
+                        if let Want::Read(buf) = &want {
+                            if buf.remaining() == 0 || self.plain_pos < self.plain.len() {
+                                break Ok(Progress::Delivered);
+                            }
+                        }
+                    }
+                    ConnectionState::EncodeTlsData(mut encode) => {
+                        start += discard;
+                        // Ask the size first (an empty buffer), then encode into exactly that.
+                        let required = match encode.encode(&mut []) {
+                            Ok(_) => 0,
+                            Err(EncodeError::InsufficientSize(InsufficientSizeError {
+                                required_size,
+                            })) => required_size,
+                            Err(EncodeError::AlreadyEncoded) => continue,
+                        };
+                        let have = self.outgoing.len();
+                        if have + required > OUTGOING_MAX {
+                            return Err(fail(&mut self.failed, too_much_to_send(have + required)));
+                        }
+                        self.outgoing.resize(have + required, 0);
+                        let out = self.outgoing.get_mut(have..).unwrap_or_default();
+                        match encode.encode(out) {
+                            Ok(n) => self.outgoing.truncate(have + n),
+                            Err(e) => {
+                                self.outgoing.truncate(have);
+                                return Err(fail(
+                                    &mut self.failed,
+                                    io::Error::other(format!(
+                                        "TLS: encoding a handshake record failed: {e}"
+                                    )),
+                                ));
+                            }
+                        }
+                    }
+                    ConnectionState::TransmitTlsData(transmit) => {
+                        // `outgoing` keeps the records in order and the socket gets them before
+                        // anything encrypted later: as good as sent for rustls.
+                        transmit.done();
+                        start += discard;
+                    }
+                    ConnectionState::BlockedHandshake => {
+                        start += discard;
+                        break Ok(if delivered {
+                            Progress::Delivered
+                        } else {
+                            Progress::NeedInput
+                        });
+                    }
+                    ConnectionState::WriteTraffic(mut traffic) => {
+                        start += discard;
+                        match &want {
+                            Want::Write(data) => {
+                                if let Err(e) = encrypt_into(&mut traffic, data, &mut self.outgoing)
+                                {
+                                    return Err(fail(&mut self.failed, e));
+                                }
+                                break Ok(Progress::Wrote);
+                            }
+                            Want::Close => {
+                                if let Err(e) = close_into(&mut traffic, &mut self.outgoing) {
+                                    return Err(fail(&mut self.failed, e));
+                                }
+                                break Ok(Progress::Closed);
+                            }
+                            Want::Read(_) | Want::Drive => {
+                                break Ok(if delivered {
+                                    Progress::Delivered
+                                } else {
+                                    Progress::NeedInput
+                                });
+                            }
+                        }
+                    }
+                    ConnectionState::PeerClosed => {
+                        start += discard;
+                        self.peer_closed = true;
+                    }
+                    ConnectionState::Closed => {
+                        start += discard;
+                        self.peer_closed = true;
+                        break Ok(Progress::Closed);
+                    }
+                    ConnectionState::ReadEarlyData(_) => {
+                        start += discard;
+                        break Err(rustls::Error::General(
+                            "early data, which this server does not accept".into(),
+                        ));
+                    }
+                    other => {
+                        start += discard;
+                        break Err(rustls::Error::General(format!(
+                            "unexpected TLS connection state {other:?}"
+                        )));
+                    }
+                }
+            };
+        if start >= self.incoming.len() {
+            self.incoming = Vec::new();
+        } else if start > 0 {
+            self.incoming.drain(..start);
+        }
+        match result {
+            Ok(progress) => Ok(progress),
+            Err(e) => {
+                self.queue_alert();
+                Err(self.fail(tls_error(e)))
+            }
+        }
+    }
+
+    /// After an error: the alert rustls queued for the peer, into `outgoing`.
+    fn queue_alert(&mut self) {
+        let input = self.incoming.as_mut_slice();
+        let UnbufferedStatus { state, .. } = self.conn.process_tls_records(input);
+        if let Ok(ConnectionState::EncodeTlsData(mut encode)) = state {
+            if let Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) =
+                encode.encode(&mut [])
+            {
+                let have = self.outgoing.len();
+                if have + required_size <= OUTGOING_MAX {
+                    self.outgoing.resize(have + required_size, 0);
+                    let out = self.outgoing.get_mut(have..).unwrap_or_default();
+                    match encode.encode(out) {
+                        Ok(n) => self.outgoing.truncate(have + n),
+                        Err(_) => self.outgoing.truncate(have),
+                    }
+                }
+            }
+        }
+    }
+
+    fn fail(&mut self, e: io::Error) -> io::Error {
+        self.failed = true;
+        e
+    }
+
+    /// Plaintext kept from an earlier record into `buf`; false when there is none.
+    fn take_plain(&mut self, buf: &mut ReadBuf<'_>) -> bool {
+        let Some(rest) = self.plain.get(self.plain_pos..).filter(|r| !r.is_empty()) else {
+            return false;
+        };
+        let n = rest.len().min(buf.remaining());
+        buf.put_slice(rest.get(..n).unwrap_or_default());
+        self.plain_pos += n;
+        if self.plain_pos >= self.plain.len() {
+            self.plain = Vec::new();
+            self.plain_pos = 0;
+        }
+        true
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let r = poll_fill(&mut self.io, &mut self.incoming, cx);
+        if let Poll::Ready(Err(_)) = &r {
+            self.failed = true;
+        }
+        r
+    }
+
+    /// Writes `outgoing` to the socket; Ready once all of it went (the buffer then freed).
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let Some(rest) = self.outgoing.get(self.out_pos..).filter(|r| !r.is_empty()) {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, rest))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "the socket took no bytes of a TLS record",
+                )));
+            }
+            self.out_pos += n;
+        }
+        if self.outgoing.capacity() > 0 {
+            self.outgoing = Vec::new();
+        }
+        self.out_pos = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    /// One attempt to write `outgoing` (an alert, a reply from the read side), registering
+    /// no waker: a writer waiting for the socket keeps its own, and sends these bytes first.
+    fn send_once(&mut self) {
+        let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+        let _ = self.poll_send(&mut cx);
+    }
+
+    /// Encrypts and queues `data` (at most one batch): the caller flushed `outgoing` first.
+    fn queue_write(&mut self, data: &[u8]) -> io::Result<()> {
+        match self.process(Want::Write(data))? {
+            Progress::Wrote => Ok(()),
+            _ => Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "TLS: application data written before the handshake finished",
+            )),
+        }
+    }
+
+    fn check_writable(&self) -> io::Result<()> {
+        if self.failed {
+            return Err(failed_before());
+        }
+        if self.write_closed {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "write on a TLS stream after its shutdown (close_notify sent)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Reads until rustls's Acceptor has the whole ClientHello, fed a copy of what came (the
+/// bytes stay in `incoming` for the connection), and returns the configuration for it.
+async fn read_client_hello<IO: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut IO,
+    incoming: &mut Vec<u8>,
+    config: &Arc<ServerConfig>,
+) -> io::Result<Arc<ServerConfig>> {
+    let mut acceptor = Acceptor::default();
+    let mut fed = 0;
+    loop {
+        while let Some(mut rest) = incoming.get(fed..).filter(|r| !r.is_empty()) {
+            let n = acceptor.read_tls(&mut rest)?;
+            if n == 0 {
+                break;
+            }
+            fed += n;
+        }
+        match acceptor.accept() {
+            Ok(Some(accepted)) => {
+                let suites = accepted.client_hello().cipher_suites().to_vec();
+                return Ok(crate::net::tls::config_for_client(config, &suites));
+            }
+            Ok(None) => {}
+            Err((e, mut alert)) => {
+                // Tell the peer why (best effort: its socket may not take it).
+                let mut wire = Vec::new();
+                if alert.write_all(&mut wire).is_ok() && !wire.is_empty() {
+                    let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+                    let _ = Pin::new(&mut *io).poll_write(&mut cx, &wire);
+                }
+                return Err(tls_error(e));
+            }
+        }
+        let n = poll_fn(|cx| poll_fill(io, incoming, cx)).await?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the peer closed the connection before its TLS ClientHello was complete",
+            ));
+        }
+    }
+}
+
+/// Reads what the socket has into `incoming` (allocated for the read; freed again when
+/// nothing came and nothing was held): the number of bytes, 0 at the socket's end.
+fn poll_fill<IO: AsyncRead + Unpin>(
+    io: &mut IO,
+    incoming: &mut Vec<u8>,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    let len = incoming.len();
+    if len >= INCOMING_MAX {
+        return Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "TLS: {len} bytes received without a complete record or handshake message \
+                 (a record is at most {MAX_RECORD} bytes): not a TLS client, or a broken one"
+            ),
+        )));
+    }
+    // One record's room: the rest of any partial record fits, and a read takes up to a
+    // full record (rustls's own stream read 4 KiB at a time).
+    let target = if len < MAX_RECORD {
+        MAX_RECORD
+    } else {
+        (len + MAX_RECORD).min(INCOMING_MAX)
+    };
+    incoming.reserve_exact(target - len);
+    let spare = incoming.spare_capacity_mut();
+    let room = spare.len().min(target - len);
+    let spare = spare.get_mut(..room).unwrap_or_default();
+    let start = spare.as_ptr().cast::<u8>();
+    let mut rb = ReadBuf::uninit(spare);
+    let polled = Pin::new(io).poll_read(cx, &mut rb);
+    let n = rb.filled().len();
+    let same_buffer = rb.filled().as_ptr() == start;
+    match polled {
+        Poll::Ready(Ok(())) if n > 0 => {
+            if !same_buffer || n > room {
+                return Poll::Ready(Err(io::Error::other(
+                    "TLS: the socket under the stream filled a buffer other than the one given",
+                )));
+            }
+            // SAFETY: `ReadBuf` guarantees its first `filled().len()` bytes are initialised,
+            // and they are `incoming`'s spare capacity from `len` on (checked just above),
+            // within its `room` bytes.
+            unsafe { incoming.set_len(len + n) };
+            Poll::Ready(Ok(n))
+        }
+        other => {
+            if len == 0 {
+                // Waiting for the peer, or nothing more: hold no buffer meanwhile.
+                *incoming = Vec::new();
+            }
+            other.map_ok(|()| 0)
+        }
+    }
+}
+
+/// Encrypts `data` as application records after what `out` holds.
+fn encrypt_into(
+    traffic: &mut WriteTraffic<'_, rustls::server::ServerConnectionData>,
+    data: &[u8],
+    out: &mut Vec<u8>,
+) -> io::Result<()> {
+    let have = out.len();
+    let records = data.len().div_ceil(MAX_FRAGMENT).max(1);
+    let mut room = data.len() + records * RECORD_ROOM;
+    // The second pass has the size the connection asked for (records it queued itself, such
+    // as a key update, come first).
+    for _ in 0..2 {
+        if have + room > OUTGOING_MAX {
+            return Err(too_much_to_send(have + room));
+        }
+        out.resize(have + room, 0);
+        let dest = out.get_mut(have..).unwrap_or_default();
+        match traffic.encrypt(data, dest) {
+            Ok(n) => {
+                out.truncate(have + n);
+                return Ok(());
+            }
+            Err(EncryptError::InsufficientSize(InsufficientSizeError { required_size })) => {
+                out.truncate(have);
+                room = required_size;
+            }
+            Err(e) => {
+                out.truncate(have);
+                return Err(io::Error::other(format!("TLS: encrypting failed: {e}")));
+            }
+        }
+    }
+    Err(io::Error::other(
+        "TLS: encrypting failed: the connection kept asking for a larger buffer",
+    ))
+}
+
+/// Queues close_notify after what `out` holds.
+fn close_into(
+    traffic: &mut WriteTraffic<'_, rustls::server::ServerConnectionData>,
+    out: &mut Vec<u8>,
+) -> io::Result<()> {
+    let have = out.len();
+    let mut room = RECORD_ROOM;
+    for _ in 0..2 {
+        if have + room > OUTGOING_MAX {
+            return Err(too_much_to_send(have + room));
+        }
+        out.resize(have + room, 0);
+        let dest = out.get_mut(have..).unwrap_or_default();
+        match traffic.queue_close_notify(dest) {
+            Ok(n) => {
+                out.truncate(have + n);
+                return Ok(());
+            }
+            Err(EncryptError::InsufficientSize(InsufficientSizeError { required_size })) => {
+                out.truncate(have);
+                room = required_size;
+            }
+            Err(e) => {
+                out.truncate(have);
+                return Err(io::Error::other(format!(
+                    "TLS: queueing close_notify failed: {e}"
+                )));
+            }
+        }
+    }
+    Err(io::Error::other(
+        "TLS: queueing close_notify failed: the connection kept asking for a larger buffer",
+    ))
+}
+
+fn too_much_to_send(n: usize) -> io::Error {
+    io::Error::other(format!(
+        "TLS: {n} bytes would wait to be sent, more than {OUTGOING_MAX}: the peer is not \
+         reading (or a certificate chain is larger than any real one)"
+    ))
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            if this.take_plain(buf) || this.peer_closed {
+                // Data, or the end after the peer's close_notify.
+                return Poll::Ready(Ok(()));
+            }
+            let had_outgoing = this.out_pos < this.outgoing.len();
+            let progress = match this.process(Want::Read(&mut *buf)) {
+                Ok(p) => p,
+                Err(e) => {
+                    if !had_outgoing {
+                        this.send_once();
+                    }
+                    return Poll::Ready(Err(e));
+                }
+            };
+            if !had_outgoing && this.out_pos < this.outgoing.len() {
+                // The connection answered something (a key update): send it now if the
+                // socket takes it; if not, the next write or flush does.
+                this.send_once();
+            }
+            match progress {
+                Progress::Delivered | Progress::Closed => return Poll::Ready(Ok(())),
+                Progress::NeedInput | Progress::Wrote => {}
+            }
+            if this.peer_closed {
+                continue;
+            }
+            if this.io_eof {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the peer closed the connection without sending TLS close_notify",
+                )));
+            }
+            if ready!(this.poll_fill(cx))? == 0 {
+                this.io_eof = true;
+            }
+        }
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.check_writable()?;
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        // Backpressure: nothing new is taken until the socket has what was taken before.
+        ready!(this.poll_send(cx))?;
+        let n = buf.len().min(WRITE_BATCH);
+        this.queue_write(buf.get(..n).unwrap_or_default())?;
+        // Send at once; what the socket does not take now goes with the next write or flush.
+        if let Poll::Ready(Err(e)) = this.poll_send(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    /// Many small buffers (an RTMP session's chunks) make full records, gathered on the
+    /// stack 16 KiB at a time; a buffer of a record or more is encrypted where it is.
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.check_writable()?;
+        if bufs.iter().all(|b| b.is_empty()) {
+            return Poll::Ready(Ok(0));
+        }
+        ready!(this.poll_send(cx))?;
+        let mut stage = [0u8; MAX_FRAGMENT];
+        let mut staged = 0;
+        let mut taken = 0;
+        'bufs: for b in bufs {
+            let mut rest: &[u8] = b;
+            while !rest.is_empty() {
+                let budget = WRITE_BATCH - taken - staged;
+                if budget == 0 {
+                    break 'bufs;
+                }
+                if staged == 0 && rest.len() >= MAX_FRAGMENT {
+                    // Whole records straight from the caller's buffer.
+                    let n = (rest.len().min(budget) / MAX_FRAGMENT) * MAX_FRAGMENT;
+                    if n > 0 {
+                        let (now, later) = rest.split_at(n);
+                        this.queue_write(now)?;
+                        taken += n;
+                        rest = later;
+                        continue;
+                    }
+                }
+                let n = rest.len().min(MAX_FRAGMENT - staged).min(budget);
+                let (now, later) = rest.split_at(n);
+                if let Some(dest) = stage.get_mut(staged..staged + n) {
+                    dest.copy_from_slice(now);
+                }
+                staged += n;
+                rest = later;
+                if staged == MAX_FRAGMENT {
+                    this.queue_write(&stage)?;
+                    taken += staged;
+                    staged = 0;
+                }
+            }
+        }
+        if staged > 0 {
+            this.queue_write(stage.get(..staged).unwrap_or_default())?;
+            taken += staged;
+        }
+        if let Poll::Ready(Err(e)) = this.poll_send(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Poll::Ready(Ok(taken))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_send(cx))?;
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    /// Sends close_notify (once), then shuts the socket's write side down.
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.write_closed && !this.failed {
+            this.write_closed = true;
+            // A connection that cannot say close_notify any more still has its socket
+            // closed below.
+            let _ = this.process(Want::Close);
+        }
+        ready!(this.poll_send(cx))?;
+        Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::SocketAddr;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use rustls::{ClientConfig, ClientConnection, RootCertStore};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::time::timeout;
+
+    use crate::net::tls::{self, CertSource, SniResolver};
+
+    /// Every wait in these tests.
+    const WAIT: Duration = Duration::from_secs(5);
+    /// Long enough for a loopback write to reach the other side's socket before the next.
+    const APART: Duration = Duration::from_millis(150);
+
+    /// The server's socket, noting the size of every read that returned bytes.
+    struct Recorded {
+        tcp: TcpStream,
+        reads: Arc<Mutex<Vec<usize>>>,
+    }
+
+    impl AsyncRead for Recorded {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let before = buf.filled().len();
+            let r = Pin::new(&mut self.tcp).poll_read(cx, buf);
+            let n = buf.filled().len() - before;
+            if n > 0 {
+                self.reads.lock().unwrap().push(n);
+            }
+            r
+        }
+    }
+
+    impl AsyncWrite for Recorded {
+        crate::stream::forward_async_write!(tcp);
+    }
+
+    fn server_config() -> Arc<ServerConfig> {
+        let dev = tls::load_certified_key(&CertSource::EmbeddedDev).unwrap();
+        tls::server_config(SniResolver::new(dev)).unwrap()
+    }
+
+    fn client_config(
+        versions: &[&'static rustls::SupportedProtocolVersion],
+        suites: Option<Vec<rustls::SupportedCipherSuite>>,
+    ) -> Arc<ClientConfig> {
+        let mut roots = RootCertStore::empty();
+        let ca = include_bytes!("../../certs/ca.pem");
+        for cert in tls::certs_from_pem(ca, std::path::Path::new("ca")).unwrap() {
+            roots.add(cert).unwrap();
+        }
+        let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+        if let Some(suites) = suites {
+            provider.cipher_suites = suites;
+        }
+        Arc::new(
+            ClientConfig::builder_with_provider(Arc::new(provider))
+                .with_protocol_versions(versions)
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        )
+    }
+
+    fn localhost() -> rustls_pki_types::ServerName<'static> {
+        rustls_pki_types::ServerName::try_from("localhost").unwrap()
+    }
+
+    /// A listener on a port chosen now.
+    async fn listen() -> (TcpListener, SocketAddr) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        (l, addr)
+    }
+
+    /// Writes what the client has to send.
+    async fn flush_client(tcp: &mut TcpStream, c: &mut ClientConnection) {
+        while c.wants_write() {
+            let mut wire = Vec::new();
+            c.write_tls(&mut wire).unwrap();
+            timeout(WAIT, tcp.write_all(&wire)).await.unwrap().unwrap();
+        }
+    }
+
+    /// Feeds the client what came from the server: the plaintext in it.
+    fn feed_client(c: &mut ClientConnection, mut wire: &[u8]) -> Vec<u8> {
+        let mut plain = Vec::new();
+        while !wire.is_empty() {
+            c.read_tls(&mut wire).unwrap();
+            c.process_new_packets().unwrap();
+            // WouldBlock when all is taken; Ok(0) after close_notify.
+            let _ = c.reader().read_to_end(&mut plain);
+        }
+        plain
+    }
+
+    /// A rustls client driven by hand over TCP, so the tests choose where records split.
+    async fn manual_client(addr: SocketAddr) -> (ClientConnection, TcpStream) {
+        let config = client_config(&[&rustls::version::TLS13], None);
+        let mut c = ClientConnection::new(config, localhost()).unwrap();
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            flush_client(&mut tcp, &mut c).await;
+            if !c.is_handshaking() {
+                break;
+            }
+            let n = timeout(WAIT, tcp.read(&mut buf)).await.unwrap().unwrap();
+            assert!(n > 0, "the server closed during the handshake");
+            feed_client(&mut c, &buf[..n]);
+        }
+        (c, tcp)
+    }
+
+    /// `data` as the client's records.
+    fn seal(c: &mut ClientConnection, data: &[u8]) -> Vec<u8> {
+        c.writer().write_all(data).unwrap();
+        let mut wire = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut wire).unwrap();
+        }
+        wire
+    }
+
+    /// A server stream (reads recorded) and a hand-driven client, handshake done.
+    async fn pair() -> (
+        TlsStream<Recorded>,
+        Arc<Mutex<Vec<usize>>>,
+        ClientConnection,
+        TcpStream,
+    ) {
+        let (l, addr) = listen().await;
+        let config = server_config();
+        let reads = Arc::new(Mutex::new(Vec::new()));
+        let server = {
+            let reads = reads.clone();
+            async move {
+                let (tcp, _) = l.accept().await.unwrap();
+                TlsStream::accept(Recorded { tcp, reads }, &[], &config).await
+            }
+        };
+        let (server, (c, tcp)) = tokio::join!(timeout(WAIT, server), manual_client(addr));
+        let server = server.unwrap().unwrap();
+        let (mut c, mut tcp) = (c, tcp);
+        // The session tickets the server sent after the handshake: taken now, so each test
+        // sees only its own records.
+        let mut buf = vec![0u8; 16 * 1024];
+        while let Ok(n) = timeout(APART, tcp.read(&mut buf)).await {
+            let n = n.unwrap();
+            assert!(n > 0, "the server closed after the handshake");
+            feed_client(&mut c, &buf[..n]);
+        }
+        reads.lock().unwrap().clear();
+        (server, reads, c, tcp)
+    }
+
+    #[tokio::test]
+    async fn a_record_split_across_reads() {
+        let (mut server, reads, mut c, mut tcp) = pair().await;
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        let wire = seal(&mut c, &data);
+        assert!(wire.len() > 10_000 && wire.len() < MAX_RECORD, "one record");
+        // The header alone and a bit, then the middle, then the rest, each read apart.
+        let mut got = vec![0u8; data.len()];
+        let reader = async {
+            timeout(WAIT, server.read_exact(&mut got))
+                .await
+                .unwrap()
+                .unwrap();
+        };
+        let writer = async {
+            for part in [&wire[..3], &wire[3..4000], &wire[4000..]] {
+                tcp.write_all(part).await.unwrap();
+                tokio::time::sleep(APART).await;
+            }
+        };
+        tokio::join!(reader, writer);
+        assert_eq!(got, data);
+        assert_eq!(*reads.lock().unwrap(), vec![3, 3997, wire.len() - 4000]);
+        assert_eq!(
+            server.buffered_capacity(),
+            0,
+            "nothing held once the record is read"
+        );
+    }
+
+    #[tokio::test]
+    async fn several_records_in_one_read() {
+        let (mut server, reads, mut c, mut tcp) = pair().await;
+        let mut wire = Vec::new();
+        let mut data = Vec::new();
+        for part in [&b"first record"[..], b"second", b"and a third one"] {
+            wire.extend_from_slice(&seal(&mut c, part));
+            data.extend_from_slice(part);
+        }
+        tcp.write_all(&wire).await.unwrap();
+        let mut got = vec![0u8; data.len()];
+        timeout(WAIT, server.read_exact(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, data);
+        assert_eq!(
+            *reads.lock().unwrap(),
+            vec![wire.len()],
+            "all three in one read"
+        );
+        // A reader taking a byte at a time gets the same bytes (kept between reads).
+        let wire = seal(&mut c, b"one byte at a time");
+        tcp.write_all(&wire).await.unwrap();
+        let mut got = Vec::new();
+        while got.len() < 18 {
+            let mut one = [0u8; 1];
+            timeout(WAIT, server.read_exact(&mut one))
+                .await
+                .unwrap()
+                .unwrap();
+            got.push(one[0]);
+        }
+        assert_eq!(got, b"one byte at a time");
+        assert_eq!(server.buffered_capacity(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_record_declared_longer_than_tls_allows_is_refused() {
+        let (mut server, _, _c, mut tcp) = pair().await;
+        // Application data, TLS 1.2 on the wire, one byte longer than any record may be.
+        let len = (MAX_RECORD - 5 + 1) as u16;
+        let [hi, lo] = len.to_be_bytes();
+        tcp.write_all(&[0x17, 0x03, 0x03, hi, lo]).await.unwrap();
+        let mut buf = [0u8; 16];
+        let err = timeout(WAIT, server.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(err.to_string().contains("longer than TLS allows"), "{err}");
+        assert!(server.buffered_capacity() <= MAX_RECORD);
+        // The same as the first bytes of a connection.
+        let (l, addr) = listen().await;
+        let mut raw = TcpStream::connect(addr).await.unwrap();
+        raw.write_all(&[0x16, 0x03, 0x01, 0xff, 0xff])
+            .await
+            .unwrap();
+        let (tcp, _) = l.accept().await.unwrap();
+        let config = server_config();
+        let err = timeout(WAIT, TlsStream::accept(tcp, &[], &config))
+            .await
+            .unwrap()
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("longer than TLS allows"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn close_notify_ends_the_stream_and_shutdown_sends_one() {
+        let (mut server, _, mut c, mut tcp) = pair().await;
+        let mut wire = seal(&mut c, b"last words");
+        c.send_close_notify();
+        let mut tail = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut tail).unwrap();
+        }
+        wire.extend_from_slice(&tail);
+        tcp.write_all(&wire).await.unwrap();
+        let mut got = Vec::new();
+        timeout(WAIT, server.read_to_end(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, b"last words", "the data, then a clean end");
+        // Our side: data, then close_notify, then the socket's end.
+        timeout(WAIT, server.write_all(b"goodbye"))
+            .await
+            .unwrap()
+            .unwrap();
+        timeout(WAIT, server.shutdown()).await.unwrap().unwrap();
+        let mut wire = Vec::new();
+        timeout(WAIT, tcp.read_to_end(&mut wire))
+            .await
+            .unwrap()
+            .unwrap();
+        let plain = feed_client(&mut c, &wire);
+        assert_eq!(plain, b"goodbye");
+        // rustls's reader: Ok(0) after close_notify (an error, UnexpectedEof, without one).
+        assert_eq!(
+            c.reader().read(&mut [0u8; 8]).unwrap(),
+            0,
+            "close_notify came"
+        );
+        assert!(
+            server.write_all(b"more").await.is_err(),
+            "no writes after shutdown"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_end_of_the_socket_without_close_notify_is_an_error() {
+        let (mut server, _, mut c, mut tcp) = pair().await;
+        tcp.write_all(&seal(&mut c, b"cut")).await.unwrap();
+        tcp.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        let err = timeout(WAIT, server.read_to_end(&mut got))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{err}");
+        assert_eq!(got, b"cut");
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_holds_no_buffer_after_traffic() {
+        let (mut server, _, mut c, mut tcp) = pair().await;
+        // Half a record held: the buffer exists while it has to.
+        let wire = seal(&mut c, &[7u8; 3000]);
+        tcp.write_all(&wire[..1000]).await.unwrap();
+        let mut got = vec![0u8; 3000];
+        let short = timeout(APART, server.read_exact(&mut got)).await;
+        assert!(short.is_err(), "half a record cannot be read");
+        assert!(
+            server.buffered_capacity() >= MAX_RECORD,
+            "the partial record is held"
+        );
+        tcp.write_all(&wire[1000..]).await.unwrap();
+        // The read was cancelled with nothing returned: the whole message is there again.
+        timeout(WAIT, server.read_exact(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, vec![7u8; 3000]);
+        // A large write, taken and flushed.
+        let big = vec![9u8; 200_000];
+        let drain = async {
+            let mut wire = vec![0u8; 64 * 1024];
+            let mut plain = Vec::new();
+            while plain.len() < big.len() {
+                let n = timeout(WAIT, tcp.read(&mut wire)).await.unwrap().unwrap();
+                assert!(n > 0);
+                plain.extend_from_slice(&feed_client(&mut c, &wire[..n]));
+            }
+            plain
+        };
+        let send = async {
+            timeout(WAIT, server.write_all(&big))
+                .await
+                .unwrap()
+                .unwrap();
+            timeout(WAIT, server.flush()).await.unwrap().unwrap();
+        };
+        let (plain, ()) = tokio::join!(drain, send);
+        assert_eq!(plain.len(), big.len());
+        // Idle: waiting for the next record, after traffic both ways.
+        let mut one = [0u8; 1];
+        assert!(
+            timeout(APART, server.read(&mut one)).await.is_err(),
+            "nothing to read"
+        );
+        assert_eq!(
+            server.buffered_capacity(),
+            0,
+            "an idle connection holds no buffer"
+        );
+    }
+
+    #[tokio::test]
+    async fn writes_wait_for_a_peer_that_does_not_read() {
+        let (mut server, _, _c, _tcp) = pair().await;
+        let chunk = vec![1u8; WRITE_BATCH];
+        let mut taken = 0usize;
+        // The client never reads: the socket buffers fill, then writes must stop.
+        loop {
+            match timeout(Duration::from_millis(300), server.write(&chunk)).await {
+                Ok(Ok(n)) => {
+                    assert!(n <= WRITE_BATCH);
+                    taken += n;
+                    assert!(taken < 256 * 1024 * 1024, "writes never stopped");
+                }
+                Ok(Err(e)) => panic!("write failed: {e}"),
+                Err(_) => break,
+            }
+        }
+        assert!(
+            server.buffered_capacity() <= OUTGOING_MAX,
+            "{}",
+            server.buffered_capacity()
+        );
+    }
+
+    #[tokio::test]
+    async fn vectored_writes_gather_small_buffers_into_full_records() {
+        let (mut server, _, mut c, mut tcp) = pair().await;
+        let big = vec![3u8; 40_000];
+        let mut bufs = vec![io::IoSlice::new(b"ab"); 1000];
+        bufs.push(io::IoSlice::new(&big));
+        bufs.extend(vec![io::IoSlice::new(b"cd"); 1000]);
+        let mut want = b"ab".repeat(1000);
+        want.extend_from_slice(&big);
+        want.extend_from_slice(&b"cd".repeat(1000));
+        let n = timeout(WAIT, server.write_vectored(&bufs))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, want.len(), "under one batch: all taken");
+        timeout(WAIT, server.flush()).await.unwrap().unwrap();
+        let mut wire = Vec::new();
+        let mut plain = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        while plain.len() < want.len() {
+            let n = timeout(WAIT, tcp.read(&mut buf)).await.unwrap().unwrap();
+            assert!(n > 0);
+            wire.extend_from_slice(&buf[..n]);
+            plain.extend_from_slice(&feed_client(&mut c, &buf[..n]));
+        }
+        assert_eq!(plain, want);
+        // 2,000 + 40,000 + 2,000 bytes: 16 KiB gathered, 16 KiB straight from the large
+        // buffer, the rest gathered; not one record per buffer.
+        let mut records = 0;
+        let mut at = 0;
+        while let Some(h) = wire.get(at..at + 5) {
+            records += 1;
+            at += 5 + usize::from(u16::from_be_bytes([h[3], h[4]]));
+        }
+        assert_eq!(records, 3);
+    }
+
+    /// A client offering `suites` in that order: the suite the server's stream settled on.
+    async fn suite_for(suites: Vec<rustls::SupportedCipherSuite>) -> rustls::CipherSuite {
+        let (l, addr) = listen().await;
+        let config = server_config();
+        let server = async move {
+            let (tcp, _) = l.accept().await.unwrap();
+            TlsStream::accept(tcp, &[], &config).await.unwrap()
+        };
+        let client = async move {
+            let connector = tokio_rustls::TlsConnector::from(client_config(
+                &[&rustls::version::TLS13, &rustls::version::TLS12],
+                Some(suites),
+            ));
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            connector.connect(localhost(), tcp).await.unwrap()
+        };
+        let (server, _client) = timeout(WAIT, async { tokio::join!(server, client) })
+            .await
+            .unwrap();
+        server.cipher_suite().unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_server_order_unless_the_client_prefers_chacha() {
+        use rustls::crypto::aws_lc_rs::cipher_suite as cs;
+        use rustls::CipherSuite as Cs;
+        let openssl = vec![
+            cs::TLS13_AES_256_GCM_SHA384,
+            cs::TLS13_CHACHA20_POLY1305_SHA256,
+            cs::TLS13_AES_128_GCM_SHA256,
+        ];
+        assert_eq!(suite_for(openssl).await, Cs::TLS13_AES_128_GCM_SHA256);
+        let no_aes = vec![
+            cs::TLS13_CHACHA20_POLY1305_SHA256,
+            cs::TLS13_AES_128_GCM_SHA256,
+        ];
+        assert_eq!(suite_for(no_aes).await, Cs::TLS13_CHACHA20_POLY1305_SHA256);
+    }
+
+    #[tokio::test]
+    async fn sessions_resume_with_the_tickets_sent() {
+        let config = server_config();
+        for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+            let connector = tokio_rustls::TlsConnector::from(client_config(&[version], None));
+            let mut kinds = Vec::new();
+            for _ in 0..2 {
+                let (l, addr) = listen().await;
+                let config = config.clone();
+                let server = async move {
+                    let (tcp, _) = l.accept().await.unwrap();
+                    let mut s = TlsStream::accept(tcp, &[], &config).await.unwrap();
+                    s.write_all(b"hi").await.unwrap();
+                    s.flush().await.unwrap();
+                    s
+                };
+                let connector = connector.clone();
+                let client = async move {
+                    let tcp = TcpStream::connect(addr).await.unwrap();
+                    let mut t = connector.connect(localhost(), tcp).await.unwrap();
+                    // Reading takes the tickets that came after the handshake.
+                    let mut hi = [0u8; 2];
+                    t.read_exact(&mut hi).await.unwrap();
+                    t
+                };
+                let (server, _client) = timeout(WAIT, async { tokio::join!(server, client) })
+                    .await
+                    .unwrap();
+                kinds.push(server.handshake_kind());
+            }
+            assert_eq!(
+                kinds,
+                vec![
+                    Some(rustls::HandshakeKind::Full),
+                    Some(rustls::HandshakeKind::Resumed)
+                ],
+                "{version:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_stream_is_small() {
+        // What an idle connection keeps inline (its box in the door): rustls's connection
+        // state (about 1.1 KiB of it, as its buffered connection was) and three empty
+        // buffers; no buffer inline.
+        let size = std::mem::size_of::<TlsStream<TcpStream>>();
+        assert!(size <= 1280, "{size} bytes");
+    }
+}
