@@ -1,4 +1,5 @@
-//! TLS server and client configuration (tokio-rustls), PEM loading, SNI certificates.
+//! TLS server and client configuration, PEM loading, SNI certificates (servers run TLS through
+//! [`crate::net::tls_stream`], clients through tokio-rustls).
 //!
 //! Only TLS 1.2 and 1.3 with the aws-lc-rs provider. Certificates and keys are read from PEM
 //! through rustls-pki-types; every error names the file and says what to do about it.
