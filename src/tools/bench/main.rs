@@ -44,10 +44,12 @@ OUTPUT:
   on stdout (the last line) with every figure, for scripts.
 
 SYNTHETIC FRAMES:
-  FLV video tags (AVC, keyframe flag every --gop frames, after one sequence header) whose
-  payload starts with the magic RGB1, the publisher index, a sequence number, the send
-  time (ns since the Unix epoch; publisher and players must share a clock) and a 64-bit
-  checksum of the rest. Players report a frame as lost when its sequence number skips,
+  FLV video tags (AVC, keyframe flag every --gop frames, after one sequence header), each
+  two AVCC NAL units: an access unit delimiter, then a slice (IDR on keyframes) whose data
+  starts with the magic RGB1, the publisher index, a sequence number, the send time (ns
+  since the Unix epoch; publisher and players must share a clock) and a 64-bit checksum of
+  the rest. Servers that demux NAL units (SRS) pass them on; the slice data is not
+  decodable H.264. Players report a frame as lost when its sequence number skips,
   corrupted when its checksum or length is wrong. Frames from --flv are counted but carry
   no timing, so latency is only measured with synthetic frames.";
 

@@ -14,8 +14,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 
 use crate::frames::{
-    check_frame, hex, is_flv_header, synthetic_frame, Check, AVC_SEQUENCE_HEADER, BENCH_HEAD,
-    TAG_HEAD,
+    check_frame, hex, is_flv_header, synthetic_frame, Check, AVC_SEQUENCE_HEADER, MIN_FRAME,
 };
 use crate::stats::{now_ns, Stats};
 use crate::Args;
@@ -95,7 +94,7 @@ pub async fn publish_synthetic(
     let frame_len = if unlimited {
         a.frame_bytes
     } else {
-        ((a.bitrate as f64 / 8.0 / fps) as usize).max(TAG_HEAD + BENCH_HEAD)
+        ((a.bitrate as f64 / 8.0 / fps) as usize).max(MIN_FRAME)
     };
     let interval = Duration::from_secs_f64(1.0 / fps);
     conn.queue_media(sid, message::VIDEO, 0, hex(AVC_SEQUENCE_HEADER).into());
