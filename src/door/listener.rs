@@ -26,7 +26,7 @@ use crate::metrics::{self, Refusal};
 use crate::net::addr::Cidr;
 use crate::net::proxy_protocol;
 use crate::net::short_hex;
-use crate::net::socket::{bind_listener, tune_accepted};
+use crate::net::socket::{bind_listener, defer_accept, tune_accepted};
 use crate::net::tls_stream::TlsStream;
 use crate::net::url::{RtmpUrl, Scheme};
 use crate::stream::{ByteStream, ClientStream, Prefixed, StreamHandler, Transport};
@@ -404,6 +404,7 @@ async fn bind_all(
         for addr in addrs {
             let v6_only = addr.is_ipv6() && v4_ports.contains(&addr.port());
             let listener = bind_listener(addr, Some(v6_only), 1024)
+                .and_then(|l| defer_accept(&l).map(|()| l))
                 .and_then(TcpListener::from_std)
                 .map_err(|source| BindError::Bind {
                     url: url.to_string(),
@@ -442,7 +443,13 @@ async fn accept_loop(
         match accepted {
             Ok((tcp, peer)) => {
                 backoff = ACCEPT_BACKOFF_MIN;
-                let local = tcp.local_addr().unwrap_or(bound.local);
+                // A listener bound to one address hands out connections to that address:
+                // ask the kernel (getsockname) only on a wildcard one.
+                let local = if bound.local.ip().is_unspecified() {
+                    tcp.local_addr().unwrap_or(bound.local)
+                } else {
+                    bound.local
+                };
                 tokio::spawn(handle(
                     ctx.clone(),
                     tcp,

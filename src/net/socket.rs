@@ -35,6 +35,46 @@ pub fn bind_listener(
     Ok(socket.into())
 }
 
+/// Seconds the kernel holds a connection that has sent nothing before handing it to
+/// `accept` anyway (see [`defer_accept`]): one SYN-ACK retransmission, as haproxy's
+/// `defer-accept` and nginx's `deferred` use.
+#[cfg(target_os = "linux")]
+const DEFER_ACCEPT_SECS: libc::c_int = 1;
+
+/// TCP_DEFER_ACCEPT on a listener whose clients speak first (RTMP's C0+C1, a TLS
+/// ClientHello, an HTTP request, a PROXY header): the kernel completes `accept` only once the
+/// client's first bytes are in (or after [`DEFER_ACCEPT_SECS`] for one that sends nothing,
+/// which is then accepted and meets the first-bytes timeout as before). Without it the
+/// gateway woke at the TCP handshake's last ACK, accepted, found nothing to read (EAGAIN)
+/// and slept again until the first bytes came: one wake-up, one `epoll_wait` and one failed
+/// `recvfrom` per connection (bench/RESULTS.md, TLS handshakes, eighth session). Connections
+/// that never send anything also stay in the kernel's queue instead of holding a descriptor
+/// and a task for that second. Elsewhere (no such option) a no-op.
+pub fn defer_accept(listener: &TcpListener) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let secs = DEFER_ACCEPT_SECS;
+        // SAFETY: the fd is the live listener `listener` borrows for the call; the option
+        // value is a c_int passed with its own size.
+        let r = unsafe {
+            libc::setsockopt(
+                listener.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_DEFER_ACCEPT,
+                (&secs as *const libc::c_int).cast::<libc::c_void>(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = listener;
+    Ok(())
+}
+
 /// TCP_NODELAY (RTMP writes whole messages; waiting for more only adds latency) and TCP
 /// keepalive, so a peer that vanished without a FIN is noticed within about 90 s even when
 /// nothing is being sent to it.
@@ -87,5 +127,45 @@ mod tests {
             assert_eq!(sock.keepalive_interval().unwrap(), Duration::from_secs(10));
             assert_eq!(sock.keepalive_retries().unwrap(), 3);
         }
+    }
+
+    /// With [`defer_accept`], a connection that has sent nothing is not handed to `accept`;
+    /// its first bytes make it acceptable at once, with those bytes already readable.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn deferred_accept_waits_for_the_first_bytes() {
+        use std::io::{Read, Write};
+        let listener = bind_listener("127.0.0.1:0".parse().unwrap(), None, 8).unwrap();
+        defer_accept(&listener).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut client = std::net::TcpStream::connect(addr).unwrap();
+        // Connected on the client's side, not acceptable yet (well inside the one second
+        // after which the kernel would hand over a silent connection anyway).
+        std::thread::sleep(Duration::from_millis(200));
+        let silent = listener.accept();
+        assert!(
+            matches!(&silent, Err(e) if e.kind() == io::ErrorKind::WouldBlock),
+            "a silent connection was accepted: {silent:?}"
+        );
+        client.write_all(b"\x03").unwrap();
+        let start = std::time::Instant::now();
+        let (mut tcp, _) = loop {
+            match listener.accept() {
+                Ok(accepted) => break accepted,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    assert!(start.elapsed() < Duration::from_millis(500), "not accepted");
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        };
+        tcp.set_nonblocking(true).unwrap();
+        let mut first = [0u8; 4];
+        assert_eq!(
+            tcp.read(&mut first).unwrap(),
+            1,
+            "the first byte came with the accept"
+        );
+        assert_eq!(first[0], 3);
     }
 }

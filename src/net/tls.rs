@@ -409,8 +409,20 @@ pub fn server_config_with(
     // The server's order (SUITE_ORDER), not the client's: most clients (OpenSSL's, ffmpeg's,
     // Python's) list AES-256-GCM first.
     config.ignore_client_order = true;
+    config.send_tls13_tickets = TLS13_TICKETS;
     Ok(Arc::new(config))
 }
+
+/// TLS 1.3 session tickets sent after each handshake (full or resumed): one, as Go's server
+/// sends, where rustls, OpenSSL and BoringSSL send two. A second ticket only serves a client
+/// that resumes several connections in parallel from one handshake (a browser); RTMP clients
+/// keep one session per server and offer the newest ticket (OpenSSL's `-sess_out`, curl's
+/// session cache and Python's `ssl` keep the last one received; each resumption brings a new
+/// ticket), so the second was sealed, encrypted and sent for nothing on every handshake (the
+/// two were 2.8 % of a full RSA 2048 handshake's server CPU in the seventh session's profile,
+/// bench/RESULTS.md). Checked with OpenSSL's s_client (-sess_out/-sess_in, three resumptions
+/// in a row) and curl (a second transfer re-uses the session).
+const TLS13_TICKETS: usize = 1;
 
 /// The server configuration for a client whose ClientHello lists `suites`: `config` (the
 /// server's order, AES-128-GCM first) unless the first suite it lists that we know is a
@@ -475,6 +487,7 @@ pub fn client_config(extra_ca: Option<&Path>) -> Result<Arc<ClientConfig>, TlsEr
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use rustls_pki_types::ServerName;
     use std::io::Write;
 
     const CA_PEM: &[u8] = include_bytes!("../../certs/ca.pem");
@@ -667,6 +680,90 @@ mod tests {
                 Some(rustls::HandshakeKind::Resumed),
                 "{version:?}"
             );
+        }
+    }
+
+    /// rustls's client session cache, counting the TLS 1.3 tickets it is given.
+    #[derive(Debug)]
+    struct CountingStore {
+        inner: rustls::client::ClientSessionMemoryCache,
+        tickets: std::sync::atomic::AtomicUsize,
+    }
+
+    impl rustls::client::ClientSessionStore for CountingStore {
+        fn set_kx_hint(&self, name: ServerName<'static>, group: rustls::NamedGroup) {
+            self.inner.set_kx_hint(name, group)
+        }
+        fn kx_hint(&self, name: &ServerName<'_>) -> Option<rustls::NamedGroup> {
+            self.inner.kx_hint(name)
+        }
+        fn set_tls12_session(
+            &self,
+            name: ServerName<'static>,
+            value: rustls::client::Tls12ClientSessionValue,
+        ) {
+            self.inner.set_tls12_session(name, value)
+        }
+        fn tls12_session(
+            &self,
+            name: &ServerName<'_>,
+        ) -> Option<rustls::client::Tls12ClientSessionValue> {
+            self.inner.tls12_session(name)
+        }
+        fn remove_tls12_session(&self, name: &ServerName<'static>) {
+            self.inner.remove_tls12_session(name)
+        }
+        fn insert_tls13_ticket(
+            &self,
+            name: ServerName<'static>,
+            value: rustls::client::Tls13ClientSessionValue,
+        ) {
+            self.tickets
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.inner.insert_tls13_ticket(name, value)
+        }
+        fn take_tls13_ticket(
+            &self,
+            name: &ServerName<'static>,
+        ) -> Option<rustls::client::Tls13ClientSessionValue> {
+            self.inner.take_tls13_ticket(name)
+        }
+    }
+
+    /// One TLS 1.3 ticket after each handshake, full or resumed, and that one resumes.
+    #[test]
+    fn one_ticket_per_handshake_and_it_resumes() {
+        let dev = load_certified_key(&CertSource::EmbeddedDev).unwrap();
+        let server = server_config(SniResolver::new(dev)).unwrap();
+        let mut roots = RootCertStore::empty();
+        for cert in certs_from_pem(CA_PEM, Path::new("ca")).unwrap() {
+            roots.add(cert).unwrap();
+        }
+        let store = Arc::new(CountingStore {
+            inner: rustls::client::ClientSessionMemoryCache::new(8),
+            tickets: std::sync::atomic::AtomicUsize::new(0),
+        });
+        let mut client = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client.resumption = rustls::client::Resumption::store(store.clone());
+        let client = Arc::new(client);
+        let name = ServerName::try_from("localhost").unwrap();
+        let count = || store.tickets.load(std::sync::atomic::Ordering::Relaxed);
+        let mut c = rustls::ClientConnection::new(client.clone(), name.clone()).unwrap();
+        let mut s = rustls::ServerConnection::new(server.clone()).unwrap();
+        handshake(&mut c, &mut s);
+        assert_eq!(c.handshake_kind(), Some(rustls::HandshakeKind::Full));
+        assert_eq!(count(), 1, "tickets after a full handshake");
+        for _ in 0..2 {
+            let mut c = rustls::ClientConnection::new(client.clone(), name.clone()).unwrap();
+            let mut s = rustls::ServerConnection::new(server.clone()).unwrap();
+            let before = count();
+            handshake(&mut c, &mut s);
+            assert_eq!(c.handshake_kind(), Some(rustls::HandshakeKind::Resumed));
+            assert_eq!(count() - before, 1, "tickets after a resumed handshake");
         }
     }
 
