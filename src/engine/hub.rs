@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use tokio::sync::{broadcast, Notify};
 
-use super::log::{self, Log, LogRange};
+use super::log::{self, Log, LogFds, LogRange};
 use crate::budget::{Charge, OverBudget, PeerBudget};
 use crate::rtmp::chunk;
 use crate::rtmp::message::{Message, AUDIO, VIDEO};
@@ -296,8 +296,9 @@ pub struct HubConfig {
     /// bytes behind live (else it waits for the next keyframe, as it would skip to it anyway).
     pub max_lag_bytes: u64,
     /// Keep each stream's frames in a [`Log`] as well, for the fan-out lane to send from
-    /// (set when the engine has a merge window, hence a lane).
-    pub log: bool,
+    /// (set when the engine has a merge window, hence a lane), the logs counted on these
+    /// descriptors ([`LogFds::process`] in the engine).
+    pub log: Option<Arc<LogFds>>,
 }
 
 impl Default for HubConfig {
@@ -309,7 +310,7 @@ impl Default for HubConfig {
             gop_max_bytes: 16 * 1024 * 1024,
             gop_max_messages: 4096,
             max_lag_bytes: 8 * 1024 * 1024,
-            log: false,
+            log: None,
         }
     }
 }
@@ -839,14 +840,16 @@ impl Publisher {
             if st.publisher != Some(self.id) {
                 return Ok(());
             }
-            if cfg.log
-                && st.log.is_none()
-                && !st.log_refused
-                && st.players >= log::MIN_PLAYERS
-                && log::room()
-            {
-                st.log = Log::new();
-                st.log_refused = st.log.is_none() && log::room();
+            if let Some(fds) = &cfg.log {
+                if st.log.is_none()
+                    && !st.log_refused
+                    && st.players >= log::MIN_PLAYERS
+                    && fds.room()
+                {
+                    st.log = Log::new(fds);
+                    // Refused with room left: the system has no memory files for us.
+                    st.log_refused = st.log.is_none() && fds.room();
+                }
             }
             let log = st.log.clone();
             let ts = st.map_ts(timestamp);
@@ -1407,6 +1410,63 @@ mod tests {
             .unwrap();
         let ring_bytes = lock(&p.slot.state).ring_bytes;
         assert!((60_000..70_000).contains(&ring_bytes), "{ring_bytes}");
+    }
+
+    /// The frame a player gets next, or why not.
+    fn next_frame(pl: &mut Player) -> Arc<Frame> {
+        frame(pl.rx.try_recv().expect("a frame in the ring"))
+    }
+
+    #[test]
+    fn past_the_bound_on_open_logs_a_stream_is_played_from_memory() {
+        use crate::door::fdlimit::STREAM_LOG_FDS;
+        // A count of its own: other tests open logs meanwhile.
+        let fds: Arc<LogFds> = Arc::default();
+        let hub = Hub::new(HubConfig {
+            log: Some(fds.clone()),
+            ..HubConfig::default()
+        });
+        let bound = usize::try_from(STREAM_LOG_FDS).unwrap();
+        // One stream more than the bound, each with the players that give it a log.
+        let mut streams: Vec<(Publisher, [Player; 2])> = (0..=bound)
+            .map(|i| {
+                let k = key(&format!("s{i}"));
+                let p = hub.publish(&k).unwrap();
+                (p, [hub.play(&k), hub.play(&k)])
+            })
+            .collect();
+        let chunked = |ts: u32, payload: &Bytes| {
+            let msg = Message::new(VIDEO, ts, SHARED_STREAM_ID, payload.clone());
+            chunk::encode_fmt0_bytes(CSID_VIDEO, &msg, 4096)
+        };
+        let mut logged = 0;
+        for (i, (p, players)) in streams.iter_mut().enumerate() {
+            let payload = Bytes::from(vec![0x27, 1, 0, 0, 0, (i % 256) as u8]);
+            p.push(VIDEO, 40, payload.clone()).unwrap();
+            let want = chunked(40, &payload);
+            let f = next_frame(&mut players[0]);
+            assert!(Arc::ptr_eq(&f, &next_frame(&mut players[1])));
+            assert_eq!((&f.payload, &f.chunked), (&payload, &want), "stream {i}");
+            if let Some(range) = &f.log {
+                assert_eq!(range.read(), want.to_vec(), "stream {i}'s log");
+                logged += 1;
+            } else {
+                assert_eq!(i, bound, "stream {i} has no log, with {logged} open");
+            }
+        }
+        assert_eq!(logged, bound);
+        assert_eq!(fds.open(), STREAM_LOG_FDS);
+        // A logged stream that ends gives its descriptor back; the stream that had none gets
+        // one at its next frame.
+        drop(streams.swap_remove(0));
+        assert_eq!(fds.open(), STREAM_LOG_FDS - 1);
+        let (p, players) = &mut streams[0];
+        let payload = Bytes::from_static(AVC_INTER);
+        p.push(VIDEO, 80, payload.clone()).unwrap();
+        let f = next_frame(&mut players[0]);
+        let want = chunked(80, &payload).to_vec();
+        assert_eq!(f.log.as_ref().map(LogRange::read), Some(want));
+        assert_eq!(fds.open(), STREAM_LOG_FDS);
     }
 
     #[test]

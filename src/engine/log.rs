@@ -26,7 +26,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use crate::door::fdlimit::STREAM_LOG_FDS;
 
@@ -39,14 +39,63 @@ pub(crate) const SEGMENT: u64 = 16 * 1024;
 /// the copy into the log and saves none.
 pub(crate) const MIN_PLAYERS: usize = 2;
 
-/// Logs open in the process, at most [`STREAM_LOG_FDS`] (each is a descriptor, counted in the
-/// descriptors the process needs; a stream past the bound is written from memory).
-static OPEN: AtomicU64 = AtomicU64::new(0);
+/// The logs open against [`STREAM_LOG_FDS`]: each is a descriptor, and the process counts that
+/// many for logs in the descriptors it needs (`fdlimit::needed`), so a stream past the bound
+/// is written from memory. The engine's hub counts on [`LogFds::process`]; a test's hub may
+/// count on one of its own, so that tests opening logs side by side do not take each
+/// other's room.
+#[derive(Debug, Default)]
+pub struct LogFds {
+    open: AtomicU64,
+}
+
+impl LogFds {
+    /// The process's count, shared by every hub that takes it (the bound is on the process's
+    /// descriptors).
+    pub fn process() -> Arc<LogFds> {
+        static PROCESS: OnceLock<Arc<LogFds>> = OnceLock::new();
+        PROCESS.get_or_init(Arc::default).clone()
+    }
+
+    /// Whether another log may open now (no syscall: the hub asks on every frame of a stream
+    /// that has none).
+    pub(crate) fn room(&self) -> bool {
+        self.open.load(Ordering::Acquire) < STREAM_LOG_FDS
+    }
+
+    /// Takes one place; None when all [`STREAM_LOG_FDS`] are taken.
+    fn take(self: &Arc<Self>) -> Option<Place> {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < STREAM_LOG_FDS).then_some(n + 1)
+            })
+            .ok()?;
+        Some(Place(self.clone()))
+    }
+
+    /// Logs open now (tests).
+    #[cfg(test)]
+    pub(crate) fn open(&self) -> u64 {
+        self.open.load(Ordering::Acquire)
+    }
+}
+
+/// One place taken on a [`LogFds`], given back when dropped.
+struct Place(Arc<LogFds>);
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// One stream's log file.
 pub(crate) struct Log {
     fd: OwnedFd,
     state: Mutex<LogState>,
+    /// Declared after `fd`, as fields drop in order: the descriptor is closed before its
+    /// place is given back, so not even for a moment are more than the bound open.
+    _place: Place,
 }
 
 struct LogState {
@@ -83,6 +132,19 @@ impl LogRange {
     pub fn log(&self) -> &Arc<Log> {
         &self.log
     }
+
+    /// The frame's bytes as the log holds them (tests).
+    #[cfg(test)]
+    #[allow(clippy::expect_used)]
+    pub(crate) fn read(&self) -> Vec<u8> {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::File::open(format!("/proc/self/fd/{}", self.log.fd.as_raw_fd()))
+            .expect("the log's file");
+        let mut got = vec![0u8; usize::try_from(self.len).expect("a test frame's length")];
+        file.read_exact_at(&mut got, self.at)
+            .expect("the frame's bytes");
+        got
+    }
 }
 
 /// The segments `[at, at + len)` touches.
@@ -92,29 +154,23 @@ fn segments(at: u64, len: u64) -> std::ops::RangeInclusive<u64> {
 }
 
 impl Log {
-    /// A new, empty log; None when [`STREAM_LOG_FDS`] are open already, or where the system
-    /// has no memory files (or no descriptor left): the stream's players are then written
-    /// from memory, as without a log.
-    pub fn new() -> Option<Arc<Log>> {
+    /// A new, empty log counted on `fds`; None when [`STREAM_LOG_FDS`] are open there
+    /// already, or where the system has no memory files (or no descriptor left): the stream's
+    /// players are then written from memory, as without a log.
+    pub fn new(fds: &Arc<LogFds>) -> Option<Arc<Log>> {
         if !huge_pages_off() {
             return None;
         }
-        let taken = OPEN.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-            (n < STREAM_LOG_FDS).then_some(n + 1)
-        });
-        if taken.is_err() {
-            return None;
-        }
-        let Some(fd) = sys::memfd() else {
-            OPEN.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        };
+        // Taken first: the descriptor is made only within the bound (and the place goes back
+        // if it cannot be made).
+        let place = fds.take()?;
         Some(Arc::new(Log {
-            fd,
+            fd: sys::memfd()?,
             state: Mutex::new(LogState {
                 end: 0,
                 live: BTreeMap::new(),
             }),
+            _place: place,
         }))
     }
 
@@ -200,7 +256,7 @@ fn huge_pages_safe(top: Option<&str>, sizes: &[(u64, Option<&str>)]) -> bool {
 
 /// [`huge_pages_safe`] for this system, read once.
 fn huge_pages_off() -> bool {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    static OFF: OnceLock<bool> = OnceLock::new();
     *OFF.get_or_init(|| {
         let dir = std::path::Path::new("/sys/kernel/mm/transparent_hugepage");
         let top = std::fs::read_to_string(dir.join("shmem_enabled")).ok();
@@ -227,19 +283,6 @@ fn huge_pages_off() -> bool {
             .collect();
         huge_pages_safe(top.as_deref().and_then(selected), &sizes)
     })
-}
-
-impl Drop for Log {
-    fn drop(&mut self) {
-        // The descriptor closes with `fd`, right after.
-        OPEN.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// Whether another log may open now (no syscall: the hub asks on every frame of a stream
-/// that has none).
-pub(crate) fn room() -> bool {
-    OPEN.load(Ordering::Acquire) < STREAM_LOG_FDS
 }
 
 impl Drop for LogRange {
@@ -371,7 +414,7 @@ mod tests {
 
     #[test]
     fn a_frame_sent_from_the_log_arrives_whole_and_segments_are_given_back() {
-        let log = Log::new().expect("memfd");
+        let log = Log::new(&Arc::default()).expect("memfd");
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let mut client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (server, _) = l.accept().unwrap();

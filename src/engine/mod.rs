@@ -117,7 +117,7 @@ impl EngineConfig {
             gop_max_messages: self.gop_max_messages,
             max_lag_bytes: self.max_lag_bytes,
             // Only the lane sends from the log, and there is a lane only with a window.
-            log: !self.write_batch.is_zero(),
+            log: (!self.write_batch.is_zero()).then(log::LogFds::process),
         }
     }
 }

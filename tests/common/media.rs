@@ -5,11 +5,26 @@ use super::*;
 /// An FLV test source of `seconds` seconds (testsrc2 640x360 at 30 fps, H.264 with a keyframe
 /// every 30 frames, and a sine tone in AAC), made once and cached in target/test-media.
 pub fn source_flv(seconds: u32) -> PathBuf {
-    let dest = media_dir().join(format!("src-{seconds}s.flv"));
+    sized_source_flv(seconds, "640x360")
+}
+
+/// [`source_flv`] at another picture size (`WxH`): a small one for tests that publish many
+/// streams at once.
+pub fn sized_source_flv(seconds: u32, size: &str) -> PathBuf {
+    let name = match size {
+        "640x360" => format!("src-{seconds}s.flv"),
+        _ => format!("src-{seconds}s-{size}.flv"),
+    };
+    let dest = media_dir().join(name);
     cached(&dest, |staging| {
         let mut cmd = Command::new(&peers().ffmpeg);
         cmd.args(["-nostdin", "-hide_banner", "-loglevel", "error", "-y"])
-            .args(["-f", "lavfi", "-i", "testsrc2=size=640x360:rate=30"])
+            .args([
+                "-f",
+                "lavfi",
+                "-i",
+                &format!("testsrc2=size={size}:rate=30"),
+            ])
             .args(["-f", "lavfi", "-i", "sine"])
             .args(["-t", &seconds.to_string()])
             .args(["-c:v", "libx264", "-g", "30", "-c:a", "aac", "-f", "flv"])
