@@ -98,8 +98,14 @@ impl ChunkStreamState for InStream {
     fn head(&self) -> &ChunkStreamHead {
         &self.head
     }
+    fn head_mut(&mut self) -> &mut ChunkStreamHead {
+        &mut self.head
+    }
     fn received(&self) -> usize {
         self.body.len()
+    }
+    fn take_body(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.body)
     }
 }
 
@@ -189,8 +195,38 @@ impl From<&ChunkLimits> for HeaderLimits {
 /// scanner's): its header state, and how much of the message in progress has arrived.
 pub trait ChunkStreamState {
     fn head(&self) -> &ChunkStreamHead;
+    fn head_mut(&mut self) -> &mut ChunkStreamHead;
     /// Payload bytes of the message in progress received so far (for the error message).
     fn received(&self) -> usize;
+    /// Takes what the reader kept of the message in progress's body, leaving its own count
+    /// of that message at nothing ([`apply_abort`]).
+    fn take_body(&mut self) -> Vec<u8>;
+}
+
+/// Applies the body of the peer's Abort Message (type 2): the message in progress on the
+/// chunk stream it names is dropped, and the chunk stream stays open with its header state
+/// (the next message on it may leave out what its last header set). The one handling of
+/// Abort for both readers of a chunk stream, so they drop the same messages.
+///
+/// The dropped body's capacity is given back to `charge`; returns its length, payload bytes
+/// no longer held in part. An Abort naming a chunk stream that is not open, or that has no
+/// message in progress, changes nothing.
+pub fn apply_abort<S: ChunkStreamState>(
+    payload: &[u8],
+    streams: &mut [S],
+    charge: &mut dyn BufferCharge,
+) -> Result<usize, ChunkError> {
+    let csid = message::parse_abort(payload)?;
+    let Some(s) = streams
+        .iter_mut()
+        .find(|s| s.head().csid == csid && s.head().in_progress)
+    else {
+        return Ok(0);
+    };
+    s.head_mut().in_progress = false;
+    let body = s.take_body();
+    charge.shrink(body.capacity());
+    Ok(body.len())
 }
 
 /// Parses one chunk header at the start of `buf`: `Ok(None)` when more bytes are needed.
@@ -553,15 +589,8 @@ impl ChunkDecoder {
         match msg.msg_type {
             message::SET_CHUNK_SIZE => self.chunk_size.set(&msg.payload)?,
             message::ABORT => {
-                let csid = message::parse_abort(&msg.payload)?;
-                if let Some(s) = self.streams.iter_mut().find(|s| s.head.csid == csid) {
-                    if s.head.in_progress {
-                        self.partial_bytes = self.partial_bytes.saturating_sub(s.body.len());
-                        self.charge.shrink(s.body.capacity());
-                        s.body = Vec::new();
-                        s.head.in_progress = false;
-                    }
-                }
+                let dropped = apply_abort(&msg.payload, &mut self.streams, self.charge.as_mut())?;
+                self.partial_bytes = self.partial_bytes.saturating_sub(dropped);
             }
             _ => {}
         }

@@ -16,10 +16,10 @@
 use crate::budget::Charge;
 use crate::limits::Limits;
 use crate::rtmp::chunk::{
-    parse_chunk_header, ChunkError, ChunkHeader, ChunkLimits, ChunkStreamHead, ChunkStreamState,
-    HeaderLimits, PeerChunkSize,
+    apply_abort, parse_chunk_header, ChunkError, ChunkHeader, ChunkLimits, ChunkStreamHead,
+    ChunkStreamState, HeaderLimits, PeerChunkSize,
 };
-use crate::rtmp::message::{self, Message, ABORT, COMMAND_AMF0, COMMAND_AMF3, SET_CHUNK_SIZE};
+use crate::rtmp::message::{Message, ABORT, COMMAND_AMF0, COMMAND_AMF3, SET_CHUNK_SIZE};
 
 /// The longest chunk header: 3 basic + 11 message + 4 extended timestamp bytes.
 const MAX_HEADER: usize = 18;
@@ -45,8 +45,15 @@ impl ChunkStreamState for Cs {
     fn head(&self) -> &ChunkStreamHead {
         &self.head
     }
+    fn head_mut(&mut self) -> &mut ChunkStreamHead {
+        &mut self.head
+    }
     fn received(&self) -> usize {
         self.head.msg_len.saturating_sub(self.due) as usize
+    }
+    fn take_body(&mut self) -> Vec<u8> {
+        self.due = 0;
+        std::mem::take(&mut self.body)
     }
 }
 
@@ -233,15 +240,7 @@ impl ChunkScanner {
                 Ok(None)
             }
             ABORT => {
-                let csid = message::parse_abort(&msg.payload)?;
-                if let Some(s) = self.streams.iter_mut().find(|s| s.head.csid == csid) {
-                    if s.head.in_progress {
-                        self.charge.shrink(s.body.capacity());
-                        s.body = Vec::new();
-                        s.head.in_progress = false;
-                        s.due = 0;
-                    }
-                }
+                apply_abort(&msg.payload, &mut self.streams, &mut self.charge)?;
                 Ok(None)
             }
             _ => Ok(Some(msg)),
@@ -255,7 +254,7 @@ mod tests {
     use super::*;
     use crate::rtmp::amf0::Amf0Value;
     use crate::rtmp::chunk::{ChunkDecoder, ChunkEncoder};
-    use crate::rtmp::message::{command_message, set_chunk_size, AUDIO, VIDEO};
+    use crate::rtmp::message::{self, command_message, set_chunk_size, AUDIO, VIDEO};
     use bytes::BytesMut;
     use rand::{Rng, SeedableRng};
 
@@ -357,6 +356,34 @@ mod tests {
         let mut buf = BytesMut::from(&bytes[..used]);
         assert_eq!(d.decode(&mut buf).unwrap().unwrap().payload, m.payload);
         assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn abort_drops_the_command_in_progress_as_the_decoder_does() {
+        // A play cut off after its first chunk on chunk stream 8, aborted, then a pause on the
+        // same chunk stream whose fmt 1 header leaves out the stream id the aborted one set.
+        let long = "s".repeat(300);
+        let play = command_message(1, "play", 0.0, &[Amf0Value::Null, Amf0Value::string(&long)]);
+        let mut whole = BytesMut::new();
+        ChunkEncoder::new().write(8, &play, &mut whole);
+        let mut bytes = whole[..12 + 128].to_vec();
+        let mut abort = BytesMut::new();
+        ChunkEncoder::new().write(2, &message::abort(8), &mut abort);
+        bytes.extend_from_slice(&abort);
+        let aborted_at = bytes.len();
+        let pause = command_message(1, "pause", 0.0, &[Amf0Value::Null]);
+        let len = u32::try_from(pause.payload.len()).unwrap().to_be_bytes();
+        bytes.extend_from_slice(&[0x48, 0, 0, 0, len[1], len[2], len[3], COMMAND_AMF0]);
+        bytes.extend_from_slice(&pause.payload);
+        let want = commands_by_decoder(&bytes);
+        assert_eq!(want.len(), 1);
+        assert_eq!(want[0].payload, pause.payload);
+        let mut s = ChunkScanner::new(&Limits::default(), crate::budget::Charge::global());
+        assert_eq!(s.scan(&bytes[..aborted_at]).unwrap(), (aborted_at, None));
+        assert_eq!(s.charge.bytes(), 0, "the aborted body is given back");
+        let (used, got) = s.scan(&bytes[aborted_at..]).unwrap();
+        assert_eq!(used, bytes.len() - aborted_at);
+        assert_eq!(got.as_ref(), want.first());
     }
 
     #[test]
