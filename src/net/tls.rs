@@ -823,40 +823,52 @@ mod tests {
     fn aes_128_before_aes_256_unless_the_client_prefers_chacha() {
         use rustls::crypto::aws_lc_rs::cipher_suite as cs;
         use rustls::CipherSuite as Cs;
-        // OpenSSL's order (ffmpeg, Python, curl): AES-256 first; the server takes AES-128.
-        let openssl = [
-            cs::TLS13_AES_256_GCM_SHA384,
-            cs::TLS13_CHACHA20_POLY1305_SHA256,
-            cs::TLS13_AES_128_GCM_SHA256,
+        // What a client offers, in its order -> the suite the server takes.
+        let cases: [(&str, &[rustls::SupportedCipherSuite], Cs); 5] = [
+            (
+                "OpenSSL's order (ffmpeg, Python, curl), AES-256 first: AES-128 is taken",
+                &[
+                    cs::TLS13_AES_256_GCM_SHA384,
+                    cs::TLS13_CHACHA20_POLY1305_SHA256,
+                    cs::TLS13_AES_128_GCM_SHA256,
+                ],
+                Cs::TLS13_AES_128_GCM_SHA256,
+            ),
+            (
+                "the same in TLS 1.2 (the dev certificate is ECDSA)",
+                &[
+                    cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+                    cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+                    cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+                ],
+                Cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            ),
+            (
+                "a client without AES instructions lists ChaCha20 first: it keeps it",
+                &[
+                    cs::TLS13_CHACHA20_POLY1305_SHA256,
+                    cs::TLS13_AES_128_GCM_SHA256,
+                    cs::TLS13_AES_256_GCM_SHA384,
+                ],
+                Cs::TLS13_CHACHA20_POLY1305_SHA256,
+            ),
+            (
+                "the same in TLS 1.2",
+                &[
+                    cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+                    cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+                ],
+                Cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+            ),
+            (
+                "a client offering only AES-256 still gets it",
+                &[cs::TLS13_AES_256_GCM_SHA384],
+                Cs::TLS13_AES_256_GCM_SHA384,
+            ),
         ];
-        let chosen = suite_chosen(client_offering(&openssl));
-        assert_eq!(chosen, Cs::TLS13_AES_128_GCM_SHA256);
-        // The same in TLS 1.2 (the dev certificate is ECDSA).
-        let tls12 = [
-            cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
-            cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
-            cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
-        ];
-        let chosen = suite_chosen(client_offering(&tls12));
-        assert_eq!(chosen, Cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256);
-        // A client without AES instructions lists ChaCha20 first: it keeps it.
-        let no_aes = [
-            cs::TLS13_CHACHA20_POLY1305_SHA256,
-            cs::TLS13_AES_128_GCM_SHA256,
-            cs::TLS13_AES_256_GCM_SHA384,
-        ];
-        let chosen = suite_chosen(client_offering(&no_aes));
-        assert_eq!(chosen, Cs::TLS13_CHACHA20_POLY1305_SHA256);
-        let no_aes12 = [
-            cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
-            cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
-        ];
-        let chosen = suite_chosen(client_offering(&no_aes12));
-        assert_eq!(chosen, Cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256);
-        // A client offering only AES-256 still gets it.
-        let only = [cs::TLS13_AES_256_GCM_SHA384];
-        let chosen = suite_chosen(client_offering(&only));
-        assert_eq!(chosen, Cs::TLS13_AES_256_GCM_SHA384);
+        for (what, offered, want) in cases {
+            assert_eq!(suite_chosen(client_offering(offered)), want, "{what}");
+        }
     }
 
     #[test]
