@@ -34,7 +34,8 @@ const TRANSPORT: u64 = 192 * KIB;
 /// Heap per decoded AMF value, its key and the vectors' doubling (a `(String, Amf0Value)`
 /// entry is 104 bytes today; the test checks it stays within half of this).
 const AMF_VALUE: u64 = 256;
-/// What a player takes from the ring before writing (`BATCH_BYTES` in src/engine/session.rs).
+/// What a player takes from the ring before writing, in chunked bytes (`BATCH_BYTES` in
+/// src/engine/session.rs and src/engine/lane.rs), not counting the frame that passes it.
 const BATCH: u64 = MIB;
 
 /// The largest message a chunk header can carry under `max_message_len`.
@@ -77,16 +78,25 @@ fn figures(l: &Limits, e: &EngineConfig) -> Vec<Figure> {
     let io = READ_BUF + TRANSPORT;
     let connection = partial + handled + replies + io;
 
-    // One stream (key) of the engine, filled by its publisher.
-    let headers = 3 * frame(m, cs);
+    // One stream (key) of the engine, filled by its publisher. With the fan-out lane (a
+    // merge window) a stream with two players has a log (src/engine/log.rs), and each frame
+    // its publisher sends is charged its chunks once more for the log's copy (hub.rs, push).
+    let log = u64::from(!e.write_batch.is_zero());
+    let logged = |n: u64| frame(n, cs) + log * chunked_len(n, cs);
+    let headers = 3 * logged(m);
     let retimed = 3 * chunked_len(m, cs);
-    let ring = (2 * e.max_lag_bytes).max(frame(m, cs));
+    // The ring is bounded at 2 x max_lag_bytes of frame bytes, or holds one larger frame
+    // alone; a frame's chunks (its log copy) are never more than its frame bytes.
+    let ring = ((1 + log) * 2 * e.max_lag_bytes).max(logged(m));
     let gop_payload = (e.gop_max_bytes as u64).max(m);
-    let gop = 2 * gop_payload + 21 * e.gop_max_messages as u64 + 5 * gop_payload / cs;
+    let gop_chunks = gop_payload + 21 * e.gop_max_messages as u64 + 5 * gop_payload / cs;
+    let gop = gop_payload + (1 + log) * gop_chunks;
     let stream = headers + retimed + ring + gop;
 
-    // A player: its own re-timed headers, and frames it keeps alive after the stream let go.
-    let kept = headers + gop + BATCH + frame(m, cs);
+    // A player: its own re-timed headers, and frames it keeps alive after the stream let go:
+    // a batch is bounded in chunks (each frame's payload and log copy no larger), and the
+    // frame that passes the bound.
+    let kept = headers + gop + (2 + log) * BATCH + logged(m);
     let player = connection + retimed + kept;
 
     // The tunnel.

@@ -890,8 +890,13 @@ impl Publisher {
         };
         frame.chunked = chunk::encode_fmt0_bytes(frame.csid(), &msg, cfg.chunk_size);
         // Appended before the frame is sent: whoever receives it finds its bytes in the log.
-        // (A frame the log could not take is written from memory.)
-        frame.log = log.and_then(|l| l.append(&frame.chunked));
+        // A frame the log could not take is written from memory, and charged once.
+        if let Some(log) = log {
+            frame.log = log.append(&frame.chunked);
+            if frame.log.is_none() {
+                frame._charge.shrink(chunked_len);
+            }
+        }
         let frame = Arc::new(frame);
         let mut st = lock(&self.slot.state);
         if st.publisher != Some(self.id) {
