@@ -433,7 +433,16 @@ pub fn config_for_client(
     config: &Arc<ServerConfig>,
     suites: &[rustls::CipherSuite],
 ) -> Arc<ServerConfig> {
-    let first_known = suites.iter().find(|s| SUITE_ORDER.contains(s));
+    config_for_suites(config, suites.iter().copied())
+}
+
+/// [`config_for_client`] for suites read straight from a ClientHello's bytes (the door's TLS
+/// stream reads them in place, without parsing the whole hello twice).
+pub fn config_for_suites(
+    config: &Arc<ServerConfig>,
+    mut suites: impl Iterator<Item = rustls::CipherSuite>,
+) -> Arc<ServerConfig> {
+    let first_known = suites.find(|s| SUITE_ORDER.contains(s));
     let chacha = first_known.is_some_and(|s| {
         matches!(
             s,

@@ -19,8 +19,11 @@
 //! sent (a certificate chain, or key updates answered to a peer that does not read).
 //!
 //! The cipher suite policy is [`crate::net::tls::config_for_client`]'s, decided on the
-//! ClientHello: rustls's `Acceptor` reads a copy of the first bytes to show it, and the
-//! connection then starts on the configuration chosen with the same bytes.
+//! ClientHello's list of cipher suites: read in place from the first record ([`peek_suites`]),
+//! and the connection then starts on the configuration chosen, reading the same bytes. Only a
+//! ClientHello laid out otherwise (split into records before its suites) goes through rustls's
+//! `Acceptor`, which parsed every ClientHello a second time before (3 % of a full RSA 2048
+//! handshake's server CPU, bench/RESULTS.md, ninth session).
 
 use std::future::poll_fn;
 use std::io;
@@ -488,9 +491,111 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
     }
 }
 
-/// Reads until rustls's Acceptor has the whole ClientHello, fed a copy of what came (the
-/// bytes stay in `incoming` for the connection), and returns the configuration for it.
+/// Reads until the ClientHello's cipher suites are in (the bytes stay in `incoming` for the
+/// connection) and returns the configuration for them.
 async fn read_client_hello<IO: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut IO,
+    incoming: &mut Vec<u8>,
+    config: &Arc<ServerConfig>,
+) -> io::Result<Arc<ServerConfig>> {
+    loop {
+        match peek_suites(incoming) {
+            HelloPeek::Suites(suites) => {
+                let suites = suites
+                    .chunks_exact(2)
+                    .filter_map(|pair| <[u8; 2]>::try_from(pair).ok())
+                    .map(|pair| rustls::CipherSuite::from(u16::from_be_bytes(pair)));
+                return Ok(crate::net::tls::config_for_suites(config, suites));
+            }
+            HelloPeek::Other => return accept_client_hello(io, incoming, config).await,
+            HelloPeek::NeedMore => {}
+        }
+        let n = poll_fn(|cx| poll_fill(io, incoming, cx)).await?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the peer closed the connection before its TLS ClientHello was complete",
+            ));
+        }
+    }
+}
+
+/// What the bytes received so far say about the ClientHello's cipher suites.
+#[derive(Debug, PartialEq, Eq)]
+enum HelloPeek<'a> {
+    /// The cipher_suites field's bytes (two per suite, in the client's order).
+    Suites(&'a [u8]),
+    /// The first record does not hold them yet: read more.
+    NeedMore,
+    /// Not where a ClientHello in one record has them (a hello split into small records, a
+    /// malformed one, not a handshake record at all): rustls's `Acceptor` reads it instead,
+    /// and says what is wrong when something is.
+    Other,
+}
+
+/// The cipher suites of the ClientHello at the start of `head`, read in place from its first
+/// record (RFC 8446 section 4.1.2: record header, handshake header, legacy_version, random,
+/// legacy_session_id, then cipher_suites). Only a choice of configuration rests on it: rustls
+/// parses and checks the whole ClientHello (this one included) when the connection starts.
+/// Every index is checked (`get`), so no input panics.
+fn peek_suites(head: &[u8]) -> HelloPeek<'_> {
+    const HANDSHAKE: u8 = 0x16;
+    const CLIENT_HELLO: u8 = 0x01;
+    /// Record header: type, legacy_record_version, length.
+    const RECORD_HEADER: usize = 5;
+    /// Handshake header (type, 24-bit length), legacy_version, random.
+    const BEFORE_SESSION_ID: usize = 4 + 2 + 32;
+    match head.first() {
+        Some(&HANDSHAKE) => {}
+        Some(_) => return HelloPeek::Other,
+        None => return HelloPeek::NeedMore,
+    }
+    let Some(&[_, _, _, hi, lo]) = head.get(..RECORD_HEADER) else {
+        return HelloPeek::NeedMore;
+    };
+    let record_len = usize::from(u16::from_be_bytes([hi, lo]));
+    if RECORD_HEADER + record_len > MAX_RECORD {
+        // rustls refuses it with its own message.
+        return HelloPeek::Other;
+    }
+    let rest = head.get(RECORD_HEADER..).unwrap_or_default();
+    let body = rest.get(..record_len).unwrap_or(rest);
+    // The record's first `end` bytes are needed and not all here: read more while the record
+    // has them coming, or leave it to rustls when they lie beyond it (the hello goes on in
+    // another record).
+    let need = |end: usize| {
+        if end > record_len {
+            HelloPeek::Other
+        } else {
+            HelloPeek::NeedMore
+        }
+    };
+    match body.first() {
+        Some(&CLIENT_HELLO) => {}
+        Some(_) => return HelloPeek::Other,
+        None => return need(1),
+    }
+    let Some(&sid_len) = body.get(BEFORE_SESSION_ID) else {
+        return need(BEFORE_SESSION_ID + 1);
+    };
+    let at = BEFORE_SESSION_ID + 1 + usize::from(sid_len);
+    let Some(&[hi, lo]) = body.get(at..at + 2) else {
+        return need(at + 2);
+    };
+    let suites_len = usize::from(u16::from_be_bytes([hi, lo]));
+    let start = at + 2;
+    if suites_len % 2 != 0 {
+        return HelloPeek::Other;
+    }
+    match body.get(start..start + suites_len) {
+        Some(suites) => HelloPeek::Suites(suites),
+        None => need(start + suites_len),
+    }
+}
+
+/// [`read_client_hello`] through rustls's Acceptor, fed a copy of what came: for a
+/// ClientHello [`peek_suites`] does not read.
+async fn accept_client_hello<IO: AsyncRead + AsyncWrite + Unpin>(
     io: &mut IO,
     incoming: &mut Vec<u8>,
     config: &Arc<ServerConfig>,
@@ -1332,6 +1437,147 @@ mod tests {
                 "{version:?}"
             );
         }
+    }
+
+    /// The first flight of a rustls client offering `suites` (one record: its ClientHello).
+    fn client_hello(suites: Vec<rustls::SupportedCipherSuite>) -> Vec<u8> {
+        let config = client_config(
+            &[&rustls::version::TLS13, &rustls::version::TLS12],
+            Some(suites),
+        );
+        let mut c = ClientConnection::new(config, localhost()).unwrap();
+        let mut wire = Vec::new();
+        c.write_tls(&mut wire).unwrap();
+        wire
+    }
+
+    /// The handshake records in `wire` again, their payload cut into records of at most
+    /// `size` bytes (TLS lets a client split its ClientHello so).
+    fn reframe(wire: &[u8], size: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        while let Some(h) = wire.get(at..at + 5) {
+            let len = usize::from(u16::from_be_bytes([h[3], h[4]]));
+            for piece in wire[at + 5..at + 5 + len].chunks(size) {
+                out.extend_from_slice(&[h[0], h[1], h[2]]);
+                out.extend_from_slice(&(piece.len() as u16).to_be_bytes());
+                out.extend_from_slice(piece);
+            }
+            at += 5 + len;
+        }
+        out
+    }
+
+    fn peeked(head: &[u8]) -> Option<Vec<rustls::CipherSuite>> {
+        match peek_suites(head) {
+            HelloPeek::Suites(s) => Some(
+                s.chunks(2)
+                    .map(|p| rustls::CipherSuite::from(u16::from_be_bytes([p[0], p[1]])))
+                    .collect(),
+            ),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn the_suites_are_read_in_place_from_a_client_hello() {
+        use rustls::crypto::aws_lc_rs::cipher_suite as cs;
+        let offered = vec![
+            cs::TLS13_CHACHA20_POLY1305_SHA256,
+            cs::TLS13_AES_256_GCM_SHA384,
+            cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        ];
+        let wire = client_hello(offered);
+        // What rustls's own parser reads from the same bytes.
+        let mut acceptor = Acceptor::default();
+        acceptor.read_tls(&mut wire.as_slice()).unwrap();
+        let accepted = acceptor.accept().map_err(|(e, _)| e).unwrap().unwrap();
+        let theirs = accepted.client_hello().cipher_suites().to_vec();
+        assert!(theirs.len() >= 3, "{theirs:?}");
+        assert_eq!(peeked(&wire), Some(theirs.clone()));
+        // Every shorter prefix either asks for more or already holds the suites (the bytes
+        // after them do not matter).
+        for n in 0..wire.len() {
+            match peek_suites(&wire[..n]) {
+                HelloPeek::NeedMore => {}
+                HelloPeek::Suites(_) => assert_eq!(peeked(&wire[..n]).as_ref(), Some(&theirs)),
+                HelloPeek::Other => panic!("a prefix of {n} bytes read as not a ClientHello"),
+            }
+        }
+        assert_eq!(peek_suites(&wire[..40]), HelloPeek::NeedMore);
+    }
+
+    #[test]
+    fn what_the_peek_does_not_read_is_left_to_rustls() {
+        use rustls::crypto::aws_lc_rs::cipher_suite as cs;
+        let wire = client_hello(vec![cs::TLS13_AES_128_GCM_SHA256]);
+        // The hello split into records before its suites.
+        assert_eq!(peek_suites(&reframe(&wire, 20)), HelloPeek::Other);
+        assert_eq!(peek_suites(&reframe(&wire, 20)[..30]), HelloPeek::Other);
+        // Not a handshake record; not a ClientHello.
+        let mut other = wire.clone();
+        other[0] = 0x17;
+        assert_eq!(peek_suites(&other), HelloPeek::Other);
+        let mut other = wire.clone();
+        other[5] = 0x02;
+        assert_eq!(peek_suites(&other), HelloPeek::Other);
+        // A record longer than TLS allows.
+        assert_eq!(peek_suites(&[0x16, 3, 1, 0xff, 0xff]), HelloPeek::Other);
+        // An odd length for the suites (after a 32-byte session id: 5 + 4 + 2 + 32 + 1 + 32).
+        let mut odd = wire.clone();
+        assert_eq!(odd[43], 32, "rustls sends a 32-byte legacy session id");
+        odd[77] ^= 1;
+        assert_eq!(peek_suites(&odd), HelloPeek::Other);
+        // A session id running past the record.
+        let mut long = wire.clone();
+        long[43] = 255;
+        long[3..5].copy_from_slice(&200u16.to_be_bytes());
+        assert_eq!(peek_suites(&long[..205]), HelloPeek::Other);
+        // Nothing yet, a record header cut short.
+        assert_eq!(peek_suites(&[]), HelloPeek::NeedMore);
+        assert_eq!(peek_suites(&[0x16, 3]), HelloPeek::NeedMore);
+    }
+
+    /// A ClientHello cut into small records still gets the configuration chosen for it
+    /// (through rustls's Acceptor): a client preferring ChaCha20 keeps it.
+    #[tokio::test]
+    async fn a_client_hello_in_small_records_is_read_by_rustls() {
+        use rustls::crypto::aws_lc_rs::cipher_suite as cs;
+        let (l, addr) = listen().await;
+        let config = server_config();
+        let server = async move {
+            let (tcp, _) = l.accept().await.unwrap();
+            TlsStream::accept(tcp, &[], &config).await.unwrap()
+        };
+        let client = async move {
+            let config = client_config(
+                &[&rustls::version::TLS13],
+                Some(vec![
+                    cs::TLS13_CHACHA20_POLY1305_SHA256,
+                    cs::TLS13_AES_128_GCM_SHA256,
+                ]),
+            );
+            let mut c = ClientConnection::new(config, localhost()).unwrap();
+            let mut tcp = TcpStream::connect(addr).await.unwrap();
+            let mut hello = Vec::new();
+            c.write_tls(&mut hello).unwrap();
+            tcp.write_all(&reframe(&hello, 16)).await.unwrap();
+            let mut buf = vec![0u8; 64 * 1024];
+            while c.is_handshaking() {
+                let n = tcp.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the server closed during the handshake");
+                feed_client(&mut c, &buf[..n]);
+                flush_client(&mut tcp, &mut c).await;
+            }
+            (c, tcp)
+        };
+        let (server, _client) = timeout(WAIT, async { tokio::join!(server, client) })
+            .await
+            .unwrap();
+        assert_eq!(
+            server.cipher_suite(),
+            Some(rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256)
+        );
     }
 
     #[test]
