@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
-use rustls::sign::CertifiedKey;
+use rustls::sign::{CertifiedKey, Signer, SigningKey};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -248,6 +248,7 @@ pub fn certified_key_from_pem(
             path: key_path.to_path_buf(),
             source,
         })?;
+    let signing_key = sha256_first(signing_key);
     let certified = CertifiedKey::new(chain, signing_key);
     match certified.keys_match() {
         Ok(()) => {}
@@ -267,6 +268,56 @@ pub fn certified_key_from_pem(
         }
     }
     Ok(Arc::new(certified))
+}
+
+/// The RSA signature schemes in the order the server picks them from those a client offers:
+/// SHA-256 before SHA-384 and SHA-512 within RSA-PSS, then the same for PKCS#1 v1.5 (TLS 1.2
+/// only). rustls's own order starts with RSA-PSS-SHA512, whose hash AWS-LC runs in portable
+/// code on CPUs it does not recognise (this AMD EPYC among them) where SHA-256 runs on the
+/// CPU's SHA instructions. OpenSSL's server order (haproxy, nginx) and Go's (the client's,
+/// which lists SHA-256 first) sign with RSA-PSS-SHA256 too. Nothing is removed: a client
+/// offering only SHA-384 or SHA-512 gets it. The hash does not weaken the signature: RSA
+/// 2048 is a 112-bit level, SHA-256 a 128-bit one.
+const RSA_SCHEME_ORDER: [rustls::SignatureScheme; 6] = [
+    rustls::SignatureScheme::RSA_PSS_SHA256,
+    rustls::SignatureScheme::RSA_PSS_SHA384,
+    rustls::SignatureScheme::RSA_PSS_SHA512,
+    rustls::SignatureScheme::RSA_PKCS1_SHA256,
+    rustls::SignatureScheme::RSA_PKCS1_SHA384,
+    rustls::SignatureScheme::RSA_PKCS1_SHA512,
+];
+
+/// An RSA key choosing its scheme in [`RSA_SCHEME_ORDER`]'s order; any other key as it is
+/// (an ECDSA or Ed25519 key has one scheme: there is no order to choose).
+fn sha256_first(key: Arc<dyn SigningKey>) -> Arc<dyn SigningKey> {
+    if key.algorithm() == rustls::SignatureAlgorithm::RSA {
+        Arc::new(RsaSha256First(key))
+    } else {
+        key
+    }
+}
+
+/// See [`sha256_first`].
+#[derive(Debug)]
+struct RsaSha256First(Arc<dyn SigningKey>);
+
+impl SigningKey for RsaSha256First {
+    fn choose_scheme(&self, offered: &[rustls::SignatureScheme]) -> Option<Box<dyn Signer>> {
+        RSA_SCHEME_ORDER
+            .iter()
+            .filter(|scheme| offered.contains(scheme))
+            .find_map(|scheme| self.0.choose_scheme(std::slice::from_ref(scheme)))
+            // A scheme rustls may add that this list does not name: rustls's own choice.
+            .or_else(|| self.0.choose_scheme(offered))
+    }
+
+    fn public_key(&self) -> Option<rustls_pki_types::SubjectPublicKeyInfoDer<'_>> {
+        self.0.public_key()
+    }
+
+    fn algorithm(&self) -> rustls::SignatureAlgorithm {
+        self.0.algorithm()
+    }
 }
 
 /// Loads a chain + key pair from wherever `source` says.
@@ -878,6 +929,76 @@ mod tests {
         for (what, offered, want) in cases {
             assert_eq!(suite_chosen(client_offering(offered)), want, "{what}");
         }
+    }
+
+    /// A throwaway RSA 2048 key (public: for this test only), made with
+    /// `openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048`.
+    const TEST_RSA_KEY: &str = "-----BEGIN PRIVATE KEY-----
+MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQCnAzCZASQ22pjF
+dqYZvSxAzBCDxdXeS3kuQrqTNTgb8TYVU8m8RV5Czc64llJu20mIapDNcNMWUXpb
+S1gmFj+VZWqMTJqg4FtoThaewltjohhU76vAfPoX2eKrH7VRrE4HlG45Z/rQWM3O
+MMGy5hXoMBbN208SEkvo9zhwGJSKDn2DklM80mZ6kYWEQZ9IWEpmoabmm87IBe/x
+rGYdFYzk8zVKid8IDm8WabfblHwHQRI5/lAsPsLbWD+QpAVkmeAxxOPnMfoJ3G12
+OYpuitgy5UGggILBWUaN0u0xajZPtpOrl/LeUV71pVs/JLF3JmImrXyY/0rIYnQw
+tRwmTx0vAgMBAAECggEAFFLADC5mYMJzCrxodANgKjZq4A4n+1gF1ApMt/Mm88eD
+hE7g4qcyVEDFIhMwzsqihRYqrsVG+pVJpWhivqfAbwabU51Sx7bliKjP+du+0T39
+ZgCQTukmadaazaYbI2grSqLWUugDTm0wBiJKv+Fd0xZfAAfq9FEDqcLDvGhRUwdE
+Bbm7gAQ0lhY69bKW/6mTuwEXnQWatRuaNQHb246sn3bt47oQBqzhZN5YspKlvLIB
+mPJAeLN1Ca+TbKoIMZIRgwoXkjVSOUhf1fYFyTpBFCc6Zpm80+gdCQRTYxza5USW
+rrD5mqgyxfUasSWP3xaMnV1o+5Hiz3y5yAm/8SqjWQKBgQDWPsQhvys/JP2qmDet
+aThlCMkCBM95E7TEgDk50YR12TpH7K2nXAuMrN6vriu7bib5Y3esj1SOK6E32vLk
+diP7Rb0yF3tqVoXvwq4/t80YTc0wQY901EzSikEHlvAftkAbO5Tw7xuSCCOLvd0P
+RxLsqjHNM5mPP+3y/MngEEe1lQKBgQDHj90lE3l81xN8CSsVA2lcaHHvcogQ7DGa
+4DnYoN9QDS5nKpDB77a9gUYHuwZSpLsBqcA2sraYzXv+fT6yEdvXmM6BGwYfx4q2
+5LG5WweBm3IwEHOwXW8I/MDIUFl5XkEW1/ar6tnRvOEIBo1a1wxf0kEffbOYf+Yy
+BNfAHgkOswKBgQCBqhsqEXkrDkg4J0gLO9NV0qtU/XRT4wlUpAX+aD+y03Xicevn
+jl2vFjDwQolVNqV/6iNT3KtgICfCllDK1HWSbfLDjlKzWQpWwYyUI7mNLAkzW3pn
+StXz1pjk7wUFLFhAIx9RcmVNTH+244IW7P0XHypk9wXJHPf2R+gmI7RCwQKBgFaS
+u75M34RgDazekVkRXNDg4qSdDBhDTxXANnga+iXRQhMxbRElPCKkBUxvP0P1AMes
+650PFJXfdu4lSWCYzMWQHe32WkbJGw1S0yL1MaFxXS0qxfV54ySD+eIssVQsppIR
+aIqWXJ5XkUwZA5On/U9IeEYAEzySJ7wFS8+leApvAoGAR1TVSWIk6dw6+BDH4QEF
+DfnRmSvYdZihw0n84LU1BCR5Q6LO38r2exbnV1B+3rq4QajxcF1Qc+im7DRiyvuZ
+FBQBXdfYurl8i8dyyhfR4XuwSqPOjBjrusq4hwOmga43/F3aGOOVomfVyUYQ1pro
+Z2SBtOGMAoFMVnnpX4ncZOc=
+-----END PRIVATE KEY-----
+";
+
+    #[test]
+    fn rsa_keys_sign_with_sha256_first() {
+        use rustls::SignatureScheme as S;
+        let der = key_from_pem(TEST_RSA_KEY.as_bytes(), Path::new("test")).unwrap();
+        let key = sha256_first(provider().key_provider.load_private_key(der).unwrap());
+        let chosen = |offered: &[S]| key.choose_scheme(offered).map(|s| s.scheme());
+        // rustls's own client lists SHA-512 first, OpenSSL's SHA-256: both get SHA-256.
+        let rustls_client = [
+            S::ECDSA_NISTP384_SHA384,
+            S::ED25519,
+            S::RSA_PSS_SHA512,
+            S::RSA_PSS_SHA384,
+            S::RSA_PSS_SHA256,
+            S::RSA_PKCS1_SHA512,
+            S::RSA_PKCS1_SHA384,
+            S::RSA_PKCS1_SHA256,
+        ];
+        assert_eq!(chosen(&rustls_client), Some(S::RSA_PSS_SHA256));
+        // PSS before PKCS#1 v1.5 whatever the hash; nothing offered is refused.
+        assert_eq!(
+            chosen(&[S::RSA_PKCS1_SHA256, S::RSA_PSS_SHA384]),
+            Some(S::RSA_PSS_SHA384)
+        );
+        assert_eq!(chosen(&[S::RSA_PSS_SHA512]), Some(S::RSA_PSS_SHA512));
+        assert_eq!(chosen(&[S::RSA_PKCS1_SHA512]), Some(S::RSA_PKCS1_SHA512));
+        assert_eq!(chosen(&[S::ECDSA_NISTP256_SHA256]), None);
+        // The chosen signer signs (RSA 2048: 256 bytes).
+        let signer = key.choose_scheme(&rustls_client).unwrap();
+        let message = b"TLS 1.3, server CertificateVerify";
+        let signature = signer.sign(message).unwrap();
+        assert_eq!(signature.len(), 256);
+        // An ECDSA key has one scheme and is left as it is.
+        let dev = key_from_pem(DEV_KEY_PEM, Path::new("dev")).unwrap();
+        let dev = provider().key_provider.load_private_key(dev).unwrap();
+        let same = sha256_first(dev.clone());
+        assert!(Arc::ptr_eq(&dev, &same));
     }
 
     #[test]
