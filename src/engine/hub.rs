@@ -1035,7 +1035,7 @@ impl LagProbe {
 
 impl Drop for Player {
     fn drop(&mut self) {
-        {
+        let log = {
             let mut st = lock(&self.slot.state);
             st.players = st.players.saturating_sub(1);
             if self.push {
@@ -1044,7 +1044,17 @@ impl Drop for Player {
             let id = self.id;
             st.waiting.retain(|w| *w != id);
             st.handoff.retain(|(w, _)| *w != id);
-        }
+            // Below the players that make a log worth it, the stream stops logging: its
+            // place among the process's few (STREAM_LOG_FDS) goes back once its logged frames
+            // are gone, for a stream that has the players. It gets a new log if they return.
+            if st.players < log::MIN_PLAYERS {
+                st.log.take()
+            } else {
+                None
+            }
+        };
+        // The descriptor may close here: not under the stream's lock.
+        drop(log);
         self.hub.release(&self.slot);
     }
 }
@@ -1472,6 +1482,36 @@ mod tests {
         let want = chunked(80, &payload).to_vec();
         assert_eq!(f.log.as_ref().map(LogRange::read), Some(want));
         assert_eq!(fds.open(), STREAM_LOG_FDS);
+    }
+
+    #[test]
+    fn a_stream_below_two_players_stops_logging_and_logs_again_with_two() {
+        let fds: Arc<LogFds> = Arc::default();
+        let hub = Hub::new(HubConfig {
+            log: Some(fds.clone()),
+            ..HubConfig::default()
+        });
+        let k = key("s");
+        let p = hub.publish(&k).unwrap();
+        let mut a = hub.play(&k);
+        let b = hub.play(&k);
+        p.push(VIDEO, 40, Bytes::from_static(AVC_KEY)).unwrap();
+        let first = next_frame(&mut a).log.as_ref().map(|r| r.log().clone());
+        let first = first.expect("two players: the frame is logged");
+        drop(b);
+        p.push(VIDEO, 80, Bytes::from_static(AVC_INTER)).unwrap();
+        assert!(next_frame(&mut a).log.is_none(), "one player: no log");
+        let _c = hub.play(&k);
+        p.push(VIDEO, 120, Bytes::from_static(AVC_INTER)).unwrap();
+        let again = next_frame(&mut a);
+        let again = again.log.as_ref().expect("two players again: logged again");
+        assert!(
+            !Arc::ptr_eq(again.log(), &first),
+            "a new log, not the first one"
+        );
+        // The first stays open while anything holds it (the ring, the GOP cache, this test):
+        // two places.
+        assert_eq!(fds.open(), 2);
     }
 
     #[test]
