@@ -1359,25 +1359,34 @@ mod tests {
         assert_eq!(records, 3);
     }
 
-    /// A client offering `suites` in that order: the suite the server's stream settled on.
-    async fn suite_for(suites: Vec<rustls::SupportedCipherSuite>) -> rustls::CipherSuite {
+    /// One handshake: the server's stream once `client` (given the listener's address) has
+    /// done its side; the client's end is dropped after.
+    async fn accepted<F: std::future::Future>(
+        client: impl FnOnce(SocketAddr) -> F,
+    ) -> TlsStream<TcpStream> {
         let (l, addr) = listen().await;
         let config = server_config();
         let server = async move {
             let (tcp, _) = l.accept().await.unwrap();
             TlsStream::accept(tcp, &[], &config).await.unwrap()
         };
-        let client = async move {
+        let (server, _client) = timeout(WAIT, async { tokio::join!(server, client(addr)) })
+            .await
+            .unwrap();
+        server
+    }
+
+    /// A client offering `suites` in that order: the suite the server's stream settled on.
+    async fn suite_for(suites: Vec<rustls::SupportedCipherSuite>) -> rustls::CipherSuite {
+        let server = accepted(|addr| async move {
             let connector = tokio_rustls::TlsConnector::from(client_config(
                 &[&rustls::version::TLS13, &rustls::version::TLS12],
                 Some(suites),
             ));
             let tcp = TcpStream::connect(addr).await.unwrap();
             connector.connect(localhost(), tcp).await.unwrap()
-        };
-        let (server, _client) = timeout(WAIT, async { tokio::join!(server, client) })
-            .await
-            .unwrap();
+        })
+        .await;
         server.cipher_suite().unwrap()
     }
 
@@ -1543,13 +1552,7 @@ mod tests {
     #[tokio::test]
     async fn a_client_hello_in_small_records_is_read_by_rustls() {
         use rustls::crypto::aws_lc_rs::cipher_suite as cs;
-        let (l, addr) = listen().await;
-        let config = server_config();
-        let server = async move {
-            let (tcp, _) = l.accept().await.unwrap();
-            TlsStream::accept(tcp, &[], &config).await.unwrap()
-        };
-        let client = async move {
+        let server = accepted(|addr| async move {
             let config = client_config(
                 &[&rustls::version::TLS13],
                 Some(vec![
@@ -1570,10 +1573,8 @@ mod tests {
                 flush_client(&mut tcp, &mut c).await;
             }
             (c, tcp)
-        };
-        let (server, _client) = timeout(WAIT, async { tokio::join!(server, client) })
-            .await
-            .unwrap();
+        })
+        .await;
         assert_eq!(
             server.cipher_suite(),
             Some(rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256)
