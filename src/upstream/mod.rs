@@ -1423,12 +1423,31 @@ mod tests {
     /// the same tick; when it did not, every message waited one to two windows (median about
     /// 1.5 windows, 56-60 ms behind nginx-rtmp at 40 ms) instead of at most one. Not a speed
     /// check: the median of 60 messages against one window, where the two behaviours sit at
-    /// half a window and one and a half.
+    /// half a window and one and a half; up to three rounds, so that a round slowed by a busy
+    /// machine does not fail it, while the old behaviour fails every round.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn pump_forwards_what_the_ticks_ack_releases_on_the_same_tick() {
+        let window = Duration::from_millis(40);
+        let mut rounds = Vec::new();
+        for _ in 0..3 {
+            let waited = waits_behind_a_nagle_backend(window).await;
+            let median = waited[waited.len() / 2];
+            if median < window {
+                return;
+            }
+            rounds.push((median, waited));
+        }
+        panic!(
+            "messages waited more than one {window:?} window (median) behind a Nagle backend \
+             in every round: {rounds:?}"
+        );
+    }
+
+    /// One round of the test above: how long each of 60 messages, one every 5 ms, waited
+    /// between the backend's write and the client's read, sorted.
+    async fn waits_behind_a_nagle_backend(window: Duration) -> Vec<Duration> {
         let (mut gw_client, mut client) = tcp_pair().await;
         let (mut gw_backend, mut backend) = tcp_pair().await;
-        let window = Duration::from_millis(40);
         let times = PumpTimes {
             idle: None,
             write_batch: window,
@@ -1472,15 +1491,10 @@ mod tests {
             .map(|(a, s)| a.saturating_sub(*s))
             .collect();
         waited.sort();
-        let median = waited[MESSAGES / 2];
-        assert!(
-            median < window,
-            "messages waited {median:?} (median) behind a Nagle backend, more than one \
-             {window:?} window: {waited:?}"
-        );
         drop(client);
         drop(backend);
         let _ = task.await.unwrap();
+        waited
     }
 
     #[tokio::test(start_paused = true)]
