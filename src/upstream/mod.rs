@@ -765,13 +765,14 @@ impl OneWay {
     /// earlier small one is unacknowledged (Nagle). While this direction waits for its tick
     /// it reads nothing, so nothing is acknowledged (the kernel delays an ACK by 40 ms), and
     /// everything the backend wrote in the window sits in the backend's send queue. The
-    /// tick's read acknowledges what had arrived; on loopback or a short path the backend's
-    /// held bytes come back at once, and reading them now forwards them on this tick rather
-    /// than the next one: the window then adds at most its own length instead of about
-    /// one and a half times it on average. The backend sends all it held in one go, so one
+    /// tick's read acknowledges what had arrived; from a backend on the same host the held
+    /// bytes are back before that read returns, and reading them now forwards them on this
+    /// tick rather than the next one: the window then adds at most its own length instead of
+    /// about one and a half times it on average (a backend on another host answers a round
+    /// trip later, too late for this read). The backend sends all it held in one go, so one
     /// more read is enough ([`RELEASED_READS`]; a third would find only what the backend
     /// wrote in the microseconds between, for a syscall per tick), and only while the buffer
-    /// has room.
+    /// has room. Bounded by the buffer already allocated: nothing new is allocated.
     fn read_released(&mut self, sock: &socket2::SockRef<'_>, mut n: usize) -> usize {
         use std::io::Read;
         for _ in 0..RELEASED_READS {
