@@ -12,9 +12,7 @@
 //! Once media flows from the backend, that direction reads on shared ticks
 //! (`[upstream] write_batch_ms`, [`PumpTimes`]): one read and one write per window instead
 //! of one per message the backend wrote; while it waits, a plain backend socket's
-//! SO_RCVLOWAT is raised, so the backend's messages wake no thread before the tick; a
-//! backend a round trip away is also read once ahead of each tick, so that what its Nagle
-//! held is released in time for the tick.
+//! SO_RCVLOWAT is raised, so the backend's messages wake no thread before the tick.
 
 pub mod guard;
 pub mod hashed;
@@ -71,16 +69,6 @@ const STARTUP_BYTES: u64 = 64 * 1024;
 const TICK_LOWAT: i32 = 32 * 1024;
 /// Reads after a tick's read, for what its ACK released ([`OneWay::read_released`]).
 const RELEASED_READS: usize = 1;
-/// A backend at least this far away (its socket's smoothed round trip) has its window's bytes
-/// acknowledged ahead of the tick ([`OneWay::read_ahead`]); a nearer one's released bytes are
-/// back in time for the tick's second read ([`RELEASED_READS`]).
-const ACK_AHEAD_MIN_RTT: Duration = Duration::from_millis(1);
-/// Added to the round trip when choosing how far ahead of the tick to acknowledge: the
-/// backend's own event loop, the timer's millisecond, jitter.
-const ACK_AHEAD_SLACK: Duration = Duration::from_millis(2);
-/// Ticks between two readings of the backend's round trip (one getsockopt; about 10 s at the
-/// default window), so a route that changes is followed without a syscall per tick.
-const ACK_AHEAD_RESAMPLE_TICKS: u32 = 256;
 /// `[upstream] write_batch_ms` when it is not set.
 pub const DEFAULT_WRITE_BATCH: Duration = Duration::from_millis(40);
 /// A merge window that carried this much (four full buffers) belongs to a bulk transfer: its
@@ -240,12 +228,6 @@ pub trait PlainTcp {
     /// The socket, when reading it directly reads exactly the bytes `poll_read` would.
     fn plain_tcp(&self) -> Option<&TcpStream> {
         None
-    }
-
-    /// The kernel's smoothed round trip to the peer of [`PlainTcp::plain_tcp`] (TCP_INFO),
-    /// which decides whether the window's bytes are acknowledged ahead of the tick.
-    fn round_trip(&self) -> Option<Duration> {
-        self.plain_tcp().and_then(smoothed_rtt)
     }
 }
 
@@ -619,16 +601,6 @@ struct OneWay {
     /// [`BULK_WINDOW_BYTES`], so windows spent waiting could never show it otherwise. One
     /// alone is a burst (a key frame), not a rate.
     tick_full: [Option<u128>; 2],
-    /// How long before each tick a far backend's bytes are read (and so acknowledged), so
-    /// that what its Nagle holds comes back in time for the tick ([`OneWay::read_ahead`]);
-    /// None: the backend is near (or unknown), or the window is too short for it.
-    ack_lead: Option<Duration>,
-    /// Ticks until the backend's round trip is read again ([`ACK_AHEAD_RESAMPLE_TICKS`]).
-    rtt_ticks_left: u32,
-    /// While `tick` points at the read ahead rather than the tick itself: the tick.
-    tick_at: Option<tokio::time::Instant>,
-    /// Bytes the read ahead put at the start of the buffer, forwarded with the tick's read.
-    held: usize,
 }
 
 impl OneWay {
@@ -638,10 +610,6 @@ impl OneWay {
             batch,
             tick: None,
             wait_tick: false,
-            ack_lead: None,
-            rtt_ticks_left: 0,
-            tick_at: None,
-            held: 0,
             window_no: 0,
             window_bytes: 0,
             prev_window_bytes: 0,
@@ -703,27 +671,16 @@ impl OneWay {
     {
         let mut after_tick = false;
         if self.wait_tick {
-            loop {
-                if let Some(tick) = &mut self.tick {
-                    if tick.as_mut().poll(cx).is_pending() {
-                        ready!(self.poll_flush_written(cx, w))?;
-                        return Poll::Pending;
-                    }
-                }
-                // The timer was the read ahead: do it, then wait for the tick itself.
-                let Some(at) = self.tick_at.take() else {
-                    break;
-                };
-                self.read_ahead(r.plain_tcp());
-                if let Some(tick) = &mut self.tick {
-                    tick.as_mut().reset(at);
+            if let Some(tick) = &mut self.tick {
+                if tick.as_mut().poll(cx).is_pending() {
+                    ready!(self.poll_flush_written(cx, w))?;
+                    return Poll::Pending;
                 }
             }
             self.wait_tick = false;
             after_tick = true;
         }
-        // (Never with bytes held from a read ahead: it grew the buffer before reading.)
-        if self.grow && self.held == 0 {
+        if self.grow {
             let len = self.buf.len().saturating_mul(2).min(PUMP_BUF_MAX);
             self.buf = vec![0u8; len].into_boxed_slice();
             self.grow = false;
@@ -734,22 +691,14 @@ impl OneWay {
             if let Some(tcp) = r.plain_tcp() {
                 use std::io::Read;
                 let sock = socket2::SockRef::from(tcp);
-                let held = std::mem::take(&mut self.held);
-                let rest = self.buf.get_mut(held..).unwrap_or_default();
-                match (&*sock).read(rest) {
-                    // What the read ahead took goes out first; the end (or the error) is
-                    // read again on the next call.
-                    Ok(0) | Err(_) if held > 0 => {
-                        self.took(held, &*r, true)?;
-                        return Poll::Ready(Ok(()));
-                    }
+                match (&*sock).read(&mut self.buf) {
                     Ok(0) => {
                         self.read_done = true;
                         return Poll::Ready(Ok(()));
                     }
                     Ok(n) => {
-                        let n = self.read_released(&sock, held.saturating_add(n));
-                        self.took(n, &*r, true)?;
+                        let n = self.read_released(&sock, n);
+                        self.took(n, Some(tcp), true)?;
                         return Poll::Ready(Ok(()));
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -803,7 +752,7 @@ impl OneWay {
                 if n == 0 {
                     self.read_done = true;
                 } else {
-                    self.took(n, &*r, after_tick)?;
+                    self.took(n, r.plain_tcp(), after_tick)?;
                 }
                 Poll::Ready(Ok(()))
             }
@@ -820,8 +769,7 @@ impl OneWay {
     /// bytes are back before that read returns, and reading them now forwards them on this
     /// tick rather than the next one: the window then adds at most its own length instead of
     /// about one and a half times it on average (a backend on another host answers a round
-    /// trip later, too late for this read: [`OneWay::read_ahead`] acknowledges its bytes a
-    /// round trip before the tick instead). The backend sends all it held in one go, so one
+    /// trip later, too late for this read). The backend sends all it held in one go, so one
     /// more read is enough ([`RELEASED_READS`]; a third would find only what the backend
     /// wrote in the microseconds between, for a syscall per tick), and only while the buffer
     /// has room. Bounded by the buffer already allocated: nothing new is allocated.
@@ -843,58 +791,9 @@ impl OneWay {
         n
     }
 
-    /// The read ahead of the tick, for a backend a round trip away: what the backend has sent
-    /// in this window is read now (into the buffer, held there and forwarded with the tick's
-    /// read, so the client still gets one write per window), and reading it makes the kernel
-    /// acknowledge it. A backend that sends with Nagle has been holding everything written
-    /// since its last small message went out unacknowledged; this ACK releases it early
-    /// enough to arrive before the tick. Without it the tick's read is what acknowledges,
-    /// the released bytes come back a round trip later, after the tick and its second read,
-    /// and wait a whole further window. Nothing is allocated beyond the buffer the direction
-    /// holds (grown here if the last read filled it); an end or an error is left for the
-    /// tick's read to find.
-    fn read_ahead(&mut self, tcp: Option<&TcpStream>) {
-        use std::io::Read;
-        // Only a socket whose reads the tick takes directly: the generic read after the tick
-        // would start at the buffer's beginning, over the held bytes.
-        let Some(tcp) = tcp.filter(|_| self.lowat_raised) else {
-            return;
-        };
-        if self.grow {
-            let len = self.buf.len().saturating_mul(2).min(PUMP_BUF_MAX);
-            self.buf = vec![0u8; len].into_boxed_slice();
-            self.grow = false;
-        }
-        let Some(rest) = self.buf.get_mut(self.held..) else {
-            return;
-        };
-        if rest.is_empty() {
-            return;
-        }
-        if let Ok(m) = (&*socket2::SockRef::from(tcp)).read(rest) {
-            #[cfg(test)]
-            READS_AHEAD.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            self.held = self.held.saturating_add(m).min(self.buf.len());
-        }
-    }
-
-    /// Reads the backend's round trip now and then and decides the read ahead's lead: the
-    /// round trip with a quarter and [`ACK_AHEAD_SLACK`] on top, in whole milliseconds (so
-    /// sessions to one backend wake together), when that is at least [`ACK_AHEAD_MIN_RTT`]
-    /// away and shorter than the window.
-    fn plan_read_ahead<R: PlainTcp + ?Sized>(&mut self, r: &R) {
-        if let Some(left) = self.rtt_ticks_left.checked_sub(1) {
-            self.rtt_ticks_left = left;
-            return;
-        }
-        self.rtt_ticks_left = ACK_AHEAD_RESAMPLE_TICKS;
-        self.ack_lead = r.round_trip().and_then(|rtt| ack_lead(rtt, self.batch));
-    }
-
     /// `n` bytes were read into the buffer: set it up for writing and decide when the next
     /// read happens.
-    fn took<R: PlainTcp + ?Sized>(&mut self, n: usize, r: &R, after_tick: bool) -> io::Result<()> {
-        let tcp = r.plain_tcp();
+    fn took(&mut self, n: usize, tcp: Option<&TcpStream>, after_tick: bool) -> io::Result<()> {
         self.start = 0;
         self.end = n;
         if let Some(w) = &mut self.watch {
@@ -916,9 +815,6 @@ impl OneWay {
                 bulk |= b <= a.saturating_add(2) && self.window_no <= b.saturating_add(1);
             }
             if !full && !bulk {
-                if tcp.is_some() {
-                    self.plan_read_ahead(r);
-                }
                 self.arm_tick();
                 waits = true;
             }
@@ -1026,20 +922,12 @@ impl OneWay {
         self.window_bytes.max(self.prev_window_bytes) >= BULK_WINDOW_BYTES
     }
 
-    /// The next read waits for the first shared tick after now (first for the read ahead,
-    /// when the backend is far and it is still to come).
+    /// The next read waits for the first shared tick after now.
     fn arm_tick(&mut self) {
-        let now = tokio::time::Instant::now();
-        let at = next_tick(now, self.batch);
-        let ahead = self
-            .ack_lead
-            .and_then(|lead| at.checked_sub(lead))
-            .filter(|ahead| *ahead > now);
-        self.tick_at = ahead.map(|_| at);
-        let first = ahead.unwrap_or(at);
+        let at = next_tick(tokio::time::Instant::now(), self.batch);
         match &mut self.tick {
-            Some(t) => t.as_mut().reset(first),
-            None => self.tick = Some(Box::pin(tokio::time::sleep_until(first))),
+            Some(t) => t.as_mut().reset(at),
+            None => self.tick = Some(Box::pin(tokio::time::sleep_until(at))),
         }
         self.wait_tick = true;
     }
@@ -1048,50 +936,6 @@ impl OneWay {
 /// Times a socket's SO_RCVLOWAT was raised, for the tests.
 #[cfg(test)]
 static LOWAT_RAISED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-/// Reads ahead of a tick that succeeded, for the tests.
-#[cfg(test)]
-static READS_AHEAD: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// How far ahead of each tick to read a backend `rtt` away ([`OneWay::read_ahead`]): None
-/// when it is near enough for the tick's second read, or when the lead would not fit in the
-/// window (a backend further than the window is dominated by its own round trip).
-fn ack_lead(rtt: Duration, window: Duration) -> Option<Duration> {
-    if rtt < ACK_AHEAD_MIN_RTT {
-        return None;
-    }
-    let lead = rtt.saturating_add(rtt / 4).saturating_add(ACK_AHEAD_SLACK);
-    // Whole milliseconds, rounded up.
-    let ms = lead.as_nanos().div_ceil(1_000_000);
-    let lead = Duration::from_millis(u64::try_from(ms).ok()?);
-    (lead < window).then_some(lead)
-}
-
-/// The kernel's smoothed round trip of a TCP socket (TCP_INFO's tcpi_rtt), None where it
-/// cannot be read or is not yet known.
-#[cfg(target_os = "linux")]
-fn smoothed_rtt(tcp: &TcpStream) -> Option<Duration> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: tcp_info is plain integers, valid when zeroed.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: the fd is the live socket `tcp` borrows for the call; the kernel writes at most
-    // `len` bytes into `info` and reports how many in `len`.
-    let r = unsafe {
-        libc::getsockopt(
-            tcp.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&mut info as *mut libc::tcp_info).cast::<libc::c_void>(),
-            &mut len,
-        )
-    };
-    (r == 0 && info.tcpi_rtt > 0).then(|| Duration::from_micros(u64::from(info.tcpi_rtt)))
-}
-
-#[cfg(not(target_os = "linux"))]
-fn smoothed_rtt(_tcp: &TcpStream) -> Option<Duration> {
-    None
-}
 
 /// Sets SO_RCVLOWAT on a TCP socket.
 #[cfg(target_os = "linux")]
@@ -1652,204 +1496,6 @@ mod tests {
         drop(backend);
         let _ = task.await.unwrap();
         waited
-    }
-
-    /// The backend's leg for the test below: a loopback socket that reports the round trip of
-    /// the far host the test's backend plays.
-    struct FarLeg {
-        tcp: TcpStream,
-        rtt: Duration,
-    }
-
-    impl AsyncRead for FarLeg {
-        fn poll_read(
-            self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &mut ReadBuf<'_>,
-        ) -> Poll<io::Result<()>> {
-            Pin::new(&mut self.get_mut().tcp).poll_read(cx, buf)
-        }
-    }
-
-    impl AsyncWrite for FarLeg {
-        fn poll_write(
-            self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<io::Result<usize>> {
-            Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
-        }
-        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
-        }
-        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
-        }
-    }
-
-    impl PlainTcp for FarLeg {
-        fn plain_tcp(&self) -> Option<&TcpStream> {
-            Some(&self.tcp)
-        }
-        fn round_trip(&self) -> Option<Duration> {
-            Some(self.rtt)
-        }
-    }
-
-    /// A backend a round trip away that sends with Nagle (nginx-rtmp on another host): what
-    /// it writes while a message is unacknowledged waits in its queue until the ACK has come
-    /// back, and then takes the round trip to arrive. The relay reads it ahead of each tick
-    /// (acknowledging it) early enough for what that releases to be there at the tick. Before
-    /// that, the tick's read was the ACK, the released bytes arrived a round trip after the
-    /// tick and waited for the next one: every message waited one to two windows (median
-    /// about 1.5) instead of up to one. The far host is played on loopback by the test's
-    /// sender, which keeps Nagle's rule itself (it watches its socket's unacknowledged bytes,
-    /// SIOCOUTQ, and sends what it holds one round trip after they reach zero), and the
-    /// relay's leg reports that round trip as the kernel would. Not a speed check: the median
-    /// of 60 messages against one window, with the two behaviours near 0.7 and 1.5 windows;
-    /// up to three rounds. The backend closes right after its last message: every message
-    /// still arrives, in order, then the end.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn pump_reads_a_far_backend_ahead_of_the_tick() {
-        let window = Duration::from_millis(40);
-        let rtt = Duration::from_millis(5);
-        let before = READS_AHEAD.load(std::sync::atomic::Ordering::Relaxed);
-        let mut rounds = Vec::new();
-        for _ in 0..3 {
-            let waited = waits_behind_a_far_nagle_backend(window, rtt).await;
-            let median = waited[waited.len() / 2];
-            if median < window {
-                assert!(READS_AHEAD.load(std::sync::atomic::Ordering::Relaxed) > before);
-                return;
-            }
-            rounds.push((median, waited));
-        }
-        panic!(
-            "messages from a backend {rtt:?} away waited more than one {window:?} window \
-             (median) in every round: {rounds:?}"
-        );
-    }
-
-    /// One round of the test above: how long each of 60 messages, one every 5 ms, waited
-    /// between the far backend's write and the client's read, sorted.
-    async fn waits_behind_a_far_nagle_backend(window: Duration, rtt: Duration) -> Vec<Duration> {
-        const MESSAGES: usize = 60;
-        let (mut gw_client, mut client) = tcp_pair().await;
-        let (gw_backend, backend) = tcp_pair().await;
-        let mut far = FarLeg {
-            tcp: gw_backend,
-            rtt,
-        };
-        let times = PumpTimes {
-            idle: None,
-            write_batch: window,
-        };
-        let task = tokio::spawn(async move {
-            let r = pump(&mut gw_client, &mut far, times).await;
-            (r, gw_client, far)
-        });
-        let backend = backend.into_std().unwrap();
-        backend.set_nonblocking(false).unwrap();
-        backend.set_nodelay(true).unwrap();
-        let t0 = std::time::Instant::now();
-        let sender = std::thread::spawn(move || far_nagle_sender(backend, rtt, MESSAGES, t0));
-        let mut got = vec![0u8; STARTUP_BYTES as usize];
-        client.read_exact(&mut got).await.unwrap();
-        let mut arrived = Vec::with_capacity(MESSAGES);
-        for i in 0..MESSAGES {
-            let mut m = [0u8; 100];
-            tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut m))
-                .await
-                .expect("a message was held back")
-                .unwrap();
-            assert_eq!(m[0] as usize, i);
-            arrived.push(t0.elapsed());
-        }
-        let mut end = [0u8; 1];
-        let n = tokio::time::timeout(Duration::from_secs(10), client.read(&mut end))
-            .await
-            .expect("the backend's end was held back")
-            .unwrap();
-        assert_eq!(n, 0, "bytes after the backend's last message");
-        let written = sender.join().unwrap();
-        let mut waited: Vec<Duration> = arrived
-            .iter()
-            .zip(&written)
-            .map(|(a, w)| a.saturating_sub(*w))
-            .collect();
-        waited.sort();
-        drop(client);
-        let _ = task.await.unwrap();
-        waited
-    }
-
-    /// The far backend of the test above: 64 KiB of start-up, then one 100-byte message
-    /// (carrying its index) every 5 ms, sent under Nagle's rule as seen from a round trip
-    /// away, then closes. Returns when each message was written by the application.
-    fn far_nagle_sender(
-        mut sock: std::net::TcpStream,
-        rtt: Duration,
-        messages: usize,
-        t0: std::time::Instant,
-    ) -> Vec<Duration> {
-        use std::io::Write;
-        let unacked = |sock: &std::net::TcpStream| -> libc::c_int {
-            let mut n: libc::c_int = 0;
-            // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one c_int, the bytes in the live socket's
-            // send queue not yet acknowledged.
-            let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
-            assert_eq!(r, 0);
-            n
-        };
-        use std::os::fd::AsRawFd;
-        sock.write_all(&vec![3u8; STARTUP_BYTES as usize]).unwrap();
-        let every = Duration::from_millis(5);
-        let mut written = Vec::with_capacity(messages);
-        let mut held: Vec<u8> = Vec::new();
-        // When the queue was last seen fully acknowledged, as the far host would learn it.
-        let mut acked_at: Option<std::time::Instant> = None;
-        while written.len() < messages || !held.is_empty() {
-            let now = std::time::Instant::now();
-            while written.len() < messages && now >= t0 + every * written.len() as u32 {
-                held.push(written.len() as u8);
-                held.extend_from_slice(&[0u8; 99]);
-                written.push(now.duration_since(t0));
-            }
-            if unacked(&sock) == 0 {
-                acked_at.get_or_insert(now);
-            } else {
-                acked_at = None;
-            }
-            // The ACK takes half the round trip to reach the far host, the bytes it releases
-            // the other half to come back.
-            if !held.is_empty() && acked_at.is_some_and(|at| now >= at + rtt) {
-                sock.write_all(&held).unwrap();
-                held.clear();
-                acked_at = None;
-            }
-            std::thread::sleep(Duration::from_micros(200));
-        }
-        written
-    }
-
-    #[test]
-    fn the_read_ahead_leads_by_the_round_trip_and_fits_in_the_window() {
-        let w = Duration::from_millis(40);
-        // Same host: the tick's second read is enough.
-        assert_eq!(ack_lead(Duration::from_micros(60), w), None);
-        // 5 ms: 5 + 1.25 + 2 = 8.25, rounded up to whole milliseconds.
-        assert_eq!(
-            ack_lead(Duration::from_millis(5), w),
-            Some(Duration::from_millis(9))
-        );
-        assert_eq!(
-            ack_lead(Duration::from_millis(20), w),
-            Some(Duration::from_millis(27))
-        );
-        // Further than the window allows: none.
-        assert_eq!(ack_lead(Duration::from_millis(31), w), None);
-        assert_eq!(ack_lead(Duration::from_secs(u64::MAX), w), None);
-        assert_eq!(ack_lead(Duration::from_millis(5), Duration::ZERO), None);
     }
 
     #[tokio::test(start_paused = true)]
