@@ -3,8 +3,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use rtmpgate::net::proxy_protocol::{self, Parsed};
 use rtmpgate::door::sniff::{self, Verdict};
+use rtmpgate::net::proxy_protocol::{self, Parsed};
 use rtmpgate::net::short_hex;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,0 +1,223 @@
+//! Fuzzes the door's TLS server stream (`net::tls_stream::TlsStream`: rustls's unbuffered
+//! API under our own buffers, the ClientHello peeked in place) in two ways, chosen by the
+//! input's first byte:
+//!
+//! - raw (even): the rest of the input is what a client sends, the sniffed head (its first
+//!   `b / 2` bytes) handed over as the door does; the stream must fail or end, never panic,
+//!   and never read past its bounds.
+//! - echo (odd): a real rustls client (tokio-rustls) completes a handshake with the stream
+//!   and sends the rest of the input in writes of fuzzer-chosen sizes; the server side reads
+//!   with a fuzzer-chosen buffer size and sends back what it read in vectored writes of
+//!   fuzzer-chosen pieces, through a socket that takes and gives at most a fuzzer-chosen
+//!   number of bytes per call (records split anywhere, partial writes). What the client reads
+//!   back must equal what it sent, and both close_notify's must arrive.
+//!
+//! Everything runs on tokio's paused clock over an in-memory pipe; a run that stops moving
+//! is a hang.
+#![no_main]
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use libfuzzer_sys::fuzz_target;
+use rtmpgate::net::tls::{self, CertSource, SniResolver};
+use rtmpgate::net::tls_stream::TlsStream;
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+const HANG: Duration = Duration::from_secs(3600);
+
+/// A socket that takes and gives at most `max` bytes per call.
+struct Trickle<S> {
+    inner: S,
+    max: usize,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Trickle<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let max = self.max.min(buf.remaining());
+        let mut small = vec![0u8; max];
+        let mut rb = ReadBuf::new(&mut small);
+        let r = Pin::new(&mut self.inner).poll_read(cx, &mut rb);
+        buf.put_slice(rb.filled());
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Trickle<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let n = self.max.min(buf.len());
+        Pin::new(&mut self.inner).poll_write(cx, &buf[..n])
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+fn server_config() -> Arc<ServerConfig> {
+    let dev = tls::load_certified_key(&CertSource::EmbeddedDev).expect("dev certificate");
+    tls::server_config(SniResolver::new(dev)).expect("server config")
+}
+
+fn client_config() -> Arc<ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    let ca = include_bytes!("../../certs/ca.pem");
+    for cert in tls::certs_from_pem(ca, std::path::Path::new("ca")).expect("CA") {
+        roots.add(cert).expect("CA cert");
+    }
+    Arc::new(
+        ClientConfig::builder_with_provider(tls::provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+async fn raw(data: &[u8], head_len: usize) {
+    let config = server_config();
+    let (mut client, server) = tokio::io::duplex(64 * 1024);
+    let head_len = head_len.min(data.len());
+    let (head, rest) = data.split_at(head_len);
+    let rest = rest.to_vec();
+    let writer = tokio::spawn(async move {
+        let _ = client.write_all(&rest).await;
+        let _ = client.shutdown().await;
+        // Read (and drop) whatever the server answers, until it closes.
+        let mut sink = vec![0u8; 16 * 1024];
+        while let Ok(n) = client.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    });
+    let serve = async {
+        let Ok(mut tls) = TlsStream::accept(server, head, &config).await else {
+            return;
+        };
+        let mut buf = vec![0u8; 4096];
+        while let Ok(n) = tls.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+        let _ = tls.shutdown().await;
+    };
+    tokio::time::timeout(HANG, serve)
+        .await
+        .expect("the TLS stream did not end after its client's bytes ended");
+    tokio::time::timeout(HANG, writer)
+        .await
+        .expect("the client did not see the end")
+        .expect("client task");
+}
+
+async fn echo(data: &[u8]) {
+    // Knobs from the first bytes, the payload after them.
+    let [wire, read_size, write_pieces, client_writes, rest @ ..] = data else {
+        return;
+    };
+    let wire = usize::from(*wire) * 16 + 1;
+    let read_size = usize::from(*read_size) * 64 + 1;
+    let piece = usize::from(*write_pieces) * 32 + 1;
+    let client_write = usize::from(*client_writes) * 128 + 1;
+    // The payload, twice: a longer input crosses several records.
+    let payload: Vec<u8> = rest.iter().copied().cycle().take(rest.len() * 2).collect();
+    let config = server_config();
+    let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+    let server = tokio::spawn(async move {
+        let io = Trickle {
+            inner: server_io,
+            max: wire,
+        };
+        let mut tls = TlsStream::accept(io, &[], &config)
+            .await
+            .expect("handshake with a real client");
+        let mut buf = vec![0u8; read_size];
+        loop {
+            let n = tls
+                .read(&mut buf)
+                .await
+                .expect("reading what the client sent");
+            if n == 0 {
+                break;
+            }
+            // Sent back in vectored writes of `piece`-byte slices.
+            let mut left = &buf[..n];
+            while !left.is_empty() {
+                let slices: Vec<io::IoSlice<'_>> =
+                    left.chunks(piece).map(io::IoSlice::new).collect();
+                let took = tls.write_vectored(&slices).await.expect("echoing");
+                assert!(took > 0, "a vectored write took nothing");
+                left = &left[took..];
+            }
+            tls.flush().await.expect("flush");
+        }
+        tls.shutdown().await.expect("close_notify");
+    });
+    let connector = tokio_rustls::TlsConnector::from(client_config());
+    let name = ServerName::try_from("localhost").expect("name");
+    let client = connector
+        .connect(name, client_io)
+        .await
+        .expect("client handshake");
+    let (mut rd, mut wr) = tokio::io::split(client);
+    let sent = payload.clone();
+    let writer = tokio::spawn(async move {
+        for chunk in sent.chunks(client_write) {
+            wr.write_all(chunk).await.expect("client write");
+        }
+        wr.shutdown().await.expect("client close_notify");
+    });
+    let mut back = Vec::with_capacity(payload.len());
+    tokio::time::timeout(HANG, rd.read_to_end(&mut back))
+        .await
+        .expect("the echo did not end")
+        .expect("the echo ended with an error (no close_notify?)");
+    assert!(
+        back == payload,
+        "echoed {} bytes, sent {}: they differ",
+        back.len(),
+        payload.len()
+    );
+    writer.await.expect("writer");
+    tokio::time::timeout(HANG, server)
+        .await
+        .expect("the server side did not end")
+        .expect("server task");
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&mode, data)) = data.split_first() else {
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        if mode % 2 == 0 {
+            raw(data, usize::from(mode / 2)).await;
+        } else {
+            echo(data).await;
+        }
+    });
+});
