@@ -843,8 +843,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
         Poll::Ready(Ok(n))
     }
 
-    /// Many small buffers (an RTMP session's chunks) make full records, gathered on the
-    /// stack 16 KiB at a time; a buffer of a record or more is encrypted where it is.
+    /// Many small buffers (an RTMP session's chunks) make full records, gathered 16 KiB at a
+    /// time into a buffer made for this call, no larger than what the call gathers and never
+    /// zeroed (a zeroed 16 KiB stack array cost a memset of 16 KiB per write, for writes that
+    /// are mostly a few hundred bytes); a buffer of a record or more is encrypted where it is.
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -856,17 +858,20 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
             return Poll::Ready(Ok(0));
         }
         ready!(this.poll_send(cx))?;
-        let mut stage = [0u8; MAX_FRAGMENT];
-        let mut staged = 0;
+        let total = bufs
+            .iter()
+            .fold(0usize, |sum, b| sum.saturating_add(b.len()))
+            .min(WRITE_BATCH);
+        let mut stage: Vec<u8> = Vec::new();
         let mut taken = 0;
         'bufs: for b in bufs {
             let mut rest: &[u8] = b;
             while !rest.is_empty() {
-                let budget = WRITE_BATCH - taken - staged;
+                let budget = WRITE_BATCH - taken - stage.len();
                 if budget == 0 {
                     break 'bufs;
                 }
-                if staged == 0 && rest.len() >= MAX_FRAGMENT {
+                if stage.is_empty() && rest.len() >= MAX_FRAGMENT {
                     // Whole records straight from the caller's buffer.
                     let n = (rest.len().min(budget) / MAX_FRAGMENT) * MAX_FRAGMENT;
                     if n > 0 {
@@ -877,23 +882,24 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
                         continue;
                     }
                 }
-                let n = rest.len().min(MAX_FRAGMENT - staged).min(budget);
+                let n = rest.len().min(MAX_FRAGMENT - stage.len()).min(budget);
                 let (now, later) = rest.split_at(n);
-                if let Some(dest) = stage.get_mut(staged..staged + n) {
-                    dest.copy_from_slice(now);
+                if stage.capacity() == 0 {
+                    // What is left of this call's bytes, at most one record.
+                    stage.reserve_exact(total.saturating_sub(taken).max(n).min(MAX_FRAGMENT));
                 }
-                staged += n;
+                stage.extend_from_slice(now);
                 rest = later;
-                if staged == MAX_FRAGMENT {
+                if stage.len() == MAX_FRAGMENT {
                     this.queue_write(&stage)?;
-                    taken += staged;
-                    staged = 0;
+                    taken += stage.len();
+                    stage.clear();
                 }
             }
         }
-        if staged > 0 {
-            this.queue_write(stage.get(..staged).unwrap_or_default())?;
-            taken += staged;
+        if !stage.is_empty() {
+            this.queue_write(&stage)?;
+            taken += stage.len();
         }
         if let Poll::Ready(Err(e)) = this.poll_send(cx) {
             return Poll::Ready(Err(e));
