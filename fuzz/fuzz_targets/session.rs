@@ -13,6 +13,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+#[path = "../async_harness.rs"]
+mod async_harness;
+use async_harness::{paused_runtime, split_on};
 use libfuzzer_sys::fuzz_target;
 use rtmpgate::engine::{Engine, EngineConfig};
 use rtmpgate::limits::Limits;
@@ -29,33 +32,14 @@ const MAX_CLIENTS: usize = 3;
 /// 64 KiB input of zero-length messages in about 33 s of it.
 const HANG: Duration = Duration::from_secs(3600);
 
-fn split(mut data: &[u8]) -> Vec<&[u8]> {
-    let mut out = Vec::new();
-    while out.len() + 1 < MAX_CLIENTS {
-        match data.windows(SEP.len()).position(|w| w == SEP) {
-            Some(i) => {
-                out.push(&data[..i]);
-                data = &data[i + SEP.len()..];
-            }
-            None => break,
-        }
-    }
-    out.push(data);
-    out
-}
-
 fuzz_target!(|data: &[u8]| {
     let Some((&size, data)) = data.split_first() else {
         return;
     };
     let piece = (usize::from(size) + 1) * 16;
-    let streams = split(data);
+    let streams = split_on(data, SEP, MAX_CLIENTS);
     let limits = Limits::default();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .expect("runtime");
+    let rt = paused_runtime();
     rt.block_on(async {
         let engine = Engine::new(limits, EngineConfig::default());
         let handler = engine.handler();

@@ -22,6 +22,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+#[path = "../async_harness.rs"]
+mod async_harness;
+use async_harness::paused_runtime;
 use libfuzzer_sys::fuzz_target;
 use rtmpgate::net::tls::{self, CertSource, SniResolver};
 use rtmpgate::net::tls_stream::TlsStream;
@@ -208,11 +211,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&mode, data)) = data.split_first() else {
         return;
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .expect("runtime");
+    let rt = paused_runtime();
     rt.block_on(async {
         if mode % 2 == 0 {
             raw(data, usize::from(mode / 2)).await;

@@ -18,6 +18,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+#[path = "../async_harness.rs"]
+mod async_harness;
+use async_harness::{paused_runtime, split_on};
 use libfuzzer_sys::fuzz_target;
 use rtmpgate::door::rtmpt::Tunnel;
 use rtmpgate::engine::{Engine, EngineConfig};
@@ -34,21 +37,6 @@ const MAX_CONNECTIONS: usize = 3;
 const HANG: Duration = Duration::from_secs(3600);
 /// Virtual time given to the server to answer before an `@ID` is filled in.
 const ANSWER_WAIT: Duration = Duration::from_millis(50);
-
-fn split_on<'a>(mut data: &'a [u8], sep: &[u8], max: usize) -> Vec<&'a [u8]> {
-    let mut out = Vec::new();
-    while out.len() + 1 < max {
-        match data.windows(sep.len()).position(|w| w == sep) {
-            Some(i) => {
-                out.push(&data[..i]);
-                data = &data[i + sep.len()..];
-            }
-            None => break,
-        }
-    }
-    out.push(data);
-    out
-}
 
 /// Reads replies until EOF, checks each is well-formed, and keeps the newest session id an
 /// /open reply carried (32 hex digits and a newline).
@@ -124,11 +112,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let piece = (usize::from(size) + 1) * 16;
     let conns = split_on(data, SEP, MAX_CONNECTIONS);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .expect("runtime");
+    let rt = paused_runtime();
     rt.block_on(async {
         let limits = Limits::default();
         let engine = Engine::new(limits.clone(), EngineConfig::default());
