@@ -27,3 +27,22 @@ pub fn split_on<'a>(mut data: &'a [u8], sep: &[u8], max: usize) -> Vec<&'a [u8]>
     out.push(data);
     out
 }
+
+/// Writes one piece of a client's bytes to the target, within `hang` of virtual time. A
+/// write error means the target closed the connection (a refused input): the client is done
+/// (`wr` becomes None). A write that never completes is a hang.
+#[allow(dead_code)] // not every target that includes this file writes pieces
+pub async fn write_piece<W: tokio::io::AsyncWrite + Unpin>(
+    wr: &mut Option<W>,
+    bytes: &[u8],
+    hang: std::time::Duration,
+    who: &str,
+) {
+    use tokio::io::AsyncWriteExt as _;
+    let Some(w) = wr.as_mut() else { return };
+    match tokio::time::timeout(hang, w.write_all(bytes)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => *wr = None,
+        Err(_) => panic!("{who} took no bytes for {hang:?}"),
+    }
+}

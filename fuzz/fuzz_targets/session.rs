@@ -15,7 +15,7 @@ use std::time::Duration;
 
 #[path = "../async_harness.rs"]
 mod async_harness;
-use async_harness::{paused_runtime, split_on};
+use async_harness::{paused_runtime, split_on, write_piece};
 use libfuzzer_sys::fuzz_target;
 use rtmpgate::engine::{Engine, EngineConfig};
 use rtmpgate::limits::Limits;
@@ -73,15 +73,12 @@ fuzz_target!(|data: &[u8]| {
         loop {
             let mut wrote = false;
             for (wr, pieces, _, _) in clients.iter_mut() {
-                let Some(w) = wr.as_mut() else { continue };
+                if wr.is_none() {
+                    continue;
+                }
                 let Some(p) = pieces.next() else { continue };
                 wrote = true;
-                match tokio::time::timeout(HANG, w.write_all(p)).await {
-                    Ok(Ok(())) => {}
-                    // The session closed the connection (a refused input): this client is done.
-                    Ok(Err(_)) => *wr = None,
-                    Err(_) => panic!("a session took no bytes for {HANG:?}"),
-                }
+                write_piece(wr, p, HANG, "a session").await;
                 tokio::task::yield_now().await;
             }
             if !wrote {

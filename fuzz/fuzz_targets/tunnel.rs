@@ -20,7 +20,7 @@ use std::time::Duration;
 
 #[path = "../async_harness.rs"]
 mod async_harness;
-use async_harness::{paused_runtime, split_on};
+use async_harness::{paused_runtime, split_on, write_piece};
 use libfuzzer_sys::fuzz_target;
 use rtmpgate::door::rtmpt::Tunnel;
 use rtmpgate::engine::{Engine, EngineConfig};
@@ -135,7 +135,9 @@ fuzz_target!(|data: &[u8]| {
         loop {
             let mut wrote = false;
             for (wr, segments, seg, at, _, _) in clients.iter_mut() {
-                let Some(w) = wr.as_mut() else { continue };
+                if wr.is_none() {
+                    continue;
+                }
                 let Some(s) = segments.get(*seg) else {
                     continue;
                 };
@@ -155,12 +157,7 @@ fuzz_target!(|data: &[u8]| {
                     *at = end;
                     p
                 };
-                match tokio::time::timeout(HANG, w.write_all(&bytes)).await {
-                    Ok(Ok(())) => {}
-                    // The server closed the connection (a refused request): this client is done.
-                    Ok(Err(_)) => *wr = None,
-                    Err(_) => panic!("a tunnel connection took no bytes for {HANG:?}"),
-                }
+                write_piece(wr, &bytes, HANG, "a tunnel connection").await;
                 tokio::task::yield_now().await;
             }
             if !wrote {
