@@ -6,8 +6,10 @@
 //! for the life of every connection, resized before each read and never shrunk: a third of
 //! an idle RTMPS connection through the relay (bench/RESULTS.md, seventh session). Here each
 //! buffer exists only while it holds bytes:
-//! - `incoming`, ciphertext read from the socket: allocated for a read, kept only while it
-//!   holds part of a record (or of a handshake message), freed when every byte is processed;
+//! - `incoming`, ciphertext read from the socket: allocated for a read (up to the records
+//!   that fill the reader's buffer, so a bulk stream takes one read per 64 KiB, not one per
+//!   record), kept only while it holds part of a record (or of a handshake message) or whole
+//!   records the reader's buffer had no room for, freed when every byte is processed;
 //! - `plain`, decrypted bytes the reader has not taken yet (a record larger than its buffer);
 //! - `outgoing`, records encrypted and not yet written: freed once the socket has them all.
 //!
@@ -59,6 +61,12 @@ const MAX_FRAGMENT: usize = 16_384;
 /// an explicit nonce, the tag and TLS 1.3's content type take 21 to 29 bytes); a connection
 /// needing more says so and the buffer is sized again.
 const RECORD_ROOM: usize = 64;
+
+/// A record's ciphertext beyond its plaintext, at least, in TLS 1.3 (the content type byte
+/// and a 16-byte AEAD tag) and in TLS 1.2 (ChaCha20-Poly1305's tag; AES-GCM adds an 8-byte
+/// nonce too): what [`records_that_fit`] subtracts from a record's length.
+const TLS13_MIN_OVERHEAD: usize = 17;
+const AEAD_MIN_OVERHEAD: usize = 16;
 
 /// What the caller wants from a turn of the connection.
 enum Want<'a, 'b> {
@@ -187,7 +195,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
                     "the peer sent close_notify during the TLS handshake",
                 ));
             }
-            let n = poll_fn(|cx| self.poll_fill(cx)).await?;
+            let n = poll_fn(|cx| self.poll_fill(cx, 0)).await?;
             if n == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -232,7 +240,28 @@ impl<IO> TlsStream<IO> {
         let mut delivered = false;
         let result =
             'turns: loop {
-                let input = self.incoming.get_mut(start..).unwrap_or_default();
+                let mut end = self.incoming.len();
+                if let Want::Read(buf) = &want {
+                    if !self.conn.is_handshaking() {
+                        // Whole records only while their plaintext surely fits the reader's
+                        // buffer: the next one waits here for the next read rather than being
+                        // decrypted into `plain` (and handed on as a short read of its own).
+                        // One record at least, when none was delivered yet.
+                        let overhead = match self.conn.protocol_version() {
+                            Some(rustls::ProtocolVersion::TLSv1_3) => TLS13_MIN_OVERHEAD,
+                            _ => AEAD_MIN_OVERHEAD,
+                        };
+                        let held = self.incoming.get(start..).unwrap_or_default();
+                        let fit = records_that_fit(held, buf.remaining(), overhead, !delivered);
+                        match fit {
+                            // The next record waits: this read is done.
+                            Some(0) if delivered => break Ok(Progress::Delivered),
+                            Some(n) => end = start + n,
+                            None => {}
+                        }
+                    }
+                }
+                let input = self.incoming.get_mut(start..end).unwrap_or_default();
                 let UnbufferedStatus { discard, state } = self.conn.process_tls_records(input);
                 let state = match state {
                     Ok(state) => state,
@@ -432,8 +461,8 @@ impl<IO> TlsStream<IO> {
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
-    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        let r = poll_fill(&mut self.io, &mut self.incoming, cx);
+    fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
+        let r = poll_fill(&mut self.io, &mut self.incoming, cx, want);
         if let Poll::Ready(Err(_)) = &r {
             self.failed = true;
         }
@@ -510,7 +539,7 @@ async fn read_client_hello<IO: AsyncRead + AsyncWrite + Unpin>(
             HelloPeek::Other => return accept_client_hello(io, incoming, config).await,
             HelloPeek::NeedMore => {}
         }
-        let n = poll_fn(|cx| poll_fill(io, incoming, cx)).await?;
+        let n = poll_fn(|cx| poll_fill(io, incoming, cx, 0)).await?;
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
@@ -626,7 +655,7 @@ async fn accept_client_hello<IO: AsyncRead + AsyncWrite + Unpin>(
                 return Err(tls_error(e));
             }
         }
-        let n = poll_fn(|cx| poll_fill(io, incoming, cx)).await?;
+        let n = poll_fn(|cx| poll_fill(io, incoming, cx, 0)).await?;
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
@@ -637,11 +666,16 @@ async fn accept_client_hello<IO: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Reads what the socket has into `incoming` (allocated for the read; freed again when
-/// nothing came and nothing was held): the number of bytes, 0 at the socket's end.
+/// nothing came and nothing was held): the number of bytes, 0 at the socket's end. `want`
+/// is the plaintext the reader takes at once (0 while handshaking): a read takes up to the
+/// records that carry that much, beyond the part of a record already held, at least a
+/// record's room and at most [`INCOMING_MAX`] in all. Records read beyond what the reader's
+/// buffer takes wait in `incoming` ([`records_that_fit`]).
 fn poll_fill<IO: AsyncRead + Unpin>(
     io: &mut IO,
     incoming: &mut Vec<u8>,
     cx: &mut Context<'_>,
+    want: usize,
 ) -> Poll<io::Result<usize>> {
     let len = incoming.len();
     if len >= INCOMING_MAX {
@@ -653,10 +687,14 @@ fn poll_fill<IO: AsyncRead + Unpin>(
             ),
         )));
     }
-    // One record's room: the rest of any partial record fits, and a read takes up to a
-    // full record (rustls's own stream read 4 KiB at a time).
+    // One record's room at least: the rest of any partial record fits, and a read takes up
+    // to a full record (rustls's own stream read 4 KiB at a time); more when the reader takes
+    // more, so a bulk stream is read in fewer, larger reads (and written on in fewer writes).
     let target = if len < MAX_RECORD {
-        MAX_RECORD
+        // `want` bytes of plaintext come in full records of MAX_FRAGMENT, each RECORD_ROOM
+        // larger on the wire at most: room for all of them after the part already held.
+        let wire = want.saturating_add((want / MAX_FRAGMENT + 1) * RECORD_ROOM);
+        len.saturating_add(wire).clamp(MAX_RECORD, INCOMING_MAX)
     } else {
         (len + MAX_RECORD).min(INCOMING_MAX)
     };
@@ -686,10 +724,45 @@ fn poll_fill<IO: AsyncRead + Unpin>(
             if len == 0 {
                 // Waiting for the peer, or nothing more: hold no buffer meanwhile.
                 *incoming = Vec::new();
+            } else if incoming.capacity() > MAX_RECORD.max(len) {
+                // Waiting with part of a record after a larger read: one record's room is
+                // all it needs meanwhile.
+                incoming.shrink_to(MAX_RECORD.max(len));
             }
             other.map_ok(|()| 0)
         }
     }
+}
+
+/// How many bytes at the front of `held` are whole records whose plaintext (at most their
+/// length less `overhead`) fits in `room`, when a whole record after them does not (the
+/// first record counts as fitting when `take_one`, so a reader with a small buffer still
+/// gets it, through `plain`): `None` when every whole record fits. Only headers are read,
+/// where they lie; a header declaring more than a record may hold is rustls's to refuse,
+/// and it sees that record: whatever the cut, rustls gets it next.
+fn records_that_fit(
+    held: &[u8],
+    mut room: usize,
+    overhead: usize,
+    take_one: bool,
+) -> Option<usize> {
+    const RECORD_HEADER: usize = 5;
+    let mut at = 0;
+    while let Some(&[_, _, _, hi, lo]) = held.get(at..at + RECORD_HEADER) {
+        let len = usize::from(u16::from_be_bytes([hi, lo]));
+        let next = at + RECORD_HEADER + len;
+        if next > held.len() {
+            // The record is not all here yet: rustls leaves it for later either way.
+            return None;
+        }
+        let plain = len.saturating_sub(overhead);
+        if plain > room && !(take_one && at == 0) {
+            return Some(at);
+        }
+        room = room.saturating_sub(plain);
+        at = next;
+    }
+    None
 }
 
 /// Encrypts `data` as application records after what `out` holds.
@@ -814,7 +887,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<IO> {
                     "the peer closed the connection without sending TLS close_notify",
                 )));
             }
-            if ready!(this.poll_fill(cx))? == 0 {
+            // Up to what the reader's buffer takes (a relay's pump reading a bulk stream
+            // offers 64 KiB): records read together are decrypted into it in one call.
+            if ready!(this.poll_fill(cx, buf.remaining()))? == 0 {
                 this.io_eof = true;
             }
         }
@@ -1162,6 +1237,116 @@ mod tests {
         }
         assert_eq!(got, b"one byte at a time");
         assert_eq!(server.buffered_capacity(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_bulk_reader_gets_whole_records_and_the_next_waits_for_its_next_read() {
+        let (mut server, reads, mut c, mut tcp) = pair().await;
+        let mut wire = Vec::new();
+        let mut data = Vec::new();
+        for i in 0..5u8 {
+            let part = vec![i; MAX_FRAGMENT];
+            wire.extend_from_slice(&seal(&mut c, &part));
+            data.extend_from_slice(&part);
+        }
+        tcp.write_all(&wire).await.unwrap();
+        // All of it in the server's socket before the first read.
+        tokio::time::sleep(APART).await;
+        // A relay's pump reads into 64 KiB: four records' plaintext in one read (the socket
+        // read for all four at once), and the fifth whole in the next, never a short piece of
+        // a record decrypted beyond the buffer.
+        let mut got = Vec::new();
+        let mut sizes = Vec::new();
+        while got.len() < data.len() {
+            let mut buf = vec![0u8; 4 * MAX_FRAGMENT];
+            let n = timeout(WAIT, server.read(&mut buf)).await.unwrap().unwrap();
+            assert!(n > 0, "the stream ended early");
+            sizes.push(n);
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, data);
+        assert_eq!(
+            sizes,
+            vec![4 * MAX_FRAGMENT, MAX_FRAGMENT],
+            "whole records per read (socket reads {:?})",
+            reads.lock().unwrap()
+        );
+        assert!(
+            reads.lock().unwrap().len() <= 2,
+            "a read per 64 KiB, not per record: {:?}",
+            reads.lock().unwrap()
+        );
+        assert_eq!(server.buffered_capacity(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_record_the_readers_buffer_cannot_take_waits_whole_for_the_next_read() {
+        let (mut server, reads, mut c, mut tcp) = pair().await;
+        let mut wire = Vec::new();
+        let mut data = Vec::new();
+        for i in 0..3u8 {
+            let part = vec![i; 1000];
+            wire.extend_from_slice(&seal(&mut c, &part));
+            data.extend_from_slice(&part);
+        }
+        tcp.write_all(&wire).await.unwrap();
+        tokio::time::sleep(APART).await;
+        // One socket read takes all three; each read of 1,500 bytes gets one whole record
+        // (not a record and a half, the half decrypted into a buffer of its own and then
+        // handed on alone).
+        let mut got = Vec::new();
+        let mut sizes = Vec::new();
+        while got.len() < data.len() {
+            let mut buf = [0u8; 1500];
+            let n = timeout(WAIT, server.read(&mut buf)).await.unwrap().unwrap();
+            assert!(n > 0, "the stream ended early");
+            sizes.push(n);
+            got.extend_from_slice(&buf[..n]);
+            assert_eq!(server.plain.capacity(), 0, "nothing decrypted ahead");
+        }
+        assert_eq!(got, data);
+        assert_eq!(sizes, vec![1000, 1000, 1000]);
+        assert_eq!(*reads.lock().unwrap(), vec![wire.len()], "one socket read");
+        assert_eq!(server.buffered_capacity(), 0);
+    }
+
+    #[test]
+    fn records_that_fit_cuts_before_the_first_record_the_room_cannot_take() {
+        // Three records with 100, 200 and 50 bytes of plaintext (TLS 1.3: 17 bytes more).
+        let record = |plain: usize| {
+            let len = (plain + TLS13_MIN_OVERHEAD) as u16;
+            let mut r = vec![0x17, 0x03, 0x03];
+            r.extend_from_slice(&len.to_be_bytes());
+            r.resize(5 + usize::from(len), 0);
+            r
+        };
+        let (a, b, c) = (record(100), record(200), record(50));
+        let held = [a.clone(), b.clone(), c.clone()].concat();
+        let fit = |room, take_one| records_that_fit(&held, room, TLS13_MIN_OVERHEAD, take_one);
+        assert_eq!(fit(350, false), None, "all fit");
+        assert_eq!(fit(349, false), Some(a.len() + b.len()));
+        assert_eq!(fit(299, false), Some(a.len()));
+        assert_eq!(fit(99, false), Some(0));
+        assert_eq!(fit(99, true), Some(a.len()), "the first record at least");
+        assert_eq!(fit(0, true), Some(a.len()));
+        // A record not all here yet, or a header not all here: rustls waits for it anyway.
+        let partial = [a.clone(), b[..50].to_vec()].concat();
+        assert_eq!(
+            records_that_fit(&partial, 100, TLS13_MIN_OVERHEAD, false),
+            None
+        );
+        assert_eq!(
+            records_that_fit(&partial, 99, TLS13_MIN_OVERHEAD, false),
+            Some(0)
+        );
+        assert_eq!(
+            records_that_fit(&b[..3], 0, TLS13_MIN_OVERHEAD, false),
+            None
+        );
+        assert_eq!(records_that_fit(&[], 0, TLS13_MIN_OVERHEAD, false), None);
+        // A header declaring more than a record may hold is left whole to rustls.
+        let huge = [0x17, 0x03, 0x03, 0xff, 0xff, 0, 0];
+        assert_eq!(records_that_fit(&huge, 0, TLS13_MIN_OVERHEAD, false), None);
     }
 
     #[tokio::test]
