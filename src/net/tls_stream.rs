@@ -1239,31 +1239,53 @@ mod tests {
         assert_eq!(server.buffered_capacity(), 0);
     }
 
-    #[tokio::test]
-    async fn a_bulk_reader_gets_whole_records_and_the_next_waits_for_its_next_read() {
-        let (mut server, reads, mut c, mut tcp) = pair().await;
+    /// `count` records of `size` bytes sealed by the client and all in the server's socket:
+    /// (their bytes on the wire, their plaintext).
+    async fn records_in_socket(
+        c: &mut ClientConnection,
+        tcp: &mut TcpStream,
+        count: u8,
+        size: usize,
+    ) -> (usize, Vec<u8>) {
         let mut wire = Vec::new();
         let mut data = Vec::new();
-        for i in 0..5u8 {
-            let part = vec![i; MAX_FRAGMENT];
-            wire.extend_from_slice(&seal(&mut c, &part));
+        for i in 0..count {
+            let part = vec![i; size];
+            wire.extend_from_slice(&seal(c, &part));
             data.extend_from_slice(&part);
         }
         tcp.write_all(&wire).await.unwrap();
-        // All of it in the server's socket before the first read.
         tokio::time::sleep(APART).await;
-        // A relay's pump reads into 64 KiB: four records' plaintext in one read (the socket
-        // read for all four at once), and the fifth whole in the next, never a short piece of
-        // a record decrypted beyond the buffer.
+        (wire.len(), data)
+    }
+
+    /// Reads `total` bytes with a buffer of `piece` bytes per read: (the bytes, each read's
+    /// size), checking that no read decrypted anything beyond the reader's buffer.
+    async fn read_in_pieces(
+        server: &mut TlsStream<Recorded>,
+        piece: usize,
+        total: usize,
+    ) -> (Vec<u8>, Vec<usize>) {
         let mut got = Vec::new();
         let mut sizes = Vec::new();
-        while got.len() < data.len() {
-            let mut buf = vec![0u8; 4 * MAX_FRAGMENT];
+        while got.len() < total {
+            let mut buf = vec![0u8; piece];
             let n = timeout(WAIT, server.read(&mut buf)).await.unwrap().unwrap();
             assert!(n > 0, "the stream ended early");
             sizes.push(n);
             got.extend_from_slice(&buf[..n]);
+            assert_eq!(server.plain.capacity(), 0, "nothing decrypted ahead");
         }
+        (got, sizes)
+    }
+
+    #[tokio::test]
+    async fn a_bulk_reader_gets_whole_records_and_the_next_waits_for_its_next_read() {
+        let (mut server, reads, mut c, mut tcp) = pair().await;
+        let (_, data) = records_in_socket(&mut c, &mut tcp, 5, MAX_FRAGMENT).await;
+        // A relay's pump reads into 64 KiB: four records' plaintext in one read (the socket
+        // read for all four at once), and the fifth whole in the next.
+        let (got, sizes) = read_in_pieces(&mut server, 4 * MAX_FRAGMENT, data.len()).await;
         assert_eq!(got, data);
         assert_eq!(
             sizes,
@@ -1282,31 +1304,14 @@ mod tests {
     #[tokio::test]
     async fn a_record_the_readers_buffer_cannot_take_waits_whole_for_the_next_read() {
         let (mut server, reads, mut c, mut tcp) = pair().await;
-        let mut wire = Vec::new();
-        let mut data = Vec::new();
-        for i in 0..3u8 {
-            let part = vec![i; 1000];
-            wire.extend_from_slice(&seal(&mut c, &part));
-            data.extend_from_slice(&part);
-        }
-        tcp.write_all(&wire).await.unwrap();
-        tokio::time::sleep(APART).await;
+        let (wire_len, data) = records_in_socket(&mut c, &mut tcp, 3, 1000).await;
         // One socket read takes all three; each read of 1,500 bytes gets one whole record
         // (not a record and a half, the half decrypted into a buffer of its own and then
         // handed on alone).
-        let mut got = Vec::new();
-        let mut sizes = Vec::new();
-        while got.len() < data.len() {
-            let mut buf = [0u8; 1500];
-            let n = timeout(WAIT, server.read(&mut buf)).await.unwrap().unwrap();
-            assert!(n > 0, "the stream ended early");
-            sizes.push(n);
-            got.extend_from_slice(&buf[..n]);
-            assert_eq!(server.plain.capacity(), 0, "nothing decrypted ahead");
-        }
+        let (got, sizes) = read_in_pieces(&mut server, 1500, data.len()).await;
         assert_eq!(got, data);
         assert_eq!(sizes, vec![1000, 1000, 1000]);
-        assert_eq!(*reads.lock().unwrap(), vec![wire.len()], "one socket read");
+        assert_eq!(*reads.lock().unwrap(), vec![wire_len], "one socket read");
         assert_eq!(server.buffered_capacity(), 0);
     }
 
