@@ -238,29 +238,32 @@ impl<IO> TlsStream<IO> {
         // them (rustls's "discard"), and they are removed once at the end.
         let mut start = 0;
         let mut delivered = false;
+        // Where the records a reader's buffer can take end, in `incoming` ([`records_that_fit`]).
+        let mut cut: Option<usize> = None;
         let result =
             'turns: loop {
-                let mut end = self.incoming.len();
                 if let Want::Read(buf) = &want {
-                    if !self.conn.is_handshaking() {
+                    if !self.conn.is_handshaking() && cut.is_none_or(|c| start >= c) {
                         // Whole records only while their plaintext surely fits the reader's
                         // buffer: the next one waits here for the next read rather than being
                         // decrypted into `plain` (and handed on as a short read of its own).
-                        // One record at least, when none was delivered yet.
+                        // One record at least, when none was delivered yet. rustls takes one
+                        // record per turn: the cut is walked to once, and again only when the
+                        // turns reach it, so each header is read about once per call.
                         let overhead = match self.conn.protocol_version() {
                             Some(rustls::ProtocolVersion::TLSv1_3) => TLS13_MIN_OVERHEAD,
                             _ => AEAD_MIN_OVERHEAD,
                         };
                         let held = self.incoming.get(start..).unwrap_or_default();
-                        let fit = records_that_fit(held, buf.remaining(), overhead, !delivered);
-                        match fit {
+                        match records_that_fit(held, buf.remaining(), overhead, !delivered) {
                             // The next record waits: this read is done.
                             Some(0) if delivered => break Ok(Progress::Delivered),
-                            Some(n) => end = start + n,
-                            None => {}
+                            Some(n) => cut = Some(start + n),
+                            None => cut = Some(self.incoming.len()),
                         }
                     }
                 }
+                let end = cut.unwrap_or(self.incoming.len()).max(start);
                 let input = self.incoming.get_mut(start..end).unwrap_or_default();
                 let UnbufferedStatus { discard, state } = self.conn.process_tls_records(input);
                 let state = match state {
@@ -1311,6 +1314,17 @@ mod tests {
         let (got, sizes) = read_in_pieces(&mut server, 1500, data.len()).await;
         assert_eq!(got, data);
         assert_eq!(sizes, vec![1000, 1000, 1000]);
+        assert_eq!(*reads.lock().unwrap(), vec![wire_len], "one socket read");
+        assert_eq!(server.buffered_capacity(), 0);
+    }
+
+    #[tokio::test]
+    async fn many_small_records_fill_each_read_to_the_readers_buffer() {
+        let (mut server, reads, mut c, mut tcp) = pair().await;
+        let (wire_len, data) = records_in_socket(&mut c, &mut tcp, 200, 1).await;
+        let (got, sizes) = read_in_pieces(&mut server, 50, data.len()).await;
+        assert_eq!(got, data);
+        assert_eq!(sizes, vec![50; 4], "each read filled by whole records");
         assert_eq!(*reads.lock().unwrap(), vec![wire_len], "one socket read");
         assert_eq!(server.buffered_capacity(), 0);
     }
