@@ -243,7 +243,7 @@ impl<IO> TlsStream<IO> {
         let result =
             'turns: loop {
                 if let Want::Read(buf) = &want {
-                    if !self.conn.is_handshaking() && cut.is_none_or(|c| start >= c) {
+                    if !self.conn.is_handshaking() && !matches!(cut, Some(c) if start < c) {
                         // Whole records only while their plaintext surely fits the reader's
                         // buffer: the next one waits here for the next read rather than being
                         // decrypted into `plain` (and handed on as a short read of its own).
