@@ -44,7 +44,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// The largest TLS record on the wire: a 5-byte header, then at most 2^14 bytes of data and
 /// 2,048 of cipher expansion (RFC 5246 section 6.2.3; TLS 1.3 allows less). rustls refuses a
 /// header declaring more before the record's bytes arrive.
-pub const MAX_RECORD: usize = 5 + 16_384 + 2_048;
+pub const MAX_RECORD: usize = RECORD_HEADER + 16_384 + 2_048;
+/// A TLS record's header: type, legacy_record_version, length (RFC 8446 section 5.1).
+const RECORD_HEADER: usize = 5;
 /// The most received bytes held at once. More than one record only while a handshake message
 /// spanning records is joined in place (rustls allows them up to 64 KiB; a ClientHello is
 /// 0.5-2 KiB).
@@ -573,8 +575,6 @@ enum HelloPeek<'a> {
 fn peek_suites(head: &[u8]) -> HelloPeek<'_> {
     const HANDSHAKE: u8 = 0x16;
     const CLIENT_HELLO: u8 = 0x01;
-    /// Record header: type, legacy_record_version, length.
-    const RECORD_HEADER: usize = 5;
     /// Handshake header (type, 24-bit length), legacy_version, random.
     const BEFORE_SESSION_ID: usize = 4 + 2 + 32;
     match head.first() {
@@ -749,7 +749,6 @@ fn records_that_fit(
     overhead: usize,
     take_one: bool,
 ) -> Option<usize> {
-    const RECORD_HEADER: usize = 5;
     let mut at = 0;
     while let Some(&[_, _, _, hi, lo]) = held.get(at..at + RECORD_HEADER) {
         let len = usize::from(u16::from_be_bytes([hi, lo]));
