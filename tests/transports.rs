@@ -1170,6 +1170,85 @@ fn plain_client_through_stunnel_into_the_rtmps_listener() {
     );
 }
 
+/// An RSA 2048 certificate (most certificates in use; the harness's other one is ECDSA): its
+/// handshakes sign off the executor (net::tls_stream), so every TLS client here goes through
+/// that path. ffmpeg (GnuTLS) publishes over rtmps and plays over rtmps and rtmpts, rtmpdump
+/// plays through stunnel (OpenSSL) into the rtmps listener; every player gets an exact run
+/// of the source's packets.
+#[test]
+fn engine_over_tls_with_an_rsa_certificate() {
+    let p = peers();
+    let c = rsa_certs();
+    let (chain, key) = (c.chain.display().to_string(), c.key.display().to_string());
+    let gw = Gateway::start(&[
+        "--listen",
+        "rtmp://127.0.0.1:0",
+        "--listen",
+        "rtmps://127.0.0.1:0",
+        "--tls-cert",
+        &chain,
+        "--tls-key",
+        &key,
+    ]);
+    let tls = Stunnel::start(gw.addr("rtmps"), TlsMode::Client);
+    let dir = temp_dir();
+    let src_file = source_flv(SECONDS);
+    let src = framemd5(&src_file);
+    let key = "live/rsa";
+    let url = |s: &str| format!("{}/{key}", gw.url(s));
+    let got = publish_and_play_when(
+        dir.path(),
+        &p.ffmpeg,
+        &url("rtmps"),
+        &src_file,
+        &[
+            (PlayerKind::Ffmpeg, url("rtmps")),
+            (PlayerKind::Ffmpeg, url("rtmpts")),
+            (
+                PlayerKind::Rtmpdump,
+                format!("rtmp://127.0.0.1:{}/{key}", tls.port()),
+            ),
+        ],
+        || gw.count_log(&format!(": play {key}")) >= 3,
+    );
+    for r in &got {
+        assert_contiguous_run(&r.label, &src, &r.frames, 1.0);
+    }
+    assert!(
+        gw.log_contains("rtmps 127.0.0.1"),
+        "no client arrived over rtmps"
+    );
+    // TLS 1.2 too (its ServerKeyExchange is the signed step there): curl (OpenSSL) asks the
+    // tunnel's first request over it and gets the tunnel's answer.
+    let mut cmd = std::process::Command::new(&p.curl);
+    cmd.args([
+        "-s",
+        "-v",
+        "-k",
+        "--tlsv1.2",
+        "--tls-max",
+        "1.2",
+        "--max-time",
+        "10",
+    ])
+    .args(["-X", "POST", "--data-binary", "x", "-o", "/dev/null"])
+    .args(["-w", "%{http_code}"])
+    .arg(format!(
+        "https://localhost:{}/fcs/ident2",
+        gw.addr("rtmps").port()
+    ));
+    let (status, out, err) = run_capture(&mut cmd, Duration::from_secs(15));
+    let (out, err) = (String::from_utf8_lossy(&out), String::from_utf8_lossy(&err));
+    assert!(
+        status.is_some_and(|s| s.success()) && out.trim() != "000",
+        "curl over TLS 1.2 got no reply: {out} {err}"
+    );
+    assert!(
+        err.contains("TLSv1.2") && err.contains("RSA"),
+        "curl did not settle on TLS 1.2 with an RSA suite: {err}"
+    );
+}
+
 /// The table's "fails" and "crashes" cells, kept honest: each client failure the README
 /// names is reproduced here with a stream running that a fixed client would receive, so
 /// the day a client is fixed this test fails and the cell must change. rtmpdump 2.4's own

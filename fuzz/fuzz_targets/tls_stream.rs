@@ -29,7 +29,7 @@ use libfuzzer_sys::fuzz_target;
 use rtmpgate::net::tls::{self, CertSource, SniResolver};
 use rtmpgate::net::tls_stream::TlsStream;
 use rustls::pki_types::ServerName;
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls::{ClientConfig, RootCertStore};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 const HANG: Duration = Duration::from_secs(3600);
@@ -74,7 +74,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Trickle<S> {
     }
 }
 
-fn server_config() -> Arc<ServerConfig> {
+fn server_config() -> tls::TlsServer {
     let dev = tls::load_certified_key(&CertSource::EmbeddedDev).expect("dev certificate");
     tls::server_config(SniResolver::new(dev)).expect("server config")
 }

@@ -238,7 +238,7 @@ fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 
 async fn serve(
     listener: std::net::TcpListener,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<crate::net::tls::TlsServer>,
     state: Arc<State>,
 ) {
     let listener = match tokio::net::TcpListener::from_std(listener) {

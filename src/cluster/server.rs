@@ -42,7 +42,7 @@ pub struct Server {
     pub limits: Arc<Limits>,
     pub tunnel: Weak<Tunnel>,
     /// The server's TLS configuration (TLS served by [`crate::net::tls_stream`]).
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub tls: Option<crate::net::tls::TlsServer>,
 }
 
 impl Server {

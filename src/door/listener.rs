@@ -9,8 +9,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::net::tls::TlsServer;
 use bytes::BytesMut;
-use rustls::ServerConfig;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -36,7 +36,7 @@ use crate::stream::{ByteStream, ClientStream, Prefixed, StreamHandler, Transport
 pub struct DoorOptions {
     pub limits: Arc<Limits>,
     /// Required when any listener is rtmps:// or rtmpts://.
-    pub tls: Option<Arc<ServerConfig>>,
+    pub tls: Option<TlsServer>,
     /// Serve RTMPE handshakes (false: refuse them).
     pub rtmpe: bool,
     /// Expect a PROXY protocol header from a load balancer on every connection.

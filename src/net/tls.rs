@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
@@ -390,6 +391,18 @@ impl SniResolver {
         }
         self.default.clone()
     }
+
+    /// Whether any of its keys is RSA. One RSA 2048 signature costs 1-3 ms of CPU (0.3 ms on
+    /// a CPU with AVX-512 IFMA), 20-30 times an ECDSA P-256 one (bench/RESULTS.md, TLS
+    /// handshakes): handshakes that may make one run their steps off the executor
+    /// ([`crate::net::tls_stream`]), so that a burst of new RTMPS clients does not stall the
+    /// streams already running.
+    pub fn signs_slowly(&self) -> bool {
+        std::iter::once(&self.default)
+            .chain(self.exact.values())
+            .chain(self.wildcard.values())
+            .any(|k| k.key.algorithm() == rustls::SignatureAlgorithm::RSA)
+    }
 }
 
 impl ResolvesServerCert for SniResolver {
@@ -404,19 +417,29 @@ impl ResolvesServerCert for SniResolver {
 #[derive(Debug)]
 pub struct Reloadable {
     current: std::sync::RwLock<Arc<SniResolver>>,
+    /// The current resolver's [`SniResolver::signs_slowly`], read once per handshake.
+    slow: AtomicBool,
 }
 
 impl Reloadable {
     pub fn new(resolver: SniResolver) -> Arc<Reloadable> {
         Arc::new(Reloadable {
+            slow: AtomicBool::new(resolver.signs_slowly()),
             current: std::sync::RwLock::new(Arc::new(resolver)),
         })
     }
 
     /// Serves `resolver`'s certificates to every handshake from now on.
     pub fn replace(&self, resolver: SniResolver) {
+        let slow = resolver.signs_slowly();
         let mut slot = self.current.write().unwrap_or_else(|e| e.into_inner());
         *slot = Arc::new(resolver);
+        self.slow.store(slow, Ordering::Relaxed);
+    }
+
+    /// [`SniResolver::signs_slowly`] of the certificates served now.
+    pub fn signs_slowly(&self) -> bool {
+        self.slow.load(Ordering::Relaxed)
     }
 
     fn get(&self) -> Arc<SniResolver> {
@@ -434,12 +457,60 @@ impl ResolvesServerCert for Reloadable {
     }
 }
 
-/// A TLS server configuration (TLS 1.2 and 1.3) answering with certificates from `resolver`.
-pub fn server_config(resolver: SniResolver) -> Result<Arc<ServerConfig>, TlsError> {
-    server_config_with(Arc::new(resolver))
+/// A TLS server: its configuration, the certificates it answers with, and the handshakes
+/// under way on it (together they decide where a handshake signs:
+/// [`TlsServer::sign_off_executor`]). Clones share all three.
+#[derive(Clone, Debug)]
+pub struct TlsServer {
+    pub config: Arc<ServerConfig>,
+    certificates: Arc<Reloadable>,
+    handshakes: Arc<AtomicUsize>,
 }
 
-/// [`server_config`] with any resolver, e.g. a [`Reloadable`] one.
+impl TlsServer {
+    /// Whether handshakes may sign with an RSA key now (certificates reload).
+    pub fn signs_slowly(&self) -> bool {
+        self.certificates.signs_slowly()
+    }
+
+    /// Counts a handshake as under way until the value returned is dropped.
+    pub fn handshake_begins(&self) -> HandshakeUnderWay {
+        self.handshakes.fetch_add(1, Ordering::Relaxed);
+        HandshakeUnderWay(self.handshakes.clone())
+    }
+
+    /// Handshakes under way now.
+    pub fn handshakes_under_way(&self) -> usize {
+        self.handshakes.load(Ordering::Relaxed)
+    }
+
+    /// Whether a handshake's signing step goes to the blocking pool: with an RSA key, once
+    /// other handshakes are under way beside it. A lone signature holds one executor thread
+    /// for 1-3 ms, as haproxy's event loop does, and moving it costs two thread wake-ups
+    /// (0.06-0.12 ms of CPU per handshake here: bench/RESULTS.md, sixteenth session); a burst
+    /// of them queued on the executor held every stream behind them (a running player's p99
+    /// latency 245 ms instead of 76 ms while 580 RSA handshakes a second arrived).
+    pub fn sign_off_executor(&self) -> bool {
+        self.signs_slowly() && self.handshakes_under_way() > 1
+    }
+}
+
+/// A handshake counted by [`TlsServer::handshake_begins`]; dropping it ends the count.
+#[derive(Debug)]
+pub struct HandshakeUnderWay(Arc<AtomicUsize>);
+
+impl Drop for HandshakeUnderWay {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A TLS server (TLS 1.2 and 1.3) answering with certificates from `resolver`.
+pub fn server_config(resolver: SniResolver) -> Result<TlsServer, TlsError> {
+    server_config_with(Reloadable::new(resolver))
+}
+
+/// [`server_config`] with a resolver the caller keeps to replace its certificates.
 ///
 /// Session resumption uses stateless tickets (the session sealed with keys only this process
 /// knows: AES-256-CBC and HMAC-SHA256 as RFC 5077 recommends, rotated every 6 hours), as
@@ -449,19 +520,21 @@ pub fn server_config(resolver: SniResolver) -> Result<Arc<ServerConfig>, TlsErro
 /// cache entry (measured: bench/RESULTS.md, TLS handshakes) and holds no memory per session.
 /// The config lives as long as the listeners (a reload swaps the certificates in the
 /// resolver, not the config), so tickets stay valid across reloads.
-pub fn server_config_with(
-    resolver: Arc<dyn ResolvesServerCert>,
-) -> Result<Arc<ServerConfig>, TlsError> {
+pub fn server_config_with(resolver: Arc<Reloadable>) -> Result<TlsServer, TlsError> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
-        .with_cert_resolver(resolver);
+        .with_cert_resolver(resolver.clone());
     config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
     // The server's order (SUITE_ORDER), not the client's: most clients (OpenSSL's, ffmpeg's,
     // Python's) list AES-256-GCM first.
     config.ignore_client_order = true;
     config.send_tls13_tickets = TLS13_TICKETS;
-    Ok(Arc::new(config))
+    Ok(TlsServer {
+        config: Arc::new(config),
+        certificates: resolver,
+        handshakes: Arc::new(AtomicUsize::new(0)),
+    })
 }
 
 /// TLS 1.3 session tickets sent after each handshake (full or resumed): one, as Go's server
@@ -699,7 +772,7 @@ mod tests {
     #[test]
     fn sessions_resume_with_tickets_beyond_any_cache() {
         let dev = load_certified_key(&CertSource::EmbeddedDev).unwrap();
-        let server = server_config(SniResolver::new(dev)).unwrap();
+        let server = server_config(SniResolver::new(dev)).unwrap().config;
         assert!(server.ticketer.enabled(), "stateless tickets are on");
         let mut roots = RootCertStore::empty();
         for cert in certs_from_pem(CA_PEM, Path::new("ca")).unwrap() {
@@ -794,7 +867,7 @@ mod tests {
     #[test]
     fn one_ticket_per_handshake_and_it_resumes() {
         let dev = load_certified_key(&CertSource::EmbeddedDev).unwrap();
-        let server = server_config(SniResolver::new(dev)).unwrap();
+        let server = server_config(SniResolver::new(dev)).unwrap().config;
         let mut roots = RootCertStore::empty();
         for cert in certs_from_pem(CA_PEM, Path::new("ca")).unwrap() {
             roots.add(cert).unwrap();
@@ -850,7 +923,7 @@ mod tests {
     /// runs it) settles on, in memory.
     fn suite_chosen(mut client: rustls::ClientConnection) -> rustls::CipherSuite {
         let dev = load_certified_key(&CertSource::EmbeddedDev).unwrap();
-        let config = server_config(SniResolver::new(dev)).unwrap();
+        let config = server_config(SniResolver::new(dev)).unwrap().config;
         let mut acceptor = rustls::server::Acceptor::default();
         let mut wire = Vec::new();
         client.write_tls(&mut wire).unwrap();

@@ -39,6 +39,8 @@ use rustls::unbuffered::{
     WriteTraffic,
 };
 use rustls::ServerConfig;
+
+use crate::net::tls::TlsServer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// The largest TLS record on the wire: a 5-byte header, then at most 2^14 bytes of data and
@@ -144,12 +146,12 @@ fn failed_before() -> io::Error {
     )
 }
 
-impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
+impl<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static> TlsStream<IO> {
     /// The server's TLS handshake on `io`, whose first bytes (already read from it, e.g. by
     /// the door's sniff) are `head`: reads the ClientHello, chooses the configuration for it
-    /// from `config` ([`crate::net::tls::config_for_client`]), and completes the handshake,
+    /// from `server` ([`crate::net::tls::config_for_client`]), and completes the handshake,
     /// session tickets sent. The caller bounds the time it takes.
-    pub async fn accept(mut io: IO, head: &[u8], config: &Arc<ServerConfig>) -> io::Result<Self> {
+    pub async fn accept(mut io: IO, head: &[u8], server: &TlsServer) -> io::Result<Self> {
         if head.len() > INCOMING_MAX {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -158,8 +160,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
         }
         let mut incoming = Vec::with_capacity(MAX_RECORD.max(head.len()));
         incoming.extend_from_slice(head);
-        let chosen = read_client_hello(&mut io, &mut incoming, config).await?;
-        let mut stream = TlsStream {
+        let _under_way = server.handshake_begins();
+        let chosen = read_client_hello(&mut io, &mut incoming, &server.config).await?;
+        let stream = TlsStream {
             io,
             conn: UnbufferedServerConnection::new(chosen).map_err(tls_error)?,
             incoming,
@@ -172,15 +175,27 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
             write_closed: false,
             failed: false,
         };
-        stream.handshake().await?;
-        Ok(stream)
+        stream.handshake(server).await
     }
 
     /// Runs the handshake to its end: every flight written, the peer's Finished read, the
-    /// session tickets sent.
-    async fn handshake(&mut self) -> io::Result<()> {
+    /// session tickets sent. When `server` says so ([`TlsServer::sign_off_executor`]: an RSA
+    /// key, 1-3 ms of CPU per signature on the machines measured, and other handshakes under
+    /// way) the steps that answer a ClientHello (or take TLS 1.2's client key exchange) run
+    /// on the blocking pool, [`handshake_workers`] at most at once, and the rest here (each
+    /// move to the pool costs two thread wake-ups): on an executor thread, a burst of such
+    /// handshakes held every stream behind it (bench/RESULTS.md: a player's p99 latency 76 ms
+    /// alone, 226-250 ms while 580 RSA handshakes a second arrived).
+    async fn handshake(mut self, server: &TlsServer) -> io::Result<Self> {
         loop {
-            let progress = match self.process(Want::Drive) {
+            let step = if holds_handshake_record(&self.incoming) && server.sign_off_executor() {
+                let (stream, step) = self.drive_off_executor().await?;
+                self = stream;
+                step
+            } else {
+                self.process(Want::Drive)
+            };
+            let progress = match step {
                 Ok(p) => p,
                 Err(e) => {
                     self.send_once();
@@ -189,7 +204,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
             };
             poll_fn(|cx| self.poll_send(cx)).await?;
             if !self.conn.is_handshaking() {
-                return Ok(());
+                return Ok(self);
             }
             if progress == Progress::Closed || self.peer_closed {
                 return Err(io::Error::new(
@@ -206,9 +221,79 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
             }
         }
     }
+
+    /// One handshake step on a blocking-pool thread, once a slot is free; the socket waits
+    /// here meanwhile.
+    async fn drive_off_executor(self) -> io::Result<(Self, io::Result<Progress>)> {
+        let (mut bare, io) = self.with_io(());
+        let slot = handshake_slots().acquire().await.map_err(|_| {
+            io::Error::other("TLS handshake: the signing slots are closed (shutting down)")
+        })?;
+        let (bare, step) = tokio::task::spawn_blocking(move || {
+            // The slot is held by the work itself: it frees once the signature is made, even
+            // when the handshake's caller gave up waiting (its timeout) meanwhile.
+            let _slot = slot;
+            let step = bare.process(Want::Drive);
+            (bare, step)
+        })
+        .await
+        .map_err(|e| {
+            io::Error::other(format!(
+                "TLS handshake: the blocking-pool thread running its step failed ({e}); a bug, \
+                 or the runtime is shutting down"
+            ))
+        })?;
+        let (stream, ()) = bare.with_io(io);
+        Ok((stream, step))
+    }
+}
+
+/// Handshake steps running on the blocking pool at once ([`TlsStream::accept`] with an RSA
+/// key): one per core, so a burst of new clients signs as fast as the machine can, and the
+/// executor threads, sharing the cores with them, still run the streams already up. A
+/// handshake waiting for a slot holds no thread.
+pub fn handshake_workers() -> usize {
+    std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
+}
+
+fn handshake_slots() -> &'static tokio::sync::Semaphore {
+    static SLOTS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    SLOTS.get_or_init(|| tokio::sync::Semaphore::new(handshake_workers()))
 }
 
 impl<IO> TlsStream<IO> {
+    /// The same connection over `io`, and the socket it had: a handshake step moves to
+    /// another thread without the socket (`TlsStream<()>`).
+    fn with_io<T>(self, io: T) -> (TlsStream<T>, IO) {
+        let TlsStream {
+            io: had,
+            conn,
+            incoming,
+            plain,
+            plain_pos,
+            outgoing,
+            out_pos,
+            peer_closed,
+            io_eof,
+            write_closed,
+            failed,
+        } = self;
+        let stream = TlsStream {
+            io,
+            conn,
+            incoming,
+            plain,
+            plain_pos,
+            outgoing,
+            out_pos,
+            peer_closed,
+            io_eof,
+            write_closed,
+            failed,
+        };
+        (stream, had)
+    }
+
     /// The socket (for socket options; reading or writing it directly breaks the stream).
     pub fn get_ref(&self) -> &IO {
         &self.io
@@ -767,6 +852,24 @@ fn records_that_fit(
     None
 }
 
+/// TLS's handshake content type (RFC 8446 section 5.1).
+const HANDSHAKE: u8 = 22;
+
+/// Whether `held` has a record of the handshake content type, whole or begun: a ClientHello
+/// (answering it signs and runs the key exchange), or TLS 1.2's client flight (its key
+/// exchange). TLS 1.3's Finished comes as an encrypted record (type 23) and its step is cheap.
+/// Only headers are read.
+fn holds_handshake_record(held: &[u8]) -> bool {
+    let mut at = 0;
+    while let Some(&[kind, _, _, hi, lo]) = held.get(at..at + RECORD_HEADER) {
+        if kind == HANDSHAKE {
+            return true;
+        }
+        at += RECORD_HEADER + usize::from(u16::from_be_bytes([hi, lo]));
+    }
+    false
+}
+
 /// Encrypts `data` as application records after what `out` holds.
 fn encrypt_into(
     traffic: &mut WriteTraffic<'_, rustls::server::ServerConnectionData>,
@@ -1055,7 +1158,7 @@ mod tests {
         crate::stream::forward_async_write!(tcp);
     }
 
-    fn server_config() -> Arc<ServerConfig> {
+    fn server_config() -> TlsServer {
         let dev = tls::load_certified_key(&CertSource::EmbeddedDev).unwrap();
         tls::server_config(SniResolver::new(dev)).unwrap()
     }
@@ -1328,6 +1431,31 @@ mod tests {
         assert_eq!(server.buffered_capacity(), 0);
     }
 
+    /// The steps moved off the executor are the ones with a handshake record in: a
+    /// ClientHello (after a change_cipher_spec too), not TLS 1.3's encrypted Finished.
+    #[test]
+    fn handshake_records_are_told_from_their_headers() {
+        let record = |kind: u8, len: u16| {
+            let mut r = vec![kind, 0x03, 0x03];
+            r.extend_from_slice(&len.to_be_bytes());
+            r.resize(5 + usize::from(len), 0);
+            r
+        };
+        let hello = record(22, 300);
+        let ccs = record(20, 1);
+        let finished = record(23, 53);
+        assert!(holds_handshake_record(&hello));
+        assert!(
+            !holds_handshake_record(&hello[..3]),
+            "a header not all here"
+        );
+        assert!(holds_handshake_record(&hello[..5]), "a record begun");
+        assert!(holds_handshake_record(&[ccs.clone(), hello].concat()));
+        assert!(!holds_handshake_record(&[ccs, finished.clone()].concat()));
+        assert!(!holds_handshake_record(&finished));
+        assert!(!holds_handshake_record(&[]));
+    }
+
     #[test]
     fn records_that_fit_cuts_before_the_first_record_the_room_cannot_take() {
         // Three records with 100, 200 and 50 bytes of plaintext (TLS 1.3: 17 bytes more).
@@ -1573,8 +1701,15 @@ mod tests {
     async fn accepted<F: std::future::Future>(
         client: impl FnOnce(SocketAddr) -> F,
     ) -> TlsStream<TcpStream> {
+        accepted_by(server_config(), client).await
+    }
+
+    /// [`accepted`] by `config`.
+    async fn accepted_by<F: std::future::Future>(
+        config: TlsServer,
+        client: impl FnOnce(SocketAddr) -> F,
+    ) -> TlsStream<TcpStream> {
         let (l, addr) = listen().await;
-        let config = server_config();
         let server = async move {
             let (tcp, _) = l.accept().await.unwrap();
             TlsStream::accept(tcp, &[], &config).await.unwrap()
@@ -1583,6 +1718,137 @@ mod tests {
             .await
             .unwrap();
         server
+    }
+
+    /// The dev key, saying it is an RSA key when `says_rsa` (so that handshakes treat it as
+    /// one: [`TlsServer::signs_slowly`]), and noting the thread each signature is made on.
+    #[derive(Debug)]
+    struct NotingKey {
+        key: Arc<dyn rustls::sign::SigningKey>,
+        says_rsa: bool,
+        threads: Arc<Mutex<Vec<std::thread::ThreadId>>>,
+    }
+
+    #[derive(Debug)]
+    struct NotingSigner {
+        signer: Box<dyn rustls::sign::Signer>,
+        threads: Arc<Mutex<Vec<std::thread::ThreadId>>>,
+    }
+
+    impl rustls::sign::SigningKey for NotingKey {
+        fn choose_scheme(
+            &self,
+            offered: &[rustls::SignatureScheme],
+        ) -> Option<Box<dyn rustls::sign::Signer>> {
+            let signer = self.key.choose_scheme(offered)?;
+            let threads = self.threads.clone();
+            Some(Box::new(NotingSigner { signer, threads }))
+        }
+
+        fn algorithm(&self) -> rustls::SignatureAlgorithm {
+            match self.says_rsa {
+                true => rustls::SignatureAlgorithm::RSA,
+                false => self.key.algorithm(),
+            }
+        }
+    }
+
+    impl rustls::sign::Signer for NotingSigner {
+        fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
+            self.threads
+                .lock()
+                .unwrap()
+                .push(std::thread::current().id());
+            self.signer.sign(message)
+        }
+
+        fn scheme(&self) -> rustls::SignatureScheme {
+            self.signer.scheme()
+        }
+    }
+
+    /// The dev certificate with a [`NotingKey`].
+    fn noting(
+        says_rsa: bool,
+        threads: &Arc<Mutex<Vec<std::thread::ThreadId>>>,
+    ) -> Arc<rustls::sign::CertifiedKey> {
+        let dev = tls::load_certified_key(&CertSource::EmbeddedDev).unwrap();
+        let key = Arc::new(NotingKey {
+            key: dev.key.clone(),
+            says_rsa,
+            threads: threads.clone(),
+        });
+        Arc::new(rustls::sign::CertifiedKey::new(dev.cert.clone(), key))
+    }
+
+    /// Whether handshakes sign off the executor follows the certificates served: any RSA
+    /// key (the default or one for a name) makes it so, and a reload changes it.
+    #[test]
+    fn an_rsa_key_anywhere_in_the_certificates_served_signs_off_the_executor() {
+        let threads = Arc::new(Mutex::new(Vec::new()));
+        let ecdsa = || SniResolver::new(noting(false, &threads));
+        let mut named = ecdsa();
+        named.add("*.example.com", noting(true, &threads));
+        assert!(!ecdsa().signs_slowly());
+        assert!(named.signs_slowly());
+        let running = tls::Reloadable::new(ecdsa());
+        let config = tls::server_config_with(running.clone()).unwrap();
+        assert!(!config.signs_slowly());
+        running.replace(named);
+        assert!(config.signs_slowly(), "after a reload to an RSA key");
+        running.replace(ecdsa());
+        assert!(!config.signs_slowly(), "after a reload back");
+    }
+
+    /// The test runs on one thread, the executor's only one. With an RSA key and another
+    /// handshake under way the signature is made on another thread (the blocking pool), so
+    /// the streams the executor runs are not held behind a queue of signatures; a lone RSA
+    /// handshake, and an ECDSA one (a twentieth of the cost) in company, sign on the
+    /// executor, where moving would cost more than it spares. Every handshake completes, its
+    /// stream carries data, and the count of handshakes under way goes back down.
+    #[tokio::test]
+    async fn rsa_handshakes_in_company_sign_off_the_executor() {
+        let executor = std::thread::current().id();
+        for (says_rsa, company, off) in [
+            (true, true, true),
+            (true, false, false),
+            (false, true, false),
+        ] {
+            let threads = Arc::new(Mutex::new(Vec::new()));
+            let config = tls::server_config(SniResolver::new(noting(says_rsa, &threads))).unwrap();
+            assert_eq!(config.signs_slowly(), says_rsa);
+            // Another handshake under way (one whose client is still on its way).
+            let other = company.then(|| config.handshake_begins());
+            let counted = config.clone();
+            let mut server = accepted_by(config, |addr| async move {
+                let connector = tokio_rustls::TlsConnector::from(client_config(
+                    &[&rustls::version::TLS13],
+                    None,
+                ));
+                let tcp = TcpStream::connect(addr).await.unwrap();
+                let mut c = connector.connect(localhost(), tcp).await.unwrap();
+                c.write_all(b"after the handshake").await.unwrap();
+                c.flush().await.unwrap();
+            })
+            .await;
+            let mut got = [0u8; 19];
+            timeout(WAIT, server.read_exact(&mut got))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(&got, b"after the handshake");
+            let threads = threads.lock().unwrap().clone();
+            assert_eq!(threads.len(), 1, "one signature per full handshake");
+            assert_eq!(
+                threads[0] != executor,
+                off,
+                "RSA {says_rsa}, in company {company}: signed on the executor's thread: {}",
+                threads[0] == executor
+            );
+            assert_eq!(counted.handshakes_under_way(), usize::from(company));
+            drop(other);
+            assert_eq!(counted.handshakes_under_way(), 0);
+        }
     }
 
     /// A client offering `suites` in that order: the suite the server's stream settled on.

@@ -19,8 +19,23 @@ pub struct DevCerts {
 
 pub fn dev_certs() -> &'static DevCerts {
     static CERTS: OnceLock<DevCerts> = OnceLock::new();
+    CERTS.get_or_init(|| DevCerts::in_dir(cached(&media_dir().join("certs"), make_certs)))
+}
+
+/// The same, with RSA 2048 keys (CA and leaf): what most certificates in use still are, and
+/// the key whose signature makes a TLS handshake costly (rtmpgate signs it off the executor),
+/// cached in target/test-media/certs-rsa.
+pub fn rsa_certs() -> &'static DevCerts {
+    static CERTS: OnceLock<DevCerts> = OnceLock::new();
     CERTS.get_or_init(|| {
-        let dir = cached(&media_dir().join("certs"), make_certs);
+        DevCerts::in_dir(cached(&media_dir().join("certs-rsa"), |dir| {
+            make_certs_with(dir, &["-newkey", "rsa:2048"])
+        }))
+    })
+}
+
+impl DevCerts {
+    fn in_dir(dir: PathBuf) -> DevCerts {
         DevCerts {
             ca: dir.join("ca.pem"),
             cert: dir.join("cert.pem"),
@@ -28,10 +43,18 @@ pub fn dev_certs() -> &'static DevCerts {
             key: dir.join("key.pem"),
             dir,
         }
-    })
+    }
 }
 
 pub(crate) fn make_certs(dir: &Path) {
+    make_certs_with(
+        dir,
+        &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"],
+    )
+}
+
+/// A CA and a localhost leaf in `dir`, both with the key openssl's `newkey` arguments name.
+fn make_certs_with(dir: &Path, newkey: &[&str]) {
     let openssl = &peers().openssl;
     fs::create_dir_all(dir).expect("cannot create the certs directory");
     let t = Duration::from_secs(30);
@@ -40,11 +63,10 @@ pub(crate) fn make_certs(dir: &Path) {
         c.current_dir(dir).args(args);
         run_ok(&mut c, t);
     };
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
     ossl(
         &[
             &["req", "-x509", "-nodes"][..],
-            &ec,
+            newkey,
             &[
                 "-keyout",
                 "ca.key",
@@ -65,7 +87,7 @@ pub(crate) fn make_certs(dir: &Path) {
     ossl(
         &[
             &["req", "-nodes"][..],
-            &ec,
+            newkey,
             &[
                 "-keyout",
                 "key.pem",

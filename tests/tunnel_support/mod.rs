@@ -82,7 +82,7 @@ impl Gateway {
         let tunnel = Tunnel::new(Arc::new(limits), pump_to(backend));
         let key = tls::load_certified_key(&tls::CertSource::EmbeddedDev).unwrap();
         let config = tls::server_config(tls::SniResolver::new(key)).unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let acceptor = tokio_rustls::TlsAcceptor::from(config.config);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let t = Arc::clone(&tunnel);
