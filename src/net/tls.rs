@@ -487,7 +487,7 @@ impl TlsServer {
     /// Whether a handshake's signing step goes to the blocking pool: with an RSA key, once
     /// other handshakes are under way beside it. A lone signature holds one executor thread
     /// for 1-3 ms, as haproxy's event loop does, and moving it costs two thread wake-ups
-    /// (0.06-0.12 ms of CPU per handshake here: bench/RESULTS.md, sixteenth session); a burst
+    /// (0.06-0.12 ms of CPU per handshake here: bench/RESULTS.md, fifteenth session); a burst
     /// of them queued on the executor held every stream behind them (a running player's p99
     /// latency 245 ms instead of 76 ms while 580 RSA handshakes a second arrived).
     pub fn sign_off_executor(&self) -> bool {
