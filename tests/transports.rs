@@ -1178,18 +1178,7 @@ fn plain_client_through_stunnel_into_the_rtmps_listener() {
 #[test]
 fn engine_over_tls_with_an_rsa_certificate() {
     let p = peers();
-    let c = rsa_certs();
-    let (chain, key) = (c.chain.display().to_string(), c.key.display().to_string());
-    let gw = Gateway::start(&[
-        "--listen",
-        "rtmp://127.0.0.1:0",
-        "--listen",
-        "rtmps://127.0.0.1:0",
-        "--tls-cert",
-        &chain,
-        "--tls-key",
-        &key,
-    ]);
+    let gw = Gateway::builder().rtmp_and_rtmps_with(rsa_certs()).start();
     let tls = Stunnel::start(gw.addr("rtmps"), TlsMode::Client);
     let dir = temp_dir();
     let src_file = source_flv(SECONDS);

@@ -31,7 +31,11 @@ impl GatewayBuilder {
     /// An rtmp and an rtmps listener on ports bound to 0 (each also serves its tunnel
     /// sibling), with the harness's dev certificate.
     pub fn rtmp_and_rtmps(self) -> Self {
-        let c = dev_certs();
+        self.rtmp_and_rtmps_with(dev_certs())
+    }
+
+    /// [`GatewayBuilder::rtmp_and_rtmps`] with these certificates (e.g. [`rsa_certs`]).
+    pub fn rtmp_and_rtmps_with(self, c: &DevCerts) -> Self {
         let chain = c.chain.display().to_string();
         let key = c.key.display().to_string();
         self.args(&[
