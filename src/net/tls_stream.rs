@@ -252,7 +252,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static> TlsStream<IO> {
 /// key): one per core, so a burst of new clients signs as fast as the machine can, and the
 /// executor threads, sharing the cores with them, still run the streams already up. A
 /// handshake waiting for a slot holds no thread.
-pub fn handshake_workers() -> usize {
+fn handshake_workers() -> usize {
     std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
 }
 
