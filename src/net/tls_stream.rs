@@ -188,7 +188,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static> TlsStream<IO> {
     /// alone, 226-250 ms while 580 RSA handshakes a second arrived).
     async fn handshake(mut self, server: &TlsServer) -> io::Result<Self> {
         loop {
-            let step = if holds_handshake_record(&self.incoming) && server.sign_off_executor() {
+            let step = if server.sign_off_executor() && holds_handshake_record(&self.incoming) {
                 let (stream, step) = self.drive_off_executor().await?;
                 self = stream;
                 step
