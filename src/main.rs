@@ -155,9 +155,13 @@ fn check(config: &Config) -> anyhow::Result<()> {
         println!("  listen   {l}");
     }
     if let Some(tls) = &config.tls {
-        println!("  tls      {}", tls.default);
+        println!("  tls      {}", tls.default_named());
         for s in &tls.sni {
-            println!("  tls sni  {} -> {}", s.server_names.join(", "), s.source);
+            println!(
+                "  tls sni  {} -> {}",
+                s.server_names.join(", "),
+                s.sources_named()
+            );
         }
     }
     if let Some(up) = &config.upstream {
@@ -289,19 +293,21 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     );
     let tls = match &config.tls {
         Some(settings) => {
-            match &settings.default {
-                CertSource::EmbeddedDev => tracing::warn!(
-                    "TLS listeners use the built-in dev certificate for localhost; its key is \
+            for source in &settings.default {
+                match source {
+                    CertSource::EmbeddedDev => tracing::warn!(
+                        "TLS listeners use the built-in dev certificate for localhost; its key is \
                      public, so use it for testing only (set --tls-cert and --tls-key)"
-                ),
-                CertSource::Files { cert, .. } if cert.ends_with("certs/localhost.pem") => {
-                    tracing::warn!(
+                    ),
+                    CertSource::Files { cert, .. } if cert.ends_with("certs/localhost.pem") => {
+                        tracing::warn!(
                         "TLS listeners use the dev certificate {}; its key is public, so use it \
                          for testing only (set --tls-cert and --tls-key)",
                         cert.display()
                     )
+                    }
+                    CertSource::Files { .. } => {}
                 }
-                CertSource::Files { .. } => {}
             }
             let resolver = Reloadable::new(build_resolver(settings)?);
             Some((tls::server_config_with(resolver.clone())?, resolver))

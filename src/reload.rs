@@ -23,6 +23,7 @@ use crate::live::Live;
 use crate::net::tls::{self, Reloadable, SniResolver};
 use crate::stream::StreamHandler;
 use crate::upstream::Upstream;
+use rustls::sign::CertifiedKey;
 
 /// Limits a reload cannot change: the address grouping keys the connection, rate and
 /// memory tables of every open connection. A change is named in `restart_needed`. Every
@@ -200,7 +201,10 @@ impl Reloader {
             applied.push("tls certificates");
         }
         if let (true, Some(settings)) = (applied.contains(&"tls certificates"), &fresh.tls) {
-            tracing::info!("{via}: reloaded TLS certificates ({})", settings.default);
+            tracing::info!(
+                "{via}: reloaded TLS certificates ({})",
+                settings.default_named()
+            );
         }
         if limits_changed {
             let budget = fresh.limits.memory_budget();
@@ -273,15 +277,41 @@ impl Reloader {
 
 /// Loads every certificate and key the TLS settings name.
 pub fn build_resolver(settings: &TlsSettings) -> anyhow::Result<SniResolver> {
-    let default = tls::load_certified_key(&settings.default)?;
-    let mut resolver = SniResolver::new(default);
+    let mut default = load_kinds(&settings.default)?.into_iter();
+    let Some(first) = default.next() else {
+        anyhow::bail!(
+            "no default TLS certificate: set [tls] cert and key (or --tls-cert and --tls-key)"
+        );
+    };
+    let mut resolver = SniResolver::new(first);
+    default.for_each(|key| resolver.add_default(key));
     for entry in &settings.sni {
-        let key = tls::load_certified_key(&entry.source)?;
-        for name in &entry.server_names {
-            resolver.add(name, key.clone());
+        for key in load_kinds(&entry.sources)? {
+            for name in &entry.server_names {
+                resolver.add(name, key.clone());
+            }
         }
     }
     Ok(resolver)
+}
+
+/// Loads the chains given together for the same names, one per kind of key: a second chain
+/// of a kind already listed would silently replace the first, so it is refused.
+fn load_kinds(sources: &[tls::CertSource]) -> anyhow::Result<Vec<Arc<CertifiedKey>>> {
+    let mut keys: Vec<(Arc<CertifiedKey>, &tls::CertSource)> = Vec::with_capacity(sources.len());
+    for source in sources {
+        let key = tls::load_certified_key(source)?;
+        let kind = key.key.algorithm();
+        if let Some((_, other)) = keys.iter().find(|(k, _)| k.key.algorithm() == kind) {
+            anyhow::bail!(
+                "{source} and {other} both hold {kind:?} keys for the same names; list one \
+                 chain per kind of key (e.g. one RSA and one ECDSA), or give the other names \
+                 an entry of their own"
+            );
+        }
+        keys.push((key, source));
+    }
+    Ok(keys.into_iter().map(|(k, _)| k).collect())
 }
 
 /// The error and its causes on one line, skipping a cause its parent's message already
@@ -367,6 +397,32 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn two_chains_of_one_kind_for_the_same_names_are_refused() {
+        use crate::config::SniCert;
+        let dev = || tls::CertSource::EmbeddedDev;
+        let twice = TlsSettings {
+            default: vec![dev(), dev()],
+            sni: vec![],
+        };
+        let e = report(&build_resolver(&twice).unwrap_err());
+        assert!(e.contains("both hold ECDSA keys"), "{e}");
+        let sni = TlsSettings {
+            default: vec![dev()],
+            sni: vec![SniCert {
+                server_names: vec!["live.example.com".into()],
+                sources: vec![dev(), dev()],
+            }],
+        };
+        assert!(build_resolver(&sni).is_err());
+        // One of each kind, or one, is fine.
+        let one = TlsSettings {
+            default: vec![dev()],
+            sni: vec![],
+        };
+        assert!(build_resolver(&one).is_ok());
+    }
 
     #[test]
     fn changed_limits_are_named() {

@@ -8,6 +8,7 @@
 mod common;
 
 use std::fs;
+use std::path::Path;
 use std::time::Duration;
 
 use common::*;
@@ -1235,6 +1236,141 @@ fn engine_over_tls_with_an_rsa_certificate() {
     assert!(
         err.contains("TLSv1.2") && err.contains("RSA"),
         "curl did not settle on TLS 1.2 with an RSA suite: {err}"
+    );
+}
+
+/// An RSA chain and an ECDSA chain for the same names, as haproxy and nginx serve them (the
+/// README's "Two certificates"): each real client gets the one it can take, ECDSA whenever
+/// it can, so a deployment whose CA issued RSA pays the RSA signature only for clients that
+/// cannot do ECDSA. Which chain a client got is told by having it verify against one CA at a
+/// time (the two chains come from two CAs), the media frame by frame.
+#[test]
+fn engine_over_tls_with_rsa_and_ecdsa_chains() {
+    let p = peers();
+    let (rsa, ec) = (rsa_certs(), dev_certs());
+    let s = |p: &Path| p.display().to_string();
+    // RSA given first: the order given does not decide, the client does.
+    let gw = Gateway::builder()
+        .args(&[
+            "--listen",
+            "rtmp://127.0.0.1:0",
+            "--listen",
+            "rtmps://127.0.0.1:0",
+            "--tls-cert",
+            &s(&rsa.chain),
+            "--tls-key",
+            &s(&rsa.key),
+            "--tls-cert",
+            &s(&ec.chain),
+            "--tls-key",
+            &s(&ec.key),
+        ])
+        .start();
+    let dir = temp_dir();
+    let src_file = source_flv(SECONDS);
+    let src = framemd5(&src_file);
+    let key = "live/dual";
+    let url = |s: &str| format!("{}/{key}", gw.url(s));
+    let got = publish_and_play_when(
+        dir.path(),
+        &p.ffmpeg,
+        &url("rtmps"),
+        &src_file,
+        &[
+            (PlayerKind::Ffmpeg, url("rtmps")),
+            (PlayerKind::Ffmpeg, url("rtmpts")),
+        ],
+        || gw.count_log(&format!(": play {key}")) >= 2,
+    );
+    for r in &got {
+        assert_contiguous_run(&r.label, &src, &r.frames, 1.0);
+    }
+    let port = gw.addr("rtmps").port();
+    let t = Duration::from_secs(20);
+    // ffmpeg (GnuTLS) verifying the chain: it publishes trusting the ECDSA CA alone, and
+    // refuses the server trusting the RSA CA alone.
+    let short = source_flv(1);
+    let ffmpeg_publish = |ca: &Path| {
+        let mut cmd = std::process::Command::new(&p.ffmpeg);
+        cmd.args(["-nostdin", "-hide_banner", "-loglevel", "error", "-i"])
+            .arg(&short)
+            .args(["-c", "copy", "-f", "flv", "-tls_verify", "1", "-ca_file"])
+            .arg(ca)
+            .arg(format!("rtmps://localhost:{port}/live/dual-check"));
+        let (status, _, err) = run_capture(&mut cmd, t);
+        (
+            status.is_some_and(|s| s.success()),
+            String::from_utf8_lossy(&err).into_owned(),
+        )
+    };
+    let (ok, err) = ffmpeg_publish(&ec.ca);
+    assert!(ok, "ffmpeg did not get the ECDSA chain: {err}");
+    let (ok, err) = ffmpeg_publish(&rsa.ca);
+    assert!(
+        !ok && err.contains("verification"),
+        "ffmpeg trusting the RSA CA alone was not refused: {err}"
+    );
+    // OpenSSL's s_client offering RSA signatures alone (a client without ECDSA) gets the RSA
+    // chain, TLS 1.3; offering everything, the ECDSA one.
+    let s_client = |extra: &[&str], ca: &Path| {
+        let mut cmd = std::process::Command::new(&p.openssl);
+        cmd.args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
+            .args([
+                "-servername",
+                "localhost",
+                "-verify_return_error",
+                "-CAfile",
+            ])
+            .arg(ca)
+            .args(extra)
+            .stdin(std::process::Stdio::null());
+        let (status, out, err) = run_capture(&mut cmd, t);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out),
+            String::from_utf8_lossy(&err)
+        );
+        (status.is_some_and(|s| s.success()), text)
+    };
+    let (ok, text) = s_client(&["-sigalgs", "RSA-PSS+SHA256:RSA+SHA256"], &rsa.ca);
+    assert!(
+        ok && text.contains("Server public key is 2048 bit") && text.contains("TLSv1.3"),
+        "s_client offering RSA alone did not get the RSA chain over TLS 1.3: {text}"
+    );
+    let (ok, text) = s_client(&[], &ec.ca);
+    assert!(
+        ok && text.contains("Peer signature type: ECDSA"),
+        "s_client offering everything did not get the ECDSA chain: {text}"
+    );
+    // curl (OpenSSL) on TLS 1.2 with RSA suites alone gets the RSA chain and the tunnel's
+    // answer; with its defaults, the ECDSA chain.
+    let curl = |extra: &[&str], ca: &Path| {
+        let mut cmd = std::process::Command::new(&p.curl);
+        cmd.args(["-s", "--max-time", "10", "--cacert"])
+            .arg(ca)
+            .args(extra)
+            .args(["-X", "POST", "--data-binary", "x", "-o", "/dev/null"])
+            .args(["-w", "%{http_code}"])
+            .arg(format!("https://localhost:{port}/fcs/ident2"));
+        let (status, out, _) = run_capture(&mut cmd, t);
+        let code = String::from_utf8_lossy(&out).trim().to_string();
+        status.is_some_and(|s| s.success()) && code != "000"
+    };
+    let rsa_suites = [
+        "--tlsv1.2",
+        "--tls-max",
+        "1.2",
+        "--ciphers",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+    ];
+    assert!(
+        curl(&rsa_suites, &rsa.ca),
+        "curl with RSA suites alone did not get the RSA chain"
+    );
+    assert!(curl(&[], &ec.ca), "curl did not get the ECDSA chain");
+    assert!(
+        !curl(&[], &rsa.ca),
+        "curl with its defaults got the RSA chain, not the ECDSA one"
     );
 }
 

@@ -55,13 +55,16 @@ pub struct Cli {
     pub listen: Vec<String>,
 
     /// PEM certificate chain for TLS listeners (leaf first, e.g. Let's Encrypt's
-    /// fullchain.pem). Without it, TLS listeners use the dev certificate from certs/.
+    /// fullchain.pem). Repeat it, with --tls-key in the same order, to serve an ECDSA chain
+    /// beside an RSA one (each client gets the one it can take, ECDSA first). Without it, TLS
+    /// listeners use the dev certificate from certs/.
     #[arg(long, value_name = "PEM", requires = "tls_key")]
-    pub tls_cert: Option<PathBuf>,
+    pub tls_cert: Vec<PathBuf>,
 
-    /// PEM private key matching --tls-cert (e.g. Let's Encrypt's privkey.pem).
+    /// PEM private key matching --tls-cert (e.g. Let's Encrypt's privkey.pem), one per
+    /// --tls-cert, in the same order.
     #[arg(long, value_name = "PEM", requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
+    pub tls_key: Vec<PathBuf>,
 
     /// Backend RTMP server clients are relayed to: rtmp://HOST:PORT over TCP or
     /// rtmps://HOST:PORT over TLS (verified against the system roots and --upstream-ca).

@@ -297,22 +297,58 @@ impl FileEngine {
     }
 }
 
+/// `[tls]`. `cert` and `key` take one file or a list (an RSA chain and an ECDSA one for the
+/// same names, paired in order: each client gets the one it can take, ECDSA first).
 #[derive(Deserialize, Debug, Default)]
 #[serde(deny_unknown_fields)]
 pub struct FileTls {
-    pub cert: Option<PathBuf>,
-    pub key: Option<PathBuf>,
+    #[serde(default, deserialize_with = "one_or_more")]
+    pub cert: Vec<PathBuf>,
+    #[serde(default, deserialize_with = "one_or_more")]
+    pub key: Vec<PathBuf>,
     #[serde(default)]
     pub certificates: Vec<FileSniCert>,
 }
 
-/// One `[[tls.certificates]]` entry: a chain served to clients asking for these names.
+/// One `[[tls.certificates]]` entry: chains served to clients asking for these names (one
+/// file or a list, as in `[tls]`).
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
 pub struct FileSniCert {
     pub server_names: Vec<String>,
-    pub cert: PathBuf,
-    pub key: PathBuf,
+    #[serde(deserialize_with = "one_or_more")]
+    pub cert: Vec<PathBuf>,
+    #[serde(deserialize_with = "one_or_more")]
+    pub key: Vec<PathBuf>,
+}
+
+/// A path or a list of paths, as a list.
+fn one_or_more<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>, D::Error> {
+    struct Paths;
+    impl<'de> serde::de::Visitor<'de> for Paths {
+        type Value = Vec<PathBuf>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a file path or a list of file paths")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(vec![PathBuf::from(v)])
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            // The list is the file's own; its length is bounded by the file's size.
+            let mut paths = Vec::new();
+            while let Some(p) = seq.next_element::<PathBuf>()? {
+                paths.push(p);
+            }
+            Ok(paths)
+        }
+    }
+    d.deserialize_any(Paths)
 }
 
 #[derive(Deserialize, Debug, Default)]

@@ -199,29 +199,15 @@ fn tls(
     rel: &impl Fn(PathBuf) -> PathBuf,
     dev_cert: impl FnOnce() -> Option<CertSource>,
 ) -> Result<Option<TlsSettings>, ConfigError> {
-    let default_cert = match (cli.tls_cert.clone(), cli.tls_key.clone()) {
-        (Some(cert), Some(key)) => Some(CertSource::Files { cert, key }),
-        (Some(_), None) => return Err(invalid("--tls-cert", "given without --tls-key; pass both")),
-        (None, Some(_)) => return Err(invalid("--tls-key", "given without --tls-cert; pass both")),
-        (None, None) => match (file.cert, file.key) {
-            (Some(cert), Some(key)) => Some(CertSource::Files {
-                cert: rel(cert),
-                key: rel(key),
-            }),
-            (Some(_), None) => {
-                return Err(invalid(
-                    "tls.key",
-                    "tls.cert is set but tls.key is not; set both",
-                ))
-            }
-            (None, Some(_)) => {
-                return Err(invalid(
-                    "tls.cert",
-                    "tls.key is set but tls.cert is not; set both",
-                ))
-            }
-            (None, None) => None,
-        },
+    let default_cert = match (cli.tls_cert.is_empty(), cli.tls_key.is_empty()) {
+        (false, _) | (_, false) => paired(
+            "--tls-cert",
+            cli.tls_cert.clone(),
+            "--tls-key",
+            cli.tls_key.clone(),
+            &|p| p,
+        )?,
+        (true, true) => paired("tls.cert", file.cert, "tls.key", file.key, rel)?,
     };
     let mut sni = Vec::with_capacity(file.certificates.len());
     for (i, c) in file.certificates.into_iter().enumerate() {
@@ -231,26 +217,73 @@ fn tls(
                 "must list at least one non-empty name, e.g. [\"live.example.com\"]",
             ));
         }
+        let sources = paired(
+            &format!("tls.certificates[{i}].cert"),
+            c.cert,
+            &format!("tls.certificates[{i}].key"),
+            c.key,
+            rel,
+        )?;
+        if sources.is_empty() {
+            return Err(invalid(
+                format!("tls.certificates[{i}].cert"),
+                "is an empty list; name the certificate chain and its key",
+            ));
+        }
         sni.push(SniCert {
             server_names: c.server_names,
-            source: CertSource::Files {
-                cert: rel(c.cert),
-                key: rel(c.key),
-            },
+            sources,
         });
     }
     if !listen.iter().any(|l| l.scheme.is_tls()) {
         return Ok(None);
     }
-    let default = match default_cert {
-        Some(d) => d,
+    let default = match (default_cert.is_empty(), sni.first()) {
+        (false, _) => default_cert,
         // No default given: the first SNI entry serves unknown names.
-        None => match sni.first() {
-            Some(first) => first.source.clone(),
-            None => dev_cert().unwrap_or(CertSource::EmbeddedDev),
-        },
+        (true, Some(first)) => first.sources.clone(),
+        (true, None) => vec![dev_cert().unwrap_or(CertSource::EmbeddedDev)],
     };
     Ok(Some(TlsSettings { default, sni }))
+}
+
+/// Certificate chains and their keys given as two lists, paired in order (`cert_key`'s
+/// first file is the first chain's key...). Unequal lengths are an error naming both keys.
+fn paired(
+    cert_key: &str,
+    certs: Vec<PathBuf>,
+    key_key: &str,
+    keys: Vec<PathBuf>,
+    rel: &impl Fn(PathBuf) -> PathBuf,
+) -> Result<Vec<CertSource>, ConfigError> {
+    if certs.len() != keys.len() {
+        let (key, message) = match (certs.len(), keys.len()) {
+            (_, 0) => (
+                key_key,
+                format!("{cert_key} is set but {key_key} is not; set both"),
+            ),
+            (0, _) => (
+                cert_key,
+                format!("{key_key} is set but {cert_key} is not; set both"),
+            ),
+            (c, k) => (
+                key_key,
+                format!(
+                    "{cert_key} names {c} certificate chain(s) and {key_key} {k} key(s); \
+                     give one key per chain, in the same order"
+                ),
+            ),
+        };
+        return Err(invalid(key, message));
+    }
+    Ok(certs
+        .into_iter()
+        .zip(keys)
+        .map(|(cert, key)| CertSource::Files {
+            cert: rel(cert),
+            key: rel(key),
+        })
+        .collect())
 }
 
 /// The backend (None: the built-in engine serves). Also checks `--drain-secs`, as before

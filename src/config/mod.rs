@@ -71,19 +71,42 @@ pub(crate) fn invalid(key: impl Into<String>, message: impl Into<String>) -> Con
     }
 }
 
-/// An SNI certificate, validated.
+/// An SNI entry, validated: its names and chains (several: one per kind of key, e.g. RSA
+/// and ECDSA; each client gets the one it can take).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SniCert {
     pub server_names: Vec<String>,
-    pub source: CertSource,
+    pub sources: Vec<CertSource>,
 }
 
 /// TLS settings for the TLS listeners.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TlsSettings {
-    /// The certificate served when no SNI entry matches.
-    pub default: CertSource,
+    /// The chains served when no SNI entry matches (at least one).
+    pub default: Vec<CertSource>,
     pub sni: Vec<SniCert>,
+}
+
+impl TlsSettings {
+    /// The default chains, for a log line: "a.pem (key a.key), b.pem (key b.key)".
+    pub fn default_named(&self) -> String {
+        named(&self.default)
+    }
+}
+
+impl SniCert {
+    /// Its chains, for a log line.
+    pub fn sources_named(&self) -> String {
+        named(&self.sources)
+    }
+}
+
+fn named(sources: &[CertSource]) -> String {
+    sources
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The validated, merged configuration the program runs with.

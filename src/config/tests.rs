@@ -27,7 +27,7 @@ fn defaults() {
     let c = merge(&[], "").unwrap();
     let urls: Vec<String> = c.listen.iter().map(ToString::to_string).collect();
     assert_eq!(urls, DEFAULT_LISTEN);
-    assert_eq!(c.tls.unwrap().default, CertSource::EmbeddedDev);
+    assert_eq!(c.tls.unwrap().default, [CertSource::EmbeddedDev]);
     assert!(c.upstream.is_none());
     assert!(c.rtmpe);
     assert_eq!(c.drain, Duration::from_secs(10));
@@ -105,10 +105,10 @@ fn file_only_and_relative_paths() {
     let tls = c.tls.unwrap();
     assert_eq!(
         tls.default,
-        CertSource::Files {
+        [CertSource::Files {
             cert: "/etc/rtmpgate/fullchain.pem".into(),
             key: "/abs/privkey.pem".into()
-        }
+        }]
     );
     assert_eq!(tls.sni.len(), 1);
     assert_eq!(tls.sni[0].server_names.len(), 2);
@@ -134,11 +134,121 @@ fn flag_cert_wins() {
     .unwrap();
     assert_eq!(
         c.tls.unwrap().default,
-        CertSource::Files {
+        [CertSource::Files {
             cert: "a.pem".into(),
             key: "b.pem".into()
-        }
+        }]
     );
+}
+
+#[test]
+fn chains_of_several_kinds_pair_in_order() {
+    let files = |c: &str, k: &str| CertSource::Files {
+        cert: c.into(),
+        key: k.into(),
+    };
+    // Flags: --tls-cert and --tls-key repeated, paired in order.
+    let c = merge(
+        &[
+            "--listen",
+            "rtmps://0.0.0.0:0",
+            "--tls-cert",
+            "rsa.pem",
+            "--tls-key",
+            "rsa.key",
+            "--tls-cert",
+            "ec.pem",
+            "--tls-key",
+            "ec.key",
+        ],
+        "",
+    )
+    .unwrap();
+    assert_eq!(
+        c.tls.unwrap().default,
+        [files("rsa.pem", "rsa.key"), files("ec.pem", "ec.key")]
+    );
+    // The file: lists in [tls] and in an SNI entry; a single path still works.
+    let text = r#"
+        listen = ["rtmps://0.0.0.0:0"]
+        [tls]
+        cert = ["/c/rsa.pem", "/c/ec.pem"]
+        key = ["/c/rsa.key", "/c/ec.key"]
+        [[tls.certificates]]
+        server_names = ["live.example.com"]
+        cert = ["/l/rsa.pem", "/l/ec.pem"]
+        key = ["/l/rsa.key", "/l/ec.key"]
+        [[tls.certificates]]
+        server_names = ["old.example.com"]
+        cert = "/o/rsa.pem"
+        key = "/o/rsa.key"
+    "#;
+    let tls = merge(&[], text).unwrap().tls.unwrap();
+    assert_eq!(
+        tls.default,
+        [
+            files("/c/rsa.pem", "/c/rsa.key"),
+            files("/c/ec.pem", "/c/ec.key")
+        ]
+    );
+    assert_eq!(
+        tls.sni[0].sources,
+        [
+            files("/l/rsa.pem", "/l/rsa.key"),
+            files("/l/ec.pem", "/l/ec.key")
+        ]
+    );
+    assert_eq!(tls.sni[1].sources, [files("/o/rsa.pem", "/o/rsa.key")]);
+    // No default: the first entry's chains serve unknown names, all of them.
+    let text = r#"
+        listen = ["rtmps://0.0.0.0:0"]
+        [[tls.certificates]]
+        server_names = ["live.example.com"]
+        cert = ["/l/rsa.pem", "/l/ec.pem"]
+        key = ["/l/rsa.key", "/l/ec.key"]
+    "#;
+    let tls = merge(&[], text).unwrap().tls.unwrap();
+    assert_eq!(tls.default, tls.sni[0].sources);
+}
+
+#[test]
+fn unpaired_chain_lists_name_both_keys() {
+    let e = merge(
+        &[],
+        "listen = [\"rtmps://0.0.0.0:0\"]\n[tls]\ncert = [\"a.pem\", \"b.pem\"]\nkey = \"a.key\"\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.starts_with("tls.key: "), "{e}");
+    assert!(
+        e.contains("2 certificate chain(s)") && e.contains("1 key(s)"),
+        "{e}"
+    );
+    let e = merge(
+        &[],
+        "[[tls.certificates]]\nserver_names = [\"x\"]\ncert = []\nkey = []\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.starts_with("tls.certificates[0].cert: "), "{e}");
+    let e = merge(
+        &[
+            "--tls-cert",
+            "a.pem",
+            "--tls-cert",
+            "b.pem",
+            "--tls-key",
+            "a.key",
+        ],
+        "",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.starts_with("--tls-key: "), "{e}");
+    let e = merge(&[], "[tls]\ncert = 5\nkey = \"a\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("a file path or a list of file paths"), "{e}");
 }
 
 #[test]
@@ -438,4 +548,29 @@ fn vod_dir_must_be_a_directory_and_is_kept_canonical() {
         e.contains("engine.vod_dir") && e.contains("not a readable directory"),
         "{e}"
     );
+}
+
+#[test]
+fn the_example_configs_parse() {
+    // The examples are what operators copy: they must stay valid as the file's keys change.
+    for (name, text) in [
+        (
+            "production.toml",
+            include_str!("../../examples/production.toml"),
+        ),
+        ("local.toml", include_str!("../../examples/local.toml")),
+        (
+            "behind-load-balancer.toml",
+            include_str!("../../examples/behind-load-balancer.toml"),
+        ),
+    ] {
+        if let Err(e) = merge(&[], text) {
+            panic!("examples/{name}: {e}");
+        }
+    }
+    let tls = merge(&[], include_str!("../../examples/production.toml"))
+        .unwrap()
+        .tls
+        .unwrap();
+    assert_eq!(tls.default.len(), 2, "production.toml serves RSA and ECDSA");
 }

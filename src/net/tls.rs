@@ -12,6 +12,7 @@ use std::sync::Arc;
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::{CertifiedKey, Signer, SigningKey};
+use rustls::SupportedCipherSuite;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -348,13 +349,110 @@ fn embedded_dev() -> Result<Arc<CertifiedKey>, TlsError> {
     Err(TlsError::NoDevCertificate)
 }
 
-/// Chooses a certificate by the SNI name the client asked for, or the default one.
+/// The certificates served for one name: one chain per kind of key, the cheapest to sign with
+/// first. An operator holding an RSA certificate (what most CAs still issue by default) can
+/// add an ECDSA one for the same names, as haproxy and nginx let them: every client that
+/// accepts ECDSA (ffmpeg's GnuTLS, OpenSSL, librtmp, browsers) then gets the handshake whose
+/// signature costs 0.04 ms instead of RSA 2048's 1-1.6 ms on this machine (bench/RESULTS.md,
+/// TLS handshakes), and older clients still get the RSA chain.
+#[derive(Clone, Debug)]
+pub struct Chains(Vec<Arc<CertifiedKey>>);
+
+impl Chains {
+    fn one(key: Arc<CertifiedKey>) -> Chains {
+        Chains(vec![key])
+    }
+
+    /// Adds `key` beside the chains held; a chain with the same kind of key is replaced (a
+    /// later entry for the same names wins, as before there were several kinds).
+    fn add(&mut self, key: Arc<CertifiedKey>) {
+        let kind = key.key.algorithm();
+        match self.0.iter_mut().find(|k| k.key.algorithm() == kind) {
+            Some(same) => *same = key,
+            None => {
+                self.0.push(key);
+                // Stable: keys of one cost keep the order they were given in.
+                self.0.sort_by_key(|k| signing_cost(k.key.algorithm()));
+            }
+        }
+    }
+
+    /// Every chain, the cheapest to sign with first.
+    pub fn all(&self) -> &[Arc<CertifiedKey>] {
+        &self.0
+    }
+
+    /// The chain for a client: the cheapest one it can take (a signature scheme it offers
+    /// and, for TLS 1.2, a cipher suite for that kind of key), else the first one, whose
+    /// handshake then fails with rustls's own error. One chain is served without looking.
+    fn for_client(
+        &self,
+        client: &ClientOffer<'_>,
+        suites: &[SupportedCipherSuite],
+    ) -> Option<Arc<CertifiedKey>> {
+        let [first, more @ ..] = self.0.as_slice() else {
+            return None;
+        };
+        if more.is_empty() {
+            return Some(first.clone());
+        }
+        self.0
+            .iter()
+            .find(|k| client.can_take(k, suites))
+            .unwrap_or(first)
+            .clone()
+            .into()
+    }
+}
+
+/// Signature cost rank of a kind of key, cheapest first: ECDSA and Ed25519 sign in tens of
+/// microseconds, RSA 2048 in a millisecond or more.
+fn signing_cost(kind: rustls::SignatureAlgorithm) -> u8 {
+    match kind {
+        rustls::SignatureAlgorithm::ECDSA | rustls::SignatureAlgorithm::ED25519 => 0,
+        rustls::SignatureAlgorithm::RSA => 2,
+        _ => 1,
+    }
+}
+
+/// What a ClientHello offers that decides which chain it can take.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientOffer<'a> {
+    pub server_name: Option<&'a str>,
+    pub signature_schemes: &'a [rustls::SignatureScheme],
+    pub cipher_suites: &'a [rustls::CipherSuite],
+}
+
+impl<'a> ClientOffer<'a> {
+    pub fn from_hello(hello: &'a ClientHello<'a>) -> ClientOffer<'a> {
+        ClientOffer {
+            server_name: hello.server_name(),
+            signature_schemes: hello.signature_schemes(),
+            cipher_suites: hello.cipher_suites(),
+        }
+    }
+
+    /// Whether a handshake with `key` can complete for this client: the key signs with a
+    /// scheme the client offers, and some suite both sides have suits the key (any TLS 1.3
+    /// suite does; TLS 1.2 suites name ECDSA or RSA).
+    fn can_take(&self, key: &CertifiedKey, suites: &[SupportedCipherSuite]) -> bool {
+        let kind = key.key.algorithm();
+        suites.iter().any(|s| {
+            self.cipher_suites.contains(&s.suite()) && s.usable_for_signature_algorithm(kind)
+        }) && key.key.choose_scheme(self.signature_schemes).is_some()
+    }
+}
+
+/// Chooses a certificate by the SNI name the client asked for, or the default one, and
+/// within a name by the kind of key the client can take ([`Chains`]).
 #[derive(Debug)]
 pub struct SniResolver {
-    exact: HashMap<String, Arc<CertifiedKey>>,
+    exact: HashMap<String, Chains>,
     /// `*.example.com` stored as `example.com`.
-    wildcard: HashMap<String, Arc<CertifiedKey>>,
-    default: Arc<CertifiedKey>,
+    wildcard: HashMap<String, Chains>,
+    default: Chains,
+    /// The server's cipher suites (the provider's), for [`ClientOffer::can_take`].
+    suites: Vec<SupportedCipherSuite>,
 }
 
 impl SniResolver {
@@ -362,52 +460,76 @@ impl SniResolver {
         SniResolver {
             exact: HashMap::new(),
             wildcard: HashMap::new(),
-            default,
+            default: Chains::one(default),
+            suites: provider().cipher_suites.clone(),
         }
     }
 
-    /// Serves `key` to clients asking for `name` (`*.example.com` matches one label).
+    /// Serves `key` to clients asking for no name or a name no entry has, beside the default
+    /// given to [`SniResolver::new`] (a chain with another kind of key; one with the same
+    /// kind replaces it).
+    pub fn add_default(&mut self, key: Arc<CertifiedKey>) {
+        self.default.add(key);
+    }
+
+    /// Serves `key` to clients asking for `name` (`*.example.com` matches one label). A name
+    /// given twice keeps one chain per kind of key ([`Chains`]).
     pub fn add(&mut self, name: &str, key: Arc<CertifiedKey>) {
         let name = name.trim_end_matches('.').to_ascii_lowercase();
-        match name.strip_prefix("*.") {
-            Some(parent) => self.wildcard.insert(parent.to_string(), key),
-            None => self.exact.insert(name, key),
+        let map = match name.strip_prefix("*.") {
+            Some(parent) => (&mut self.wildcard, parent.to_string()),
+            None => (&mut self.exact, name),
         };
-    }
-
-    /// The certificate for a requested server name.
-    pub fn choose(&self, server_name: Option<&str>) -> Arc<CertifiedKey> {
-        let Some(name) = server_name else {
-            return self.default.clone();
-        };
-        let name = name.trim_end_matches('.').to_ascii_lowercase();
-        if let Some(key) = self.exact.get(&name) {
-            return key.clone();
-        }
-        if let Some((_, parent)) = name.split_once('.') {
-            if let Some(key) = self.wildcard.get(parent) {
-                return key.clone();
+        match map.0.entry(map.1) {
+            std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().add(key),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(Chains::one(key));
             }
         }
-        self.default.clone()
+    }
+
+    /// The chains for a requested server name.
+    pub fn chains(&self, server_name: Option<&str>) -> &Chains {
+        let Some(name) = server_name else {
+            return &self.default;
+        };
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        if let Some(chains) = self.exact.get(&name) {
+            return chains;
+        }
+        if let Some((_, parent)) = name.split_once('.') {
+            if let Some(chains) = self.wildcard.get(parent) {
+                return chains;
+            }
+        }
+        &self.default
+    }
+
+    /// The certificate for a client's ClientHello.
+    pub fn choose(&self, client: &ClientOffer<'_>) -> Option<Arc<CertifiedKey>> {
+        self.chains(client.server_name)
+            .for_client(client, &self.suites)
     }
 
     /// Whether any of its keys is RSA. One RSA 2048 signature costs 1-3 ms of CPU (0.3 ms on
     /// a CPU with AVX-512 IFMA), 20-30 times an ECDSA P-256 one (bench/RESULTS.md, TLS
     /// handshakes): handshakes that may make one run their steps off the executor
     /// ([`crate::net::tls_stream`]), so that a burst of new RTMPS clients does not stall the
-    /// streams already running.
+    /// streams already running. With an ECDSA chain beside the RSA one this stays true: which
+    /// chain a ClientHello gets is known only once it is processed, and a burst of clients
+    /// offering RSA alone would otherwise sign on the executor.
     pub fn signs_slowly(&self) -> bool {
         std::iter::once(&self.default)
             .chain(self.exact.values())
             .chain(self.wildcard.values())
+            .flat_map(|c| c.all())
             .any(|k| k.key.algorithm() == rustls::SignatureAlgorithm::RSA)
     }
 }
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.choose(client_hello.server_name()))
+        self.choose(&ClientOffer::from_hello(&client_hello))
     }
 }
 
@@ -453,7 +575,7 @@ impl Reloadable {
 
 impl ResolvesServerCert for Reloadable {
     fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.get().choose(client_hello.server_name()))
+        self.get().choose(&ClientOffer::from_hello(&client_hello))
     }
 }
 
@@ -726,12 +848,118 @@ mod tests {
         let mut r = SniResolver::new(dev.clone());
         r.add("Live.Example.com", ca.clone());
         r.add("*.cdn.example.com", ca.clone());
-        assert!(Arc::ptr_eq(&r.choose(Some("live.example.com")), &ca));
-        assert!(Arc::ptr_eq(&r.choose(Some("LIVE.example.com.")), &ca));
-        assert!(Arc::ptr_eq(&r.choose(Some("a.cdn.example.com")), &ca));
-        assert!(Arc::ptr_eq(&r.choose(Some("a.b.cdn.example.com")), &dev));
-        assert!(Arc::ptr_eq(&r.choose(Some("other.org")), &dev));
-        assert!(Arc::ptr_eq(&r.choose(None), &dev));
+        assert!(Arc::ptr_eq(&r.pick(Some("live.example.com")), &ca));
+        assert!(Arc::ptr_eq(&r.pick(Some("LIVE.example.com.")), &ca));
+        assert!(Arc::ptr_eq(&r.pick(Some("a.cdn.example.com")), &ca));
+        assert!(Arc::ptr_eq(&r.pick(Some("a.b.cdn.example.com")), &dev));
+        assert!(Arc::ptr_eq(&r.pick(Some("other.org")), &dev));
+        assert!(Arc::ptr_eq(&r.pick(None), &dev));
+    }
+
+    impl SniResolver {
+        /// The chain for a name, for a client that takes any (the first, cheapest).
+        fn pick(&self, name: Option<&str>) -> Arc<CertifiedKey> {
+            self.chains(name).all()[0].clone()
+        }
+    }
+
+    /// A key that says it is RSA and signs only with the RSA schemes (its signatures are
+    /// never made: the choice of chain is what is tested).
+    #[derive(Debug)]
+    struct ClaimsRsa;
+
+    impl SigningKey for ClaimsRsa {
+        fn choose_scheme(&self, offered: &[rustls::SignatureScheme]) -> Option<Box<dyn Signer>> {
+            RSA_SCHEME_ORDER
+                .iter()
+                .any(|s| offered.contains(s))
+                .then(|| Box::new(NoSigner) as Box<dyn Signer>)
+        }
+
+        fn algorithm(&self) -> rustls::SignatureAlgorithm {
+            rustls::SignatureAlgorithm::RSA
+        }
+    }
+
+    #[derive(Debug)]
+    struct NoSigner;
+
+    impl Signer for NoSigner {
+        fn sign(&self, _message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
+            Err(rustls::Error::General("not a signing key".into()))
+        }
+
+        fn scheme(&self) -> rustls::SignatureScheme {
+            rustls::SignatureScheme::RSA_PSS_SHA256
+        }
+    }
+
+    fn claims_rsa() -> Arc<CertifiedKey> {
+        let dev = load_certified_key(&CertSource::EmbeddedDev).unwrap();
+        Arc::new(CertifiedKey::new(dev.cert.clone(), Arc::new(ClaimsRsa)))
+    }
+
+    #[test]
+    fn an_ecdsa_chain_beside_an_rsa_one_serves_every_client_that_takes_it() {
+        use rustls::CipherSuite as C;
+        use rustls::SignatureScheme as S;
+        let ecdsa = load_certified_key(&CertSource::EmbeddedDev).unwrap();
+        let rsa = claims_rsa();
+        // Given RSA first (the operator's order does not matter): ECDSA is tried first.
+        let mut r = SniResolver::new(rsa.clone());
+        r.add_default(ecdsa.clone());
+        r.add("live.example.com", rsa.clone());
+        r.add("live.example.com", ecdsa.clone());
+        r.add("rsa.example.com", rsa.clone());
+        let offer = |name, schemes, suites| ClientOffer {
+            server_name: name,
+            signature_schemes: schemes,
+            cipher_suites: suites,
+        };
+        let both = &[S::ECDSA_NISTP256_SHA256, S::RSA_PSS_SHA256][..];
+        let rsa_only = &[S::RSA_PSS_SHA256, S::RSA_PKCS1_SHA256][..];
+        let tls13 = &[C::TLS13_AES_128_GCM_SHA256][..];
+        let tls12_rsa = &[C::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256][..];
+        let tls12_both = &[
+            C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            C::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+        ][..];
+        let chose = |r: &SniResolver, o: ClientOffer<'_>| r.choose(&o).unwrap();
+        for name in [None, Some("live.example.com"), Some("other.org")] {
+            // A TLS 1.3 client taking both, and a TLS 1.2 one with suites for both: ECDSA.
+            assert!(Arc::ptr_eq(&chose(&r, offer(name, both, tls13)), &ecdsa));
+            assert!(Arc::ptr_eq(
+                &chose(&r, offer(name, both, tls12_both)),
+                &ecdsa
+            ));
+            // Offering RSA signatures alone, or TLS 1.2 suites for RSA alone: RSA.
+            assert!(Arc::ptr_eq(&chose(&r, offer(name, rsa_only, tls13)), &rsa));
+            assert!(Arc::ptr_eq(&chose(&r, offer(name, both, tls12_rsa)), &rsa));
+            // Nothing either could do: the first, for rustls to refuse in its own words.
+            assert!(Arc::ptr_eq(
+                &chose(&r, offer(name, &[S::ED25519], tls13)),
+                &ecdsa
+            ));
+        }
+        // A name with one chain gets it whatever the client offers.
+        let rsa_name = Some("rsa.example.com");
+        assert!(Arc::ptr_eq(&chose(&r, offer(rsa_name, both, tls13)), &rsa));
+        assert!(Arc::ptr_eq(
+            &chose(&r, offer(rsa_name, &[S::ED25519], tls13)),
+            &rsa
+        ));
+        assert!(
+            r.signs_slowly(),
+            "an RSA chain may sign: a burst moves off the executor"
+        );
+        // A second chain of the same kind for a name replaces the first.
+        let ecdsa2 = load_certified_key(&CertSource::EmbeddedDev).unwrap();
+        r.add("LIVE.example.com", ecdsa2.clone());
+        assert_eq!(r.chains(Some("live.example.com")).all().len(), 2);
+        assert!(Arc::ptr_eq(
+            &chose(&r, offer(Some("live.example.com"), both, tls13)),
+            &ecdsa2
+        ));
     }
 
     #[test]
@@ -740,9 +968,9 @@ mod tests {
         let ca =
             certified_key_from_pem(CA_PEM, Path::new("ca"), CA_KEY, Path::new("ca.key")).unwrap();
         let r = Reloadable::new(SniResolver::new(dev.clone()));
-        assert!(Arc::ptr_eq(&r.get().choose(None), &dev));
+        assert!(Arc::ptr_eq(&r.get().pick(None), &dev));
         r.replace(SniResolver::new(ca.clone()));
-        assert!(Arc::ptr_eq(&r.get().choose(None), &ca));
+        assert!(Arc::ptr_eq(&r.get().pick(None), &ca));
         server_config_with(r).unwrap();
     }
 
