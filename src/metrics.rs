@@ -237,6 +237,29 @@ impl Histogram {
     }
 }
 
+/// The kind of key of a certificate chain served (`rtmpgate_tls_certificates_chosen_total`'s
+/// `key` label): with an RSA and an ECDSA chain for the same names, the share of `rsa` says
+/// how many clients still cannot take ECDSA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChainKey {
+    Ecdsa = 0,
+    Rsa = 1,
+    /// Ed25519 or a kind rustls may add.
+    Other = 2,
+}
+
+impl ChainKey {
+    pub const ALL: [ChainKey; 3] = [ChainKey::Ecdsa, ChainKey::Rsa, ChainKey::Other];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChainKey::Ecdsa => "ecdsa",
+            ChainKey::Rsa => "rsa",
+            ChainKey::Other => "other",
+        }
+    }
+}
+
 /// The process's counters; [`global()`] is the one the gateway uses.
 pub struct Metrics {
     pub connections_accepted: AtomicU64,
@@ -245,6 +268,12 @@ pub struct Metrics {
     refused: [AtomicU64; Refusal::ALL.len()],
     pub tls_handshakes: AtomicU64,
     pub tls_failures: AtomicU64,
+    /// Of `tls_handshakes`, those resumed with a session ticket (no certificate, no signature).
+    pub tls_resumed: AtomicU64,
+    /// ClientHellos answered, by the kind of key of the chain chosen ([`ChainKey`]).
+    tls_chains: [AtomicU64; ChainKey::ALL.len()],
+    /// TLS handshake steps that signed on the blocking pool instead of the executor.
+    pub tls_steps_offloaded: AtomicU64,
     pub rtmpe_handshakes: AtomicU64,
     pub rtmpe_failures: AtomicU64,
     /// Time spent in the RTMPE Diffie-Hellman work (on the blocking pool: CPU time).
@@ -290,6 +319,9 @@ impl Metrics {
             refused: [const { AtomicU64::new(0) }; Refusal::ALL.len()],
             tls_handshakes: AtomicU64::new(0),
             tls_failures: AtomicU64::new(0),
+            tls_resumed: AtomicU64::new(0),
+            tls_chains: [const { AtomicU64::new(0) }; ChainKey::ALL.len()],
+            tls_steps_offloaded: AtomicU64::new(0),
             rtmpe_handshakes: AtomicU64::new(0),
             rtmpe_failures: AtomicU64::new(0),
             rtmpe_cpu_nanos: AtomicU64::new(0),
@@ -346,6 +378,26 @@ impl Metrics {
             self.tls_failures.fetch_add(1, Relaxed);
             self.refuse(Refusal::TlsHandshake);
         }
+    }
+
+    /// Of the TLS handshakes that finished, one was resumed with a ticket.
+    pub fn tls_resumed(&self) {
+        self.tls_resumed.fetch_add(1, Relaxed);
+    }
+
+    /// A ClientHello was answered with a chain whose key is of this kind.
+    pub fn tls_chain_chosen(&self, key: ChainKey) {
+        self.tls_chains[key as usize].fetch_add(1, Relaxed);
+    }
+
+    /// ClientHellos answered with a chain of this kind so far.
+    pub fn tls_chains_chosen(&self, key: ChainKey) -> u64 {
+        self.tls_chains[key as usize].load(Relaxed)
+    }
+
+    /// A TLS handshake step ran on the blocking pool.
+    pub fn tls_step_offloaded(&self) {
+        self.tls_steps_offloaded.fetch_add(1, Relaxed);
     }
 
     /// One RTMPE handshake finished (or failed).

@@ -386,6 +386,26 @@ fn metrics_and_api_match_what_the_clients_did() {
         );
     }
     assert_eq!(m.value("rtmpgate_tls_handshakes_total", None), 1.0);
+    // The one TLS client took the ECDSA dev chain, fully, signing where it was (a lone
+    // handshake, an ECDSA key).
+    assert!(
+        m.value(
+            "rtmpgate_tls_certificates_chosen_total",
+            Some(("key", "ecdsa"))
+        ) >= 1.0
+    );
+    assert_eq!(
+        m.value(
+            "rtmpgate_tls_certificates_chosen_total",
+            Some(("key", "rsa"))
+        ),
+        0.0
+    );
+    assert_eq!(m.value("rtmpgate_tls_handshakes_resumed_total", None), 0.0);
+    assert_eq!(
+        m.value("rtmpgate_tls_handshake_steps_offloaded_total", None),
+        0.0
+    );
     assert_eq!(m.value("rtmpgate_rtmpe_handshakes_total", None), 1.0);
     assert!(m.value("rtmpgate_rtmpe_handshake_cpu_seconds_total", None) > 0.0);
     assert!(m.value("rtmpgate_rtmpt_sessions_opened_total", None) >= 1.0);

@@ -256,6 +256,33 @@ impl Collector for Gateway {
         )?;
         counter(
             &mut e,
+            "rtmpgate_tls_handshakes_resumed",
+            "Of the TLS handshakes completed on client listeners, those resumed with a session \
+             ticket (no certificate signature).",
+            m.tls_resumed.load(Relaxed),
+        )?;
+        let chains: Vec<(&str, i64)> = crate::metrics::ChainKey::ALL
+            .iter()
+            .map(|k| (k.as_str(), as_i64(m.tls_chains_chosen(*k))))
+            .collect();
+        family(
+            &mut e,
+            MetricType::Counter,
+            "rtmpgate_tls_certificates_chosen",
+            "ClientHellos answered on TLS listeners (client, admin, cluster), by the kind of key \
+             of the certificate chain chosen (resumptions included: the chain is chosen first).",
+            "key",
+            &chains,
+        )?;
+        counter(
+            &mut e,
+            "rtmpgate_tls_handshake_steps_offloaded",
+            "TLS handshake steps that signed with an RSA key on the blocking pool, because other \
+             handshakes were under way (a burst of new clients).",
+            m.tls_steps_offloaded.load(Relaxed),
+        )?;
+        counter(
+            &mut e,
             "rtmpgate_rtmpe_handshakes",
             "RTMPE handshakes completed (raw and tunnelled).",
             m.rtmpe_handshakes.load(Relaxed),

@@ -701,6 +701,9 @@ async fn accept_and_sniff(
     let mut tls = match tokio::time::timeout(first, handshake).await {
         Ok(Ok(tls)) => {
             metrics::global().tls_handshake(true);
+            if tls.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                metrics::global().tls_resumed();
+            }
             tls
         }
         Ok(Err(e)) => {

@@ -229,6 +229,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static> TlsStream<IO> {
         let slot = handshake_slots().acquire().await.map_err(|_| {
             io::Error::other("TLS handshake: the signing slots are closed (shutting down)")
         })?;
+        crate::metrics::global().tls_step_offloaded();
         let (bare, step) = tokio::task::spawn_blocking(move || {
             // The slot is held by the work itself: it frees once the signature is made, even
             // when the handshake's caller gave up waiting (its timeout) meanwhile.
@@ -1125,7 +1126,9 @@ mod tests {
     use tokio::net::{TcpListener, TcpStream};
     use tokio::time::timeout;
 
+    use crate::metrics::ChainKey;
     use crate::net::tls::{self, CertSource, SniResolver};
+    use std::sync::atomic::Ordering::Relaxed;
 
     /// Every wait in these tests.
     const WAIT: Duration = Duration::from_secs(5);
@@ -1820,6 +1823,8 @@ mod tests {
             // Another handshake under way (one whose client is still on its way).
             let other = company.then(|| config.handshake_begins());
             let counted = config.clone();
+            let moved_before = crate::metrics::global().tls_steps_offloaded.load(Relaxed);
+            let rsa_before = crate::metrics::global().tls_chains_chosen(ChainKey::Rsa);
             let mut server = accepted_by(config, |addr| async move {
                 let connector = tokio_rustls::TlsConnector::from(client_config(
                     &[&rustls::version::TLS13],
@@ -1845,6 +1850,21 @@ mod tests {
                 "RSA {says_rsa}, in company {company}: signed on the executor's thread: {}",
                 threads[0] == executor
             );
+            // The metrics say the same (other tests may add to these process-wide counts,
+            // never take from them).
+            let m = crate::metrics::global();
+            if off {
+                assert!(
+                    m.tls_steps_offloaded.load(Relaxed) > moved_before,
+                    "a step offloaded"
+                );
+            }
+            if says_rsa {
+                assert!(
+                    m.tls_chains_chosen(ChainKey::Rsa) > rsa_before,
+                    "an RSA chain chosen"
+                );
+            }
             assert_eq!(counted.handshakes_under_way(), usize::from(company));
             drop(other);
             assert_eq!(counted.handshakes_under_way(), 0);
