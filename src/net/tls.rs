@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
@@ -15,6 +15,7 @@ use rustls::sign::{CertifiedKey, Signer, SigningKey};
 use rustls::SupportedCipherSuite;
 
 use crate::metrics::ChainKey;
+use crate::net::tls_stream::HelloOffer;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -384,6 +385,27 @@ impl Chains {
         &self.0
     }
 
+    /// The [`CHEAP_SCHEMES`] some non-RSA chain here signs with, as bits.
+    fn cheap_schemes(&self) -> u8 {
+        let mut bits = 0;
+        for key in self
+            .0
+            .iter()
+            .filter(|k| signing_cost(k.key.algorithm()) == 0)
+        {
+            for (i, scheme) in CHEAP_SCHEMES.iter().enumerate() {
+                if key
+                    .key
+                    .choose_scheme(std::slice::from_ref(scheme))
+                    .is_some()
+                {
+                    bits |= 1 << i;
+                }
+            }
+        }
+        bits
+    }
+
     /// The chain for a client: the cheapest one it can take (a signature scheme it offers
     /// and, for TLS 1.2, a cipher suite for that kind of key), else the first one, whose
     /// handshake then fails with rustls's own error. One chain is served without looking.
@@ -416,6 +438,15 @@ fn signing_cost(kind: rustls::SignatureAlgorithm) -> u8 {
         _ => 1,
     }
 }
+
+/// The signature schemes of keys that sign cheaply (tens of microseconds): a client offering
+/// one that a chain for every name signs with gets such a chain, never an RSA one.
+const CHEAP_SCHEMES: [rustls::SignatureScheme; 4] = [
+    rustls::SignatureScheme::ECDSA_NISTP256_SHA256,
+    rustls::SignatureScheme::ECDSA_NISTP384_SHA384,
+    rustls::SignatureScheme::ECDSA_NISTP521_SHA512,
+    rustls::SignatureScheme::ED25519,
+];
 
 /// What a ClientHello offers that decides which chain it can take.
 #[derive(Clone, Copy, Debug)]
@@ -521,6 +552,15 @@ impl SniResolver {
         Some(chosen)
     }
 
+    /// The [`CHEAP_SCHEMES`] (as bits) that a non-RSA chain signs with for every name served
+    /// (the default and each SNI entry): 0 unless every name has an ECDSA or Ed25519 chain.
+    pub fn cheap_everywhere(&self) -> u8 {
+        std::iter::once(&self.default)
+            .chain(self.exact.values())
+            .chain(self.wildcard.values())
+            .fold(u8::MAX, |bits, c| bits & c.cheap_schemes())
+    }
+
     /// Whether any of its keys is RSA. One RSA 2048 signature costs 1-3 ms of CPU (0.3 ms on
     /// a CPU with AVX-512 IFMA), 20-30 times an ECDSA P-256 one (bench/RESULTS.md, TLS
     /// handshakes): handshakes that may make one run their steps off the executor
@@ -551,12 +591,15 @@ pub struct Reloadable {
     current: std::sync::RwLock<Arc<SniResolver>>,
     /// The current resolver's [`SniResolver::signs_slowly`], read once per handshake.
     slow: AtomicBool,
+    /// The current resolver's [`SniResolver::cheap_everywhere`].
+    cheap: AtomicU8,
 }
 
 impl Reloadable {
     pub fn new(resolver: SniResolver) -> Arc<Reloadable> {
         Arc::new(Reloadable {
             slow: AtomicBool::new(resolver.signs_slowly()),
+            cheap: AtomicU8::new(resolver.cheap_everywhere()),
             current: std::sync::RwLock::new(Arc::new(resolver)),
         })
     }
@@ -564,14 +607,21 @@ impl Reloadable {
     /// Serves `resolver`'s certificates to every handshake from now on.
     pub fn replace(&self, resolver: SniResolver) {
         let slow = resolver.signs_slowly();
+        let cheap = resolver.cheap_everywhere();
         let mut slot = self.current.write().unwrap_or_else(|e| e.into_inner());
         *slot = Arc::new(resolver);
         self.slow.store(slow, Ordering::Relaxed);
+        self.cheap.store(cheap, Ordering::Relaxed);
     }
 
     /// [`SniResolver::signs_slowly`] of the certificates served now.
     pub fn signs_slowly(&self) -> bool {
         self.slow.load(Ordering::Relaxed)
+    }
+
+    /// [`SniResolver::cheap_everywhere`] of the certificates served now.
+    pub fn cheap_everywhere(&self) -> u8 {
+        self.cheap.load(Ordering::Relaxed)
     }
 
     fn get(&self) -> Arc<SniResolver> {
@@ -603,6 +653,47 @@ impl TlsServer {
     /// Whether handshakes may sign with an RSA key now (certificates reload).
     pub fn signs_slowly(&self) -> bool {
         self.certificates.signs_slowly()
+    }
+
+    /// Whether a client offering `offer` gets a chain that signs cheaply (ECDSA, Ed25519)
+    /// whatever name it asks for: a cheap chain for every name signs with a scheme it offers,
+    /// and it can agree on a suite for that chain (TLS 1.3 offered in its supported versions
+    /// with a TLS 1.3 suite we have, or one of our TLS 1.2 suites for that kind of key).
+    /// Resolving the chain follows the same rule ([`Chains`]: cheapest first, the first the
+    /// client can take), so such a handshake does not sign with RSA. False when unsure.
+    pub fn signs_cheaply_for(&self, offer: &HelloOffer<'_>) -> bool {
+        let cheap = self.certificates.cheap_everywhere();
+        let pairs = |b: &[u8]| -> Vec<u16> {
+            b.chunks_exact(2)
+                .map(|p| match *p {
+                    [hi, lo] => u16::from_be_bytes([hi, lo]),
+                    _ => 0,
+                })
+                .collect()
+        };
+        if cheap == 0 {
+            return false;
+        }
+        let offered = pairs(offer.suites);
+        let tls13 = pairs(offer.versions).contains(&0x0304);
+        let schemes = pairs(offer.signature_schemes);
+        CHEAP_SCHEMES.iter().enumerate().any(|(i, scheme)| {
+            let kind = match scheme {
+                rustls::SignatureScheme::ED25519 => rustls::SignatureAlgorithm::ED25519,
+                _ => rustls::SignatureAlgorithm::ECDSA,
+            };
+            cheap & (1 << i) != 0
+                && schemes.contains(&u16::from(*scheme))
+                && self.config.crypto_provider().cipher_suites.iter().any(|s| {
+                    offered.contains(&u16::from(s.suite()))
+                        && match s {
+                            SupportedCipherSuite::Tls13(_) => tls13,
+                            SupportedCipherSuite::Tls12(_) => {
+                                s.usable_for_signature_algorithm(kind)
+                            }
+                        }
+                })
+        })
     }
 
     /// Counts a handshake as under way until the value returned is dropped.
@@ -970,6 +1061,45 @@ mod tests {
             &chose(&r, offer(Some("live.example.com"), both, tls13)),
             &ecdsa2
         ));
+    }
+
+    #[test]
+    fn a_client_signs_cheaply_when_every_name_has_a_chain_it_takes() {
+        use crate::net::tls_stream::HelloOffer;
+        let ecdsa = load_certified_key(&CertSource::EmbeddedDev).unwrap();
+        let be = |v: &[u16]| v.iter().flat_map(|x| x.to_be_bytes()).collect::<Vec<u8>>();
+        let (tls13, ecdhe_ecdsa, ecdhe_rsa) = (be(&[0x1301]), be(&[0xc02b]), be(&[0xc02f]));
+        let (p256, p384, rsa_pss) = (be(&[0x0403]), be(&[0x0503]), be(&[0x0804]));
+        let (v13, v12) = (be(&[0x0304, 0x0303]), be(&[0x0303]));
+        let offer = |suites, schemes, versions| HelloOffer {
+            suites,
+            signature_schemes: schemes,
+            versions,
+        };
+        let mut dual = SniResolver::new(claims_rsa());
+        dual.add_default(ecdsa.clone());
+        dual.add("live.example.com", ecdsa.clone());
+        dual.add("live.example.com", claims_rsa());
+        let dual = server_config(dual).unwrap();
+        // TLS 1.3 with P-256 offered, or TLS 1.2 with an ECDHE-ECDSA suite: cheap.
+        assert!(dual.signs_cheaply_for(&offer(&tls13, &p256, &v13)));
+        assert!(dual.signs_cheaply_for(&offer(&ecdhe_ecdsa, &p256, &v12)));
+        // RSA schemes alone, TLS 1.3 suites without 1.3 in its versions, ECDHE-RSA alone,
+        // or a scheme no chain here signs with (P-384): costly.
+        assert!(!dual.signs_cheaply_for(&offer(&tls13, &rsa_pss, &v13)));
+        assert!(!dual.signs_cheaply_for(&offer(&tls13, &p256, &v12)));
+        assert!(!dual.signs_cheaply_for(&offer(&ecdhe_rsa, &p256, &v12)));
+        assert!(!dual.signs_cheaply_for(&offer(&tls13, &p384, &v13)));
+        // A name served by RSA alone: no client is sure to sign cheaply.
+        let mut partial = SniResolver::new(claims_rsa());
+        partial.add_default(ecdsa.clone());
+        partial.add("rsa.example.com", claims_rsa());
+        assert_eq!(partial.cheap_everywhere(), 0);
+        let partial = server_config(partial).unwrap();
+        assert!(!partial.signs_cheaply_for(&offer(&tls13, &p256, &v13)));
+        // RSA alone: never.
+        let rsa = server_config(SniResolver::new(claims_rsa())).unwrap();
+        assert!(!rsa.signs_cheaply_for(&offer(&tls13, &p256, &v13)));
     }
 
     #[test]

@@ -187,14 +187,20 @@ impl<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static> TlsStream<IO> {
     /// handshakes held every stream behind it (bench/RESULTS.md: a player's p99 latency 76 ms
     /// alone, 226-250 ms while 580 RSA handshakes a second arrived).
     async fn handshake(mut self, server: &TlsServer) -> io::Result<Self> {
+        // A client that gets an ECDSA (or Ed25519) chain beside the RSA one signs cheaply:
+        // nothing to move. Read from the ClientHello before the first step; a hello that is
+        // not whole in its first record counts as costly.
+        let cheap = server.signs_slowly()
+            && hello_offer(&self.incoming).is_some_and(|o| server.signs_cheaply_for(&o));
         loop {
-            let step = if server.sign_off_executor() && holds_handshake_record(&self.incoming) {
-                let (stream, step) = self.drive_off_executor().await?;
-                self = stream;
-                step
-            } else {
-                self.process(Want::Drive)
-            };
+            let step =
+                if server.sign_off_executor() && !cheap && holds_handshake_record(&self.incoming) {
+                    let (stream, step) = self.drive_off_executor().await?;
+                    self = stream;
+                    step
+                } else {
+                    self.process(Want::Drive)
+                };
             let progress = match step {
                 Ok(p) => p,
                 Err(e) => {
@@ -869,6 +875,85 @@ fn holds_handshake_record(held: &[u8]) -> bool {
         at += RECORD_HEADER + usize::from(u16::from_be_bytes([hi, lo]));
     }
     false
+}
+
+/// What a ClientHello offers that decides which kind of certificate chain it gets (RFC 8446
+/// section 4.1.2): its cipher suites, signature schemes (`signature_algorithms`) and versions
+/// (`supported_versions`), each as the raw two-byte entries.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct HelloOffer<'a> {
+    pub suites: &'a [u8],
+    pub signature_schemes: &'a [u8],
+    pub versions: &'a [u8],
+}
+
+/// [`HelloOffer`] of the ClientHello at the start of `head`, read in place, every length
+/// checked against what holds it. None unless the first record holds a whole ClientHello
+/// that parses (a hello split over records, or a malformed one): the caller then assumes the
+/// costly chain; rustls parses and checks the hello itself either way.
+fn hello_offer(head: &[u8]) -> Option<HelloOffer<'_>> {
+    const CLIENT_HELLO: u8 = 0x01;
+    /// legacy_version and random.
+    const BEFORE_SESSION_ID: usize = 2 + 32;
+    /// The extensions' numbers (RFC 8446 section 4.2).
+    const SIGNATURE_ALGORITHMS: u16 = 13;
+    const SUPPORTED_VERSIONS: u16 = 43;
+    let (header, rest) = head.split_at_checked(RECORD_HEADER)?;
+    let &[kind, _, _, hi, lo] = header else {
+        return None;
+    };
+    if kind != HANDSHAKE {
+        return None;
+    }
+    let (record, _) = rest.split_at_checked(usize::from(u16::from_be_bytes([hi, lo])))?;
+    let (&msg, record) = record.split_first()?;
+    let (len, record) = record.split_at_checked(3)?;
+    let &[l0, l1, l2] = len else {
+        return None;
+    };
+    if msg != CLIENT_HELLO {
+        return None;
+    }
+    let (hello, _) =
+        record.split_at_checked(usize::from(l0) << 16 | usize::from(l1) << 8 | usize::from(l2))?;
+    let (_, rest) = hello.split_at_checked(BEFORE_SESSION_ID)?;
+    let (_session_id, rest) = vector8(rest)?;
+    let (suites, rest) = vector16(rest)?;
+    let (_compression, rest) = vector8(rest)?;
+    let (mut extensions, _) = vector16(rest)?;
+    let mut offer = HelloOffer {
+        suites,
+        ..HelloOffer::default()
+    };
+    while !extensions.is_empty() {
+        let (kind, rest) = extensions.split_at_checked(2)?;
+        let &[k0, k1] = kind else {
+            return None;
+        };
+        let (data, rest) = vector16(rest)?;
+        match u16::from_be_bytes([k0, k1]) {
+            SIGNATURE_ALGORITHMS => offer.signature_schemes = vector16(data)?.0,
+            SUPPORTED_VERSIONS => offer.versions = vector8(data)?.0,
+            _ => {}
+        }
+        extensions = rest;
+    }
+    Some(offer)
+}
+
+/// A TLS vector with a one-byte length, and what follows it.
+fn vector8(b: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (&len, rest) = b.split_first()?;
+    rest.split_at_checked(usize::from(len))
+}
+
+/// A TLS vector with a two-byte length, and what follows it.
+fn vector16(b: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (len, rest) = b.split_at_checked(2)?;
+    let &[hi, lo] = len else {
+        return None;
+    };
+    rest.split_at_checked(usize::from(u16::from_be_bytes([hi, lo])))
 }
 
 /// Encrypts `data` as application records after what `out` holds.
@@ -1970,6 +2055,89 @@ mod tests {
             at += 5 + len;
         }
         out
+    }
+
+    /// The two-byte entries of a vector, as numbers.
+    fn numbers(b: &[u8]) -> Vec<u16> {
+        b.chunks(2)
+            .map(|p| u16::from_be_bytes([p[0], p[1]]))
+            .collect()
+    }
+
+    #[test]
+    fn what_a_client_hello_offers_is_read_in_place() {
+        use rustls::crypto::aws_lc_rs::cipher_suite as cs;
+        let suites = vec![
+            cs::TLS13_AES_128_GCM_SHA256,
+            cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            cs::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+        ];
+        let hello = client_hello(suites.clone());
+        let offer = hello_offer(&hello).expect("a whole ClientHello");
+        let mut want: Vec<u16> = suites.iter().map(|s| u16::from(s.suite())).collect();
+        // rustls adds the renegotiation-info signalling suite (0x00ff) to TLS 1.2 hellos.
+        let got = numbers(offer.suites);
+        want.retain(|s| !got.contains(s));
+        assert!(want.is_empty(), "suites missing: {want:x?} from {got:x?}");
+        let schemes = numbers(offer.signature_schemes);
+        assert!(
+            schemes.contains(&0x0403) && schemes.contains(&0x0804),
+            "{schemes:x?}"
+        );
+        assert_eq!(numbers(offer.versions), [0x0304, 0x0303]);
+        // TLS 1.2 alone: 1.3 not among its versions.
+        let config = client_config(&[&rustls::version::TLS12], None);
+        let mut c = ClientConnection::new(config, localhost()).unwrap();
+        let mut tls12 = Vec::new();
+        c.write_tls(&mut tls12).unwrap();
+        let offer = hello_offer(&tls12).unwrap();
+        assert!(!numbers(offer.versions).contains(&0x0304), "{:x?}", offer.versions);
+        assert!(!offer.signature_schemes.is_empty());
+        // Anything short of the whole hello, a hello in small records, bytes after it, and
+        // other records: each index checked, nothing read beyond the hello.
+        for cut in 0..hello.len() {
+            assert_eq!(hello_offer(&hello[..cut]), None, "{cut} bytes");
+        }
+        assert_eq!(hello_offer(&reframe(&hello, 100)), None);
+        let mut more = hello.clone();
+        more.extend_from_slice(b"\x17\x03\x03\x00\x01x");
+        assert!(hello_offer(&more).is_some());
+        assert_eq!(hello_offer(b"\x17\x03\x03\x00\x00"), None);
+        // A length that claims more than its holder: refused, not read past.
+        let mut bent = hello.clone();
+        let last = bent.len() - 1;
+        bent[last - 1] = 0xff;
+        let _ = hello_offer(&bent);
+    }
+
+    /// With an ECDSA chain beside the RSA one, a client that takes ECDSA signs where it is
+    /// even in company (its signature costs tens of microseconds); the RSA chain alone in
+    /// company moves (rsa_handshakes_in_company_sign_off_the_executor).
+    #[tokio::test]
+    async fn a_client_taking_the_ecdsa_chain_beside_an_rsa_one_signs_on_the_executor() {
+        let executor = std::thread::current().id();
+        let threads = Arc::new(Mutex::new(Vec::new()));
+        let mut resolver = SniResolver::new(noting(true, &threads));
+        resolver.add_default(noting(false, &threads));
+        let config = tls::server_config(resolver).unwrap();
+        assert!(config.signs_slowly());
+        let _other = config.handshake_begins();
+        let mut server = accepted_by(config, |addr| async move {
+            let connector =
+                tokio_rustls::TlsConnector::from(client_config(&[&rustls::version::TLS13], None));
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let mut c = connector.connect(localhost(), tcp).await.unwrap();
+            c.write_all(b"ecdsa").await.unwrap();
+            c.flush().await.unwrap();
+        })
+        .await;
+        let mut got = [0u8; 5];
+        timeout(WAIT, server.read_exact(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        let threads = threads.lock().unwrap().clone();
+        assert_eq!(threads, [executor], "signed once, on the executor's thread");
     }
 
     fn peeked(head: &[u8]) -> Option<Vec<rustls::CipherSuite>> {
