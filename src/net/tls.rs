@@ -565,9 +565,10 @@ impl SniResolver {
     /// a CPU with AVX-512 IFMA), 20-30 times an ECDSA P-256 one (bench/RESULTS.md, TLS
     /// handshakes): handshakes that may make one run their steps off the executor
     /// ([`crate::net::tls_stream`]), so that a burst of new RTMPS clients does not stall the
-    /// streams already running. With an ECDSA chain beside the RSA one this stays true: which
-    /// chain a ClientHello gets is known only once it is processed, and a burst of clients
-    /// offering RSA alone would otherwise sign on the executor.
+    /// streams already running. With an ECDSA chain beside the RSA one this stays true (a
+    /// burst of clients offering RSA alone would otherwise sign on the executor); each
+    /// handshake then asks [`TlsServer::signs_cheaply_for`] whether its client gets the cheap
+    /// chain.
     pub fn signs_slowly(&self) -> bool {
         std::iter::once(&self.default)
             .chain(self.exact.values())

@@ -2091,7 +2091,11 @@ mod tests {
         let mut tls12 = Vec::new();
         c.write_tls(&mut tls12).unwrap();
         let offer = hello_offer(&tls12).unwrap();
-        assert!(!numbers(offer.versions).contains(&0x0304), "{:x?}", offer.versions);
+        assert!(
+            !numbers(offer.versions).contains(&0x0304),
+            "{:x?}",
+            offer.versions
+        );
         assert!(!offer.signature_schemes.is_empty());
         // Anything short of the whole hello, a hello in small records, bytes after it, and
         // other records: each index checked, nothing read beyond the hello.
@@ -2108,6 +2112,33 @@ mod tests {
         let last = bent.len() - 1;
         bent[last - 1] = 0xff;
         let _ = hello_offer(&bent);
+    }
+
+    proptest::proptest! {
+        /// A real ClientHello with bytes changed anywhere, or cut anywhere: the offer is read
+        /// or refused, never read past its holder (no panic), and what it returns lies inside
+        /// the input.
+        #[test]
+        fn a_bent_client_hello_never_reads_past_its_bytes(
+            edits in proptest::collection::vec((0usize..2048, proptest::num::u8::ANY), 0..8),
+            cut in 0usize..2048,
+        ) {
+            use rustls::crypto::aws_lc_rs::cipher_suite as cs;
+            let mut hello = client_hello(vec![cs::TLS13_AES_128_GCM_SHA256]);
+            for (at, byte) in edits {
+                let n = hello.len();
+                hello[at % n] = byte;
+            }
+            hello.truncate(cut.max(1));
+            let range = hello.as_ptr_range();
+            if let Some(o) = hello_offer(&hello) {
+                // (An extension the hello lacks reads as an empty slice from elsewhere.)
+                for part in [o.suites, o.signature_schemes, o.versions].into_iter().filter(|p| !p.is_empty()) {
+                    let r = part.as_ptr_range();
+                    proptest::prop_assert!(range.start <= r.start && r.end <= range.end);
+                }
+            }
+        }
     }
 
     /// With an ECDSA chain beside the RSA one, a client that takes ECDSA signs where it is
