@@ -1171,6 +1171,32 @@ fn plain_client_through_stunnel_into_the_rtmps_listener() {
     );
 }
 
+/// ffmpeg publishes `key` over rtmps to `gw`; ffmpeg plays it over rtmps and rtmpts, and
+/// `more` players as given; every copy compared with the source frame by frame.
+fn rtmps_publish_and_play(gw: &Gateway, key: &str, more: &[(PlayerKind, String)]) {
+    let p = peers();
+    let dir = temp_dir();
+    let src_file = source_flv(SECONDS);
+    let src = framemd5(&src_file);
+    let url = |s: &str| format!("{}/{key}", gw.url(s));
+    let mut players = vec![
+        (PlayerKind::Ffmpeg, url("rtmps")),
+        (PlayerKind::Ffmpeg, url("rtmpts")),
+    ];
+    players.extend_from_slice(more);
+    let got = publish_and_play_when(
+        dir.path(),
+        &p.ffmpeg,
+        &url("rtmps"),
+        &src_file,
+        &players,
+        || gw.count_log(&format!(": play {key}")) >= players.len(),
+    );
+    for r in &got {
+        assert_contiguous_run(&r.label, &src, &r.frames, 1.0);
+    }
+}
+
 /// An RSA 2048 certificate (most certificates in use; the harness's other one is ECDSA): its
 /// handshakes sign off the executor (net::tls_stream), so every TLS client here goes through
 /// that path. ffmpeg (GnuTLS) publishes over rtmps and plays over rtmps and rtmpts, rtmpdump
@@ -1181,29 +1207,9 @@ fn engine_over_tls_with_an_rsa_certificate() {
     let p = peers();
     let gw = Gateway::builder().rtmp_and_rtmps_with(rsa_certs()).start();
     let tls = Stunnel::start(gw.addr("rtmps"), TlsMode::Client);
-    let dir = temp_dir();
-    let src_file = source_flv(SECONDS);
-    let src = framemd5(&src_file);
     let key = "live/rsa";
-    let url = |s: &str| format!("{}/{key}", gw.url(s));
-    let got = publish_and_play_when(
-        dir.path(),
-        &p.ffmpeg,
-        &url("rtmps"),
-        &src_file,
-        &[
-            (PlayerKind::Ffmpeg, url("rtmps")),
-            (PlayerKind::Ffmpeg, url("rtmpts")),
-            (
-                PlayerKind::Rtmpdump,
-                format!("rtmp://127.0.0.1:{}/{key}", tls.port()),
-            ),
-        ],
-        || gw.count_log(&format!(": play {key}")) >= 3,
-    );
-    for r in &got {
-        assert_contiguous_run(&r.label, &src, &r.frames, 1.0);
-    }
+    let through_stunnel = format!("rtmp://127.0.0.1:{}/{key}", tls.port());
+    rtmps_publish_and_play(&gw, key, &[(PlayerKind::Rtmpdump, through_stunnel)]);
     assert!(
         gw.log_contains("rtmps 127.0.0.1"),
         "no client arrived over rtmps"
@@ -1248,43 +1254,11 @@ fn engine_over_tls_with_an_rsa_certificate() {
 fn engine_over_tls_with_rsa_and_ecdsa_chains() {
     let p = peers();
     let (rsa, ec) = (rsa_certs(), dev_certs());
-    let s = |p: &Path| p.display().to_string();
     // RSA given first: the order given does not decide, the client does.
     let gw = Gateway::builder()
-        .args(&[
-            "--listen",
-            "rtmp://127.0.0.1:0",
-            "--listen",
-            "rtmps://127.0.0.1:0",
-            "--tls-cert",
-            &s(&rsa.chain),
-            "--tls-key",
-            &s(&rsa.key),
-            "--tls-cert",
-            &s(&ec.chain),
-            "--tls-key",
-            &s(&ec.key),
-        ])
+        .rtmp_and_rtmps_with_chains(&[rsa, ec])
         .start();
-    let dir = temp_dir();
-    let src_file = source_flv(SECONDS);
-    let src = framemd5(&src_file);
-    let key = "live/dual";
-    let url = |s: &str| format!("{}/{key}", gw.url(s));
-    let got = publish_and_play_when(
-        dir.path(),
-        &p.ffmpeg,
-        &url("rtmps"),
-        &src_file,
-        &[
-            (PlayerKind::Ffmpeg, url("rtmps")),
-            (PlayerKind::Ffmpeg, url("rtmpts")),
-        ],
-        || gw.count_log(&format!(": play {key}")) >= 2,
-    );
-    for r in &got {
-        assert_contiguous_run(&r.label, &src, &r.frames, 1.0);
-    }
+    rtmps_publish_and_play(&gw, "live/dual", &[]);
     let port = gw.addr("rtmps").port();
     let t = Duration::from_secs(20);
     // ffmpeg (GnuTLS) verifying the chain: it publishes trusting the ECDSA CA alone, and

@@ -12,13 +12,19 @@
 //!   number of bytes per call (records split anywhere, partial writes). What the client reads
 //!   back must equal what it sent, and both close_notify's must arrive.
 //!
+//! The mode byte also chooses the certificates served (bits 1-2: the ECDSA dev chain, an RSA
+//! chain, or both, where each client gets the one it can take) and whether another handshake
+//! is under way (bit 3: with an RSA chain, the steps that sign then run on the blocking
+//! pool); raw mode's head is `b >> 4` bytes.
+//!
 //! Everything runs on tokio's paused clock over an in-memory pipe; a run that stops moving
 //! is a hang.
 #![no_main]
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -29,6 +35,7 @@ use libfuzzer_sys::fuzz_target;
 use rtmpgate::net::tls::{self, CertSource, SniResolver};
 use rtmpgate::net::tls_stream::TlsStream;
 use rustls::pki_types::ServerName;
+use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
@@ -74,16 +81,61 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Trickle<S> {
     }
 }
 
-fn server_config() -> tls::TlsServer {
-    let dev = tls::load_certified_key(&CertSource::EmbeddedDev).expect("dev certificate");
-    tls::server_config(SniResolver::new(dev)).expect("server config")
+/// A throwaway RSA 2048 CA and localhost chain for fuzzing only (fuzz/certs-rsa).
+const RSA_CA: &[u8] = include_bytes!("../certs-rsa/ca.pem");
+const RSA_CHAIN: &[u8] = include_bytes!("../certs-rsa/chain.pem");
+const RSA_KEY: &[u8] = include_bytes!("../certs-rsa/key.pem");
+
+/// The certificates a run's server answers with.
+#[derive(Clone, Copy, Debug)]
+struct Served {
+    /// 0: the ECDSA dev chain; 1: the RSA chain; 2 or 3: both.
+    chains: u8,
+    /// Another handshake counted as under way beside this one.
+    company: bool,
+}
+
+impl Served {
+    fn from_mode(mode: u8) -> Served {
+        Served {
+            chains: (mode >> 1) & 3,
+            company: mode & 8 != 0,
+        }
+    }
+}
+
+fn server_config(served: Served) -> tls::TlsServer {
+    static KEYS: OnceLock<(Arc<CertifiedKey>, Arc<CertifiedKey>)> = OnceLock::new();
+    let (ecdsa, rsa) = KEYS.get_or_init(|| {
+        let dev = tls::load_certified_key(&CertSource::EmbeddedDev).expect("dev certificate");
+        let rsa = tls::certified_key_from_pem(
+            RSA_CHAIN,
+            Path::new("fuzz/certs-rsa/chain.pem"),
+            RSA_KEY,
+            Path::new("fuzz/certs-rsa/key.pem"),
+        )
+        .expect("RSA chain");
+        (dev, rsa)
+    });
+    let resolver = match served.chains {
+        0 => SniResolver::new(ecdsa.clone()),
+        1 => SniResolver::new(rsa.clone()),
+        _ => {
+            let mut r = SniResolver::new(rsa.clone());
+            r.add_default(ecdsa.clone());
+            r
+        }
+    };
+    tls::server_config(resolver).expect("server config")
 }
 
 fn client_config() -> Arc<ClientConfig> {
     let mut roots = RootCertStore::empty();
     let ca = include_bytes!("../../certs/ca.pem");
-    for cert in tls::certs_from_pem(ca, std::path::Path::new("ca")).expect("CA") {
-        roots.add(cert).expect("CA cert");
+    for pem in [&ca[..], RSA_CA] {
+        for cert in tls::certs_from_pem(pem, Path::new("ca")).expect("CA") {
+            roots.add(cert).expect("CA cert");
+        }
     }
     Arc::new(
         ClientConfig::builder_with_provider(tls::provider())
@@ -94,8 +146,9 @@ fn client_config() -> Arc<ClientConfig> {
     )
 }
 
-async fn raw(data: &[u8], head_len: usize) {
-    let config = server_config();
+async fn raw(data: &[u8], head_len: usize, served: Served) {
+    let config = server_config(served);
+    let _company = served.company.then(|| config.handshake_begins());
     let (mut client, server) = tokio::io::duplex(64 * 1024);
     let head_len = head_len.min(data.len());
     let (head, rest) = data.split_at(head_len);
@@ -132,7 +185,7 @@ async fn raw(data: &[u8], head_len: usize) {
         .expect("client task");
 }
 
-async fn echo(data: &[u8]) {
+async fn echo(data: &[u8], served: Served) {
     // Knobs from the first bytes, the payload after them.
     let [wire, read_size, write_pieces, client_writes, rest @ ..] = data else {
         return;
@@ -143,7 +196,8 @@ async fn echo(data: &[u8]) {
     let client_write = usize::from(*client_writes) * 128 + 1;
     // The payload, twice: a longer input crosses several records.
     let payload: Vec<u8> = rest.iter().copied().cycle().take(rest.len() * 2).collect();
-    let config = server_config();
+    let config = server_config(served);
+    let _company = served.company.then(|| config.handshake_begins());
     let (client_io, server_io) = tokio::io::duplex(64 * 1024);
     let server = tokio::spawn(async move {
         let io = Trickle {
@@ -213,10 +267,11 @@ fuzz_target!(|data: &[u8]| {
     };
     let rt = paused_runtime();
     rt.block_on(async {
+        let served = Served::from_mode(mode);
         if mode % 2 == 0 {
-            raw(data, usize::from(mode / 2)).await;
+            raw(data, usize::from(mode >> 4), served).await;
         } else {
-            echo(data).await;
+            echo(data, served).await;
         }
     });
 });

@@ -36,18 +36,24 @@ impl GatewayBuilder {
 
     /// [`GatewayBuilder::rtmp_and_rtmps`] with these certificates (e.g. [`rsa_certs`]).
     pub fn rtmp_and_rtmps_with(self, c: &DevCerts) -> Self {
-        let chain = c.chain.display().to_string();
-        let key = c.key.display().to_string();
-        self.args(&[
+        self.rtmp_and_rtmps_with_chains(&[c])
+    }
+
+    /// [`GatewayBuilder::rtmp_and_rtmps`] serving several chains for the same names (an RSA
+    /// and an ECDSA one: each client gets the one it can take), in the order given.
+    pub fn rtmp_and_rtmps_with_chains(self, certs: &[&DevCerts]) -> Self {
+        let mut b = self.args(&[
             "--listen",
             "rtmp://127.0.0.1:0",
             "--listen",
             "rtmps://127.0.0.1:0",
-            "--tls-cert",
-            &chain,
-            "--tls-key",
-            &key,
-        ])
+        ]);
+        for c in certs {
+            let chain = c.chain.display().to_string();
+            let key = c.key.display().to_string();
+            b = b.args(&["--tls-cert", &chain, "--tls-key", &key]);
+        }
+        b
     }
 
     /// A TOML config file with this text, passed as `--config FILE` (flags still win).
