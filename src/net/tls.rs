@@ -1112,6 +1112,19 @@ mod tests {
         assert!(Arc::ptr_eq(&r.get().pick(None), &dev));
         r.replace(SniResolver::new(ca.clone()));
         assert!(Arc::ptr_eq(&r.get().pick(None), &ca));
+        // What a reload serves decides the burst rule: RSA alone (costly for every client),
+        // then both chains (cheap for clients offering P-256), then ECDSA alone.
+        let p256 = 1 << 0;
+        r.replace(SniResolver::new(claims_rsa()));
+        assert!(r.signs_slowly());
+        assert_eq!(r.cheap_everywhere(), 0);
+        let mut both = SniResolver::new(claims_rsa());
+        both.add_default(dev.clone());
+        r.replace(both);
+        assert!(r.signs_slowly());
+        assert_eq!(r.cheap_everywhere(), p256);
+        r.replace(SniResolver::new(dev.clone()));
+        assert!(!r.signs_slowly());
         server_config_with(r).unwrap();
     }
 
