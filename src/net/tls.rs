@@ -664,36 +664,48 @@ impl TlsServer {
     /// client can take), so such a handshake does not sign with RSA. False when unsure.
     pub fn signs_cheaply_for(&self, offer: &HelloOffer<'_>) -> bool {
         let cheap = self.certificates.cheap_everywhere();
-        let pairs = |b: &[u8]| -> Vec<u16> {
-            b.chunks_exact(2)
-                .map(|p| match *p {
-                    [hi, lo] => u16::from_be_bytes([hi, lo]),
-                    _ => 0,
-                })
-                .collect()
-        };
         if cheap == 0 {
             return false;
         }
-        let offered = pairs(offer.suites);
-        let tls13 = pairs(offer.versions).contains(&0x0304);
-        let schemes = pairs(offer.signature_schemes);
-        CHEAP_SCHEMES.iter().enumerate().any(|(i, scheme)| {
-            let kind = match scheme {
-                rustls::SignatureScheme::ED25519 => rustls::SignatureAlgorithm::ED25519,
-                _ => rustls::SignatureAlgorithm::ECDSA,
+        // One pass over each vector, read where it is (no copy per handshake; a hello's
+        // vectors are bounded by its 16 KiB record).
+        let tls13 = offer.versions.chunks_exact(2).any(|p| p == [0x03, 0x04]);
+        let ours = &self.config.crypto_provider().cipher_suites;
+        // Which kinds of key some suite both sides have can serve: TLS 1.3 ones serve any.
+        let (mut any_key, mut ecdsa, mut ed25519) = (false, false, false);
+        for pair in offer.suites.chunks_exact(2) {
+            let Ok(pair) = <[u8; 2]>::try_from(pair) else {
+                continue;
             };
-            cheap & (1 << i) != 0
-                && schemes.contains(&u16::from(*scheme))
-                && self.config.crypto_provider().cipher_suites.iter().any(|s| {
-                    offered.contains(&u16::from(s.suite()))
-                        && match s {
-                            SupportedCipherSuite::Tls13(_) => tls13,
-                            SupportedCipherSuite::Tls12(_) => {
-                                s.usable_for_signature_algorithm(kind)
-                            }
-                        }
-                })
+            let code = rustls::CipherSuite::from(u16::from_be_bytes(pair));
+            for suite in ours.iter().filter(|s| s.suite() == code) {
+                match suite {
+                    SupportedCipherSuite::Tls13(_) => any_key |= tls13,
+                    SupportedCipherSuite::Tls12(_) => {
+                        ecdsa |=
+                            suite.usable_for_signature_algorithm(rustls::SignatureAlgorithm::ECDSA);
+                        ed25519 |= suite
+                            .usable_for_signature_algorithm(rustls::SignatureAlgorithm::ED25519);
+                    }
+                }
+            }
+        }
+        let mut offered = 0u8;
+        for pair in offer.signature_schemes.chunks_exact(2) {
+            let Ok(pair) = <[u8; 2]>::try_from(pair) else {
+                continue;
+            };
+            let scheme = rustls::SignatureScheme::from(u16::from_be_bytes(pair));
+            if let Some(i) = CHEAP_SCHEMES.iter().position(|s| *s == scheme) {
+                offered |= 1 << i;
+            }
+        }
+        CHEAP_SCHEMES.iter().enumerate().any(|(i, scheme)| {
+            let suite_for_it = match scheme {
+                rustls::SignatureScheme::ED25519 => any_key || ed25519,
+                _ => any_key || ecdsa,
+            };
+            cheap & offered & (1 << i) != 0 && suite_for_it
         })
     }
 
