@@ -160,8 +160,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static> TlsStream<IO> {
         }
         let mut incoming = Vec::with_capacity(MAX_RECORD.max(head.len()));
         incoming.extend_from_slice(head);
-        let _under_way = server.handshake_begins();
         let chosen = read_client_hello(&mut io, &mut incoming, &server.config).await?;
+        // Counted from its ClientHello on: a connection that sends nothing (a port scanner,
+        // a slow client) has no signature coming and is no company for the rule.
+        let _under_way = server.handshake_begins();
         let stream = TlsStream {
             io,
             conn: UnbufferedServerConnection::new(chosen).map_err(tls_error)?,
@@ -2139,6 +2141,53 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A connection that has sent no ClientHello is not a handshake under way (no company for
+    /// the burst rule); once its hello is in, it is until the handshake ends.
+    #[tokio::test]
+    async fn a_handshake_counts_from_its_client_hello() {
+        let config = tls::server_config(SniResolver::new(
+            tls::load_certified_key(&CertSource::EmbeddedDev).unwrap(),
+        ))
+        .unwrap();
+        let (l, addr) = listen().await;
+        let counted = config.clone();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = l.accept().await.unwrap();
+            TlsStream::accept(tcp, &[], &config).await
+        });
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            counted.handshakes_under_way(),
+            0,
+            "a silent connection counted"
+        );
+        // The first bytes of a ClientHello: still nothing whole to answer.
+        silent.write_all(&[0x16, 0x03, 0x01]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(counted.handshakes_under_way(), 0, "a partial hello counted");
+        // The whole hello: under way until the handshake fails (this client says no more).
+        let hello = client_hello(vec![
+            rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256,
+        ]);
+        silent.write_all(&hello[3..]).await.unwrap();
+        let mut counted_once = false;
+        for _ in 0..100 {
+            counted_once |= counted.handshakes_under_way() == 1;
+            if counted_once {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(
+            counted_once,
+            "the handshake with its hello in was not counted"
+        );
+        drop(silent);
+        assert!(timeout(WAIT, server).await.unwrap().unwrap().is_err());
+        assert_eq!(counted.handshakes_under_way(), 0);
     }
 
     /// With an ECDSA chain beside the RSA one, a client that takes ECDSA signs where it is
