@@ -13,9 +13,9 @@
 //!   back must equal what it sent, and both close_notify's must arrive.
 //!
 //! The mode byte also chooses the certificates served (bits 1-2: the ECDSA dev chain, an RSA
-//! chain, or both, where each client gets the one it can take) and whether another handshake
-//! is under way (bit 3: with an RSA chain, the steps that sign then run on the blocking
-//! pool); raw mode's head is `b >> 4` bytes.
+//! chain, or both, where each client gets the one it can take, as the default or for the name
+//! `localhost` alone) and whether another handshake is under way (bit 3: with an RSA chain,
+//! the steps that sign then run on the blocking pool); raw mode's head is `b >> 4` bytes.
 //!
 //! Everything runs on tokio's paused clock over an in-memory pipe; a run that stops moving
 //! is a hang.
@@ -89,7 +89,8 @@ const RSA_KEY: &[u8] = include_bytes!("../certs-rsa/key.pem");
 /// The certificates a run's server answers with.
 #[derive(Clone, Copy, Debug)]
 struct Served {
-    /// 0: the ECDSA dev chain; 1: the RSA chain; 2 or 3: both.
+    /// 0: the ECDSA dev chain; 1: the RSA chain; 2: both; 3: the RSA chain, and both for
+    /// `localhost` (the name the echo client asks).
     chains: u8,
     /// Another handshake counted as under way beside this one.
     company: bool,
@@ -120,9 +121,15 @@ fn server_config(served: Served) -> tls::TlsServer {
     let resolver = match served.chains {
         0 => SniResolver::new(ecdsa.clone()),
         1 => SniResolver::new(rsa.clone()),
-        _ => {
+        2 => {
             let mut r = SniResolver::new(rsa.clone());
             r.add_default(ecdsa.clone());
+            r
+        }
+        _ => {
+            let mut r = SniResolver::new(rsa.clone());
+            r.add("localhost", rsa.clone());
+            r.add("localhost", ecdsa.clone());
             r
         }
     };

@@ -15,7 +15,7 @@ use rustls::sign::{CertifiedKey, Signer, SigningKey};
 use rustls::SupportedCipherSuite;
 
 use crate::metrics::ChainKey;
-use crate::net::tls_stream::HelloOffer;
+use crate::net::tls_stream::{HelloName, HelloOffer};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -359,37 +359,53 @@ fn embedded_dev() -> Result<Arc<CertifiedKey>, TlsError> {
 /// signature costs 0.04 ms instead of RSA 2048's 1-1.6 ms on this machine (bench/RESULTS.md,
 /// TLS handshakes), and older clients still get the RSA chain.
 #[derive(Clone, Debug)]
-pub struct Chains(Vec<Arc<CertifiedKey>>);
+pub struct Chains {
+    keys: Vec<Arc<CertifiedKey>>,
+    /// The [`CHEAP_SCHEMES`] some non-RSA chain here signs with, as bits: worked out once
+    /// here, since asking a key (`choose_scheme`) allocates, and the burst rule asks for
+    /// every handshake.
+    cheap: u8,
+}
 
 impl Chains {
     fn one(key: Arc<CertifiedKey>) -> Chains {
-        Chains(vec![key])
+        let mut chains = Chains {
+            keys: vec![key],
+            cheap: 0,
+        };
+        chains.cheap = chains.cheap_schemes();
+        chains
     }
 
     /// Adds `key` beside the chains held; a chain with the same kind of key is replaced (a
     /// later entry for the same names wins, as before there were several kinds).
     fn add(&mut self, key: Arc<CertifiedKey>) {
         let kind = key.key.algorithm();
-        match self.0.iter_mut().find(|k| k.key.algorithm() == kind) {
+        match self.keys.iter_mut().find(|k| k.key.algorithm() == kind) {
             Some(same) => *same = key,
             None => {
-                self.0.push(key);
+                self.keys.push(key);
                 // Stable: keys of one cost keep the order they were given in.
-                self.0.sort_by_key(|k| signing_cost(k.key.algorithm()));
+                self.keys.sort_by_key(|k| signing_cost(k.key.algorithm()));
             }
         }
+        self.cheap = self.cheap_schemes();
     }
 
     /// Every chain, the cheapest to sign with first.
     pub fn all(&self) -> &[Arc<CertifiedKey>] {
-        &self.0
+        &self.keys
     }
 
     /// The [`CHEAP_SCHEMES`] some non-RSA chain here signs with, as bits.
+    pub fn cheap(&self) -> u8 {
+        self.cheap
+    }
+
     fn cheap_schemes(&self) -> u8 {
         let mut bits = 0;
         for key in self
-            .0
+            .keys
             .iter()
             .filter(|k| signing_cost(k.key.algorithm()) == 0)
         {
@@ -414,13 +430,13 @@ impl Chains {
         client: &ClientOffer<'_>,
         suites: &[SupportedCipherSuite],
     ) -> Option<Arc<CertifiedKey>> {
-        let [first, more @ ..] = self.0.as_slice() else {
+        let [first, more @ ..] = self.keys.as_slice() else {
             return None;
         };
         if more.is_empty() {
             return Some(first.clone());
         }
-        self.0
+        self.keys
             .iter()
             .find(|k| client.can_take(k, suites))
             .unwrap_or(first)
@@ -440,7 +456,7 @@ fn signing_cost(kind: rustls::SignatureAlgorithm) -> u8 {
 }
 
 /// The signature schemes of keys that sign cheaply (tens of microseconds): a client offering
-/// one that a chain for every name signs with gets such a chain, never an RSA one.
+/// one that a chain for the name it asks signs with gets such a chain, never an RSA one.
 const CHEAP_SCHEMES: [rustls::SignatureScheme; 4] = [
     rustls::SignatureScheme::ECDSA_NISTP256_SHA256,
     rustls::SignatureScheme::ECDSA_NISTP384_SHA384,
@@ -552,13 +568,14 @@ impl SniResolver {
         Some(chosen)
     }
 
-    /// The [`CHEAP_SCHEMES`] (as bits) that a non-RSA chain signs with for every name served
-    /// (the default and each SNI entry): 0 unless every name has an ECDSA or Ed25519 chain.
-    pub fn cheap_everywhere(&self) -> u8 {
+    /// The [`CHEAP_SCHEMES`] (as bits) that a non-RSA chain signs with for some name served
+    /// (the default or an SNI entry): 0 when no client can get a cheap chain here, and the
+    /// burst rule need not read a ClientHello to know.
+    pub fn cheap_anywhere(&self) -> u8 {
         std::iter::once(&self.default)
             .chain(self.exact.values())
             .chain(self.wildcard.values())
-            .fold(u8::MAX, |bits, c| bits & c.cheap_schemes())
+            .fold(0, |bits, c| bits | c.cheap())
     }
 
     /// Whether any of its keys is RSA. One RSA 2048 signature costs 1-3 ms of CPU (0.3 ms on
@@ -592,7 +609,7 @@ pub struct Reloadable {
     current: std::sync::RwLock<Arc<SniResolver>>,
     /// The current resolver's [`SniResolver::signs_slowly`], read once per handshake.
     slow: AtomicBool,
-    /// The current resolver's [`SniResolver::cheap_everywhere`].
+    /// The current resolver's [`SniResolver::cheap_anywhere`].
     cheap: AtomicU8,
 }
 
@@ -600,7 +617,7 @@ impl Reloadable {
     pub fn new(resolver: SniResolver) -> Arc<Reloadable> {
         Arc::new(Reloadable {
             slow: AtomicBool::new(resolver.signs_slowly()),
-            cheap: AtomicU8::new(resolver.cheap_everywhere()),
+            cheap: AtomicU8::new(resolver.cheap_anywhere()),
             current: std::sync::RwLock::new(Arc::new(resolver)),
         })
     }
@@ -608,7 +625,7 @@ impl Reloadable {
     /// Serves `resolver`'s certificates to every handshake from now on.
     pub fn replace(&self, resolver: SniResolver) {
         let slow = resolver.signs_slowly();
-        let cheap = resolver.cheap_everywhere();
+        let cheap = resolver.cheap_anywhere();
         let mut slot = self.current.write().unwrap_or_else(|e| e.into_inner());
         *slot = Arc::new(resolver);
         self.slow.store(slow, Ordering::Relaxed);
@@ -620,9 +637,18 @@ impl Reloadable {
         self.slow.load(Ordering::Relaxed)
     }
 
-    /// [`SniResolver::cheap_everywhere`] of the certificates served now.
-    pub fn cheap_everywhere(&self) -> u8 {
+    /// [`SniResolver::cheap_anywhere`] of the certificates served now.
+    pub fn cheap_anywhere(&self) -> u8 {
         self.cheap.load(Ordering::Relaxed)
+    }
+
+    /// [`Chains::cheap`] of the chains served now for `server_name` (as rustls will resolve
+    /// them: [`SniResolver::chains`]).
+    pub fn cheap_for(&self, server_name: Option<&str>) -> u8 {
+        if self.cheap_anywhere() == 0 {
+            return 0;
+        }
+        self.get().chains(server_name).cheap()
     }
 
     fn get(&self) -> Arc<SniResolver> {
@@ -656,14 +682,19 @@ impl TlsServer {
         self.certificates.signs_slowly()
     }
 
-    /// Whether a client offering `offer` gets a chain that signs cheaply (ECDSA, Ed25519)
-    /// whatever name it asks for: a cheap chain for every name signs with a scheme it offers,
-    /// and it can agree on a suite for that chain (TLS 1.3 offered in its supported versions
-    /// with a TLS 1.3 suite we have, or one of our TLS 1.2 suites for that kind of key).
-    /// Resolving the chain follows the same rule ([`Chains`]: cheapest first, the first the
-    /// client can take), so such a handshake does not sign with RSA. False when unsure.
+    /// Whether a client offering `offer` gets a chain that signs cheaply (ECDSA, Ed25519): a
+    /// cheap chain for the name it asks (or the default chains when it asks none) signs with a
+    /// scheme it offers, and it can agree on a suite for that chain (TLS 1.3 offered in its
+    /// supported versions with a TLS 1.3 suite we have, or one of our TLS 1.2 suites for that
+    /// kind of key). Resolving the chain follows the same rule ([`Chains`]: cheapest first,
+    /// the first the client can take), so such a handshake does not sign with RSA. False when
+    /// unsure: a name rustls refuses, which fails the handshake anyway.
     pub fn signs_cheaply_for(&self, offer: &HelloOffer<'_>) -> bool {
-        let cheap = self.certificates.cheap_everywhere();
+        let cheap = match offer.server_name {
+            HelloName::Absent => self.certificates.cheap_for(None),
+            HelloName::Dns(name) => self.certificates.cheap_for(Some(name)),
+            HelloName::Unusable => return false,
+        };
         if cheap == 0 {
             return false;
         }
@@ -1077,18 +1108,20 @@ mod tests {
     }
 
     #[test]
-    fn a_client_signs_cheaply_when_every_name_has_a_chain_it_takes() {
-        use crate::net::tls_stream::HelloOffer;
+    fn a_client_signs_cheaply_when_the_name_it_asks_has_a_chain_it_takes() {
+        use crate::net::tls_stream::{HelloName, HelloOffer};
         let ecdsa = load_certified_key(&CertSource::EmbeddedDev).unwrap();
         let be = |v: &[u16]| v.iter().flat_map(|x| x.to_be_bytes()).collect::<Vec<u8>>();
         let (tls13, ecdhe_ecdsa, ecdhe_rsa) = (be(&[0x1301]), be(&[0xc02b]), be(&[0xc02f]));
         let (p256, p384, rsa_pss) = (be(&[0x0403]), be(&[0x0503]), be(&[0x0804]));
         let (v13, v12) = (be(&[0x0304, 0x0303]), be(&[0x0303]));
-        let offer = |suites, schemes, versions| HelloOffer {
+        let named = |server_name, suites, schemes, versions| HelloOffer {
+            server_name,
             suites,
             signature_schemes: schemes,
             versions,
         };
+        let offer = |suites, schemes, versions| named(HelloName::Absent, suites, schemes, versions);
         let mut dual = SniResolver::new(claims_rsa());
         dual.add_default(ecdsa.clone());
         dual.add("live.example.com", ecdsa.clone());
@@ -1103,13 +1136,35 @@ mod tests {
         assert!(!dual.signs_cheaply_for(&offer(&tls13, &p256, &v12)));
         assert!(!dual.signs_cheaply_for(&offer(&ecdhe_rsa, &p256, &v12)));
         assert!(!dual.signs_cheaply_for(&offer(&tls13, &p384, &v13)));
-        // A name served by RSA alone: no client is sure to sign cheaply.
+        // A name rustls refuses: unsure, so costly.
+        assert!(!dual.signs_cheaply_for(&named(HelloName::Unusable, &tls13, &p256, &v13)));
+        // One name served by RSA alone: its clients sign costly, every other name's cheaply
+        // (names as the resolver matches them: any case, a trailing dot).
         let mut partial = SniResolver::new(claims_rsa());
         partial.add_default(ecdsa.clone());
         partial.add("rsa.example.com", claims_rsa());
-        assert_eq!(partial.cheap_everywhere(), 0);
+        partial.add("*.rsa.example.org", claims_rsa());
+        partial.add("live.example.com", ecdsa.clone());
         let partial = server_config(partial).unwrap();
-        assert!(!partial.signs_cheaply_for(&offer(&tls13, &p256, &v13)));
+        for rsa_only in ["rsa.example.com", "RSA.Example.com.", "a.rsa.example.org"] {
+            let o = named(HelloName::Dns(rsa_only), &tls13, &p256, &v13);
+            assert!(!partial.signs_cheaply_for(&o), "{rsa_only}");
+        }
+        for cheap in ["live.example.com", "other.example.com", "rsa.example.org"] {
+            let o = named(HelloName::Dns(cheap), &tls13, &p256, &v13);
+            assert!(partial.signs_cheaply_for(&o), "{cheap}");
+        }
+        assert!(partial.signs_cheaply_for(&offer(&tls13, &p256, &v13)));
+        // The default chain RSA alone, a name with ECDSA beside it: that name's clients alone.
+        let mut named_only = SniResolver::new(claims_rsa());
+        named_only.add("live.example.com", ecdsa.clone());
+        named_only.add("live.example.com", claims_rsa());
+        let named_only = server_config(named_only).unwrap();
+        let o = named(HelloName::Dns("live.example.com"), &tls13, &p256, &v13);
+        assert!(named_only.signs_cheaply_for(&o));
+        assert!(!named_only.signs_cheaply_for(&offer(&tls13, &p256, &v13)));
+        let o = named(HelloName::Dns("other.example.com"), &tls13, &p256, &v13);
+        assert!(!named_only.signs_cheaply_for(&o));
         // RSA alone: never.
         let rsa = server_config(SniResolver::new(claims_rsa())).unwrap();
         assert!(!rsa.signs_cheaply_for(&offer(&tls13, &p256, &v13)));
@@ -1129,12 +1184,12 @@ mod tests {
         let p256 = 1 << 0;
         r.replace(SniResolver::new(claims_rsa()));
         assert!(r.signs_slowly());
-        assert_eq!(r.cheap_everywhere(), 0);
+        assert_eq!(r.cheap_anywhere(), 0);
         let mut both = SniResolver::new(claims_rsa());
         both.add_default(dev.clone());
         r.replace(both);
         assert!(r.signs_slowly());
-        assert_eq!(r.cheap_everywhere(), p256);
+        assert_eq!(r.cheap_anywhere(), p256);
         r.replace(SniResolver::new(dev.clone()));
         assert!(!r.signs_slowly());
         server_config_with(r).unwrap();

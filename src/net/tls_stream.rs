@@ -879,14 +879,64 @@ fn holds_handshake_record(held: &[u8]) -> bool {
     false
 }
 
-/// What a ClientHello offers that decides which kind of certificate chain it gets (RFC 8446
-/// section 4.1.2): its cipher suites, signature schemes (`signature_algorithms`) and versions
-/// (`supported_versions`), each as the raw two-byte entries.
+/// What a ClientHello offers that decides which certificate chain it gets (RFC 8446 section
+/// 4.1.2): the name it asks for, its cipher suites, signature schemes
+/// (`signature_algorithms`) and versions (`supported_versions`), the last three as the raw
+/// two-byte entries.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct HelloOffer<'a> {
+    pub server_name: HelloName<'a>,
     pub suites: &'a [u8],
     pub signature_schemes: &'a [u8],
     pub versions: &'a [u8],
+}
+
+/// The name a ClientHello asks for (`server_name`, RFC 6066 section 3), read as rustls reads
+/// it, so that the chains looked at before the handshake are the ones rustls resolves.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HelloName<'a> {
+    /// No `server_name`, or an IP address in it (rustls ignores one): the default chains.
+    #[default]
+    Absent,
+    /// A DNS name.
+    Dns(&'a str),
+    /// What rustls refuses (no host name, two of them, one that is not a DNS name): that
+    /// handshake fails whatever chain it would have got.
+    Unusable,
+}
+
+/// [`HelloName`] of a `server_name` extension's data.
+fn hello_name(data: &[u8]) -> HelloName<'_> {
+    const HOST_NAME: u8 = 0;
+    let Some((mut list, _)) = vector16(data) else {
+        return HelloName::Unusable;
+    };
+    let mut found = None;
+    while let Some((&kind, rest)) = list.split_first() {
+        if kind != HOST_NAME {
+            // Another type's length is not known: rustls stops reading there, as here.
+            break;
+        }
+        let Some((name, rest)) = vector16(rest) else {
+            return HelloName::Unusable;
+        };
+        if found.is_some() {
+            return HelloName::Unusable;
+        }
+        found = Some(name);
+        list = rest;
+    }
+    let Some(name) = found else {
+        return HelloName::Unusable;
+    };
+    match rustls::pki_types::ServerName::try_from(name) {
+        // A DNS name is ASCII, so it reads as text in place.
+        Ok(rustls::pki_types::ServerName::DnsName(_)) => {
+            std::str::from_utf8(name).map_or(HelloName::Unusable, HelloName::Dns)
+        }
+        Ok(rustls::pki_types::ServerName::IpAddress(_)) => HelloName::Absent,
+        _ => HelloName::Unusable,
+    }
 }
 
 /// [`HelloOffer`] of the ClientHello at the start of `head`, read in place, every length
@@ -898,6 +948,7 @@ fn hello_offer(head: &[u8]) -> Option<HelloOffer<'_>> {
     /// legacy_version and random.
     const BEFORE_SESSION_ID: usize = 2 + 32;
     /// The extensions' numbers (RFC 8446 section 4.2).
+    const SERVER_NAME: u16 = 0;
     const SIGNATURE_ALGORITHMS: u16 = 13;
     const SUPPORTED_VERSIONS: u16 = 43;
     let (header, rest) = head.split_at_checked(RECORD_HEADER)?;
@@ -934,6 +985,7 @@ fn hello_offer(head: &[u8]) -> Option<HelloOffer<'_>> {
         };
         let (data, rest) = vector16(rest)?;
         match u16::from_be_bytes([k0, k1]) {
+            SERVER_NAME => offer.server_name = hello_name(data),
             SIGNATURE_ALGORITHMS => offer.signature_schemes = vector16(data)?.0,
             SUPPORTED_VERSIONS => offer.versions = vector8(data)?.0,
             _ => {}
@@ -2087,6 +2139,7 @@ mod tests {
             "{schemes:x?}"
         );
         assert_eq!(numbers(offer.versions), [0x0304, 0x0303]);
+        assert_eq!(offer.server_name, HelloName::Dns("localhost"));
         // TLS 1.2 alone: 1.3 not among its versions.
         let config = client_config(&[&rustls::version::TLS12], None);
         let mut c = ClientConnection::new(config, localhost()).unwrap();
@@ -2099,6 +2152,13 @@ mod tests {
             offer.versions
         );
         assert!(!offer.signature_schemes.is_empty());
+        // A client asking for an IP address sends no server_name: the default chains.
+        let config = client_config(&[&rustls::version::TLS13], None);
+        let ip = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let mut c = ClientConnection::new(config, ip).unwrap();
+        let mut by_ip = Vec::new();
+        c.write_tls(&mut by_ip).unwrap();
+        assert_eq!(hello_offer(&by_ip).unwrap().server_name, HelloName::Absent);
         // Anything short of the whole hello, a hello in small records, bytes after it, and
         // other records: each index checked, nothing read beyond the hello.
         for cut in 0..hello.len() {
@@ -2114,6 +2174,62 @@ mod tests {
         let last = bent.len() - 1;
         bent[last - 1] = 0xff;
         let _ = hello_offer(&bent);
+    }
+
+    /// The `server_name` extension read as rustls reads it: one host name that is a DNS name;
+    /// an IP address counts as none; anything rustls refuses is unusable.
+    #[test]
+    fn the_name_a_client_hello_asks_is_read_as_rustls_reads_it() {
+        /// A server_name extension's data holding `entries` (type, name).
+        fn sni(entries: &[(u8, &[u8])]) -> Vec<u8> {
+            let mut list = Vec::new();
+            for (kind, name) in entries {
+                list.push(*kind);
+                list.extend_from_slice(&(name.len() as u16).to_be_bytes());
+                list.extend_from_slice(name);
+            }
+            let mut data = (list.len() as u16).to_be_bytes().to_vec();
+            data.extend_from_slice(&list);
+            data
+        }
+        let name = sni(&[(0, b"live.example.com")]);
+        assert_eq!(hello_name(&name), HelloName::Dns("live.example.com"));
+        assert_eq!(
+            hello_name(&sni(&[(0, b"Live.Example.com.")])),
+            HelloName::Dns("Live.Example.com.")
+        );
+        // rustls ignores an IP address (and serves the default chains).
+        assert_eq!(hello_name(&sni(&[(0, b"127.0.0.1")])), HelloName::Absent);
+        assert_eq!(hello_name(&sni(&[(0, b"::1")])), HelloName::Absent);
+        // Refused by rustls: two host names, none, not a DNS name, an empty one, an empty
+        // list, a length past the data.
+        for bad in [
+            sni(&[(0, b"a.example.com"), (0, b"b.example.com")]),
+            sni(&[(1, b"a.example.com")]),
+            sni(&[(0, b"not a name")]),
+            sni(&[(0, b"caf\xc3\xa9.example.com")]),
+            sni(&[(0, b"")]),
+            sni(&[]),
+            name[..name.len() - 1].to_vec(),
+            Vec::new(),
+        ] {
+            assert_eq!(hello_name(&bad), HelloName::Unusable, "{bad:x?}");
+        }
+        // A host name, then another type: rustls stops reading at the other type.
+        assert_eq!(
+            hello_name(&sni(&[(0, b"a.example.com"), (7, b"x")])),
+            HelloName::Dns("a.example.com")
+        );
+        // The same through rustls: a ClientHello naming live.example.com.
+        let config = client_config(&[&rustls::version::TLS13], None);
+        let live = rustls_pki_types::ServerName::try_from("live.example.com").unwrap();
+        let mut c = ClientConnection::new(config, live).unwrap();
+        let mut wire = Vec::new();
+        c.write_tls(&mut wire).unwrap();
+        assert_eq!(
+            hello_offer(&wire).unwrap().server_name,
+            HelloName::Dns("live.example.com")
+        );
     }
 
     proptest::proptest! {
@@ -2135,7 +2251,11 @@ mod tests {
             let range = hello.as_ptr_range();
             if let Some(o) = hello_offer(&hello) {
                 // (An extension the hello lacks reads as an empty slice from elsewhere.)
-                for part in [o.suites, o.signature_schemes, o.versions].into_iter().filter(|p| !p.is_empty()) {
+                let name = match o.server_name {
+                    HelloName::Dns(name) => name.as_bytes(),
+                    _ => &[],
+                };
+                for part in [name, o.suites, o.signature_schemes, o.versions].into_iter().filter(|p| !p.is_empty()) {
                     let r = part.as_ptr_range();
                     proptest::prop_assert!(range.start <= r.start && r.end <= range.end);
                 }
@@ -2218,6 +2338,47 @@ mod tests {
             .unwrap();
         let threads = threads.lock().unwrap().clone();
         assert_eq!(threads, [executor], "signed once, on the executor's thread");
+    }
+
+    /// The rule follows the name a client asks: with the default chain RSA alone and an ECDSA
+    /// chain beside the RSA one for `localhost`, a client asking `localhost` signs where it is
+    /// in company, and a client asking no name (an IP address) gets the RSA chain and moves.
+    #[tokio::test]
+    async fn the_burst_rule_looks_at_the_chains_of_the_name_asked() {
+        let executor = std::thread::current().id();
+        for (name, moved) in [("localhost", false), ("127.0.0.1", true)] {
+            let threads = Arc::new(Mutex::new(Vec::new()));
+            let mut resolver = SniResolver::new(noting(true, &threads));
+            resolver.add("localhost", noting(true, &threads));
+            resolver.add("localhost", noting(false, &threads));
+            let config = tls::server_config(resolver).unwrap();
+            let _other = config.handshake_begins();
+            let mut server = accepted_by(config, |addr| async move {
+                let connector = tokio_rustls::TlsConnector::from(client_config(
+                    &[&rustls::version::TLS13],
+                    None,
+                ));
+                let tcp = TcpStream::connect(addr).await.unwrap();
+                let asked = rustls_pki_types::ServerName::try_from(name).unwrap();
+                let mut c = connector.connect(asked, tcp).await.unwrap();
+                c.write_all(b"named").await.unwrap();
+                c.flush().await.unwrap();
+            })
+            .await;
+            let mut got = [0u8; 5];
+            timeout(WAIT, server.read_exact(&mut got))
+                .await
+                .unwrap()
+                .unwrap();
+            let threads = threads.lock().unwrap().clone();
+            assert_eq!(threads.len(), 1, "{name}: signed once");
+            assert_eq!(
+                threads[0] != executor,
+                moved,
+                "{name}: signed on {:?} (the executor is {executor:?})",
+                threads[0]
+            );
+        }
     }
 
     fn peeked(head: &[u8]) -> Option<Vec<rustls::CipherSuite>> {
