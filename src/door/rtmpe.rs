@@ -14,15 +14,14 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::OnceLock;
 use std::task::{Context, Poll, Waker};
 
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::sync::Semaphore;
 
 use crate::limits::Limits;
 use crate::net::addr::group;
+use crate::net::key_work::{self, KeyWork};
 use crate::rtmp::handshake::{C0C1_LEN, PACKET_LEN, S0S1S2_LEN, VERSION_PLAIN};
 use crate::rtmp::rtmpe::{server_respond, Rc4Pair, RtmpeClient, RtmpeError as CryptoError};
 use crate::stream::ClientStream;
@@ -76,20 +75,6 @@ impl RtmpeError {
             | RtmpeError::Worker { peer, .. } => *peer,
         }
     }
-}
-
-/// Diffie-Hellman work of server handshakes running at once: half the cores, at least one,
-/// so a flood of RTMPE hellos (about 1 ms of CPU each, against 0.07 ms for a plain
-/// handshake) leaves the other half to plain and TLS clients.
-pub fn dh_workers() -> usize {
-    let cores = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
-    (cores / 2).max(1)
-}
-
-/// Permits for that work.
-fn dh_slots() -> &'static Semaphore {
-    static SLOTS: OnceLock<Semaphore> = OnceLock::new();
-    SLOTS.get_or_init(|| Semaphore::new(dh_workers()))
 }
 
 /// Addresses tracked at once by [`HandshakeRates`]; past it, addresses idle for a second
@@ -179,11 +164,21 @@ pub async fn accept_with(
     let handshake = async {
         let mut c0c1 = vec![0u8; C0C1_LEN];
         stream.read_exact(&mut c0c1).await.map_err(io_err)?;
-        // Two to four 1024-bit exponentiations: keep them off the executor threads, and on
-        // at most half the cores at once, so a flood of RTMPE hellos queues (within the
-        // handshake timeout) instead of starving everything else.
-        let slot = dh_slots().acquire().await.ok();
+        // Two to four 1024-bit exponentiations: keep them off the executor threads, on at
+        // most half the cores at once and within the key-work budget TLS signatures share,
+        // so a flood of RTMPE hellos queues (within the handshake timeout) instead of
+        // starving everything else.
+        let slot = key_work::budget()
+            .slot(KeyWork::RtmpeKeyExchange)
+            .await
+            .map_err(|e| RtmpeError::Io {
+                peer,
+                source: io::Error::other(e),
+            })?;
         let reply = tokio::task::spawn_blocking(move || {
+            // The slot goes with the work: it frees when the exponentiations end, even when
+            // the handshake timed out meanwhile.
+            let _slot = slot;
             // On a blocking-pool thread of its own, so wall time here is CPU time.
             let began = std::time::Instant::now();
             let reply = server_respond(&c0c1, policy);
@@ -193,7 +188,6 @@ pub async fn accept_with(
         .await
         .map_err(|source| RtmpeError::Worker { peer, source })?
         .map_err(|source| RtmpeError::Crypto { peer, source })?;
-        drop(slot);
         stream.write_all(&reply.s0s1s2).await.map_err(io_err)?;
         stream.flush().await.map_err(io_err)?;
         // C2 is read exactly, so an encrypted connect in the same segment stays in the socket

@@ -7,6 +7,7 @@
 //! | [`addr`] | address ranges (`trusted_proxies`) and per-address grouping (IPv6 prefixes) |
 //! | [`tls`] | TLS server and client configuration, the one PEM loader, SNI certificates |
 //! | [`tls_stream`] | the server side of TLS (rustls unbuffered): a stream holding no buffer while idle |
+//! | [`key_work`] | one budget on the blocking pool for RTMPE key exchanges and RSA signatures |
 //! | [`proxy_protocol`] | PROXY protocol v1/v2: encode (to a backend), parse (from a load balancer) |
 //! | [`socket`] | binding listening sockets, the options every TCP connection gets |
 //! | [`rendezvous`] | rendezvous hashing of a stream over servers (relay `hash` groups, edge origins) |
@@ -16,6 +17,7 @@
 pub mod addr;
 pub mod hex;
 pub mod http;
+pub mod key_work;
 pub mod proxy_protocol;
 pub mod rendezvous;
 pub mod socket;

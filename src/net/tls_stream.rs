@@ -40,6 +40,7 @@ use rustls::unbuffered::{
 };
 use rustls::ServerConfig;
 
+use crate::net::key_work::{self, KeyWork};
 use crate::net::tls::TlsServer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -184,7 +185,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static> TlsStream<IO> {
     /// session tickets sent. When `server` says so ([`TlsServer::sign_off_executor`]: an RSA
     /// key, 1-3 ms of CPU per signature on the machines measured, and other handshakes under
     /// way) the steps that answer a ClientHello (or take TLS 1.2's client key exchange) run
-    /// on the blocking pool, [`handshake_workers`] at most at once, and the rest here (each
+    /// on the blocking pool, within the [`key_work`] budget (one per core, shared with RTMPE), and the rest here (each
     /// move to the pool costs two thread wake-ups): on an executor thread, a burst of such
     /// handshakes held every stream behind it (bench/RESULTS.md: a player's p99 latency 76 ms
     /// alone, 226-250 ms while 580 RSA handshakes a second arrived).
@@ -234,9 +235,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static> TlsStream<IO> {
     /// here meanwhile.
     async fn drive_off_executor(self) -> io::Result<(Self, io::Result<Progress>)> {
         let (mut bare, io) = self.with_io(());
-        let slot = handshake_slots().acquire().await.map_err(|_| {
-            io::Error::other("TLS handshake: the signing slots are closed (shutting down)")
-        })?;
+        let slot = key_work::budget()
+            .slot(KeyWork::TlsSignature)
+            .await
+            .map_err(|e| io::Error::other(format!("TLS handshake: {e}")))?;
         crate::metrics::global().tls_step_offloaded();
         let (bare, step) = tokio::task::spawn_blocking(move || {
             // The slot is held by the work itself: it frees once the signature is made, even
@@ -255,19 +257,6 @@ impl<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static> TlsStream<IO> {
         let (stream, ()) = bare.with_io(io);
         Ok((stream, step))
     }
-}
-
-/// Handshake steps running on the blocking pool at once ([`TlsStream::accept`] with an RSA
-/// key): one per core, so a burst of new clients signs as fast as the machine can, and the
-/// executor threads, sharing the cores with them, still run the streams already up. A
-/// handshake waiting for a slot holds no thread.
-fn handshake_workers() -> usize {
-    std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
-}
-
-fn handshake_slots() -> &'static tokio::sync::Semaphore {
-    static SLOTS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
-    SLOTS.get_or_init(|| tokio::sync::Semaphore::new(handshake_workers()))
 }
 
 impl<IO> TlsStream<IO> {
