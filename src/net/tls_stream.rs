@@ -2299,6 +2299,34 @@ mod tests {
         assert_eq!(counted.handshakes_under_way(), 0);
     }
 
+    /// A TLS 1.3 client asking for `name` completes a handshake with `config`, another
+    /// handshake under way beside it, and sends five bytes the server reads: the threads the
+    /// server's signatures were noted on ([`noting`]).
+    async fn signed_in_company_on(
+        config: TlsServer,
+        name: &'static str,
+        threads: &Arc<Mutex<Vec<std::thread::ThreadId>>>,
+    ) -> Vec<std::thread::ThreadId> {
+        let _other = config.handshake_begins();
+        let mut server = accepted_by(config, |addr| async move {
+            let connector =
+                tokio_rustls::TlsConnector::from(client_config(&[&rustls::version::TLS13], None));
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let asked = rustls_pki_types::ServerName::try_from(name).unwrap();
+            let mut c = connector.connect(asked, tcp).await.unwrap();
+            c.write_all(b"hello").await.unwrap();
+            c.flush().await.unwrap();
+        })
+        .await;
+        let mut got = [0u8; 5];
+        timeout(WAIT, server.read_exact(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        let threads = threads.lock().unwrap().clone();
+        threads
+    }
+
     /// With an ECDSA chain beside the RSA one, a client that takes ECDSA signs where it is
     /// even in company (its signature costs tens of microseconds); the RSA chain alone in
     /// company moves (rsa_handshakes_in_company_sign_off_the_executor).
@@ -2310,23 +2338,8 @@ mod tests {
         resolver.add_default(noting(false, &threads));
         let config = tls::server_config(resolver).unwrap();
         assert!(config.signs_slowly());
-        let _other = config.handshake_begins();
-        let mut server = accepted_by(config, |addr| async move {
-            let connector =
-                tokio_rustls::TlsConnector::from(client_config(&[&rustls::version::TLS13], None));
-            let tcp = TcpStream::connect(addr).await.unwrap();
-            let mut c = connector.connect(localhost(), tcp).await.unwrap();
-            c.write_all(b"ecdsa").await.unwrap();
-            c.flush().await.unwrap();
-        })
-        .await;
-        let mut got = [0u8; 5];
-        timeout(WAIT, server.read_exact(&mut got))
-            .await
-            .unwrap()
-            .unwrap();
-        let threads = threads.lock().unwrap().clone();
-        assert_eq!(threads, [executor], "signed once, on the executor's thread");
+        let signed = signed_in_company_on(config, "localhost", &threads).await;
+        assert_eq!(signed, [executor], "signed once, on the executor's thread");
     }
 
     /// The rule follows the name a client asks: with the default chain RSA alone and an ECDSA
@@ -2341,31 +2354,13 @@ mod tests {
             resolver.add("localhost", noting(true, &threads));
             resolver.add("localhost", noting(false, &threads));
             let config = tls::server_config(resolver).unwrap();
-            let _other = config.handshake_begins();
-            let mut server = accepted_by(config, |addr| async move {
-                let connector = tokio_rustls::TlsConnector::from(client_config(
-                    &[&rustls::version::TLS13],
-                    None,
-                ));
-                let tcp = TcpStream::connect(addr).await.unwrap();
-                let asked = rustls_pki_types::ServerName::try_from(name).unwrap();
-                let mut c = connector.connect(asked, tcp).await.unwrap();
-                c.write_all(b"named").await.unwrap();
-                c.flush().await.unwrap();
-            })
-            .await;
-            let mut got = [0u8; 5];
-            timeout(WAIT, server.read_exact(&mut got))
-                .await
-                .unwrap()
-                .unwrap();
-            let threads = threads.lock().unwrap().clone();
-            assert_eq!(threads.len(), 1, "{name}: signed once");
+            let signed = signed_in_company_on(config, name, &threads).await;
+            assert_eq!(signed.len(), 1, "{name}: signed once");
             assert_eq!(
-                threads[0] != executor,
+                signed[0] != executor,
                 moved,
                 "{name}: signed on {:?} (the executor is {executor:?})",
-                threads[0]
+                signed[0]
             );
         }
     }
