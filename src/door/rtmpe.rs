@@ -21,7 +21,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::limits::Limits;
 use crate::net::addr::group;
-use crate::net::key_work::{self, KeyWork};
+use crate::net::key_work::{self, KeyWork, RunError};
 use crate::rtmp::handshake::{C0C1_LEN, PACKET_LEN, S0S1S2_LEN, VERSION_PLAIN};
 use crate::rtmp::rtmpe::{server_respond, Rc4Pair, RtmpeClient, RtmpeError as CryptoError};
 use crate::stream::ClientStream;
@@ -168,26 +168,23 @@ pub async fn accept_with(
         // most half the cores at once and within the key-work budget TLS signatures share,
         // so a flood of RTMPE hellos queues (within the handshake timeout) instead of
         // starving everything else.
-        let slot = key_work::budget()
-            .slot(KeyWork::RtmpeKeyExchange)
+        let reply = key_work::budget()
+            .run(KeyWork::RtmpeKeyExchange, move || {
+                // On a blocking-pool thread of its own, so wall time here is CPU time.
+                let began = std::time::Instant::now();
+                let reply = server_respond(&c0c1, policy);
+                crate::metrics::global().rtmpe_cpu(began.elapsed());
+                reply
+            })
             .await
-            .map_err(|e| RtmpeError::Io {
-                peer,
-                source: io::Error::other(e),
-            })?;
-        let reply = tokio::task::spawn_blocking(move || {
-            // The slot goes with the work: it frees when the exponentiations end, even when
-            // the handshake timed out meanwhile.
-            let _slot = slot;
-            // On a blocking-pool thread of its own, so wall time here is CPU time.
-            let began = std::time::Instant::now();
-            let reply = server_respond(&c0c1, policy);
-            crate::metrics::global().rtmpe_cpu(began.elapsed());
-            reply
-        })
-        .await
-        .map_err(|source| RtmpeError::Worker { peer, source })?
-        .map_err(|source| RtmpeError::Crypto { peer, source })?;
+            .map_err(|e| match e {
+                RunError::Worker(source) => RtmpeError::Worker { peer, source },
+                RunError::Closed(closed) => RtmpeError::Io {
+                    peer,
+                    source: io::Error::other(closed),
+                },
+            })?
+            .map_err(|source| RtmpeError::Crypto { peer, source })?;
         stream.write_all(&reply.s0s1s2).await.map_err(io_err)?;
         stream.flush().await.map_err(io_err)?;
         // C2 is read exactly, so an encrypted connect in the same segment stays in the socket

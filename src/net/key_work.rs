@@ -41,6 +41,18 @@ pub struct KeyWorkSlot<'a> {
 #[error("the key-work slots are closed (shutting down)")]
 pub struct Closed;
 
+/// Why [`KeyWorkBudget::run`] returned no result.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Closed(#[from] Closed),
+    /// The blocking-pool thread running the work panicked or was cancelled.
+    #[error(
+        "the blocking-pool thread running it failed ({0}); a bug, or the runtime is shutting down"
+    )]
+    Worker(#[from] tokio::task::JoinError),
+}
+
 impl KeyWorkBudget {
     /// A budget for `cores` cores (at least one slot, and one for RTMPE).
     pub fn new(cores: usize) -> KeyWorkBudget {
@@ -63,6 +75,24 @@ impl KeyWorkBudget {
             _all: all,
             _own: own,
         })
+    }
+
+    /// Runs `work` on the blocking pool once a slot for `kind` is free. The slot goes onto the
+    /// work's thread with it, so it frees when `work` returns, not when the caller stops
+    /// waiting: a handshake that times out while its exponentiation runs leaves the slot
+    /// taken until the exponentiation ends, and the budget keeps counting the CPU in use.
+    pub async fn run<T, F>(&'static self, kind: KeyWork, work: F) -> Result<T, RunError>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let slot = self.slot(kind).await?;
+        let done = tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            work()
+        })
+        .await?;
+        Ok(done)
     }
 
     /// Slots free now, for every kind of work.
@@ -143,9 +173,37 @@ mod tests {
         }
     }
 
-    /// A slot goes with its work: dropped with it, not before.
+    /// The work holds its slot: a caller that stops waiting (a handshake's timeout) frees
+    /// nothing while the work still runs; the slot comes back when the work ends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slot_stays_taken_while_its_work_runs_after_the_caller_gave_up() {
+        let budget: &'static KeyWorkBudget = Box::leak(Box::new(KeyWorkBudget::new(2)));
+        let (finish, finished) = std::sync::mpsc::channel::<()>();
+        let (began, running) = tokio::sync::oneshot::channel::<()>();
+        let caller = tokio::spawn(tokio::time::timeout(
+            Duration::from_millis(100),
+            budget.run(KeyWork::RtmpeKeyExchange, move || {
+                let _ = began.send(());
+                let _ = finished.recv_timeout(Duration::from_secs(10));
+            }),
+        ));
+        running.await.unwrap();
+        assert!(caller.await.unwrap().is_err(), "the caller gave up waiting");
+        assert_eq!(budget.free(), 1, "the work still runs: its slot is taken");
+        finish.send(()).unwrap();
+        let back = async {
+            while budget.free() != 2 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), back)
+            .await
+            .expect("the slot comes back when the work ends");
+    }
+
+    /// RTMPE waits for its share (half the cores); TLS takes what is left of the budget.
     #[tokio::test]
-    async fn a_slot_frees_when_its_work_ends() {
+    async fn rtmpe_waits_for_its_share_and_tls_does_not() {
         let budget = KeyWorkBudget::new(2);
         let a = budget.slot(KeyWork::RtmpeKeyExchange).await.unwrap();
         assert_eq!(budget.free(), 1);

@@ -235,25 +235,14 @@ impl<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static> TlsStream<IO> {
     /// here meanwhile.
     async fn drive_off_executor(self) -> io::Result<(Self, io::Result<Progress>)> {
         let (mut bare, io) = self.with_io(());
-        let slot = key_work::budget()
-            .slot(KeyWork::TlsSignature)
+        let (bare, step) = key_work::budget()
+            .run(KeyWork::TlsSignature, move || {
+                crate::metrics::global().tls_step_offloaded();
+                let step = bare.process(Want::Drive);
+                (bare, step)
+            })
             .await
-            .map_err(|e| io::Error::other(format!("TLS handshake: {e}")))?;
-        crate::metrics::global().tls_step_offloaded();
-        let (bare, step) = tokio::task::spawn_blocking(move || {
-            // The slot is held by the work itself: it frees once the signature is made, even
-            // when the handshake's caller gave up waiting (its timeout) meanwhile.
-            let _slot = slot;
-            let step = bare.process(Want::Drive);
-            (bare, step)
-        })
-        .await
-        .map_err(|e| {
-            io::Error::other(format!(
-                "TLS handshake: the blocking-pool thread running its step failed ({e}); a bug, \
-                 or the runtime is shutting down"
-            ))
-        })?;
+            .map_err(|e| io::Error::other(format!("TLS handshake's signing step: {e}")))?;
         let (stream, ()) = bare.with_io(io);
         Ok((stream, step))
     }
